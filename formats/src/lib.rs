@@ -1,0 +1,11 @@
+//! Types and encodings of op-dbus stage images.
+//!
+//! Nothing here prints, reads configuration or knows about a terminal: functions return
+//! values and errors that carry the path or image they concern; the binaries render them.
+#![cfg_attr(not(test), deny(clippy::print_stdout, clippy::print_stderr))]
+
+pub mod digest;
+pub mod names;
+
+pub use digest::Digest;
+pub use names::{Reference, StageName, Version};
