@@ -5,7 +5,12 @@
 #![cfg_attr(not(test), deny(clippy::print_stdout, clippy::print_stderr))]
 
 pub mod digest;
+pub mod layout;
+pub mod manifest;
 pub mod names;
+pub mod oci;
+pub mod path;
+pub mod payload;
 
 pub use digest::Digest;
 pub use names::{Reference, StageName, Version};

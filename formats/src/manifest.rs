@@ -1,0 +1,743 @@
+//! The stage manifest: `manifest.yaml` in a stage folder (the builder's input) and the
+//! [`StageConfig`] embedded in every image as its OCI config (the installer's input).
+//!
+//! ```text
+//! images/stage-1-core-dbus/
+//!   manifest.yaml        StageDefinition (YAML, strict: unknown fields are errors)
+//!   bin/op-dbus          staged files, laid out as they will be staged
+//!   etc/op-dbus/state.json
+//! ```
+//!
+//! The seed manifests of the users' documents are accepted as written: a `dependencies`
+//! entry that is not `STAGE-NAME [VERSION-REQ]` is a host requirement (kept and shown), and
+//! `cleanup` notes are kept as text.
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::digest::Digest;
+use crate::names::{StageName, Version};
+use crate::path::{RelPath, TargetPath};
+
+/// Largest accepted `manifest.yaml`.
+pub const MAX_DEFINITION_BYTES: u64 = 1 << 20;
+/// Largest accepted embedded config.
+pub const MAX_CONFIG_BYTES: u64 = 64 << 20;
+/// Most entries one image may stage.
+pub const MAX_ENTRIES: usize = 1_000_000;
+const MAX_TEXT: usize = 4096;
+const MAX_LIST: usize = 4096;
+
+/// Media type of the embedded stage manifest (the OCI config blob).
+pub const CONFIG_MEDIA_TYPE: &str = "application/vnd.op-dbus.stage.manifest.v1+json";
+
+/// A manifest that could not be read or is not valid.
+#[derive(Debug, thiserror::Error)]
+pub enum ManifestError {
+    #[error("reading {file}: {source}")]
+    Io { file: PathBuf, source: std::io::Error },
+    #[error("{file} is larger than {max} bytes")]
+    TooLarge { file: PathBuf, max: u64 },
+    #[error("{file}: {message}")]
+    Syntax { file: PathBuf, message: String },
+    #[error("{file}: field `{field}`: {reason}")]
+    Invalid { file: PathBuf, field: String, reason: String },
+}
+
+/// A file mode, written in YAML as octal (`0755`, `755` or `0o755`), in JSON as `"0755"`.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct Mode(u32);
+
+impl Mode {
+    pub const fn new(bits: u32) -> Option<Mode> {
+        if bits <= 0o7777 { Some(Mode(bits)) } else { None }
+    }
+    pub fn bits(self) -> u32 {
+        self.0
+    }
+    /// Whether setuid, setgid or sticky bits are set.
+    pub fn is_special(self) -> bool {
+        self.0 & 0o7000 != 0
+    }
+}
+
+impl FromStr for Mode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let digits = s.strip_prefix("0o").unwrap_or(s);
+        let bad = || format!("{s:?} is not an octal file mode such as 0644 or 0755");
+        if digits.is_empty() || digits.len() > 5 {
+            return Err(bad());
+        }
+        let bits = u32::from_str_radix(digits, 8).map_err(|_| bad())?;
+        Mode::new(bits).ok_or_else(bad)
+    }
+}
+
+impl TryFrom<String> for Mode {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        s.parse()
+    }
+}
+
+impl From<Mode> for String {
+    fn from(m: Mode) -> String {
+        format!("{:04o}", m.0)
+    }
+}
+
+impl fmt::Debug for Mode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:04o}", self.0)
+    }
+}
+
+impl fmt::Display for Mode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:04o}", self.0)
+    }
+}
+
+/// A verify command's timeout: `30s`, `5m`, `1h` or plain seconds; 1 s to 24 h.
+#[derive(Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct Timeout(u64);
+
+impl Timeout {
+    pub fn duration(self) -> Duration {
+        Duration::from_secs(self.0)
+    }
+}
+
+impl Default for Timeout {
+    fn default() -> Self {
+        Timeout(30)
+    }
+}
+
+impl FromStr for Timeout {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || format!("{s:?} is not a timeout such as 30s, 5m or 1h (1 s to 24 h)");
+        let (num, mult) = match s.as_bytes().last() {
+            Some(b's') => (&s[..s.len() - 1], 1),
+            Some(b'm') => (&s[..s.len() - 1], 60),
+            Some(b'h') => (&s[..s.len() - 1], 3600),
+            _ => (s, 1),
+        };
+        let n: u64 = num.parse().map_err(|_| bad())?;
+        let secs = n.checked_mul(mult).ok_or_else(bad)?;
+        if !(1..=86400).contains(&secs) {
+            return Err(bad());
+        }
+        Ok(Timeout(secs))
+    }
+}
+
+impl TryFrom<String> for Timeout {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        s.parse()
+    }
+}
+
+impl From<Timeout> for String {
+    fn from(t: Timeout) -> String {
+        format!("{}s", t.0)
+    }
+}
+
+impl fmt::Debug for Timeout {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}s", self.0)
+    }
+}
+
+/// How a staged file reaches its target.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum FileType {
+    /// The target is a symlink into the active generation.
+    #[default]
+    Symlink,
+    /// The target is a copy, replaced on every activation.
+    Copy,
+    /// The target is copied only when nothing is there: never overwrites the operator's config.
+    CopyIfNotExists,
+}
+
+/// One `files:` entry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileSpec {
+    pub path: RelPath,
+    pub target: TargetPath,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<Mode>,
+    #[serde(default, rename = "type")]
+    pub kind: FileType,
+}
+
+/// One `verify:` command.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VerifySpec {
+    pub command: String,
+    #[serde(default)]
+    pub expect_exit: i32,
+    #[serde(default)]
+    pub timeout: Timeout,
+}
+
+/// One `build:` step, run by the builder with `sh -c` in `cwd` (relative to the stage folder).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BuildStep {
+    pub run: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cwd: Option<String>,
+}
+
+/// One `sources:` entry: a build output copied into the stage tree.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourceSpec {
+    /// Relative to the stage folder; may leave it (`../../target/release/op-dbus`).
+    pub from: String,
+    /// Where it lands in the stage tree.
+    pub to: RelPath,
+}
+
+/// A dependency on another stage, optionally with a version requirement.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Dependency {
+    pub stage: StageName,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub req: Option<String>,
+}
+
+impl Dependency {
+    /// Parses `NAME` or `NAME REQ` (`stage-1-core-dbus >=1.0`); `None` for free text.
+    pub fn parse(s: &str) -> Option<Dependency> {
+        let s = s.trim();
+        let (name, req) = match s.split_once(char::is_whitespace) {
+            Some((n, r)) => (n, Some(r.trim())),
+            None => (s, None),
+        };
+        let stage: StageName = name.parse().ok()?;
+        // A bare word must look like a stage (contain a '-' or digit) to be one.
+        if req.is_none() && !name.contains('-') {
+            return None;
+        }
+        if let Some(r) = req {
+            semver::VersionReq::parse(r).ok()?;
+        }
+        Some(Dependency { stage, req: req.map(str::to_owned) })
+    }
+
+    /// Whether `version` meets the requirement (always, without one).
+    pub fn matches(&self, version: &Version) -> bool {
+        match &self.req {
+            None => true,
+            Some(r) => semver::VersionReq::parse(r).is_ok_and(|r| r.matches(version.semver())),
+        }
+    }
+}
+
+impl fmt::Display for Dependency {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.req {
+            Some(r) => write!(f, "{} {}", self.stage, r),
+            None => write!(f, "{}", self.stage),
+        }
+    }
+}
+
+/// `manifest.yaml` as written by the user.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StageDefinition {
+    #[serde(default)]
+    pub stage: Option<u32>,
+    #[serde(default)]
+    pub name: Option<StageName>,
+    #[serde(default)]
+    pub component: Option<String>,
+    pub version: Version,
+    #[serde(default)]
+    pub description: Option<String>,
+    #[serde(default)]
+    pub plugins: Vec<String>,
+    #[serde(default)]
+    pub requires_feature: Option<String>,
+    #[serde(default)]
+    pub dependencies: Vec<String>,
+    #[serde(default)]
+    pub files: Vec<FileSpec>,
+    #[serde(default)]
+    pub services: Vec<String>,
+    #[serde(default)]
+    pub verify: Vec<VerifySpec>,
+    #[serde(default)]
+    pub build: Vec<BuildStep>,
+    #[serde(default)]
+    pub sources: Vec<SourceSpec>,
+    #[serde(default)]
+    pub cleanup: Vec<String>,
+}
+
+impl StageDefinition {
+    /// Reads and validates `file` (at most [`MAX_DEFINITION_BYTES`]).
+    pub fn read(file: &Path) -> Result<StageDefinition, ManifestError> {
+        use std::io::Read;
+        let io = |source| ManifestError::Io { file: file.to_owned(), source };
+        let f = std::fs::File::open(file).map_err(io)?;
+        let mut text = String::new();
+        f.take(MAX_DEFINITION_BYTES + 1).read_to_string(&mut text).map_err(io)?;
+        if text.len() as u64 > MAX_DEFINITION_BYTES {
+            return Err(ManifestError::TooLarge { file: file.to_owned(), max: MAX_DEFINITION_BYTES });
+        }
+        Self::parse(&text, file)
+    }
+
+    /// Parses and validates YAML text; `file` names it in errors.
+    pub fn parse(text: &str, file: &Path) -> Result<StageDefinition, ManifestError> {
+        let def: StageDefinition = serde_saphyr::from_str(text).map_err(|e| ManifestError::Syntax {
+            file: file.to_owned(),
+            message: e.to_string(),
+        })?;
+        def.validate(file)?;
+        Ok(def)
+    }
+
+    fn validate(&self, file: &Path) -> Result<(), ManifestError> {
+        let invalid = |field: String, reason: String| ManifestError::Invalid {
+            file: file.to_owned(),
+            field,
+            reason,
+        };
+        check_common(
+            self.component.as_deref(),
+            self.description.as_deref(),
+            &self.plugins,
+            self.requires_feature.as_deref(),
+            &self.files,
+            &self.services,
+            &self.verify,
+            &self.cleanup,
+        )
+        .map_err(|(f, r)| invalid(f, r))?;
+        check_list("dependencies", &self.dependencies).map_err(|(f, r)| invalid(f, r))?;
+        check_list("build", &self.build).map_err(|(f, r)| invalid(f, r))?;
+        check_list("sources", &self.sources).map_err(|(f, r)| invalid(f, r))?;
+        for (i, d) in self.dependencies.iter().enumerate() {
+            check_text(&format!("dependencies[{i}]"), d).map_err(|(f, r)| invalid(f, r))?;
+        }
+        for (i, b) in self.build.iter().enumerate() {
+            check_text(&format!("build[{i}].run"), &b.run).map_err(|(f, r)| invalid(f, r))?;
+        }
+        for (i, s) in self.sources.iter().enumerate() {
+            check_text(&format!("sources[{i}].from"), &s.from).map_err(|(f, r)| invalid(f, r))?;
+        }
+        Ok(())
+    }
+
+    /// The stage dependencies (entries of the form `NAME [REQ]`).
+    pub fn stage_dependencies(&self) -> Vec<Dependency> {
+        self.dependencies.iter().filter_map(|d| Dependency::parse(d)).collect()
+    }
+
+    /// Free-text `dependencies` entries: requirements on the host, shown, not enforced.
+    pub fn host_requirements(&self) -> Vec<String> {
+        self.dependencies.iter().filter(|d| Dependency::parse(d).is_none()).cloned().collect()
+    }
+}
+
+fn check_text(field: &str, s: &str) -> Result<(), (String, String)> {
+    if s.trim().is_empty() {
+        return Err((field.to_owned(), "must not be empty".into()));
+    }
+    if s.len() > MAX_TEXT {
+        return Err((field.to_owned(), format!("longer than {MAX_TEXT} bytes")));
+    }
+    if s.contains('\0') {
+        return Err((field.to_owned(), "has a NUL byte".into()));
+    }
+    Ok(())
+}
+
+fn check_list<T>(field: &str, v: &[T]) -> Result<(), (String, String)> {
+    if v.len() > MAX_LIST {
+        return Err((field.to_owned(), format!("more than {MAX_LIST} entries")));
+    }
+    Ok(())
+}
+
+fn check_unit(field: &str, s: &str) -> Result<(), (String, String)> {
+    const SUFFIXES: [&str; 7] = [".service", ".socket", ".timer", ".path", ".target", ".mount", ".slice"];
+    let ok = s.len() <= 255
+        && SUFFIXES.iter().any(|x| s.len() > x.len() && s.ends_with(x))
+        && s.bytes().all(|c| c.is_ascii_alphanumeric() || b"@._:-\\".contains(&c))
+        && !s.starts_with('.');
+    if ok {
+        Ok(())
+    } else {
+        Err((field.to_owned(), format!("{s:?} is not a systemd unit name such as op-dbus.service")))
+    }
+}
+
+fn check_word(field: &str, s: &str) -> Result<(), (String, String)> {
+    let ok = !s.is_empty()
+        && s.len() <= 128
+        && s.bytes().all(|c| c.is_ascii_alphanumeric() || b"._-".contains(&c));
+    if ok {
+        Ok(())
+    } else {
+        Err((field.to_owned(), format!("{s:?}: use letters, digits, '.', '_' or '-'")))
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn check_common(
+    component: Option<&str>,
+    description: Option<&str>,
+    plugins: &[String],
+    requires_feature: Option<&str>,
+    files: &[FileSpec],
+    services: &[String],
+    verify: &[VerifySpec],
+    cleanup: &[String],
+) -> Result<(), (String, String)> {
+    if let Some(c) = component {
+        check_word("component", c)?;
+    }
+    if let Some(d) = description {
+        check_text("description", d)?;
+    }
+    check_list("plugins", plugins)?;
+    for (i, p) in plugins.iter().enumerate() {
+        check_word(&format!("plugins[{i}]"), p)?;
+    }
+    if let Some(f) = requires_feature {
+        check_word("requires_feature", f)?;
+    }
+    check_list("files", files)?;
+    let mut paths = BTreeSet::new();
+    let mut targets = BTreeSet::new();
+    for (i, f) in files.iter().enumerate() {
+        if !paths.insert(&f.path) {
+            return Err((format!("files[{i}].path"), format!("{} is listed twice", f.path)));
+        }
+        if !targets.insert(&f.target) {
+            return Err((format!("files[{i}].target"), format!("{} is the target of two entries", f.target)));
+        }
+    }
+    // One target inside another would make one link shadow the other.
+    let list: Vec<_> = targets.into_iter().collect();
+    for w in list.windows(2) {
+        if w[1].is_under(w[0]) {
+            return Err(("files".into(), format!("target {} lies inside target {}", w[1], w[0])));
+        }
+    }
+    check_list("services", services)?;
+    for (i, s) in services.iter().enumerate() {
+        check_unit(&format!("services[{i}]"), s)?;
+    }
+    check_list("verify", verify)?;
+    for (i, v) in verify.iter().enumerate() {
+        check_text(&format!("verify[{i}].command"), &v.command)?;
+        if !(0..=255).contains(&v.expect_exit) {
+            return Err((format!("verify[{i}].expect_exit"), "must be 0 to 255".into()));
+        }
+    }
+    check_list("cleanup", cleanup)?;
+    for (i, c) in cleanup.iter().enumerate() {
+        check_text(&format!("cleanup[{i}]"), c)?;
+    }
+    Ok(())
+}
+
+/// What kind of thing a staged path is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EntryKind {
+    File,
+    Dir,
+    Symlink,
+}
+
+/// One staged path with what the signature promises about it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Entry {
+    pub path: RelPath,
+    #[serde(rename = "type")]
+    pub kind: EntryKind,
+    pub mode: Mode,
+    /// Files: the size in bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size: Option<u64>,
+    /// Files: the sha256 of the content.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<Digest>,
+    /// Symlinks: the link text (relative, confined to the stage).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub link: Option<String>,
+}
+
+/// The stage manifest embedded in an image as its OCI config
+/// ([`CONFIG_MEDIA_TYPE`]): the definition, normalised, plus every staged entry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StageConfig {
+    pub schema_version: u32,
+    pub name: StageName,
+    pub version: Version,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stage: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub component: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    #[serde(default)]
+    pub plugins: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requires_feature: Option<String>,
+    #[serde(default)]
+    pub dependencies: Vec<Dependency>,
+    #[serde(default)]
+    pub host_requirements: Vec<String>,
+    #[serde(default)]
+    pub files: Vec<FileSpec>,
+    #[serde(default)]
+    pub services: Vec<String>,
+    #[serde(default)]
+    pub verify: Vec<VerifySpec>,
+    #[serde(default)]
+    pub cleanup: Vec<String>,
+    /// Every staged path, sorted, parents before children.
+    pub entries: Vec<Entry>,
+}
+
+/// Why an embedded config is not valid.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("embedded stage manifest is larger than {MAX_CONFIG_BYTES} bytes")]
+    TooLarge,
+    #[error("embedded stage manifest is malformed: {0}")]
+    Json(#[from] serde_json::Error),
+    #[error("embedded stage manifest: field `{field}`: {reason}")]
+    Invalid { field: String, reason: String },
+}
+
+impl StageConfig {
+    pub const SCHEMA_VERSION: u32 = 1;
+
+    /// Builds the config from a definition and the entries of its assembled tree.
+    pub fn from_definition(name: StageName, def: &StageDefinition, entries: Vec<Entry>) -> Self {
+        StageConfig {
+            schema_version: Self::SCHEMA_VERSION,
+            name,
+            version: def.version.clone(),
+            stage: def.stage,
+            component: def.component.clone(),
+            description: def.description.clone(),
+            plugins: def.plugins.clone(),
+            requires_feature: def.requires_feature.clone(),
+            dependencies: def.stage_dependencies(),
+            host_requirements: def.host_requirements(),
+            files: def.files.clone(),
+            services: def.services.clone(),
+            verify: def.verify.clone(),
+            cleanup: def.cleanup.clone(),
+            entries,
+        }
+    }
+
+    /// Canonical JSON bytes (stable field order, no whitespace).
+    pub fn to_bytes(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("stage config serializes")
+    }
+
+    /// Parses and validates config bytes from an image.
+    pub fn from_bytes(bytes: &[u8]) -> Result<StageConfig, ConfigError> {
+        if bytes.len() as u64 > MAX_CONFIG_BYTES {
+            return Err(ConfigError::TooLarge);
+        }
+        let c: StageConfig = serde_json::from_slice(bytes)?;
+        c.validate()?;
+        Ok(c)
+    }
+
+    /// The entry at `path`.
+    pub fn entry(&self, path: &RelPath) -> Option<&Entry> {
+        self.entries.binary_search_by(|e| e.path.cmp(path)).ok().map(|i| &self.entries[i])
+    }
+
+    /// Checks everything the types cannot: schema, entry order, uniqueness, parents, the
+    /// promises of each entry, and that every `files:` path is staged.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |field: String, reason: String| ConfigError::Invalid { field, reason };
+        if self.schema_version != Self::SCHEMA_VERSION {
+            return Err(invalid("schema_version".into(), format!("{} is not supported (expected 1)", self.schema_version)));
+        }
+        check_common(
+            self.component.as_deref(),
+            self.description.as_deref(),
+            &self.plugins,
+            self.requires_feature.as_deref(),
+            &self.files,
+            &self.services,
+            &self.verify,
+            &self.cleanup,
+        )
+        .map_err(|(f, r)| invalid(f, r))?;
+        check_list("dependencies", &self.dependencies).map_err(|(f, r)| invalid(f, r))?;
+        check_list("host_requirements", &self.host_requirements).map_err(|(f, r)| invalid(f, r))?;
+        for (i, d) in self.dependencies.iter().enumerate() {
+            if let Some(r) = &d.req {
+                semver::VersionReq::parse(r)
+                    .map_err(|e| invalid(format!("dependencies[{i}].req"), e.to_string()))?;
+            }
+        }
+        if self.entries.len() > MAX_ENTRIES {
+            return Err(invalid("entries".into(), format!("more than {MAX_ENTRIES}")));
+        }
+        for (i, e) in self.entries.iter().enumerate() {
+            let field = || format!("entries[{i}] ({})", e.path);
+            if i > 0 && self.entries[i - 1].path >= e.path {
+                return Err(invalid(field(), "entries are not sorted or not unique".into()));
+            }
+            if let Some(parent) = e.path.parent() {
+                match self.entry(&parent) {
+                    Some(p) if p.kind == EntryKind::Dir => {}
+                    _ => return Err(invalid(field(), format!("parent {parent} is not a staged directory"))),
+                }
+            }
+            let ok = match e.kind {
+                EntryKind::File => e.size.is_some() && e.sha256.is_some() && e.link.is_none(),
+                EntryKind::Dir => e.size.is_none() && e.sha256.is_none() && e.link.is_none(),
+                EntryKind::Symlink => {
+                    let Some(l) = &e.link else {
+                        return Err(invalid(field(), "symlink without link text".into()));
+                    };
+                    crate::path::confine_link(&e.path, l).map_err(|x| invalid(field(), x.to_string()))?;
+                    e.size.is_none() && e.sha256.is_none()
+                }
+            };
+            if !ok {
+                return Err(invalid(field(), "fields do not fit its type".into()));
+            }
+        }
+        for (i, f) in self.files.iter().enumerate() {
+            if self.entry(&f.path).is_none() {
+                return Err(invalid(format!("files[{i}].path"), format!("{} is not staged in the image", f.path)));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<StageDefinition, ManifestError> {
+        StageDefinition::parse(text, Path::new("images/x/manifest.yaml"))
+    }
+
+    #[test]
+    fn seeds_are_accepted_as_written() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures/seed-manifests");
+        let mut n = 0;
+        for e in std::fs::read_dir(&dir).expect("shared/fixtures beside the checkout") {
+            let p = e.unwrap().path();
+            let def = StageDefinition::read(&p).unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(def.version.to_string(), "1.0.0");
+            n += 1;
+        }
+        assert!(n >= 4);
+        let full = StageDefinition::read(&dir.join("stage-1-core-dbus.full.yaml")).unwrap();
+        assert_eq!(full.host_requirements(), ["D-Bus system bus", "Rust toolchain (build time only)"]);
+        assert!(full.stage_dependencies().is_empty());
+        assert_eq!(full.files[0].mode.unwrap().bits(), 0o755);
+        assert_eq!(full.files[1].kind, FileType::CopyIfNotExists);
+        assert_eq!(full.cleanup.len(), 1);
+        let s3 = StageDefinition::read(&dir.join("stage-3-openflow.yaml")).unwrap();
+        let deps: Vec<_> = s3.stage_dependencies().iter().map(|d| d.stage.to_string()).collect();
+        assert_eq!(deps, ["stage-1-core-dbus", "stage-2-plugins"]);
+        assert_eq!(s3.requires_feature.as_deref(), Some("openflow"));
+    }
+
+    #[test]
+    fn modes() {
+        for (s, bits) in [("0755", 0o755), ("755", 0o755), ("0o644", 0o644), ("4755", 0o4755)] {
+            assert_eq!(s.parse::<Mode>().unwrap().bits(), bits);
+        }
+        for bad in ["", "0x1", "9", "77777", "0o", "-1"] {
+            assert!(bad.parse::<Mode>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn dependencies() {
+        let d = Dependency::parse("stage-1-core-dbus >=1.0").unwrap();
+        assert!(d.matches(&"1.2.0".parse().unwrap()));
+        assert!(!d.matches(&"0.9.0".parse().unwrap()));
+        assert!(Dependency::parse("D-Bus system bus").is_none());
+        assert!(Dependency::parse("Rust toolchain (build time only)").is_none());
+        assert!(Dependency::parse("dbus").is_none());
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let e = parse("version: 1.0.0\nbogus: 1\n").unwrap_err().to_string();
+        assert!(e.contains("manifest.yaml") && e.contains("bogus"), "{e}");
+        let e = parse("version: 1.0.0\nfiles:\n  - path: ../x\n    target: /usr/local/x\n").unwrap_err().to_string();
+        assert!(e.contains("manifest.yaml") && e.contains("..") && e.contains("line"), "{e}");
+        let e = parse("version: 1.0.0\nfiles:\n  - path: x\n    target: /usr/../etc/shadow\n").unwrap_err().to_string();
+        assert!(e.contains("target") || e.contains(".."), "{e}");
+        let e = parse("version: one\n").unwrap_err().to_string();
+        assert!(e.contains("version"), "{e}");
+        let e = parse("version: 1.0.0\nservices: [nope]\n").unwrap_err().to_string();
+        assert!(e.contains("services[0]"), "{e}");
+        let e = parse("version: 1.0.0\nverify:\n  - command: x\n    timeout: 3 days\n").unwrap_err().to_string();
+        assert!(e.contains("timeout"), "{e}");
+        assert!(parse("version: [1\n").is_err());
+        assert!(parse("version: 1.0.0\nversion: 1.0.1\n").is_err());
+    }
+
+    #[test]
+    fn config_round_trip_and_checks() {
+        let def = parse("version: 1.0.0\nfiles:\n  - path: bin/x\n    target: /usr/local/bin/x\n").unwrap();
+        let dir = |p: &str| Entry { path: p.parse().unwrap(), kind: EntryKind::Dir, mode: Mode(0o755), size: None, sha256: None, link: None };
+        let file = Entry {
+            path: "bin/x".parse().unwrap(),
+            kind: EntryKind::File,
+            mode: Mode(0o755),
+            size: Some(3),
+            sha256: Some(Digest::of(b"abc")),
+            link: None,
+        };
+        let c = StageConfig::from_definition("s".parse().unwrap(), &def, vec![dir("bin"), file.clone()]);
+        let back = StageConfig::from_bytes(&c.to_bytes()).unwrap();
+        assert_eq!(back, c);
+        // A file whose parent is not staged, and unsorted entries, are refused.
+        let mut bad = c.clone();
+        bad.entries = vec![file.clone()];
+        assert!(bad.validate().is_err());
+        bad.entries = vec![file, dir("bin")];
+        assert!(bad.validate().is_err());
+        let mut text = String::from_utf8(c.to_bytes()).unwrap();
+        text = text.replacen("\"entries\"", "\"extra\":1,\"entries\"", 1);
+        assert!(StageConfig::from_bytes(text.as_bytes()).is_err());
+    }
+}
