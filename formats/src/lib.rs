@@ -4,6 +4,7 @@
 //! values and errors that carry the path or image they concern; the binaries render them.
 #![cfg_attr(not(test), deny(clippy::print_stdout, clippy::print_stderr))]
 
+pub mod archive;
 pub mod digest;
 pub mod layout;
 pub mod manifest;
