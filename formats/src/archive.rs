@@ -107,11 +107,8 @@ impl ExportPlan {
             }
         }
         let mut seen = BTreeSet::new();
-        let blobs = [sigs, manifests, configs, layers]
-            .into_iter()
-            .flatten()
-            .filter(|d| seen.insert(d.digest))
-            .collect();
+        let blobs =
+            [sigs, manifests, configs, layers].into_iter().flatten().filter(|d| seen.insert(d.digest)).collect();
         Ok(ExportPlan { index, blobs, omitted })
     }
 

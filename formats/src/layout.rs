@@ -25,7 +25,9 @@ const OCI_LAYOUT: &[u8] = b"{\"imageLayoutVersion\":\"1.0.0\"}";
 pub enum LayoutError {
     #[error("{path}: {source}")]
     Io { path: PathBuf, source: io::Error },
-    #[error("{path} is not an OCI image layout (no oci-layout file); create it with `op-dbus-image` or pass another --store")]
+    #[error(
+        "{path} is not an OCI image layout (no oci-layout file); create it with `op-dbus-image` or pass another --store"
+    )]
     NotALayout { path: PathBuf },
     #[error("{store}: blob {digest} is missing")]
     MissingBlob { store: PathBuf, digest: Digest },
@@ -62,9 +64,7 @@ impl Layout {
             return Self::open(root);
         }
         fs::create_dir_all(root.join("blobs/sha256")).map_err(io_err(root))?;
-        let empty = fs::read_dir(root).map_err(io_err(root))?.all(|e| {
-            e.is_ok_and(|e| e.file_name() == "blobs")
-        });
+        let empty = fs::read_dir(root).map_err(io_err(root))?.all(|e| e.is_ok_and(|e| e.file_name() == "blobs"));
         if !empty {
             return Err(LayoutError::NotALayout { path: root.to_owned() });
         }
@@ -144,7 +144,8 @@ impl Layout {
     /// Changes `index.json` under the store's lock; `f`'s result is returned.
     pub fn update_index<T>(&self, f: impl FnOnce(&mut ImageIndex) -> T) -> Result<T, LayoutError> {
         let lock_path = self.root.join(".lock");
-        let lock = File::options().create(true).truncate(false).write(true).open(&lock_path).map_err(io_err(&lock_path))?;
+        let lock =
+            File::options().create(true).truncate(false).write(true).open(&lock_path).map_err(io_err(&lock_path))?;
         lock.lock().map_err(io_err(&lock_path))?;
         let mut index = self.index()?;
         let out = f(&mut index);
@@ -203,7 +204,7 @@ impl BlobWriter {
 
 /// Writes `bytes` to `path` atomically: a temp file beside it, fsync, rename, fsync the directory.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), LayoutError> {
-    let dir = path.parent().unwrap_or(Path::new("."));
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(io_err(dir))?;
     tmp.write_all(bytes).map_err(io_err(path))?;
     tmp.as_file().sync_all().map_err(io_err(path))?;

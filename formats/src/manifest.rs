@@ -310,20 +310,14 @@ impl StageDefinition {
 
     /// Parses and validates YAML text; `file` names it in errors.
     pub fn parse(text: &str, file: &Path) -> Result<StageDefinition, ManifestError> {
-        let def: StageDefinition = serde_saphyr::from_str(text).map_err(|e| ManifestError::Syntax {
-            file: file.to_owned(),
-            message: e.to_string(),
-        })?;
+        let def: StageDefinition = serde_saphyr::from_str(text)
+            .map_err(|e| ManifestError::Syntax { file: file.to_owned(), message: e.to_string() })?;
         def.validate(file)?;
         Ok(def)
     }
 
     fn validate(&self, file: &Path) -> Result<(), ManifestError> {
-        let invalid = |field: String, reason: String| ManifestError::Invalid {
-            file: file.to_owned(),
-            field,
-            reason,
-        };
+        let invalid = |field: String, reason: String| ManifestError::Invalid { file: file.to_owned(), field, reason };
         check_common(
             self.component.as_deref(),
             self.description.as_deref(),
@@ -395,14 +389,8 @@ fn check_unit(field: &str, s: &str) -> Result<(), (String, String)> {
 }
 
 fn check_word(field: &str, s: &str) -> Result<(), (String, String)> {
-    let ok = !s.is_empty()
-        && s.len() <= 128
-        && s.bytes().all(|c| c.is_ascii_alphanumeric() || b"._-".contains(&c));
-    if ok {
-        Ok(())
-    } else {
-        Err((field.to_owned(), format!("{s:?}: use letters, digits, '.', '_' or '-'")))
-    }
+    let ok = !s.is_empty() && s.len() <= 128 && s.bytes().all(|c| c.is_ascii_alphanumeric() || b"._-".contains(&c));
+    if ok { Ok(()) } else { Err((field.to_owned(), format!("{s:?}: use letters, digits, '.', '_' or '-'"))) }
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -587,7 +575,10 @@ impl StageConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
         let invalid = |field: String, reason: String| ConfigError::Invalid { field, reason };
         if self.schema_version != Self::SCHEMA_VERSION {
-            return Err(invalid("schema_version".into(), format!("{} is not supported (expected 1)", self.schema_version)));
+            return Err(invalid(
+                "schema_version".into(),
+                format!("{} is not supported (expected 1)", self.schema_version),
+            ));
         }
         check_common(
             self.component.as_deref(),
@@ -604,8 +595,7 @@ impl StageConfig {
         check_list("host_requirements", &self.host_requirements).map_err(|(f, r)| invalid(f, r))?;
         for (i, d) in self.dependencies.iter().enumerate() {
             if let Some(r) = &d.req {
-                semver::VersionReq::parse(r)
-                    .map_err(|e| invalid(format!("dependencies[{i}].req"), e.to_string()))?;
+                semver::VersionReq::parse(r).map_err(|e| invalid(format!("dependencies[{i}].req"), e.to_string()))?;
             }
         }
         if self.entries.len() > MAX_ENTRIES {
@@ -718,7 +708,14 @@ mod tests {
     #[test]
     fn config_round_trip_and_checks() {
         let def = parse("version: 1.0.0\nfiles:\n  - path: bin/x\n    target: /usr/local/bin/x\n").unwrap();
-        let dir = |p: &str| Entry { path: p.parse().unwrap(), kind: EntryKind::Dir, mode: Mode(0o755), size: None, sha256: None, link: None };
+        let dir = |p: &str| Entry {
+            path: p.parse().unwrap(),
+            kind: EntryKind::Dir,
+            mode: Mode(0o755),
+            size: None,
+            sha256: None,
+            link: None,
+        };
         let file = Entry {
             path: "bin/x".parse().unwrap(),
             kind: EntryKind::File,

@@ -15,9 +15,7 @@ pub struct StageName(String);
 
 /// A name that is not a valid stage name.
 #[derive(Debug, thiserror::Error)]
-#[error(
-    "invalid stage name {0:?}: use 1 to 128 letters, digits, '.', '_' or '-', starting with a letter or digit"
-)]
+#[error("invalid stage name {0:?}: use 1 to 128 letters, digits, '.', '_' or '-', starting with a letter or digit")]
 pub struct InvalidName(pub String);
 
 impl StageName {

@@ -1,0 +1,272 @@
+//! Assembling a stage tree: which paths an image stages, from where, with which modes.
+//!
+//! The tree of a stage folder is every file below it except the top-level `manifest.yaml`
+//! and top-level names starting with `.` (`.gitignore`, `.git`), plus the `sources:`
+//! overlaid on it. Symlinks are kept as links when they stay inside the stage; anything
+//! else (links out, devices, fifos, sockets, names that are not UTF-8) is refused.
+//!
+//! Modes are normalised: directories 0755, files 0755 when the owner may execute them and
+//! 0644 otherwise, unless a `files:` entry declares a mode for that path. setuid, setgid and
+//! sticky bits come only from a declared mode.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use formats::manifest::{EntryKind, FileSpec, MAX_ENTRIES, Mode, StageDefinition};
+use formats::path::{RelPath, confine_link};
+
+use crate::error::InputError;
+
+const DIR_MODE: Mode = Mode::new(0o755).expect("valid");
+const EXEC_MODE: Mode = Mode::new(0o755).expect("valid");
+const FILE_MODE: Mode = Mode::new(0o644).expect("valid");
+
+/// One path of the assembled tree.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Node {
+    pub kind: EntryKind,
+    pub mode: Mode,
+    /// Where the content comes from (files).
+    pub from: Option<PathBuf>,
+    pub size: u64,
+    /// Link text (symlinks).
+    pub link: Option<String>,
+}
+
+/// The assembled tree, sorted by path (parents before children).
+#[derive(Debug, Default, Clone)]
+pub struct Tree {
+    pub nodes: BTreeMap<RelPath, Node>,
+}
+
+impl Tree {
+    /// Total bytes of file content.
+    pub fn content_bytes(&self) -> u64 {
+        self.nodes.values().map(|n| n.size).sum()
+    }
+
+    fn insert(&mut self, path: RelPath, node: Node, origin: &Path) -> Result<(), InputError> {
+        for a in path.ancestors() {
+            match self.nodes.get(&a) {
+                Some(n) if n.kind != EntryKind::Dir => {
+                    return Err(InputError::Path {
+                        path: origin.to_owned(),
+                        reason: format!("{path} would be staged below {a}, which is not a directory"),
+                    });
+                }
+                Some(_) => {}
+                None => {
+                    self.nodes
+                        .insert(a, Node { kind: EntryKind::Dir, mode: DIR_MODE, from: None, size: 0, link: None });
+                }
+            }
+        }
+        if let Some(old) = self.nodes.get(&path)
+            && (old.kind == EntryKind::Dir) != (node.kind == EntryKind::Dir)
+        {
+            return Err(InputError::Path {
+                path: origin.to_owned(),
+                reason: format!("{path} is staged twice, once as a directory and once not"),
+            });
+        }
+        self.nodes.insert(path, node);
+        if self.nodes.len() > MAX_ENTRIES {
+            return Err(InputError::Path {
+                path: origin.to_owned(),
+                reason: format!("more than {MAX_ENTRIES} entries"),
+            });
+        }
+        Ok(())
+    }
+
+    /// Adds `fs_path` (a file, link or directory tree) at `at`; with `at` = `None` the
+    /// contents of the directory `fs_path` go to the top, skipping `skip_top` names.
+    pub fn add(
+        &mut self,
+        fs_path: &Path,
+        at: Option<&RelPath>,
+        skip_top: &dyn Fn(&str) -> bool,
+    ) -> Result<(), InputError> {
+        let walker = walkdir::WalkDir::new(fs_path).follow_links(false).follow_root_links(true).sort_by_file_name();
+        let mut it = walker.into_iter();
+        while let Some(entry) = it.next() {
+            let entry = entry.map_err(|e| InputError::Path {
+                path: e.path().unwrap_or(fs_path).to_owned(),
+                reason: e.to_string(),
+            })?;
+            let rel = entry.path().strip_prefix(fs_path).expect("walk stays below its root");
+            let rel_str = rel.to_str().ok_or_else(|| InputError::Path {
+                path: entry.path().to_owned(),
+                reason: "the name is not valid UTF-8".into(),
+            })?;
+            if entry.depth() == 1 && at.is_none() && skip_top(rel_str) {
+                if entry.file_type().is_dir() {
+                    it.skip_current_dir();
+                }
+                continue;
+            }
+            let path = match (at, rel_str.is_empty()) {
+                (None, true) => continue,
+                (None, false) => RelPath::parse(rel_str),
+                (Some(at), true) => Ok(at.clone()),
+                (Some(at), false) => RelPath::parse(&format!("{at}/{rel_str}")),
+            }
+            .map_err(|e| InputError::Path { path: entry.path().to_owned(), reason: e.to_string() })?;
+            let node = node_for(entry.path(), &path)?;
+            self.insert(path, node, entry.path())?;
+        }
+        Ok(())
+    }
+
+    /// Applies the modes declared in `files:` and checks every listed path is staged.
+    pub fn apply_file_specs(
+        &mut self,
+        files: &[FileSpec],
+        manifest: &Path,
+        stage_dir: &Path,
+    ) -> Result<(), InputError> {
+        for (i, f) in files.iter().enumerate() {
+            let Some(node) = self.nodes.get_mut(&f.path) else {
+                return Err(InputError::Field {
+                    file: manifest.to_owned(),
+                    field: format!("files[{i}].path"),
+                    reason: format!("{} does not exist in the stage folder {}", f.path, stage_dir.display()),
+                });
+            };
+            if let Some(mode) = f.mode {
+                if node.kind == EntryKind::Symlink {
+                    return Err(InputError::Field {
+                        file: manifest.to_owned(),
+                        field: format!("files[{i}].mode"),
+                        reason: format!("{} is a symlink, which has no mode of its own", f.path),
+                    });
+                }
+                node.mode = mode;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn node_for(fs_path: &Path, path: &RelPath) -> Result<Node, InputError> {
+    let meta = fs::symlink_metadata(fs_path)
+        .map_err(|e| InputError::Path { path: fs_path.to_owned(), reason: e.to_string() })?;
+    let ft = meta.file_type();
+    let bad = |reason: String| InputError::Path { path: fs_path.to_owned(), reason };
+    if ft.is_dir() {
+        Ok(Node { kind: EntryKind::Dir, mode: DIR_MODE, from: None, size: 0, link: None })
+    } else if ft.is_file() {
+        let mode = if meta.permissions().mode() & 0o100 != 0 { EXEC_MODE } else { FILE_MODE };
+        Ok(Node { kind: EntryKind::File, mode, from: Some(fs_path.to_owned()), size: meta.len(), link: None })
+    } else if ft.is_symlink() {
+        let link = fs::read_link(fs_path).map_err(|e| bad(e.to_string()))?;
+        let link = link.to_str().ok_or_else(|| bad("the link text is not valid UTF-8".into()))?.to_owned();
+        confine_link(path, &link)
+            .map_err(|e| bad(format!("{e}; make it a relative link inside the stage, or copy the file in")))?;
+        Ok(Node {
+            kind: EntryKind::Symlink,
+            mode: Mode::new(0o777).expect("valid"),
+            from: None,
+            size: 0,
+            link: Some(link),
+        })
+    } else {
+        let what = if ft.is_fifo() {
+            "a fifo"
+        } else if ft.is_socket() {
+            "a socket"
+        } else if ft.is_block_device() || ft.is_char_device() {
+            "a device node"
+        } else {
+            "not a file, directory or symlink"
+        };
+        Err(bad(format!("{what} cannot be staged; remove it from the stage folder")))
+    }
+}
+
+/// Assembles the tree of a stage folder with its `sources:` overlaid.
+pub fn stage_tree(stage_dir: &Path, manifest: &Path, def: &StageDefinition) -> Result<Tree, InputError> {
+    let mut tree = Tree::default();
+    tree.add(stage_dir, None, &|name| name == "manifest.yaml" || name.starts_with('.'))?;
+    for (i, s) in def.sources.iter().enumerate() {
+        let from = stage_dir.join(&s.from);
+        if fs::symlink_metadata(&from).is_err() {
+            return Err(InputError::Field {
+                file: manifest.to_owned(),
+                field: format!("sources[{i}].from"),
+                reason: format!("{} does not exist; does a `build:` step make it?", from.display()),
+            });
+        }
+        // Replace what the folder had there: a source overrides the checked-in file.
+        tree.nodes.retain(|p, _| !p.starts_with(&s.to));
+        tree.add(&from, Some(&s.to), &|_| false)?;
+    }
+    tree.apply_file_specs(&def.files, manifest, stage_dir)?;
+    Ok(tree)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::symlink;
+
+    fn def(yaml: &str) -> StageDefinition {
+        StageDefinition::parse(yaml, Path::new("manifest.yaml")).unwrap()
+    }
+
+    #[test]
+    fn tree_of_a_folder() {
+        let d = tempfile::tempdir().unwrap();
+        let s = d.path();
+        fs::create_dir_all(s.join("bin")).unwrap();
+        fs::create_dir_all(s.join(".git")).unwrap();
+        fs::write(s.join("manifest.yaml"), "x").unwrap();
+        fs::write(s.join("bin/tool"), "#!/bin/sh\n").unwrap();
+        fs::set_permissions(s.join("bin/tool"), fs::Permissions::from_mode(0o4775)).unwrap();
+        fs::write(s.join("conf"), "a=1\n").unwrap();
+        fs::write(s.join("out.txt"), "built\n").unwrap();
+        symlink("tool", s.join("bin/alias")).unwrap();
+        let def = def(
+            "version: 1.0.0\nfiles:\n  - path: conf\n    target: /etc/op-dbus/conf\n    mode: 0600\nsources:\n  - from: out.txt\n    to: share/out.txt\n",
+        );
+        let t = stage_tree(s, &s.join("manifest.yaml"), &def).unwrap();
+        let names: Vec<_> = t.nodes.keys().map(|p| p.as_str()).collect();
+        assert_eq!(names, ["bin", "bin/alias", "bin/tool", "conf", "out.txt", "share", "share/out.txt"]);
+        let tool = &t.nodes[&"bin/tool".parse().unwrap()];
+        assert_eq!(tool.mode.bits(), 0o755, "setuid dropped, exec kept");
+        assert_eq!(t.nodes[&"conf".parse().unwrap()].mode.bits(), 0o600);
+    }
+
+    #[test]
+    fn refusals() {
+        let d = tempfile::tempdir().unwrap();
+        let s = d.path();
+        fs::write(s.join("manifest.yaml"), "x").unwrap();
+        symlink("/etc/passwd", s.join("evil")).unwrap();
+        let e = stage_tree(s, &s.join("manifest.yaml"), &def("version: 1.0.0\n")).unwrap_err().to_string();
+        assert!(e.contains("evil") && e.contains("outside"), "{e}");
+        fs::remove_file(s.join("evil")).unwrap();
+        let e = stage_tree(
+            s,
+            &s.join("manifest.yaml"),
+            &def("version: 1.0.0\nfiles:\n  - path: bin/x\n    target: /usr/local/bin/x\n"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("files[0].path") && e.contains("does not exist"), "{e}");
+        let e = stage_tree(s, &s.join("manifest.yaml"), &def("version: 1.0.0\nsources:\n  - from: nope\n    to: x\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("sources[0].from"), "{e}");
+        nix_mkfifo(&s.join("fifo"));
+        let e = stage_tree(s, &s.join("manifest.yaml"), &def("version: 1.0.0\n")).unwrap_err().to_string();
+        assert!(e.contains("fifo"), "{e}");
+    }
+
+    fn nix_mkfifo(p: &Path) {
+        let st = std::process::Command::new("mkfifo").arg(p).status().unwrap();
+        assert!(st.success());
+    }
+}

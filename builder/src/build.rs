@@ -1,0 +1,379 @@
+//! `build` and `create`: run build steps, assemble the tree, write the payload, the embedded
+//! stage manifest and the image manifest into the store, and sign.
+//!
+//! One pass for a full image: each file is read once, hashed and compressed as it streams.
+//! A delta image (`--parent`) hashes the tree first, then streams only what changed, with
+//! OCI whiteouts for what disappeared, on top of the parent's layers (shared blobs).
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use anyhow::{Context, Result, bail};
+use serde::Serialize;
+
+use formats::digest::sha256_reader;
+use formats::layout::Layout;
+use formats::manifest::{CONFIG_MEDIA_TYPE, Entry, EntryKind, FileSpec, FileType, StageConfig, StageDefinition};
+use formats::oci::{self, Descriptor, ImageManifest};
+use formats::path::{RelPath, TargetPath};
+use formats::payload::{Compression, TarZstdWriter};
+use formats::{Digest, Reference, StageName, Version};
+
+use crate::assemble::{self, Tree};
+use crate::error::InputError;
+use crate::inspect::StoredImage;
+
+/// Payload format asked for on the command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    /// btrfs when the stage folder is on btrfs, tar+zstd otherwise.
+    Auto,
+    Tar,
+    Btrfs,
+}
+
+/// Settings shared by `build` and `create`.
+#[derive(Debug)]
+pub struct Settings<'a> {
+    pub layout: &'a Layout,
+    pub format: Format,
+    pub parent: Option<Reference>,
+    pub dry_run: bool,
+    pub quiet: bool,
+}
+
+/// What `build` and `create` print (`--json`: at least `reference` and `digest`).
+#[derive(Debug, Serialize)]
+pub struct Built {
+    pub reference: String,
+    pub digest: Digest,
+    pub entries: usize,
+    pub content_bytes: u64,
+    pub payload_bytes: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub parent: Option<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub signed_by: Vec<String>,
+}
+
+/// What `build --dry-run` prints.
+#[derive(Debug, Serialize)]
+pub struct Plan {
+    pub reference: String,
+    pub build_steps: Vec<String>,
+    pub entries: Vec<String>,
+    pub content_bytes: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub parent: Option<String>,
+}
+
+/// The outcome of `build` or `create`.
+#[derive(Debug)]
+pub enum Outcome {
+    Built(Built),
+    Planned(Plan),
+}
+
+/// `SOURCE_DATE_EPOCH`, when set: the time of every entry and the `created` annotation.
+pub fn source_date_epoch() -> Result<Option<i64>> {
+    match std::env::var("SOURCE_DATE_EPOCH") {
+        Ok(s) => s.trim().parse::<i64>().ok().filter(|t| *t >= 0).map(Some).with_context(|| {
+            format!("SOURCE_DATE_EPOCH={s:?} is not a number of seconds since 1970; unset it or fix it")
+        }),
+        Err(_) => Ok(None),
+    }
+}
+
+/// Builds the stage folder `stage_dir` (holding `manifest.yaml`).
+pub fn build(stage_dir: &Path, settings: &Settings<'_>) -> Result<Outcome> {
+    let manifest = stage_dir.join("manifest.yaml");
+    if !manifest.is_file() {
+        return Err(InputError::Path {
+            path: stage_dir.to_owned(),
+            reason: "no manifest.yaml here: a stage folder holds manifest.yaml and the stage's files".into(),
+        }
+        .into());
+    }
+    let def = StageDefinition::read(&manifest)?;
+    let name = match &def.name {
+        Some(n) => n.clone(),
+        None => folder_name(stage_dir, &manifest)?,
+    };
+    check_format(settings.format)?;
+    if settings.dry_run {
+        let tree = assemble::stage_tree(stage_dir, &manifest, &def)?;
+        return Ok(Outcome::Planned(Plan {
+            reference: Reference::new(name, def.version.clone()).to_string(),
+            build_steps: def.build.iter().map(|b| b.run.clone()).collect(),
+            entries: tree.nodes.keys().map(|p| p.to_string()).collect(),
+            content_bytes: tree.content_bytes(),
+            parent: settings.parent.as_ref().map(|p| p.to_string()),
+        }));
+    }
+    run_build_steps(stage_dir, &manifest, &def, settings.quiet)?;
+    let tree = assemble::stage_tree(stage_dir, &manifest, &def)?;
+    let config = StageConfig::from_definition(name, &def, Vec::new());
+    write_image(config, &tree, settings).map(Outcome::Built)
+}
+
+/// Builds an ad-hoc stage from `files` (`SRC[:TARGET]`): a file with a target is staged at
+/// the target's path (without the leading `/`) and linked there; one without at its name.
+pub fn create(name: StageName, version: Version, files: &[String], settings: &Settings<'_>) -> Result<Outcome> {
+    check_format(settings.format)?;
+    let mut tree = Tree::default();
+    let mut specs = Vec::new();
+    for arg in files {
+        let (src, target) = match arg.split_once(":/") {
+            Some((s, t)) => (PathBuf::from(s), Some(format!("/{t}"))),
+            None => (PathBuf::from(arg), None),
+        };
+        let bad = |reason: String| InputError::Field { file: PathBuf::from("--files"), field: arg.clone(), reason };
+        if std::fs::symlink_metadata(&src).is_err() {
+            return Err(bad(format!("{} does not exist", src.display())).into());
+        }
+        let at = match &target {
+            Some(t) => {
+                let t = TargetPath::parse(t).map_err(|e| bad(e.to_string()))?;
+                specs.push(FileSpec { path: t.relative(), target: t.clone(), mode: None, kind: FileType::Symlink });
+                t.relative()
+            }
+            None => {
+                let base = src.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+                RelPath::parse(base).map_err(|e| bad(e.to_string()))?
+            }
+        };
+        tree.add(&src, Some(&at), &|_| false)?;
+    }
+    let def_text = serde_json::json!({ "version": version.to_string() }).to_string();
+    let mut def = StageDefinition::parse(&def_text, Path::new("--files"))?;
+    def.files = specs;
+    if settings.dry_run {
+        return Ok(Outcome::Planned(Plan {
+            reference: Reference::new(name, version).to_string(),
+            build_steps: Vec::new(),
+            entries: tree.nodes.keys().map(|p| p.to_string()).collect(),
+            content_bytes: tree.content_bytes(),
+            parent: settings.parent.as_ref().map(|p| p.to_string()),
+        }));
+    }
+    let config = StageConfig::from_definition(name, &def, Vec::new());
+    write_image(config, &tree, settings).map(Outcome::Built)
+}
+
+fn check_format(format: Format) -> Result<()> {
+    if format == Format::Btrfs {
+        bail!(
+            "btrfs send-stream payloads are not supported by this version of op-dbus-image; \
+             build with --format tar (or auto), which every installer accepts"
+        );
+    }
+    Ok(())
+}
+
+fn folder_name(stage_dir: &Path, manifest: &Path) -> Result<StageName> {
+    let folder = stage_dir
+        .canonicalize()
+        .ok()
+        .and_then(|p| p.file_name().and_then(|n| n.to_str()).map(str::to_owned))
+        .unwrap_or_default();
+    folder.parse().map_err(|e: formats::names::InvalidName| {
+        InputError::Field {
+            file: manifest.to_owned(),
+            field: "name".into(),
+            reason: format!("not given, and the folder name is not a stage name: {e}"),
+        }
+        .into()
+    })
+}
+
+fn run_build_steps(stage_dir: &Path, manifest: &Path, def: &StageDefinition, quiet: bool) -> Result<()> {
+    let total = def.build.len();
+    for (i, step) in def.build.iter().enumerate() {
+        let cwd = stage_dir.join(step.cwd.as_deref().unwrap_or("."));
+        if !quiet {
+            eprintln!("==> build step {}/{total}: {} (in {})", i + 1, step.run, cwd.display());
+        }
+        // Step output goes to stderr: stdout carries the command's result (--json).
+        let status = Command::new("sh")
+            .arg("-c")
+            .arg(&step.run)
+            .current_dir(&cwd)
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(std::io::stderr()))
+            .status()
+            .with_context(|| {
+                format!("{}: build[{i}]: cannot run `{}` in {}", manifest.display(), step.run, cwd.display())
+            })?;
+        if !status.success() {
+            bail!(
+                "{}: build[{i}] `{}` failed ({status}); its output is above. Fix the step, or run it by hand in {}",
+                manifest.display(),
+                step.run,
+                cwd.display()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// The parent of a delta image: its tag, manifest and embedded stage manifest.
+struct Parent {
+    reference: Reference,
+    image: StoredImage,
+}
+
+fn load_parent(layout: &Layout, reference: &Reference) -> Result<Parent> {
+    let image = StoredImage::load(layout, reference)
+        .with_context(|| format!("loading the parent image {reference} named by --parent"))?;
+    if image.manifest.layers.iter().any(|l| l.media_type != oci::TAR_ZSTD_MEDIA_TYPE) {
+        bail!("the parent image {reference} has a payload that is not tar+zstd; build a full image instead");
+    }
+    Ok(Parent { reference: reference.clone(), image })
+}
+
+fn write_image(mut config: StageConfig, tree: &Tree, settings: &Settings<'_>) -> Result<Built> {
+    let layout = settings.layout;
+    let reference = Reference::new(config.name.clone(), config.version.clone());
+    let epoch = source_date_epoch()?;
+    let mtime = epoch.unwrap_or(0) as u64;
+    let parent = settings.parent.as_ref().map(|p| load_parent(layout, p)).transpose()?;
+
+    let bar = crate::progress::bytes(tree.content_bytes(), &format!("building {reference}"), settings.quiet);
+    let blob = layout.blob_writer()?;
+    let mut payload =
+        TarZstdWriter::new(blob, mtime, Compression::default()).context("starting the zstd compressor")?;
+    let mut entries = Vec::with_capacity(tree.nodes.len());
+    let open = |from: &Path| File::open(from).with_context(|| format!("reading {}", from.display()));
+    match &parent {
+        None => {
+            for (path, node) in &tree.nodes {
+                let sha256 = match node.kind {
+                    EntryKind::Dir => {
+                        payload.add_dir(path, node.mode)?;
+                        None
+                    }
+                    EntryKind::Symlink => {
+                        payload.add_symlink(path, node.link.as_deref().expect("symlink has link"))?;
+                        None
+                    }
+                    EntryKind::File => {
+                        let from = node.from.as_deref().expect("file has a source");
+                        let r = bar.wrap_read(open(from)?);
+                        Some(
+                            payload
+                                .add_file(path, node.mode, node.size, r)
+                                .with_context(|| format!("adding {}", from.display()))?,
+                        )
+                    }
+                };
+                entries.push(entry(path, node, sha256));
+            }
+        }
+        Some(parent) => {
+            for (path, node) in &tree.nodes {
+                let sha256 = match &node.from {
+                    Some(from) if node.kind == EntryKind::File => Some(sha256_reader(bar.wrap_read(open(from)?))?.0),
+                    _ => None,
+                };
+                entries.push(entry(path, node, sha256));
+            }
+            write_delta(&mut payload, &parent.image.config, &entries, tree)?;
+        }
+    }
+    bar.finish_and_clear();
+    let (layer_digest, layer_size, blob) = payload.finish().context("finishing the payload")?;
+    blob.finish()?;
+    config.entries = entries;
+    let config_bytes = config.to_bytes();
+    layout.write_blob(&config_bytes)?;
+
+    let mut layer = Descriptor::new(oci::TAR_ZSTD_MEDIA_TYPE, layer_digest, layer_size);
+    let mut layers = Vec::new();
+    if let Some(p) = &parent {
+        layers.extend(p.image.manifest.layers.iter().cloned());
+        layer.annotations.insert(oci::ANNOTATION_PARENT.into(), p.reference.to_string());
+        layer.annotations.insert(oci::ANNOTATION_PARENT_DIGEST.into(), p.image.digest.to_string());
+    }
+    layers.push(layer);
+    let created = match epoch {
+        Some(t) => jiff::Timestamp::from_second(t).context("SOURCE_DATE_EPOCH is out of range")?,
+        None => jiff::Timestamp::now(),
+    };
+    let annotations = BTreeMap::from([
+        (oci::ANNOTATION_TITLE.to_owned(), config.name.to_string()),
+        (oci::ANNOTATION_VERSION.to_owned(), config.version.to_string()),
+        (oci::ANNOTATION_CREATED.to_owned(), created.strftime("%Y-%m-%dT%H:%M:%SZ").to_string()),
+    ]);
+    let manifest = ImageManifest::stage(Descriptor::of(CONFIG_MEDIA_TYPE, &config_bytes), layers, annotations);
+    let manifest_bytes = manifest.to_bytes();
+    let digest = layout.write_blob(&manifest_bytes)?;
+    let mut desc = Descriptor::of(oci::MANIFEST_MEDIA_TYPE, &manifest_bytes);
+    desc.artifact_type = Some(oci::STAGE_ARTIFACT_TYPE.to_owned());
+    layout.update_index(|i| i.set(&reference.to_string(), desc))?;
+    Ok(Built {
+        reference: reference.to_string(),
+        digest,
+        entries: config.entries.len(),
+        content_bytes: tree.content_bytes(),
+        payload_bytes: layer_size,
+        parent: parent.map(|p| p.reference.to_string()),
+        signed_by: Vec::new(),
+    })
+}
+
+fn entry(path: &RelPath, node: &assemble::Node, sha256: Option<Digest>) -> Entry {
+    Entry {
+        path: path.clone(),
+        kind: node.kind,
+        mode: node.mode,
+        size: (node.kind == EntryKind::File).then_some(node.size),
+        sha256,
+        link: node.link.clone(),
+    }
+}
+
+/// Writes what changed from `parent` to `entries`: whiteouts for paths that disappeared or
+/// changed type (topmost only), then every new or changed entry, in path order.
+fn write_delta<W: Write>(
+    payload: &mut TarZstdWriter<W>,
+    parent: &StageConfig,
+    entries: &[Entry],
+    tree: &Tree,
+) -> Result<()> {
+    let new: BTreeMap<&RelPath, &Entry> = entries.iter().map(|e| (&e.path, e)).collect();
+    let mut gone: Vec<&RelPath> = Vec::new();
+    for old in &parent.entries {
+        let replaced = match new.get(&old.path) {
+            None => true,
+            Some(e) => e.kind != old.kind,
+        };
+        if replaced && !gone.iter().any(|g| old.path.starts_with(g)) {
+            gone.push(&old.path);
+        }
+    }
+    for g in &gone {
+        payload.add_whiteout(g)?;
+    }
+    for e in entries {
+        let old = parent.entry(&e.path);
+        if old == Some(e) {
+            continue;
+        }
+        match e.kind {
+            EntryKind::Dir => payload.add_dir(&e.path, e.mode)?,
+            EntryKind::Symlink => payload.add_symlink(&e.path, e.link.as_deref().expect("symlink has link"))?,
+            EntryKind::File => {
+                let from = tree.nodes[&e.path].from.as_deref().expect("file has a source");
+                let f = File::open(from).with_context(|| format!("reading {}", from.display()))?;
+                let d = payload.add_file(&e.path, e.mode, e.size.unwrap_or(0), f)?;
+                if Some(d) != e.sha256 {
+                    bail!("{} changed while building; build again", from.display());
+                }
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,1 @@
+description: List the services registered on the D-Bus system bus

@@ -1,0 +1,1 @@
+description: Show the op-dbus state file

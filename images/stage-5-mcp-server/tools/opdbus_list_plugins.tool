@@ -1,0 +1,1 @@
+description: List the registered op-dbus plugins

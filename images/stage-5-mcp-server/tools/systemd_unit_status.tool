@@ -1,0 +1,1 @@
+description: Show the status of a systemd unit
