@@ -241,11 +241,15 @@ warm_up() { # DIR
 	tar -cf - -C "$1" . | cat >/dev/null
 }
 
+# The baseline writes its output to a file on the same disk and syncs it, as the
+# builder does with its blob: both produce a durable compressed archive.
 baseline_once() { # DIR
 	local t0 t1
 	t0=$(now_ns)
-	tar -cf - -C "$1" . | zstd -T0 -3 -q >/dev/null
+	tar -cf - -C "$1" . | zstd -T0 -3 -q >"$WORK/baseline.tar.zst"
+	sync "$WORK/baseline.tar.zst"
 	t1=$(now_ns)
+	rm -f "$WORK/baseline.tar.zst"
 	seconds "$t0" "$t1"
 }
 

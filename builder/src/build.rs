@@ -38,10 +38,10 @@ pub enum Format {
 /// Settings shared by `build` and `create`.
 #[derive(Debug)]
 pub struct Settings<'a> {
-    pub layout: &'a Layout,
+    /// The store to write to; `None` for a dry run, which touches no store.
+    pub layout: Option<&'a Layout>,
     pub format: Format,
     pub parent: Option<Reference>,
-    pub dry_run: bool,
     pub quiet: bool,
 }
 
@@ -103,7 +103,7 @@ pub fn build(stage_dir: &Path, settings: &Settings<'_>) -> Result<Outcome> {
         None => folder_name(stage_dir, &manifest)?,
     };
     check_format(settings.format)?;
-    if settings.dry_run {
+    let Some(layout) = settings.layout else {
         let tree = assemble::stage_tree(stage_dir, &manifest, &def)?;
         return Ok(Outcome::Planned(Plan {
             reference: Reference::new(name, def.version.clone()).to_string(),
@@ -112,11 +112,11 @@ pub fn build(stage_dir: &Path, settings: &Settings<'_>) -> Result<Outcome> {
             content_bytes: tree.content_bytes(),
             parent: settings.parent.as_ref().map(|p| p.to_string()),
         }));
-    }
+    };
     run_build_steps(stage_dir, &manifest, &def, settings.quiet)?;
     let tree = assemble::stage_tree(stage_dir, &manifest, &def)?;
     let config = StageConfig::from_definition(name, &def, Vec::new());
-    write_image(config, &tree, settings).map(Outcome::Built)
+    write_image(layout, config, &tree, settings).map(Outcome::Built)
 }
 
 /// Builds an ad-hoc stage from `files` (`SRC[:TARGET]`): a file with a target is staged at
@@ -150,7 +150,7 @@ pub fn create(name: StageName, version: Version, files: &[String], settings: &Se
     let def_text = serde_json::json!({ "version": version.to_string() }).to_string();
     let mut def = StageDefinition::parse(&def_text, Path::new("--files"))?;
     def.files = specs;
-    if settings.dry_run {
+    let Some(layout) = settings.layout else {
         return Ok(Outcome::Planned(Plan {
             reference: Reference::new(name, version).to_string(),
             build_steps: Vec::new(),
@@ -158,9 +158,9 @@ pub fn create(name: StageName, version: Version, files: &[String], settings: &Se
             content_bytes: tree.content_bytes(),
             parent: settings.parent.as_ref().map(|p| p.to_string()),
         }));
-    }
+    };
     let config = StageConfig::from_definition(name, &def, Vec::new());
-    write_image(config, &tree, settings).map(Outcome::Built)
+    write_image(layout, config, &tree, settings).map(Outcome::Built)
 }
 
 fn check_format(format: Format) -> Result<()> {
@@ -234,8 +234,7 @@ fn load_parent(layout: &Layout, reference: &Reference) -> Result<Parent> {
     Ok(Parent { reference: reference.clone(), image })
 }
 
-fn write_image(mut config: StageConfig, tree: &Tree, settings: &Settings<'_>) -> Result<Built> {
-    let layout = settings.layout;
+fn write_image(layout: &Layout, mut config: StageConfig, tree: &Tree, settings: &Settings<'_>) -> Result<Built> {
     let reference = Reference::new(config.name.clone(), config.version.clone());
     let epoch = source_date_epoch()?;
     let mtime = epoch.unwrap_or(0) as u64;

@@ -208,21 +208,19 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Key(k) => key_command(g, k),
         Command::Build(o) => {
             let key = load_key(g)?;
-            let layout = open_store(g, !g.dry_run)?;
-            let settings =
-                Settings { layout: &layout, format: o.format, parent: o.parent, dry_run: g.dry_run, quiet: g.quiet };
+            let layout = if g.dry_run { None } else { Some(open_store(g, true)?) };
+            let settings = Settings { layout: layout.as_ref(), format: o.format, parent: o.parent, quiet: g.quiet };
             let outcome = crate::build::build(&o.stage_dir, &settings)
                 .with_context(|| format!("building {}", o.stage_dir.display()))?;
-            finish_build(g, &layout, outcome, key.as_ref(), o.expires.as_ref())
+            finish_build(g, layout.as_ref(), outcome, key.as_ref(), o.expires.as_ref())
         }
         Command::Create(o) => {
             let key = load_key(g)?;
-            let layout = open_store(g, !g.dry_run)?;
-            let settings =
-                Settings { layout: &layout, format: o.format, parent: None, dry_run: g.dry_run, quiet: g.quiet };
+            let layout = if g.dry_run { None } else { Some(open_store(g, true)?) };
+            let settings = Settings { layout: layout.as_ref(), format: o.format, parent: None, quiet: g.quiet };
             let outcome = crate::build::create(o.name.clone(), o.stage_version, &o.files, &settings)
                 .with_context(|| format!("creating {}", o.name))?;
-            finish_build(g, &layout, outcome, key.as_ref(), o.expires.as_ref())
+            finish_build(g, layout.as_ref(), outcome, key.as_ref(), o.expires.as_ref())
         }
         Command::Sign(o) => {
             let key = require_key(g)?;
@@ -297,7 +295,7 @@ pub fn run(cli: Cli) -> Result<()> {
 
 fn finish_build(
     g: &GlobalOpts,
-    layout: &Layout,
+    layout: Option<&Layout>,
     outcome: Outcome,
     key: Option<&PrivateKey>,
     expires: Option<&Expires>,
@@ -316,16 +314,16 @@ fn finish_build(
         }),
         Outcome::Built(mut b) => {
             let reference: Reference = b.reference.parse()?;
-            match key {
-                Some(key) => {
+            match (key, layout) {
+                (Some(key), Some(layout)) => {
                     let s = crate::sign::sign(layout, &reference, key, expires)?;
                     b.signed_by.push(s.key_id);
                 }
-                None if !g.quiet => eprintln!(
+                (None, _) if !g.quiet => eprintln!(
                     "warning: {} is unsigned (no --key); installers refuse unsigned images: sign it with `op-dbus-image sign {} --key KEY`",
                     b.reference, b.reference
                 ),
-                None => {}
+                _ => {}
             }
             emit(g.json, &b, |b| {
                 let mut s = format!("built {} {}\n", b.reference, b.digest);

@@ -1,0 +1,103 @@
+//! Helpers for end-to-end tests: the built binaries, temp dirs, required tools.
+#![allow(dead_code)]
+
+use std::ffi::OsStr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+/// The repository root.
+pub fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_owned()
+}
+
+/// A binary of the workspace, built by `cargo build --workspace --bins`.
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().unwrap().parent().unwrap();
+    let path = dir.join(name);
+    assert!(
+        path.is_file(),
+        "{} is missing: run `cargo build --workspace --bins` before `cargo test` (the README's test command does both)",
+        path.display()
+    );
+    path
+}
+
+/// A tool these tests need; fails with the package to install when it is missing.
+pub fn require_tool(name: &str, package: &str) -> PathBuf {
+    for dir in std::env::var("PATH").unwrap_or_default().split(':').chain(["/usr/sbin", "/sbin"]) {
+        let p = Path::new(dir).join(name);
+        if p.is_file() {
+            return p;
+        }
+    }
+    panic!(
+        "`{name}` is required by this test and is not installed: run `apt-get install {package}` (the README's test command does)"
+    );
+}
+
+/// Runs a command, returning its output.
+pub fn run(cmd: &mut Command) -> Output {
+    cmd.stdin(Stdio::null()).output().unwrap_or_else(|e| panic!("running {cmd:?}: {e}"))
+}
+
+/// Runs a command that must succeed; returns stdout.
+pub fn ok(cmd: &mut Command) -> String {
+    let out = run(cmd);
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed ({}):\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// The `op-dbus-image` command with `--store STORE`, and the key when given.
+pub fn image(store: &Path, key: Option<&Path>) -> Command {
+    let mut c = Command::new(bin("op-dbus-image"));
+    c.arg("--store")
+        .arg(store)
+        .env_remove("OP_DBUS_SIGNING_KEY")
+        .env_remove("OP_DBUS_STORE")
+        .env("SOURCE_DATE_EPOCH", "1700000000");
+    if let Some(k) = key {
+        c.arg("--key").arg(k);
+    }
+    c
+}
+
+/// Generates a signing key in `dir`, returning its path (KEY.pub beside it).
+pub fn keygen(dir: &Path, name: &str) -> PathBuf {
+    let k = dir.join(name);
+    ok(Command::new(bin("op-dbus-image")).args(["key", "generate", "--out"]).arg(&k));
+    k
+}
+
+/// sha256 of a file as `sha256sum` computes it (from outside our code).
+pub fn sha256sum(path: &Path) -> String {
+    let out = ok(Command::new(require_tool("sha256sum", "coreutils")).arg(path));
+    out.split_whitespace().next().unwrap().to_owned()
+}
+
+/// Parses JSON output.
+pub fn json(s: &str) -> serde_json::Value {
+    serde_json::from_str(s).unwrap_or_else(|e| panic!("not JSON ({e}): {s}"))
+}
+
+/// Copies a directory tree with `cp -a`.
+pub fn copy_tree(from: &Path, to: &Path) {
+    ok(Command::new("cp").arg("-a").arg(from).arg(to));
+}
+
+/// The exit code and stderr of a command expected to fail.
+pub fn fails(cmd: &mut Command) -> (i32, String) {
+    let out = run(cmd);
+    assert!(!out.status.success(), "{cmd:?} unexpectedly succeeded: {}", String::from_utf8_lossy(&out.stdout));
+    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+pub fn arg<S: AsRef<OsStr>>(s: S) -> std::ffi::OsString {
+    s.as_ref().to_owned()
+}
