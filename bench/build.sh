@@ -144,7 +144,7 @@ write_manifest() { # STAGE_DIR NAME DESCRIPTION
 name: $2
 component: bench
 version: 1.0.0
-description: $3
+description: "$3"
 files:
   - path: data
     target: /opt/op-dbus-bench/$2

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The main job: build and sign the example stages of images/, export them as one file for
-# an air-gapped host, and show the export as skopeo and minisign see it.
+# an air-gapped host, show the export as skopeo and minisign see it, then install it into a
+# scratch root with op-dbus-stage and show `list` and `verify`.
 #
-# Work goes to $OP_DBUS_DEMO (default /tmp/op-dbus-demo), made anew each run.
+# Work goes to $OP_DBUS_DEMO (default /tmp/op-dbus-demo), made anew each run; the scratch
+# root is $OP_DBUS_DEMO/root.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/lib.sh
@@ -13,6 +15,7 @@ rm -rf "$demo"
 mkdir -p "$demo"
 cargo build --release --locked --bins
 image=$PWD/target/release/op-dbus-image
+installer=$PWD/target/release/op-dbus-stage
 export OP_DBUS_STORE=$demo/store
 export SOURCE_DATE_EPOCH=${SOURCE_DATE_EPOCH:-$(git log -1 --format=%ct 2>/dev/null || echo 0)}
 
@@ -41,3 +44,18 @@ echo "==> minisign -Vm $demo/stages.oci.tar -p $demo/signing.minisign.pub"
 minisign -Vm "$demo/stages.oci.tar" -p "$demo/signing.minisign.pub"
 echo "==> inspect ${refs[0]}"
 "$image" inspect "${refs[0]}"
+
+root=$demo/root
+mkdir -p "$root"
+echo "==> op-dbus-stage --root $root init; trust add; enable the openflow feature"
+"$installer" --root "$root" -q init
+"$installer" --root "$root" trust add "$demo/signing.key.pub"
+echo 'features = ["openflow"]' >>"$root/etc/op-dbus/stage.toml"
+echo "==> op-dbus-stage --root $root deploy - < $demo/stages.oci.tar"
+"$installer" --root "$root" deploy - <"$demo/stages.oci.tar"
+echo "==> op-dbus-stage --root $root list"
+"$installer" --root "$root" list
+echo "==> op-dbus-stage --root $root verify"
+"$installer" --root "$root" verify
+echo "==> a few of the links"
+ls -l "$root/usr/local/bin" "$root/var/www"

@@ -114,6 +114,15 @@ impl Tree {
                 (Some(at), false) => RelPath::parse(&format!("{at}/{rel_str}")),
             }
             .map_err(|e| InputError::Path { path: entry.path().to_owned(), reason: e.to_string() })?;
+            if path.file_name().starts_with(formats::payload::WHITEOUT_PREFIX) || path.as_str() == "manifest.json" {
+                return Err(InputError::Path {
+                    path: entry.path().to_owned(),
+                    reason: format!(
+                        "{path}: names starting with {:?} (OCI whiteouts) and a top-level manifest.json are reserved; rename it",
+                        formats::payload::WHITEOUT_PREFIX
+                    ),
+                });
+            }
             let node = node_for(entry.path(), &path)?;
             self.insert(path, node, entry.path())?;
         }

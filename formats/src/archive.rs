@@ -170,57 +170,97 @@ fn append<W: Write>(tar: &mut tar::Builder<W>, name: &str, bytes: &[u8]) -> io::
 /// checked, every blob hashed while it is written and refused on mismatch. Returns the
 /// archive's index (its tags are not added to `layout`: the caller decides).
 pub fn import<R: Read>(reader: R, layout: &Layout) -> Result<ImageIndex, ArchiveError> {
+    import_with(reader, layout, |_, _| Ok(()))
+}
+
+/// Like [`import`], calling `after_blob` with the index and the layout after every blob,
+/// so a caller can check signatures as soon as their blobs have arrived and stop before
+/// any payload byte is read.
+pub fn import_with<R, E, F>(reader: R, layout: &Layout, mut after_blob: F) -> Result<ImageIndex, E>
+where
+    R: Read,
+    E: From<ArchiveError>,
+    F: FnMut(&ImageIndex, &Layout) -> Result<(), E>,
+{
     let mut ar = tar::Archive::new(reader);
-    let mut index = None;
+    let mut index: Option<ImageIndex> = None;
     let mut seen = BTreeSet::new();
     let mut saw_layout = false;
-    for entry in ar.entries()? {
-        let mut entry = entry?;
+    for entry in ar.entries().map_err(ArchiveError::from)? {
+        let mut entry = entry.map_err(ArchiveError::from)?;
         let name = String::from_utf8_lossy(&entry.path_bytes()).into_owned();
-        let kind = classify(&name).ok_or_else(|| ArchiveError::UnexpectedEntry(name.clone()))?;
-        let et = entry.header().entry_type();
-        if kind == ArchivePath::Dir {
-            if !et.is_dir() {
-                return Err(ArchiveError::NotAFile(name));
-            }
-            continue;
-        }
-        if !et.is_file() {
-            return Err(ArchiveError::NotAFile(name));
-        }
-        if !seen.insert(name.clone()) {
-            return Err(ArchiveError::Duplicate(name));
-        }
-        let size = entry.size();
-        match kind {
-            ArchivePath::OciLayout | ArchivePath::Index => {
-                if size > MAX_MANIFEST_BYTES {
-                    return Err(ArchiveError::TooLarge { name, size, max: MAX_MANIFEST_BYTES });
-                }
-                let mut buf = Vec::new();
-                (&mut entry).take(MAX_MANIFEST_BYTES).read_to_end(&mut buf)?;
-                if kind == ArchivePath::Index {
-                    index = Some(ImageIndex::from_bytes(&buf)?);
-                } else {
-                    saw_layout = true;
-                }
-            }
-            ArchivePath::Blob(digest) => {
-                if layout.has_blob(&digest) {
-                    io::copy(&mut entry, &mut io::sink())?;
-                    continue;
-                }
-                let mut w = layout.blob_writer()?;
-                io::copy(&mut entry, &mut w)?;
-                w.finish_expecting(&digest)?;
-            }
-            ArchivePath::Dir => unreachable!("handled above"),
+        let blob = import_entry(&mut entry, &name, layout, &mut seen, &mut index, &mut saw_layout)?;
+        if blob && let Some(i) = &index {
+            after_blob(i, layout)?;
         }
     }
     if !saw_layout {
-        return Err(ArchiveError::Missing("oci-layout"));
+        return Err(ArchiveError::Missing("oci-layout").into());
     }
-    index.ok_or(ArchiveError::Missing("index.json"))
+    Ok(index.ok_or(ArchiveError::Missing("index.json"))?)
+}
+
+/// Checks and stores one archive entry; returns whether it was a blob.
+fn import_entry<R: Read>(
+    entry: &mut tar::Entry<'_, R>,
+    name: &str,
+    layout: &Layout,
+    seen: &mut BTreeSet<String>,
+    index: &mut Option<ImageIndex>,
+    saw_layout: &mut bool,
+) -> Result<bool, ArchiveError> {
+    let kind = classify(name).ok_or_else(|| ArchiveError::UnexpectedEntry(name.to_owned()))?;
+    let et = entry.header().entry_type();
+    if kind == ArchivePath::Dir {
+        if !et.is_dir() {
+            return Err(ArchiveError::NotAFile(name.to_owned()));
+        }
+        return Ok(false);
+    }
+    if !et.is_file() {
+        return Err(ArchiveError::NotAFile(name.to_owned()));
+    }
+    if !seen.insert(name.to_owned()) {
+        return Err(ArchiveError::Duplicate(name.to_owned()));
+    }
+    let size = entry.size();
+    match kind {
+        ArchivePath::OciLayout | ArchivePath::Index => {
+            if size > MAX_MANIFEST_BYTES {
+                return Err(ArchiveError::TooLarge { name: name.to_owned(), size, max: MAX_MANIFEST_BYTES });
+            }
+            let mut buf = Vec::new();
+            entry.take(MAX_MANIFEST_BYTES).read_to_end(&mut buf)?;
+            if buf.len() as u64 != size {
+                return Err(ArchiveError::Io(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    format!("{name} is cut short"),
+                )));
+            }
+            if kind == ArchivePath::Index {
+                *index = Some(ImageIndex::from_bytes(&buf)?);
+            } else {
+                *saw_layout = true;
+            }
+            Ok(false)
+        }
+        ArchivePath::Blob(digest) => {
+            let mut w = layout.blob_writer()?;
+            let n = io::copy(entry, &mut w)?;
+            if n != size {
+                return Err(ArchiveError::Io(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    format!("{name} is cut short"),
+                )));
+            }
+            if layout.has_blob(&digest) {
+                return Ok(true);
+            }
+            w.finish_expecting(&digest)?;
+            Ok(true)
+        }
+        ArchivePath::Dir => unreachable!("handled above"),
+    }
 }
 
 #[cfg(test)]

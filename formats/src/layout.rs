@@ -13,6 +13,7 @@
 
 use std::fs::{self, File};
 use std::io::{self, Read, Write};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use crate::digest::{Digest, HashingWriter};
@@ -125,6 +126,7 @@ impl Layout {
         let tmp_dir = self.root.join(".tmp");
         fs::create_dir_all(&tmp_dir).map_err(io_err(&tmp_dir))?;
         let file = tempfile::NamedTempFile::new_in(&tmp_dir).map_err(io_err(&tmp_dir))?;
+        file.as_file().set_permissions(fs::Permissions::from_mode(0o644)).map_err(io_err(&tmp_dir))?;
         Ok(BlobWriter { layout: self.clone(), inner: HashingWriter::new(io::BufWriter::with_capacity(1 << 20, file)) })
     }
 
@@ -206,6 +208,7 @@ impl BlobWriter {
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), LayoutError> {
     let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(io_err(dir))?;
+    tmp.as_file().set_permissions(fs::Permissions::from_mode(0o644)).map_err(io_err(path))?;
     tmp.write_all(bytes).map_err(io_err(path))?;
     tmp.as_file().sync_all().map_err(io_err(path))?;
     tmp.persist(path).map_err(|e| LayoutError::Io { path: path.to_owned(), source: e.error })?;

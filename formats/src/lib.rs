@@ -12,6 +12,7 @@ pub mod names;
 pub mod oci;
 pub mod path;
 pub mod payload;
+pub mod unpack;
 
 pub use digest::Digest;
 pub use names::{Reference, StageName, Version};

@@ -8,6 +8,9 @@
 //!   prints. [`KeyId`] names a key: the first 8 bytes of sha256 of the raw public key.
 //! - [`simple_signing`]: the cosign "simple signing" payload whose exact bytes are signed
 //!   for an image (DESIGN.md §4).
+//! - [`policy`]: the installer's trust and target policy, `/etc/op-dbus/stage.toml`: key
+//!   scopes, revoked keys, signature thresholds, allowed target prefixes, host features.
+//! - [`trust`]: whether an image's signatures satisfy the trust store and the policy.
 //! - [`minisign`]: a detached `.minisig` over an exported `.oci.tar`, which stock
 //!   `minisign -Vm FILE -p KEY.minisign.pub` verifies.
 //!
@@ -17,8 +20,9 @@
 //! key id     3f9a0c41d2e87b65                 hex(sha256(raw public key)[..8])
 //! ```
 //!
-//! Nothing here prints or reads configuration; errors are [`KeyError`] values that name the
-//! file or key and say what the operator can do.
+//! Nothing here prints or reads configuration files (the policy is parsed from text the
+//! caller read); errors ([`KeyError`], [`PolicyError`], [`TrustError`]) name the file, key
+//! or stage concerned and say what the operator can do.
 //!
 //! ```
 //! use keys::{PrivateKey, simple_signing::SimpleSigning};
@@ -43,13 +47,17 @@ pub mod error;
 mod files;
 pub mod key_id;
 pub mod minisign;
+pub mod policy;
 pub mod private_key;
 pub mod public_key;
 pub mod simple_signing;
 #[cfg(test)]
 mod testutil;
+pub mod trust;
 
 pub use error::{KeyError, Result};
 pub use key_id::KeyId;
+pub use policy::{Policy, PolicyError};
 pub use private_key::PrivateKey;
 pub use public_key::PublicKey;
+pub use trust::TrustError;

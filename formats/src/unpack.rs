@@ -1,0 +1,1702 @@
+//! Unpacking tar+zstd payloads into a generation directory, as a sandbox, and checking a
+//! staged tree against the signed manifest.
+//!
+//! `tar::Entry::unpack_in` is not a sandbox (it skips `..` silently, strips a leading `/`
+//! and creates links that point out), so the tar crate is used here only to split the
+//! stream into headers and data. Every entry is checked against the rules below and the
+//! signed [`StageConfig`] before anything is written, and everything is created through
+//! directory handles beneath `dest`, never by joining strings:
+//!
+//! ```text
+//! layer blob ─► sha256 + size ─► zstd (streaming) ─► tar headers ─► checks ─► dest/
+//!               of the compressed                    (raw: long names and pax
+//!               bytes, checked at the                 records read here, bounded)
+//!               end of the layer
+//!
+//! every entry, before a byte of it is written:
+//!   path       raw header bytes (pax path > GNU long name > header), no NUL, UTF-8,
+//!              one trailing '/' stripped for directories, then a RelPath: relative,
+//!              no '..', '.' or empty components, bounded length and depth
+//!   type       regular file, directory or symlink; hard links, devices, FIFOs, sparse
+//!              files, volume labels, ... are refused
+//!   duplicate  a path may appear once per layer
+//!   manifest   last layer: the path is in config.entries with the same kind and mode,
+//!              a file's header size equals the signed size, a link's text the signed
+//!              text; earlier layers may hold paths the final tree lacks (a later layer
+//!              must white them out: the final comparison sees to it)
+//!   mode       no setuid/setgid/sticky bits unless a `files:` entry declares exactly
+//!              that mode for exactly that path
+//!   size       checked at the header, before any data is read: no file larger than the
+//!              largest file of the signed manifest (in a lower layer, which may hold
+//!              larger old versions: nor than LOWER_LAYER_RATIO x its compressed blob)
+//!   link       confined to the stage (confine_link): relative, never out
+//!   whiteout   `.wh.NAME`: an empty regular file naming a present path that this layer
+//!              has not written yet; removes NAME, a file or a whole directory tree
+//!
+//! on disk:
+//!   parents    opened from dest one component at a time, O_DIRECTORY|O_NOFOLLOW: a
+//!              write through a symlink fails by construction
+//!   files      openat O_CREAT|O_EXCL|O_NOFOLLOW (what was there is removed first),
+//!              exactly `size` bytes hashed as written, fchmod, fsync
+//!   dirs       mkdirat 0700, exact modes applied at the end (deepest first), fsync
+//!   links      symlinkat
+//!
+//! end of a layer:    its compressed sha256 and size equal the descriptor's
+//! end of all layers: the tree equals config.entries exactly (kind, mode, size, sha256,
+//!                    link text, nothing missing, nothing extra)
+//! ```
+//!
+//! On error `dest` holds a partial tree: the caller discards the generation.
+//!
+//! ```no_run
+//! use std::path::Path;
+//! use formats::layout::Layout;
+//! use formats::manifest::{MAX_CONFIG_BYTES, StageConfig};
+//! use formats::oci::{ImageManifest, MAX_MANIFEST_BYTES};
+//! use formats::unpack::{check_tree, unpack_layers};
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let layout = Layout::open(Path::new("/var/lib/op-dbus/deployment/images"))?;
+//! let image = layout.resolve("stage-1-core-dbus:1.0.0")?.expect("tagged");
+//! let manifest = ImageManifest::stage_from_bytes(&layout.read_blob(&image.digest, MAX_MANIFEST_BYTES)?)?;
+//! let config = StageConfig::from_bytes(&layout.read_blob(&manifest.config.digest, MAX_CONFIG_BYTES)?)?;
+//! let dest = Path::new("/var/lib/op-dbus/staging/.generations/stage-1-core-dbus/3");
+//! std::fs::create_dir(dest)?;
+//! match unpack_layers(&layout, &manifest.layers, &config, dest) {
+//!     Ok(stats) => println!("{} files, {} bytes", stats.files, stats.bytes),
+//!     Err(e) if e.is_malformed() => { /* refuse the image: exit 7 */ }
+//!     Err(e) => return Err(e.into()),
+//! }
+//! // Later, `op-dbus-stage verify`:
+//! for m in check_tree(dest, &config)? {
+//!     println!("{m}");
+//! }
+//! # Ok(())
+//! # }
+//! ```
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::ffi::{CStr, CString};
+use std::fmt;
+use std::fs::File;
+use std::io::{self, BufReader, Read, Write};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+use rustix::fs::{AtFlags, FileType, OFlags};
+use serde::Serialize;
+
+use crate::digest::{Digest, Hasher, sha256_reader};
+use crate::layout::{Layout, LayoutError};
+use crate::manifest::{ConfigError, EntryKind, Mode, StageConfig};
+use crate::oci::{Descriptor, TAR_ZSTD_MEDIA_TYPE};
+use crate::path::{MAX_DEPTH, MAX_PATH, RelPath, confine_link};
+use crate::payload::WHITEOUT_PREFIX;
+
+/// Largest accepted pax extension header (local or global).
+const MAX_PAX: u64 = 64 << 10;
+/// Most decompressed bytes accepted after the end-of-archive marker (tar padding).
+const MAX_TRAILING: u64 = 1 << 20;
+const CHUNK: usize = 128 << 10;
+/// A file of a layer below the last may be this many times larger than the layer's
+/// compressed size (or as large as the largest file of the manifest). Such a layer holds
+/// older versions of files, which may be larger than any file of this version, so the
+/// manifest's sizes cannot bound it; this bound still refuses a header claiming a huge
+/// file in a small blob, whose content would be little more than zeros.
+pub const LOWER_LAYER_RATIO: u64 = 1024;
+
+/// What an unpack wrote.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct UnpackStats {
+    /// Regular files written (a file replaced by a later layer counts twice).
+    pub files: u64,
+    /// Content bytes written.
+    pub bytes: u64,
+    /// Payload entries applied: files, directories, symlinks and whiteouts.
+    pub entries: u64,
+}
+
+/// One difference between a staged tree and its signed manifest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Mismatch {
+    /// The stage path (`bin/op-dbus`).
+    pub path: String,
+    pub problem: String,
+}
+
+impl fmt::Display for Mismatch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.path, self.problem)
+    }
+}
+
+/// Why a payload was not unpacked.
+#[derive(Debug, thiserror::Error)]
+pub enum UnpackError {
+    /// Hostile or malformed content (exit 7).
+    #[error("layer {layer}: entry {entry:?}: {reason}; the image was refused")]
+    Unsafe { layer: Digest, entry: String, reason: String },
+    /// The layer is not a readable tar+zstd stream (exit 7).
+    #[error("layer {layer} is corrupt: {reason}")]
+    Corrupt { layer: Digest, reason: String },
+    /// The layer's bytes are not the ones its descriptor names (exit 7).
+    #[error(
+        "layer {layer} does not match its descriptor: read {actual_size} bytes hashing to {actual}, expected {expected_size} bytes; the blob is corrupt or was tampered with"
+    )]
+    LayerDigest { layer: Digest, expected_size: u64, actual: Digest, actual_size: u64 },
+    /// The staged content differs from the signed manifest (exit 7).
+    #[error("{path}: {reason}; the staged content differs from the signed manifest")]
+    Mismatch { path: String, reason: String },
+    /// The embedded stage manifest is not valid (exit 7).
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("layer {layer} has media type {media_type:?}; only {TAR_ZSTD_MEDIA_TYPE} payloads are unpacked here")]
+    UnsupportedLayer { layer: Digest, media_type: String },
+    #[error("{path} is not an empty directory; unpack into a new generation directory")]
+    NotEmpty { path: PathBuf },
+    #[error(
+        "{path}: the filesystem is full (or a disk quota is exhausted) while writing it; free space there and retry"
+    )]
+    NoSpace { path: PathBuf },
+    #[error("reading layer {layer}: {source}")]
+    Read { layer: Digest, source: io::Error },
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+    #[error(transparent)]
+    Layout(#[from] LayoutError),
+}
+
+impl UnpackError {
+    /// Whether the input was refused as malformed, hostile or corrupt (exit 7), rather
+    /// than the unpack failing for a local reason (disk full, I/O error, missing blob).
+    pub fn is_malformed(&self) -> bool {
+        match self {
+            UnpackError::Unsafe { .. }
+            | UnpackError::Corrupt { .. }
+            | UnpackError::LayerDigest { .. }
+            | UnpackError::Mismatch { .. }
+            | UnpackError::Config(_) => true,
+            UnpackError::Layout(e) => matches!(e, LayoutError::DigestMismatch { .. }),
+            UnpackError::UnsupportedLayer { .. }
+            | UnpackError::NotEmpty { .. }
+            | UnpackError::NoSpace { .. }
+            | UnpackError::Read { .. }
+            | UnpackError::Io { .. } => false,
+        }
+    }
+}
+
+fn io_error(path: PathBuf, e: impl Into<io::Error>) -> UnpackError {
+    let e = e.into();
+    match e.kind() {
+        io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded => UnpackError::NoSpace { path },
+        _ => UnpackError::Io { path, source: e },
+    }
+}
+
+/// Unpacks `layers` (tar+zstd, in order) from `layout` into `dest`, an existing empty
+/// directory, and checks that the result is exactly `config`'s tree.
+pub fn unpack_layers(
+    layout: &Layout,
+    layers: &[Descriptor],
+    config: &StageConfig,
+    dest: &Path,
+) -> Result<UnpackStats, UnpackError> {
+    let mut unpacker = Unpacker::new(config, dest, layers)?;
+    for layer in layers {
+        let blob = layout.open_blob(&layer.digest)?;
+        unpacker.apply_next(blob)?;
+    }
+    unpacker.finish()
+}
+
+/// Compares the tree at `dest` with `config`: every file is re-hashed; kinds, modes,
+/// sizes, link texts, missing and extra paths are reported. An empty list means the tree
+/// is what the signature promises. Owners and times are not compared.
+pub fn check_tree(dest: &Path, config: &StageConfig) -> Result<Vec<Mismatch>, UnpackError> {
+    check_tree_ignoring(dest, config, &[])
+}
+
+/// Like [`check_tree`], skipping the top-level names in `ignore` (such as a
+/// `manifest.json` kept beside the staged files).
+pub fn check_tree_ignoring(dest: &Path, config: &StageConfig, ignore: &[&str]) -> Result<Vec<Mismatch>, UnpackError> {
+    let root = open_root(dest)?;
+    compare_tree(&root, dest, config, ignore, &BTreeMap::new())
+}
+
+fn open_root(dest: &Path) -> Result<OwnedFd, UnpackError> {
+    rustix::fs::open(dest, OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC, rustix::fs::Mode::empty())
+        .map_err(|e| io_error(dest.to_owned(), e))
+}
+
+/// A streaming unpacker: layers are fed in order as readers of their compressed bytes
+/// (a blob file, or an archive being read), then [`Unpacker::finish`] checks the tree.
+///
+/// After an error, drop the unpacker and discard `dest`.
+pub struct Unpacker<'a> {
+    config: &'a StageConfig,
+    layers: Vec<Descriptor>,
+    next: usize,
+    dest: OwnedFd,
+    dest_path: PathBuf,
+    max_file_size: u64,
+    /// Files written in this run: the digest and size of what was written.
+    written: BTreeMap<String, (Digest, u64)>,
+    /// Every directory present, with the mode its last entry gave it.
+    dirs: BTreeMap<String, Mode>,
+    stats: UnpackStats,
+}
+
+impl fmt::Debug for Unpacker<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Unpacker")
+            .field("stage", &self.config.name)
+            .field("dest", &self.dest_path)
+            .field("layer", &self.next)
+            .field("of", &self.layers.len())
+            .field("stats", &self.stats)
+            .finish()
+    }
+}
+
+/// How processing a layer failed, to decide which error to report.
+enum Fail {
+    /// Reading the decompressed stream failed: the blob could not be read, or is corrupt.
+    Read(io::Error),
+    /// The content was refused: report a digest mismatch instead, if there is one.
+    Content(UnpackError),
+    /// Writing to `dest` failed: reported as is.
+    Disk(UnpackError),
+}
+
+/// Why a directory beneath `dest` could not be opened.
+enum DirFail {
+    /// Missing, or not a directory: the entry that needs it is refused.
+    Refused(String),
+    Disk(UnpackError),
+}
+
+/// Extension headers seen before the entry they describe.
+#[derive(Default)]
+struct Extensions {
+    long_name: Option<Vec<u8>>,
+    long_link: Option<Vec<u8>>,
+    pax_path: Option<Vec<u8>>,
+    pax_link: Option<Vec<u8>>,
+    pax_size: Option<u64>,
+    pending: bool,
+}
+
+/// The state of the layer being applied.
+struct LayerState {
+    digest: Digest,
+    last: bool,
+    /// The largest file this layer may hold.
+    max_file_size: u64,
+    /// Paths written by this layer.
+    seen: BTreeSet<String>,
+    buf: Vec<u8>,
+}
+
+/// The compressed bytes of a layer, hashed as they pass; remembers a read failure.
+struct Source<R> {
+    inner: io::Take<R>,
+    hasher: Hasher,
+    error: Option<io::Error>,
+}
+
+impl<R: Read> Read for Source<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self.inner.read(buf) {
+            Ok(n) => {
+                self.hasher.update(&buf[..n]);
+                Ok(n)
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => Err(e),
+            Err(e) => {
+                self.error = Some(io::Error::new(e.kind(), e.to_string()));
+                Err(e)
+            }
+        }
+    }
+}
+
+fn read_up_to<R: Read>(mut r: R, max: u64) -> io::Result<Vec<u8>> {
+    let mut v = Vec::new();
+    (&mut r).take(max).read_to_end(&mut v)?;
+    Ok(v)
+}
+
+/// Removes `path` and everything below it from `map`.
+fn forget<V>(map: &mut BTreeMap<String, V>, path: &str) {
+    map.remove(path);
+    let mut below = map.split_off(&format!("{path}/"));
+    // '0' follows '/': every key after `path0` is not below `path`.
+    let mut after = below.split_off(&format!("{path}0"));
+    map.append(&mut after);
+}
+
+/// Whether `set` holds `path` or something below it.
+fn holds_under(set: &BTreeSet<String>, path: &str) -> bool {
+    let prefix = format!("{path}/");
+    set.contains(path) || set.range(prefix.clone()..).next().is_some_and(|k| k.starts_with(&prefix))
+}
+
+fn kind_name(k: EntryKind) -> &'static str {
+    match k {
+        EntryKind::File => "regular file",
+        EntryKind::Dir => "directory",
+        EntryKind::Symlink => "symlink",
+    }
+}
+
+fn cstr(name: &str) -> CString {
+    CString::new(name).expect("RelPath components have no NUL")
+}
+
+impl<'a> Unpacker<'a> {
+    /// Prepares to unpack `layers` into `dest`, an existing empty directory. Checks the
+    /// config and the layers' media types before anything is read.
+    pub fn new(config: &'a StageConfig, dest: &Path, layers: &[Descriptor]) -> Result<Self, UnpackError> {
+        config.validate()?;
+        for l in layers {
+            if l.media_type != TAR_ZSTD_MEDIA_TYPE {
+                return Err(UnpackError::UnsupportedLayer { layer: l.digest, media_type: l.media_type.clone() });
+            }
+        }
+        let root = open_root(dest)?;
+        if !list_dir(&root).map_err(|e| io_error(dest.to_owned(), e))?.is_empty() {
+            return Err(UnpackError::NotEmpty { path: dest.to_owned() });
+        }
+        let max_file_size = config.entries.iter().filter_map(|e| e.size).max().unwrap_or(0);
+        Ok(Unpacker {
+            config,
+            layers: layers.to_vec(),
+            next: 0,
+            dest: root,
+            dest_path: dest.to_owned(),
+            max_file_size,
+            written: BTreeMap::new(),
+            dirs: BTreeMap::new(),
+            stats: UnpackStats::default(),
+        })
+    }
+
+    /// The descriptor of the layer [`Unpacker::apply_next`] expects.
+    pub fn next_layer(&self) -> Option<&Descriptor> {
+        self.layers.get(self.next)
+    }
+
+    /// Applies the next layer from `compressed`, its blob's bytes: read to the end, hashed,
+    /// and checked against the descriptor's digest and size. When the content is refused,
+    /// the rest of the blob is still read (not unpacked), so that a corrupt or tampered
+    /// blob is reported as [`UnpackError::LayerDigest`] rather than by its symptom.
+    pub fn apply_next<R: Read>(&mut self, compressed: R) -> Result<(), UnpackError> {
+        let Some(layer) = self.layers.get(self.next).cloned() else {
+            return Err(UnpackError::Io {
+                path: self.dest_path.clone(),
+                source: io::Error::other("apply_next called after the last layer"),
+            });
+        };
+        self.next += 1;
+        let source =
+            Source { inner: compressed.take(layer.size.saturating_add(1)), hasher: Hasher::new(), error: None };
+        let decoder = zstd::stream::read::Decoder::new(source)
+            .map_err(|e| UnpackError::Read { layer: layer.digest, source: e })?;
+        let mut archive = tar::Archive::new(decoder);
+        let last = self.next == self.layers.len();
+        let max_file_size = if last {
+            self.max_file_size
+        } else {
+            self.max_file_size.max(layer.size.saturating_mul(LOWER_LAYER_RATIO))
+        };
+        let mut state =
+            LayerState { digest: layer.digest, last, max_file_size, seen: BTreeSet::new(), buf: vec![0; CHUNK] };
+        let mut result = self.read_entries(&mut archive, &mut state);
+        let mut decoder = archive.into_inner();
+        if result.is_ok() {
+            // Tar padding after the end-of-archive marker, and the zstd checksum.
+            result = match io::copy(&mut (&mut decoder).take(MAX_TRAILING + 1), &mut io::sink()) {
+                Ok(n) if n > MAX_TRAILING => Err(Fail::Content(UnpackError::Corrupt {
+                    layer: layer.digest,
+                    reason: format!("more than {MAX_TRAILING} bytes follow the end of the tar archive"),
+                })),
+                Ok(_) => Ok(()),
+                Err(e) => Err(Fail::Read(e)),
+            };
+        }
+        if let Err(Fail::Disk(e)) = result {
+            return Err(e);
+        }
+        // Read the blob to its end: its digest decides whether it is what was signed.
+        let mut rest = decoder.finish();
+        let drained = io::copy(&mut rest, &mut io::sink());
+        let source = rest.into_inner();
+        if let Some(e) = source.error {
+            return Err(UnpackError::Read { layer: layer.digest, source: e });
+        }
+        if let Err(e) = drained {
+            return Err(UnpackError::Read { layer: layer.digest, source: e });
+        }
+        let actual_size = source.hasher.len();
+        let actual = source.hasher.finish();
+        if actual != layer.digest || actual_size != layer.size {
+            return Err(UnpackError::LayerDigest {
+                layer: layer.digest,
+                expected_size: layer.size,
+                actual,
+                actual_size,
+            });
+        }
+        match result {
+            Ok(()) => Ok(()),
+            Err(Fail::Read(e)) => Err(UnpackError::Corrupt {
+                layer: layer.digest,
+                reason: format!("not a readable tar+zstd stream: {e}"),
+            }),
+            Err(Fail::Content(e) | Fail::Disk(e)) => Err(e),
+        }
+    }
+
+    /// Applies the directory modes, syncs every directory, and compares the tree with the
+    /// config.
+    pub fn finish(self) -> Result<UnpackStats, UnpackError> {
+        if self.next != self.layers.len() {
+            return Err(UnpackError::Io {
+                path: self.dest_path.clone(),
+                source: io::Error::other(format!("{} of {} layers were applied", self.next, self.layers.len())),
+            });
+        }
+        // Deepest first: a directory's mode may forbid what its children need.
+        for (path, mode) in self.dirs.iter().rev() {
+            let rel = RelPath::parse(path).expect("recorded paths are RelPaths");
+            let fd = self.open_dir(&rel).map_err(|f| match f {
+                DirFail::Refused(r) => io_error(self.dest_path.join(path), io::Error::other(r)),
+                DirFail::Disk(e) => e,
+            })?;
+            rustix::fs::fchmod(&fd, rustix::fs::Mode::from_raw_mode(mode.bits()))
+                .map_err(|e| io_error(self.dest_path.join(path), e))?;
+            rustix::fs::fsync(&fd).map_err(|e| io_error(self.dest_path.join(path), e))?;
+        }
+        rustix::fs::fsync(&self.dest).map_err(|e| io_error(self.dest_path.clone(), e))?;
+        let mismatches = compare_tree(&self.dest, &self.dest_path, self.config, &[], &self.written)?;
+        if let Some(first) = mismatches.first() {
+            let more = match mismatches.len() {
+                1 => String::new(),
+                n => format!(" (and {} more differences)", n - 1),
+            };
+            return Err(UnpackError::Mismatch { path: first.path.clone(), reason: format!("{}{more}", first.problem) });
+        }
+        Ok(self.stats)
+    }
+
+    fn read_entries<R: Read>(&mut self, archive: &mut tar::Archive<R>, state: &mut LayerState) -> Result<(), Fail> {
+        let mut entries = archive.entries().map_err(Fail::Read)?.raw(true);
+        let mut ext = Extensions::default();
+        let mut index = 0u64;
+        let layer = state.digest;
+        for entry in entries.by_ref() {
+            let mut entry = entry.map_err(Fail::Read)?;
+            index += 1;
+            let kind = entry.header().entry_type();
+            let refuse = |what: &str, reason: String| {
+                Fail::Content(UnpackError::Unsafe { layer, entry: format!("#{index} ({what})"), reason })
+            };
+            let bounded = |entry: &mut tar::Entry<'_, R>, what: &str, max: u64| -> Result<Vec<u8>, Fail> {
+                let size = entry.size();
+                if size > max {
+                    return Err(refuse(what, format!("header of {size} bytes (at most {max})")));
+                }
+                let data = read_up_to(entry, size).map_err(Fail::Read)?;
+                if data.len() as u64 != size {
+                    return Err(refuse(what, "the archive ends inside it".into()));
+                }
+                Ok(data)
+            };
+            match kind {
+                tar::EntryType::GNULongName | tar::EntryType::GNULongLink => {
+                    let what = if kind == tar::EntryType::GNULongName { "GNU long name" } else { "GNU long link" };
+                    let mut data = bounded(&mut entry, what, MAX_PATH as u64 + 1)?;
+                    if data.last() == Some(&0) {
+                        data.pop();
+                    }
+                    let slot =
+                        if kind == tar::EntryType::GNULongName { &mut ext.long_name } else { &mut ext.long_link };
+                    if slot.replace(data).is_some() {
+                        return Err(refuse(what, "two such headers describe one entry".into()));
+                    }
+                    ext.pending = true;
+                }
+                tar::EntryType::XHeader => {
+                    let data = bounded(&mut entry, "pax header", MAX_PAX)?;
+                    if ext.pax_path.is_some() || ext.pax_link.is_some() || ext.pax_size.is_some() {
+                        return Err(refuse("pax header", "two pax headers describe one entry".into()));
+                    }
+                    parse_pax(&data, &mut ext).map_err(|r| refuse("pax header", r))?;
+                    ext.pending = true;
+                }
+                tar::EntryType::XGlobalHeader => {
+                    // Global records (comments, defaults) change nothing checked here.
+                    bounded(&mut entry, "pax global header", MAX_PAX)?;
+                }
+                _ => {
+                    let ext = std::mem::take(&mut ext);
+                    self.apply_entry(&mut entry, ext, state)?;
+                }
+            }
+        }
+        if ext.pending {
+            return Err(Fail::Content(UnpackError::Unsafe {
+                layer: state.digest,
+                entry: format!("#{index}"),
+                reason: "extension header at the end of the archive, describing no entry".into(),
+            }));
+        }
+        Ok(())
+    }
+
+    fn apply_entry<R: Read>(
+        &mut self,
+        entry: &mut tar::Entry<'_, R>,
+        ext: Extensions,
+        state: &mut LayerState,
+    ) -> Result<(), Fail> {
+        let header = entry.header();
+        let raw_path = match ext.pax_path.or(ext.long_name) {
+            Some(p) => p,
+            None => header.path_bytes().into_owned(),
+        };
+        let shown = String::from_utf8_lossy(&raw_path).into_owned();
+        let layer = state.digest;
+        let refuse = |reason: String| Fail::Content(UnpackError::Unsafe { layer, entry: shown.clone(), reason });
+
+        let kind = match header.entry_type() {
+            tar::EntryType::Regular => EntryKind::File,
+            tar::EntryType::Directory => EntryKind::Dir,
+            tar::EntryType::Symlink => EntryKind::Symlink,
+            other => {
+                let what = match other {
+                    tar::EntryType::Link => {
+                        let target = header.link_name_bytes().unwrap_or_default();
+                        format!("hard link to {:?}", String::from_utf8_lossy(&target))
+                    }
+                    tar::EntryType::Char => "character device".into(),
+                    tar::EntryType::Block => "block device".into(),
+                    tar::EntryType::Fifo => "FIFO".into(),
+                    tar::EntryType::GNUSparse => "GNU sparse file".into(),
+                    other => format!("entry of type {:?}", other.as_byte() as char),
+                };
+                return Err(refuse(format!("is a {what}; only regular files, directories and symlinks are staged")));
+            }
+        };
+        let path = entry_path(&raw_path, kind == EntryKind::Dir).map_err(&refuse)?;
+        let size = entry.size();
+        if ext.pax_size.is_some_and(|s| s != size) {
+            return Err(refuse(format!("its pax size differs from its header size ({size})")));
+        }
+        let bits = header.mode().map_err(|e| refuse(format!("unreadable mode: {e}")))?;
+        let mode = Mode::new(bits).ok_or_else(|| refuse(format!("mode {bits:o} has bits beyond 07777")))?;
+
+        if path.file_name().starts_with(WHITEOUT_PREFIX) {
+            if kind != EntryKind::File || size != 0 {
+                return Err(refuse("a whiteout must be an empty regular file".into()));
+            }
+            state.seen.insert(path.as_str().to_owned());
+            self.stats.entries += 1;
+            return self.whiteout(&path, state);
+        }
+
+        if !state.seen.insert(path.as_str().to_owned()) {
+            return Err(refuse("appears twice in this layer".into()));
+        }
+        let link = match kind {
+            EntryKind::Symlink => {
+                let raw = match ext.pax_link.or(ext.long_link) {
+                    Some(l) => l,
+                    None => header.link_name_bytes().map(|l| l.into_owned()).unwrap_or_default(),
+                };
+                if raw.contains(&0) {
+                    return Err(refuse("its link text has a NUL byte".into()));
+                }
+                let text = String::from_utf8(raw).map_err(|_| refuse("its link text is not UTF-8".into()))?;
+                confine_link(&path, &text).map_err(|e| refuse(e.to_string()))?;
+                Some(text)
+            }
+            _ => None,
+        };
+        if kind != EntryKind::File && size != 0 {
+            return Err(refuse(format!("a {} carrying {size} data bytes", kind_name(kind))));
+        }
+        if mode.is_special() && !self.config.files.iter().any(|f| f.path == path && f.mode == Some(mode)) {
+            return Err(refuse(format!("mode {mode} has setuid, setgid or sticky bits the manifest does not declare")));
+        }
+        if kind == EntryKind::File && size > state.max_file_size {
+            return Err(refuse(if state.last {
+                format!(
+                    "declares {size} bytes, more than the largest file of the signed manifest ({} bytes)",
+                    state.max_file_size
+                )
+            } else {
+                format!(
+                    "declares {size} bytes, more than the largest file of the signed manifest and {LOWER_LAYER_RATIO} times its layer's size ({} bytes)",
+                    state.max_file_size
+                )
+            }));
+        }
+        let config = self.config;
+        let signed = config.entry(&path);
+        if state.last {
+            let Some(e) = signed else {
+                return Err(refuse("is not in the signed manifest".into()));
+            };
+            if e.kind != kind {
+                return Err(refuse(format!(
+                    "is a {} but the signed manifest has a {}",
+                    kind_name(kind),
+                    kind_name(e.kind)
+                )));
+            }
+            if e.mode != mode {
+                return Err(refuse(format!("has mode {mode} but the signed manifest says {}", e.mode)));
+            }
+            if kind == EntryKind::File && e.size != Some(size) {
+                return Err(refuse(format!(
+                    "declares {size} bytes but the signed manifest says {}",
+                    e.size.unwrap_or_default()
+                )));
+            }
+            if kind == EntryKind::Symlink && e.link != link {
+                return Err(refuse(format!(
+                    "links to {:?} but the signed manifest says {:?}",
+                    link.unwrap_or_default(),
+                    e.link.as_deref().unwrap_or_default()
+                )));
+            }
+        }
+
+        let parent = self.open_parent(&path).map_err(|f| match f {
+            DirFail::Refused(r) => refuse(r),
+            DirFail::Disk(e) => Fail::Disk(e),
+        })?;
+        let dir_kept = self.clear(&parent, &path, kind, state)?;
+        let name = cstr(path.file_name());
+        let disk = |e: rustix::io::Errno| Fail::Disk(io_error(self.dest_path.join(path.as_str()), e));
+        self.stats.entries += 1;
+        match kind {
+            EntryKind::Dir => {
+                if !dir_kept {
+                    rustix::fs::mkdirat(&parent, &name, rustix::fs::Mode::from_raw_mode(0o700)).map_err(disk)?;
+                    let fd = rustix::fs::openat(
+                        &parent,
+                        &name,
+                        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                        rustix::fs::Mode::empty(),
+                    )
+                    .map_err(disk)?;
+                    // Whatever the umask: owner access until the final modes are applied.
+                    rustix::fs::fchmod(&fd, rustix::fs::Mode::from_raw_mode(0o700)).map_err(disk)?;
+                }
+                self.dirs.insert(path.as_str().to_owned(), mode);
+            }
+            EntryKind::Symlink => {
+                rustix::fs::symlinkat(link.as_deref().unwrap_or_default(), &parent, &name).map_err(disk)?;
+            }
+            EntryKind::File => {
+                let digest = self.write_file(&parent, &name, &path, mode, size, entry, state)?;
+                if state.last {
+                    let expected = signed.and_then(|e| e.sha256);
+                    if expected != Some(digest) {
+                        return Err(Fail::Content(UnpackError::Mismatch {
+                            path: path.to_string(),
+                            reason: format!(
+                                "its content hashes to {digest}, the signed manifest says {}",
+                                expected.map_or_else(|| "nothing".into(), |d| d.to_string())
+                            ),
+                        }));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn write_file<R: Read>(
+        &mut self,
+        parent: &OwnedFd,
+        name: &CStr,
+        path: &RelPath,
+        mode: Mode,
+        size: u64,
+        entry: &mut tar::Entry<'_, R>,
+        state: &mut LayerState,
+    ) -> Result<Digest, Fail> {
+        let full = self.dest_path.join(path.as_str());
+        let disk = |e: io::Error| Fail::Disk(io_error(full.clone(), e));
+        let fd = rustix::fs::openat(
+            parent,
+            name,
+            OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            rustix::fs::Mode::from_raw_mode(0o600),
+        )
+        .map_err(|e| disk(e.into()))?;
+        let mut file = File::from(fd);
+        let mut hasher = Hasher::new();
+        let mut left = size;
+        while left > 0 {
+            let want = left.min(state.buf.len() as u64) as usize;
+            let n = match entry.read(&mut state.buf[..want]) {
+                Ok(0) => {
+                    return Err(Fail::Content(UnpackError::Corrupt {
+                        layer: state.digest,
+                        reason: format!("the archive ends inside {path}: {} of {size} bytes", size - left),
+                    }));
+                }
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(Fail::Read(e)),
+            };
+            hasher.update(&state.buf[..n]);
+            file.write_all(&state.buf[..n]).map_err(disk)?;
+            left -= n as u64;
+        }
+        file.set_permissions(std::fs::Permissions::from_mode(mode.bits())).map_err(disk)?;
+        file.sync_all().map_err(disk)?;
+        let digest = hasher.finish();
+        self.written.insert(path.as_str().to_owned(), (digest, size));
+        self.stats.files += 1;
+        self.stats.bytes += size;
+        Ok(digest)
+    }
+
+    /// Removes what a lower layer left at `path` so that an entry of `kind` can take its
+    /// place; an existing directory stays for a directory entry.
+    /// Returns whether a directory was kept.
+    fn clear(&mut self, parent: &OwnedFd, path: &RelPath, kind: EntryKind, state: &LayerState) -> Result<bool, Fail> {
+        let name = cstr(path.file_name());
+        let full = self.dest_path.join(path.as_str());
+        let st = match rustix::fs::statat(parent, &name, AtFlags::SYMLINK_NOFOLLOW) {
+            Ok(st) => st,
+            Err(rustix::io::Errno::NOENT) => return Ok(false),
+            Err(e) => return Err(Fail::Disk(io_error(full, e))),
+        };
+        if FileType::from_raw_mode(st.st_mode) == FileType::Directory {
+            if kind == EntryKind::Dir {
+                return Ok(true);
+            }
+            let prefix = format!("{path}/");
+            if state.seen.range(prefix.clone()..).next().is_some_and(|k| k.starts_with(&prefix)) {
+                return Err(self.unsafe_(state, path, "replaces a directory whose contents this layer wrote"));
+            }
+            remove_tree(parent.as_fd(), &name, 0).map_err(|e| Fail::Disk(io_error(full, e)))?;
+        } else {
+            rustix::fs::unlinkat(parent, &name, AtFlags::empty()).map_err(|e| Fail::Disk(io_error(full, e)))?;
+        }
+        forget(&mut self.written, path.as_str());
+        forget(&mut self.dirs, path.as_str());
+        Ok(false)
+    }
+
+    /// Applies the whiteout entry `wh` (`DIR/.wh.NAME`): removes `DIR/NAME`.
+    fn whiteout(&mut self, wh: &RelPath, state: &LayerState) -> Result<(), Fail> {
+        let name = &wh.file_name()[WHITEOUT_PREFIX.len()..];
+        if name.starts_with(WHITEOUT_PREFIX) {
+            return Err(self.unsafe_(state, wh, "opaque and nested whiteouts are not used in op-dbus payloads"));
+        }
+        let target = match wh.parent() {
+            Some(p) => p.join(name),
+            None => RelPath::parse(name),
+        }
+        .map_err(|e| self.unsafe_(state, wh, &format!("bad whiteout name: {e}")))?;
+        if holds_under(&state.seen, target.as_str()) {
+            return Err(self.unsafe_(
+                state,
+                wh,
+                &format!("whites out {target}, which this layer wrote: a whiteout removes only what layers below hold"),
+            ));
+        }
+        let parent = self.open_parent(&target).map_err(|f| match f {
+            DirFail::Refused(_) => self.unsafe_(state, wh, &format!("whites out {target}, which is not present")),
+            DirFail::Disk(e) => Fail::Disk(e),
+        })?;
+        let cname = cstr(target.file_name());
+        let full = self.dest_path.join(target.as_str());
+        let st = match rustix::fs::statat(&parent, &cname, AtFlags::SYMLINK_NOFOLLOW) {
+            Ok(st) => st,
+            Err(rustix::io::Errno::NOENT) => {
+                return Err(self.unsafe_(state, wh, &format!("whites out {target}, which is not present")));
+            }
+            Err(e) => return Err(Fail::Disk(io_error(full, e))),
+        };
+        if FileType::from_raw_mode(st.st_mode) == FileType::Directory {
+            remove_tree(parent.as_fd(), &cname, 0).map_err(|e| Fail::Disk(io_error(full, e)))?;
+        } else {
+            rustix::fs::unlinkat(&parent, &cname, AtFlags::empty()).map_err(|e| Fail::Disk(io_error(full, e)))?;
+        }
+        forget(&mut self.written, target.as_str());
+        forget(&mut self.dirs, target.as_str());
+        Ok(())
+    }
+
+    fn unsafe_(&self, state: &LayerState, entry: &RelPath, reason: &str) -> Fail {
+        Fail::Content(UnpackError::Unsafe { layer: state.digest, entry: entry.to_string(), reason: reason.to_owned() })
+    }
+
+    /// Opens the directory holding `path`.
+    fn open_parent(&self, path: &RelPath) -> Result<OwnedFd, DirFail> {
+        match path.parent() {
+            Some(p) => self.open_dir(&p),
+            None => self.dest.try_clone().map_err(|e| DirFail::Disk(io_error(self.dest_path.clone(), e))),
+        }
+    }
+
+    /// Opens the directory `dir` beneath `dest` one component at a time, never following a
+    /// symlink: whatever was created before, nothing outside `dest` can be reached.
+    fn open_dir(&self, dir: &RelPath) -> Result<OwnedFd, DirFail> {
+        let mut fd = self.dest.try_clone().map_err(|e| DirFail::Disk(io_error(self.dest_path.clone(), e)))?;
+        let mut so_far = String::new();
+        for c in dir.components() {
+            if !so_far.is_empty() {
+                so_far.push('/');
+            }
+            so_far.push_str(c);
+            fd = match rustix::fs::openat(
+                &fd,
+                c,
+                OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                rustix::fs::Mode::empty(),
+            ) {
+                Ok(next) => next,
+                Err(rustix::io::Errno::NOENT) => {
+                    return Err(DirFail::Refused(format!("its directory {so_far} is not present")));
+                }
+                Err(rustix::io::Errno::LOOP | rustix::io::Errno::NOTDIR) => {
+                    return Err(DirFail::Refused(format!(
+                        "{so_far} is not a directory (a symlink or a file): nothing is written through it"
+                    )));
+                }
+                Err(e) => return Err(DirFail::Disk(io_error(self.dest_path.join(&so_far), e))),
+            };
+        }
+        Ok(fd)
+    }
+}
+
+/// Parses a local pax header into `ext`: `path`, `linkpath` and `size` are used, sparse
+/// files refused, other records (times, owners, xattrs) ignored.
+fn parse_pax(data: &[u8], ext: &mut Extensions) -> Result<(), String> {
+    for rec in tar::PaxExtensions::new(data) {
+        let rec = rec.map_err(|e| format!("malformed pax record: {e}"))?;
+        let key = rec.key_bytes();
+        match key {
+            b"path" => ext.pax_path = Some(rec.value_bytes().to_vec()),
+            b"linkpath" => ext.pax_link = Some(rec.value_bytes().to_vec()),
+            b"size" => {
+                let v = rec.value().ok().and_then(|v| v.parse::<u64>().ok());
+                ext.pax_size = Some(v.ok_or("malformed pax size")?);
+            }
+            k if k.starts_with(b"GNU.sparse.") => return Err("describes a GNU sparse file".into()),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// The stage path of an entry from its raw name bytes.
+fn entry_path(raw: &[u8], is_dir: bool) -> Result<RelPath, String> {
+    if raw.contains(&0) {
+        return Err("its name has a NUL byte".into());
+    }
+    let s = std::str::from_utf8(raw).map_err(|_| "its name is not UTF-8".to_owned())?;
+    let s = if is_dir { s.strip_suffix('/').unwrap_or(s) } else { s };
+    RelPath::parse(s).map_err(|e| e.to_string())
+}
+
+/// The names in a directory, sorted, without `.` and `..`.
+fn list_dir(dir: &OwnedFd) -> io::Result<Vec<CString>> {
+    let mut names = Vec::new();
+    for e in rustix::fs::Dir::read_from(dir)? {
+        let e = e?;
+        let n = e.file_name();
+        if n != c"." && n != c".." {
+            names.push(n.to_owned());
+        }
+    }
+    names.sort();
+    Ok(names)
+}
+
+/// Removes the directory `name` in `parent` and everything in it, without following links.
+fn remove_tree(parent: BorrowedFd<'_>, name: &CStr, depth: usize) -> io::Result<()> {
+    if depth > MAX_DEPTH + 1 {
+        return Err(io::Error::other("directory nesting deeper than any stage path"));
+    }
+    let fd = rustix::fs::openat(
+        parent,
+        name,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        rustix::fs::Mode::empty(),
+    )?;
+    for child in list_dir(&fd)? {
+        let st = rustix::fs::statat(&fd, &child, AtFlags::SYMLINK_NOFOLLOW)?;
+        if FileType::from_raw_mode(st.st_mode) == FileType::Directory {
+            remove_tree(fd.as_fd(), &child, depth + 1)?;
+        } else {
+            rustix::fs::unlinkat(&fd, &child, AtFlags::empty())?;
+        }
+    }
+    rustix::fs::unlinkat(parent, name, AtFlags::REMOVEDIR)?;
+    Ok(())
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Visit {
+    Unseen,
+    Seen,
+    /// Present with another kind: its children are not looked for.
+    Pruned,
+}
+
+/// Walks the tree under `root` and compares it with `config`. Files whose digest is in
+/// `known` with the size found on disk are not re-read.
+fn compare_tree(
+    root: &OwnedFd,
+    root_path: &Path,
+    config: &StageConfig,
+    ignore: &[&str],
+    known: &BTreeMap<String, (Digest, u64)>,
+) -> Result<Vec<Mismatch>, UnpackError> {
+    let mut walk =
+        Walk { config, root_path, known, visits: vec![Visit::Unseen; config.entries.len()], out: Vec::new() };
+    walk.dir(root, None, ignore)?;
+    for (i, e) in config.entries.iter().enumerate() {
+        if walk.visits[i] != Visit::Unseen {
+            continue;
+        }
+        let parent_seen = match e.path.parent() {
+            None => true,
+            Some(p) => config.entries.binary_search_by(|x| x.path.cmp(&p)).is_ok_and(|j| walk.visits[j] == Visit::Seen),
+        };
+        if parent_seen {
+            walk.out.push(Mismatch { path: e.path.to_string(), problem: format!("{} is missing", kind_name(e.kind)) });
+        }
+    }
+    walk.out.sort_by(|a, b| a.path.cmp(&b.path));
+    Ok(walk.out)
+}
+
+struct Walk<'w> {
+    config: &'w StageConfig,
+    root_path: &'w Path,
+    known: &'w BTreeMap<String, (Digest, u64)>,
+    visits: Vec<Visit>,
+    out: Vec<Mismatch>,
+}
+
+impl Walk<'_> {
+    fn dir(&mut self, dir: &OwnedFd, prefix: Option<&str>, ignore: &[&str]) -> Result<(), UnpackError> {
+        let here = || prefix.map_or_else(|| self.root_path.to_owned(), |p| self.root_path.join(p));
+        let names = list_dir(dir).map_err(|e| io_error(here(), e))?;
+        for name in names {
+            let Ok(n) = name.to_str() else {
+                let lossy = name.to_string_lossy();
+                let path = prefix.map_or_else(|| lossy.to_string(), |p| format!("{p}/{lossy}"));
+                self.out.push(Mismatch { path, problem: "not in the signed manifest (name is not UTF-8)".into() });
+                continue;
+            };
+            if prefix.is_none() && ignore.contains(&n) {
+                continue;
+            }
+            let path = prefix.map_or_else(|| n.to_owned(), |p| format!("{p}/{n}"));
+            let full = self.root_path.join(&path);
+            let st =
+                rustix::fs::statat(dir, &name, AtFlags::SYMLINK_NOFOLLOW).map_err(|e| io_error(full.clone(), e))?;
+            let ft = FileType::from_raw_mode(st.st_mode);
+            let found =
+                RelPath::parse(&path).ok().and_then(|p| self.config.entries.binary_search_by(|e| e.path.cmp(&p)).ok());
+            let Some(i) = found else {
+                self.out.push(Mismatch { path, problem: "not in the signed manifest".into() });
+                continue;
+            };
+            let e = &self.config.entries[i];
+            let kind = match ft {
+                FileType::RegularFile => Some(EntryKind::File),
+                FileType::Directory => Some(EntryKind::Dir),
+                FileType::Symlink => Some(EntryKind::Symlink),
+                _ => None,
+            };
+            if kind != Some(e.kind) {
+                let what = kind.map_or_else(|| format!("{ft:?}"), |k| kind_name(k).to_owned());
+                self.visits[i] = Visit::Pruned;
+                self.out.push(Mismatch { path, problem: format!("is a {what}, expected a {}", kind_name(e.kind)) });
+                continue;
+            }
+            self.visits[i] = Visit::Seen;
+            let mode = st.st_mode & 0o7777;
+            if e.kind != EntryKind::Symlink && mode != e.mode.bits() {
+                self.out
+                    .push(Mismatch { path: path.clone(), problem: format!("mode is {mode:04o}, expected {}", e.mode) });
+            }
+            match e.kind {
+                EntryKind::Dir => {
+                    let sub = rustix::fs::openat(
+                        dir,
+                        &name,
+                        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                        rustix::fs::Mode::empty(),
+                    )
+                    .map_err(|e| io_error(full.clone(), e))?;
+                    self.dir(&sub, Some(&path), ignore)?;
+                }
+                EntryKind::Symlink => {
+                    let text = rustix::fs::readlinkat(dir, &name, Vec::new()).map_err(|e| io_error(full.clone(), e))?;
+                    if Some(text.as_bytes()) != e.link.as_deref().map(str::as_bytes) {
+                        self.out.push(Mismatch {
+                            path,
+                            problem: format!(
+                                "links to {:?}, expected {:?}",
+                                text.to_string_lossy(),
+                                e.link.as_deref().unwrap_or_default()
+                            ),
+                        });
+                    }
+                }
+                EntryKind::File => {
+                    let size = st.st_size as u64;
+                    if Some(size) != e.size {
+                        self.out.push(Mismatch {
+                            path,
+                            problem: format!("is {size} bytes, expected {}", e.size.unwrap_or_default()),
+                        });
+                        continue;
+                    }
+                    let digest = match self.known.get(&path) {
+                        Some(&(d, s)) if s == size => d,
+                        _ => {
+                            let fd = rustix::fs::openat(
+                                dir,
+                                &name,
+                                OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                                rustix::fs::Mode::empty(),
+                            )
+                            .map_err(|e| io_error(full.clone(), e))?;
+                            sha256_reader(BufReader::with_capacity(CHUNK, File::from(fd)))
+                                .map_err(|e| io_error(full.clone(), e))?
+                                .0
+                        }
+                    };
+                    if Some(digest) != e.sha256 {
+                        self.out.push(Mismatch {
+                            path,
+                            problem: format!(
+                                "content hashes to {digest}, expected {}",
+                                e.sha256.map_or_else(String::new, |d| d.to_string())
+                            ),
+                        });
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::fs;
+    use std::os::unix::fs::{MetadataExt, symlink};
+    use std::time::{Duration, Instant};
+
+    use tempfile::TempDir;
+
+    use super::*;
+    use crate::manifest::{Entry, StageDefinition};
+    use crate::oci::BTRFS_ZSTD_MEDIA_TYPE;
+    use crate::payload::{Compression, TarZstdWriter};
+
+    fn rel(s: &str) -> RelPath {
+        s.parse().unwrap()
+    }
+
+    fn m(bits: u32) -> Mode {
+        Mode::new(bits).unwrap()
+    }
+
+    fn dir(p: &str, mode: u32) -> Entry {
+        Entry { path: rel(p), kind: EntryKind::Dir, mode: m(mode), size: None, sha256: None, link: None }
+    }
+
+    fn file(p: &str, mode: u32, content: &[u8]) -> Entry {
+        Entry {
+            path: rel(p),
+            kind: EntryKind::File,
+            mode: m(mode),
+            size: Some(content.len() as u64),
+            sha256: Some(Digest::of(content)),
+            link: None,
+        }
+    }
+
+    fn link(p: &str, text: &str) -> Entry {
+        Entry {
+            path: rel(p),
+            kind: EntryKind::Symlink,
+            mode: m(0o777),
+            size: None,
+            sha256: None,
+            link: Some(text.into()),
+        }
+    }
+
+    /// A validated config of `entries`; `files` is extra manifest YAML (a `files:` list).
+    fn config(mut entries: Vec<Entry>, files: &str) -> StageConfig {
+        entries.sort_by(|a, b| a.path.cmp(&b.path));
+        let def = StageDefinition::parse(&format!("version: 1.0.0\n{files}"), Path::new("manifest.yaml")).unwrap();
+        let c = StageConfig::from_definition("test-stage".parse().unwrap(), &def, entries);
+        c.validate().unwrap();
+        c
+    }
+
+    enum Op<'a> {
+        Dir(&'a str, u32),
+        File(&'a str, u32, &'a [u8]),
+        Link(&'a str, &'a str),
+        Whiteout(&'a str),
+    }
+
+    /// A payload as the builder writes it.
+    fn payload(ops: &[Op<'_>]) -> Vec<u8> {
+        let mut w = TarZstdWriter::new(Vec::new(), 1_700_000_000, Compression { level: 3, workers: 1 }).unwrap();
+        for op in ops {
+            match *op {
+                Op::Dir(p, mode) => w.add_dir(&rel(p), m(mode)).unwrap(),
+                Op::File(p, mode, c) => {
+                    w.add_file(&rel(p), m(mode), c.len() as u64, c).unwrap();
+                }
+                Op::Link(p, t) => w.add_symlink(&rel(p), t).unwrap(),
+                Op::Whiteout(p) => w.add_whiteout(&rel(p)).unwrap(),
+            }
+        }
+        w.finish().unwrap().2
+    }
+
+    /// One hand-made tar entry; the name and link go into the header bytes as given.
+    struct Raw {
+        name: Vec<u8>,
+        kind: tar::EntryType,
+        mode: u32,
+        size: u64,
+        link: Vec<u8>,
+        data: Vec<u8>,
+    }
+
+    fn raw(name: impl AsRef<[u8]>, kind: tar::EntryType, mode: u32, data: &[u8]) -> Raw {
+        Raw { name: name.as_ref().to_vec(), kind, mode, size: data.len() as u64, link: Vec::new(), data: data.to_vec() }
+    }
+
+    fn raw_file(name: impl AsRef<[u8]>, data: &[u8]) -> Raw {
+        raw(name, tar::EntryType::Regular, 0o644, data)
+    }
+
+    fn raw_dir(name: &str) -> Raw {
+        raw(name, tar::EntryType::Directory, 0o755, b"")
+    }
+
+    fn raw_link(name: &str, kind: tar::EntryType, target: impl AsRef<[u8]>) -> Raw {
+        Raw { link: target.as_ref().to_vec(), ..raw(name, kind, 0o777, b"") }
+    }
+
+    fn pax_record(key: &str, value: &str) -> Vec<u8> {
+        let body = format!(" {key}={value}\n");
+        let mut len = body.len() + 1;
+        while format!("{len}{body}").len() != len {
+            len += 1;
+        }
+        format!("{len}{body}").into_bytes()
+    }
+
+    fn raw_tar(entries: &[Raw]) -> Vec<u8> {
+        let mut out = Vec::new();
+        for r in entries {
+            let mut h = tar::Header::new_gnu();
+            h.as_old_mut().name[..r.name.len()].copy_from_slice(&r.name);
+            h.as_old_mut().linkname[..r.link.len()].copy_from_slice(&r.link);
+            h.set_entry_type(r.kind);
+            h.set_mode(r.mode);
+            h.set_size(r.size);
+            h.set_mtime(0);
+            h.set_uid(0);
+            h.set_gid(0);
+            h.set_cksum();
+            out.extend_from_slice(h.as_bytes());
+            out.extend_from_slice(&r.data);
+            out.resize(out.len().div_ceil(512) * 512, 0);
+        }
+        out.extend_from_slice(&[0; 1024]);
+        out
+    }
+
+    fn zst(tar: &[u8]) -> Vec<u8> {
+        zstd::encode_all(tar, 3).unwrap()
+    }
+
+    /// A store, and `base/dest`: after any refusal `base` must hold `dest` alone.
+    struct Env {
+        _tmp: TempDir,
+        layout: Layout,
+        base: PathBuf,
+        dest: PathBuf,
+    }
+
+    fn new_env() -> Env {
+        let tmp = tempfile::tempdir().unwrap();
+        let layout = Layout::open_or_create(&tmp.path().join("store")).unwrap();
+        let base = tmp.path().join("base");
+        let dest = base.join("dest");
+        fs::create_dir_all(&dest).unwrap();
+        Env { _tmp: tmp, layout, base, dest }
+    }
+
+    impl Env {
+        fn layer(&self, blob: &[u8]) -> Descriptor {
+            let d = self.layout.write_blob(blob).unwrap();
+            Descriptor::new(TAR_ZSTD_MEDIA_TYPE, d, blob.len() as u64)
+        }
+
+        fn unpack(&self, blobs: &[&[u8]], config: &StageConfig) -> Result<UnpackStats, UnpackError> {
+            let layers: Vec<_> = blobs.iter().map(|b| self.layer(b)).collect();
+            unpack_layers(&self.layout, &layers, config, &self.dest)
+        }
+
+        fn assert_contained(&self) {
+            let names: Vec<_> = fs::read_dir(&self.base).unwrap().map(|e| e.unwrap().file_name()).collect();
+            assert_eq!(names, ["dest"], "something was created outside dest");
+        }
+    }
+
+    /// The config most refusal cases use: `d/`, `d/f` = "abc", `l` -> `d/f`.
+    fn small_config() -> StageConfig {
+        config(vec![dir("d", 0o755), file("d/f", 0o644, b"abc"), link("l", "d/f")], "")
+    }
+
+    fn good_raw() -> Vec<Raw> {
+        vec![raw_dir("d/"), raw_file("d/f", b"abc"), raw_link("l", tar::EntryType::Symlink, "d/f")]
+    }
+
+    /// Unpacks one raw layer and expects a malformed-input refusal mentioning `expect`.
+    fn refuse(entries: Vec<Raw>, config: &StageConfig, expect: &str) -> UnpackError {
+        let env = new_env();
+        let blob = zst(&raw_tar(&entries));
+        let err = env.unpack(&[&blob], config).unwrap_err();
+        assert!(err.is_malformed(), "{err}");
+        assert!(err.to_string().contains(expect), "expected {expect:?} in: {err}");
+        env.assert_contained();
+        err
+    }
+
+    #[test]
+    fn good_image_round_trip() {
+        let env = new_env();
+        let big: Vec<u8> = (0..300_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        let long = format!("web/{}", "x".repeat(150));
+        let cfg = config(
+            vec![
+                dir("bin", 0o755),
+                file("bin/tool", 0o4755, &big),
+                link("bin/alias", "tool"),
+                dir("etc", 0o750),
+                dir("etc/op-dbus", 0o700),
+                file("etc/op-dbus/state.json", 0o600, b"{}\n"),
+                file("etc/op-dbus/empty", 0o644, b""),
+                dir("web", 0o555),
+                file(&long, 0o444, b"long"),
+            ],
+            "files:\n  - path: bin/tool\n    target: /usr/local/bin/tool\n    mode: 04755\n",
+        );
+        let blob = payload(&[
+            Op::Dir("bin", 0o755),
+            Op::Link("bin/alias", "tool"),
+            Op::File("bin/tool", 0o4755, &big),
+            Op::Dir("etc", 0o750),
+            Op::Dir("etc/op-dbus", 0o700),
+            Op::File("etc/op-dbus/empty", 0o644, b""),
+            Op::File("etc/op-dbus/state.json", 0o600, b"{}\n"),
+            Op::Dir("web", 0o555),
+            Op::File(&long, 0o444, b"long"),
+        ]);
+        let stats = env.unpack(&[&blob], &cfg).unwrap();
+        assert_eq!(stats, UnpackStats { files: 4, bytes: big.len() as u64 + 3 + 4, entries: 9 });
+        let d = &env.dest;
+        assert_eq!(fs::read(d.join("bin/tool")).unwrap(), big);
+        assert_eq!(fs::symlink_metadata(d.join("bin/tool")).unwrap().mode() & 0o7777, 0o4755);
+        assert_eq!(fs::symlink_metadata(d.join("etc")).unwrap().mode() & 0o7777, 0o750);
+        assert_eq!(fs::symlink_metadata(d.join("web")).unwrap().mode() & 0o7777, 0o555);
+        assert_eq!(fs::read_link(d.join("bin/alias")).unwrap(), Path::new("tool"));
+        assert_eq!(fs::read(d.join(&long)).unwrap(), b"long");
+        assert_eq!(check_tree(d, &cfg).unwrap(), []);
+        env.assert_contained();
+    }
+
+    #[test]
+    fn delta_layers_with_whiteouts() {
+        let env = new_env();
+        let base = payload(&[
+            Op::Dir("bin", 0o755),
+            Op::File("bin/a", 0o600, b"one"),
+            Op::File("bin/old", 0o644, b"old"),
+            Op::File("k", 0o644, b"a file, later a directory"),
+            Op::Dir("share", 0o755),
+            Op::Dir("share/x", 0o755),
+            Op::Dir("share/x/deep", 0o755),
+            Op::File("share/x/deep/y", 0o644, b"y"),
+            Op::Link("share/x/l", "deep/y"),
+        ]);
+        let delta = payload(&[
+            Op::Whiteout("bin/old"),
+            Op::Whiteout("k"),
+            Op::Whiteout("share/x"),
+            Op::File("bin/a", 0o644, b"two"),
+            Op::File("bin/b", 0o755, b"b"),
+            Op::Dir("k", 0o755),
+            Op::File("k/f", 0o644, b"f"),
+        ]);
+        let cfg = config(
+            vec![
+                dir("bin", 0o755),
+                file("bin/a", 0o644, b"two"),
+                file("bin/b", 0o755, b"b"),
+                dir("k", 0o755),
+                file("k/f", 0o644, b"f"),
+                dir("share", 0o755),
+            ],
+            "",
+        );
+        let stats = env.unpack(&[&base, &delta], &cfg).unwrap();
+        assert_eq!(stats.entries, 9 + 7);
+        assert_eq!(fs::read(env.dest.join("bin/a")).unwrap(), b"two");
+        assert!(!env.dest.join("share/x").exists());
+        assert!(!env.dest.join("bin/old").exists());
+        assert_eq!(check_tree(&env.dest, &cfg).unwrap(), []);
+
+        // A lower-layer path that no later layer whites out is an extra path.
+        let env = new_env();
+        let delta = payload(&[Op::Whiteout("k"), Op::Whiteout("share/x"), Op::File("bin/a", 0o644, b"two")]);
+        let base = payload(&[
+            Op::Dir("bin", 0o755),
+            Op::File("bin/a", 0o644, b"one"),
+            Op::File("bin/old", 0o644, b"old"),
+            Op::File("k", 0o644, b""),
+            Op::Dir("share", 0o755),
+            Op::Dir("share/x", 0o755),
+        ]);
+        let cfg = config(vec![dir("bin", 0o755), file("bin/a", 0o644, b"two"), dir("share", 0o755)], "");
+        let err = env.unpack(&[&base, &delta], &cfg).unwrap_err();
+        assert!(matches!(&err, UnpackError::Mismatch { path, .. } if path == "bin/old"), "{err}");
+        assert!(err.is_malformed());
+    }
+
+    #[test]
+    fn refuses_unsafe_paths() {
+        let cfg = small_config();
+        let env_for_names = new_env();
+        let abs = env_for_names.base.join("escape");
+        for (name, expect) in [
+            (b"../escape".to_vec(), "'..'"),
+            (b"d/../../escape".to_vec(), "'..'"),
+            (abs.as_os_str().as_encoded_bytes().to_vec(), "absolute"),
+            (b"./d/f".to_vec(), "normalised"),
+            (b"d//f".to_vec(), "normalised"),
+            (b"d/\xff".to_vec(), "UTF-8"),
+            (b"d\\..\\..\\escape".to_vec(), "backslash"),
+        ] {
+            let mut entries = good_raw();
+            entries.push(raw_file(&name, b"abc"));
+            refuse(entries, &cfg, expect);
+        }
+        // A NUL inside a GNU long name, and '..' from a pax path, override a harmless header name.
+        let mut entries = good_raw();
+        entries.push(raw("././@LongLink", tar::EntryType::GNULongName, 0o644, b"d/a\0b\0"));
+        entries.push(raw_file("d/harmless", b"abc"));
+        refuse(entries, &cfg, "NUL");
+        let mut entries = good_raw();
+        entries.push(raw("PaxHeader", tar::EntryType::XHeader, 0o644, &pax_record("path", "../escape")));
+        entries.push(raw_file("d/harmless", b"abc"));
+        refuse(entries, &cfg, "'..'");
+        // An oversized long name is refused at its header, not read into memory.
+        let mut entries = good_raw();
+        entries.push(Raw { size: 1 << 30, ..raw("././@LongLink", tar::EntryType::GNULongName, 0o644, &[b'a'; 4096]) });
+        refuse(entries, &cfg, "at most");
+    }
+
+    #[test]
+    fn refuses_writes_through_symlinks() {
+        let cfg = small_config();
+        let env_for_names = new_env();
+        let base = env_for_names.base.to_str().unwrap().to_owned();
+        // Link texts that leave the stage are refused at their header.
+        for target in ["../../base", "..", base.as_str(), "/etc"] {
+            let mut entries = good_raw();
+            entries[2] = raw_link("l", tar::EntryType::Symlink, target);
+            entries.push(raw_file("l/pwned", b"abc"));
+            refuse(entries, &cfg, "outside the stage");
+        }
+        // A confined link followed by a file under it, in a layer that is not the last (so
+        // the manifest does not stop it): refused when its parent is opened, O_NOFOLLOW.
+        let env = new_env();
+        let first = zst(&raw_tar(&[raw_dir("d/"), raw_link("l", tar::EntryType::Symlink, "d"), raw_file("l/x", b"x")]));
+        let last = zst(&raw_tar(&good_raw()));
+        let err = env.unpack(&[&first, &last], &cfg).unwrap_err();
+        assert!(err.to_string().contains("not a directory"), "{err}");
+        assert!(!env.dest.join("d/x").exists());
+        env.assert_contained();
+        // Even a link planted in dest behind the unpacker's back is never followed: a
+        // directory entry replaces it, a file entry below it is refused.
+        for (entries, ok) in [(good_raw(), true), (vec![raw_file("d/f", b"abc")], false)] {
+            let env = new_env();
+            let blob = zst(&raw_tar(&entries));
+            let layers = [env.layer(&blob)];
+            let mut u = Unpacker::new(&cfg, &env.dest, &layers).unwrap();
+            symlink(&env.base, env.dest.join("d")).unwrap();
+            let res = u.apply_next(&blob[..]);
+            if ok {
+                res.unwrap();
+                u.finish().unwrap();
+            } else {
+                let err = res.unwrap_err();
+                assert!(err.is_malformed() && err.to_string().contains("not a directory"), "{err}");
+            }
+            fs::remove_file(env.dest.join("d")).ok();
+            env.assert_contained();
+        }
+    }
+
+    #[test]
+    fn refuses_other_entry_types() {
+        let cfg = small_config();
+        for (r, expect) in [
+            (raw_link("h", tar::EntryType::Link, "../escape"), "hard link"),
+            (raw_link("h", tar::EntryType::Link, "/etc/passwd"), "hard link"),
+            (raw_link("d/h", tar::EntryType::Link, "d/f"), "hard link"),
+            (raw("c", tar::EntryType::Char, 0o644, b""), "character device"),
+            (raw("b", tar::EntryType::Block, 0o644, b""), "block device"),
+            (raw("p", tar::EntryType::Fifo, 0o644, b""), "FIFO"),
+            (raw("s", tar::EntryType::GNUSparse, 0o644, b""), "sparse"),
+        ] {
+            let mut entries = good_raw();
+            entries.insert(1, r);
+            refuse(entries, &cfg, expect);
+        }
+    }
+
+    #[test]
+    fn refuses_what_the_manifest_does_not_say() {
+        let cfg = small_config();
+        let with = |i: usize, r: Raw| {
+            let mut e = good_raw();
+            e[i] = r;
+            e
+        };
+        refuse(with(1, raw("d/f", tar::EntryType::Regular, 0o4644, b"abc")), &cfg, "setuid");
+        refuse(with(1, raw("d/f", tar::EntryType::Regular, 0o600, b"abc")), &cfg, "mode 0600");
+        refuse(with(1, raw_dir("d/f/")), &cfg, "is a directory but");
+        refuse(with(1, raw_file("d/f", b"ab")), &cfg, "declares 2 bytes but the signed manifest says 3");
+        refuse(with(1, raw_file("d/f", b"abcd")), &cfg, "more than the largest file");
+        refuse(with(2, raw_link("l", tar::EntryType::Symlink, "d")), &cfg, "links to");
+        let mut dup = good_raw();
+        dup.push(raw_file("d/f", b"abc"));
+        refuse(dup, &cfg, "twice");
+        let mut extra = good_raw();
+        extra.push(raw_file("d/extra", b"abc"));
+        refuse(extra, &cfg, "not in the signed manifest");
+        // Missing from the payload: found by the final comparison.
+        let err = refuse(good_raw()[..2].iter().map(clone_raw).collect(), &cfg, "missing");
+        assert!(matches!(err, UnpackError::Mismatch { .. }));
+        // Same size, other bytes.
+        let err = refuse(with(1, raw_file("d/f", b"abd")), &cfg, "hashes to");
+        assert!(matches!(&err, UnpackError::Mismatch { path, .. } if path == "d/f"), "{err}");
+    }
+
+    fn clone_raw(r: &Raw) -> Raw {
+        Raw { name: r.name.clone(), link: r.link.clone(), data: r.data.clone(), ..*r }
+    }
+
+    #[test]
+    fn setuid_only_when_declared() {
+        let files = "files:\n  - path: d/f\n    target: /usr/local/bin/f\n    mode: 04755\n";
+        let cfg = config(vec![dir("d", 0o755), file("d/f", 0o4755, b"abc")], files);
+        let env = new_env();
+        let blob = zst(&raw_tar(&[raw_dir("d/"), raw("d/f", tar::EntryType::Regular, 0o4755, b"abc")]));
+        env.unpack(&[&blob], &cfg).unwrap();
+        assert_eq!(fs::metadata(env.dest.join("d/f")).unwrap().mode() & 0o7777, 0o4755);
+        // Declared for another mode: still refused.
+        let cfg = config(vec![dir("d", 0o755), file("d/f", 0o2755, b"abc")], &files.replace("04755", "0755"));
+        refuse(vec![raw_dir("d/"), raw("d/f", tar::EntryType::Regular, 0o2755, b"abc")], &cfg, "setuid");
+        // A directory's sticky bit needs a declaration too.
+        refuse(vec![raw("d/", tar::EntryType::Directory, 0o1755, b"")], &small_config(), "sticky");
+    }
+
+    #[test]
+    fn huge_declared_size_is_refused_at_the_header() {
+        let start = Instant::now();
+        let mut entries = good_raw();
+        // Claims 1 GiB, carries 4 KiB: the check must not read it.
+        entries[1] = Raw { size: 1 << 30, ..raw_file("d/f", &[0; 4096]) };
+        let err = refuse(entries, &small_config(), "more than the largest file");
+        assert!(matches!(err, UnpackError::Unsafe { .. }));
+        // In a lower layer, which may hold larger old versions, a claim far beyond what
+        // its blob could hold is refused just the same.
+        let env = new_env();
+        let lower = zst(&raw_tar(&[Raw { size: 1 << 30, ..raw_file("old", &[0; 4096]) }]));
+        let err = env.unpack(&[&lower, &zst(&raw_tar(&good_raw()))], &small_config()).unwrap_err();
+        assert!(err.to_string().contains("times its layer's size"), "{err}");
+        env.assert_contained();
+        assert!(start.elapsed() < Duration::from_secs(10));
+    }
+
+    #[test]
+    fn refuses_bad_whiteouts() {
+        let cfg = small_config();
+        let two = |delta: Vec<Raw>, expect: &str| {
+            let env = new_env();
+            let base = zst(&raw_tar(&good_raw()));
+            let delta = zst(&raw_tar(&delta));
+            let err = env.unpack(&[&base, &delta], &cfg).unwrap_err();
+            assert!(err.is_malformed() && err.to_string().contains(expect), "expected {expect:?} in: {err}");
+            env.assert_contained();
+        };
+        two(vec![raw_file("d/.wh.nothing", b"")], "not present");
+        two(vec![raw_file("nodir/.wh.f", b"")], "not present");
+        two(vec![raw_file("d/.wh.f", b"data")], "empty regular file");
+        two(vec![raw("d/.wh.f/", tar::EntryType::Directory, 0o755, b"")], "empty regular file");
+        two(vec![raw_file("d/.wh..wh..opq", b"")], "opaque");
+        two(vec![raw_file(".wh...", b"")], "bad whiteout name");
+        // A whiteout removes what lower layers hold, not what this layer wrote.
+        two(vec![raw_file("d/f", b"abc"), raw_file("d/.wh.f", b"")], "this layer wrote");
+        two(vec![raw_dir("d/"), raw_file("d/f", b"abc"), raw_file(".wh.d", b"")], "this layer wrote");
+        // In the first layer there is nothing to white out.
+        refuse(vec![raw_file(".wh.d", b"")], &cfg, "not present");
+    }
+
+    #[test]
+    fn refuses_corrupt_layers() {
+        let cfg = small_config();
+        // Not zstd: the digest matches (it is what was signed), the content is unreadable.
+        let env = new_env();
+        let err = env.unpack(&[&raw_tar(&good_raw())], &cfg).unwrap_err();
+        assert!(matches!(err, UnpackError::Corrupt { .. }) && err.is_malformed(), "{err}");
+        env.assert_contained();
+        // zstd of something that is not a tar.
+        let env = new_env();
+        let err = env.unpack(&[&zst(&[0x55; 2048])], &cfg).unwrap_err();
+        assert!(matches!(err, UnpackError::Corrupt { .. }), "{err}");
+        // A blob whose bytes are not the ones its descriptor names: a valid payload, but
+        // another compression of it, then hostile content in its place.
+        let tar = raw_tar(&good_raw());
+        for other in [zstd::encode_all(&tar[..], 19).unwrap(), zst(&raw_tar(&[raw_file("../escape", b"x")]))] {
+            let env = new_env();
+            let signed = zst(&tar);
+            assert_ne!(signed, other);
+            let layer = env.layer(&signed);
+            fs::write(env.layout.blob_path(&layer.digest), &other).unwrap();
+            let err = unpack_layers(&env.layout, &[layer], &cfg, &env.dest).unwrap_err();
+            assert!(matches!(err, UnpackError::LayerDigest { .. }) && err.is_malformed(), "{err}");
+            env.assert_contained();
+        }
+        // Trailing bytes beyond the descriptor's size.
+        let env = new_env();
+        let signed = zst(&tar);
+        let layer = env.layer(&signed);
+        let mut longer = signed.clone();
+        longer.extend_from_slice(&signed);
+        fs::write(env.layout.blob_path(&layer.digest), &longer).unwrap();
+        let err = unpack_layers(&env.layout, &[layer], &cfg, &env.dest).unwrap_err();
+        assert!(matches!(err, UnpackError::LayerDigest { .. }), "{err}");
+    }
+
+    #[test]
+    fn refuses_before_reading_when_it_cannot_apply() {
+        let cfg = small_config();
+        let env = new_env();
+        let blob = zst(&raw_tar(&good_raw()));
+        let mut layer = env.layer(&blob);
+        layer.media_type = BTRFS_ZSTD_MEDIA_TYPE.into();
+        let err = unpack_layers(&env.layout, &[layer], &cfg, &env.dest).unwrap_err();
+        assert!(matches!(err, UnpackError::UnsupportedLayer { .. }) && !err.is_malformed(), "{err}");
+        fs::write(env.dest.join("leftover"), b"").unwrap();
+        let err = env.unpack(&[&blob], &cfg).unwrap_err();
+        assert!(matches!(err, UnpackError::NotEmpty { .. }), "{err}");
+        let missing = Descriptor::new(TAR_ZSTD_MEDIA_TYPE, Digest::of(b"nowhere"), 7);
+        fs::remove_file(env.dest.join("leftover")).unwrap();
+        let err = unpack_layers(&env.layout, &[missing], &cfg, &env.dest).unwrap_err();
+        assert!(matches!(err, UnpackError::Layout(LayoutError::MissingBlob { .. })), "{err}");
+    }
+
+    #[test]
+    fn full_disk_is_named() {
+        let e = io_error(PathBuf::from("/gen/bin/x"), rustix::io::Errno::NOSPC);
+        assert!(matches!(e, UnpackError::NoSpace { .. }));
+        assert!(e.to_string().contains("/gen/bin/x") && e.to_string().contains("full"), "{e}");
+        assert!(matches!(io_error(PathBuf::new(), rustix::io::Errno::DQUOT), UnpackError::NoSpace { .. }));
+        assert!(!e.is_malformed());
+    }
+
+    #[test]
+    fn check_tree_reports_every_difference() {
+        let env = new_env();
+        let cfg = config(
+            vec![
+                dir("d", 0o755),
+                file("d/a", 0o644, b"alpha"),
+                file("d/b", 0o644, b"bravo"),
+                file("d/c", 0o755, b"charlie"),
+                link("l", "d/a"),
+            ],
+            "",
+        );
+        let blob = payload(&[
+            Op::Dir("d", 0o755),
+            Op::File("d/a", 0o644, b"alpha"),
+            Op::File("d/b", 0o644, b"bravo"),
+            Op::File("d/c", 0o755, b"charlie"),
+            Op::Link("l", "d/a"),
+        ]);
+        env.unpack(&[&blob], &cfg).unwrap();
+        assert_eq!(check_tree(&env.dest, &cfg).unwrap(), []);
+        let d = &env.dest;
+        fs::write(d.join("d/a"), b"alphA").unwrap();
+        fs::remove_file(d.join("d/b")).unwrap();
+        fs::set_permissions(d.join("d/c"), fs::Permissions::from_mode(0o775)).unwrap();
+        fs::write(d.join("d/extra"), b"").unwrap();
+        fs::write(d.join("manifest.json"), b"{}").unwrap();
+        let found = check_tree(d, &cfg).unwrap();
+        let paths: Vec<_> = found.iter().map(|m| m.path.as_str()).collect();
+        assert_eq!(paths, ["d/a", "d/b", "d/c", "d/extra", "manifest.json"], "{found:?}");
+        assert!(found[0].problem.contains("hashes to"), "{}", found[0]);
+        assert!(found[1].problem.contains("missing"), "{}", found[1]);
+        assert!(found[2].problem.contains("mode is 0775"), "{}", found[2]);
+        assert!(found[3].problem.contains("not in the signed manifest"), "{}", found[3]);
+        assert_eq!(check_tree_ignoring(d, &cfg, &["manifest.json"]).unwrap().len(), 4);
+        // A link with other text, a directory turned into a file (its children not listed).
+        fs::remove_file(d.join("l")).unwrap();
+        symlink("d/b", d.join("l")).unwrap();
+        fs::remove_dir_all(d.join("d")).unwrap();
+        fs::write(d.join("d"), b"").unwrap();
+        let found = check_tree_ignoring(d, &cfg, &["manifest.json"]).unwrap();
+        assert_eq!(found.len(), 2, "{found:?}");
+        assert!(found[0].problem.contains("is a regular file, expected a directory"), "{}", found[0]);
+        assert!(found[1].problem.contains("links to"), "{}", found[1]);
+    }
+
+    #[test]
+    fn forget_removes_a_subtree_only() {
+        let mut map: BTreeMap<String, ()> =
+            ["a", "a-b", "a/b", "a/b/c", "a0", "ab", "b"].iter().map(|k| (k.to_string(), ())).collect();
+        forget(&mut map, "a");
+        let keys: Vec<_> = map.keys().map(String::as_str).collect();
+        assert_eq!(keys, ["a-b", "a0", "ab", "b"]);
+        let set: BTreeSet<String> = ["a-b", "ab/c"].iter().map(|k| k.to_string()).collect();
+        assert!(!holds_under(&set, "a"));
+        assert!(holds_under(&set, "ab"));
+    }
+}

@@ -1,0 +1,336 @@
+//! The host as the installer sees it: everything under `--root`, resolved inside the root
+//! like a chroot (openat2 `RESOLVE_IN_ROOT`), absolute symlinks included.
+//!
+//! ```text
+//! ROOT/var/lib/op-dbus/staging/
+//!   <stage>                 symlink -> .generations/<stage>/<gen>   (the active generation)
+//!   .generations/<stage>/<gen>/   staged tree + manifest.json (immutable)
+//!   snapshots/<name>.json   named restore points
+//!   state.json              what is deployed (atomic write)
+//!   journal/tx.json         the transaction in progress, if any
+//!   backups/<id>            what was at a target before we placed something there
+//!   lock                    held by the command that changes anything
+//!   .tmp/                   the installer's temporary area (receiving, unpacking)
+//! ROOT/var/lib/op-dbus/deployment/images/   OCI layout store
+//! ROOT/etc/op-dbus/trusted-keys/*.pub, ROOT/etc/op-dbus/stage.toml
+//! ```
+
+use std::fs;
+use std::io;
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::{Path, PathBuf};
+
+use formats::digest::{Digest, sha256_reader};
+use formats::path::{RelPath, TargetPath};
+use rustix::fs::{AtFlags, FileType, Mode, OFlags, ResolveFlags};
+
+/// Where the installer keeps its state, relative to the root.
+pub const STAGING: &str = "var/lib/op-dbus/staging";
+pub const STORE: &str = "var/lib/op-dbus/deployment/images";
+pub const ETC: &str = "etc/op-dbus";
+/// What target link texts start with, as seen from inside the root.
+pub const STAGING_ABS: &str = "/var/lib/op-dbus/staging";
+
+/// What is at a target path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TargetState {
+    Missing,
+    Symlink(String),
+    File,
+    Dir,
+    Other,
+}
+
+/// The host under a root.
+#[derive(Debug)]
+pub struct Host {
+    pub root: PathBuf,
+    root_fd: OwnedFd,
+}
+
+fn in_root() -> ResolveFlags {
+    ResolveFlags::IN_ROOT | ResolveFlags::NO_MAGICLINKS
+}
+
+impl Host {
+    /// Opens the root (it must exist).
+    pub fn open(root: &Path) -> io::Result<Host> {
+        let root = fs::canonicalize(root)
+            .map_err(|e| io::Error::new(e.kind(), format!("the root {}: {e}", root.display())))?;
+        let root_fd = rustix::fs::open(&root, OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())?;
+        Ok(Host { root, root_fd })
+    }
+
+    pub fn is_real_root(&self) -> bool {
+        self.root == Path::new("/")
+    }
+
+    /// The host path of `rel` resolved inside the root (it must exist).
+    pub fn resolve(&self, rel: &str) -> io::Result<PathBuf> {
+        let fd = rustix::fs::openat2(&self.root_fd, rel, OFlags::PATH | OFlags::CLOEXEC, Mode::empty(), in_root())?;
+        let p = rustix::fs::readlinkat(rustix::fs::CWD, format!("/proc/self/fd/{}", fd_num(&fd)), Vec::new())?;
+        Ok(PathBuf::from(p.to_string_lossy().into_owned()))
+    }
+
+    /// Creates `rel` and its parents inside the root; returns its host path.
+    pub fn ensure_dir(&self, rel: &str) -> io::Result<PathBuf> {
+        let mut so_far = String::new();
+        for c in rel.split('/').filter(|c| !c.is_empty()) {
+            if !so_far.is_empty() {
+                so_far.push('/');
+            }
+            so_far.push_str(c);
+            match self.dir_fd(&so_far) {
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    let (parent, name) = split(&so_far);
+                    let pfd = self.dir_fd(parent)?;
+                    match rustix::fs::mkdirat(&pfd, name, Mode::from_raw_mode(0o755)) {
+                        Ok(()) | Err(rustix::io::Errno::EXIST) => {}
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        self.resolve(rel)
+    }
+
+    /// The staging directory (created if missing).
+    pub fn staging(&self) -> io::Result<PathBuf> {
+        self.ensure_dir(STAGING)
+    }
+
+    /// The staging directory if it exists.
+    pub fn staging_if_exists(&self) -> io::Result<Option<PathBuf>> {
+        match self.resolve(STAGING) {
+            Ok(p) => Ok(Some(p)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn dir_fd(&self, rel: &str) -> io::Result<OwnedFd> {
+        let rel = if rel.is_empty() { "." } else { rel };
+        Ok(rustix::fs::openat2(
+            &self.root_fd,
+            rel,
+            OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+            in_root(),
+        )?)
+    }
+
+    /// The parent directory of `target` (resolved in the root) and the last component.
+    fn parent(&self, target: &TargetPath) -> io::Result<(OwnedFd, String)> {
+        let rel = target.relative();
+        let parent = rel.parent().map(|p| p.to_string()).unwrap_or_default();
+        let fd = self.dir_fd(&parent)?;
+        Ok((fd, rel.file_name().to_owned()))
+    }
+
+    /// What is at `target` now (the last component is not followed).
+    pub fn state(&self, target: &TargetPath) -> io::Result<TargetState> {
+        let (fd, name) = match self.parent(target) {
+            Ok(x) => x,
+            Err(e) if e.kind() == io::ErrorKind::NotFound || e.raw_os_error() == Some(20) => {
+                return Ok(TargetState::Missing);
+            }
+            Err(e) => return Err(e),
+        };
+        let st = match rustix::fs::statat(&fd, name.as_str(), AtFlags::SYMLINK_NOFOLLOW) {
+            Ok(st) => st,
+            Err(rustix::io::Errno::NOENT) => return Ok(TargetState::Missing),
+            Err(e) => return Err(e.into()),
+        };
+        Ok(match FileType::from_raw_mode(st.st_mode) {
+            FileType::Symlink => {
+                let text = rustix::fs::readlinkat(&fd, name.as_str(), Vec::new())?;
+                TargetState::Symlink(text.to_string_lossy().into_owned())
+            }
+            FileType::RegularFile => TargetState::File,
+            FileType::Directory => TargetState::Dir,
+            _ => TargetState::Other,
+        })
+    }
+
+    /// The sha256 of the regular file at `target`, if there is one.
+    pub fn file_digest(&self, target: &TargetPath) -> io::Result<Option<Digest>> {
+        if self.state(target)? != TargetState::File {
+            return Ok(None);
+        }
+        let (fd, name) = self.parent(target)?;
+        let f =
+            rustix::fs::openat(&fd, name.as_str(), OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC, Mode::empty())?;
+        Ok(Some(sha256_reader(fs::File::from(f))?.0))
+    }
+
+    /// Whether the directory `dir` exists (resolved in the root).
+    pub fn dir_exists(&self, dir: &TargetPath) -> io::Result<bool> {
+        match self.dir_fd(dir.relative().as_str()) {
+            Ok(_) => Ok(true),
+            Err(e) if e.kind() == io::ErrorKind::NotFound || e.raw_os_error() == Some(20) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Creates the directory `dir` (its parent must exist); no error if it exists.
+    pub fn mkdir(&self, dir: &TargetPath) -> io::Result<()> {
+        let (fd, name) = self.parent(dir)?;
+        match rustix::fs::mkdirat(&fd, name.as_str(), Mode::from_raw_mode(0o755)) {
+            Ok(()) | Err(rustix::io::Errno::EXIST) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Removes the directory `dir` if it exists and is empty.
+    pub fn rmdir_if_empty(&self, dir: &TargetPath) -> io::Result<()> {
+        let (fd, name) = match self.parent(dir) {
+            Ok(x) => x,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        match rustix::fs::unlinkat(&fd, name.as_str(), AtFlags::REMOVEDIR) {
+            Ok(()) | Err(rustix::io::Errno::NOENT) | Err(rustix::io::Errno::NOTEMPTY) => Ok(()),
+            Err(rustix::io::Errno::NOTDIR) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Makes `target` a symlink with `text`, atomically replacing whatever symlink or
+    /// file is there (a temp link renamed over it); nothing when it is already right.
+    pub fn replace_symlink(&self, target: &TargetPath, text: &str) -> io::Result<()> {
+        if self.state(target)? == TargetState::Symlink(text.to_owned()) {
+            return Ok(());
+        }
+        let (fd, name) = self.parent(target)?;
+        let tmp = format!(".{name}.op-dbus-tmp");
+        let _ = rustix::fs::unlinkat(&fd, tmp.as_str(), AtFlags::empty());
+        rustix::fs::symlinkat(text, &fd, tmp.as_str())?;
+        rustix::fs::renameat(&fd, tmp.as_str(), &fd, name.as_str())?;
+        fsync_dir(&fd)
+    }
+
+    /// Removes the symlink or file at `target`; nothing if it is missing.
+    pub fn remove(&self, target: &TargetPath) -> io::Result<()> {
+        let (fd, name) = match self.parent(target) {
+            Ok(x) => x,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        match rustix::fs::unlinkat(&fd, name.as_str(), AtFlags::empty()) {
+            Ok(()) | Err(rustix::io::Errno::NOENT) => fsync_dir(&fd),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Moves what is at `target` to the host path `to` (a directory entry of ours, such
+    /// as `backups/<id>`). Both must be on one filesystem.
+    pub fn move_out(&self, target: &TargetPath, to: &Path) -> io::Result<()> {
+        let (fd, name) = self.parent(target)?;
+        let (to_dir, to_name) = host_parent(to)?;
+        rustix::fs::renameat_with(&fd, name.as_str(), &to_dir, to_name.as_str(), rustix::fs::RenameFlags::NOREPLACE)
+            .map_err(|e| cross_device(e, target, to))?;
+        fsync_dir(&fd)?;
+        fsync_dir(&to_dir)
+    }
+
+    /// Moves the host path `from` (ours) to `target`, which must be free.
+    pub fn move_in(&self, from: &Path, target: &TargetPath) -> io::Result<()> {
+        let (fd, name) = self.parent(target)?;
+        let (from_dir, from_name) = host_parent(from)?;
+        rustix::fs::renameat_with(
+            &from_dir,
+            from_name.as_str(),
+            &fd,
+            name.as_str(),
+            rustix::fs::RenameFlags::NOREPLACE,
+        )
+        .map_err(|e| cross_device(e, target, from))?;
+        fsync_dir(&fd)?;
+        fsync_dir(&from_dir)
+    }
+
+    /// Copies the host file `from` to `target` with `mode`, through a temp file renamed into place.
+    pub fn copy_in(&self, from: &Path, target: &TargetPath, mode: u32) -> io::Result<()> {
+        let (fd, name) = self.parent(target)?;
+        let tmp = format!(".{name}.op-dbus-tmp");
+        let _ = rustix::fs::unlinkat(&fd, tmp.as_str(), AtFlags::empty());
+        let out = rustix::fs::openat(
+            &fd,
+            tmp.as_str(),
+            OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::from_raw_mode(0o600),
+        )?;
+        let mut out = fs::File::from(out);
+        io::copy(&mut fs::File::open(from)?, &mut out)?;
+        rustix::fs::fchmod(&out, Mode::from_raw_mode(mode))?;
+        out.sync_all()?;
+        rustix::fs::renameat(&fd, tmp.as_str(), &fd, name.as_str())?;
+        fsync_dir(&fd)
+    }
+}
+
+fn cross_device(e: rustix::io::Errno, target: &TargetPath, other: &Path) -> io::Error {
+    if e == rustix::io::Errno::XDEV {
+        io::Error::other(format!(
+            "{target} and {} are on different filesystems; keep /var/lib/op-dbus on the filesystem of the targets",
+            other.display()
+        ))
+    } else {
+        e.into()
+    }
+}
+
+fn host_parent(p: &Path) -> io::Result<(OwnedFd, String)> {
+    let parent = p.parent().ok_or_else(|| io::Error::other(format!("{} has no parent", p.display())))?;
+    let name =
+        p.file_name().and_then(|n| n.to_str()).ok_or_else(|| io::Error::other(format!("bad name {}", p.display())))?;
+    let fd = rustix::fs::open(parent, OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())?;
+    Ok((fd, name.to_owned()))
+}
+
+fn split(rel: &str) -> (&str, &str) {
+    rel.rsplit_once('/').unwrap_or(("", rel))
+}
+
+fn fd_num(fd: &OwnedFd) -> i32 {
+    use std::os::fd::AsRawFd;
+    fd.as_raw_fd()
+}
+
+fn fsync_dir(fd: &OwnedFd) -> io::Result<()> {
+    // An O_PATH descriptor cannot be fsynced: open the directory itself.
+    let d = rustix::fs::openat(fd.as_fd(), ".", OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())?;
+    rustix::fs::fsync(&d)?;
+    Ok(())
+}
+
+/// The link text of a staged path of a stage, as seen from inside the root.
+pub fn link_text(stage: &str, path: &RelPath) -> String {
+    format!("{STAGING_ABS}/{stage}/{path}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn absolute_links_resolve_inside_the_root() {
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path().join("root");
+        fs::create_dir_all(root.join("usr/local")).unwrap();
+        fs::create_dir_all(d.path().join("outside")).unwrap();
+        // /usr/local/bin -> /outside: inside the root that is ROOT/outside, not the host's.
+        std::os::unix::fs::symlink("/outside", root.join("usr/local/bin")).unwrap();
+        let h = Host::open(&root).unwrap();
+        h.ensure_dir("outside").unwrap();
+        let t = TargetPath::parse("/usr/local/bin/tool").unwrap();
+        h.replace_symlink(&t, "/var/lib/op-dbus/staging/s/bin/tool").unwrap();
+        assert!(fs::symlink_metadata(root.join("outside/tool")).is_ok());
+        assert!(fs::symlink_metadata(d.path().join("outside/tool")).is_err());
+        assert_eq!(h.state(&t).unwrap(), TargetState::Symlink("/var/lib/op-dbus/staging/s/bin/tool".into()));
+        let staging = h.staging().unwrap();
+        assert!(staging.starts_with(fs::canonicalize(&root).unwrap()));
+    }
+}

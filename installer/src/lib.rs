@@ -1,0 +1,24 @@
+//! `op-dbus-stage`, the installer: verifies signatures against the host's trust store,
+//! receives images, unpacks them into generations, activates them by symlinking staged
+//! files to their targets, runs the stage's verify commands and rolls back on failure or
+//! on request. Every change is a journaled transaction under one lock (see [`txn`]).
+//!
+//! ```text
+//! op-dbus-stage --root /srv/scratch init
+//! op-dbus-stage --root /srv/scratch trust add signing.key.pub
+//! op-dbus-stage --root /srv/scratch deploy stages.oci.tar
+//! op-dbus-stage --root /srv/scratch rollback stage-1-core-dbus
+//! ```
+
+pub mod checks;
+pub mod cli;
+pub mod error;
+pub mod faults;
+pub mod host;
+pub mod lock;
+pub mod ops;
+pub mod plan;
+pub mod receive;
+pub mod snapshot;
+pub mod state;
+pub mod txn;

@@ -1,0 +1,100 @@
+//! Named restore points: `snapshots/<name>.json` holds the whole state (every stage's
+//! generation, the link table, the backups), so `restore` returns the host to that point.
+//! Generations a snapshot names are kept by `gc`.
+
+use std::fs;
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use serde::Serialize;
+
+use crate::state::State;
+use crate::txn::Staging;
+
+/// Writes a snapshot (idempotent: an existing one of that name is left as it is).
+pub fn write(staging: &Staging, name: &str, state: &State) -> Result<()> {
+    let path = staging.snapshots().join(format!("{name}.json"));
+    if path.exists() {
+        return Ok(());
+    }
+    fs::create_dir_all(staging.snapshots())?;
+    let bytes = serde_json::to_vec_pretty(state).expect("state serializes");
+    formats::layout::write_atomic(&path, &bytes).with_context(|| format!("writing {}", path.display()))
+}
+
+/// A snapshot name for `kind` (`pre`/`post`) of `stage` now, unique among the existing ones.
+pub fn name(staging: &Staging, kind: &str, stage: &str) -> String {
+    let now = jiff::Timestamp::now().strftime("%Y%m%dT%H%M%SZ").to_string();
+    let base = format!("{kind}-{stage}-{now}");
+    let mut name = base.clone();
+    let mut i = 2;
+    while staging.snapshots().join(format!("{name}.json")).exists() {
+        name = format!("{base}-{i}");
+        i += 1;
+    }
+    name
+}
+
+/// One line of `snapshots`.
+#[derive(Debug, Serialize)]
+pub struct SnapshotInfo {
+    pub name: String,
+    pub stages: Vec<String>,
+    /// Bytes of the generations this snapshot keeps.
+    pub bytes: u64,
+}
+
+pub fn read(staging: &Staging, name: &str) -> Result<State> {
+    if name.contains('/') || name.starts_with('.') {
+        anyhow::bail!("{name:?} is not a snapshot name (see `op-dbus-stage snapshots`)");
+    }
+    let path = staging.snapshots().join(format!("{name}.json"));
+    if !path.exists() {
+        anyhow::bail!(
+            "no snapshot {name:?} in {}; list them with `op-dbus-stage snapshots`",
+            staging.snapshots().display()
+        );
+    }
+    State::read(&path)
+}
+
+pub fn list(staging: &Staging) -> Result<Vec<SnapshotInfo>> {
+    let mut out = Vec::new();
+    let dir = staging.snapshots();
+    let Ok(entries) = fs::read_dir(&dir) else { return Ok(out) };
+    for e in entries {
+        let p = e?.path();
+        let Some(name) = p.file_name().and_then(|n| n.to_str()).and_then(|n| n.strip_suffix(".json")) else { continue };
+        let state = State::read(&p)?;
+        let bytes = state.generations().iter().map(|(s, g)| tree_size(&staging.generation(s, *g))).sum();
+        out.push(SnapshotInfo {
+            name: name.to_owned(),
+            stages: state.stages.iter().map(|(n, s)| format!("{n}:{}", s.active.version)).collect(),
+            bytes,
+        });
+    }
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(out)
+}
+
+/// Bytes of the files below `path` (not following links).
+pub fn tree_size(path: &Path) -> u64 {
+    let Ok(meta) = fs::symlink_metadata(path) else { return 0 };
+    if !meta.is_dir() {
+        return meta.len();
+    }
+    fs::read_dir(path).map(|rd| rd.flatten().map(|e| tree_size(&e.path())).sum()).unwrap_or(0)
+}
+
+/// The states of every snapshot (for keeping their generations).
+pub fn list_states(staging: &Staging) -> Result<Vec<State>> {
+    let mut out = Vec::new();
+    let Ok(entries) = fs::read_dir(staging.snapshots()) else { return Ok(out) };
+    for e in entries {
+        let p = e?.path();
+        if p.extension().is_some_and(|x| x == "json") {
+            out.push(State::read(&p)?);
+        }
+    }
+    Ok(out)
+}

@@ -1,0 +1,386 @@
+//! Transactions: a journaled list of steps applied under the lock, undone on failure or by
+//! `recover` after a crash.
+//!
+//! ```text
+//! 1. plan        steps + the state after, computed from the state before
+//! 2. journal     journal/tx.json written atomically: {txid, steps, before, after, cleanup}
+//! 3. apply       each step in order; every step is idempotent and has an idempotent undo
+//! 4. check       (deploy) verify commands; a failure undoes every step
+//! 5. commit      state.json := after (atomic rename): the commit point
+//! 6. clean up    delete stashed copies, snapshots; remove journal/tx.json
+//! ```
+//!
+//! After a crash, `recover` (and every command, before it starts) reads the journal: if
+//! `state.json` carries the journal's txid the transaction committed and only the clean-up
+//! is redone (the host is as after); otherwise every step is undone in reverse (the host is
+//! as before). Undoing a step that never ran changes nothing.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+
+use formats::StageName;
+use formats::digest::Digest;
+use formats::path::TargetPath;
+
+use crate::host::{Host, TargetState};
+use crate::state::State;
+
+/// One reversible change to the host.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "kebab-case")]
+pub enum Step {
+    /// Move an unpacked tree from `.tmp/<tmp>` to `.generations/<stage>/<generation>`.
+    PublishGeneration { stage: StageName, generation: u64, tmp: String },
+    /// Point `staging/<stage>` at a generation (`None`: remove the link).
+    SetStageLink { stage: StageName, from: Option<u64>, to: Option<u64> },
+    /// Create a directory for targets.
+    MkDir { path: TargetPath },
+    /// Remove a directory we created, if it is empty.
+    RmDir { path: TargetPath },
+    /// Move what the operator had at `target` to `backups/<backup>`.
+    Backup { target: TargetPath, backup: String },
+    /// Move `backups/<backup>` back to `target`.
+    Restore { backup: String, target: TargetPath },
+    /// Create our symlink at a free `target`.
+    Link { target: TargetPath, text: String },
+    /// Remove our symlink.
+    Unlink { target: TargetPath, text: String },
+    /// Copy a staged file to a free `target`.
+    Copy { target: TargetPath, from: String, sha256: Digest, mode: u32 },
+    /// Move our copy at `target` to `journal/stash/<stash>` (deleted at clean-up).
+    Stash { target: TargetPath, stash: String, sha256: Digest },
+    /// `systemctl --root ROOT enable UNIT`.
+    EnableUnit { unit: String },
+    /// `systemctl --root ROOT disable UNIT`.
+    DisableUnit { unit: String },
+}
+
+impl Step {
+    /// A line for plans and dry runs.
+    pub fn describe(&self) -> String {
+        match self {
+            Step::PublishGeneration { stage, generation, .. } => format!("stage {stage} generation {generation}"),
+            Step::SetStageLink { stage, from, to } => {
+                format!("switch {stage}: {} -> {}", gen_name(*from), gen_name(*to))
+            }
+            Step::MkDir { path } => format!("mkdir {path}"),
+            Step::RmDir { path } => format!("rmdir {path} (if empty)"),
+            Step::Backup { target, backup } => format!("back up {target} to backups/{backup}"),
+            Step::Restore { backup, target } => format!("restore {target} from backups/{backup}"),
+            Step::Link { target, text } => format!("link {target} -> {text}"),
+            Step::Unlink { target, text } => format!("unlink {target} (-> {text})"),
+            Step::Copy { target, from, .. } => format!("copy {from} to {target}"),
+            Step::Stash { target, .. } => format!("remove copy {target}"),
+            Step::EnableUnit { unit } => format!("enable {unit}"),
+            Step::DisableUnit { unit } => format!("disable {unit}"),
+        }
+    }
+}
+
+fn gen_name(g: Option<u64>) -> String {
+    g.map_or("none".into(), |g| g.to_string())
+}
+
+/// Paths of the staging area.
+#[derive(Debug, Clone)]
+pub struct Staging {
+    pub dir: PathBuf,
+}
+
+impl Staging {
+    pub fn state_file(&self) -> PathBuf {
+        self.dir.join("state.json")
+    }
+    pub fn journal_file(&self) -> PathBuf {
+        self.dir.join("journal/tx.json")
+    }
+    pub fn stash(&self, name: &str) -> PathBuf {
+        self.dir.join("journal/stash").join(name)
+    }
+    pub fn backup(&self, name: &str) -> PathBuf {
+        self.dir.join("backups").join(name)
+    }
+    pub fn tmp(&self) -> PathBuf {
+        self.dir.join(".tmp")
+    }
+    pub fn generation(&self, stage: &StageName, generation: u64) -> PathBuf {
+        self.dir.join(".generations").join(stage.as_str()).join(generation.to_string())
+    }
+    pub fn stage_link(&self, stage: &StageName) -> PathBuf {
+        self.dir.join(stage.as_str())
+    }
+    pub fn snapshots(&self) -> PathBuf {
+        self.dir.join("snapshots")
+    }
+    pub fn lock_file(&self) -> PathBuf {
+        self.dir.join("lock")
+    }
+
+    /// Creates the directories of the staging area.
+    pub fn create_dirs(&self) -> Result<()> {
+        for d in [".generations", "snapshots", "journal/stash", "backups", ".tmp"] {
+            let p = self.dir.join(d);
+            fs::create_dir_all(&p).with_context(|| format!("creating {}", p.display()))?;
+        }
+        Ok(())
+    }
+}
+
+/// What clean-up does after the commit point.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Cleanup {
+    /// Snapshots to write (name, state).
+    #[serde(default)]
+    pub snapshots: Vec<(String, State)>,
+    /// Generations no longer referenced, deleted.
+    #[serde(default)]
+    pub drop_generations: Vec<(StageName, u64)>,
+}
+
+/// The journal of the transaction in progress.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Journal {
+    pub txid: u64,
+    pub operation: String,
+    pub steps: Vec<Step>,
+    pub before: State,
+    pub after: State,
+    #[serde(default)]
+    pub cleanup: Cleanup,
+}
+
+/// Applies `step` (idempotent).
+pub fn apply(host: &Host, staging: &Staging, step: &Step) -> Result<()> {
+    crate::faults::point("apply");
+    match step {
+        Step::PublishGeneration { stage, generation, tmp } => {
+            let dest = staging.generation(stage, *generation);
+            if dest.exists() {
+                return Ok(());
+            }
+            let parent = dest.parent().expect("generation has a parent");
+            fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+            fs::rename(staging.tmp().join(tmp), &dest).with_context(|| format!("publishing {}", dest.display()))?;
+            sync_dir(parent)
+        }
+        Step::SetStageLink { stage, to, .. } => set_stage_link(staging, stage, *to),
+        Step::MkDir { path } => host.mkdir(path).with_context(|| format!("creating {path}")),
+        Step::RmDir { path } => host.rmdir_if_empty(path).with_context(|| format!("removing {path}")),
+        Step::Backup { target, backup } => {
+            if staging.backup(backup).symlink_metadata().is_ok() {
+                return Ok(());
+            }
+            host.move_out(target, &staging.backup(backup)).with_context(|| format!("backing up {target}"))
+        }
+        Step::Restore { backup, target } => {
+            if staging.backup(backup).symlink_metadata().is_err() {
+                return Ok(());
+            }
+            host.move_in(&staging.backup(backup), target)
+                .with_context(|| format!("restoring {target} from backups/{backup}"))
+        }
+        Step::Link { target, text } => match host.state(target)? {
+            TargetState::Missing => host.replace_symlink(target, text).with_context(|| format!("linking {target}")),
+            TargetState::Symlink(t) if &t == text => Ok(()),
+            other => anyhow::bail!(
+                "{target} appeared while deploying ({other:?}); nothing was changed: run the command again"
+            ),
+        },
+        Step::Unlink { target, text } => match host.state(target)? {
+            TargetState::Symlink(t) if &t == text => host.remove(target).with_context(|| format!("removing {target}")),
+            _ => Ok(()),
+        },
+        Step::Copy { target, from, sha256, mode } => {
+            if host.file_digest(target)? == Some(*sha256) {
+                return Ok(());
+            }
+            if host.state(target)? != TargetState::Missing {
+                anyhow::bail!("{target} appeared while deploying; nothing was changed: run the command again");
+            }
+            host.copy_in(&staging.dir.join(from), target, *mode).with_context(|| format!("copying to {target}"))
+        }
+        Step::Stash { target, stash, sha256 } => {
+            if host.file_digest(target)? != Some(*sha256) {
+                return Ok(());
+            }
+            host.move_out(target, &staging.stash(stash)).with_context(|| format!("removing {target}"))
+        }
+        Step::EnableUnit { unit } => crate::checks::systemctl(&host.root, "enable", unit),
+        Step::DisableUnit { unit } => crate::checks::systemctl(&host.root, "disable", unit),
+    }
+}
+
+/// Undoes `step` (idempotent; a step that never ran is left alone).
+pub fn undo(host: &Host, staging: &Staging, step: &Step) -> Result<()> {
+    crate::faults::point("undo");
+    match step {
+        Step::PublishGeneration { stage, generation, .. } => {
+            let dest = staging.generation(stage, *generation);
+            if dest.exists() {
+                remove_tree(&dest)?;
+            }
+            Ok(())
+        }
+        Step::SetStageLink { stage, from, .. } => set_stage_link(staging, stage, *from),
+        Step::MkDir { path } => host.rmdir_if_empty(path).with_context(|| format!("removing {path}")),
+        Step::RmDir { path } => {
+            if let Some(parent) = path.relative().parent()
+                && !host.dir_exists(&TargetPath::parse(&format!("/{parent}")).expect("valid"))?
+            {
+                return Ok(());
+            }
+            host.mkdir(path).with_context(|| format!("re-creating {path}"))
+        }
+        Step::Backup { target, backup } => {
+            if staging.backup(backup).symlink_metadata().is_err() || host.state(target)? != TargetState::Missing {
+                return Ok(());
+            }
+            host.move_in(&staging.backup(backup), target).with_context(|| format!("putting back {target}"))
+        }
+        Step::Restore { backup, target } => {
+            if staging.backup(backup).symlink_metadata().is_ok() || host.state(target)? == TargetState::Missing {
+                return Ok(());
+            }
+            host.move_out(target, &staging.backup(backup)).with_context(|| format!("moving {target} back to backups/"))
+        }
+        Step::Link { target, text } => match host.state(target)? {
+            TargetState::Symlink(t) if &t == text => host.remove(target).with_context(|| format!("removing {target}")),
+            _ => Ok(()),
+        },
+        Step::Unlink { target, text } => match host.state(target)? {
+            TargetState::Missing => host.replace_symlink(target, text).with_context(|| format!("re-linking {target}")),
+            _ => Ok(()),
+        },
+        Step::Copy { target, sha256, .. } => {
+            if host.file_digest(target)? == Some(*sha256) {
+                host.remove(target).with_context(|| format!("removing {target}"))?;
+            }
+            Ok(())
+        }
+        Step::Stash { target, stash, .. } => {
+            if staging.stash(stash).symlink_metadata().is_err() || host.state(target)? != TargetState::Missing {
+                return Ok(());
+            }
+            host.move_in(&staging.stash(stash), target).with_context(|| format!("putting back {target}"))
+        }
+        // A unit whose file is already gone cannot be enabled either: nothing to undo then.
+        Step::EnableUnit { unit } => {
+            let _ = crate::checks::systemctl(&host.root, "disable", unit);
+            Ok(())
+        }
+        Step::DisableUnit { unit } => crate::checks::systemctl(&host.root, "enable", unit),
+    }
+}
+
+fn set_stage_link(staging: &Staging, stage: &StageName, generation: Option<u64>) -> Result<()> {
+    let link = staging.stage_link(stage);
+    match generation {
+        None => match fs::remove_file(&link) {
+            Ok(()) => sync_dir(&staging.dir),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(e).with_context(|| format!("removing {}", link.display())),
+        },
+        Some(g) => {
+            let text = format!(".generations/{stage}/{g}");
+            if fs::read_link(&link).is_ok_and(|t| t == Path::new(&text)) {
+                return Ok(());
+            }
+            let tmp = staging.dir.join(format!(".{stage}.op-dbus-tmp"));
+            let _ = fs::remove_file(&tmp);
+            std::os::unix::fs::symlink(&text, &tmp).with_context(|| format!("creating {}", tmp.display()))?;
+            fs::rename(&tmp, &link).with_context(|| format!("switching {}", link.display()))?;
+            sync_dir(&staging.dir)
+        }
+    }
+}
+
+pub fn sync_dir(dir: &Path) -> Result<()> {
+    fs::File::open(dir).and_then(|d| d.sync_all()).with_context(|| format!("syncing {}", dir.display()))
+}
+
+/// Removes a tree we own (a generation, a temp dir), making read-only parts writable first.
+pub fn remove_tree(path: &Path) -> Result<()> {
+    match fs::remove_dir_all(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e).with_context(|| format!("removing {}", path.display())),
+    }
+}
+
+impl Journal {
+    pub fn write(&self, staging: &Staging) -> Result<()> {
+        let bytes = serde_json::to_vec(self).expect("journal serializes");
+        formats::layout::write_atomic(&staging.journal_file(), &bytes)
+            .with_context(|| format!("writing {}", staging.journal_file().display()))
+    }
+
+    pub fn read(staging: &Staging) -> Result<Option<Journal>> {
+        let path = staging.journal_file();
+        match fs::read(&path) {
+            Ok(b) => Ok(Some(serde_json::from_slice(&b).with_context(|| {
+                format!("{} is corrupt; move it away and check the host with `op-dbus-stage verify`", path.display())
+            })?)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+        }
+    }
+
+    /// Undoes every step, newest first; the host is as before.
+    pub fn roll_back(&self, host: &Host, staging: &Staging) -> Result<()> {
+        for step in self.steps.iter().rev() {
+            undo(host, staging, step).with_context(|| format!("undoing: {}", step.describe()))?;
+        }
+        Ok(())
+    }
+
+    /// Commits: writes the state after (the commit point), then cleans up.
+    pub fn commit(&self, staging: &Staging) -> Result<()> {
+        crate::faults::point("commit");
+        self.after.write(&staging.state_file())?;
+        crate::faults::point("committed");
+        self.clean_up(staging)
+    }
+
+    /// The idempotent work after the commit point; removes the journal last.
+    pub fn clean_up(&self, staging: &Staging) -> Result<()> {
+        for (name, state) in &self.cleanup.snapshots {
+            crate::snapshot::write(staging, name, state)?;
+        }
+        for (stage, g) in &self.cleanup.drop_generations {
+            remove_tree(&staging.generation(stage, *g))?;
+        }
+        let stash = staging.dir.join("journal/stash");
+        if stash.exists() {
+            remove_tree(&stash)?;
+            fs::create_dir_all(&stash)?;
+        }
+        fs::remove_file(staging.journal_file())
+            .with_context(|| format!("removing {}", staging.journal_file().display()))?;
+        sync_dir(&staging.dir.join("journal"))
+    }
+
+    /// Finishes an interrupted transaction: as after if it committed, else as before.
+    pub fn recover(&self, host: &Host, staging: &Staging) -> Result<RecoverOutcome> {
+        let state = State::read(&staging.state_file())?;
+        if state.txid == self.txid {
+            self.clean_up(staging)?;
+            Ok(RecoverOutcome::Completed)
+        } else {
+            self.roll_back(host, staging)?;
+            fs::remove_file(staging.journal_file())?;
+            sync_dir(&staging.dir.join("journal"))?;
+            Ok(RecoverOutcome::RolledBack)
+        }
+    }
+}
+
+/// What `recover` did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RecoverOutcome {
+    Completed,
+    RolledBack,
+}

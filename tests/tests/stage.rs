@@ -1,0 +1,404 @@
+//! End-to-end tests of `op-dbus-stage`: images built and signed by `op-dbus-image`,
+//! deployed with `--root` into temp directories, as an operator would.
+
+mod util;
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use util::*;
+
+/// A build machine (store + key) and a scratch host root.
+struct Scratch {
+    dir: tempfile::TempDir,
+}
+
+impl Scratch {
+    fn new() -> Scratch {
+        let s = Scratch { dir: tempfile::tempdir().unwrap() };
+        fs::create_dir_all(s.root()).unwrap();
+        keygen(s.dir.path(), "signing.key");
+        ok(s.stage().arg("init"));
+        s
+    }
+    fn root(&self) -> PathBuf {
+        self.dir.path().join("root")
+    }
+    fn store(&self) -> PathBuf {
+        self.dir.path().join("store")
+    }
+    fn key(&self) -> PathBuf {
+        self.dir.path().join("signing.key")
+    }
+    fn image(&self) -> Command {
+        image(&self.store(), Some(&self.key()))
+    }
+    fn stage(&self) -> Command {
+        let mut c = Command::new(bin("op-dbus-stage"));
+        c.arg("--root").arg(self.root());
+        c
+    }
+    fn trust(&self) {
+        ok(self.stage().args(["trust", "add"]).arg(self.dir.path().join("signing.key.pub")));
+    }
+    fn build(&self, dir: &Path) -> String {
+        let out = json(&ok(self.image().args(["--json", "-q", "build"]).arg(dir)));
+        out["reference"].as_str().unwrap().to_owned()
+    }
+    fn export(&self, refs: &[&str], name: &str) -> PathBuf {
+        let out = self.dir.path().join(name);
+        ok(self.image().args(["-q", "export"]).args(refs).arg("--out").arg(&out));
+        out
+    }
+    /// Builds `dir` and exports it alone.
+    fn build_export(&self, dir: &Path) -> PathBuf {
+        let r = self.build(dir);
+        self.export(&[&r], &format!("{}.oci.tar", r.replace(':', "-")))
+    }
+    fn enable_feature(&self, feature: &str) {
+        let p = self.root().join("etc/op-dbus/stage.toml");
+        let mut text = fs::read_to_string(&p).unwrap();
+        text.push_str(&format!("features = [\"{feature}\"]\n"));
+        fs::write(p, text).unwrap();
+    }
+}
+
+/// Every path under `dir` with its type, mode and content or link text.
+fn tree(dir: &Path) -> BTreeMap<String, String> {
+    fn walk(base: &Path, dir: &Path, out: &mut BTreeMap<String, String>) {
+        let Ok(rd) = fs::read_dir(dir) else { return };
+        for e in rd {
+            let p = e.unwrap().path();
+            let rel = p.strip_prefix(base).unwrap().to_string_lossy().into_owned();
+            let m = fs::symlink_metadata(&p).unwrap();
+            let mode = m.permissions().mode() & 0o7777;
+            if m.file_type().is_symlink() {
+                out.insert(rel, format!("link {}", fs::read_link(&p).unwrap().display()));
+            } else if m.is_dir() {
+                out.insert(rel, format!("dir {mode:o}"));
+                walk(base, &p, out);
+            } else {
+                out.insert(rel, format!("file {mode:o} {}", String::from_utf8_lossy(&fs::read(&p).unwrap())));
+            }
+        }
+    }
+    let mut out = BTreeMap::new();
+    walk(dir, dir, &mut out);
+    out
+}
+
+/// The host outside the installer's own state (what the operator sees).
+fn host_tree(root: &Path) -> BTreeMap<String, String> {
+    tree(root).into_iter().filter(|(k, _)| !k.starts_with("var/lib/op-dbus")).collect()
+}
+
+/// A minimal stage folder.
+fn stage_dir(parent: &Path, name: &str, version: &str, extra: &str, files: &[(&str, &str)]) -> PathBuf {
+    let dir = parent.join(format!("{name}-{version}"));
+    let _ = fs::remove_dir_all(&dir);
+    fs::create_dir_all(&dir).unwrap();
+    fs::write(dir.join("manifest.yaml"), format!("name: {name}\nversion: {version}\n{extra}")).unwrap();
+    for (p, content) in files {
+        let f = dir.join(p);
+        fs::create_dir_all(f.parent().unwrap()).unwrap();
+        fs::write(&f, content).unwrap();
+        if p.starts_with("bin/") {
+            fs::set_permissions(&f, fs::Permissions::from_mode(0o755)).unwrap();
+        }
+    }
+    dir
+}
+
+const APP_FILES: &str = "files:
+  - path: bin/app
+    target: /usr/local/bin/app
+    type: symlink
+  - path: etc/app.conf
+    target: /etc/op-dbus/app.conf
+    type: copy-if-not-exists
+";
+
+#[test]
+fn example_stages_deploy_and_verify_in_a_scratch_root() {
+    let s = Scratch::new();
+    s.trust();
+    s.enable_feature("openflow");
+    let mut refs = Vec::new();
+    for e in fs::read_dir(repo().join("images")).unwrap() {
+        let dir = e.unwrap().path();
+        let copy = s.dir.path().join("src").join(dir.file_name().unwrap());
+        fs::create_dir_all(copy.parent().unwrap()).unwrap();
+        copy_tree(&dir, &copy);
+        refs.push(s.build(&copy));
+    }
+    let refs: Vec<&str> = refs.iter().map(String::as_str).collect();
+    let export = s.export(&refs, "all.oci.tar");
+    let out = json(&ok(s.stage().args(["--json", "deploy"]).arg(&export)));
+    assert_eq!(out["deployed"].as_array().unwrap().len(), refs.len(), "{out}");
+    let list = json(&ok(s.stage().args(["--json", "list"])));
+    let deployed: Vec<&str> = list["stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|x| x["status"] == "deployed")
+        .map(|x| x["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(deployed.len(), refs.len(), "{list}");
+    ok(s.stage().arg("verify"));
+
+    // Links read as seen from inside the root and resolve inside it.
+    let link = fs::read_link(s.root().join("usr/local/bin/op-dbus")).unwrap();
+    assert_eq!(link, Path::new("/var/lib/op-dbus/staging/stage-1-core-dbus/bin/op-dbus"));
+    let inside = s.root().join(link.strip_prefix("/").unwrap());
+    assert!(fs::read_to_string(inside).unwrap().contains("op-dbus"));
+    assert!(s.root().join("var/www/op-dbus").is_symlink(), "a folder entry becomes one directory link");
+    // Deploying the same export again changes nothing.
+    let again = json(&ok(s.stage().args(["--json", "deploy"]).arg(&export)));
+    assert_eq!(again["deployed"].as_array().unwrap().len(), 0);
+}
+
+#[test]
+fn untrusted_signer_exits_3_and_changes_nothing() {
+    let s = Scratch::new();
+    let dir =
+        stage_dir(s.dir.path(), "app", "1.0.0", APP_FILES, &[("bin/app", "#!/bin/sh\n"), ("etc/app.conf", "x\n")]);
+    let export = s.build_export(&dir);
+    let before = tree(&s.root());
+    let (code, err) = fails(s.stage().arg("deploy").arg(&export));
+    assert_eq!(code, 3, "{err}");
+    assert!(err.contains("trust add"), "{err}");
+    assert_eq!(tree(&s.root()), before, "a refused deploy changed the root");
+    // Trusted by another key only: still refused.
+    let other = keygen(s.dir.path(), "other.key");
+    ok(s.stage().args(["trust", "add"]).arg(other.with_extension("key.pub")));
+    let before = tree(&s.root());
+    let (code, _) = fails(s.stage().arg("deploy").arg(&export));
+    assert_eq!(code, 3);
+    assert_eq!(tree(&s.root()), before);
+}
+
+#[test]
+fn dependencies_downgrades_and_policy_exit_4() {
+    let s = Scratch::new();
+    s.trust();
+    let base = stage_dir(s.dir.path(), "base", "1.0.0", "", &[("share/x", "x\n")]);
+    let app = stage_dir(
+        s.dir.path(),
+        "app",
+        "1.0.0",
+        &format!("dependencies:\n  - base >=1.0\n{APP_FILES}"),
+        &[("bin/app", "#!/bin/sh\n"), ("etc/app.conf", "x\n")],
+    );
+    let app_export = s.build_export(&app);
+    let before = tree(&s.root());
+    let (code, err) = fails(s.stage().arg("deploy").arg(&app_export));
+    assert_eq!(code, 4, "{err}");
+    assert!(err.contains("base") && err.contains("deploy base first"), "{err}");
+    assert_eq!(tree(&s.root()), before);
+
+    ok(s.stage().arg("deploy").arg(s.build_export(&base)));
+    ok(s.stage().arg("deploy").arg(&app_export));
+    let v2 = stage_dir(
+        s.dir.path(),
+        "app",
+        "2.0.0",
+        &format!("dependencies:\n  - base >=1.0\n{APP_FILES}"),
+        &[("bin/app", "#!/bin/sh\necho 2\n"), ("etc/app.conf", "x\n")],
+    );
+    ok(s.stage().arg("deploy").arg(s.build_export(&v2)));
+    let before = tree(&s.root());
+    let (code, err) = fails(s.stage().arg("deploy").arg(&app_export));
+    assert_eq!(code, 4, "{err}");
+    assert!(err.contains("--allow-downgrade"), "{err}");
+    assert_eq!(tree(&s.root()), before);
+    ok(s.stage().args(["deploy", "--allow-downgrade"]).arg(&app_export));
+
+    // A target outside the allowed prefixes, and a feature not enabled.
+    let evil = stage_dir(
+        s.dir.path(),
+        "evil",
+        "1.0.0",
+        "files:\n  - path: shadow\n    target: /etc/shadow\n",
+        &[("shadow", "root::0:0\n")],
+    );
+    let before = tree(&s.root());
+    let (code, err) = fails(s.stage().arg("deploy").arg(s.build_export(&evil)));
+    assert_eq!(code, 4, "{err}");
+    assert!(err.contains("/etc/shadow") && err.contains("allowed"), "{err}");
+    let feat = stage_dir(s.dir.path(), "feat", "1.0.0", "requires_feature: openflow\n", &[("x", "x\n")]);
+    let (code, err) = fails(s.stage().arg("deploy").arg(s.build_export(&feat)));
+    assert_eq!(code, 4, "{err}");
+    assert!(err.contains("openflow"), "{err}");
+    assert_eq!(tree(&s.root()), before);
+    // Removing a stage others depend on is refused.
+    let (code, err) = fails(s.stage().args(["remove", "base"]));
+    assert_eq!(code, 4, "{err}");
+}
+
+#[test]
+fn operator_files_survive_and_come_back() {
+    let s = Scratch::new();
+    s.trust();
+    fs::create_dir_all(s.root().join("usr/local/bin")).unwrap();
+    fs::create_dir_all(s.root().join("etc/op-dbus")).unwrap();
+    fs::write(s.root().join("usr/local/bin/app"), "operator's own app\n").unwrap();
+    fs::write(s.root().join("etc/op-dbus/app.conf"), "operator's config\n").unwrap();
+    let before = host_tree(&s.root());
+    let dir = stage_dir(
+        s.dir.path(),
+        "app",
+        "1.0.0",
+        APP_FILES,
+        &[("bin/app", "#!/bin/sh\n"), ("etc/app.conf", "default\n")],
+    );
+    ok(s.stage().arg("deploy").arg(s.build_export(&dir)));
+    assert_eq!(fs::read_to_string(s.root().join("etc/op-dbus/app.conf")).unwrap(), "operator's config\n");
+    assert!(s.root().join("usr/local/bin/app").is_symlink());
+    ok(s.stage().args(["remove", "app"]));
+    assert_eq!(host_tree(&s.root()), before, "remove did not give back the operator's files");
+}
+
+#[test]
+fn update_rollback_restore_and_verify() {
+    let s = Scratch::new();
+    s.trust();
+    let files =
+        "files:\n  - path: bin/a\n    target: /usr/local/bin/a\n  - path: bin/b\n    target: /usr/local/bin/b\n";
+    let v1 = stage_dir(s.dir.path(), "app", "1.0.0", files, &[("bin/a", "a1\n"), ("bin/b", "b1\n")]);
+    let empty = host_tree(&s.root());
+    ok(s.stage().arg("deploy").arg(s.build_export(&v1)));
+    let after_v1 = host_tree(&s.root());
+    let staged_v1 = fs::read_link(s.root().join("var/lib/op-dbus/staging/app")).unwrap();
+
+    // v2: b disappears, c appears, a changes.
+    let files2 = "files:\n  - path: bin/a\n    target: /usr/local/bin/a\n  - path: bin/c\n    target: /opt/app/c\n";
+    let v2 = stage_dir(s.dir.path(), "app", "1.1.0", files2, &[("bin/a", "a2\n"), ("bin/c", "c2\n")]);
+    ok(s.stage().arg("deploy").arg(s.build_export(&v2)));
+    assert!(!s.root().join("usr/local/bin/b").exists());
+    assert!(s.root().join("opt/app/c").is_symlink());
+    assert_eq!(fs::read_to_string(s.root().join("var/lib/op-dbus/staging/app/bin/a")).unwrap(), "a2\n");
+
+    ok(s.stage().args(["rollback", "app"]));
+    assert_eq!(host_tree(&s.root()), after_v1, "rollback did not restore the previous generation exactly");
+    assert_eq!(fs::read_link(s.root().join("var/lib/op-dbus/staging/app")).unwrap(), staged_v1);
+
+    // The pre- snapshot of the first deploy returns the whole root to empty.
+    let snaps = json(&ok(s.stage().args(["--json", "snapshots"])));
+    let first_pre = snaps["snapshots"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x["name"].as_str().unwrap())
+        .filter(|n| n.starts_with("pre-app-"))
+        .min()
+        .unwrap()
+        .to_owned();
+    ok(s.stage().args(["--dry-run", "restore", &first_pre]));
+    assert_eq!(host_tree(&s.root()), after_v1, "--dry-run changed the root");
+    ok(s.stage().args(["restore", &first_pre]));
+    assert_eq!(host_tree(&s.root()), empty);
+    let list = json(&ok(s.stage().args(["--json", "list"])));
+    assert!(list["stages"].as_array().unwrap().iter().all(|x| x["status"] != "deployed"), "{list}");
+
+    // verify finds one changed byte in a staged file.
+    ok(s.stage().arg("deploy").arg("app:1.1.0"));
+    ok(s.stage().arg("verify"));
+    let staged_a = s.root().join("var/lib/op-dbus/staging/app/bin/a");
+    let real = fs::canonicalize(&staged_a).unwrap();
+    let mut bytes = fs::read(&real).unwrap();
+    bytes[0] ^= 1;
+    fs::write(&real, bytes).unwrap();
+    let (code, _) = fails(s.stage().arg("verify"));
+    assert_eq!(code, 5);
+    let out = run(s.stage().args(["verify", "app"]));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("bin/a"), "{out:?}");
+}
+
+#[test]
+fn failing_verify_command_exits_5_without_a_trace() {
+    let s = Scratch::new();
+    s.trust();
+    let extra = format!("{APP_FILES}verify:\n  - command: \"app --check\"\n    expect_exit: 0\n    timeout: 5s\n");
+    let dir = stage_dir(
+        s.dir.path(),
+        "app",
+        "1.0.0",
+        &extra,
+        &[("bin/app", "#!/bin/sh\necho broken >&2\nexit 3\n"), ("etc/app.conf", "x\n")],
+    );
+    let before = host_tree(&s.root());
+    let (code, err) = fails(s.stage().arg("deploy").arg(s.build_export(&dir)));
+    assert_eq!(code, 5, "{err}");
+    assert!(err.contains("app --check") && err.contains("broken"), "{err}");
+    assert_eq!(host_tree(&s.root()), before, "a failed verify left links behind");
+    assert!(!s.root().join("var/lib/op-dbus/staging/app").exists());
+    // A timeout fails the same way.
+    let slow = format!("{APP_FILES}verify:\n  - command: \"sleep 30\"\n    timeout: 1s\n");
+    let dir = stage_dir(s.dir.path(), "app", "1.0.1", &slow, &[("bin/app", "#!/bin/sh\n"), ("etc/app.conf", "x\n")]);
+    let (code, err) = fails(s.stage().arg("deploy").arg(s.build_export(&dir)));
+    assert_eq!(code, 5, "{err}");
+    assert!(err.contains("timed out"), "{err}");
+}
+
+#[test]
+fn sources_stdin_layout_store_and_dry_run() {
+    let s = Scratch::new();
+    s.trust();
+    let dir =
+        stage_dir(s.dir.path(), "app", "1.0.0", APP_FILES, &[("bin/app", "#!/bin/sh\n"), ("etc/app.conf", "x\n")]);
+    let export = s.build_export(&dir);
+
+    let before = tree(&s.root());
+    let plan = json(&ok(s.stage().args(["--json", "--dry-run", "deploy"]).arg(&export)));
+    assert!(
+        plan["deployed"][0]["steps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|x| x.as_str().unwrap().contains("/usr/local/bin/app")),
+        "{plan}"
+    );
+    assert_eq!(tree(&s.root()), before, "--dry-run changed the root");
+
+    // stdin, in one pass.
+    let mut child = s
+        .stage()
+        .args(["deploy", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(&fs::read(&export).unwrap()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    ok(s.stage().args(["remove", "app"]));
+
+    // A truncated archive on stdin: exit 7, nothing changed.
+    let before = tree(&s.root());
+    let bytes = fs::read(&export).unwrap();
+    let mut child = s
+        .stage()
+        .args(["deploy", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(&bytes[..bytes.len() / 2]).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(7), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(tree(&s.root()), before);
+
+    // An OCI layout directory, and NAME from the local store.
+    ok(s.stage().args(["deploy-from-image"]).arg(s.store()));
+    ok(s.stage().args(["remove", "app"]));
+    ok(s.stage().args(["deploy", "app"]));
+    let status = json(&ok(s.stage().args(["--json", "status"])));
+    assert_eq!(status["stages"][0]["name"], "app");
+    assert_eq!(status["backend"], "directory");
+}
