@@ -78,6 +78,7 @@ new_root() { # -> path of an initialised root trusting the key
 base_times=() deploy_times=()
 for ((i = 1; i <= runs; i++)); do
 	out=$(mktemp -d "$work/x.XXXXXX")
+	sync # start both from a clean page cache: no other dirty data in the timed syncs
 	t0=$(now_ns)
 	zstd -dc -q "$OP_DBUS_STORE/blobs/sha256/$layer" | tar -x -C "$out"
 	sync -f "$out"
@@ -85,6 +86,7 @@ for ((i = 1; i <= runs; i++)); do
 	base_times+=("$(seconds "$t0" "$t1")")
 	rm -rf "$out"
 	r=$(new_root)
+	sync
 	t0=$(now_ns)
 	"$stage" --root "$r" -q deploy "$work/big-1.0.0.oci.tar" >/dev/null
 	t1=$(now_ns)

@@ -20,7 +20,7 @@ use crate::lock::Lock;
 use crate::plan::{self, Plan};
 use crate::receive::{self, Received, Source, Trust, Verified};
 use crate::snapshot;
-use crate::state::{Generation, StageState, State};
+use crate::state::{Activation, Generation, StageState, State};
 use crate::txn::{self, Cleanup, Journal, RecoverOutcome, Staging, Step};
 
 /// Options shared by the operations.
@@ -205,11 +205,10 @@ fn execute(
 /// Runs the verify commands of `stage` as deployed in `state`.
 pub fn run_checks(ctx: &Ctx, state: &State, stage: &StageName) -> Result<Vec<CheckResult>> {
     let Some(s) = state.stages.get(stage) else { return Ok(Vec::new()) };
-    let config = ctx.config_of(stage, s.active.generation)?;
     let stage_dirs: Vec<PathBuf> = state.stages.keys().map(|n| ctx.staging.stage_link(n)).collect();
     let path = checks::verify_path(&ctx.host.root, &stage_dirs);
     let cwd = ctx.staging.generation(stage, s.active.generation);
-    config.verify.iter().map(|v| checks::run(v, &cwd, &ctx.host.root, &path)).collect()
+    s.active.activation.verify.iter().map(|v| checks::run(v, &cwd, &ctx.host.root, &path)).collect()
 }
 
 fn now() -> String {
@@ -353,6 +352,7 @@ fn deploy_one(ctx: &Ctx, trust: &Trust, store: &Layout, received: &Received, v: 
         version: config.version.clone(),
         signers: v.signers.clone(),
         deployed_at: now(),
+        activation: Activation::of(config),
     };
     let entry = match desired.remove(name) {
         Some(mut old) => {
@@ -364,11 +364,7 @@ fn deploy_one(ctx: &Ctx, trust: &Trust, store: &Layout, received: &Received, v: 
         None => StageState { active: new_gen, previous: Vec::new() },
     };
     desired.insert(name.clone(), entry);
-    let config_of = |s: &StageName, g: u64| -> Result<StageConfig> {
-        if s == name && g == generation { Ok(config.clone()) } else { ctx.config_of(s, g) }
-    };
-    let mut plan =
-        plan::transition(&ctx.host, &state, desired, Some((name.clone(), generation, tmp_name)), &config_of)?;
+    let mut plan = plan::transition(&ctx.host, &state, desired, Some((name.clone(), generation, tmp_name)))?;
     let highest = plan.after.highest.entry(name.clone()).or_insert_with(|| config.version.clone());
     if *highest < config.version {
         *highest = config.version.clone();
@@ -403,7 +399,7 @@ pub fn rollback(ctx: &Ctx, stages: &[StageName]) -> Result<Report> {
         };
         s.active = prev;
     }
-    let plan = plan::transition(&ctx.host, &state, desired, None, &|s, g| ctx.config_of(s, g))?;
+    let plan = plan::transition(&ctx.host, &state, desired, None)?;
     let names = targets.iter().map(|n| n.to_string()).collect::<Vec<_>>().join(" ");
     let cleanup = Cleanup {
         snapshots: vec![(snapshot::name(&ctx.staging, "pre", "rollback"), state.clone())],
@@ -419,13 +415,13 @@ pub fn remove(ctx: &Ctx, stage: &StageName) -> Result<Report> {
         return Err(Usage(format!("{stage} is not deployed (see `op-dbus-stage list`)")).into());
     }
     for (n, s) in &state.stages {
-        if n != stage && ctx.config_of(n, s.active.generation)?.dependencies.iter().any(|d| &d.stage == stage) {
+        if n != stage && s.active.activation.dependencies.iter().any(|d| &d.stage == stage) {
             return Err(Refused::Dependency(format!("{n} depends on {stage}; remove {n} first")).into());
         }
     }
     let mut desired = state.stages.clone();
     desired.remove(stage);
-    let plan = plan::transition(&ctx.host, &state, desired, None, &|s, g| ctx.config_of(s, g))?;
+    let plan = plan::transition(&ctx.host, &state, desired, None)?;
     let cleanup = Cleanup {
         snapshots: vec![(snapshot::name(&ctx.staging, "pre", &format!("remove-{stage}")), state.clone())],
         drop_generations: Vec::new(),
@@ -442,7 +438,7 @@ pub fn restore(ctx: &Ctx, name: &str) -> Result<Report> {
             bail!("snapshot {name} needs generation {g} of {s}, which is gone; it cannot be restored");
         }
     }
-    let plan = plan::transition(&ctx.host, &state, snap.stages.clone(), None, &|s, g| ctx.config_of(s, g))?;
+    let plan = plan::transition(&ctx.host, &state, snap.stages.clone(), None)?;
     let changed: Vec<StageName> = snap
         .stages
         .iter()

@@ -11,7 +11,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use anyhow::Result;
 use serde::Serialize;
 
-use formats::manifest::{EntryKind, FileType, StageConfig};
+use formats::manifest::{EntryKind, FileType};
 use formats::path::{RelPath, TargetPath};
 use formats::{Digest, StageName};
 
@@ -42,16 +42,11 @@ pub struct Plan {
 }
 
 /// Every target the `stages` want, from their generations' embedded manifests.
-pub fn wants(
-    stages: &BTreeMap<StageName, StageState>,
-    config_of: &dyn Fn(&StageName, u64) -> Result<StageConfig>,
-) -> Result<BTreeMap<TargetPath, Want>> {
+pub fn wants(stages: &BTreeMap<StageName, StageState>) -> Result<BTreeMap<TargetPath, Want>> {
     let mut out: BTreeMap<TargetPath, Want> = BTreeMap::new();
     for (name, st) in stages {
-        let config = config_of(name, st.active.generation)?;
-        for f in &config.files {
-            let entry = config.entry(&f.path).expect("validated: every files: path is staged");
-            if entry.kind == EntryKind::Dir && f.kind != FileType::Symlink {
+        for f in &st.active.activation.files {
+            if f.entry == EntryKind::Dir && f.kind != FileType::Symlink {
                 return Err(Refused::Conflict(format!(
                     "{name}: {} is a directory; only `type: symlink` can place a directory (at {})",
                     f.path, f.target
@@ -79,8 +74,8 @@ pub fn wants(
                     generation: st.active.generation,
                     path: f.path.clone(),
                     kind: f.kind,
-                    sha256: entry.sha256,
-                    mode: entry.mode.bits(),
+                    sha256: f.sha256,
+                    mode: f.mode,
                 },
             );
         }
@@ -105,10 +100,9 @@ pub fn transition(
     before: &State,
     desired: BTreeMap<StageName, StageState>,
     publish: Option<(StageName, u64, String)>,
-    config_of: &dyn Fn(&StageName, u64) -> Result<StageConfig>,
 ) -> Result<Plan> {
     let txid = before.txid + 1;
-    let wants = wants(&desired, config_of)?;
+    let wants = wants(&desired)?;
     let mut steps = Vec::new();
     let mut notes = Vec::new();
     let mut after = before.clone();
@@ -173,14 +167,10 @@ pub fn transition(
     }
 
     // Units of stages that go away or no longer list them are disabled before their links go.
-    let units = |stages: &BTreeMap<StageName, StageState>| -> Result<BTreeSet<String>> {
-        let mut out = BTreeSet::new();
-        for (name, st) in stages {
-            out.extend(config_of(name, st.active.generation)?.services);
-        }
-        Ok(out)
+    let units = |stages: &BTreeMap<StageName, StageState>| -> BTreeSet<String> {
+        stages.values().flat_map(|s| s.active.activation.services.iter().cloned()).collect()
     };
-    let (units_before, units_after) = (units(&before.stages)?, units(&desired)?);
+    let (units_before, units_after) = (units(&before.stages), units(&desired));
     let systemctl = crate::checks::systemctl_path().is_some();
     if !systemctl && units_after.difference(&units_before).next().is_some() {
         notes.push(format!(

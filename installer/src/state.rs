@@ -7,7 +7,7 @@ use std::path::Path;
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
-use formats::manifest::FileType;
+use formats::manifest::{Dependency, EntryKind, FileType, StageConfig, VerifySpec};
 use formats::path::{RelPath, TargetPath};
 use formats::{Digest, StageName, Version};
 
@@ -20,6 +20,59 @@ pub struct Generation {
     pub version: Version,
     pub signers: Vec<String>,
     pub deployed_at: String,
+    /// What activating it takes, from its signed manifest: kept here so that switching
+    /// generations reads nothing in proportion to the number of staged files.
+    pub activation: Activation,
+}
+
+/// The part of a stage manifest that activation needs.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Activation {
+    pub files: Vec<ActiveFile>,
+    pub services: Vec<String>,
+    pub verify: Vec<VerifySpec>,
+    pub dependencies: Vec<Dependency>,
+}
+
+/// One `files:` entry with what the manifest promises about its staged path.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ActiveFile {
+    pub path: RelPath,
+    pub target: TargetPath,
+    #[serde(rename = "type")]
+    pub kind: FileType,
+    pub entry: EntryKind,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<Digest>,
+    pub mode: u32,
+}
+
+impl Activation {
+    /// From a validated stage manifest.
+    pub fn of(config: &StageConfig) -> Activation {
+        Activation {
+            files: config
+                .files
+                .iter()
+                .map(|f| {
+                    let e = config.entry(&f.path).expect("validated: every files: path is staged");
+                    ActiveFile {
+                        path: f.path.clone(),
+                        target: f.target.clone(),
+                        kind: f.kind,
+                        entry: e.kind,
+                        sha256: e.sha256,
+                        mode: e.mode.bits(),
+                    }
+                })
+                .collect(),
+            services: config.services.clone(),
+            verify: config.verify.clone(),
+            dependencies: config.dependencies.clone(),
+        }
+    }
 }
 
 /// A deployed stage: its active generation and the ones kept for rollback (oldest first).
