@@ -135,13 +135,30 @@ pub fn main() -> i32 {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
     let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+    let cli_root = cli.global.root.clone();
     match run(cli) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("op-dbus-stage: error: {e:#}");
+            if no_space(&e) {
+                eprintln!(
+                    "op-dbus-stage: the filesystem is full: free some space under {} and run the command again                      (nothing was changed; `op-dbus-stage gc` removes old generations)",
+                    cli_root.display()
+                );
+            }
             error::exit_code(&e)
         }
     }
+}
+
+/// Whether an error comes from a full filesystem (ENOSPC or EDQUOT).
+fn no_space(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>().and_then(|io| io.raw_os_error()).is_some_and(|n| n == 28 || n == 122)
+            || c.downcast_ref::<formats::unpack::UnpackError>()
+                .is_some_and(|u| matches!(u, formats::unpack::UnpackError::NoSpace { .. }))
+            || c.to_string().contains("No space left on device")
+    })
 }
 
 fn emit<T: Serialize>(json: bool, value: &T, text: impl FnOnce(&T) -> String) -> Result<()> {

@@ -211,6 +211,20 @@ impl Host {
         fsync_dir(&fd)
     }
 
+    /// Removes the temp file or link a killed `copy_in` or `replace_symlink` may have left
+    /// beside `target`.
+    pub fn remove_temp(&self, target: &TargetPath) -> io::Result<()> {
+        let (fd, name) = match self.parent(target) {
+            Ok(x) => x,
+            Err(e) if e.kind() == io::ErrorKind::NotFound || e.raw_os_error() == Some(20) => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        match rustix::fs::unlinkat(&fd, format!(".{name}.op-dbus-tmp").as_str(), AtFlags::empty()) {
+            Ok(()) | Err(rustix::io::Errno::NOENT) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
     /// Removes the symlink or file at `target`; nothing if it is missing.
     pub fn remove(&self, target: &TargetPath) -> io::Result<()> {
         let (fd, name) = match self.parent(target) {

@@ -83,6 +83,15 @@ impl Ctx {
             txn::remove_tree(&tmp)?;
             fs::create_dir_all(&tmp)?;
         }
+        // Temp files of atomic writes a killed command left (state.json, snapshots).
+        for dir in [self.staging.dir.clone(), self.staging.snapshots()] {
+            for e in fs::read_dir(&dir).into_iter().flatten().flatten() {
+                let name = e.file_name();
+                if name.to_string_lossy().starts_with(".tmp") && e.path().is_file() {
+                    let _ = fs::remove_file(e.path());
+                }
+            }
+        }
         Ok(out)
     }
 
@@ -326,23 +335,40 @@ fn deploy_one(ctx: &Ctx, trust: &Trust, store: &Layout, received: &Received, v: 
         .into());
     }
 
-    // The image passed every check: keep it in the store (the next thin export needs it).
-    if !ctx.opts.dry_run {
-        receive::store_received(received, &[v], store)?;
-    }
     // Unpack into the temp area and check every file against the signed manifest.
     let generation = state.next_generation;
     let tmp_name = format!("gen-{}-{name}", state.txid + 1);
     let tmp = ctx.staging.tmp().join(&tmp_name);
     if !ctx.opts.dry_run {
-        txn::remove_tree(&tmp)?;
-        fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-        formats::unpack::unpack_layers(store, &c.manifest.layers, config, &tmp)
-            .with_context(|| format!("unpacking {}", v.reference))?;
-        let manifest_json = store.read_blob(&c.manifest.config.digest, MAX_CONFIG_BYTES)?;
-        fs::write(tmp.join("manifest.json"), manifest_json)
-            .with_context(|| format!("writing {}/manifest.json", tmp.display()))?;
-        txn::sync_dir(&tmp)?;
+        let unpacked = (|| -> Result<()> {
+            txn::remove_tree(&tmp)?;
+            fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+            // The layers are in the received temp layout, or in the store for a thin export.
+            let layout = received
+                .temp
+                .as_ref()
+                .map(|t| &t.layout)
+                .filter(|l| c.manifest.layers.iter().all(|x| l.has_blob(&x.digest)))
+                .unwrap_or(store);
+            formats::unpack::unpack_layers(layout, &c.manifest.layers, config, &tmp)
+                .with_context(|| format!("unpacking {}", v.reference))?;
+            // The signed bytes of the embedded manifest, from wherever they arrived.
+            let config_digest = &c.manifest.config.digest;
+            let from = received.temp.as_ref().map(|t| &t.layout).filter(|l| l.has_blob(config_digest)).unwrap_or(store);
+            let manifest_json = from.read_blob(config_digest, MAX_CONFIG_BYTES)?;
+            fs::write(tmp.join("manifest.json"), manifest_json)
+                .with_context(|| format!("writing {}/manifest.json", tmp.display()))?;
+            txn::sync_dir(&tmp)?;
+            crate::faults::point("unpacked");
+            // The image passed every check: keep it in the store (the next thin export needs it).
+            receive::store_received(received, &[v], store)?;
+            crate::faults::point("stored");
+            Ok(())
+        })();
+        if let Err(e) = unpacked {
+            let _ = txn::remove_tree(&tmp);
+            return Err(e);
+        }
     }
 
     let mut desired = state.stages.clone();

@@ -246,15 +246,26 @@ pub fn undo(host: &Host, staging: &Staging, step: &Step) -> Result<()> {
             }
             host.move_out(target, &staging.backup(backup)).with_context(|| format!("moving {target} back to backups/"))
         }
-        Step::Link { target, text } => match host.state(target)? {
-            TargetState::Symlink(t) if &t == text => host.remove(target).with_context(|| format!("removing {target}")),
-            _ => Ok(()),
-        },
-        Step::Unlink { target, text } => match host.state(target)? {
-            TargetState::Missing => host.replace_symlink(target, text).with_context(|| format!("re-linking {target}")),
-            _ => Ok(()),
-        },
+        Step::Link { target, text } => {
+            host.remove_temp(target)?;
+            match host.state(target)? {
+                TargetState::Symlink(t) if &t == text => {
+                    host.remove(target).with_context(|| format!("removing {target}"))
+                }
+                _ => Ok(()),
+            }
+        }
+        Step::Unlink { target, text } => {
+            host.remove_temp(target)?;
+            match host.state(target)? {
+                TargetState::Missing => {
+                    host.replace_symlink(target, text).with_context(|| format!("re-linking {target}"))
+                }
+                _ => Ok(()),
+            }
+        }
         Step::Copy { target, sha256, .. } => {
+            host.remove_temp(target)?;
             if host.file_digest(target)? == Some(*sha256) {
                 host.remove(target).with_context(|| format!("removing {target}"))?;
             }
@@ -285,11 +296,11 @@ fn set_stage_link(staging: &Staging, stage: &StageName, generation: Option<u64>)
         },
         Some(g) => {
             let text = format!(".generations/{stage}/{g}");
+            let tmp = staging.dir.join(format!(".{stage}.op-dbus-tmp"));
+            let _ = fs::remove_file(&tmp);
             if fs::read_link(&link).is_ok_and(|t| t == Path::new(&text)) {
                 return Ok(());
             }
-            let tmp = staging.dir.join(format!(".{stage}.op-dbus-tmp"));
-            let _ = fs::remove_file(&tmp);
             std::os::unix::fs::symlink(&text, &tmp).with_context(|| format!("creating {}", tmp.display()))?;
             fs::rename(&tmp, &link).with_context(|| format!("switching {}", link.display()))?;
             sync_dir(&staging.dir)
@@ -348,9 +359,11 @@ impl Journal {
     pub fn clean_up(&self, staging: &Staging) -> Result<()> {
         for (name, state) in &self.cleanup.snapshots {
             crate::snapshot::write(staging, name, state)?;
+            crate::faults::point("cleanup");
         }
         for (stage, g) in &self.cleanup.drop_generations {
             remove_tree(&staging.generation(stage, *g))?;
+            crate::faults::point("cleanup");
         }
         let stash = staging.dir.join("journal/stash");
         if stash.exists() {

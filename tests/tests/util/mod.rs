@@ -101,3 +101,48 @@ pub fn fails(cmd: &mut Command) -> (i32, String) {
 pub fn arg<S: AsRef<OsStr>>(s: S) -> std::ffi::OsString {
     s.as_ref().to_owned()
 }
+
+/// `op-dbus-stage` built with the `fault-injection` feature (aborts at OP_DBUS_FAULT_AT=N).
+pub fn fault_bin() -> PathBuf {
+    let path = repo().join("target/fault-injection/debug/op-dbus-stage");
+    assert!(
+        path.is_file(),
+        "{} is missing: run `cargo build -p installer --features fault-injection --target-dir target/fault-injection` \
+         (the README's test command does)",
+        path.display()
+    );
+    path
+}
+
+/// Whether this process runs as root (mounts, loop devices).
+pub fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("Uid:")).map(|l| l.split_whitespace().nth(1) == Some("0")))
+        .unwrap_or(false)
+}
+
+/// Every path under `dir` with its type, mode and content or link text.
+pub fn tree(dir: &Path) -> std::collections::BTreeMap<String, String> {
+    use std::os::unix::fs::PermissionsExt;
+    fn walk(base: &Path, dir: &Path, out: &mut std::collections::BTreeMap<String, String>) {
+        let Ok(rd) = std::fs::read_dir(dir) else { return };
+        for e in rd {
+            let p = e.unwrap().path();
+            let rel = p.strip_prefix(base).unwrap().to_string_lossy().into_owned();
+            let m = std::fs::symlink_metadata(&p).unwrap();
+            let mode = m.permissions().mode() & 0o7777;
+            if m.file_type().is_symlink() {
+                out.insert(rel, format!("link {}", std::fs::read_link(&p).unwrap().display()));
+            } else if m.is_dir() {
+                out.insert(rel, format!("dir {mode:o}"));
+                walk(base, &p, out);
+            } else {
+                out.insert(rel, format!("file {mode:o} {}", String::from_utf8_lossy(&std::fs::read(&p).unwrap())));
+            }
+        }
+    }
+    let mut out = std::collections::BTreeMap::new();
+    walk(dir, dir, &mut out);
+    out
+}
