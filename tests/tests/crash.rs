@@ -234,7 +234,7 @@ fn a_second_operation_waits_then_exits_6() {
     ok(image(&store, Some(&w.dir.join("k")))
         .args(["-q", "export", "slow:1.0.0", "--out"])
         .arg(w.dir.join("slow.oci.tar")));
-    let mut first = w
+    let first = w
         .stage()
         .arg("deploy")
         .arg(w.dir.join("slow.oci.tar"))
