@@ -146,3 +146,40 @@ pub fn tree(dir: &Path) -> std::collections::BTreeMap<String, String> {
     walk(dir, dir, &mut out);
     out
 }
+
+/// A btrfs filesystem in a loop-mounted image file, unmounted (and its loop device
+/// released) on drop. Needs root, `mkfs.btrfs` (btrfs-progs) and loop devices.
+pub struct LoopBtrfs {
+    pub dir: tempfile::TempDir,
+    pub mnt: PathBuf,
+}
+
+impl LoopBtrfs {
+    pub fn new(mib: u64) -> LoopBtrfs {
+        assert!(is_root(), "this test mounts a loop-device btrfs: run it as root (CI does)");
+        let mkfs = require_tool("mkfs.btrfs", "btrfs-progs");
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("fs.img");
+        let f = std::fs::File::create(&img).unwrap();
+        f.set_len(mib << 20).unwrap();
+        ok(Command::new(mkfs).arg("-q").arg(&img));
+        let mnt = dir.path().join("mnt");
+        std::fs::create_dir(&mnt).unwrap();
+        let out = run(Command::new(require_tool("mount", "mount")).args(["-o", "loop"]).arg(&img).arg(&mnt));
+        assert!(
+            out.status.success(),
+            "mounting a loop btrfs failed ({}): the kernel needs btrfs and loop devices",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        LoopBtrfs { dir, mnt }
+    }
+}
+
+impl Drop for LoopBtrfs {
+    fn drop(&mut self) {
+        let st = Command::new("umount").arg(&self.mnt).status();
+        if !st.is_ok_and(|s| s.success()) {
+            let _ = Command::new("umount").arg("-l").arg(&self.mnt).status();
+        }
+    }
+}
