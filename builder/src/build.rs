@@ -45,6 +45,27 @@ pub struct Settings<'a> {
     pub quiet: bool,
 }
 
+/// The payload format a build ends up with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Payload {
+    Tar,
+    /// btrfs send streams, assembled in this work directory.
+    Btrfs(PathBuf),
+}
+
+fn resolve_format(format: Format, stage_dir: Option<&Path>) -> Result<Payload> {
+    match format {
+        Format::Tar => Ok(Payload::Tar),
+        Format::Auto if !crate::btrfs::available(stage_dir) => Ok(Payload::Tar),
+        Format::Auto | Format::Btrfs => match crate::btrfs::workdir(stage_dir) {
+            Some(w) => Ok(Payload::Btrfs(w)),
+            None => bail!(
+                "--format btrfs needs a stage folder on btrfs or $OP_DBUS_BTRFS_WORKDIR on btrfs; build with --format tar"
+            ),
+        },
+    }
+}
+
 /// What `build` and `create` print (`--json`: at least `reference` and `digest`).
 #[derive(Debug, Serialize)]
 pub struct Built {
@@ -102,7 +123,7 @@ pub fn build(stage_dir: &Path, settings: &Settings<'_>) -> Result<Outcome> {
         Some(n) => n.clone(),
         None => folder_name(stage_dir, &manifest)?,
     };
-    check_format(settings.format)?;
+    let payload = resolve_format(settings.format, Some(stage_dir))?;
     let Some(layout) = settings.layout else {
         let tree = assemble::stage_tree(stage_dir, &manifest, &def)?;
         return Ok(Outcome::Planned(Plan {
@@ -116,13 +137,13 @@ pub fn build(stage_dir: &Path, settings: &Settings<'_>) -> Result<Outcome> {
     run_build_steps(stage_dir, &manifest, &def, settings.quiet)?;
     let tree = assemble::stage_tree(stage_dir, &manifest, &def)?;
     let config = StageConfig::from_definition(name, &def, Vec::new());
-    write_image(layout, config, &tree, settings).map(Outcome::Built)
+    write_image(layout, config, &tree, settings, &payload).map(Outcome::Built)
 }
 
 /// Builds an ad-hoc stage from `files` (`SRC[:TARGET]`): a file with a target is staged at
 /// the target's path (without the leading `/`) and linked there; one without at its name.
 pub fn create(name: StageName, version: Version, files: &[String], settings: &Settings<'_>) -> Result<Outcome> {
-    check_format(settings.format)?;
+    let payload = resolve_format(settings.format, None)?;
     let mut tree = Tree::default();
     let mut specs = Vec::new();
     for arg in files {
@@ -160,17 +181,7 @@ pub fn create(name: StageName, version: Version, files: &[String], settings: &Se
         }));
     };
     let config = StageConfig::from_definition(name, &def, Vec::new());
-    write_image(layout, config, &tree, settings).map(Outcome::Built)
-}
-
-fn check_format(format: Format) -> Result<()> {
-    if format == Format::Btrfs {
-        bail!(
-            "btrfs send-stream payloads are not supported by this version of op-dbus-image; \
-             build with --format tar (or auto), which every installer accepts"
-        );
-    }
-    Ok(())
+    write_image(layout, config, &tree, settings, &payload).map(Outcome::Built)
 }
 
 fn folder_name(stage_dir: &Path, manifest: &Path) -> Result<StageName> {
@@ -228,25 +239,95 @@ struct Parent {
 fn load_parent(layout: &Layout, reference: &Reference) -> Result<Parent> {
     let image = StoredImage::load(layout, reference)
         .with_context(|| format!("loading the parent image {reference} named by --parent"))?;
-    if image.manifest.layers.iter().any(|l| l.media_type != oci::TAR_ZSTD_MEDIA_TYPE) {
-        bail!("the parent image {reference} has a payload that is not tar+zstd; build a full image instead");
-    }
     Ok(Parent { reference: reference.clone(), image })
 }
 
-fn write_image(layout: &Layout, mut config: StageConfig, tree: &Tree, settings: &Settings<'_>) -> Result<Built> {
+fn write_image(
+    layout: &Layout,
+    mut config: StageConfig,
+    tree: &Tree,
+    settings: &Settings<'_>,
+    payload: &Payload,
+) -> Result<Built> {
     let reference = Reference::new(config.name.clone(), config.version.clone());
     let epoch = source_date_epoch()?;
     let mtime = epoch.unwrap_or(0) as u64;
     let parent = settings.parent.as_ref().map(|p| load_parent(layout, p)).transpose()?;
-
+    let want_media = match payload {
+        Payload::Tar => oci::TAR_ZSTD_MEDIA_TYPE,
+        Payload::Btrfs(_) => oci::BTRFS_ZSTD_MEDIA_TYPE,
+    };
+    if let Some(p) = &parent
+        && p.image.manifest.layers.iter().any(|l| l.media_type != want_media)
+    {
+        bail!(
+            "the parent image {} has payload layers of another format than {want_media};              build with the parent's --format, or without --parent",
+            p.reference
+        );
+    }
     let bar = crate::progress::bytes(tree.content_bytes(), &format!("building {reference}"), settings.quiet);
+    let (layer, entries) = match payload {
+        Payload::Tar => tar_layer(layout, tree, parent.as_ref(), mtime, &bar)?,
+        Payload::Btrfs(work) => crate::btrfs::layer(
+            layout,
+            work,
+            &config,
+            tree,
+            parent.as_ref().map(|p| (&p.reference, &p.image.config, &p.image.digest)),
+            &bar,
+        )?,
+    };
+    bar.finish_and_clear();
+    let layer_size = layer.size;
+    config.entries = entries;
+    let config_bytes = config.to_bytes();
+    layout.write_blob(&config_bytes)?;
+
+    let mut layers = Vec::new();
+    if let Some(p) = &parent {
+        layers.extend(p.image.manifest.layers.iter().cloned());
+    }
+    layers.push(layer);
+    let created = match epoch {
+        Some(t) => jiff::Timestamp::from_second(t).context("SOURCE_DATE_EPOCH is out of range")?,
+        None => jiff::Timestamp::now(),
+    };
+    let annotations = BTreeMap::from([
+        (oci::ANNOTATION_TITLE.to_owned(), config.name.to_string()),
+        (oci::ANNOTATION_VERSION.to_owned(), config.version.to_string()),
+        (oci::ANNOTATION_CREATED.to_owned(), created.strftime("%Y-%m-%dT%H:%M:%SZ").to_string()),
+    ]);
+    let manifest = ImageManifest::stage(Descriptor::of(CONFIG_MEDIA_TYPE, &config_bytes), layers, annotations);
+    let manifest_bytes = manifest.to_bytes();
+    let digest = layout.write_blob(&manifest_bytes)?;
+    let mut desc = Descriptor::of(oci::MANIFEST_MEDIA_TYPE, &manifest_bytes);
+    desc.artifact_type = Some(oci::STAGE_ARTIFACT_TYPE.to_owned());
+    layout.update_index(|i| i.set(&reference.to_string(), desc))?;
+    Ok(Built {
+        reference: reference.to_string(),
+        digest,
+        entries: config.entries.len(),
+        content_bytes: tree.content_bytes(),
+        payload_bytes: layer_size,
+        parent: parent.map(|p| p.reference.to_string()),
+        signed_by: Vec::new(),
+    })
+}
+
+/// The tar+zstd layer of `tree` (a delta on `parent`'s when given) and the signed entries.
+fn tar_layer(
+    layout: &Layout,
+    tree: &Tree,
+    parent: Option<&Parent>,
+    mtime: u64,
+    bar: &indicatif::ProgressBar,
+) -> Result<(Descriptor, Vec<Entry>)> {
     let blob = layout.blob_writer()?;
     let mut payload =
         TarZstdWriter::new(blob, mtime, Compression::default()).context("starting the zstd compressor")?;
     let mut entries = Vec::with_capacity(tree.nodes.len());
     let open = |from: &Path| File::open(from).with_context(|| format!("reading {}", from.display()));
-    match &parent {
+    match parent {
         None => {
             for (path, node) in &tree.nodes {
                 let sha256 = match node.kind {
@@ -282,45 +363,14 @@ fn write_image(layout: &Layout, mut config: StageConfig, tree: &Tree, settings: 
             write_delta(&mut payload, &parent.image.config, &entries, tree)?;
         }
     }
-    bar.finish_and_clear();
     let (layer_digest, layer_size, blob) = payload.finish().context("finishing the payload")?;
     blob.finish()?;
-    config.entries = entries;
-    let config_bytes = config.to_bytes();
-    layout.write_blob(&config_bytes)?;
-
     let mut layer = Descriptor::new(oci::TAR_ZSTD_MEDIA_TYPE, layer_digest, layer_size);
-    let mut layers = Vec::new();
-    if let Some(p) = &parent {
-        layers.extend(p.image.manifest.layers.iter().cloned());
+    if let Some(p) = parent {
         layer.annotations.insert(oci::ANNOTATION_PARENT.into(), p.reference.to_string());
         layer.annotations.insert(oci::ANNOTATION_PARENT_DIGEST.into(), p.image.digest.to_string());
     }
-    layers.push(layer);
-    let created = match epoch {
-        Some(t) => jiff::Timestamp::from_second(t).context("SOURCE_DATE_EPOCH is out of range")?,
-        None => jiff::Timestamp::now(),
-    };
-    let annotations = BTreeMap::from([
-        (oci::ANNOTATION_TITLE.to_owned(), config.name.to_string()),
-        (oci::ANNOTATION_VERSION.to_owned(), config.version.to_string()),
-        (oci::ANNOTATION_CREATED.to_owned(), created.strftime("%Y-%m-%dT%H:%M:%SZ").to_string()),
-    ]);
-    let manifest = ImageManifest::stage(Descriptor::of(CONFIG_MEDIA_TYPE, &config_bytes), layers, annotations);
-    let manifest_bytes = manifest.to_bytes();
-    let digest = layout.write_blob(&manifest_bytes)?;
-    let mut desc = Descriptor::of(oci::MANIFEST_MEDIA_TYPE, &manifest_bytes);
-    desc.artifact_type = Some(oci::STAGE_ARTIFACT_TYPE.to_owned());
-    layout.update_index(|i| i.set(&reference.to_string(), desc))?;
-    Ok(Built {
-        reference: reference.to_string(),
-        digest,
-        entries: config.entries.len(),
-        content_bytes: tree.content_bytes(),
-        payload_bytes: layer_size,
-        parent: parent.map(|p| p.reference.to_string()),
-        signed_by: Vec::new(),
-    })
+    Ok((layer, entries))
 }
 
 fn entry(path: &RelPath, node: &assemble::Node, sha256: Option<Digest>) -> Entry {

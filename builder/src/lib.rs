@@ -9,6 +9,7 @@
 //! ```
 
 pub mod assemble;
+pub mod btrfs;
 pub mod build;
 pub mod cli;
 pub mod error;

@@ -1,0 +1,238 @@
+//! btrfs send-stream payloads (`--format btrfs`, or `auto` on btrfs).
+//!
+//! ```text
+//! WORK/                         on the stage folder's btrfs (default STAGE/../.op-dbus-build,
+//!                               or $OP_DBUS_BTRFS_WORKDIR)
+//!   tmp-NAME-VERSION-PID        a writable subvolume: the tree being assembled
+//!                               (a snapshot of the parent's snapshot for --parent)
+//!   snapshots/NAME/VERSION      read-only snapshots the builder keeps as parents
+//! ```
+//!
+//! The tree is written into the subvolume (hashing every file as it is copied), snapshotted
+//! read-only, and sent with `btrfs send --proto 2` (the CLI: it streams the ioctl's output
+//! for us and checks the kernel's protocol support), compressed with zstd into the blob.
+
+use std::fs::{self, File};
+use std::io::{self, Read};
+use std::os::unix::fs::{PermissionsExt, symlink};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use anyhow::{Context, Result, bail};
+
+use formats::digest::{Digest, HashingReader};
+use formats::layout::Layout;
+use formats::manifest::{Entry, EntryKind, StageConfig};
+use formats::oci::{self, Descriptor};
+use formats::{Reference, StageName, Version};
+
+use crate::assemble::Tree;
+
+/// Annotation of a btrfs layer: the UUID of the subvolume its stream creates.
+pub const ANNOTATION_UUID: &str = "dev.op-dbus.stage/btrfs-uuid";
+/// Annotation of an incremental btrfs layer: the UUID of the parent subvolume.
+pub const ANNOTATION_PARENT_UUID: &str = "dev.op-dbus.stage/btrfs-parent-uuid";
+
+/// The builder's btrfs work directory for `stage_dir`.
+pub fn workdir(stage_dir: Option<&Path>) -> Option<PathBuf> {
+    if let Some(w) = std::env::var_os("OP_DBUS_BTRFS_WORKDIR") {
+        return Some(PathBuf::from(w));
+    }
+    let dir = stage_dir?.canonicalize().ok()?;
+    Some(dir.parent()?.join(".op-dbus-build"))
+}
+
+/// Whether `stage_dir` (or the work directory) is on btrfs.
+pub fn available(stage_dir: Option<&Path>) -> bool {
+    let Some(w) = workdir(stage_dir) else { return false };
+    let probe = if w.exists() { w } else { w.parent().map(Path::to_owned).unwrap_or(w) };
+    subvol::is_btrfs(&probe).unwrap_or(false)
+}
+
+fn snapshot_dir(work: &Path, name: &StageName) -> PathBuf {
+    work.join("snapshots").join(name.as_str())
+}
+
+/// The builder's read-only snapshot of NAME:VERSION, kept as a parent for later versions.
+pub fn snapshot_path(work: &Path, name: &StageName, version: &Version) -> PathBuf {
+    snapshot_dir(work, name).join(version.to_string())
+}
+
+/// Builds the btrfs layer of `tree`; returns the layer descriptor and the signed entries.
+pub fn layer(
+    layout: &Layout,
+    work: &Path,
+    config: &StageConfig,
+    tree: &Tree,
+    parent: Option<(&Reference, &StageConfig, &Digest)>,
+    bar: &indicatif::ProgressBar,
+) -> Result<(Descriptor, Vec<Entry>)> {
+    fs::create_dir_all(work).with_context(|| format!("creating the btrfs work directory {}", work.display()))?;
+    if !subvol::is_btrfs(work)? {
+        bail!(
+            "{} is not on btrfs: --format btrfs needs the stage folder (or $OP_DBUS_BTRFS_WORKDIR) on btrfs; \
+             build with --format tar instead",
+            work.display()
+        );
+    }
+    let btrfs = which_btrfs()?;
+    let tmp_name = format!("tmp-{}-{}-{}", config.name, config.version, std::process::id());
+    let tmp = work.join(&tmp_name);
+    let parent_snap = match parent {
+        Some((r, _, _)) => {
+            let p = snapshot_path(work, &r.name, &r.version);
+            if !p.exists() {
+                bail!(
+                    "the builder's snapshot of the parent {r} ({}) is gone; build {r} again with --format btrfs, \
+                     or build this one without --parent",
+                    p.display()
+                );
+            }
+            subvol::snapshot(&p, work, &tmp_name, false)?;
+            Some(p)
+        }
+        None => {
+            subvol::create(work, &tmp_name)?;
+            None
+        }
+    };
+    let result = (|| -> Result<(Descriptor, Vec<Entry>)> {
+        let entries = fill(&tmp, tree, parent.map(|(_, c, _)| c), bar)?;
+        let snaps = snapshot_dir(work, &config.name);
+        fs::create_dir_all(&snaps)?;
+        let snap = snapshot_path(work, &config.name, &config.version);
+        if snap.exists() {
+            subvol::delete(&snaps, &config.version.to_string())?;
+        }
+        subvol::snapshot(&tmp, &snaps, &config.version.to_string(), true)?;
+        let mut cmd = Command::new(&btrfs);
+        cmd.args(["send", "--proto", "2", "-q"]);
+        if let Some(p) = &parent_snap {
+            cmd.arg("-p").arg(p);
+        }
+        cmd.arg("-f").arg("/dev/stdout").arg(&snap).stdout(Stdio::piped()).stdin(Stdio::null());
+        let mut child = cmd.spawn().context("running btrfs send")?;
+        let blob = layout.blob_writer()?;
+        let mut enc = zstd::stream::write::Encoder::new(blob, 3)?;
+        enc.multithread(std::thread::available_parallelism().map_or(1, |n| n.get() as u32))?;
+        enc.include_checksum(true)?;
+        io::copy(child.stdout.as_mut().expect("piped"), &mut enc).context("compressing the send stream")?;
+        let status = child.wait()?;
+        if !status.success() {
+            bail!("btrfs send of {} failed ({status}); its output is above", snap.display());
+        }
+        let (digest, size) = enc.finish()?.finish()?;
+        let mut desc = Descriptor::new(oci::BTRFS_ZSTD_MEDIA_TYPE, digest, size);
+        desc.annotations.insert(ANNOTATION_UUID.into(), subvolume_uuid(&btrfs, &snap)?);
+        if let (Some((r, _, pd)), Some(p)) = (parent, &parent_snap) {
+            desc.annotations.insert(oci::ANNOTATION_PARENT.into(), r.to_string());
+            desc.annotations.insert(oci::ANNOTATION_PARENT_DIGEST.into(), pd.to_string());
+            desc.annotations.insert(ANNOTATION_PARENT_UUID.into(), subvolume_uuid(&btrfs, p)?);
+        }
+        Ok((desc, entries))
+    })();
+    let _ = subvol::delete(work, &tmp_name);
+    result
+}
+
+/// Makes the subvolume at `dest` hold exactly `tree` (it starts empty, or as the parent's
+/// tree); returns the entries with every file's sha256, hashed while copied.
+fn fill(dest: &Path, tree: &Tree, parent: Option<&StageConfig>, bar: &indicatif::ProgressBar) -> Result<Vec<Entry>> {
+    // What the parent had and the new tree does not: removed, deepest first.
+    if let Some(p) = parent {
+        for e in p.entries.iter().rev() {
+            let keep = tree.nodes.get(&e.path).is_some_and(|n| n.kind == e.kind);
+            if !keep {
+                let path = dest.join(e.path.as_str());
+                match fs::symlink_metadata(&path) {
+                    Ok(m) if m.is_dir() => fs::remove_dir_all(&path)?,
+                    Ok(_) => fs::remove_file(&path)?,
+                    Err(_) => {}
+                }
+            }
+        }
+    }
+    let mut entries = Vec::with_capacity(tree.nodes.len());
+    for (path, node) in &tree.nodes {
+        let target = dest.join(path.as_str());
+        let old = parent.and_then(|p| p.entry(path));
+        let sha256 = match node.kind {
+            EntryKind::Dir => {
+                if !target.is_dir() {
+                    fs::create_dir(&target).with_context(|| format!("creating {}", target.display()))?;
+                }
+                fs::set_permissions(&target, fs::Permissions::from_mode(node.mode.bits()))?;
+                None
+            }
+            EntryKind::Symlink => {
+                let link = node.link.as_deref().expect("symlink has link");
+                if fs::read_link(&target).ok().as_deref() != Some(Path::new(link)) {
+                    let _ = fs::remove_file(&target);
+                    symlink(link, &target)?;
+                }
+                None
+            }
+            EntryKind::File => {
+                let from = node.from.as_deref().expect("file has a source");
+                let src = File::open(from).with_context(|| format!("reading {}", from.display()))?;
+                let digest = copy_hashing(bar.wrap_read(src), &target, old.and_then(|o| o.sha256), node.size)
+                    .with_context(|| format!("copying {} into the subvolume", from.display()))?;
+                fs::set_permissions(&target, fs::Permissions::from_mode(node.mode.bits()))?;
+                Some(digest)
+            }
+        };
+        entries.push(Entry {
+            path: path.clone(),
+            kind: node.kind,
+            mode: node.mode,
+            size: (node.kind == EntryKind::File).then_some(node.size),
+            sha256,
+            link: node.link.clone(),
+        });
+    }
+    Ok(entries)
+}
+
+/// Copies `src` to `dest` hashing it; when the digest equals `unchanged` (the parent's
+/// file), the parent's copy is kept so the incremental stream does not carry it.
+fn copy_hashing<R: Read>(src: R, dest: &Path, unchanged: Option<Digest>, size: u64) -> Result<Digest> {
+    let tmp =
+        dest.with_file_name(format!(".{}.op-dbus-new", dest.file_name().and_then(|n| n.to_str()).unwrap_or("file")));
+    let mut reader = HashingReader::new(src.take(size));
+    {
+        let mut out = File::create(&tmp)?;
+        io::copy(&mut reader, &mut out)?;
+    }
+    let (digest, n, _) = reader.finish();
+    if n != size {
+        fs::remove_file(&tmp)?;
+        bail!("expected {size} bytes but read {n}; did the file change while building?");
+    }
+    if unchanged == Some(digest) && dest.is_file() {
+        fs::remove_file(&tmp)?;
+    } else {
+        fs::rename(&tmp, dest)?;
+    }
+    Ok(digest)
+}
+
+fn which_btrfs() -> Result<PathBuf> {
+    ["/usr/bin/btrfs", "/bin/btrfs", "/usr/sbin/btrfs", "/sbin/btrfs"]
+        .into_iter()
+        .map(PathBuf::from)
+        .find(|p| p.exists())
+        .context("`btrfs` is not installed: apt-get install btrfs-progs (or build with --format tar)")
+}
+
+/// The UUID of a subvolume, as `btrfs subvolume show` prints it.
+fn subvolume_uuid(btrfs: &Path, path: &Path) -> Result<String> {
+    let out = Command::new(btrfs).args(["subvolume", "show"]).arg(path).stdin(Stdio::null()).output()?;
+    if !out.status.success() {
+        bail!("btrfs subvolume show {} failed: {}", path.display(), String::from_utf8_lossy(&out.stderr).trim());
+    }
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("UUID:").map(|u| u.trim().to_owned()))
+        .filter(|u| u.len() == 36)
+        .with_context(|| format!("no UUID in `btrfs subvolume show {}`", path.display()))
+}
