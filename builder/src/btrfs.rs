@@ -67,14 +67,15 @@ pub fn layer(
     parent: Option<(&Reference, &StageConfig, &Digest)>,
     bar: &indicatif::ProgressBar,
 ) -> Result<(Descriptor, Vec<Entry>)> {
-    fs::create_dir_all(work).with_context(|| format!("creating the btrfs work directory {}", work.display()))?;
-    if !subvol::is_btrfs(work)? {
+    let probe = if work.exists() { work } else { work.parent().unwrap_or(work) };
+    if !subvol::is_btrfs(probe).unwrap_or(false) {
         bail!(
             "{} is not on btrfs: --format btrfs needs the stage folder (or $OP_DBUS_BTRFS_WORKDIR) on btrfs; \
              build with --format tar instead",
             work.display()
         );
     }
+    fs::create_dir_all(work).with_context(|| format!("creating the btrfs work directory {}", work.display()))?;
     let btrfs = which_btrfs()?;
     let tmp_name = format!("tmp-{}-{}-{}", config.name, config.version, std::process::id());
     let tmp = work.join(&tmp_name);

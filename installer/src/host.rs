@@ -98,6 +98,14 @@ impl Host {
 
     /// The staging directory (created if missing).
     pub fn staging(&self) -> io::Result<PathBuf> {
+        if let Some(p) = self.staging_if_exists()? {
+            return Ok(p);
+        }
+        // On btrfs the staging area is a subvolume, so that snapshots of it are cheap.
+        let parent = self.ensure_dir(STAGING.rsplit_once('/').expect("nested").0)?;
+        if subvol::is_btrfs(&parent)? {
+            subvol::create(&parent, "staging")?;
+        }
         self.ensure_dir(STAGING)
     }
 
@@ -243,8 +251,7 @@ impl Host {
     pub fn move_out(&self, target: &TargetPath, to: &Path) -> io::Result<()> {
         let (fd, name) = self.parent(target)?;
         let (to_dir, to_name) = host_parent(to)?;
-        rustix::fs::renameat_with(&fd, name.as_str(), &to_dir, to_name.as_str(), rustix::fs::RenameFlags::NOREPLACE)
-            .map_err(|e| cross_device(e, target, to))?;
+        move_between(&fd, &name, &to_dir, &to_name).map_err(|e| cross_device(e, target, to))?;
         fsync_dir(&fd)?;
         fsync_dir(&to_dir)
     }
@@ -253,14 +260,7 @@ impl Host {
     pub fn move_in(&self, from: &Path, target: &TargetPath) -> io::Result<()> {
         let (fd, name) = self.parent(target)?;
         let (from_dir, from_name) = host_parent(from)?;
-        rustix::fs::renameat_with(
-            &from_dir,
-            from_name.as_str(),
-            &fd,
-            name.as_str(),
-            rustix::fs::RenameFlags::NOREPLACE,
-        )
-        .map_err(|e| cross_device(e, target, from))?;
+        move_between(&from_dir, &from_name, &fd, &name).map_err(|e| cross_device(e, target, from))?;
         fsync_dir(&fd)?;
         fsync_dir(&from_dir)
     }
@@ -285,15 +285,112 @@ impl Host {
     }
 }
 
-fn cross_device(e: rustix::io::Errno, target: &TargetPath, other: &Path) -> io::Error {
-    if e == rustix::io::Errno::XDEV {
-        io::Error::other(format!(
-            "{target} and {} are on different filesystems; keep /var/lib/op-dbus on the filesystem of the targets",
-            other.display()
-        ))
-    } else {
-        e.into()
+fn cross_device(e: io::Error, target: &TargetPath, other: &Path) -> io::Error {
+    io::Error::new(e.kind(), format!("moving {target} <-> {}: {e}", other.display()))
+}
+
+/// Renames `from_dir/from` to `to_dir/to` (which must not exist). Across filesystems or
+/// btrfs subvolumes (EXDEV) it copies to a temp name beside `to`, renames that into
+/// place, then removes the source: a crash leaves the source intact.
+fn move_between(from_dir: &OwnedFd, from: &str, to_dir: &OwnedFd, to: &str) -> io::Result<()> {
+    match rustix::fs::renameat_with(from_dir, from, to_dir, to, rustix::fs::RenameFlags::NOREPLACE) {
+        Ok(()) => Ok(()),
+        Err(rustix::io::Errno::XDEV) => {
+            let tmp = format!(".{to}.op-dbus-xdev");
+            remove_at(to_dir, &tmp)?;
+            copy_at(from_dir, from, to_dir, &tmp, 0)?;
+            rustix::fs::renameat_with(to_dir, tmp.as_str(), to_dir, to, rustix::fs::RenameFlags::NOREPLACE)?;
+            fsync_dir(to_dir)?;
+            remove_at(from_dir, from)
+        }
+        Err(e) => Err(e.into()),
     }
+}
+
+/// Copies the entry `name` of `src` (file, symlink or directory tree, modes kept) to `dst/to`.
+fn copy_at(src: &OwnedFd, name: &str, dst: &OwnedFd, to: &str, depth: u32) -> io::Result<()> {
+    if depth > 256 {
+        return Err(io::Error::other("directory tree too deep to copy"));
+    }
+    let st = rustix::fs::statat(src, name, AtFlags::SYMLINK_NOFOLLOW)?;
+    let mode = Mode::from_raw_mode(st.st_mode & 0o7777);
+    match FileType::from_raw_mode(st.st_mode) {
+        FileType::RegularFile => {
+            let r = rustix::fs::openat(src, name, OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC, Mode::empty())?;
+            let w = rustix::fs::openat(
+                dst,
+                to,
+                OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                Mode::from_raw_mode(0o600),
+            )?;
+            let mut w = fs::File::from(w);
+            io::copy(&mut fs::File::from(r), &mut w)?;
+            rustix::fs::fchmod(&w, mode)?;
+            w.sync_all()
+        }
+        FileType::Symlink => {
+            let text = rustix::fs::readlinkat(src, name, Vec::new())?;
+            rustix::fs::symlinkat(text.as_c_str(), dst, to)?;
+            Ok(())
+        }
+        FileType::Directory => {
+            rustix::fs::mkdirat(dst, to, Mode::from_raw_mode(0o700))?;
+            let s = rustix::fs::openat(
+                src,
+                name,
+                OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                Mode::empty(),
+            )?;
+            let d = rustix::fs::openat(
+                dst,
+                to,
+                OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                Mode::empty(),
+            )?;
+            for e in rustix::fs::Dir::read_from(&s)? {
+                let e = e?;
+                let n = e.file_name().to_string_lossy().into_owned();
+                if n == "." || n == ".." {
+                    continue;
+                }
+                copy_at(&s, &n, &d, &n, depth + 1)?;
+            }
+            rustix::fs::fchmod(&d, mode)?;
+            rustix::fs::fsync(&d)?;
+            Ok(())
+        }
+        _ => {
+            Err(io::Error::other(format!("{name} is a device, fifo or socket: it cannot be moved across filesystems")))
+        }
+    }
+}
+
+/// Removes the entry `name` of `dir` (a directory tree too); nothing if it is missing.
+fn remove_at(dir: &OwnedFd, name: &str) -> io::Result<()> {
+    let st = match rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW) {
+        Ok(st) => st,
+        Err(rustix::io::Errno::NOENT) => return Ok(()),
+        Err(e) => return Err(e.into()),
+    };
+    if FileType::from_raw_mode(st.st_mode) == FileType::Directory {
+        let d = rustix::fs::openat(
+            dir,
+            name,
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+        )?;
+        let names: Vec<String> = rustix::fs::Dir::read_from(&d)?
+            .filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
+            .filter(|n| n != "." && n != "..")
+            .collect();
+        for n in names {
+            remove_at(&d, &n)?;
+        }
+        rustix::fs::unlinkat(dir, name, AtFlags::REMOVEDIR)?;
+    } else {
+        rustix::fs::unlinkat(dir, name, AtFlags::empty())?;
+    }
+    Ok(())
 }
 
 fn host_parent(p: &Path) -> io::Result<(OwnedFd, String)> {
@@ -318,6 +415,11 @@ fn fsync_dir(fd: &OwnedFd) -> io::Result<()> {
     let d = rustix::fs::openat(fd.as_fd(), ".", OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())?;
     rustix::fs::fsync(&d)?;
     Ok(())
+}
+
+/// The staging backend in use for the staging directory `dir`.
+pub fn backend(dir: &Path) -> &'static str {
+    if subvol::is_btrfs(dir).unwrap_or(false) { "btrfs" } else { "directory" }
 }
 
 /// The link text of a staged path of a stage, as seen from inside the root.

@@ -83,6 +83,14 @@ impl Ctx {
             txn::remove_tree(&tmp)?;
             fs::create_dir_all(&tmp)?;
         }
+        // Receiving directories a killed command left in the store's temp area.
+        if let Ok(p) = self.host.resolve(&format!("{STORE}/.tmp")) {
+            for e in fs::read_dir(&p).into_iter().flatten().flatten() {
+                if e.file_name().to_string_lossy().starts_with("recv-") {
+                    txn::remove_tree(&e.path())?;
+                }
+            }
+        }
         // Temp files of atomic writes a killed command left (state.json, snapshots).
         for dir in [self.staging.dir.clone(), self.staging.snapshots()] {
             for e in fs::read_dir(&dir).into_iter().flatten().flatten() {
@@ -101,7 +109,10 @@ impl Ctx {
 
     pub fn store(&self) -> Result<Layout> {
         let p = self.host.ensure_dir(STORE)?;
-        Ok(Layout::open_or_create(&p)?)
+        let layout = Layout::open_or_create(&p)?;
+        // The receiving area lives in the store (see `deploy`); made here, once.
+        fs::create_dir_all(p.join(".tmp")).with_context(|| format!("creating {}/.tmp", p.display()))?;
+        Ok(layout)
     }
 
     /// The embedded manifest of a published generation.
@@ -235,7 +246,10 @@ pub struct DeployReport {
 pub fn deploy(ctx: &Ctx, source: &Source, activate: bool) -> Result<DeployReport> {
     let trust = Trust::load(&ctx.host)?;
     let store = ctx.store()?;
-    let received = receive::receive(source, &ctx.staging.tmp(), &store, &trust, ctx.opts.allow_expired)?;
+    // Received blobs wait in the store's own temp area, so that storing them is a rename
+    // (on btrfs the staging subvolume is another filesystem for rename).
+    let recv_tmp = store.root().join(".tmp");
+    let received = receive::receive(source, &recv_tmp, &store, &trust, ctx.opts.allow_expired)?;
     let mut report = DeployReport { received: received.images.clone(), deployed: Vec::new(), skipped: Vec::new() };
     if !activate {
         if !ctx.opts.dry_run {
@@ -342,7 +356,12 @@ fn deploy_one(ctx: &Ctx, trust: &Trust, store: &Layout, received: &Received, v: 
     if !ctx.opts.dry_run {
         let unpacked = (|| -> Result<()> {
             txn::remove_tree(&tmp)?;
-            fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+            let btrfs = crate::host::backend(&ctx.staging.dir) == "btrfs";
+            if btrfs {
+                subvol::create(&ctx.staging.tmp(), &tmp_name)?;
+            } else {
+                fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+            }
             // The layers are in the received temp layout, or in the store for a thin export.
             let layout = received
                 .temp
@@ -585,6 +604,7 @@ pub fn init(opts: &Options) -> Result<InitReport> {
         });
     }
     let ctx = Ctx::changing(opts)?;
+    let backend = crate::host::backend(&ctx.staging.dir);
     let store = ctx.store()?;
     let keys_dir = ctx.host.ensure_dir("etc/op-dbus/trusted-keys")?;
     let etc = ctx.host.ensure_dir(crate::host::ETC)?;
@@ -601,7 +621,7 @@ pub fn init(opts: &Options) -> Result<InitReport> {
         store: store.root().to_owned(),
         trusted_keys: keys_dir,
         policy,
-        backend: "directory",
+        backend,
     })
 }
 
@@ -673,7 +693,7 @@ pub fn status(ctx: &Ctx) -> Result<Status> {
     let unfinished = Journal::read(&ctx.staging).ok().flatten().map(|j| j.operation);
     Ok(Status {
         root: ctx.host.root.clone(),
-        backend: "directory",
+        backend: crate::host::backend(&ctx.staging.dir),
         stages: state
             .stages
             .iter()

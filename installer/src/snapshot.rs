@@ -14,10 +14,17 @@ use crate::txn::Staging;
 /// Writes a snapshot (idempotent: an existing one of that name is left as it is).
 pub fn write(staging: &Staging, name: &str, state: &State) -> Result<()> {
     let path = staging.snapshots().join(format!("{name}.json"));
+    fs::create_dir_all(staging.snapshots())?;
+    // On btrfs a snapshot is also a read-only snapshot of the staging subvolume (state,
+    // stage links, backups as they are now).
+    let sub = staging.snapshots().join(name);
+    if subvol::is_subvolume(&staging.dir).unwrap_or(false) && !sub.exists() {
+        subvol::snapshot(&staging.dir, &staging.snapshots(), name, true)
+            .with_context(|| format!("taking the btrfs snapshot {}", sub.display()))?;
+    }
     if path.exists() {
         return Ok(());
     }
-    fs::create_dir_all(staging.snapshots())?;
     let bytes = serde_json::to_vec_pretty(state).expect("state serializes");
     formats::layout::write_atomic(&path, &bytes).with_context(|| format!("writing {}", path.display()))
 }
@@ -40,8 +47,10 @@ pub fn name(staging: &Staging, kind: &str, stage: &str) -> String {
 pub struct SnapshotInfo {
     pub name: String,
     pub stages: Vec<String>,
-    /// Bytes of the generations this snapshot keeps.
+    /// Bytes of the generations this snapshot keeps (and of its btrfs snapshot).
     pub bytes: u64,
+    /// Whether it is also a read-only btrfs snapshot.
+    pub btrfs: bool,
 }
 
 pub fn read(staging: &Staging, name: &str) -> Result<State> {
@@ -66,11 +75,15 @@ pub fn list(staging: &Staging) -> Result<Vec<SnapshotInfo>> {
         let p = e?.path();
         let Some(name) = p.file_name().and_then(|n| n.to_str()).and_then(|n| n.strip_suffix(".json")) else { continue };
         let state = State::read(&p)?;
-        let bytes = state.generations().iter().map(|(s, g)| tree_size(&staging.generation(s, *g))).sum();
+        let sub = dir.join(name);
+        let btrfs = subvol::is_subvolume(&sub).unwrap_or(false);
+        let bytes = state.generations().iter().map(|(s, g)| tree_size(&staging.generation(s, *g))).sum::<u64>()
+            + if btrfs { tree_size(&sub) } else { 0 };
         out.push(SnapshotInfo {
             name: name.to_owned(),
             stages: state.stages.iter().map(|(n, s)| format!("{n}:{}", s.active.version)).collect(),
             bytes,
+            btrfs,
         });
     }
     out.sort_by(|a, b| a.name.cmp(&b.name));

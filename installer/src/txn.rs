@@ -158,13 +158,18 @@ pub fn apply(host: &Host, staging: &Staging, step: &Step) -> Result<()> {
     match step {
         Step::PublishGeneration { stage, generation, tmp } => {
             let dest = staging.generation(stage, *generation);
-            if dest.exists() {
-                return Ok(());
+            if !dest.exists() {
+                let parent = dest.parent().expect("generation has a parent");
+                fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+                fs::rename(staging.tmp().join(tmp), &dest).with_context(|| format!("publishing {}", dest.display()))?;
+                sync_dir(parent)?;
             }
-            let parent = dest.parent().expect("generation has a parent");
-            fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
-            fs::rename(staging.tmp().join(tmp), &dest).with_context(|| format!("publishing {}", dest.display()))?;
-            sync_dir(parent)
+            // On btrfs a generation is a read-only subvolume (made read-only once in place:
+            // a read-only subvolume cannot be renamed).
+            if subvol::is_subvolume(&dest).unwrap_or(false) {
+                subvol::set_readonly(&dest, true).with_context(|| format!("making {} read-only", dest.display()))?;
+            }
+            Ok(())
         }
         Step::SetStageLink { stage, to, .. } => set_stage_link(staging, stage, *to),
         Step::MkDir { path } => host.mkdir(path).with_context(|| format!("creating {path}")),
@@ -314,6 +319,12 @@ pub fn sync_dir(dir: &Path) -> Result<()> {
 
 /// Removes a tree we own (a generation, a temp dir), making read-only parts writable first.
 pub fn remove_tree(path: &Path) -> Result<()> {
+    if subvol::is_subvolume(path).unwrap_or(false) {
+        // Subvolumes nested inside go first (a generation holds none, but be sure).
+        let parent = path.parent().context("a subvolume has a parent")?;
+        let name = path.file_name().and_then(|n| n.to_str()).context("subvolume name")?;
+        return subvol::delete(parent, name).with_context(|| format!("deleting subvolume {}", path.display()));
+    }
     match fs::remove_dir_all(path) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),

@@ -130,6 +130,9 @@ fn example_stages_deploy_and_verify_in_a_scratch_root() {
     let mut refs = Vec::new();
     for e in fs::read_dir(repo().join("images")).unwrap() {
         let dir = e.unwrap().path();
+        if dir.file_name().unwrap().to_string_lossy().starts_with('.') {
+            continue;
+        }
         let copy = s.dir.path().join("src").join(dir.file_name().unwrap());
         fs::create_dir_all(copy.parent().unwrap()).unwrap();
         copy_tree(&dir, &copy);
