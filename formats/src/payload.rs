@@ -12,6 +12,9 @@ use crate::digest::{Digest, HashingReader, HashingWriter};
 use crate::manifest::Mode;
 use crate::path::RelPath;
 
+/// zstd job size: bounds memory with two workers to a few MiB of buffers.
+pub const JOB_SIZE: u32 = 2 << 20;
+
 /// Prefix of an OCI whiteout entry's name.
 pub const WHITEOUT_PREFIX: &str = ".wh.";
 
@@ -50,6 +53,9 @@ impl<W: Write> TarZstdWriter<W> {
         };
         let mut enc = zstd::stream::write::Encoder::new(HashingWriter::new(out), compression.level)?;
         enc.multithread(workers.max(1))?;
+        // Smaller jobs than zstd's default (4 windows, 8 MiB at level 3): the buffers of
+        // the jobs in flight are most of the builder's memory. Fixed, so output stays the same.
+        enc.set_parameter(zstd::stream::raw::CParameter::JobSize(JOB_SIZE))?;
         enc.include_checksum(true)?;
         let mut tar = tar::Builder::new(enc);
         tar.mode(tar::HeaderMode::Deterministic);
