@@ -405,3 +405,45 @@ fn sources_stdin_layout_store_and_dry_run() {
     assert_eq!(status["stages"][0]["name"], "app");
     assert_eq!(status["backend"], "directory");
 }
+
+#[test]
+fn receive_fix_symlinks_gc_and_status() {
+    let s = Scratch::new();
+    s.trust();
+    let dir =
+        stage_dir(s.dir.path(), "app", "1.0.0", APP_FILES, &[("bin/app", "#!/bin/sh\n"), ("etc/app.conf", "x\n")]);
+    let export = s.build_export(&dir);
+    // receive: verified and stored, nothing activated.
+    let before = host_tree(&s.root());
+    let r = json(&ok(s.stage().args(["--json", "receive"]).arg(&export)));
+    assert_eq!(r["received"][0]["reference"], "app:1.0.0");
+    assert_eq!(host_tree(&s.root()), before);
+    let list = json(&ok(s.stage().args(["--json", "list"])));
+    assert_eq!(list["stages"][0]["status"], "available", "{list}");
+    ok(s.stage().args(["deploy", "app:1.0.0"]));
+
+    // A broken link shows in status and verify; fix-symlinks puts it back.
+    fs::remove_file(s.root().join("usr/local/bin/app")).unwrap();
+    let status = json(&ok(s.stage().args(["--json", "status"])));
+    assert!(status["broken_links"][0].as_str().unwrap().contains("/usr/local/bin/app"), "{status}");
+    let (code, _) = fails(s.stage().arg("verify"));
+    assert_eq!(code, 5);
+    ok(s.stage().args(["fix-symlinks", "app"]));
+    ok(s.stage().arg("verify"));
+
+    // gc keeps N previous generations (and those snapshots need).
+    for v in ["1.1.0", "1.2.0", "1.3.0"] {
+        let d = stage_dir(s.dir.path(), "app", v, APP_FILES, &[("bin/app", v), ("etc/app.conf", "x\n")]);
+        ok(s.stage().arg("deploy").arg(s.build_export(&d)));
+    }
+    let status = json(&ok(s.stage().args(["--json", "status"])));
+    assert_eq!(status["stages"][0]["previous"].as_array().unwrap().len(), 2, "deploy keeps 2 previous generations");
+    let report = json(&ok(s.stage().args(["--json", "gc", "--keep", "0"])));
+    assert_eq!(report["operation"], "gc --keep 0");
+    let status = json(&ok(s.stage().args(["--json", "status"])));
+    assert_eq!(status["stages"][0]["previous"].as_array().unwrap().len(), 0);
+    ok(s.stage().arg("verify"));
+    let (code, err) = fails(s.stage().args(["rollback", "app"]));
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("no previous generation"), "{err}");
+}
