@@ -182,14 +182,7 @@ fn fill(dest: &Path, tree: &Tree, parent: Option<&StageConfig>, bar: &indicatif:
                 Some(digest)
             }
         };
-        entries.push(Entry {
-            path: path.clone(),
-            kind: node.kind,
-            mode: node.mode,
-            size: (node.kind == EntryKind::File).then_some(node.size),
-            sha256,
-            link: node.link.clone(),
-        });
+        entries.push(crate::build::entry(path, node, sha256));
     }
     Ok(entries)
 }

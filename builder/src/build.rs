@@ -314,6 +314,11 @@ fn write_image(
     })
 }
 
+/// Files up to this size are read ahead by a second thread.
+const PREFETCH_MAX: u64 = 256 * 1024;
+/// How many read-ahead files may wait (at most 16 MiB).
+const PREFETCH_FILES: usize = 64;
+
 /// The tar+zstd layer of `tree` (a delta on `parent`'s when given) and the signed entries.
 fn tar_layer(
     layout: &Layout,
@@ -329,28 +334,52 @@ fn tar_layer(
     let open = |from: &Path| File::open(from).with_context(|| format!("reading {}", from.display()));
     match parent {
         None => {
-            for (path, node) in &tree.nodes {
-                let sha256 = match node.kind {
-                    EntryKind::Dir => {
-                        payload.add_dir(path, node.mode)?;
-                        None
+            // Small files are read ahead by a second thread (their syscalls overlap the
+            // hashing and compression here); larger ones stream from this thread. At most
+            // PREFETCH_FILES of at most PREFETCH_MAX bytes are in flight: memory stays bounded.
+            std::thread::scope(|scope| -> Result<()> {
+                let (tx, rx) = std::sync::mpsc::sync_channel::<std::io::Result<Vec<u8>>>(PREFETCH_FILES);
+                scope.spawn(move || {
+                    for node in tree.nodes.values() {
+                        if let (EntryKind::File, Some(from)) = (node.kind, &node.from)
+                            && node.size <= PREFETCH_MAX
+                        {
+                            let read = std::fs::read(from);
+                            if tx.send(read).is_err() {
+                                return;
+                            }
+                        }
                     }
-                    EntryKind::Symlink => {
-                        payload.add_symlink(path, node.link.as_deref().expect("symlink has link"))?;
-                        None
-                    }
-                    EntryKind::File => {
-                        let from = node.from.as_deref().expect("file has a source");
-                        let r = bar.wrap_read(open(from)?);
-                        Some(
-                            payload
-                                .add_file(path, node.mode, node.size, r)
-                                .with_context(|| format!("adding {}", from.display()))?,
-                        )
-                    }
-                };
-                entries.push(entry(path, node, sha256));
-            }
+                });
+                for (path, node) in &tree.nodes {
+                    let sha256 = match node.kind {
+                        EntryKind::Dir => {
+                            payload.add_dir(path, node.mode)?;
+                            None
+                        }
+                        EntryKind::Symlink => {
+                            payload.add_symlink(path, node.link.as_deref().expect("symlink has link"))?;
+                            None
+                        }
+                        EntryKind::File => {
+                            let from = node.from.as_deref().expect("file has a source");
+                            let added = if node.size <= PREFETCH_MAX {
+                                let bytes = rx
+                                    .recv()
+                                    .context("the read-ahead thread stopped")?
+                                    .with_context(|| format!("reading {}", from.display()))?;
+                                bar.inc(bytes.len() as u64);
+                                payload.add_file(path, node.mode, node.size, &bytes[..])
+                            } else {
+                                payload.add_file(path, node.mode, node.size, bar.wrap_read(open(from)?))
+                            };
+                            Some(added.with_context(|| format!("adding {}", from.display()))?)
+                        }
+                    };
+                    entries.push(entry(path, node, sha256));
+                }
+                Ok(())
+            })?;
         }
         Some(parent) => {
             for (path, node) in &tree.nodes {
@@ -373,7 +402,8 @@ fn tar_layer(
     Ok((layer, entries))
 }
 
-fn entry(path: &RelPath, node: &assemble::Node, sha256: Option<Digest>) -> Entry {
+/// The signed entry of a tree node.
+pub(crate) fn entry(path: &RelPath, node: &assemble::Node, sha256: Option<Digest>) -> Entry {
     Entry {
         path: path.clone(),
         kind: node.kind,

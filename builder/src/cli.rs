@@ -65,6 +65,10 @@ pub enum Command {
     List,
     /// Write images and their signatures into one .oci.tar (and FILE.minisig with a key).
     Export(ExportOpts),
+    /// Push an image and its signatures to an OCI registry (HOST[:PORT]/REPO[:TAG]).
+    Push(crate::registry_cmd::PushOpts),
+    /// Pull an image and its signatures from an OCI registry into the store.
+    Pull(crate::registry_cmd::PullOpts),
 }
 
 #[derive(Debug, Subcommand)]
@@ -139,6 +143,10 @@ pub struct ExportOpts {
     /// Leave out payload layers this image (NAME:VERSION) has: a thin export for hosts that have it.
     #[arg(long)]
     pub since: Option<Reference>,
+    /// Also export the stages these images depend on (their embedded `dependencies`), each
+    /// the highest version in the store that matches, recursively.
+    #[arg(long)]
+    pub with_deps: bool,
 }
 
 /// Parses the arguments, runs the command and returns the exit code.
@@ -156,7 +164,7 @@ pub fn main() -> i32 {
         Ok(()) => error::OK,
         Err(e) => {
             eprintln!("op-dbus-image: error: {e:#}");
-            error::exit_code(&e)
+            crate::registry_cmd::exit_code(&e).unwrap_or_else(|| error::exit_code(&e))
         }
     }
 }
@@ -260,7 +268,8 @@ pub fn run(cli: Cli) -> Result<()> {
         }
         Command::Export(o) => {
             let layout = open_store(g, false)?;
-            let plan = crate::export::plan(&layout, &o.images, o.since.as_ref())?;
+            let images = if o.with_deps { crate::deps::with_dependencies(&layout, &o.images)? } else { o.images };
+            let plan = crate::export::plan(&layout, &images, o.since.as_ref())?;
             if g.dry_run {
                 let d = crate::export::dry_run(&plan, &o.out);
                 return emit(g.json, &d, |d| {
@@ -274,7 +283,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 });
             }
             let key = load_key(g)?;
-            let e = crate::export::export(&layout, &o.images, &plan, &o.out, key.as_ref(), g.quiet)?;
+            let e = crate::export::export(&layout, &images, &plan, &o.out, key.as_ref(), g.quiet)?;
             if !e.unsigned.is_empty() && !g.quiet {
                 eprintln!("warning: exported unsigned image(s) {}; installers will refuse them", e.unsigned.join(", "));
             }
@@ -286,6 +295,56 @@ pub fn run(cli: Cli) -> Result<()> {
                 s += ")\n";
                 if let Some(m) = &e.minisig {
                     s += &format!("wrote {}\n", m.display());
+                }
+                s
+            })
+        }
+        Command::Push(o) => {
+            let layout = open_store(g, false)?;
+            let p = crate::registry_cmd::push(&layout, &o, g.dry_run)?;
+            if p.signature_tag.is_none() && !g.quiet {
+                eprintln!(
+                    "warning: {} is unsigned; installers will refuse it: sign it with `op-dbus-image sign {}` and push again",
+                    p.reference, p.reference
+                );
+            }
+            emit(g.json, &p, |p| {
+                if p.dry_run {
+                    return format!("would push {} ({}) to {}\n", p.reference, p.digest, p.destination);
+                }
+                let mut s = format!(
+                    "pushed {} ({}) to {}: {} blob(s) uploaded ({} bytes), {} already there\n",
+                    p.reference,
+                    p.digest,
+                    p.destination,
+                    p.stats.blobs_uploaded,
+                    p.stats.bytes_uploaded,
+                    p.stats.blobs_present
+                );
+                if let Some(t) = &p.signature_tag {
+                    s += &format!("  signatures tagged {t}\n");
+                }
+                s
+            })
+        }
+        Command::Pull(o) => {
+            let p = crate::registry_cmd::pull(&g.store, &o, g.dry_run)?;
+            if !p.signed && !g.quiet {
+                eprintln!("warning: {} has no signatures in the registry; installers will refuse it", p.source);
+            }
+            emit(g.json, &p, |p| {
+                let mut s = format!(
+                    "{} {} as {} ({}): {} blob(s) fetched ({} bytes), {} already in the store\n",
+                    if p.dry_run { "would pull" } else { "pulled" },
+                    p.source,
+                    p.reference,
+                    p.digest,
+                    p.stats.blobs_fetched,
+                    p.stats.bytes_fetched,
+                    p.stats.blobs_present
+                );
+                if let Some(r) = &p.replaced {
+                    s += &format!("  replaced the image {} tagged {} before\n", r, p.reference);
                 }
                 s
             })
@@ -475,5 +534,14 @@ mod tests {
         assert!(Cli::try_parse_from(["op-dbus-image", "key", "export", "k.pub"]).is_err(), "--minisign is required");
         Cli::try_parse_from(["op-dbus-image", "export", "a:1.0.0", "b:2.0.0", "--out", "f", "--since", "a:0.9.0"])
             .unwrap();
+        Cli::try_parse_from(["op-dbus-image", "export", "a:1.0.0", "--with-deps", "--out", "f"]).unwrap();
+        let c = Cli::try_parse_from(["op-dbus-image", "push", "a:1.0.0", "127.0.0.1:5000/a", "--insecure"]).unwrap();
+        let Command::Push(p) = c.command else { panic!() };
+        assert!(p.registry.insecure);
+        assert!(
+            Cli::try_parse_from(["op-dbus-image", "pull", "h.io/a:1", "--username", "u"]).is_err(),
+            "--username needs --password-stdin"
+        );
+        Cli::try_parse_from(["op-dbus-image", "pull", "h.io/a:1", "--username", "u", "--password-stdin"]).unwrap();
     }
 }

@@ -20,7 +20,9 @@ pub const WHITEOUT_PREFIX: &str = ".wh.";
 
 /// Streams tar entries through multi-threaded zstd into `W`, hashing the compressed bytes.
 pub struct TarZstdWriter<W: Write> {
-    tar: tar::Builder<zstd::stream::write::Encoder<'static, HashingWriter<W>>>,
+    /// The BufWriter makes `io::copy` read files in 1 MiB pieces straight into its
+    /// buffer (std's BufWriter specialisation) and feed zstd in 1 MiB pieces.
+    tar: tar::Builder<io::BufWriter<zstd::stream::write::Encoder<'static, HashingWriter<W>>>>,
     mtime: u64,
 }
 
@@ -57,7 +59,7 @@ impl<W: Write> TarZstdWriter<W> {
         // the jobs in flight are most of the builder's memory. Fixed, so output stays the same.
         enc.set_parameter(zstd::stream::raw::CParameter::JobSize(JOB_SIZE))?;
         enc.include_checksum(true)?;
-        let mut tar = tar::Builder::new(enc);
+        let mut tar = tar::Builder::new(io::BufWriter::with_capacity(1 << 20, enc));
         tar.mode(tar::HeaderMode::Deterministic);
         tar.follow_symlinks(false);
         Ok(TarZstdWriter { tar, mtime })
@@ -113,7 +115,7 @@ impl<W: Write> TarZstdWriter<W> {
 
     /// Ends the archive and the zstd frame; returns the compressed digest and size.
     pub fn finish(self) -> io::Result<(Digest, u64, W)> {
-        let enc = self.tar.into_inner()?;
+        let enc = self.tar.into_inner()?.into_inner().map_err(|e| e.into_error())?;
         let hashing = enc.finish()?;
         Ok(hashing.finish())
     }
