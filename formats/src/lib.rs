@@ -5,6 +5,7 @@
 #![cfg_attr(not(test), deny(clippy::print_stdout, clippy::print_stderr))]
 
 pub mod archive;
+pub mod btrfs;
 pub mod digest;
 pub mod layout;
 pub mod manifest;
