@@ -20,7 +20,8 @@ need_packages() {
 
 # The packages the tools and the tests use.
 need_all() {
-	need_packages zstd:zstd openssl:openssl skopeo:skopeo minisign:minisign tar:tar coreutils:sha256sum btrfs-progs:mkfs.btrfs
+	need_packages zstd:zstd openssl:openssl skopeo:skopeo minisign:minisign tar:tar coreutils:sha256sum btrfs-progs:mkfs.btrfs \
+		docker-registry:docker-registry apache2-utils:htpasswd
 	command -v cargo >/dev/null || {
 		echo "cargo is missing: install a Rust toolchain (rustup) and run again" >&2
 		exit 1

@@ -20,7 +20,7 @@ use std::process::{Command, Stdio};
 
 use anyhow::{Context, Result, bail};
 
-use formats::digest::{Digest, HashingReader};
+use formats::digest::Digest;
 use formats::layout::Layout;
 use formats::manifest::{Entry, EntryKind, StageConfig};
 use formats::oci::{self, Descriptor};
@@ -156,7 +156,6 @@ fn fill(dest: &Path, tree: &Tree, parent: Option<&StageConfig>, bar: &indicatif:
     let mut entries = Vec::with_capacity(tree.nodes.len());
     for (path, node) in &tree.nodes {
         let target = dest.join(path.as_str());
-        let old = parent.and_then(|p| p.entry(path));
         let sha256 = match node.kind {
             EntryKind::Dir => {
                 if !target.is_dir() {
@@ -176,7 +175,7 @@ fn fill(dest: &Path, tree: &Tree, parent: Option<&StageConfig>, bar: &indicatif:
             EntryKind::File => {
                 let from = node.from.as_deref().expect("file has a source");
                 let src = File::open(from).with_context(|| format!("reading {}", from.display()))?;
-                let digest = copy_hashing(bar.wrap_read(src), &target, old.and_then(|o| o.sha256), node.size)
+                let digest = copy_hashing(bar.wrap_read(src), &target, node.size)
                     .with_context(|| format!("copying {} into the subvolume", from.display()))?;
                 fs::set_permissions(&target, fs::Permissions::from_mode(node.mode.bits()))?;
                 Some(digest)
@@ -187,27 +186,44 @@ fn fill(dest: &Path, tree: &Tree, parent: Option<&StageConfig>, bar: &indicatif:
     Ok(entries)
 }
 
-/// Copies `src` to `dest` hashing it; when the digest equals `unchanged` (the parent's
-/// file), the parent's copy is kept so the incremental stream does not carry it.
-fn copy_hashing<R: Read>(src: R, dest: &Path, unchanged: Option<Digest>, size: u64) -> Result<Digest> {
-    let tmp =
-        dest.with_file_name(format!(".{}.op-dbus-new", dest.file_name().and_then(|n| n.to_str()).unwrap_or("file")));
-    let mut reader = HashingReader::new(src.take(size));
-    {
-        let mut out = File::create(&tmp)?;
-        io::copy(&mut reader, &mut out)?;
+/// Copies `src` to `dest`, hashing it. A file already at `dest` (from the parent's
+/// snapshot) is updated in place, block by block, writing only blocks that differ: the
+/// incremental send stream then carries only those blocks, not the whole file.
+fn copy_hashing<R: Read>(mut src: R, dest: &Path, size: u64) -> Result<Digest> {
+    use std::io::{Seek, SeekFrom, Write};
+    const BLOCK: usize = 128 * 1024;
+    let existing = fs::symlink_metadata(dest).map(|m| m.is_file()).unwrap_or(false);
+    let mut out = fs::OpenOptions::new().read(true).write(true).create(true).truncate(!existing).open(dest)?;
+    let mut hasher = formats::digest::Hasher::new();
+    let (mut new, mut old) = (vec![0u8; BLOCK], vec![0u8; BLOCK]);
+    let mut offset = 0u64;
+    loop {
+        let want = (size - offset).min(BLOCK as u64) as usize;
+        if want == 0 {
+            break;
+        }
+        src.read_exact(&mut new[..want])
+            .map_err(|e| anyhow::anyhow!("read {offset} of {size} bytes ({e}); did the file change while building?"))?;
+        hasher.update(&new[..want]);
+        let same = existing && {
+            let mut got = 0;
+            while got < want {
+                match out.read(&mut old[got..want])? {
+                    0 => break,
+                    n => got += n,
+                }
+            }
+            got == want && old[..want] == new[..want]
+        };
+        if !same {
+            out.seek(SeekFrom::Start(offset))?;
+            out.write_all(&new[..want])?;
+        }
+        offset += want as u64;
+        out.seek(SeekFrom::Start(offset))?;
     }
-    let (digest, n, _) = reader.finish();
-    if n != size {
-        fs::remove_file(&tmp)?;
-        bail!("expected {size} bytes but read {n}; did the file change while building?");
-    }
-    if unchanged == Some(digest) && dest.is_file() {
-        fs::remove_file(&tmp)?;
-    } else {
-        fs::rename(&tmp, dest)?;
-    }
-    Ok(digest)
+    out.set_len(size)?;
+    Ok(hasher.finish())
 }
 
 fn which_btrfs() -> Result<PathBuf> {

@@ -51,6 +51,8 @@ pub struct GlobalOpts {
     /// Accept signatures past their signed expiry.
     #[arg(long, global = true)]
     pub allow_expired: bool,
+    #[command(flatten)]
+    pub registry: crate::receive::RegistryOpts,
 }
 
 #[derive(Debug, Subcommand)]
@@ -61,7 +63,8 @@ pub enum Command {
     #[command(subcommand)]
     Trust(TrustCommand),
     /// Verify, receive and activate images from SOURCE: FILE.oci.tar, an OCI layout
-    /// directory, NAME[:VERSION] of the local store, or - (an .oci.tar on stdin).
+    /// directory, NAME[:VERSION] of the local store, HOST[:PORT]/REPO:TAG in a registry,
+    /// or - (an .oci.tar on stdin).
     Deploy { source: String },
     /// Same as deploy (the name the users' documents use).
     DeployFromImage { source: String },
@@ -247,8 +250,10 @@ pub fn run(cli: Cli) -> Result<i32> {
             let r = ops::trust_revoke(&ctx, &key_id)?;
             emit(json, &r, |_| format!("revoked {key_id}\n"))?;
         }
-        Command::Deploy { source } | Command::DeployFromImage { source } => deploy(&opts, json, &source, true)?,
-        Command::Receive { source } => deploy(&opts, json, &source, false)?,
+        Command::Deploy { source } | Command::DeployFromImage { source } => {
+            deploy(&opts, json, &source, &g.registry, true)?
+        }
+        Command::Receive { source } => deploy(&opts, json, &source, &g.registry, false)?,
         Command::List => {
             let ctx = Ctx::reading(&opts)?;
             let stages = ops::list(&ctx)?;
@@ -367,8 +372,14 @@ pub fn run(cli: Cli) -> Result<i32> {
     Ok(error::OK)
 }
 
-fn deploy(opts: &Options, json: bool, source: &str, activate: bool) -> Result<()> {
-    let source = Source::parse(source)?;
+fn deploy(
+    opts: &Options,
+    json: bool,
+    source: &str,
+    registry: &crate::receive::RegistryOpts,
+    activate: bool,
+) -> Result<()> {
+    let source = Source::parse_with(source, registry)?;
     let ctx = Ctx::changing(opts)?;
     let r = ops::deploy(&ctx, &source, activate)?;
     emit(json, &r, |r| {

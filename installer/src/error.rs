@@ -81,6 +81,9 @@ pub fn exit_code(err: &anyhow::Error) -> i32 {
         if let Some(e) = cause.downcast_ref::<formats::unpack::UnpackError>() {
             return if e.is_malformed() { MALFORMED } else { OTHER };
         }
+        if let Some(e) = cause.downcast_ref::<formats::btrfs::StreamError>() {
+            return if e.is_malformed() { MALFORMED } else { OTHER };
+        }
         if let Some(e) = cause.downcast_ref::<keys::trust::TrustError>() {
             return if e.is_rejected() { TRUST } else { MALFORMED };
         }

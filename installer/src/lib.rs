@@ -10,6 +10,7 @@
 //! op-dbus-stage --root /srv/scratch rollback stage-1-core-dbus
 //! ```
 
+pub mod btrfs;
 pub mod checks;
 pub mod cli;
 pub mod error;

@@ -356,21 +356,42 @@ fn deploy_one(ctx: &Ctx, trust: &Trust, store: &Layout, received: &Received, v: 
     if !ctx.opts.dry_run {
         let unpacked = (|| -> Result<()> {
             txn::remove_tree(&tmp)?;
-            let btrfs = crate::host::backend(&ctx.staging.dir) == "btrfs";
-            if btrfs {
-                subvol::create(&ctx.staging.tmp(), &tmp_name)?;
-            } else {
-                fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+            let on_btrfs = crate::host::backend(&ctx.staging.dir) == "btrfs";
+            let layers = &c.manifest.layers;
+            let btrfs_layers = layers.iter().all(|l| l.media_type == formats::oci::BTRFS_ZSTD_MEDIA_TYPE);
+            let temp = received.temp.as_ref().map(|t| &t.layout);
+            let in_temp = |d: &formats::Digest| temp.is_some_and(|t| t.has_blob(d));
+            // A thin export has its parent's layers in the store and its own in the temp
+            // layout: store the new ones first so that all are in one place.
+            if !layers.iter().all(|l| in_temp(&l.digest)) {
+                receive::store_received(received, &[v], store)?;
             }
-            // The layers are in the received temp layout, or in the store for a thin export.
-            let layout = received
-                .temp
-                .as_ref()
-                .map(|t| &t.layout)
-                .filter(|l| c.manifest.layers.iter().all(|x| l.has_blob(&x.digest)))
-                .unwrap_or(store);
-            formats::unpack::unpack_layers(layout, &c.manifest.layers, config, &tmp)
-                .with_context(|| format!("unpacking {}", v.reference))?;
+            let layout = if layers.iter().all(|l| in_temp(&l.digest)) { temp.expect("checked") } else { store };
+            if btrfs_layers {
+                crate::btrfs::stage(layout, layers, &ctx.staging.tmp(), &tmp_name, on_btrfs)
+                    .with_context(|| format!("staging the btrfs layers of {}", v.reference))?;
+                // A parent found by `btrfs receive` may be a host generation holding our
+                // manifest.json (rewritten below); everything else must match exactly.
+                let mismatches = formats::unpack::check_tree_ignoring(&tmp, config, &["manifest.json"])?;
+                if let Some(m) = mismatches.first() {
+                    return Err(Malformed(format!(
+                        "{}: the received tree differs from the signed manifest: {}: {} ({} difference(s))",
+                        v.reference,
+                        m.path,
+                        m.problem,
+                        mismatches.len()
+                    ))
+                    .into());
+                }
+            } else {
+                if on_btrfs {
+                    subvol::create(&ctx.staging.tmp(), &tmp_name)?;
+                } else {
+                    fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+                }
+                formats::unpack::unpack_layers(layout, layers, config, &tmp)
+                    .with_context(|| format!("unpacking {}", v.reference))?;
+            }
             // The signed bytes of the embedded manifest, from wherever they arrived.
             let config_digest = &c.manifest.config.digest;
             let from = received.temp.as_ref().map(|t| &t.layout).filter(|l| l.has_blob(config_digest)).unwrap_or(store);

@@ -1,8 +1,14 @@
 //! Receiving images: from an `.oci.tar` (a file or stdin, read in one pass), an OCI layout
-//! directory, or the local store; verified before anything reaches the store.
+//! directory, a registry (`HOST[:PORT]/REPO:TAG`), or the local store; verified before
+//! anything reaches the store.
+//!
+//! From a registry, the manifest, the embedded stage manifest and the `sha256-<hex>.sig`
+//! signature manifest with its payloads arrive first and are verified like an archive's;
+//! only then are the payload layers the local store lacks fetched (hashed as they stream,
+//! an interrupted download resumed with a ranged GET).
 //!
 //! ```text
-//! SOURCE ──► staging/.tmp/recv-*/ (a temporary OCI layout; every blob hashed as it arrives)
+//! SOURCE ──► store/.tmp/recv-*/ (a temporary OCI layout; every blob hashed as it arrives)
 //!              │  signatures checked as soon as an image's small blobs are in, before payloads
 //!              ▼
 //!            every image: manifest, config, signatures, trust policy, every blob present
@@ -27,6 +33,8 @@ use formats::{Digest, Reference, StageName, Version};
 use keys::policy::Policy;
 use keys::trust::{SignatureLayer, TrustedKey};
 
+use registry::{Access, ClientOptions, Credentials, RegistryError, RegistryRef};
+
 use crate::error::{Malformed, Refused, Untrusted, Usage};
 use crate::host::Host;
 
@@ -37,9 +45,61 @@ pub enum Source {
     Stdin,
     Layout(PathBuf),
     Store(StageName, Option<Version>),
+    /// `HOST[:PORT]/REPO:TAG` (or `REPO@sha256:...`) in an OCI registry.
+    Registry {
+        reference: RegistryRef,
+        options: Box<ClientOptions>,
+    },
+}
+
+/// How to reach a registry SOURCE (flags of `deploy` and `receive`, accepted anywhere).
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct RegistryOpts {
+    /// Registry SOURCE: plain HTTP to a host that is not on loopback. Loopback hosts
+    /// (127.0.0.0/8, ::1, localhost) use plain HTTP anyway unless --ca is given.
+    #[arg(long, global = true)]
+    pub insecure: bool,
+    /// Registry SOURCE: verify its HTTPS certificate against the CA certificates in FILE
+    /// (PEM) instead of the system's roots.
+    #[arg(long, global = true, value_name = "FILE")]
+    pub ca: Option<PathBuf>,
+    /// Registry SOURCE: user name; the password comes from stdin (--password-stdin).
+    /// Without it, credentials come from $REGISTRY_AUTH_FILE or ~/.docker/config.json.
+    #[arg(long, global = true, requires = "password_stdin")]
+    pub username: Option<String>,
+    /// Read the registry password (or token) for --username from stdin (one line).
+    #[arg(long, global = true, requires = "username")]
+    pub password_stdin: bool,
 }
 
 impl Source {
+    /// Parses a SOURCE argument, with the registry flags for a registry source.
+    pub fn parse_with(s: &str, opts: &RegistryOpts) -> Result<Source> {
+        let mut source = Source::parse(s)?;
+        if let Source::Registry { reference, options } = &mut source {
+            if let Some(u) = &opts.username {
+                let mut text = String::new();
+                io::stdin()
+                    .lock()
+                    .take(64 * 1024)
+                    .read_to_string(&mut text)
+                    .context("reading the registry password from stdin")?;
+                let password = text.lines().next().unwrap_or("").to_owned();
+                if password.is_empty() {
+                    return Err(Usage("--password-stdin: stdin holds no password".into()).into());
+                }
+                options.credentials = Some(Credentials { username: u.clone(), password });
+                options.credentials_source = Some("--username/--password-stdin".to_owned());
+            }
+            options.insecure = opts.insecure;
+            options.ca_file = opts.ca.clone();
+            **options = (**options).clone().with_auth_file_for(&reference.host).map_err(|e| registry_error(e, s))?;
+        } else if opts.password_stdin && source == Source::Stdin {
+            return Err(Usage("--password-stdin and SOURCE `-` both want stdin; use one of them".into()).into());
+        }
+        Ok(source)
+    }
+
     /// Parses a SOURCE argument (DESIGN.md §7).
     pub fn parse(s: &str) -> Result<Source> {
         if s == "-" {
@@ -61,16 +121,21 @@ impl Source {
         if let Ok(n) = s.parse::<StageName>() {
             return Ok(Source::Store(n, None));
         }
-        if s.contains('/') && !s.starts_with('/') && !s.starts_with('.') && s.contains(':') {
-            return Err(Usage(format!(
-                "{s} looks like a registry reference; this op-dbus-stage reads .oci.tar files, OCI layout \
-                 directories, `-` (stdin) and NAME[:VERSION] of the local store: copy the image with \
-                 `skopeo copy docker://{s} oci-archive:FILE` and deploy FILE"
-            ))
-            .into());
+        if !s.starts_with('/')
+            && !s.starts_with('.')
+            && let Ok(reference) = s.parse::<RegistryRef>()
+        {
+            if reference.tag.is_none() && reference.digest.is_none() {
+                return Err(Usage(format!(
+                    "{s}: no such file or directory; as a registry reference it needs a tag: {s}:TAG"
+                ))
+                .into());
+            }
+            return Ok(Source::Registry { reference, options: Box::default() });
         }
         Err(Usage(format!(
-            "{s}: no such file or directory, and not NAME or NAME:VERSION of an image in the local store"
+            "{s}: no such file or directory, not NAME or NAME:VERSION of an image in the local store, \
+             and not a registry reference HOST[:PORT]/REPO:TAG"
         ))
         .into())
     }
@@ -312,6 +377,9 @@ pub fn receive(source: &Source, tmp: &Path, store: &Layout, trust: &Trust, allow
             .with_context(|| format!("reading the oci-archive {what}"))?;
             finish(temp, index, verified, store, trust, allow_expired)
         }
+        Source::Registry { reference, options } => {
+            receive_registry(reference, options, tmp, store, trust, allow_expired)
+        }
         Source::Layout(dir) => {
             let src = Layout::open(dir).with_context(|| format!("{} is not an OCI layout", dir.display()))?;
             let index = src.index()?;
@@ -355,6 +423,65 @@ pub fn receive(source: &Source, tmp: &Path, store: &Layout, trust: &Trust, allow
     }
 }
 
+/// A registry error as the installer reports it: corrupt or malformed bytes exit 7, a
+/// bad reference 2, anything else (unreachable, unknown tag, refused credentials) 1.
+fn registry_error(e: RegistryError, what: &str) -> anyhow::Error {
+    let mut text = e.to_string();
+    let mut cause = std::error::Error::source(&e);
+    while let Some(c) = cause {
+        text = format!("{text}: {c}");
+        cause = c.source();
+    }
+    if e.is_malformed() {
+        Malformed(format!("{what}: {text}; nothing was stored or activated")).into()
+    } else if e.is_usage() {
+        Usage(text).into()
+    } else {
+        anyhow::Error::new(e).context(format!("receiving {what} (nothing on this host was changed)"))
+    }
+}
+
+/// A registry source: the small part into a temp layout, signatures verified, then the
+/// payload layers the store lacks.
+fn receive_registry(
+    reference: &RegistryRef,
+    options: &ClientOptions,
+    tmp: &Path,
+    store: &Layout,
+    trust: &Trust,
+    allow_expired: bool,
+) -> Result<Received> {
+    let what = reference.to_string();
+    let client =
+        registry::Client::new(&reference.host, options.clone(), Access::Pull).map_err(|e| registry_error(e, &what))?;
+    let temp = TempLayout::new(tmp)?;
+    let head =
+        registry::transfer::fetch_head(&client, reference, &temp.layout).map_err(|e| registry_error(e, &what))?;
+    let name = &head.config.name;
+    let tag = Reference::new(name.clone(), head.config.version.clone()).to_string();
+    let mut index = ImageIndex::default();
+    index.set(&tag, head.descriptor.clone());
+    if let Some(sd) = &head.signatures {
+        index.set(&format!("{name}:{}", head.digest().signature_tag()), sd.clone());
+    }
+    let c = candidate(&temp.layout, &index, &tag)?
+        .ok_or_else(|| Malformed(format!("{what}: its manifest, config or signatures did not arrive")))?;
+    // Before any payload byte: the signatures must satisfy the trust policy.
+    let v = verify(c, trust, allow_expired).with_context(|| format!("{what} (as {tag})"))?;
+    let stats = registry::transfer::fetch_layers(&client, reference, &head.manifest.layers, &temp.layout, |d| {
+        store.has_blob(d)
+    })
+    .map_err(|e| registry_error(e, &what))?;
+    tracing::info!(
+        "{what}: fetched {} blob(s), {} bytes; {} layer(s) already in the store; {} resumed",
+        stats.blobs_fetched + head.stats.blobs_fetched,
+        stats.bytes_fetched + head.stats.bytes_fetched,
+        stats.blobs_present,
+        stats.resumed
+    );
+    finish(temp, index, BTreeMap::from([(tag, v)]), store, trust, allow_expired)
+}
+
 fn finish(
     temp: TempLayout,
     index: ImageIndex,
@@ -381,6 +508,7 @@ fn finish(
             }
         };
         check_blobs(&[&temp.layout, store], v.candidate())?;
+        link_from_store(&temp.layout, store, v.candidate())?;
         images.push(v);
     }
     Ok(Received { images, temp: Some(temp), index })
@@ -405,6 +533,21 @@ fn check_blobs(layouts: &[&Layout], c: &Candidate) -> Result<()> {
                     .into()
             }
         });
+    }
+    Ok(())
+}
+
+/// Links the layers a thin export (or a registry pull) left out because the store has
+/// them into the received layout, so that every layer of an image is in one layout.
+fn link_from_store(temp: &Layout, store: &Layout, c: &Candidate) -> Result<()> {
+    for l in &c.manifest.layers {
+        if temp.has_blob(&l.digest) || !store.has_blob(&l.digest) {
+            continue;
+        }
+        let (from, to) = (store.blob_path(&l.digest), temp.blob_path(&l.digest));
+        if fs::hard_link(&from, &to).is_err() {
+            fs::copy(&from, &to).with_context(|| format!("copying {} to {}", from.display(), to.display()))?;
+        }
     }
     Ok(())
 }
@@ -461,4 +604,25 @@ fn strip_ref(d: &Descriptor) -> Descriptor {
     let mut d = d.clone();
     d.annotations.remove(oci::ANNOTATION_REF_NAME);
     d
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn registry_sources_parse() {
+        let s = Source::parse("127.0.0.1:5000/op-dbus/app:1.0.0").unwrap();
+        let Source::Registry { reference, options } = s else { panic!("{s:?}") };
+        assert_eq!((reference.host.as_str(), reference.repository.as_str()), ("127.0.0.1:5000", "op-dbus/app"));
+        assert_eq!(reference.tag.as_deref(), Some("1.0.0"));
+        assert_eq!(*options, ClientOptions::default());
+        let err = Source::parse("registry.example.com/app").unwrap_err();
+        assert!(err.is::<Usage>() && err.to_string().contains("needs a tag"), "{err}");
+        assert!(Source::parse("./missing/file.oci.tar").unwrap_err().is::<Usage>());
+        assert_eq!(
+            Source::parse("app:1.0.0").unwrap(),
+            Source::Store("app".parse().unwrap(), Some("1.0.0".parse().unwrap()))
+        );
+    }
 }
