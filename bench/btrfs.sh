@@ -1,0 +1,107 @@
+#!/usr/bin/env bash
+# Benchmark of btrfs images against btrfs send and btrfs receive alone, in the same run,
+# on a loop-mounted btrfs (needs root). Not a test: prints a table, exits 0 unless
+# something could not run.
+#
+#   builder:   op-dbus-image build --format btrfs DIR
+#              vs  cp -a DIR into a new subvolume; snapshot -r; btrfs send --proto 2 | zstd -T0 -3 > FILE
+#   installer: op-dbus-stage deploy FILE (validate, then btrfs receive, then check every file)
+#              vs  zstd -d < LAYER | btrfs receive DIR
+#   incremental: the layer size for a 1% change against the full one
+#
+# environment: OP_DBUS_BIN (default target/release), BENCH_MIB (corpus size, default 512),
+#              BENCH_RUNS (default 3)
+set -euo pipefail
+repo=$(cd "$(dirname "$0")/.." && pwd)
+bin=${OP_DBUS_BIN:-$repo/target/release}
+mib=${BENCH_MIB:-512}
+runs=${BENCH_RUNS:-3}
+[[ $(id -u) == 0 ]] || { echo "bench/btrfs.sh mounts a loop btrfs: run it as root" >&2; exit 1; }
+[[ -x $bin/op-dbus-image && -x $bin/op-dbus-stage ]] || (cd "$repo" && cargo build --release --bins --locked)
+work=$(mktemp -d /var/tmp/op-dbus-btrfs-bench.XXXXXX)
+mnt=$work/mnt
+cleanup() { umount "$mnt" 2>/dev/null || umount -l "$mnt" 2>/dev/null || true; rm -rf "$work"; }
+trap cleanup EXIT
+truncate -s $((mib * 4 + 1024))M "$work/fs.img"
+mkfs.btrfs -q "$work/fs.img" >/dev/null
+mkdir "$mnt"
+mount -o loop "$work/fs.img" "$mnt"
+export SOURCE_DATE_EPOCH=1700000000 OP_DBUS_STORE=$mnt/store
+image=$bin/op-dbus-image
+stage=$bin/op-dbus-stage
+now_ns() { date +%s%N; }
+seconds() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.3f", (b - a) / 1e9 }'; }
+median() { printf '%s\n' "$@" | sort -g | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }'; }
+
+src=$mnt/src/app
+mkdir -p "$src/data"
+printf 'name: app\nversion: 1.0.0\nfiles:\n  - path: data\n    target: /opt/app/data\n' >"$src/manifest.yaml"
+echo "bench: generating a $mib MiB corpus on the loop btrfs" >&2
+for i in $(seq 1 8); do
+	openssl enc -aes-256-ctr -nosalt -pass "pass:seed$i" -in /dev/zero 2>/dev/null |
+		head -c $((mib * 1024 * 1024 / 16)) >"$src/data/random$i.bin"
+	head -c $((mib * 1024 * 1024 / 16)) /usr/share/dict/words 2>/dev/null >"$src/data/text$i.txt" ||
+		yes "op-dbus stage payload line $i" | head -c $((mib * 1024 * 1024 / 16)) >"$src/data/text$i.txt"
+done
+"$image" key generate --out "$mnt/key" >/dev/null
+export OP_DBUS_SIGNING_KEY=$mnt/key
+sync
+
+build_base=() build_ours=() recv_base=() recv_ours=()
+for ((r = 1; r <= runs; r++)); do
+	# Baseline: the same tree into a subvolume, read-only snapshot, send | zstd.
+	btrfs subvolume create -q "$mnt/base" >/dev/null
+	sync
+	t0=$(now_ns)
+	cp -a "$src/data" "$mnt/base/"
+	btrfs subvolume snapshot -r "$mnt/base" "$mnt/base.ro" >/dev/null
+	btrfs send -q --proto 2 "$mnt/base.ro" | zstd -T0 -3 -q >"$mnt/base.stream.zst"
+	sync -f "$mnt/base.stream.zst"
+	t1=$(now_ns)
+	build_base+=("$(seconds "$t0" "$t1")")
+	btrfs subvolume delete -c "$mnt/base" "$mnt/base.ro" >/dev/null
+	rm -rf "$OP_DBUS_STORE"
+	sync
+	t0=$(now_ns)
+	"$image" -q build --format btrfs "$src" >/dev/null
+	t1=$(now_ns)
+	build_ours+=("$(seconds "$t0" "$t1")")
+	# Receive: baseline btrfs receive of the same layer; ours a full deploy.
+	layer=$("$image" --json inspect app:1.0.0 | python3 -c 'import json,sys; print(json.load(sys.stdin)["layers"][0]["digest"].split(":")[1])')
+	mkdir -p "$mnt/recv"
+	sync
+	t0=$(now_ns)
+	zstd -dc -q "$OP_DBUS_STORE/blobs/sha256/$layer" | btrfs receive -q -e "$mnt/recv" >/dev/null
+	sync -f "$mnt/recv"
+	t1=$(now_ns)
+	recv_base+=("$(seconds "$t0" "$t1")")
+	for s in "$mnt"/recv/*; do btrfs subvolume delete -c "$s" >/dev/null; done
+	"$image" -q export app:1.0.0 --out "$mnt/app.oci.tar" >/dev/null
+	root=$mnt/root$r
+	mkdir -p "$root"
+	"$stage" --root "$root" -q init >/dev/null
+	"$stage" --root "$root" -q trust add "$mnt/key.pub" >/dev/null
+	sync
+	t0=$(now_ns)
+	"$stage" --root "$root" -q deploy "$mnt/app.oci.tar" >/dev/null
+	t1=$(now_ns)
+	recv_ours+=("$(seconds "$t0" "$t1")")
+	echo "bench: run $r: build ${build_base[-1]} vs ${build_ours[-1]}; receive ${recv_base[-1]} vs ${recv_ours[-1]}" >&2
+done
+
+# Incremental: change 1% of one file in place and build against the parent.
+f=$src/data/random1.bin
+size=$(stat -c %s "$f")
+dd if=/dev/urandom of="$f" bs=1M count=$((mib / 100 + 1)) seek=1 conv=notrunc status=none
+sed -i 's/version: 1.0.0/version: 1.0.1/' "$src/manifest.yaml"
+"$image" -q build --format btrfs --parent app:1.0.0 "$src" >/dev/null
+sizes=$("$image" --json inspect app:1.0.1 | python3 -c 'import json,sys; print(" ".join(str(l["size"]) for l in json.load(sys.stdin)["layers"]))')
+read -r full incr <<<"$sizes"
+
+bb=$(median "${build_base[@]}") bo=$(median "${build_ours[@]}")
+rb=$(median "${recv_base[@]}") ro=$(median "${recv_ours[@]}")
+echo "btrfs images vs btrfs send / receive alone ($mib MiB corpus, median of $runs runs)"
+printf '%-40s %10s %10s %7s\n' measure baseline_s ours_s ratio
+printf '%-40s %10s %10s %7s\n' "build (cp+snapshot+send|zstd)" "$bb" "$bo" "$(awk -v a="$bb" -v b="$bo" 'BEGIN { printf "%.2f", b / a }')"
+printf '%-40s %10s %10s %7s\n' "deploy (zstd -d | btrfs receive)" "$rb" "$ro" "$(awk -v a="$rb" -v b="$ro" 'BEGIN { printf "%.2f", b / a }')"
+echo "incremental layer for a 1% change: $incr bytes of $full ($(awk -v a="$full" -v b="$incr" 'BEGIN { printf "%.1f%%", 100 * b / a }')); file size $size"
