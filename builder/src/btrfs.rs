@@ -175,8 +175,12 @@ fn fill(dest: &Path, tree: &Tree, parent: Option<&StageConfig>, bar: &indicatif:
             EntryKind::File => {
                 let from = node.from.as_deref().expect("file has a source");
                 let src = File::open(from).with_context(|| format!("reading {}", from.display()))?;
-                let digest = copy_hashing(bar.wrap_read(src), &target, node.size)
-                    .with_context(|| format!("copying {} into the subvolume", from.display()))?;
+                let digest = if fs::symlink_metadata(&target).is_ok() {
+                    copy_hashing(bar.wrap_read(src), &target, node.size)
+                } else {
+                    clone_hashing(bar.wrap_read(src), from, &target, node.size)
+                }
+                .with_context(|| format!("copying {} into the subvolume", from.display()))?;
                 fs::set_permissions(&target, fs::Permissions::from_mode(node.mode.bits()))?;
                 Some(digest)
             }
@@ -224,6 +228,18 @@ fn copy_hashing<R: Read>(mut src: R, dest: &Path, size: u64) -> Result<Digest> {
     }
     out.set_len(size)?;
     Ok(hasher.finish())
+}
+
+/// A new file: copied with `copy_file_range` (on the same btrfs the kernel shares the
+/// extents instead of copying), and hashed from the source; the copy is then compared by
+/// size, and a source that changed meanwhile is caught by the hash at deploy time.
+fn clone_hashing<R: Read>(src: R, from: &Path, dest: &Path, size: u64) -> Result<Digest> {
+    let copied = fs::copy(from, dest)?;
+    let (digest, n) = formats::digest::sha256_reader(src.take(size))?;
+    if copied != size || n != size {
+        bail!("expected {size} bytes but copied {copied} and read {n}; did the file change while building?");
+    }
+    Ok(digest)
 }
 
 fn which_btrfs() -> Result<PathBuf> {
