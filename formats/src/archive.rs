@@ -50,6 +50,8 @@ pub enum ArchiveError {
     TooLarge { name: String, size: u64, max: u64 },
     #[error("the archive has no {0}")]
     Missing(&'static str),
+    #[error("the archive's oci-layout is not {{\"imageLayoutVersion\":\"1.0.0\"}}")]
+    BadLayout,
     #[error(transparent)]
     Layout(#[from] LayoutError),
     #[error("{0}")]
@@ -115,7 +117,7 @@ impl ExportPlan {
     /// Writes the archive to `out`, calling `progress` with the bytes of each blob written.
     pub fn write<W: Write>(&self, layout: &Layout, out: W, mut progress: impl FnMut(u64)) -> Result<W, ArchiveError> {
         let mut tar = tar::Builder::new(out);
-        append(&mut tar, "oci-layout", b"{\"imageLayoutVersion\":\"1.0.0\"}")?;
+        append(&mut tar, "oci-layout", OCI_LAYOUT)?;
         append(&mut tar, "index.json", &self.index.to_bytes())?;
         for dir in ["blobs/", "blobs/sha256/"] {
             let mut h = header(tar::EntryType::Directory, 0o755, 0);
@@ -170,17 +172,26 @@ fn append<W: Write>(tar: &mut tar::Builder<W>, name: &str, bytes: &[u8]) -> io::
 /// checked, every blob hashed while it is written and refused on mismatch. Returns the
 /// archive's index (its tags are not added to `layout`: the caller decides).
 pub fn import<R: Read>(reader: R, layout: &Layout) -> Result<ImageIndex, ArchiveError> {
-    import_with(reader, layout, |_, _| Ok(()))
+    import_with(reader, layout, |_, _, _| Ok(()))
 }
 
-/// Like [`import`], calling `after_blob` with the index and the layout after every blob,
-/// so a caller can check signatures as soon as their blobs have arrived and stop before
-/// any payload byte is read.
-pub fn import_with<R, E, F>(reader: R, layout: &Layout, mut after_blob: F) -> Result<ImageIndex, E>
+/// What [`import_with`] tells its caller about a blob.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BlobEvent {
+    /// A blob's header arrived: nothing of it has been read yet.
+    Header { digest: Digest, size: u64 },
+    /// The blob was stored, its digest checked.
+    Stored { digest: Digest },
+}
+
+/// Like [`import`], calling `on_blob` before and after every blob with the index (once
+/// it has arrived) and the layout, so that a caller can check signatures as soon as their
+/// blobs are in, and refuse a blob by its header before any byte of it is read.
+pub fn import_with<R, E, F>(reader: R, layout: &Layout, mut on_blob: F) -> Result<ImageIndex, E>
 where
     R: Read,
     E: From<ArchiveError>,
-    F: FnMut(&ImageIndex, &Layout) -> Result<(), E>,
+    F: FnMut(BlobEvent, Option<&ImageIndex>, &Layout) -> Result<(), E>,
 {
     let mut ar = tar::Archive::new(reader);
     let mut index: Option<ImageIndex> = None;
@@ -189,9 +200,11 @@ where
     for entry in ar.entries().map_err(ArchiveError::from)? {
         let mut entry = entry.map_err(ArchiveError::from)?;
         let name = String::from_utf8_lossy(&entry.path_bytes()).into_owned();
-        let blob = import_entry(&mut entry, &name, layout, &mut seen, &mut index, &mut saw_layout)?;
-        if blob && let Some(i) = &index {
-            after_blob(i, layout)?;
+        if let Some(ArchivePath::Blob(digest)) = classify(&name) {
+            on_blob(BlobEvent::Header { digest, size: entry.size() }, index.as_ref(), layout)?;
+        }
+        if let Some(digest) = import_entry(&mut entry, &name, layout, &mut seen, &mut index, &mut saw_layout)? {
+            on_blob(BlobEvent::Stored { digest }, index.as_ref(), layout)?;
         }
     }
     if !saw_layout {
@@ -200,7 +213,10 @@ where
     Ok(index.ok_or(ArchiveError::Missing("index.json"))?)
 }
 
-/// Checks and stores one archive entry; returns whether it was a blob.
+/// The only `oci-layout` accepted.
+const OCI_LAYOUT: &[u8] = b"{\"imageLayoutVersion\":\"1.0.0\"}";
+
+/// Checks and stores one archive entry; returns the digest of a blob it stored.
 fn import_entry<R: Read>(
     entry: &mut tar::Entry<'_, R>,
     name: &str,
@@ -208,14 +224,14 @@ fn import_entry<R: Read>(
     seen: &mut BTreeSet<String>,
     index: &mut Option<ImageIndex>,
     saw_layout: &mut bool,
-) -> Result<bool, ArchiveError> {
+) -> Result<Option<Digest>, ArchiveError> {
     let kind = classify(name).ok_or_else(|| ArchiveError::UnexpectedEntry(name.to_owned()))?;
     let et = entry.header().entry_type();
     if kind == ArchivePath::Dir {
         if !et.is_dir() {
             return Err(ArchiveError::NotAFile(name.to_owned()));
         }
-        return Ok(false);
+        return Ok(None);
     }
     if !et.is_file() {
         return Err(ArchiveError::NotAFile(name.to_owned()));
@@ -238,11 +254,16 @@ fn import_entry<R: Read>(
                 )));
             }
             if kind == ArchivePath::Index {
-                *index = Some(ImageIndex::from_bytes(&buf)?);
+                *index = Some(ImageIndex::from_bytes_strict(&buf)?);
             } else {
+                // Strict: an oci-layout that says anything else is not ours to read.
+                let v: serde_json::Value = serde_json::from_slice(&buf).map_err(|_| ArchiveError::BadLayout)?;
+                if v != serde_json::json!({"imageLayoutVersion": "1.0.0"}) {
+                    return Err(ArchiveError::BadLayout);
+                }
                 *saw_layout = true;
             }
-            Ok(false)
+            Ok(None)
         }
         ArchivePath::Blob(digest) => {
             let mut w = layout.blob_writer()?;
@@ -254,10 +275,10 @@ fn import_entry<R: Read>(
                 )));
             }
             if layout.has_blob(&digest) {
-                return Ok(true);
+                return Ok(Some(digest));
             }
             w.finish_expecting(&digest)?;
-            Ok(true)
+            Ok(Some(digest))
         }
         ArchivePath::Dir => unreachable!("handled above"),
     }
@@ -284,7 +305,7 @@ mod tests {
         let layout = Layout::open_or_create(&dir.path().join("s")).unwrap();
         let mk = |name: &str, body: &[u8]| {
             let mut tar = tar::Builder::new(Vec::new());
-            append(&mut tar, "oci-layout", b"{}").unwrap();
+            append(&mut tar, "oci-layout", OCI_LAYOUT).unwrap();
             append(&mut tar, "index.json", &ImageIndex::default().to_bytes()).unwrap();
             append(&mut tar, name, body).unwrap();
             tar.into_inner().unwrap()

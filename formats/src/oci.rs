@@ -212,7 +212,65 @@ impl ImageManifest {
     }
 }
 
+/// The strict shape of an index read from an archive: no fields beyond the ones our
+/// exports write, so that a changed byte cannot hide in a field nobody reads.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct StrictDescriptor {
+    media_type: String,
+    digest: Digest,
+    size: u64,
+    #[serde(default)]
+    artifact_type: Option<String>,
+    #[serde(default)]
+    annotations: BTreeMap<String, String>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct StrictIndex {
+    schema_version: u32,
+    #[serde(default)]
+    media_type: Option<String>,
+    manifests: Vec<StrictDescriptor>,
+    #[serde(default)]
+    annotations: BTreeMap<String, String>,
+}
+
 impl ImageIndex {
+    /// Parses an `index.json` strictly (archives): unknown fields, another media type,
+    /// and descriptors that are not image manifests are refused.
+    pub fn from_bytes_strict(bytes: &[u8]) -> Result<Self, EnvelopeError> {
+        let i: StrictIndex = parse_bounded(bytes, "index.json")?;
+        let invalid = |reason: String| EnvelopeError::Invalid { what: "index.json", reason };
+        if i.schema_version != 2 {
+            return Err(invalid(format!("schemaVersion {} (expected 2)", i.schema_version)));
+        }
+        if i.media_type.as_deref().is_some_and(|t| t != INDEX_MEDIA_TYPE) {
+            return Err(invalid(format!("mediaType {:?}", i.media_type)));
+        }
+        let mut manifests = Vec::with_capacity(i.manifests.len());
+        for d in i.manifests {
+            if d.media_type != MANIFEST_MEDIA_TYPE {
+                return Err(invalid(format!("descriptor {} has mediaType {:?}", d.digest, d.media_type)));
+            }
+            if d.artifact_type.as_deref().is_some_and(|t| t != STAGE_ARTIFACT_TYPE) {
+                return Err(invalid(format!("descriptor {} has artifactType {:?}", d.digest, d.artifact_type)));
+            }
+            if d.annotations.keys().any(|k| k != ANNOTATION_REF_NAME) {
+                return Err(invalid(format!("descriptor {} has annotations other than a ref.name", d.digest)));
+            }
+            manifests.push(Descriptor {
+                media_type: d.media_type,
+                digest: d.digest,
+                size: d.size,
+                artifact_type: d.artifact_type,
+                annotations: d.annotations,
+            });
+        }
+        Ok(ImageIndex { schema_version: 2, media_type: i.media_type, manifests, annotations: i.annotations })
+    }
+
     pub fn to_bytes(&self) -> Vec<u8> {
         serde_json::to_vec(self).expect("index serializes")
     }

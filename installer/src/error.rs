@@ -100,7 +100,9 @@ pub fn exit_code(err: &anyhow::Error) -> i32 {
         }
         if let Some(e) = cause.downcast_ref::<ArchiveError>() {
             return match e {
-                ArchiveError::Io(io) if io.kind() != std::io::ErrorKind::UnexpectedEof => OTHER,
+                // An error of the operating system is ours; anything else the tar reader
+                // says (a cut archive, a bad header) is about the input.
+                ArchiveError::Io(io) if io.raw_os_error().is_some() => OTHER,
                 ArchiveError::Layout(LayoutError::Io { .. }) => OTHER,
                 _ => MALFORMED,
             };

@@ -25,6 +25,7 @@ use std::time::SystemTime;
 use anyhow::{Context, Result};
 use serde::Serialize;
 
+use formats::archive::BlobEvent;
 use formats::layout::Layout;
 use formats::manifest::{MAX_CONFIG_BYTES, StageConfig};
 use formats::oci::{self, Descriptor, ImageIndex, ImageManifest, MAX_MANIFEST_BYTES};
@@ -218,6 +219,13 @@ pub fn candidate(layout: &Layout, index: &ImageIndex, tag: &str) -> Result<Optio
     let desc = index.find(tag).expect("tag from this index").clone();
     let Some(bytes) = read_small(layout, &desc.digest, MAX_MANIFEST_BYTES)? else { return Ok(None) };
     let manifest = ImageManifest::stage_from_bytes(&bytes).with_context(|| format!("image {tag}"))?;
+    // The index is not signed: what it says of the manifest must be what the manifest is.
+    if desc.media_type != oci::MANIFEST_MEDIA_TYPE
+        || desc.size != bytes.len() as u64
+        || desc.artifact_type.as_ref().is_some_and(|t| Some(t) != manifest.artifact_type.as_ref())
+    {
+        return Err(Malformed(format!("the index's descriptor of {tag} does not describe its manifest")).into());
+    }
     let Some(config_bytes) = read_small(layout, &manifest.config.digest, MAX_CONFIG_BYTES)? else { return Ok(None) };
     if config_bytes.len() as u64 != manifest.config.size {
         return Err(Malformed(format!("image {tag}: the config's size differs from its descriptor")).into());
@@ -240,6 +248,9 @@ pub fn candidate(layout: &Layout, index: &ImageIndex, tag: &str) -> Result<Optio
     let mut signature_tag = None;
     if let Some(sd) = index.find(&sig_tag) {
         let Some(sig_bytes) = read_small(layout, &sd.digest, MAX_MANIFEST_BYTES)? else { return Ok(None) };
+        if sd.media_type != oci::MANIFEST_MEDIA_TYPE || sd.size != sig_bytes.len() as u64 {
+            return Err(Malformed(format!("the index's descriptor of {sig_tag} does not describe its manifest")).into());
+        }
         let sm = ImageManifest::from_bytes(&sig_bytes).with_context(|| format!("signatures of {tag}"))?;
         if sm.subject.as_ref().map(|s| s.digest) != Some(desc.digest) {
             return Err(Untrusted(format!(
@@ -362,17 +373,23 @@ pub fn receive(source: &Source, tmp: &Path, store: &Layout, trust: &Trust, allow
                 Source::Archive(p) => p.display().to_string(),
                 _ => "stdin".to_owned(),
             };
-            let index = formats::archive::import_with(reader, &temp.layout, |index: &ImageIndex, layout: &Layout| {
-                // Verify each image as soon as its small blobs are in: before its payload.
-                for tag in image_tags(index) {
-                    if verified.contains_key(&tag) {
-                        continue;
-                    }
-                    if let Some(c) = candidate(layout, index, &tag)? {
-                        verified.insert(tag, verify(c, trust, allow_expired)?);
+            let index = formats::archive::import_with(reader, &temp.layout, |event, index, layout: &Layout| {
+                match event {
+                    BlobEvent::Header { digest, size } => gate_blob(&digest, size, index, &verified, layout),
+                    BlobEvent::Stored { .. } => {
+                        let Some(index) = index else { return Ok(()) };
+                        // Verify each image as soon as its small blobs are in: before its payload.
+                        for tag in image_tags(index) {
+                            if verified.contains_key(&tag) {
+                                continue;
+                            }
+                            if let Some(c) = candidate(layout, index, &tag)? {
+                                verified.insert(tag, verify(c, trust, allow_expired)?);
+                            }
+                        }
+                        Ok::<(), anyhow::Error>(())
                     }
                 }
-                Ok::<(), anyhow::Error>(())
             })
             .with_context(|| format!("reading the oci-archive {what}"))?;
             finish(temp, index, verified, store, trust, allow_expired)
@@ -480,6 +497,48 @@ fn receive_registry(
         stats.resumed
     );
     finish(temp, index, BTreeMap::from([(tag, v)]), store, trust, allow_expired)
+}
+
+/// Decides from its header whether a blob of an archive read as a stream may be read at
+/// all: unauthenticated bytes are never read to their end. Before every image's
+/// signatures are checked only small blobs (manifests, configs, signatures: at most
+/// `MAX_CONFIG_BYTES`) may come; after, only blobs the verified images name.
+fn gate_blob(
+    digest: &Digest,
+    size: u64,
+    index: Option<&ImageIndex>,
+    verified: &BTreeMap<String, Verified>,
+    layout: &Layout,
+) -> Result<()> {
+    let all_verified = index.is_some_and(|i| {
+        let tags = image_tags(i);
+        !tags.is_empty() && tags.iter().all(|t| verified.contains_key(t))
+    });
+    if !all_verified {
+        if size > MAX_CONFIG_BYTES {
+            return Err(Malformed(format!(
+                "blob {digest} ({size} bytes) comes before the signatures of the images that would name it; \
+                 an archive read as a stream must hold signatures, manifests and configs first (as \
+                 `op-dbus-image export` writes them): unpack it and deploy the layout directory instead"
+            ))
+            .into());
+        }
+        return Ok(());
+    }
+    let named = verified.values().any(|v| {
+        let c = v.candidate();
+        c.manifest.layers.iter().any(|l| l.digest == *digest && l.size == size)
+            || c.manifest.config.digest == *digest
+            || c.digest == *digest
+    });
+    // Signature blobs were all read before the images could be verified.
+    if !named && !layout.has_blob(digest) {
+        return Err(Malformed(format!(
+            "blob {digest} ({size} bytes) is not named by any image in the archive (or its size differs); refused unread"
+        ))
+        .into());
+    }
+    Ok(())
 }
 
 fn finish(
