@@ -942,7 +942,7 @@ fn entry_path(raw: &[u8], is_dir: bool) -> Result<RelPath, String> {
 }
 
 /// The names in a directory, sorted, without `.` and `..`.
-fn list_dir(dir: &OwnedFd) -> io::Result<Vec<CString>> {
+pub(crate) fn list_dir(dir: &OwnedFd) -> io::Result<Vec<CString>> {
     let mut names = Vec::new();
     for e in rustix::fs::Dir::read_from(dir)? {
         let e = e?;

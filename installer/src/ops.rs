@@ -811,15 +811,16 @@ pub fn verify(ctx: &Ctx, only: Option<&StageName>) -> Result<VerifyReport> {
 pub fn trust_add(ctx: &Ctx, file: &Path, scopes: &[String]) -> Result<serde_json::Value> {
     let key = keys::PublicKey::read(file)?;
     let id = key.key_id();
-    let dir = ctx.host.ensure_dir("etc/op-dbus/trusted-keys")?;
-    let dest = dir.join(format!("{id}.pub"));
     if ctx.opts.dry_run {
+        let dest = ctx.host.root.join(format!("etc/op-dbus/trusted-keys/{id}.pub"));
         return Ok(serde_json::json!({"key_id": id.to_string(), "file": dest, "scopes": scopes, "dry_run": true}));
     }
-    formats::layout::write_atomic(&dest, key.to_spki_pem().as_bytes())?;
+    // The scope first: a crash in between must never leave the key trusted for every stage.
     if !scopes.is_empty() {
         edit_policy(ctx, |text, path| keys::policy::set_scope(text, path, &id, scopes).map_err(Into::into))?;
     }
+    let dest = ctx.host.ensure_dir("etc/op-dbus/trusted-keys")?.join(format!("{id}.pub"));
+    formats::layout::write_atomic(&dest, key.to_spki_pem().as_bytes())?;
     Ok(serde_json::json!({"key_id": id.to_string(), "file": dest, "scopes": scopes}))
 }
 

@@ -51,19 +51,8 @@ pub(crate) fn open_dir(root: &OwnedFd, dir: Option<&RelPath>) -> io::Result<Owne
     Ok(fd)
 }
 
-/// The names in a directory, sorted, without `.` and `..`.
-pub(crate) fn list_dir(dir: &OwnedFd) -> io::Result<Vec<CString>> {
-    let mut names = Vec::new();
-    for e in rustix::fs::Dir::read_from(dir)? {
-        let e = e?;
-        let n = e.file_name();
-        if n != c"." && n != c".." {
-            names.push(n.to_owned());
-        }
-    }
-    names.sort();
-    Ok(names)
-}
+/// The names in a directory, sorted, without `.` and `..` (shared with the tar unpacker).
+pub(crate) use crate::unpack::list_dir;
 
 /// A directory entry's name as a path component, or an error naming it.
 pub(crate) fn component(name: &CStr, at: &Path) -> Result<String, StreamError> {
