@@ -280,6 +280,9 @@ fn write_image(
     bar.finish_and_clear();
     let layer_size = layer.size;
     config.entries = entries;
+    // What the installer would refuse is refused here (a copy of a staged link, a link
+    // chain out of the stage, ...), before anything is tagged or signed.
+    config.validate().with_context(|| format!("the stage manifest of {reference}"))?;
     let config_bytes = config.to_bytes();
     layout.write_blob(&config_bytes)?;
 

@@ -173,6 +173,17 @@ pub enum FileType {
     CopyIfNotExists,
 }
 
+impl FileType {
+    /// The name a manifest gives it (`copy-if-not-exists`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FileType::Symlink => "symlink",
+            FileType::Copy => "copy",
+            FileType::CopyIfNotExists => "copy-if-not-exists",
+        }
+    }
+}
+
 /// One `files:` entry.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -462,6 +473,17 @@ pub enum EntryKind {
     Symlink,
 }
 
+impl EntryKind {
+    /// "file", "directory" or "symlink", for messages.
+    pub fn noun(self) -> &'static str {
+        match self {
+            EntryKind::File => "file",
+            EntryKind::Dir => "directory",
+            EntryKind::Symlink => "symlink",
+        }
+    }
+}
+
 /// One staged path with what the signature promises about it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -627,12 +649,78 @@ impl StageConfig {
                 return Err(invalid(field(), "fields do not fit its type".into()));
             }
         }
+        // Each link on its own stays inside (above); a chain of them must too: judged by
+        // where it resolves, following every staged link on the way as the kernel would.
+        for (i, e) in self.entries.iter().enumerate().filter(|(_, e)| e.kind == EntryKind::Symlink) {
+            self.resolve_links(&e.path).map_err(|reason| invalid(format!("entries[{i}] ({})", e.path), reason))?;
+        }
         for (i, f) in self.files.iter().enumerate() {
-            if self.entry(&f.path).is_none() {
+            let Some(e) = self.entry(&f.path) else {
                 return Err(invalid(format!("files[{i}].path"), format!("{} is not staged in the image", f.path)));
+            };
+            // A copy is of a regular file: a staged link or directory cannot be copied.
+            if matches!(f.kind, FileType::Copy | FileType::CopyIfNotExists) && e.kind != EntryKind::File {
+                return Err(invalid(
+                    format!("files[{i}].path"),
+                    format!(
+                        "{} is a staged {}; `type: {}` copies regular files only (use `type: symlink`)",
+                        f.path,
+                        e.kind.noun(),
+                        f.kind.as_str()
+                    ),
+                ));
             }
         }
         Ok(())
+    }
+
+    /// Where the staged path `path` leads when every staged symlink on the way is followed
+    /// (the last component included): the stage path it names, or why it leaves the stage.
+    /// Components that are not staged are taken as they are (the kernel would fail there).
+    pub fn resolve_links(&self, path: &RelPath) -> Result<String, String> {
+        /// As many links as Linux follows in one path walk.
+        const MAX_HOPS: usize = 40;
+        let mut hops = 0;
+        let mut done: Vec<&str> = Vec::new();
+        let mut todo: std::collections::VecDeque<&str> = path.components().collect();
+        while let Some(c) = todo.pop_front() {
+            match c {
+                "" | "." => {}
+                ".." => {
+                    if done.pop().is_none() {
+                        return Err(format!("{path} resolves outside the stage through its links"));
+                    }
+                }
+                c => {
+                    done.push(c);
+                    let here = done.join("/");
+                    let link = self
+                        .entries
+                        .binary_search_by(|e| e.path.as_str().cmp(&here))
+                        .ok()
+                        .map(|i| &self.entries[i])
+                        .filter(|e| e.kind == EntryKind::Symlink);
+                    if let Some(e) = link {
+                        hops += 1;
+                        if hops > MAX_HOPS {
+                            return Err(format!("{path}: more than {MAX_HOPS} links on the way (a loop?)"));
+                        }
+                        let text = e.link.as_deref().unwrap_or_default();
+                        if text.starts_with('/') {
+                            return Err(format!("{path} resolves through the absolute link {}", e.path));
+                        }
+                        done.pop();
+                        for part in text.split('/').rev() {
+                            todo.push_front(part);
+                        }
+                    }
+                }
+            }
+        }
+        if done.is_empty() {
+            return Err(format!("{path} resolves to the stage's own top directory"));
+        }
+        Ok(done.join("/"))
     }
 }
 
@@ -736,5 +824,77 @@ mod tests {
         let mut text = String::from_utf8(c.to_bytes()).unwrap();
         text = text.replacen("\"entries\"", "\"extra\":1,\"entries\"", 1);
         assert!(StageConfig::from_bytes(text.as_bytes()).is_err());
+    }
+
+    fn entry(path: &str, kind: EntryKind, link: Option<&str>) -> Entry {
+        let file = kind == EntryKind::File;
+        Entry {
+            path: path.parse().unwrap(),
+            kind,
+            mode: Mode(0o755),
+            size: file.then_some(1),
+            sha256: file.then(|| Digest::of(b"x")),
+            link: link.map(str::to_owned),
+        }
+    }
+
+    fn config(files: &str, entries: Vec<Entry>) -> StageConfig {
+        let def = parse(&format!("version: 1.0.0\n{files}")).unwrap();
+        StageConfig::from_definition("s".parse().unwrap(), &def, entries)
+    }
+
+    #[test]
+    fn a_link_chain_that_leaves_the_stage_is_refused() {
+        use EntryKind::*;
+        // Each text stays inside on its own; followed through `b`, `a` leads out.
+        let c = config(
+            "",
+            vec![entry("a", Symlink, Some("b/../../../../etc/shadow")), entry("b", Symlink, Some("../../x"))],
+        );
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("entries[0] (a)") && e.contains("outside the stage"), "{e}");
+        // Through a link to a directory and back up: still inside.
+        let c = config(
+            "",
+            vec![
+                entry("bin", Dir, None),
+                entry("bin/tool", File, None),
+                entry("lib", Symlink, Some("bin")),
+                entry("x", Symlink, Some("lib/../bin/tool")),
+                entry("y", Symlink, Some("lib/tool")),
+            ],
+        );
+        c.validate().unwrap();
+        assert_eq!(c.resolve_links(&"y".parse().unwrap()).unwrap(), "bin/tool");
+        assert_eq!(c.resolve_links(&"x".parse().unwrap()).unwrap(), "bin/tool");
+        // A nested link that climbs out through the directory link it lies under.
+        let c = config(
+            "",
+            vec![
+                entry("d", Dir, None),
+                entry("d/e", Dir, None),
+                entry("d/e/up", Symlink, Some("../..")),
+                entry("z", Symlink, Some("d/e/up/../../etc")),
+            ],
+        );
+        assert!(c.validate().is_err());
+        // Loops are refused, not followed forever.
+        let c = config("", vec![entry("p", Symlink, Some("q")), entry("q", Symlink, Some("p"))]);
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("loop"), "{e}");
+    }
+
+    #[test]
+    fn a_copy_of_a_staged_link_or_directory_is_refused() {
+        use EntryKind::*;
+        let files = "files:\n  - path: cfg\n    target: /etc/op-dbus/cfg\n    type: copy\n";
+        let c = config(files, vec![entry("cfg", Symlink, Some("real")), entry("real", File, None)]);
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("files[0].path") && e.contains("symlink") && e.contains("type: copy"), "{e}");
+        let files = "files:\n  - path: d\n    target: /etc/op-dbus/d\n    type: copy-if-not-exists\n";
+        let c = config(files, vec![entry("d", Dir, None)]);
+        assert!(c.validate().unwrap_err().to_string().contains("directory"));
+        let files = "files:\n  - path: real\n    target: /etc/op-dbus/cfg\n    type: copy\n";
+        config(files, vec![entry("real", File, None)]).validate().unwrap();
     }
 }

@@ -15,8 +15,30 @@ pub struct StageName(String);
 
 /// A name that is not a valid stage name.
 #[derive(Debug, thiserror::Error)]
-#[error("invalid stage name {0:?}: use 1 to 128 letters, digits, '.', '_' or '-', starting with a letter or digit")]
-pub struct InvalidName(pub String);
+pub enum InvalidName {
+    #[error("invalid stage name {0:?}: use 1 to 128 letters, digits, '.', '_' or '-', starting with a letter or digit")]
+    Syntax(String),
+    #[error(
+        "invalid stage name {0:?}: the installer keeps a file of that name beside the stages' links \
+         (reserved: {reserved}, and names ending in .json, .lock or .tmp)",
+        reserved = RESERVED_NAMES.join(", ")
+    )]
+    Reserved(String),
+}
+
+/// Names of the installer's own entries in its staging directory, where every stage also
+/// has its link (`staging/<stage>`): no stage may take one of them (compared ignoring
+/// case, so that a case-insensitive copy of the staging area cannot collide either). The
+/// installer's future entries start with `.`, which no stage name does.
+pub const RESERVED_NAMES: &[&str] = &["state.json", "lock", "journal", "snapshots", "backups", "generations", "tmp"];
+
+/// Endings reserved for the installer's files beside the stage links.
+const RESERVED_SUFFIXES: &[&str] = &[".json", ".lock", ".tmp"];
+
+fn is_reserved(s: &str) -> bool {
+    let lower = s.to_ascii_lowercase();
+    RESERVED_NAMES.contains(&lower.as_str()) || RESERVED_SUFFIXES.iter().any(|x| lower.ends_with(x))
+}
 
 impl StageName {
     pub fn as_str(&self) -> &str {
@@ -31,7 +53,13 @@ impl FromStr for StageName {
             && s.len() <= 128
             && s.as_bytes()[0].is_ascii_alphanumeric()
             && s.bytes().all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'-'));
-        if ok { Ok(StageName(s.to_owned())) } else { Err(InvalidName(s.to_owned())) }
+        if !ok {
+            return Err(InvalidName::Syntax(s.to_owned()));
+        }
+        if is_reserved(s) {
+            return Err(InvalidName::Reserved(s.to_owned()));
+        }
+        Ok(StageName(s.to_owned()))
     }
 }
 
@@ -182,6 +210,23 @@ mod tests {
         for bad in ["", "-x", ".hidden", "a/b", "a:b", "..", "a b", &"x".repeat(129)] {
             assert!(bad.parse::<StageName>().is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn the_installers_own_entries_are_not_stage_names() {
+        for bad in
+            ["state.json", "lock", "journal", "snapshots", "backups", "Backups", "LOCK", "x.json", "a.tmp", "b.lock"]
+        {
+            let e = bad.parse::<StageName>().unwrap_err();
+            assert!(matches!(e, InvalidName::Reserved(_)), "{bad}: {e}");
+            assert!(e.to_string().contains("reserved"), "{e}");
+        }
+        // Close to a reserved name is fine.
+        for ok in ["locker", "journal-2", "state", "snapshots.d", "json"] {
+            ok.parse::<StageName>().unwrap();
+        }
+        // A state file naming such a stage does not load either.
+        assert!(serde_json::from_str::<StageName>("\"state.json\"").is_err());
     }
 
     #[test]

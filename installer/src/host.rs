@@ -41,6 +41,30 @@ pub enum TargetState {
     Other,
 }
 
+/// A link the installer will not follow while writing a target: a user other than root
+/// owns it.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "{path} is a symlink owned by uid {uid}, not by root: the installer does not follow it while writing a target \
+     (a user's link must not steer root's writes); replace it with a directory or a link owned by root"
+)]
+pub struct UnsafeLink {
+    pub path: String,
+    pub uid: u32,
+}
+
+/// A path component that does not exist; holds the path resolved so far plus the rest.
+#[derive(Debug, thiserror::Error)]
+#[error("{} does not exist", .0.join("/"))]
+struct Missing(Vec<String>);
+
+/// A directory reached by [`Host::walk`] and the path it resolved to (relative to the root).
+#[derive(Debug)]
+struct Walked {
+    fd: OwnedFd,
+    path: String,
+}
+
 /// The host under a root.
 #[derive(Debug)]
 pub struct Host {
@@ -129,12 +153,112 @@ impl Host {
         )?)
     }
 
-    /// The parent directory of `target` (resolved in the root) and the last component.
+    /// The parent directory of `target` (resolved in the root, see [`Host::walk`]) and the
+    /// last component.
     fn parent(&self, target: &TargetPath) -> io::Result<(OwnedFd, String)> {
         let rel = target.relative();
-        let parent = rel.parent().map(|p| p.to_string()).unwrap_or_default();
-        let fd = self.dir_fd(&parent)?;
+        let fd = match rel.parent() {
+            Some(p) => self.walk(p.components())?.fd,
+            None => self.dir_fd("")?,
+        };
         Ok((fd, rel.file_name().to_owned()))
+    }
+
+    /// Walks `components` from the root to a directory the way the installer may write
+    /// through it: a symlink on the way is followed (inside the root, absolute ones from the
+    /// root) only when root owns it, as the kernel's `protected_symlinks` and
+    /// systemd-tmpfiles' "unsafe path transition" rules have it, so that a user who owns a
+    /// directory under an allowed prefix cannot point the installer elsewhere with a link of
+    /// theirs. Returns the directory and the path it resolved to. A missing component is
+    /// `NotFound`, with [`Walked::missing`] telling where.
+    fn walk<'a>(&self, components: impl Iterator<Item = &'a str>) -> io::Result<Walked> {
+        /// As many links as Linux follows in one path walk.
+        const MAX_HOPS: usize = 40;
+        let mut todo: std::collections::VecDeque<String> = components.map(str::to_owned).collect();
+        let mut dirs: Vec<(OwnedFd, String)> = Vec::new();
+        let mut hops = 0;
+        while let Some(c) = todo.pop_front() {
+            match c.as_str() {
+                "" | "." => continue,
+                // Like the root of a chroot, the root's parent is the root.
+                ".." => {
+                    dirs.pop();
+                    continue;
+                }
+                _ => {}
+            }
+            let here = dirs.last().map_or(&self.root_fd, |(fd, _)| fd);
+            // O_PATH|O_NOFOLLOW opens the entry itself: what is checked below is what is
+            // used, whatever happens to the name meanwhile.
+            let fd = match rustix::fs::openat(
+                here,
+                c.as_str(),
+                OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                Mode::empty(),
+            ) {
+                Ok(fd) => fd,
+                Err(rustix::io::Errno::NOENT) => {
+                    let mut missing: Vec<String> = dirs.iter().map(|(_, n)| n.clone()).collect();
+                    missing.push(c);
+                    missing.extend(todo);
+                    return Err(io::Error::new(io::ErrorKind::NotFound, Missing(missing)));
+                }
+                Err(e) => return Err(e.into()),
+            };
+            let st = rustix::fs::fstat(&fd)?;
+            match FileType::from_raw_mode(st.st_mode) {
+                FileType::Directory => dirs.push((fd, c)),
+                FileType::Symlink => {
+                    let at: Vec<&str> = dirs.iter().map(|(_, n)| n.as_str()).collect();
+                    let path = format!("/{}", at.iter().copied().chain([c.as_str()]).collect::<Vec<_>>().join("/"));
+                    if st.st_uid != 0 {
+                        return Err(io::Error::new(
+                            io::ErrorKind::PermissionDenied,
+                            UnsafeLink { path, uid: st.st_uid },
+                        ));
+                    }
+                    hops += 1;
+                    if hops > MAX_HOPS {
+                        return Err(io::Error::other(format!("{path}: too many levels of symbolic links")));
+                    }
+                    let text = rustix::fs::readlinkat(&fd, "", Vec::new())?;
+                    let text = text.to_string_lossy().into_owned();
+                    if text.starts_with('/') {
+                        dirs.clear();
+                    }
+                    for part in text.split('/').rev() {
+                        todo.push_front(part.to_owned());
+                    }
+                }
+                _ => return Err(io::Error::from_raw_os_error(20)),
+            }
+        }
+        let path = dirs.iter().map(|(_, n)| n.as_str()).collect::<Vec<_>>().join("/");
+        let fd = match dirs.pop() {
+            Some((fd, _)) => fd,
+            None => self.dir_fd("")?,
+        };
+        Ok(Walked { fd, path })
+    }
+
+    /// Where `target` lies once the links on the way are followed as [`Host::walk`] does;
+    /// directories not made yet are taken as named. An error when a link on the way is
+    /// one the installer must not follow.
+    pub fn resolve_target(&self, target: &TargetPath) -> io::Result<TargetPath> {
+        let rel = target.relative();
+        let dir = match rel.parent() {
+            None => String::new(),
+            Some(p) => match self.walk(p.components()) {
+                Ok(w) => w.path,
+                Err(e) => match e.get_ref().and_then(|x| x.downcast_ref::<Missing>()) {
+                    Some(Missing(parts)) => parts.join("/"),
+                    None => return Err(e),
+                },
+            },
+        };
+        let whole =
+            if dir.is_empty() { format!("/{}", rel.file_name()) } else { format!("/{dir}/{}", rel.file_name()) };
+        TargetPath::parse(&whole).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))
     }
 
     /// What is at `target` now (the last component is not followed).
@@ -173,9 +297,9 @@ impl Host {
         Ok(Some(sha256_reader(fs::File::from(f))?.0))
     }
 
-    /// Whether the directory `dir` exists (resolved in the root).
+    /// Whether the directory `dir` exists (resolved in the root, see [`Host::walk`]).
     pub fn dir_exists(&self, dir: &TargetPath) -> io::Result<bool> {
-        match self.dir_fd(dir.relative().as_str()) {
+        match self.walk(dir.relative().components()) {
             Ok(_) => Ok(true),
             Err(e) if e.kind() == io::ErrorKind::NotFound || e.raw_os_error() == Some(20) => Ok(false),
             Err(e) => Err(e),
@@ -212,7 +336,7 @@ impl Host {
             return Ok(());
         }
         let (fd, name) = self.parent(target)?;
-        let tmp = format!(".{name}.op-dbus-tmp");
+        let tmp = temp_name(&name, "tmp");
         let _ = rustix::fs::unlinkat(&fd, tmp.as_str(), AtFlags::empty());
         rustix::fs::symlinkat(text, &fd, tmp.as_str())?;
         rustix::fs::renameat(&fd, tmp.as_str(), &fd, name.as_str())?;
@@ -227,10 +351,16 @@ impl Host {
             Err(e) if e.kind() == io::ErrorKind::NotFound || e.raw_os_error() == Some(20) => return Ok(()),
             Err(e) => return Err(e),
         };
-        match rustix::fs::unlinkat(&fd, format!(".{name}.op-dbus-tmp").as_str(), AtFlags::empty()) {
-            Ok(()) | Err(rustix::io::Errno::NOENT) => Ok(()),
-            Err(e) => Err(e.into()),
+        // `.NAME.op-dbus-tmp` is what versions before the fixed-length names left.
+        let legacy = format!(".{name}.op-dbus-tmp");
+        let names = [Some(temp_name(&name, "tmp")), (legacy.len() <= 255).then_some(legacy)];
+        for n in names.iter().flatten() {
+            match rustix::fs::unlinkat(&fd, n.as_str(), AtFlags::empty()) {
+                Ok(()) | Err(rustix::io::Errno::NOENT) => {}
+                Err(e) => return Err(e.into()),
+            }
         }
+        Ok(())
     }
 
     /// Removes the symlink or file at `target`; nothing if it is missing.
@@ -268,7 +398,7 @@ impl Host {
     /// Copies the host file `from` to `target` with `mode`, through a temp file renamed into place.
     pub fn copy_in(&self, from: &Path, target: &TargetPath, mode: u32) -> io::Result<()> {
         let (fd, name) = self.parent(target)?;
-        let tmp = format!(".{name}.op-dbus-tmp");
+        let tmp = temp_name(&name, "tmp");
         let _ = rustix::fs::unlinkat(&fd, tmp.as_str(), AtFlags::empty());
         let out = rustix::fs::openat(
             &fd,
@@ -296,7 +426,7 @@ fn move_between(from_dir: &OwnedFd, from: &str, to_dir: &OwnedFd, to: &str) -> i
     match rustix::fs::renameat_with(from_dir, from, to_dir, to, rustix::fs::RenameFlags::NOREPLACE) {
         Ok(()) => Ok(()),
         Err(rustix::io::Errno::XDEV) => {
-            let tmp = format!(".{to}.op-dbus-xdev");
+            let tmp = temp_name(to, "xdev");
             remove_at(to_dir, &tmp)?;
             copy_at(from_dir, from, to_dir, &tmp, 0)?;
             rustix::fs::renameat_with(to_dir, tmp.as_str(), to_dir, to, rustix::fs::RenameFlags::NOREPLACE)?;
@@ -391,6 +521,14 @@ fn remove_at(dir: &OwnedFd, name: &str) -> io::Result<()> {
         rustix::fs::unlinkat(dir, name, AtFlags::empty())?;
     }
     Ok(())
+}
+
+/// The name of the temp entry beside `name` (a file or link made there, then renamed over
+/// `name`): fixed-length, so that it fits wherever `name` does (a name of 255 bytes has no
+/// room for a prefix and a suffix), and the same every time for one name, so that what a
+/// killed command left is found again.
+pub fn temp_name(name: &str, kind: &str) -> String {
+    format!(".op-dbus-{kind}-{}", &Digest::of(name.as_bytes()).hex()[..16])
 }
 
 fn host_parent(p: &Path) -> io::Result<(OwnedFd, String)> {

@@ -297,27 +297,7 @@ fn deploy_one(ctx: &Ctx, trust: &Trust, store: &Layout, received: &Received, v: 
         return Ok(None);
     }
     // Policy: targets, feature, dependencies, downgrade.
-    for f in &config.files {
-        if !trust.policy.target_allowed(&f.target) {
-            return Err(Refused::Policy(format!(
-                "{}: target {} is outside the allowed prefixes ({}); a trusted key is not a licence to write there. \
-                 Allow the prefix in /etc/op-dbus/stage.toml (allowed_prefixes) if this is intended",
-                v.reference,
-                f.target,
-                trust.policy.allowed_prefixes().iter().map(|p| p.to_string()).collect::<Vec<_>>().join(", ")
-            ))
-            .into());
-        }
-    }
-    if let Some(feature) = &config.requires_feature
-        && !trust.policy.feature_enabled(feature)
-    {
-        return Err(Refused::Policy(format!(
-            "{} requires the feature {feature:?}, which this host does not enable; add it to `features` in /etc/op-dbus/stage.toml",
-            v.reference
-        ))
-        .into());
-    }
+    admit(&ctx.host, trust, config, &v.reference)?;
     for d in &config.dependencies {
         match state.stages.get(&d.stage) {
             Some(s) if d.matches(&s.active.version) => {}
@@ -445,6 +425,79 @@ fn deploy_one(ctx: &Ctx, trust: &Trust, store: &Layout, received: &Received, v: 
     execute(ctx, format!("deploy {}", v.reference), state, plan, std::slice::from_ref(name), cleanup).map(Some)
 }
 
+/// What the host's policy asks of a stage before it may be active: every target under the
+/// allowed prefixes, by its text and by where it resolves on this host (links on the way
+/// that root does not own are never followed), and its required feature enabled.
+fn admit(host: &Host, trust: &Trust, config: &StageConfig, what: &str) -> Result<()> {
+    let prefixes = || trust.policy.allowed_prefixes().iter().map(|p| p.to_string()).collect::<Vec<_>>().join(", ");
+    for f in &config.files {
+        if !trust.policy.target_allowed(&f.target) {
+            return Err(Refused::Policy(format!(
+                "{what}: target {} is outside the allowed prefixes ({}); a trusted key is not a licence to write there. \
+                 Allow the prefix in /etc/op-dbus/stage.toml (allowed_prefixes) if this is intended",
+                f.target,
+                prefixes()
+            ))
+            .into());
+        }
+        let resolved = host.resolve_target(&f.target).map_err(|e| match e.get_ref() {
+            Some(x) if x.is::<crate::host::UnsafeLink>() => {
+                Refused::Policy(format!("{what}: target {}: {e}", f.target)).into()
+            }
+            _ => anyhow::Error::new(e).context(format!("{what}: resolving target {}", f.target)),
+        })?;
+        if !trust.policy.target_allowed(&resolved) {
+            return Err(Refused::Policy(format!(
+                "{what}: target {} resolves to {resolved} on this host (through symlinks), which is outside the allowed \
+                 prefixes ({}); allow that prefix in /etc/op-dbus/stage.toml (allowed_prefixes) if this is intended",
+                f.target,
+                prefixes()
+            ))
+            .into());
+        }
+    }
+    if let Some(feature) = &config.requires_feature
+        && !trust.policy.feature_enabled(feature)
+    {
+        return Err(Refused::Policy(format!(
+            "{what} requires the feature {feature:?}, which this host does not enable; add it to `features` in /etc/op-dbus/stage.toml"
+        ))
+        .into());
+    }
+    Ok(())
+}
+
+/// Going back to a generation that is not active now checks it again as a deploy would:
+/// its image's signatures against today's trust store (revocations, scopes, thresholds)
+/// and its manifest against today's policy. The image is read from the local store, where
+/// every deployed image is kept.
+fn readmit(ctx: &Ctx, trust: &Trust, store: &Layout, stage: &StageName, g: &Generation) -> Result<()> {
+    let index = store.index()?;
+    let gone = || {
+        crate::error::Untrusted(format!(
+            "{stage} {} ({}) is no longer in the local store, so its signatures cannot be checked again; \
+             deploy it again from its image instead",
+            g.version, g.digest
+        ))
+    };
+    let tag = index
+        .manifests
+        .iter()
+        .filter(|d| d.digest == g.digest)
+        .filter_map(|d| d.annotation(formats::oci::ANNOTATION_REF_NAME))
+        .find(|t| !t.ends_with(".sig"))
+        .map(str::to_owned)
+        .ok_or_else(gone)?;
+    let c = receive::candidate(store, &index, &tag)?.ok_or_else(gone)?;
+    let what = format!("{stage} {} (generation {})", g.version, g.generation);
+    if c.config.name != *stage {
+        return Err(crate::error::Untrusted(format!("{what}: the stored image is of {}", c.config.name)).into());
+    }
+    let config = c.config.clone();
+    receive::verify(c, trust, ctx.opts.allow_expired).with_context(|| format!("checking {what} again"))?;
+    admit(&ctx.host, trust, &config, &what)
+}
+
 /// `rollback STAGE` or `rollback --all`: back to each stage's previous generation.
 pub fn rollback(ctx: &Ctx, stages: &[StageName]) -> Result<Report> {
     let state = ctx.state()?;
@@ -464,6 +517,10 @@ pub fn rollback(ctx: &Ctx, stages: &[StageName]) -> Result<Report> {
             bail!("{name} has no previous generation to roll back to; `op-dbus-stage remove {name}` takes it away");
         };
         s.active = prev;
+    }
+    let (trust, store) = (Trust::load(&ctx.host)?, ctx.store()?);
+    for name in &targets {
+        readmit(ctx, &trust, &store, name, &desired[name].active)?;
     }
     let plan = plan::transition(&ctx.host, &state, desired, None)?;
     let names = targets.iter().map(|n| n.to_string()).collect::<Vec<_>>().join(" ");
@@ -504,13 +561,17 @@ pub fn restore(ctx: &Ctx, name: &str) -> Result<Report> {
             bail!("snapshot {name} needs generation {g} of {s}, which is gone; it cannot be restored");
         }
     }
-    let plan = plan::transition(&ctx.host, &state, snap.stages.clone(), None)?;
     let changed: Vec<StageName> = snap
         .stages
         .iter()
         .filter(|(n, s)| state.stages.get(*n).map(|x| x.active.generation) != Some(s.active.generation))
         .map(|(n, _)| n.clone())
         .collect();
+    let (trust, store) = (Trust::load(&ctx.host)?, ctx.store()?);
+    for name in &changed {
+        readmit(ctx, &trust, &store, name, &snap.stages[name].active)?;
+    }
+    let plan = plan::transition(&ctx.host, &state, snap.stages.clone(), None)?;
     let cleanup = Cleanup {
         snapshots: vec![(snapshot::name(&ctx.staging, "pre", "restore"), state.clone())],
         drop_generations: Vec::new(),

@@ -15,7 +15,7 @@ use formats::manifest::{EntryKind, FileType};
 use formats::path::{RelPath, TargetPath};
 use formats::{Digest, StageName};
 
-use crate::error::Refused;
+use crate::error::{Malformed, Refused};
 use crate::host::{Host, TargetState, link_text};
 use crate::state::{Placed, StageState, State};
 use crate::txn::Step;
@@ -145,7 +145,9 @@ pub fn transition(
                 }
             }
             FileType::Copy | FileType::CopyIfNotExists => {
-                let sha = p.sha256.expect("copies record their digest");
+                let Some(sha) = p.sha256 else {
+                    return Err(Malformed(format!("state.json: the copy at {target} has no recorded digest")).into());
+                };
                 match host.file_digest(target)? {
                     Some(d) if d == sha => {
                         steps.push(Step::Stash { target: target.clone(), stash: fresh("s"), sha256: sha });
@@ -237,7 +239,13 @@ pub fn transition(
                 }
             }
             FileType::Copy | FileType::CopyIfNotExists => {
-                let sha256 = w.sha256.expect("files carry digests");
+                let Some(sha256) = w.sha256 else {
+                    return Err(Malformed(format!(
+                        "{}: {} is not a staged regular file, so it cannot be copied to {target}",
+                        w.stage, w.path
+                    ))
+                    .into());
+                };
                 steps.push(Step::Copy {
                     target: target.clone(),
                     from: format!(".generations/{}/{}/{}", w.stage, w.generation, w.path),

@@ -101,44 +101,79 @@ impl Source {
         Ok(source)
     }
 
-    /// Parses a SOURCE argument (DESIGN.md §7).
+    /// Parses a SOURCE argument. One reading per argument, decided by its text first:
+    ///
+    /// - `-`: an `.oci.tar` on stdin;
+    /// - a path: starts with `/`, `./` or `../`, or ends with `.tar` or `/`: an `.oci.tar`
+    ///   file or an OCI layout directory (it must exist);
+    /// - `NAME` or `NAME:VERSION` (no `/`): an image in the local store;
+    /// - `HOST[:PORT]/REPO:TAG` or `HOST[:PORT]/REPO@sha256:...`: a registry.
+    ///
+    /// Any other text is taken as a path when it exists. A store or registry reference that
+    /// also names an existing file or directory is refused with both readings, so that a
+    /// file in the current directory never stands in for an image (write `./NAME` for it).
     pub fn parse(s: &str) -> Result<Source> {
         if s == "-" {
             return Ok(Source::Stdin);
         }
         let p = Path::new(s);
-        if p.is_dir() {
-            return Ok(Source::Layout(p.to_owned()));
+        let looks_like_path = s.starts_with('/')
+            || s.starts_with("./")
+            || s.starts_with("../")
+            || s.ends_with(".tar")
+            || s.ends_with('/');
+        if looks_like_path || s == "." || s == ".." {
+            return path_source(p).ok_or_else(|| Usage(format!("{s}: no such file or directory")).into());
         }
-        if p.is_file() {
-            return Ok(Source::Archive(p.to_owned()));
-        }
-        if let Some((name, version)) = s.split_once(':')
-            && !name.contains('/')
-            && let (Ok(n), Ok(v)) = (name.parse::<StageName>(), version.parse::<Version>())
-        {
-            return Ok(Source::Store(n, Some(v)));
-        }
-        if let Ok(n) = s.parse::<StageName>() {
-            return Ok(Source::Store(n, None));
-        }
-        if !s.starts_with('/')
-            && !s.starts_with('.')
-            && let Ok(reference) = s.parse::<RegistryRef>()
-        {
-            if reference.tag.is_none() && reference.digest.is_none() {
-                return Err(Usage(format!(
-                    "{s}: no such file or directory; as a registry reference it needs a tag: {s}:TAG"
-                ))
-                .into());
+        let store = s.split_once(':').map_or_else(
+            || s.parse::<StageName>().ok().map(|n| Source::Store(n, None)),
+            |(name, version)| match (name.parse::<StageName>(), version.parse::<Version>()) {
+                (Ok(n), Ok(v)) if !name.contains('/') => Some(Source::Store(n, Some(v))),
+                _ => None,
+            },
+        );
+        let registry = if store.is_none() { s.parse::<RegistryRef>().ok() } else { None };
+        let on_disk = path_source(p);
+        let ambiguous = |reading: &str| {
+            Err(Usage(format!(
+                "{s} is ambiguous: it is {reading}, and also a {} in the current directory; \
+                 write ./{s} for the {}, or run the command from another directory for the other reading",
+                if p.is_dir() { "directory" } else { "file" },
+                if p.is_dir() { "directory" } else { "file" },
+            ))
+            .into())
+        };
+        match (store, registry, on_disk) {
+            (Some(_), _, Some(_)) => ambiguous("an image reference of the local store (NAME or NAME:VERSION)"),
+            (Some(store), _, None) => Ok(store),
+            (None, Some(_), Some(_)) => ambiguous("a registry reference (HOST/REPO:TAG)"),
+            (None, Some(reference), None) => {
+                if reference.tag.is_none() && reference.digest.is_none() {
+                    return Err(Usage(format!(
+                        "{s}: no such file or directory; as a registry reference it needs a tag: {s}:TAG"
+                    ))
+                    .into());
+                }
+                Ok(Source::Registry { reference, options: Box::default() })
             }
-            return Ok(Source::Registry { reference, options: Box::default() });
+            (None, None, Some(source)) => Ok(source),
+            (None, None, None) => Err(Usage(format!(
+                "{s}: no such file or directory, not NAME or NAME:VERSION of an image in the local store, \
+                 and not a registry reference HOST[:PORT]/REPO:TAG"
+            ))
+            .into()),
         }
-        Err(Usage(format!(
-            "{s}: no such file or directory, not NAME or NAME:VERSION of an image in the local store, \
-             and not a registry reference HOST[:PORT]/REPO:TAG"
-        ))
-        .into())
+    }
+}
+
+/// The file or directory SOURCE at `p`, if there is one.
+fn path_source(p: &Path) -> Option<Source> {
+    if p.is_dir() {
+        Some(Source::Layout(p.to_owned()))
+    } else if p.exists() {
+        Some(Source::Archive(p.to_owned()))
+    } else {
+        None
     }
 }
 

@@ -301,7 +301,7 @@ fn set_stage_link(staging: &Staging, stage: &StageName, generation: Option<u64>)
         },
         Some(g) => {
             let text = format!(".generations/{stage}/{g}");
-            let tmp = staging.dir.join(format!(".{stage}.op-dbus-tmp"));
+            let tmp = staging.dir.join(crate::host::temp_name(stage.as_str(), "tmp"));
             let _ = fs::remove_file(&tmp);
             if fs::read_link(&link).is_ok_and(|t| t == Path::new(&text)) {
                 return Ok(());
@@ -350,12 +350,16 @@ impl Journal {
         }
     }
 
-    /// Undoes every step, newest first; the host is as before.
+    /// Undoes every step, newest first; the host is as before. A step whose undo fails
+    /// does not stop the others: every one is tried, and the failures are the error.
     pub fn roll_back(&self, host: &Host, staging: &Staging) -> Result<()> {
+        let mut failed = Vec::new();
         for step in self.steps.iter().rev() {
-            undo(host, staging, step).with_context(|| format!("undoing: {}", step.describe()))?;
+            if let Err(e) = undo(host, staging, step) {
+                failed.push(format!("undoing `{}`: {e:#}", step.describe()));
+            }
         }
-        Ok(())
+        if failed.is_empty() { Ok(()) } else { Err(UndoFailed(failed).into()) }
     }
 
     /// Commits: writes the state after (the commit point), then cleans up.
@@ -393,13 +397,33 @@ impl Journal {
             self.clean_up(staging)?;
             Ok(RecoverOutcome::Completed)
         } else {
-            self.roll_back(host, staging)?;
+            if let Err(e) = self.roll_back(host, staging) {
+                // Undoing failed twice now (once when the change failed, once here): a
+                // journal that can never be finished must not wedge every later command.
+                // Keep it for the operator, beside what it names, and go on.
+                let kept = staging.dir.join(format!("journal/failed-{}.json", self.txid));
+                fs::rename(staging.journal_file(), &kept)
+                    .with_context(|| format!("moving the unfinishable journal to {}", kept.display()))?;
+                sync_dir(&staging.dir.join("journal"))?;
+                return Err(e.context(format!(
+                    "the interrupted transaction `{}` could not be undone completely; the host is as before except \
+                     for what is listed; its journal is kept at {} and later commands run again: check the host \
+                     with `op-dbus-stage verify`",
+                    self.operation,
+                    kept.display()
+                )));
+            }
             fs::remove_file(staging.journal_file())?;
             sync_dir(&staging.dir.join("journal"))?;
             Ok(RecoverOutcome::RolledBack)
         }
     }
 }
+
+/// Steps whose undo failed, each with its error.
+#[derive(Debug, thiserror::Error)]
+#[error("{}", .0.join("; "))]
+pub struct UndoFailed(pub Vec<String>);
 
 /// What `recover` did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]

@@ -364,14 +364,21 @@ impl<'k> Forge<'k> {
         let name = self.signed_name.as_deref().unwrap_or(&self.name);
         let version = self.signed_version.as_deref().unwrap_or(&self.version);
         let expires: Option<Expires> = self.expires.as_deref().map(|e| e.parse().unwrap());
-        SimpleSigning::new(
+        // A name the stage-name type refuses is still signed: put in as text.
+        const PLACEHOLDER: &str = "forge-placeholder-name";
+        let parsed = name.parse().unwrap_or_else(|_| PLACEHOLDER.parse().unwrap());
+        let bytes = SimpleSigning::new(
             self.name.clone(),
             self.signed_digest.unwrap_or(digest),
-            &name.parse().unwrap(),
+            &parsed,
             &version.parse().unwrap(),
             expires.as_ref(),
         )
-        .to_bytes()
+        .to_bytes();
+        if parsed.as_str() == name {
+            return bytes;
+        }
+        String::from_utf8(bytes).unwrap().replace(&format!("\"{PLACEHOLDER}\""), &format!("{name:?}")).into_bytes()
     }
 }
 
