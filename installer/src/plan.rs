@@ -286,3 +286,388 @@ pub fn transition(
     }
     Ok(Plan { steps, after, notes })
 }
+
+/// Random plans through the planner and the transaction steps on a scratch root: no panic,
+/// and the invariants of the host layout hold after every step.
+#[cfg(test)]
+mod props {
+    use std::collections::BTreeMap;
+    use std::fs;
+    use std::os::unix::fs::symlink;
+    use std::path::Path;
+
+    use formats::manifest::{EntryKind, FileType};
+    use formats::{Digest, StageName};
+    use proptest::prelude::*;
+
+    use super::transition;
+    use crate::host::Host;
+    use crate::state::{Activation, ActiveFile, Generation, StageState, State};
+    use crate::txn::{self, Journal, Staging};
+
+    /// Targets that nest, share parents, sit under several prefixes, and one whose last
+    /// component is as long as a name can be.
+    fn targets() -> Vec<String> {
+        let mut t: Vec<String> = [
+            "/opt/a",
+            "/opt/a/b",
+            "/opt/app/conf",
+            "/opt/app/data/x",
+            "/usr/local/bin/tool",
+            "/usr/local/bin/other",
+            "/usr/local/lib",
+            "/etc/op-dbus/x.conf",
+        ]
+        .map(str::to_owned)
+        .to_vec();
+        t.push(format!("/usr/local/bin/{}", "L".repeat(255)));
+        t
+    }
+
+    const NAMES: [&str; 3] = ["app", "web", "core.x"];
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        /// A new generation of a stage: (target, how placed, staged kind, content) per file.
+        Deploy {
+            stage: usize,
+            files: Vec<(usize, u8, u8, u8)>,
+            prefix: usize,
+        },
+        Remove {
+            stage: usize,
+            prefix: usize,
+        },
+        Rollback {
+            stage: usize,
+            prefix: usize,
+        },
+        /// The operator writes their own file at a target (over whatever file or link is there).
+        Operator {
+            target: usize,
+            content: u8,
+        },
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        let n = targets().len();
+        prop_oneof![
+            4 => (0..3usize, prop::collection::vec((0..n, 0..3u8, 0..4u8, any::<u8>()), 0..4), any::<usize>())
+                .prop_map(|(stage, files, prefix)| Op::Deploy { stage, files, prefix }),
+            1 => (0..3usize, any::<usize>()).prop_map(|(stage, prefix)| Op::Remove { stage, prefix }),
+            1 => (0..3usize, any::<usize>()).prop_map(|(stage, prefix)| Op::Rollback { stage, prefix }),
+            2 => (0..n, any::<u8>()).prop_map(|(target, content)| Op::Operator { target, content }),
+        ]
+    }
+
+    /// Every file and link under `dir` (directories by name only), skipping the
+    /// installer's journal and temp area.
+    fn tree(dir: &Path, base: &Path, out: &mut BTreeMap<String, String>) {
+        let Ok(rd) = fs::read_dir(dir) else { return };
+        for e in rd {
+            let p = e.unwrap().path();
+            let rel = p.strip_prefix(base).unwrap().to_string_lossy().into_owned();
+            if rel.ends_with("staging/.tmp") || rel.ends_with("staging/journal") {
+                continue;
+            }
+            let m = fs::symlink_metadata(&p).unwrap();
+            let v = if m.is_symlink() {
+                format!("link {}", fs::read_link(&p).unwrap().display())
+            } else if m.is_dir() {
+                tree(&p, base, out);
+                "dir".to_owned()
+            } else {
+                format!("file {}", String::from_utf8_lossy(&fs::read(&p).unwrap()))
+            };
+            out.insert(rel, v);
+        }
+    }
+
+    fn snapshot(root: &Path) -> BTreeMap<String, String> {
+        let mut out = BTreeMap::new();
+        tree(root, root, &mut out);
+        out
+    }
+
+    /// Whether `target`'s parent is a chain of real directories under `root`.
+    fn real_parent(root: &Path, target: &str) -> bool {
+        let mut p = root.to_path_buf();
+        for c in Path::new(target.trim_start_matches('/')).parent().unwrap().components() {
+            p.push(c);
+            match fs::symlink_metadata(&p) {
+                Ok(m) if m.is_dir() => {}
+                _ => return false,
+            }
+        }
+        true
+    }
+
+    struct World {
+        _tmp: tempfile::TempDir,
+        root: std::path::PathBuf,
+        outside: std::path::PathBuf,
+        host: Host,
+        staging: Staging,
+        state: State,
+        /// What the operator last wrote at each target: it must never be lost.
+        operator: BTreeMap<String, String>,
+        n: u64,
+    }
+
+    impl World {
+        fn new(initial: &[usize]) -> World {
+            let tmp = tempfile::tempdir().unwrap();
+            let root = tmp.path().join("root");
+            let outside = tmp.path().join("outside");
+            fs::create_dir_all(&outside).unwrap();
+            fs::create_dir_all(tmp.path().join("saved")).unwrap();
+            fs::write(outside.join("secret"), "outside").unwrap();
+            fs::create_dir_all(&root).unwrap();
+            let host = Host::open(&root).unwrap();
+            let staging = Staging { dir: host.staging().unwrap() };
+            staging.create_dirs().unwrap();
+            let mut w =
+                World { _tmp: tmp, root, outside, host, staging, state: State::new(), operator: BTreeMap::new(), n: 0 };
+            for &t in initial {
+                w.operator_writes(t, 0);
+            }
+            w
+        }
+
+        fn operator_writes(&mut self, t: usize, content: u8) {
+            let target = &targets()[t];
+            let p = self.root.join(target.trim_start_matches('/'));
+            if !real_parent(&self.root, target) {
+                // Only where the operator has a directory of their own (never into a generation).
+                let parent = p.parent().unwrap();
+                if fs::symlink_metadata(parent).is_ok() {
+                    return;
+                }
+                // Create the parents unless something in the way is not a directory.
+                if fs::create_dir_all(parent).is_err() || !real_parent(&self.root, target) {
+                    return;
+                }
+            }
+            match fs::symlink_metadata(&p) {
+                Ok(m) if m.is_dir() => return,
+                Ok(_) => fs::remove_file(&p).unwrap(),
+                Err(_) => {}
+            }
+            self.n += 1;
+            let text = format!("operator-{}-{content}", self.n);
+            fs::write(&p, &text).unwrap();
+            self.operator.insert(target.clone(), text);
+        }
+
+        /// Runs the plan to `desired`: a prefix applied then undone must leave the host as
+        /// before; then the whole plan applied and committed (or, on an error, undone).
+        fn run(
+            &mut self,
+            desired: BTreeMap<StageName, StageState>,
+            publish: Option<(StageName, u64, String)>,
+            prefix: usize,
+        ) {
+            let tmp_dir = publish.as_ref().map(|(_, _, t)| self.staging.tmp().join(t));
+            let saved = tmp_dir.as_ref().map(|d| {
+                let keep = self.outside.with_file_name("saved").join(format!("g{}", self.n));
+                copy_dir(d, &keep);
+                keep
+            });
+            let before = snapshot(&self.root);
+            let plan = match transition(&self.host, &self.state, desired, publish) {
+                Ok(p) => p,
+                Err(_) => {
+                    // Refused before anything changed.
+                    if let Some(d) = &tmp_dir {
+                        fs::remove_dir_all(d).unwrap();
+                    }
+                    if let Some(s) = saved {
+                        fs::remove_dir_all(s).unwrap();
+                    }
+                    assert_eq!(snapshot(&self.root), before);
+                    return;
+                }
+            };
+            let journal = Journal {
+                txid: plan.after.txid,
+                operation: "prop".into(),
+                steps: plan.steps.clone(),
+                before: self.state.clone(),
+                after: plan.after.clone(),
+                cleanup: Default::default(),
+            };
+            let restore_tmp = |w: &World| {
+                if let (Some(d), Some(s)) = (&tmp_dir, &saved)
+                    && !d.exists()
+                {
+                    copy_dir(s, d);
+                }
+                let _ = w;
+            };
+            // A prefix, then undo: exactly as before.
+            let k = prefix % (journal.steps.len() + 1);
+            for step in &journal.steps[..k] {
+                if txn::apply(&self.host, &self.staging, step).is_err() {
+                    break;
+                }
+            }
+            journal.roll_back(&self.host, &self.staging).unwrap();
+            assert_eq!(snapshot(&self.root), before, "applying {k} steps of {:?} then undoing them", journal.steps);
+            restore_tmp(self);
+            // The whole plan.
+            let applied = journal.steps.iter().try_for_each(|s| txn::apply(&self.host, &self.staging, s));
+            if applied.is_err() {
+                journal.roll_back(&self.host, &self.staging).unwrap();
+                assert_eq!(snapshot(&self.root), before, "undoing the failed {:?}", journal.steps);
+                if let Some(d) = &tmp_dir {
+                    let _ = fs::remove_dir_all(d);
+                }
+            } else {
+                plan.after.write(&self.staging.state_file()).unwrap();
+                self.state = plan.after;
+            }
+            if let Some(s) = saved {
+                fs::remove_dir_all(s).unwrap();
+            }
+        }
+
+        fn deploy(&mut self, stage: usize, files: &[(usize, u8, u8, u8)], prefix: usize) {
+            let name: StageName = NAMES[stage].parse().unwrap();
+            let generation = self.state.next_generation;
+            let tmp = format!("g{generation}");
+            let dir = self.staging.tmp().join(&tmp);
+            fs::create_dir_all(&dir).unwrap();
+            let mut active = Vec::new();
+            for (i, &(t, how, entry, content)) in files.iter().enumerate() {
+                let path = format!("f{i}");
+                let (entry, sha256) = match entry {
+                    0 | 1 => {
+                        let text = format!("{name}-{generation}-{i}-{content}");
+                        fs::write(dir.join(&path), &text).unwrap();
+                        (EntryKind::File, Some(Digest::of(text.as_bytes())))
+                    }
+                    2 => {
+                        fs::create_dir_all(dir.join(&path)).unwrap();
+                        (EntryKind::Dir, None)
+                    }
+                    _ => {
+                        symlink("f0", dir.join(&path)).unwrap();
+                        (EntryKind::Symlink, None)
+                    }
+                };
+                let kind = [FileType::Symlink, FileType::Copy, FileType::CopyIfNotExists][how as usize];
+                active.push(ActiveFile {
+                    path: path.parse().unwrap(),
+                    target: targets()[t].parse().unwrap(),
+                    kind,
+                    entry,
+                    sha256,
+                    mode: 0o644,
+                });
+            }
+            let gen_state = Generation {
+                generation,
+                digest: Digest::of(format!("{name}{generation}").as_bytes()),
+                version: "1.0.0".parse().unwrap(),
+                signers: Vec::new(),
+                deployed_at: String::new(),
+                activation: Activation { files: active, ..Activation::default() },
+            };
+            let mut desired = self.state.stages.clone();
+            let entry = match desired.remove(&name) {
+                Some(mut old) => {
+                    old.previous.push(old.active.clone());
+                    StageState { active: gen_state, previous: old.previous }
+                }
+                None => StageState { active: gen_state, previous: Vec::new() },
+            };
+            desired.insert(name.clone(), entry);
+            self.run(desired, Some((name, generation, tmp)), prefix);
+        }
+
+        /// Invariants after every operation.
+        fn check(&self) {
+            // Nothing outside the root.
+            assert_eq!(fs::read_dir(self.outside.parent().unwrap()).unwrap().count(), 3);
+            assert_eq!(fs::read_to_string(self.outside.join("secret")).unwrap(), "outside");
+            // No operator file lost: each is at its target or in backups/.
+            let all = snapshot(&self.root);
+            for (target, text) in &self.operator {
+                let want = format!("file {text}");
+                assert!(all.values().any(|v| *v == want), "the operator's {target} ({text}) is gone: {all:#?}");
+            }
+            // Every stage link names its active generation, which exists.
+            for (name, s) in &self.state.stages {
+                let link = fs::read_link(self.staging.stage_link(name)).unwrap();
+                assert_eq!(link, Path::new(&format!(".generations/{name}/{}", s.active.generation)));
+                assert!(self.staging.generation(name, s.active.generation).is_dir());
+            }
+            // Every backup the state names exists.
+            for p in self.state.placed.values() {
+                if let Some(b) = &p.backup {
+                    assert!(self.staging.backup(b).symlink_metadata().is_ok(), "backups/{b} is missing");
+                }
+            }
+        }
+    }
+
+    fn copy_dir(from: &Path, to: &Path) {
+        fs::create_dir_all(to).unwrap();
+        for e in fs::read_dir(from).unwrap() {
+            let e = e.unwrap();
+            let m = fs::symlink_metadata(e.path()).unwrap();
+            let dest = to.join(e.file_name());
+            if m.is_symlink() {
+                symlink(fs::read_link(e.path()).unwrap(), dest).unwrap();
+            } else if m.is_dir() {
+                copy_dir(&e.path(), &dest);
+            } else {
+                fs::copy(e.path(), dest).unwrap();
+            }
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 96, ..ProptestConfig::default() })]
+
+        #[test]
+        fn random_plans_keep_the_invariants(
+            initial in prop::collection::vec(0..9usize, 0..4),
+            ops in prop::collection::vec(op(), 1..12),
+        ) {
+            let mut w = World::new(&initial);
+            for op in &ops {
+                match *op {
+                    Op::Deploy { stage, ref files, prefix } => w.deploy(stage, files, prefix),
+                    Op::Remove { stage, prefix } => {
+                        let name: StageName = NAMES[stage].parse().unwrap();
+                        let mut desired = w.state.stages.clone();
+                        if desired.remove(&name).is_some() {
+                            w.run(desired, None, prefix);
+                        }
+                    }
+                    Op::Rollback { stage, prefix } => {
+                        let name: StageName = NAMES[stage].parse().unwrap();
+                        let mut desired = w.state.stages.clone();
+                        if let Some(s) = desired.get_mut(&name)
+                            && let Some(prev) = s.previous.pop()
+                        {
+                            s.active = prev;
+                            w.run(desired, None, prefix);
+                        }
+                    }
+                    Op::Operator { target, content } => w.operator_writes(target, content),
+                }
+                w.check();
+            }
+            // Everything removed: the operator's files are back where they were.
+            w.run(BTreeMap::new(), None, 0);
+            w.check();
+            for (target, text) in &w.operator {
+                let p = w.root.join(target.trim_start_matches('/'));
+                let found = fs::read_to_string(&p).ok();
+                prop_assert_eq!(found.as_deref(), Some(text.as_str()), "{}", target);
+            }
+        }
+    }
+}

@@ -227,6 +227,14 @@ pub fn undo(host: &Host, staging: &Staging, step: &Step) -> Result<()> {
             if dest.exists() {
                 remove_tree(&dest)?;
             }
+            // The stage's folder of generations, when this was its first.
+            if let Some(parent) = dest.parent() {
+                match fs::remove_dir(parent) {
+                    Ok(()) => sync_dir(&staging.dir.join(".generations"))?,
+                    Err(e) if matches!(e.raw_os_error(), Some(39) | Some(2)) => {}
+                    Err(e) => return Err(e).with_context(|| format!("removing {}", parent.display())),
+                }
+            }
             Ok(())
         }
         Step::SetStageLink { stage, from, .. } => set_stage_link(staging, stage, *from),

@@ -1418,6 +1418,13 @@ fn targets_resolve_inside_the_root_through_operator_symlinks() {
     std::os::unix::fs::symlink(&canary, host.root().join("opt")).unwrap();
     fs::create_dir_all(host.root().join("usr")).unwrap();
     std::os::unix::fs::symlink("../../../../../../../../canary", host.root().join("usr/local")).unwrap();
+    // Where those links lead is where the targets land, so the policy must allow it there
+    // (the prefixes hold for the resolved path, not the text).
+    fs::write(
+        host.root().join("etc/op-dbus/stage.toml"),
+        format!("allowed_prefixes = [\"/opt\", \"/usr/local\", \"{}\", \"/canary\"]\n", canary.display()),
+    )
+    .unwrap();
     let files = json!([
         {"path": "d/f", "target": "/opt/app-f"},
         {"path": "l", "target": "/usr/local/bin/l"},
