@@ -396,8 +396,8 @@ fn owner(st: &rustix::fs::Stat) -> (rustix::fs::Uid, rustix::fs::Gid) {
 
 fn times(st: &rustix::fs::Stat) -> rustix::fs::Timestamps {
     rustix::fs::Timestamps {
-        last_access: rustix::fs::Timespec { tv_sec: st.st_atime as i64, tv_nsec: st.st_atime_nsec as _ },
-        last_modification: rustix::fs::Timespec { tv_sec: st.st_mtime as i64, tv_nsec: st.st_mtime_nsec as _ },
+        last_access: rustix::fs::Timespec { tv_sec: st.st_atime, tv_nsec: st.st_atime_nsec as _ },
+        last_modification: rustix::fs::Timespec { tv_sec: st.st_mtime, tv_nsec: st.st_mtime_nsec as _ },
     }
 }
 
