@@ -93,6 +93,14 @@ pub enum Command {
     },
     /// Finish an interrupted transaction (every changing command does this first).
     Recover,
+    /// Runs one verify command confined: the installer's own helper (see `sandbox`).
+    #[command(name = crate::sandbox::HELPER, hide = true)]
+    VerifyConfined {
+        uid: u32,
+        gid: u32,
+        #[arg(last = true, required = true)]
+        command: std::ffi::OsString,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -206,6 +214,12 @@ pub fn run(cli: Cli) -> Result<i32> {
     };
     let json = g.json;
     match cli.command {
+        Command::VerifyConfined { uid, gid, command } => {
+            // Returns only when the command could not be confined (or /bin/sh not executed).
+            let e = crate::sandbox::exec_confined(uid, gid, &command);
+            eprintln!("{} {e}", crate::sandbox::FAILED);
+            return Ok(crate::sandbox::FAILED_EXIT);
+        }
         Command::Init => {
             let r = ops::init(&opts)?;
             emit(json, &r, |r| {

@@ -228,7 +228,11 @@ pub fn run_checks(ctx: &Ctx, state: &State, stage: &StageName) -> Result<Vec<Che
     let stage_dirs: Vec<PathBuf> = state.stages.keys().map(|n| ctx.staging.stage_link(n)).collect();
     let path = checks::verify_path(&ctx.host.root, &stage_dirs);
     let cwd = ctx.staging.generation(stage, s.active.generation);
-    s.active.activation.verify.iter().map(|v| checks::run(v, &cwd, &ctx.host.root, &path)).collect()
+    if s.active.activation.verify.is_empty() {
+        return Ok(Vec::new());
+    }
+    let user = checks::resolve_user(&Trust::load(&ctx.host)?.policy.verify_user(stage))?;
+    s.active.activation.verify.iter().map(|v| checks::run(v, &cwd, &ctx.host.root, &path, user)).collect()
 }
 
 fn now() -> String {

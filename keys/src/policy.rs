@@ -31,6 +31,14 @@
 //! [[threshold]]
 //! stages = "stage-9-lab"
 //! signatures = 1
+//!
+//! # The user verify commands of a stage run as (per stage glob; the longest matching
+//! # glob wins, on a tie the one that sorts first): a user name of this host's /etc/passwd
+//! # or "UID:GID". Absent or unmatched: "nobody". Only this file chooses: a stage's
+//! # manifest cannot ask for a user.
+//! [verify_users]
+//! "stage-1-*" = "op-dbus"
+//! "stage-9-lab" = "1000:1000"
 //! ```
 //!
 //! Parsing is strict ([`Policy::parse`]): an unknown key, a wrong type, a prefix that is not
@@ -84,6 +92,12 @@ pub const DEFAULT_ALLOWED_PREFIXES: [&str; 6] =
 pub const RESERVED_TARGETS: [&str; 4] =
     ["/etc/op-dbus/trusted-keys", DEFAULT_PATH, "/var/lib/op-dbus/staging", "/var/lib/op-dbus/deployment"];
 
+/// The user verify commands run as when no `[verify_users]` glob matches the stage.
+pub const DEFAULT_VERIFY_USER: &str = "nobody";
+
+/// The longest user name `[verify_users]` accepts (that of `useradd`).
+pub const MAX_USER_NAME: usize = 32;
+
 /// The largest `signatures` of a `[[threshold]]`.
 pub const MAX_THRESHOLD: u32 = 16;
 
@@ -128,6 +142,47 @@ pub struct Threshold {
     pub signatures: u32,
 }
 
+/// Whom a stage's verify commands run as (`[verify_users]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VerifyUser {
+    /// A user name, looked up in the host's `/etc/passwd` when the commands run.
+    Name(String),
+    /// `"UID:GID"`.
+    Ids { uid: u32, gid: u32 },
+}
+
+impl std::fmt::Display for VerifyUser {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            VerifyUser::Name(n) => f.write_str(n),
+            VerifyUser::Ids { uid, gid } => write!(f, "{uid}:{gid}"),
+        }
+    }
+}
+
+impl std::str::FromStr for VerifyUser {
+    type Err = String;
+
+    /// `NAME` (a letter or `_`, then up to 31 letters, digits, `_`, `.` or `-`) or `UID:GID`.
+    fn from_str(s: &str) -> Result<VerifyUser, String> {
+        const USE: &str = "give a user name of this host (such as nobody) or UID:GID (such as 1000:1000)";
+        if let Some((uid, gid)) = s.split_once(':') {
+            let id = |x: &str| x.parse::<u32>().ok().filter(|_| !x.is_empty() && x.bytes().all(|b| b.is_ascii_digit()));
+            return match (id(uid), id(gid)) {
+                (Some(uid), Some(gid)) => Ok(VerifyUser::Ids { uid, gid }),
+                _ => Err(format!("is not UID:GID: {USE}")),
+            };
+        }
+        let ok = s.len() <= MAX_USER_NAME
+            && s.bytes().next().is_some_and(|b| b.is_ascii_alphabetic() || b == b'_')
+            && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b));
+        if !ok {
+            return Err(format!("is not a user name: {USE}"));
+        }
+        Ok(VerifyUser::Name(s.to_owned()))
+    }
+}
+
 /// The parsed, validated policy. [`Policy::default`] is what an absent file means.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Policy {
@@ -136,6 +191,8 @@ pub struct Policy {
     revoked: BTreeSet<KeyId>,
     scopes: BTreeMap<KeyId, Vec<String>>,
     thresholds: Vec<Threshold>,
+    /// `[verify_users]`: stage glob and user, sorted by glob.
+    verify_users: Vec<(String, VerifyUser)>,
 }
 
 impl Default for Policy {
@@ -149,6 +206,7 @@ impl Default for Policy {
             revoked: BTreeSet::new(),
             scopes: BTreeMap::new(),
             thresholds: Vec::new(),
+            verify_users: Vec::new(),
         }
     }
 }
@@ -166,6 +224,8 @@ struct RawPolicy {
     scopes: BTreeMap<String, Spanned<Vec<Spanned<String>>>>,
     #[serde(default)]
     threshold: Vec<RawThreshold>,
+    #[serde(default)]
+    verify_users: BTreeMap<String, Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -314,6 +374,16 @@ impl Policy {
             policy.thresholds.push(Threshold { stages: stages.clone(), signatures });
         }
 
+        for (glob, user) in raw.verify_users {
+            let field = format!("verify_users.{glob:?}");
+            check_glob(&glob).map_err(|reason| src.invalid(user.span(), "verify_users", quote(&glob), reason))?;
+            let parsed = user
+                .get_ref()
+                .parse()
+                .map_err(|reason| src.invalid(user.span(), &field, quote(user.get_ref()), reason))?;
+            policy.verify_users.push((glob, parsed));
+        }
+
         Ok(policy)
     }
 
@@ -376,6 +446,19 @@ impl Policy {
             .filter(|t| glob_match(&t.stages, name.as_str()))
             .max_by_key(|t| (t.stages.chars().count(), t.signatures))
             .map_or(1, |t| t.signatures)
+    }
+}
+
+impl Policy {
+    /// The user the verify commands of stage `name` run as: that of the longest matching
+    /// `[verify_users]` glob (on a tie, the glob that sorts first), else
+    /// [`DEFAULT_VERIFY_USER`].
+    pub fn verify_user(&self, name: &StageName) -> VerifyUser {
+        self.verify_users
+            .iter()
+            .filter(|(g, _)| glob_match(g, name.as_str()))
+            .min_by_key(|(g, _)| (std::cmp::Reverse(g.chars().count()), g.as_str()))
+            .map_or_else(|| VerifyUser::Name(DEFAULT_VERIFY_USER.to_owned()), |(_, u)| u.clone())
     }
 }
 
@@ -680,6 +763,26 @@ signatures = 2
         let p = parse(&doc).unwrap();
         assert_eq!(p.threshold(&name("stage-9-lab")), 1);
         assert_eq!(p.threshold(&name("stage-1-core-dbus")), 2);
+    }
+
+    #[test]
+    fn verify_users() {
+        let p = Policy::default();
+        assert_eq!(p.verify_user(&name("x")), VerifyUser::Name("nobody".into()));
+        let p = parse(
+            "[verify_users]\n\"stage-*\" = \"op-dbus\"\n\"stage-1-*\" = \"1000:1001\"\n\"stage-2-?\" = \"a\"\n\"stage-?-x\" = \"b\"\n",
+        )
+        .unwrap();
+        assert_eq!(p.verify_user(&name("stage-1-core")), VerifyUser::Ids { uid: 1000, gid: 1001 });
+        assert_eq!(p.verify_user(&name("stage-3-core")), VerifyUser::Name("op-dbus".into()));
+        assert_eq!(p.verify_user(&name("stage-2-x")), VerifyUser::Name("a".into()), "a tie: the glob sorting first");
+        assert_eq!(p.verify_user(&name("other")), VerifyUser::Name("nobody".into()));
+        refused("[verify_users]\n\"a b\" = \"nobody\"\n", &[":2:", "verify_users", "\"a b\""]);
+        for bad in ["", "1:", ":1", "-1:0", "1:2:3", "4294967296:0", "0user", "us er", "root;", &"a".repeat(33)] {
+            refused(&format!("[verify_users]\n\"*\" = \"{bad}\"\n"), &[":2:", "verify_users.\"*\"", "UID:GID"]);
+        }
+        refused("[verify_users]\n\"*\" = 0\n", &[":2:"]);
+        assert_eq!(parse("[verify_users]\n\"*\" = \"0:0\"\n").unwrap().verify_user(&name("x")).to_string(), "0:0");
     }
 
     #[test]

@@ -243,3 +243,110 @@ fn backups_across_filesystems_keep_owner_mode_times_and_xattrs_needs_root() {
     assert_eq!(contents(&opt), before_contents);
     assert_eq!(fs::read_to_string(bin.join("tool")).unwrap(), "operator's other tool\n");
 }
+
+/// A stage `app` whose verify commands are `commands` (each expecting exit 0).
+fn verifying_stage(s: &Scratch, version: &str, commands: &[&str], files: &[(&str, &str)]) -> PathBuf {
+    let mut extra =
+        String::from("files:\n  - path: bin/app\n    target: /usr/local/bin/app\n    type: symlink\nverify:\n");
+    for c in commands {
+        extra += &format!("  - command: {c:?}\n    expect_exit: 0\n    timeout: 10s\n");
+    }
+    let mut all = vec![("bin/app", "#!/bin/sh\necho app\n")];
+    all.extend_from_slice(files);
+    s.build_export(&stage_dir(s.dir.path(), "app", version, &extra, &all))
+}
+
+#[test]
+fn verify_commands_cannot_change_the_host_and_do_not_run_as_root_needs_root() {
+    assert!(is_root(), "this test checks that verify commands drop root: run it as root (CI does)");
+    let s = Scratch::new();
+    s.trust();
+    let policy_before = fs::read_to_string(s.policy()).unwrap();
+    let outside = s.dir.path().join("outside-the-root");
+    let gen_dir = s.root().join("var/lib/op-dbus/staging/.generations/app");
+    // Each write is tried and its failure ignored: what counts is what is left on disk.
+    let export = verifying_stage(
+        &s,
+        "1.0.0",
+        &[
+            "echo 'allowed_prefixes = [\"/etc\"]' >> \"$OP_DBUS_ROOT/etc/op-dbus/stage.toml\" || true",
+            "rm -f \"$OP_DBUS_ROOT/etc/op-dbus/stage.toml\" || true",
+            &format!("touch {} || true", outside.display()),
+            "touch \"$OP_DBUS_ROOT/planted\" || true",
+            "touch ./planted bin/app || true; echo x >> bin/app || true",
+            "test \"$(id -u)\" -ne 0 && test \"$(id -g)\" -ne 0",
+            // No capabilities left, none to gain.
+            "grep -q '^CapEff:[[:space:]]*0000000000000000$' /proc/self/status",
+            "grep -q '^CapBnd:[[:space:]]*0000000000000000$' /proc/self/status",
+            "grep -q '^NoNewPrivs:[[:space:]]*1$' /proc/self/status",
+        ],
+        &[],
+    );
+    let out = run(s.stage().arg("deploy").arg(&export));
+    assert_eq!(fs::read_to_string(s.policy()).ok(), Some(policy_before), "a verify command rewrote stage.toml");
+    assert!(!outside.exists(), "a verify command wrote outside the root");
+    assert!(!s.root().join("planted").exists(), "a verify command wrote into the root");
+    for e in fs::read_dir(&gen_dir).unwrap() {
+        let g = e.unwrap().path();
+        assert!(!g.join("planted").exists(), "a verify command wrote into its generation");
+        assert_eq!(fs::read_to_string(g.join("bin/app")).unwrap(), "#!/bin/sh\necho app\n");
+    }
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(s.root().join("usr/local/bin/app").is_symlink(), "the checks passed, so the stage is active");
+}
+
+#[test]
+fn verify_runs_the_hosts_own_sh_needs_root() {
+    assert!(is_root(), "this test plants files owned by root: run it as root (CI does)");
+    let s = Scratch::new();
+    s.trust();
+    let marker = s.dir.path().join("planted-sh-ran");
+    let planted = format!("#!/bin/sh\necho ran > {}\nexit 42\n", marker.display());
+    for p in ["usr/local/sbin/sh", "usr/local/bin/sh", "usr/sbin/sh", "usr/bin/sh", "sbin/sh", "bin/sh"] {
+        let f = s.root().join(p);
+        fs::create_dir_all(f.parent().unwrap()).unwrap();
+        fs::write(&f, &planted).unwrap();
+        fs::set_permissions(&f, fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    // The stage's own bin/ is on PATH too.
+    let export = verifying_stage(&s, "1.0.0", &["true"], &[("bin/sh", &planted)]);
+    ok(s.stage().arg("deploy").arg(&export));
+    ok(s.stage().arg("verify"));
+    assert!(!marker.exists(), "a sh found inside the root ran");
+}
+
+#[test]
+fn verify_user_comes_from_stage_toml_needs_root() {
+    assert!(is_root(), "this test runs verify commands as another user: run it as root (CI does)");
+    let s = Scratch::new();
+    s.trust();
+    // The default is nobody.
+    let nobody = verifying_stage(&s, "1.0.0", &["test \"$(id -un)\" = nobody"], &[]);
+    ok(s.stage().arg("deploy").arg(&nobody));
+    // stage.toml may name another user for some stages.
+    s.append_policy("[verify_users]\n\"ap?\" = \"1234:2345\"\n\"*\" = \"nobody\"\n");
+    let other = verifying_stage(&s, "1.0.1", &["test \"$(id -u):$(id -g)\" = 1234:2345"], &[]);
+    ok(s.stage().arg("deploy").arg(&other));
+    ok(s.stage().arg("verify"));
+    // Even a configured root has no capabilities and a read-only host.
+    let text = fs::read_to_string(s.policy()).unwrap().replace("1234:2345", "0:0");
+    fs::write(s.policy(), text).unwrap();
+    let root = verifying_stage(
+        &s,
+        "1.0.2",
+        &[
+            "test \"$(id -u)\" -eq 0",
+            "! touch \"$OP_DBUS_ROOT/planted\"",
+            "grep -q '^CapEff:[[:space:]]*0000000000000000$' /proc/self/status",
+        ],
+        &[],
+    );
+    ok(s.stage().arg("deploy").arg(&root));
+    assert!(!s.root().join("planted").exists());
+    // A user this host does not know is refused with the file and the setting named.
+    let text = fs::read_to_string(s.policy()).unwrap().replace("0:0", "no-such-user");
+    fs::write(s.policy(), text).unwrap();
+    let (code, err) = fails(s.stage().arg("verify"));
+    assert_ne!(code, 0, "{err}");
+    assert!(err.contains("no-such-user") && err.contains("verify_users"), "{err}");
+}
