@@ -246,10 +246,15 @@ pub fn run(cli: Cli) -> Result<i32> {
                 let mut s = String::new();
                 for k in &keys {
                     s += &format!(
-                        "{} {}{}{}\n",
+                        "{} {}{}{}{}\n",
                         k.key_id,
                         k.file.display(),
                         if k.scopes.is_empty() { String::new() } else { format!(" scope {}", k.scopes.join(",")) },
+                        if k.prefixes.is_empty() {
+                            String::new()
+                        } else {
+                            format!(" prefixes {}", k.prefixes.join(","))
+                        },
                         if k.revoked { " REVOKED" } else { "" }
                     );
                 }

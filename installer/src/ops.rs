@@ -313,6 +313,29 @@ fn deploy_one(ctx: &Ctx, trust: &Trust, store: &Layout, received: &Received, v: 
             .into());
         }
     }
+    // The signers' scopes may narrow the prefixes further ([scope_prefixes]).
+    let verdict = keys::trust::Verdict { signers: v.signers.iter().filter_map(|k| k.parse().ok()).collect() };
+    for f in &config.files {
+        if !verdict.may_place(&trust.policy, name, &f.target) {
+            let scopes: Vec<String> = verdict
+                .signers
+                .iter()
+                .map(|k| match trust.policy.scope_prefixes(k) {
+                    Some(ps) => format!("key {k}: {}", ps.iter().map(|p| p.as_str()).collect::<Vec<_>>().join(", ")),
+                    None => format!("key {k}: any allowed prefix"),
+                })
+                .collect();
+            return Err(Refused::Policy(format!(
+                "{}: target {} is outside the prefixes the scopes of its signers allow ({}; {} needed per target). \
+                 Widen the key's entry in [scope_prefixes] of /etc/op-dbus/stage.toml if this is intended",
+                v.reference,
+                f.target,
+                scopes.join("; "),
+                trust.policy.threshold(name)
+            ))
+            .into());
+        }
+    }
     if let Some(feature) = &config.requires_feature
         && !trust.policy.feature_enabled(feature)
     {
@@ -855,6 +878,8 @@ pub struct TrustedInfo {
     pub key_id: String,
     pub file: PathBuf,
     pub scopes: Vec<String>,
+    /// `[scope_prefixes]`: empty when the key's scope does not narrow the prefixes.
+    pub prefixes: Vec<String>,
     pub revoked: bool,
 }
 
@@ -869,6 +894,7 @@ pub fn trust_list(ctx: &Ctx) -> Result<Vec<TrustedInfo>> {
                 key_id: id.to_string(),
                 file: k.source.clone(),
                 scopes: trust.policy.scope(&id).map(|s| s.to_vec()).unwrap_or_default(),
+                prefixes: trust.policy.scope_prefixes(&id).unwrap_or_default().iter().map(|p| p.to_string()).collect(),
                 revoked: trust.policy.is_revoked(&id),
             }
         })

@@ -20,6 +20,14 @@
 //! # A key not listed here may sign any stage.
 //! [scopes]
 //! "3f9a0c41d2e87b65" = ["stage-1-*", "stage-2-plugins"]
+//! "5c2e9b0d7a41f836" = ["web-*"]
+//!
+//! # Keys whose stages may only place files under some of the allowed prefixes. A target
+//! # must be under a prefix of enough signers (as many as the stage's threshold) that
+//! # counted for it; a key not listed here narrows nothing. `trust add --scope` leaves
+//! # this table alone.
+//! [scope_prefixes]
+//! "5c2e9b0d7a41f836" = ["/var/www"]
 //!
 //! # Signatures by distinct trusted keys required per stage glob. A stage no glob
 //! # matches needs 1; when several match, the longest glob wins (on a tie, the larger
@@ -190,6 +198,7 @@ pub struct Policy {
     features: BTreeSet<String>,
     revoked: BTreeSet<KeyId>,
     scopes: BTreeMap<KeyId, Vec<String>>,
+    scope_prefixes: BTreeMap<KeyId, Vec<TargetPath>>,
     thresholds: Vec<Threshold>,
     /// `[verify_users]`: stage glob and user, sorted by glob.
     verify_users: Vec<(String, VerifyUser)>,
@@ -205,6 +214,7 @@ impl Default for Policy {
             features: BTreeSet::new(),
             revoked: BTreeSet::new(),
             scopes: BTreeMap::new(),
+            scope_prefixes: BTreeMap::new(),
             thresholds: Vec::new(),
             verify_users: Vec::new(),
         }
@@ -222,6 +232,8 @@ struct RawPolicy {
     revoked: Vec<Spanned<String>>,
     #[serde(default)]
     scopes: BTreeMap<String, Spanned<Vec<Spanned<String>>>>,
+    #[serde(default)]
+    scope_prefixes: BTreeMap<String, Spanned<Vec<Spanned<String>>>>,
     #[serde(default)]
     threshold: Vec<RawThreshold>,
     #[serde(default)]
@@ -349,6 +361,45 @@ impl Policy {
             }
         }
 
+        for (key, prefixes) in raw.scope_prefixes {
+            let field = format!("scope_prefixes.{key:?}");
+            let id = parse_key_id(&key)
+                .map_err(|reason| src.invalid(prefixes.span(), "scope_prefixes", quote(&key), reason))?;
+            if prefixes.get_ref().is_empty() {
+                return Err(src.invalid(
+                    prefixes.span(),
+                    field,
+                    "[]",
+                    format!(
+                        "would let key {id} place nothing: list the prefixes its stages may use, \
+                         or revoke it with `op-dbus-stage trust revoke {id}`"
+                    ),
+                ));
+            }
+            let mut list: Vec<TargetPath> = Vec::new();
+            for p in prefixes.get_ref() {
+                let prefix = TargetPath::parse(p.get_ref()).map_err(|e| {
+                    src.invalid(
+                        p.span(),
+                        &field,
+                        quote(p.get_ref()),
+                        format!("is not a prefix: {e}; give a directory such as /var/www, without a trailing '/'"),
+                    )
+                })?;
+                if !list.contains(&prefix) {
+                    list.push(prefix);
+                }
+            }
+            if policy.scope_prefixes.insert(id, list).is_some() {
+                return Err(src.invalid(
+                    prefixes.span(),
+                    "scope_prefixes",
+                    quote(&key),
+                    format!("names key {id} again (in another case): keep one entry per key"),
+                ));
+            }
+        }
+
         for (i, t) in raw.threshold.iter().enumerate() {
             let stages = t.stages.get_ref();
             check_glob(stages).map_err(|reason| {
@@ -431,6 +482,19 @@ impl Policy {
     /// Whether `key`'s scope lets it sign stage `name`.
     pub fn in_scope(&self, key: &KeyId, name: &StageName) -> bool {
         self.scope(key).is_none_or(|globs| globs.iter().any(|g| glob_match(g, name.as_str())))
+    }
+
+    /// The prefixes `key`'s stages are limited to (`[scope_prefixes]`); `None` when its
+    /// scope does not narrow them.
+    pub fn scope_prefixes(&self, key: &KeyId) -> Option<&[TargetPath]> {
+        self.scope_prefixes.get(key).map(Vec::as_slice)
+    }
+
+    /// Whether `key`'s scope lets it vouch for a file at `target`: strictly below one of its
+    /// `[scope_prefixes]`, or anywhere when it has none. The host's own
+    /// [`target_allowed`](Self::target_allowed) applies as well.
+    pub fn key_may_place(&self, key: &KeyId, target: &TargetPath) -> bool {
+        self.scope_prefixes(key).is_none_or(|ps| ps.iter().any(|p| target != p && target.is_under(p)))
     }
 
     /// The `[[threshold]]` entries, in file order.
@@ -763,6 +827,34 @@ signatures = 2
         let p = parse(&doc).unwrap();
         assert_eq!(p.threshold(&name("stage-9-lab")), 1);
         assert_eq!(p.threshold(&name("stage-1-core-dbus")), 2);
+    }
+
+    #[test]
+    fn scope_prefixes() {
+        let (web, other) = (id("5c2e9b0d7a41f836"), id("0123456789abcdef"));
+        let p = parse("[scope_prefixes]\n\"5C2E9B0D7A41F836\" = [\"/var/www\", \"/opt/web\", \"/var/www\"]\n").unwrap();
+        assert_eq!(p.scope_prefixes(&web).unwrap(), [target("/var/www"), target("/opt/web")]);
+        assert_eq!(p.scope_prefixes(&other), None);
+        assert!(p.key_may_place(&web, &target("/var/www/site/index.html")));
+        assert!(p.key_may_place(&web, &target("/opt/web/x")));
+        assert!(!p.key_may_place(&web, &target("/var/www")), "a prefix itself is not a target");
+        assert!(!p.key_may_place(&web, &target("/var/wwwx/a")));
+        assert!(!p.key_may_place(&web, &target("/usr/local/bin/tool")));
+        assert!(p.key_may_place(&other, &target("/usr/local/bin/tool")));
+        refused("[scope_prefixes]\n\"5c2e9b0d7a41f836\" = []\n", &[":2:", "place nothing", "trust revoke"]);
+        refused("[scope_prefixes]\n\"5c2e9b0d7a41f836\" = [\"var/www\"]\n", &[":2:", "is not a prefix"]);
+        refused("[scope_prefixes]\n\"5c2e9b0d7a41f836\" = [\"/var/www/\"]\n", &[":2:", "not normalised"]);
+        refused("[scope_prefixes]\nweb = [\"/var/www\"]\n", &[":2:", "is not a key id"]);
+        refused(
+            "[scope_prefixes]\n\"5c2e9b0d7a41f836\" = [\"/a\"]\n\"5C2E9B0D7A41F836\" = [\"/b\"]\n",
+            &["again", "one entry per key"],
+        );
+        // trust add --scope edits the stage globs only.
+        let text = "[scope_prefixes]\n\"5c2e9b0d7a41f836\" = [\"/var/www\"]\n";
+        let out = set_scope(text, Path::new(P), &web, &["web-*".into()]).unwrap();
+        let p = parse(&out).unwrap();
+        assert_eq!(p.scope(&web).unwrap(), ["web-*"]);
+        assert_eq!(p.scope_prefixes(&web).unwrap(), [target("/var/www")]);
     }
 
     #[test]

@@ -350,3 +350,64 @@ fn verify_user_comes_from_stage_toml_needs_root() {
     assert_ne!(code, 0, "{err}");
     assert!(err.contains("no-such-user") && err.contains("verify_users"), "{err}");
 }
+
+#[test]
+fn a_scope_can_narrow_the_target_prefixes_of_a_key() {
+    let s = Scratch::new();
+    let web_key = keygen(s.dir.path(), "web.key");
+    let added = json(&ok(s
+        .stage()
+        .args(["--json", "trust", "add", "--scope", "web-*"])
+        .arg(format!("{}.pub", web_key.display()))));
+    let id = added["key_id"].as_str().unwrap().to_owned();
+    s.append_policy(&format!("[scope_prefixes]\n\"{id}\" = [\"/var/www\"]\n"));
+    let listed = json(&ok(s.stage().args(["--json", "trust", "list"])));
+    assert_eq!(listed["keys"][0]["prefixes"], serde_json::json!(["/var/www"]), "{listed}");
+
+    let site = stage_dir(
+        s.dir.path(),
+        "web-site",
+        "1.0.0",
+        "files:\n  - path: index.html\n    target: /var/www/site/index.html\n    type: symlink\n",
+        &[("index.html", "hello\n")],
+    );
+    ok(s.stage().arg("deploy").arg(s.build_export_with(&site, &web_key)));
+    assert!(s.root().join("var/www/site/index.html").is_symlink());
+
+    // /usr/local is an allowed prefix of the host, but not of this key.
+    let evil = stage_dir(
+        s.dir.path(),
+        "web-evil",
+        "1.0.0",
+        "files:\n  - path: bin/tool\n    target: /usr/local/bin/tool\n    type: symlink\n",
+        &[("bin/tool", "#!/bin/sh\n")],
+    );
+    let export = s.build_export_with(&evil, &web_key);
+    let before = tree(&s.root());
+    let (code, err) = fails(s.stage().arg("deploy").arg(&export));
+    assert_eq!(code, 4, "{err}");
+    assert!(err.contains("/usr/local/bin/tool") && err.contains(&id) && err.contains("/var/www"), "{err}");
+    assert_eq!(tree(&s.root()), before, "a refused deploy changed the root");
+    ok(s.stage().arg("recover"));
+    let list = json(&ok(s.stage().args(["--json", "list"])));
+    let deployed: Vec<&str> = list["stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|x| x["status"] == "deployed")
+        .map(|x| x["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(deployed, ["web-site"], "{list}");
+
+    // Signed by a key whose scope does not narrow the prefixes, the same files may go there.
+    s.trust();
+    let evil = stage_dir(
+        s.dir.path(),
+        "web-evil",
+        "1.0.1",
+        "files:\n  - path: bin/tool\n    target: /usr/local/bin/tool\n    type: symlink\n",
+        &[("bin/tool", "#!/bin/sh\n")],
+    );
+    ok(s.stage().arg("deploy").arg(s.build_export(&evil)));
+    assert!(s.root().join("usr/local/bin/tool").is_symlink());
+}
