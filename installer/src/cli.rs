@@ -433,4 +433,20 @@ mod tests {
         Cli::try_parse_from(["op-dbus-stage", "deploy-from-image", "dir"]).unwrap();
         assert!(Cli::try_parse_from(["op-dbus-stage", "trust", "revoke", "nothex"]).is_err());
     }
+
+    #[test]
+    fn the_verify_helper_takes_any_command_after_the_separator() {
+        let args: Vec<String> = crate::sandbox::command("--root / -c 'x'", 65534, 7)
+            .get_args()
+            .map(|a| a.to_string_lossy().into())
+            .collect();
+        let c = Cli::try_parse_from(std::iter::once("op-dbus-stage".to_owned()).chain(args)).unwrap();
+        match c.command {
+            Command::VerifyConfined { uid, gid, command } => {
+                assert_eq!((uid, gid, command.to_str()), (65534, 7, Some("--root / -c 'x'")));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(c.global.root, PathBuf::from("/"), "the command's words are not the helper's flags");
+    }
 }
