@@ -1,10 +1,14 @@
 //! Verify commands and systemd units of a stage.
 //!
-//! A verify command runs with `sh -c`, its timeout, the generation directory as working
+//! A verify command is a check, not an installer: it runs with the host's own `/bin/sh -c`,
+//! confined (see [`crate::sandbox`]: its own mount namespace with every mount read-only,
+//! no capabilities, `no_new_privs`, as the user `[verify_users]` of stage.toml names for
+//! the stage, `nobody` by default), with its timeout, the generation directory as working
 //! directory, `OP_DBUS_ROOT` set to the root, and, under a root other than `/`, the
 //! `bin/` and `sbin/` of every active stage and the root's bin directories first on
 //! `PATH` (target links are written as seen from inside the root, so from outside it they
-//! only resolve through the stages' own folders).
+//! only resolve through the stages' own folders). `PATH` only finds the programs the
+//! command calls; the shell itself is never looked up.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -14,6 +18,9 @@ use anyhow::{Context, Result};
 use serde::Serialize;
 
 use formats::manifest::VerifySpec;
+use keys::policy::VerifyUser;
+
+use crate::sandbox;
 
 /// The outcome of one verify command.
 #[derive(Debug, Clone, Serialize)]
@@ -45,12 +52,43 @@ pub fn verify_path(root: &Path, stage_dirs: &[PathBuf]) -> String {
     parts.join(":")
 }
 
-/// Runs one verify command.
-pub fn run(spec: &VerifySpec, cwd: &Path, root: &Path, path: &str) -> Result<CheckResult> {
+/// The largest `/etc/passwd` read to find a verify user.
+const MAX_PASSWD: u64 = 16 << 20;
+
+/// The uid and gid of `user` on this host (its own `/etc/passwd`, never the root's): a
+/// name must be listed there, except `nobody`, which is 65534:65534 when it is not.
+pub fn resolve_user(user: &VerifyUser) -> Result<(u32, u32)> {
+    let name = match user {
+        VerifyUser::Ids { uid, gid } => return Ok((*uid, *gid)),
+        VerifyUser::Name(n) => n,
+    };
+    let mut text = String::new();
+    use std::io::Read;
+    match std::fs::File::open("/etc/passwd") {
+        Ok(f) => {
+            f.take(MAX_PASSWD).read_to_string(&mut text).context("reading /etc/passwd")?;
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).context("reading /etc/passwd"),
+    }
+    let found = text.lines().find_map(|l| {
+        let f: Vec<&str> = l.split(':').collect();
+        (f.len() >= 4 && f[0] == name).then(|| Some((f[2].parse().ok()?, f[3].parse().ok()?))).flatten()
+    });
+    match found {
+        Some(ids) => Ok(ids),
+        None if name == keys::policy::DEFAULT_VERIFY_USER => Ok((65534, 65534)),
+        None => anyhow::bail!(
+            "the verify user {name:?} (verify_users in stage.toml) is not a user of this host's /etc/passwd; \
+             create it, or name another user or UID:GID there"
+        ),
+    }
+}
+
+/// Runs one verify command, confined, as `user` (uid, gid).
+pub fn run(spec: &VerifySpec, cwd: &Path, root: &Path, path: &str, user: (u32, u32)) -> Result<CheckResult> {
     let out_file = tempfile::tempfile().context("creating a file for the command's output")?;
-    let mut child = Command::new("sh")
-        .arg("-c")
-        .arg(&spec.command)
+    let mut child = sandbox::command(&spec.command, user.0, user.1)
         .current_dir(cwd)
         .env("OP_DBUS_ROOT", root)
         .env("PATH", path)
@@ -81,6 +119,14 @@ pub fn run(spec: &VerifySpec, cwd: &Path, root: &Path, path: &str) -> Result<Che
     let mut output = String::new();
     let _ = f.take(8192).read_to_string(&mut output);
     let exit = status.and_then(|s| s.code());
+    if exit == Some(sandbox::FAILED_EXIT) && output.starts_with(sandbox::FAILED) {
+        anyhow::bail!(
+            "verify command `{}` was not run: {}; verify commands need a kernel with mount namespaces and \
+             the installer running as root",
+            spec.command,
+            output.trim_end()
+        );
+    }
     Ok(CheckResult {
         command: spec.command.clone(),
         expected: spec.expect_exit,

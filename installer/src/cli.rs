@@ -93,6 +93,14 @@ pub enum Command {
     },
     /// Finish an interrupted transaction (every changing command does this first).
     Recover,
+    /// Runs one verify command confined: the installer's own helper (see `sandbox`).
+    #[command(name = crate::sandbox::HELPER, hide = true)]
+    VerifyConfined {
+        uid: u32,
+        gid: u32,
+        #[arg(last = true, required = true)]
+        command: std::ffi::OsString,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -206,6 +214,12 @@ pub fn run(cli: Cli) -> Result<i32> {
     };
     let json = g.json;
     match cli.command {
+        Command::VerifyConfined { uid, gid, command } => {
+            // Returns only when the command could not be confined (or /bin/sh not executed).
+            let e = crate::sandbox::exec_confined(uid, gid, &command);
+            eprintln!("{} {e}", crate::sandbox::FAILED);
+            return Ok(crate::sandbox::FAILED_EXIT);
+        }
         Command::Init => {
             let r = ops::init(&opts)?;
             emit(json, &r, |r| {
@@ -232,10 +246,15 @@ pub fn run(cli: Cli) -> Result<i32> {
                 let mut s = String::new();
                 for k in &keys {
                     s += &format!(
-                        "{} {}{}{}\n",
+                        "{} {}{}{}{}\n",
                         k.key_id,
                         k.file.display(),
                         if k.scopes.is_empty() { String::new() } else { format!(" scope {}", k.scopes.join(",")) },
+                        if k.prefixes.is_empty() {
+                            String::new()
+                        } else {
+                            format!(" prefixes {}", k.prefixes.join(","))
+                        },
                         if k.revoked { " REVOKED" } else { "" }
                     );
                 }
@@ -413,5 +432,21 @@ mod tests {
         Cli::try_parse_from(["op-dbus-stage", "--dry-run", "rollback", "--snapshot", "pre-x"]).unwrap();
         Cli::try_parse_from(["op-dbus-stage", "deploy-from-image", "dir"]).unwrap();
         assert!(Cli::try_parse_from(["op-dbus-stage", "trust", "revoke", "nothex"]).is_err());
+    }
+
+    #[test]
+    fn the_verify_helper_takes_any_command_after_the_separator() {
+        let args: Vec<String> = crate::sandbox::command("--root / -c 'x'", 65534, 7)
+            .get_args()
+            .map(|a| a.to_string_lossy().into())
+            .collect();
+        let c = Cli::try_parse_from(std::iter::once("op-dbus-stage".to_owned()).chain(args)).unwrap();
+        match c.command {
+            Command::VerifyConfined { uid, gid, command } => {
+                assert_eq!((uid, gid, command.to_str()), (65534, 7, Some("--root / -c 'x'")));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(c.global.root, PathBuf::from("/"), "the command's words are not the helper's flags");
     }
 }

@@ -437,7 +437,10 @@ fn move_between(from_dir: &OwnedFd, from: &str, to_dir: &OwnedFd, to: &str) -> i
     }
 }
 
-/// Copies the entry `name` of `src` (file, symlink or directory tree, modes kept) to `dst/to`.
+/// Copies the entry `name` of `src` (file, symlink or directory tree) to `dst/to`, keeping
+/// what a rename would: owner, group, mode, access and modification times (to the
+/// nanosecond) and extended attributes, of every entry. The times are read before the
+/// contents, so reading does not move the access time that is kept.
 fn copy_at(src: &OwnedFd, name: &str, dst: &OwnedFd, to: &str, depth: u32) -> io::Result<()> {
     if depth > 256 {
         return Err(io::Error::other("directory tree too deep to copy"));
@@ -454,13 +457,22 @@ fn copy_at(src: &OwnedFd, name: &str, dst: &OwnedFd, to: &str, depth: u32) -> io
                 Mode::from_raw_mode(0o600),
             )?;
             let mut w = fs::File::from(w);
-            io::copy(&mut fs::File::from(r), &mut w)?;
-            rustix::fs::fchmod(&w, mode)?;
+            let r = fs::File::from(r);
+            io::copy(&mut &r, &mut w)?;
+            keep_metadata(&r, &w, &st, mode).map_err(|e| kept(e, name))?;
             w.sync_all()
         }
         FileType::Symlink => {
             let text = rustix::fs::readlinkat(src, name, Vec::new())?;
             rustix::fs::symlinkat(text.as_c_str(), dst, to)?;
+            let (uid, gid) = owner(&st);
+            rustix::fs::chownat(dst, to, Some(uid), Some(gid), AtFlags::SYMLINK_NOFOLLOW)
+                .map_err(|e| kept(e.into(), name))?;
+            // Through the directories' descriptors; the links themselves are not followed.
+            let (from, into) =
+                (format!("/proc/self/fd/{}/{name}", fd_num(src)), format!("/proc/self/fd/{}/{to}", fd_num(dst)));
+            copy_xattrs(XattrFile::Link(&from), XattrFile::Link(&into)).map_err(|e| kept(e, name))?;
+            rustix::fs::utimensat(dst, to, &times(&st), AtFlags::SYMLINK_NOFOLLOW).map_err(|e| kept(e.into(), name))?;
             Ok(())
         }
         FileType::Directory => {
@@ -485,7 +497,8 @@ fn copy_at(src: &OwnedFd, name: &str, dst: &OwnedFd, to: &str, depth: u32) -> io
                 }
                 copy_at(&s, &n, &d, &n, depth + 1)?;
             }
-            rustix::fs::fchmod(&d, mode)?;
+            // Last, once its entries no longer change its times.
+            keep_metadata(&s, &d, &st, mode).map_err(|e| kept(e, name))?;
             rustix::fs::fsync(&d)?;
             Ok(())
         }
@@ -493,6 +506,113 @@ fn copy_at(src: &OwnedFd, name: &str, dst: &OwnedFd, to: &str, depth: u32) -> io
             Err(io::Error::other(format!("{name} is a device, fifo or socket: it cannot be moved across filesystems")))
         }
     }
+}
+
+/// Gives the copy `to` of `from` the owner, group, `mode`, extended attributes and times of
+/// `st` (the stat of `from` before it was read). The owner goes first, since a chown clears
+/// setuid bits and file capabilities; the times go last.
+fn keep_metadata(from: impl AsFd, to: impl AsFd, st: &rustix::fs::Stat, mode: Mode) -> io::Result<()> {
+    let (uid, gid) = owner(st);
+    rustix::fs::fchown(&to, Some(uid), Some(gid))?;
+    rustix::fs::fchmod(&to, mode)?;
+    copy_xattrs(XattrFile::Fd(from.as_fd()), XattrFile::Fd(to.as_fd()))?;
+    rustix::fs::futimens(&to, &times(st))?;
+    Ok(())
+}
+
+fn owner(st: &rustix::fs::Stat) -> (rustix::fs::Uid, rustix::fs::Gid) {
+    (rustix::fs::Uid::from_raw(st.st_uid), rustix::fs::Gid::from_raw(st.st_gid))
+}
+
+fn times(st: &rustix::fs::Stat) -> rustix::fs::Timestamps {
+    rustix::fs::Timestamps {
+        last_access: rustix::fs::Timespec { tv_sec: st.st_atime, tv_nsec: st.st_atime_nsec as _ },
+        last_modification: rustix::fs::Timespec { tv_sec: st.st_mtime, tv_nsec: st.st_mtime_nsec as _ },
+    }
+}
+
+fn kept(e: io::Error, name: &str) -> io::Error {
+    io::Error::new(e.kind(), format!("keeping the owner, mode, times and extended attributes of {name}: {e}"))
+}
+
+/// A file whose extended attributes are copied: an open descriptor, or the path of a
+/// symlink (which has no descriptor of its own for the f*xattr calls; never followed).
+enum XattrFile<'a> {
+    Fd(std::os::fd::BorrowedFd<'a>),
+    Link(&'a str),
+}
+
+impl XattrFile<'_> {
+    fn list(&self, buf: &mut [u8]) -> rustix::io::Result<usize> {
+        match (self, buf.is_empty()) {
+            (XattrFile::Fd(fd), true) => rustix::fs::flistxattr_query(fd),
+            (XattrFile::Fd(fd), false) => rustix::fs::flistxattr(fd, buf),
+            (XattrFile::Link(p), true) => rustix::fs::llistxattr_query(*p),
+            (XattrFile::Link(p), false) => rustix::fs::llistxattr(*p, buf),
+        }
+    }
+
+    fn get(&self, name: &std::ffi::CStr, buf: &mut [u8]) -> rustix::io::Result<usize> {
+        match (self, buf.is_empty()) {
+            (XattrFile::Fd(fd), true) => rustix::fs::fgetxattr_query(fd, name),
+            (XattrFile::Fd(fd), false) => rustix::fs::fgetxattr(fd, name, buf),
+            (XattrFile::Link(p), true) => rustix::fs::lgetxattr_query(*p, name),
+            (XattrFile::Link(p), false) => rustix::fs::lgetxattr(*p, name, buf),
+        }
+    }
+
+    fn set(&self, name: &std::ffi::CStr, value: &[u8]) -> rustix::io::Result<()> {
+        let flags = rustix::fs::XattrFlags::empty();
+        match self {
+            XattrFile::Fd(fd) => rustix::fs::fsetxattr(fd, name, value, flags),
+            XattrFile::Link(p) => rustix::fs::lsetxattr(*p, name, value, flags),
+        }
+    }
+}
+
+/// Copies every extended attribute of `from` to `to`. A source filesystem without extended
+/// attributes has none to copy; a destination that cannot keep them is an error, not a
+/// silent loss.
+fn copy_xattrs(from: XattrFile<'_>, to: XattrFile<'_>) -> io::Result<()> {
+    let names = match read_sized(|buf| from.list(buf)) {
+        Ok(n) => n,
+        Err(e) if e.raw_os_error() == Some(rustix::io::Errno::OPNOTSUPP.raw_os_error()) => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    for name in names.split(|&b| b == 0).filter(|n| !n.is_empty()) {
+        let name = std::ffi::CString::new(name).map_err(io::Error::other)?;
+        let value = match read_sized(|buf| from.get(&name, buf)) {
+            Ok(v) => v,
+            // Removed since it was listed.
+            Err(e) if e.raw_os_error() == Some(rustix::io::Errno::NODATA.raw_os_error()) => continue,
+            Err(e) => return Err(e),
+        };
+        to.set(&name, &value).map_err(|e| {
+            io::Error::new(io::Error::from(e).kind(), format!("extended attribute {}: {e}", name.to_string_lossy()))
+        })?;
+    }
+    Ok(())
+}
+
+/// Reads an extended attribute list or value: its size (`f` with an empty buffer), then the
+/// bytes (again if it grew in between). The kernel bounds both at 64 KiB.
+fn read_sized(f: impl Fn(&mut [u8]) -> rustix::io::Result<usize>) -> io::Result<Vec<u8>> {
+    for _ in 0..8 {
+        let size = f(&mut [])?;
+        if size == 0 {
+            return Ok(Vec::new());
+        }
+        let mut buf = vec![0u8; size];
+        match f(&mut buf) {
+            Ok(len) => {
+                buf.truncate(len);
+                return Ok(buf);
+            }
+            Err(rustix::io::Errno::RANGE) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Err(io::Error::other("extended attributes kept changing while being copied"))
 }
 
 /// Removes the entry `name` of `dir` (a directory tree too); nothing if it is missing.

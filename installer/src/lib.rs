@@ -20,6 +20,7 @@ pub mod lock;
 pub mod ops;
 pub mod plan;
 pub mod receive;
+pub mod sandbox;
 pub mod snapshot;
 pub mod state;
 pub mod txn;

@@ -228,7 +228,11 @@ pub fn run_checks(ctx: &Ctx, state: &State, stage: &StageName) -> Result<Vec<Che
     let stage_dirs: Vec<PathBuf> = state.stages.keys().map(|n| ctx.staging.stage_link(n)).collect();
     let path = checks::verify_path(&ctx.host.root, &stage_dirs);
     let cwd = ctx.staging.generation(stage, s.active.generation);
-    s.active.activation.verify.iter().map(|v| checks::run(v, &cwd, &ctx.host.root, &path)).collect()
+    if s.active.activation.verify.is_empty() {
+        return Ok(Vec::new());
+    }
+    let user = checks::resolve_user(&Trust::load(&ctx.host)?.policy.verify_user(stage))?;
+    s.active.activation.verify.iter().map(|v| checks::run(v, &cwd, &ctx.host.root, &path, user)).collect()
 }
 
 fn now() -> String {
@@ -297,7 +301,7 @@ fn deploy_one(ctx: &Ctx, trust: &Trust, store: &Layout, received: &Received, v: 
         return Ok(None);
     }
     // Policy: targets, feature, dependencies, downgrade.
-    admit(&ctx.host, trust, config, &v.reference)?;
+    admit(&ctx.host, trust, config, &v.reference, &v.signers)?;
     for d in &config.dependencies {
         match state.stages.get(&d.stage) {
             Some(s) if d.matches(&s.active.version) => {}
@@ -428,8 +432,30 @@ fn deploy_one(ctx: &Ctx, trust: &Trust, store: &Layout, received: &Received, v: 
 /// What the host's policy asks of a stage before it may be active: every target under the
 /// allowed prefixes, by its text and by where it resolves on this host (links on the way
 /// that root does not own are never followed), and its required feature enabled.
-fn admit(host: &Host, trust: &Trust, config: &StageConfig, what: &str) -> Result<()> {
+fn admit(host: &Host, trust: &Trust, config: &StageConfig, what: &str, signers: &[String]) -> Result<()> {
     let prefixes = || trust.policy.allowed_prefixes().iter().map(|p| p.to_string()).collect::<Vec<_>>().join(", ");
+    // The signers' scopes may narrow the prefixes further ([scope_prefixes]).
+    let verdict = keys::trust::Verdict { signers: signers.iter().filter_map(|k| k.parse().ok()).collect() };
+    let narrowed = |target: &formats::path::TargetPath| -> Result<()> {
+        if verdict.may_place(&trust.policy, &config.name, target) {
+            return Ok(());
+        }
+        let scopes: Vec<String> = verdict
+            .signers
+            .iter()
+            .map(|k| match trust.policy.scope_prefixes(k) {
+                Some(ps) => format!("key {k}: {}", ps.iter().map(|p| p.as_str()).collect::<Vec<_>>().join(", ")),
+                None => format!("key {k}: any allowed prefix"),
+            })
+            .collect();
+        Err(Refused::Policy(format!(
+            "{what}: target {target} is outside the prefixes the scopes of its signers allow ({}; {} needed per target). \
+             Widen the key's entry in [scope_prefixes] of /etc/op-dbus/stage.toml if this is intended",
+            scopes.join("; "),
+            trust.policy.threshold(&config.name)
+        ))
+        .into())
+    };
     for f in &config.files {
         if !trust.policy.target_allowed(&f.target) {
             return Err(Refused::Policy(format!(
@@ -446,6 +472,10 @@ fn admit(host: &Host, trust: &Trust, config: &StageConfig, what: &str) -> Result
             }
             _ => anyhow::Error::new(e).context(format!("{what}: resolving target {}", f.target)),
         })?;
+        narrowed(&f.target)?;
+        if resolved != f.target {
+            narrowed(&resolved)?;
+        }
         if !trust.policy.target_allowed(&resolved) {
             return Err(Refused::Policy(format!(
                 "{what}: target {} resolves to {resolved} on this host (through symlinks), which is outside the allowed \
@@ -494,8 +524,9 @@ fn readmit(ctx: &Ctx, trust: &Trust, store: &Layout, stage: &StageName, g: &Gene
         return Err(crate::error::Untrusted(format!("{what}: the stored image is of {}", c.config.name)).into());
     }
     let config = c.config.clone();
-    receive::verify(c, trust, ctx.opts.allow_expired).with_context(|| format!("checking {what} again"))?;
-    admit(&ctx.host, trust, &config, &what)
+    let verified =
+        receive::verify(c, trust, ctx.opts.allow_expired).with_context(|| format!("checking {what} again"))?;
+    admit(&ctx.host, trust, &config, &what, &verified.signers)
 }
 
 /// `rollback STAGE` or `rollback --all`: back to each stage's previous generation.
@@ -912,6 +943,8 @@ pub struct TrustedInfo {
     pub key_id: String,
     pub file: PathBuf,
     pub scopes: Vec<String>,
+    /// `[scope_prefixes]`: empty when the key's scope does not narrow the prefixes.
+    pub prefixes: Vec<String>,
     pub revoked: bool,
 }
 
@@ -926,6 +959,7 @@ pub fn trust_list(ctx: &Ctx) -> Result<Vec<TrustedInfo>> {
                 key_id: id.to_string(),
                 file: k.source.clone(),
                 scopes: trust.policy.scope(&id).map(|s| s.to_vec()).unwrap_or_default(),
+                prefixes: trust.policy.scope_prefixes(&id).unwrap_or_default().iter().map(|p| p.to_string()).collect(),
                 revoked: trust.policy.is_revoked(&id),
             }
         })

@@ -20,6 +20,14 @@
 //! # A key not listed here may sign any stage.
 //! [scopes]
 //! "3f9a0c41d2e87b65" = ["stage-1-*", "stage-2-plugins"]
+//! "5c2e9b0d7a41f836" = ["web-*"]
+//!
+//! # Keys whose stages may only place files under some of the allowed prefixes. A target
+//! # must be under a prefix of enough signers (as many as the stage's threshold) that
+//! # counted for it; a key not listed here narrows nothing. `trust add --scope` leaves
+//! # this table alone.
+//! [scope_prefixes]
+//! "5c2e9b0d7a41f836" = ["/var/www"]
 //!
 //! # Signatures by distinct trusted keys required per stage glob. A stage no glob
 //! # matches needs 1; when several match, the longest glob wins (on a tie, the larger
@@ -31,6 +39,14 @@
 //! [[threshold]]
 //! stages = "stage-9-lab"
 //! signatures = 1
+//!
+//! # The user verify commands of a stage run as (per stage glob; the longest matching
+//! # glob wins, on a tie the one that sorts first): a user name of this host's /etc/passwd
+//! # or "UID:GID". Absent or unmatched: "nobody". Only this file chooses: a stage's
+//! # manifest cannot ask for a user.
+//! [verify_users]
+//! "stage-1-*" = "op-dbus"
+//! "stage-9-lab" = "1000:1000"
 //! ```
 //!
 //! Parsing is strict ([`Policy::parse`]): an unknown key, a wrong type, a prefix that is not
@@ -84,6 +100,12 @@ pub const DEFAULT_ALLOWED_PREFIXES: [&str; 6] =
 pub const RESERVED_TARGETS: [&str; 4] =
     ["/etc/op-dbus/trusted-keys", DEFAULT_PATH, "/var/lib/op-dbus/staging", "/var/lib/op-dbus/deployment"];
 
+/// The user verify commands run as when no `[verify_users]` glob matches the stage.
+pub const DEFAULT_VERIFY_USER: &str = "nobody";
+
+/// The longest user name `[verify_users]` accepts (that of `useradd`).
+pub const MAX_USER_NAME: usize = 32;
+
 /// The largest `signatures` of a `[[threshold]]`.
 pub const MAX_THRESHOLD: u32 = 16;
 
@@ -128,6 +150,47 @@ pub struct Threshold {
     pub signatures: u32,
 }
 
+/// Whom a stage's verify commands run as (`[verify_users]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VerifyUser {
+    /// A user name, looked up in the host's `/etc/passwd` when the commands run.
+    Name(String),
+    /// `"UID:GID"`.
+    Ids { uid: u32, gid: u32 },
+}
+
+impl std::fmt::Display for VerifyUser {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            VerifyUser::Name(n) => f.write_str(n),
+            VerifyUser::Ids { uid, gid } => write!(f, "{uid}:{gid}"),
+        }
+    }
+}
+
+impl std::str::FromStr for VerifyUser {
+    type Err = String;
+
+    /// `NAME` (a letter or `_`, then up to 31 letters, digits, `_`, `.` or `-`) or `UID:GID`.
+    fn from_str(s: &str) -> Result<VerifyUser, String> {
+        const USE: &str = "give a user name of this host (such as nobody) or UID:GID (such as 1000:1000)";
+        if let Some((uid, gid)) = s.split_once(':') {
+            let id = |x: &str| x.parse::<u32>().ok().filter(|_| !x.is_empty() && x.bytes().all(|b| b.is_ascii_digit()));
+            return match (id(uid), id(gid)) {
+                (Some(uid), Some(gid)) => Ok(VerifyUser::Ids { uid, gid }),
+                _ => Err(format!("is not UID:GID: {USE}")),
+            };
+        }
+        let ok = s.len() <= MAX_USER_NAME
+            && s.bytes().next().is_some_and(|b| b.is_ascii_alphabetic() || b == b'_')
+            && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b));
+        if !ok {
+            return Err(format!("is not a user name: {USE}"));
+        }
+        Ok(VerifyUser::Name(s.to_owned()))
+    }
+}
+
 /// The parsed, validated policy. [`Policy::default`] is what an absent file means.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Policy {
@@ -135,7 +198,10 @@ pub struct Policy {
     features: BTreeSet<String>,
     revoked: BTreeSet<KeyId>,
     scopes: BTreeMap<KeyId, Vec<String>>,
+    scope_prefixes: BTreeMap<KeyId, Vec<TargetPath>>,
     thresholds: Vec<Threshold>,
+    /// `[verify_users]`: stage glob and user, sorted by glob.
+    verify_users: Vec<(String, VerifyUser)>,
 }
 
 impl Default for Policy {
@@ -148,7 +214,9 @@ impl Default for Policy {
             features: BTreeSet::new(),
             revoked: BTreeSet::new(),
             scopes: BTreeMap::new(),
+            scope_prefixes: BTreeMap::new(),
             thresholds: Vec::new(),
+            verify_users: Vec::new(),
         }
     }
 }
@@ -165,7 +233,11 @@ struct RawPolicy {
     #[serde(default)]
     scopes: BTreeMap<String, Spanned<Vec<Spanned<String>>>>,
     #[serde(default)]
+    scope_prefixes: BTreeMap<String, Spanned<Vec<Spanned<String>>>>,
+    #[serde(default)]
     threshold: Vec<RawThreshold>,
+    #[serde(default)]
+    verify_users: BTreeMap<String, Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -289,6 +361,45 @@ impl Policy {
             }
         }
 
+        for (key, prefixes) in raw.scope_prefixes {
+            let field = format!("scope_prefixes.{key:?}");
+            let id = parse_key_id(&key)
+                .map_err(|reason| src.invalid(prefixes.span(), "scope_prefixes", quote(&key), reason))?;
+            if prefixes.get_ref().is_empty() {
+                return Err(src.invalid(
+                    prefixes.span(),
+                    field,
+                    "[]",
+                    format!(
+                        "would let key {id} place nothing: list the prefixes its stages may use, \
+                         or revoke it with `op-dbus-stage trust revoke {id}`"
+                    ),
+                ));
+            }
+            let mut list: Vec<TargetPath> = Vec::new();
+            for p in prefixes.get_ref() {
+                let prefix = TargetPath::parse(p.get_ref()).map_err(|e| {
+                    src.invalid(
+                        p.span(),
+                        &field,
+                        quote(p.get_ref()),
+                        format!("is not a prefix: {e}; give a directory such as /var/www, without a trailing '/'"),
+                    )
+                })?;
+                if !list.contains(&prefix) {
+                    list.push(prefix);
+                }
+            }
+            if policy.scope_prefixes.insert(id, list).is_some() {
+                return Err(src.invalid(
+                    prefixes.span(),
+                    "scope_prefixes",
+                    quote(&key),
+                    format!("names key {id} again (in another case): keep one entry per key"),
+                ));
+            }
+        }
+
         for (i, t) in raw.threshold.iter().enumerate() {
             let stages = t.stages.get_ref();
             check_glob(stages).map_err(|reason| {
@@ -312,6 +423,16 @@ impl Policy {
                 ));
             }
             policy.thresholds.push(Threshold { stages: stages.clone(), signatures });
+        }
+
+        for (glob, user) in raw.verify_users {
+            let field = format!("verify_users.{glob:?}");
+            check_glob(&glob).map_err(|reason| src.invalid(user.span(), "verify_users", quote(&glob), reason))?;
+            let parsed = user
+                .get_ref()
+                .parse()
+                .map_err(|reason| src.invalid(user.span(), &field, quote(user.get_ref()), reason))?;
+            policy.verify_users.push((glob, parsed));
         }
 
         Ok(policy)
@@ -363,6 +484,19 @@ impl Policy {
         self.scope(key).is_none_or(|globs| globs.iter().any(|g| glob_match(g, name.as_str())))
     }
 
+    /// The prefixes `key`'s stages are limited to (`[scope_prefixes]`); `None` when its
+    /// scope does not narrow them.
+    pub fn scope_prefixes(&self, key: &KeyId) -> Option<&[TargetPath]> {
+        self.scope_prefixes.get(key).map(Vec::as_slice)
+    }
+
+    /// Whether `key`'s scope lets it vouch for a file at `target`: strictly below one of its
+    /// `[scope_prefixes]`, or anywhere when it has none. The host's own
+    /// [`target_allowed`](Self::target_allowed) applies as well.
+    pub fn key_may_place(&self, key: &KeyId, target: &TargetPath) -> bool {
+        self.scope_prefixes(key).is_none_or(|ps| ps.iter().any(|p| target != p && target.is_under(p)))
+    }
+
     /// The `[[threshold]]` entries, in file order.
     pub fn thresholds(&self) -> &[Threshold] {
         &self.thresholds
@@ -376,6 +510,19 @@ impl Policy {
             .filter(|t| glob_match(&t.stages, name.as_str()))
             .max_by_key(|t| (t.stages.chars().count(), t.signatures))
             .map_or(1, |t| t.signatures)
+    }
+}
+
+impl Policy {
+    /// The user the verify commands of stage `name` run as: that of the longest matching
+    /// `[verify_users]` glob (on a tie, the glob that sorts first), else
+    /// [`DEFAULT_VERIFY_USER`].
+    pub fn verify_user(&self, name: &StageName) -> VerifyUser {
+        self.verify_users
+            .iter()
+            .filter(|(g, _)| glob_match(g, name.as_str()))
+            .min_by_key(|(g, _)| (std::cmp::Reverse(g.chars().count()), g.as_str()))
+            .map_or_else(|| VerifyUser::Name(DEFAULT_VERIFY_USER.to_owned()), |(_, u)| u.clone())
     }
 }
 
@@ -680,6 +827,54 @@ signatures = 2
         let p = parse(&doc).unwrap();
         assert_eq!(p.threshold(&name("stage-9-lab")), 1);
         assert_eq!(p.threshold(&name("stage-1-core-dbus")), 2);
+    }
+
+    #[test]
+    fn scope_prefixes() {
+        let (web, other) = (id("5c2e9b0d7a41f836"), id("0123456789abcdef"));
+        let p = parse("[scope_prefixes]\n\"5C2E9B0D7A41F836\" = [\"/var/www\", \"/opt/web\", \"/var/www\"]\n").unwrap();
+        assert_eq!(p.scope_prefixes(&web).unwrap(), [target("/var/www"), target("/opt/web")]);
+        assert_eq!(p.scope_prefixes(&other), None);
+        assert!(p.key_may_place(&web, &target("/var/www/site/index.html")));
+        assert!(p.key_may_place(&web, &target("/opt/web/x")));
+        assert!(!p.key_may_place(&web, &target("/var/www")), "a prefix itself is not a target");
+        assert!(!p.key_may_place(&web, &target("/var/wwwx/a")));
+        assert!(!p.key_may_place(&web, &target("/usr/local/bin/tool")));
+        assert!(p.key_may_place(&other, &target("/usr/local/bin/tool")));
+        refused("[scope_prefixes]\n\"5c2e9b0d7a41f836\" = []\n", &[":2:", "place nothing", "trust revoke"]);
+        refused("[scope_prefixes]\n\"5c2e9b0d7a41f836\" = [\"var/www\"]\n", &[":2:", "is not a prefix"]);
+        refused("[scope_prefixes]\n\"5c2e9b0d7a41f836\" = [\"/var/www/\"]\n", &[":2:", "not normalised"]);
+        refused("[scope_prefixes]\nweb = [\"/var/www\"]\n", &[":2:", "is not a key id"]);
+        refused(
+            "[scope_prefixes]\n\"5c2e9b0d7a41f836\" = [\"/a\"]\n\"5C2E9B0D7A41F836\" = [\"/b\"]\n",
+            &["again", "one entry per key"],
+        );
+        // trust add --scope edits the stage globs only.
+        let text = "[scope_prefixes]\n\"5c2e9b0d7a41f836\" = [\"/var/www\"]\n";
+        let out = set_scope(text, Path::new(P), &web, &["web-*".into()]).unwrap();
+        let p = parse(&out).unwrap();
+        assert_eq!(p.scope(&web).unwrap(), ["web-*"]);
+        assert_eq!(p.scope_prefixes(&web).unwrap(), [target("/var/www")]);
+    }
+
+    #[test]
+    fn verify_users() {
+        let p = Policy::default();
+        assert_eq!(p.verify_user(&name("x")), VerifyUser::Name("nobody".into()));
+        let p = parse(
+            "[verify_users]\n\"stage-*\" = \"op-dbus\"\n\"stage-1-*\" = \"1000:1001\"\n\"stage-2-?\" = \"a\"\n\"stage-?-x\" = \"b\"\n",
+        )
+        .unwrap();
+        assert_eq!(p.verify_user(&name("stage-1-core")), VerifyUser::Ids { uid: 1000, gid: 1001 });
+        assert_eq!(p.verify_user(&name("stage-3-core")), VerifyUser::Name("op-dbus".into()));
+        assert_eq!(p.verify_user(&name("stage-2-x")), VerifyUser::Name("a".into()), "a tie: the glob sorting first");
+        assert_eq!(p.verify_user(&name("other")), VerifyUser::Name("nobody".into()));
+        refused("[verify_users]\n\"a b\" = \"nobody\"\n", &[":2:", "verify_users", "\"a b\""]);
+        for bad in ["", "1:", ":1", "-1:0", "1:2:3", "4294967296:0", "0user", "us er", "root;", &"a".repeat(33)] {
+            refused(&format!("[verify_users]\n\"*\" = \"{bad}\"\n"), &[":2:", "verify_users.\"*\"", "UID:GID"]);
+        }
+        refused("[verify_users]\n\"*\" = 0\n", &[":2:"]);
+        assert_eq!(parse("[verify_users]\n\"*\" = \"0:0\"\n").unwrap().verify_user(&name("x")).to_string(), "0:0");
     }
 
     #[test]

@@ -18,6 +18,9 @@
 //! distinct counting keys ≥ policy.threshold(name)   else: the most telling reason
 //! ```
 //!
+//! Where the stage may then place files is the admission check's to decide, with
+//! [`Verdict::may_place`]: a key's `[scope_prefixes]` narrow the targets it vouches for.
+//!
 //! A signature that does not count does not spoil the others: an image signed by a
 //! trusted key and also by an unknown one (or carrying a corrupt extra layer) passes.
 //! Verification needs no network; the clock is only read for `expires`, through `now`.
@@ -53,6 +56,7 @@ use std::path::PathBuf;
 use std::time::SystemTime;
 
 use base64::prelude::{BASE64_STANDARD, Engine as _};
+use formats::path::TargetPath;
 use formats::{Digest, Reference, StageName, Version};
 use serde::Serialize;
 
@@ -83,6 +87,18 @@ pub struct SignatureLayer {
 pub struct Verdict {
     /// Distinct keys whose valid signatures counted, in the order of the signature layers.
     pub signers: Vec<KeyId>,
+}
+
+impl Verdict {
+    /// Whether the keys that counted may place a file at `target` of stage `name`: as many
+    /// of them as the stage's threshold must each allow it by their scope
+    /// ([`Policy::key_may_place`]). So a stage signed only by keys whose scope narrows the
+    /// prefixes places files only under those, and a threshold of two needs two keys that
+    /// vouch for each target. The host's [`Policy::target_allowed`] is checked apart.
+    pub fn may_place(&self, policy: &Policy, name: &StageName, target: &TargetPath) -> bool {
+        let vouching = self.signers.iter().filter(|k| policy.key_may_place(k, target)).count();
+        u32::try_from(vouching).unwrap_or(u32::MAX) >= policy.threshold(name)
+    }
 }
 
 /// What a signed payload names that differs from the image.
@@ -683,6 +699,28 @@ mod tests {
 
         let widened = parse_policy(&format!("[scopes]\n\"{}\" = [\"stage-1-*\"]\n", a.key_id()));
         f.evaluate(&store, &widened, &[sign(&a, f.payload())]).unwrap();
+    }
+
+    #[test]
+    fn scope_prefixes_narrow_where_signers_may_place() {
+        let f = Fixture::new();
+        let (a, b) = (key(), key());
+        let store = trusted(&[&a, &b]);
+        let www: TargetPath = "/var/www/site/index.html".parse().unwrap();
+        let bin: TargetPath = "/usr/local/bin/tool".parse().unwrap();
+        let narrowed = format!("[scope_prefixes]\n\"{}\" = [\"/var/www\"]\n", a.key_id());
+        let policy = parse_policy(&narrowed);
+        let only_a = f.evaluate(&store, &policy, &[sign(&a, f.payload())]).unwrap();
+        assert!(only_a.may_place(&policy, &f.name, &www));
+        assert!(!only_a.may_place(&policy, &f.name, &bin));
+        // A signer whose scope does not narrow them vouches for any target.
+        let both = f.evaluate(&store, &policy, &[sign(&a, f.payload()), sign(&b, f.payload())]).unwrap();
+        assert!(both.may_place(&policy, &f.name, &bin));
+        // With a threshold of two, both must vouch for each target.
+        let policy = parse_policy(&format!("{narrowed}[[threshold]]\nstages = \"*\"\nsignatures = 2\n"));
+        let both = f.evaluate(&store, &policy, &[sign(&a, f.payload()), sign(&b, f.payload())]).unwrap();
+        assert!(both.may_place(&policy, &f.name, &www));
+        assert!(!both.may_place(&policy, &f.name, &bin));
     }
 
     #[test]

@@ -284,6 +284,13 @@ fn rollback_and_restore_check_signatures_and_policy_again() {
     let run = util::run(host2.stage().args(["rollback", NAME]));
     assert_eq!(run.status.code(), Some(4), "{}", String::from_utf8_lossy(&run.stderr));
     assert_eq!(before, host2.snapshot());
+    // The key's scope narrowed to /usr/local: refused too.
+    write_policy(&host2, &format!("[scope_prefixes]\n\"{}\" = [\"/usr/local\"]\n", key.key_id()));
+    let before = host2.snapshot();
+    let run = util::run(host2.stage().args(["rollback", NAME]));
+    assert_eq!(run.status.code(), Some(4), "{}", String::from_utf8_lossy(&run.stderr));
+    assert!(String::from_utf8_lossy(&run.stderr).contains("scope_prefixes"));
+    assert_eq!(before, host2.snapshot());
     // With the policy back, the same rollback works.
     write_policy(&host2, "");
     ok(host2.stage().args(["rollback", NAME]));
