@@ -246,4 +246,90 @@ mod tests {
         assert_eq!(d, Digest::of(&data));
         assert_eq!(n, 300_000);
     }
+
+    /// Yields `Interrupted` before every chunk, then fails or ends.
+    struct Flaky<'a> {
+        data: &'a [u8],
+        interrupt: bool,
+        fail_at_end: bool,
+    }
+
+    impl Read for Flaky<'_> {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            self.interrupt = !self.interrupt;
+            if self.interrupt {
+                return Err(io::Error::from(io::ErrorKind::Interrupted));
+            }
+            if self.data.is_empty() {
+                return if self.fail_at_end { Err(io::Error::other("disk on fire")) } else { Ok(0) };
+            }
+            let n = buf.len().min(self.data.len()).min(1000);
+            buf[..n].copy_from_slice(&self.data[..n]);
+            self.data = &self.data[n..];
+            Ok(n)
+        }
+    }
+
+    #[test]
+    fn an_interrupted_reader_hashes_the_same_and_a_failing_one_is_an_error() {
+        let data: Vec<u8> = (0..5000u32).map(|i| (i % 251) as u8).collect();
+        let (d, n) = sha256_reader(Flaky { data: &data, interrupt: false, fail_at_end: false }).unwrap();
+        assert_eq!((d, n), (Digest::of(&data), 5000));
+        let e = sha256_reader(Flaky { data: &data, interrupt: false, fail_at_end: true }).unwrap_err();
+        assert_eq!(e.to_string(), "disk on fire");
+    }
+
+    /// Takes at most 3 bytes a call.
+    struct Trickle(Vec<u8>);
+
+    impl Write for Trickle {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            let n = buf.len().min(3);
+            self.0.extend_from_slice(&buf[..n]);
+            Ok(n)
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn hashing_writer_and_reader_count_only_what_passed() {
+        let mut w = HashingWriter::new(Trickle(Vec::new()));
+        // One write call passes 3 bytes: only those are hashed.
+        assert_eq!(w.write(b"abcdef").unwrap(), 3);
+        w.write_all(b"def-and-more").unwrap();
+        w.flush().unwrap();
+        let (d, n, inner) = w.finish();
+        assert_eq!(inner.0, b"abcdef-and-more");
+        assert_eq!((d, n), (Digest::of(b"abcdef-and-more"), 15));
+
+        let mut r = HashingReader::new(&b"hello world"[..]);
+        assert!(r.is_empty());
+        let mut buf = [0u8; 5];
+        r.read_exact(&mut buf).unwrap();
+        assert_eq!((r.len(), r.is_empty()), (5, false));
+        let (d, n, _) = r.finish();
+        assert_eq!((d, n), (Digest::of(b"hello"), 5));
+
+        let mut h = Hasher::new();
+        assert!(h.is_empty());
+        h.update(b"ab");
+        h.update(b"c");
+        assert_eq!((h.len(), h.is_empty()), (3, false));
+        assert_eq!(h.finish(), Digest::of(b"abc"));
+    }
+
+    #[test]
+    fn hex_forms() {
+        let d = Digest::of(b"abc");
+        assert_eq!(d.hex(), "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
+        assert_eq!(Digest::from_hex(&d.hex()).unwrap(), d);
+        assert_eq!(d.signature_tag(), format!("sha256-{}.sig", d.hex()));
+        assert_eq!(hex(&[0, 1, 0xab, 0xff]), "0001abff");
+        assert_eq!(d.bytes()[0], 0xba);
+        for bad in ["", "ba78", &d.hex().to_uppercase(), &format!("{}0", d.hex()), &format!("{}g", &d.hex()[1..])] {
+            assert!(Digest::from_hex(bad).is_err(), "{bad:?}");
+        }
+    }
 }

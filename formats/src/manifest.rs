@@ -897,4 +897,114 @@ mod tests {
         let files = "files:\n  - path: real\n    target: /etc/op-dbus/cfg\n    type: copy\n";
         config(files, vec![entry("real", File, None)]).validate().unwrap();
     }
+
+    #[test]
+    fn validate_refuses_each_broken_promise() {
+        use EntryKind::*;
+        let ok = || vec![entry("d", Dir, None), entry("d/f", File, None), entry("l", Symlink, Some("d/f"))];
+        config("", ok()).validate().unwrap();
+        let refused = |entries: Vec<Entry>, why: &str| {
+            let e = config("", entries).validate().unwrap_err().to_string();
+            assert!(e.contains(why), "{why}: {e}");
+        };
+        // The same path twice, and out of order.
+        refused(vec![entry("d", Dir, None), entry("d", Dir, None)], "not sorted or not unique");
+        refused(vec![entry("l", Symlink, Some("d")), entry("d", Dir, None)], "not sorted or not unique");
+        // A parent that is a file or a link, not a directory.
+        refused(vec![entry("d", File, None), entry("d/f", File, None)], "parent d is not a staged directory");
+        refused(vec![entry("d", Symlink, Some("x")), entry("d/f", File, None)], "parent d is not a staged directory");
+        // Fields that do not fit the kind.
+        let mut f = entry("f", File, None);
+        f.sha256 = None;
+        refused(vec![f], "fields do not fit");
+        let mut f = entry("f", File, None);
+        f.link = Some("x".into());
+        refused(vec![f], "fields do not fit");
+        let mut d = entry("d", Dir, None);
+        d.size = Some(1);
+        refused(vec![d], "fields do not fit");
+        let mut d = entry("d", Dir, None);
+        d.sha256 = Some(Digest::of(b""));
+        refused(vec![d], "fields do not fit");
+        let mut l = entry("l", Symlink, Some("x"));
+        l.size = Some(0);
+        refused(vec![l], "fields do not fit");
+        refused(vec![entry("l", Symlink, None)], "symlink without link text");
+        // A files: path that is not staged.
+        let e = config("files:\n  - path: nope\n    target: /opt/nope\n", ok()).validate().unwrap_err().to_string();
+        assert!(e.contains("files[0].path") && e.contains("not staged"), "{e}");
+        // Another schema.
+        let mut c = config("", ok());
+        c.schema_version = 2;
+        assert!(c.validate().unwrap_err().to_string().contains("schema_version"));
+    }
+
+    #[test]
+    fn timeouts() {
+        for (s, secs) in
+            [("30s", 30), ("5m", 300), ("1h", 3600), ("45", 45), ("1s", 1), ("24h", 86400), ("1440m", 86400)]
+        {
+            assert_eq!(s.parse::<Timeout>().unwrap().duration(), Duration::from_secs(secs), "{s}");
+        }
+        for bad in ["0s", "0", "86401", "25h", "1441m", "", "s", "1d", "-1s", "1.5s", "18446744073709551615h"] {
+            assert!(bad.parse::<Timeout>().is_err(), "{bad}");
+        }
+        assert_eq!(Timeout::default().duration(), Duration::from_secs(30));
+        assert_eq!(String::from("5m".parse::<Timeout>().unwrap()), "300s");
+        let def = parse("version: 1.0.0\nverify:\n  - command: x\n    timeout: 5m\n").unwrap();
+        assert_eq!(def.verify[0].timeout.duration(), Duration::from_secs(300));
+        assert_eq!(parse("version: 1.0.0\nverify:\n  - command: x\n").unwrap().verify[0].timeout, Timeout::default());
+    }
+
+    #[test]
+    fn sizes_and_counts_are_bounded() {
+        // Text fields: at most MAX_TEXT bytes, not empty, no NUL.
+        let text = |s: &str| format!("version: 1.0.0\ndescription: \"{s}\"\n");
+        assert!(parse(&text(&"d".repeat(MAX_TEXT))).is_ok());
+        assert!(parse(&text(&"d".repeat(MAX_TEXT + 1))).unwrap_err().to_string().contains("description"));
+        assert!(parse(&text("  ")).is_err());
+        assert!(parse(&text("a\\0b")).is_err());
+        // Lists: at most MAX_LIST entries.
+        let plugins = |n: usize| format!("version: 1.0.0\nplugins: [{}]\n", vec!["p"; n].join(", "));
+        assert!(parse(&plugins(MAX_LIST)).is_ok());
+        assert!(parse(&plugins(MAX_LIST + 1)).unwrap_err().to_string().contains("plugins"));
+        // Words (plugins, component, features): 128 bytes of [A-Za-z0-9._-].
+        let word = |w: &str| format!("version: 1.0.0\ncomponent: \"{w}\"\n");
+        assert!(parse(&word(&"w".repeat(128))).is_ok());
+        assert!(parse(&word(&"w".repeat(129))).is_err());
+        assert!(parse(&word("a b")).is_err());
+        // Units: a known suffix, 255 bytes at most, no leading dot.
+        let unit = |u: &str| format!("version: 1.0.0\nservices: [\"{u}\"]\n");
+        assert!(parse(&unit("op-dbus.service")).is_ok());
+        assert!(parse(&unit(&format!("{}.service", "u".repeat(247)))).is_ok());
+        assert!(parse(&unit(&format!("{}.service", "u".repeat(248)))).is_err());
+        for bad in [".service", ".x.service", "op-dbus", "a/b.service", "op dbus.service"] {
+            assert!(parse(&unit(bad)).is_err(), "{bad}");
+        }
+        // expect_exit 0 to 255.
+        let exit = |n: i64| format!("version: 1.0.0\nverify:\n  - command: x\n    expect_exit: {n}\n");
+        assert!(parse(&exit(255)).is_ok());
+        assert!(parse(&exit(256)).is_err());
+        assert!(parse(&exit(-1)).is_err());
+        // Entries of a config: at most MAX_ENTRIES (checked before anything else about them).
+        let mut c = config("", Vec::new());
+        c.entries = vec![entry("x", EntryKind::Dir, None); MAX_ENTRIES + 1];
+        assert!(c.validate().unwrap_err().to_string().contains(&format!("more than {MAX_ENTRIES}")));
+        // Config bytes: at most MAX_CONFIG_BYTES.
+        let big = vec![b' '; MAX_CONFIG_BYTES as usize + 1];
+        assert!(matches!(StageConfig::from_bytes(&big), Err(ConfigError::TooLarge)));
+    }
+
+    #[test]
+    fn targets_may_not_repeat_or_nest() {
+        let files = |a: &str, b: &str| {
+            format!("version: 1.0.0\nfiles:\n  - path: a\n    target: {a}\n  - path: b\n    target: {b}\n")
+        };
+        assert!(parse(&files("/opt/a", "/opt/b")).is_ok());
+        assert!(parse(&files("/opt/a", "/opt/a")).unwrap_err().to_string().contains("two entries"));
+        assert!(parse(&files("/opt/a", "/opt/a/b")).unwrap_err().to_string().contains("lies inside"));
+        assert!(parse(&files("/opt/ab", "/opt/a")).is_ok());
+        let twice = "version: 1.0.0\nfiles:\n  - path: a\n    target: /opt/a\n  - path: a\n    target: /opt/b\n";
+        assert!(parse(twice).unwrap_err().to_string().contains("listed twice"));
+    }
 }

@@ -286,4 +286,58 @@ mod tests {
         assert!(p.starts_with(&RelPath::parse("a/b").unwrap()));
         assert!(!p.starts_with(&RelPath::parse("a/bc").unwrap()));
     }
+
+    #[test]
+    fn link_texts_with_a_nul_or_too_long_are_refused() {
+        let p = RelPath::parse("bin/tool").unwrap();
+        // Lexically `x\0/../y` stays inside; the NUL alone refuses it.
+        assert!(confine_link(&p, "x\0/../y").is_err());
+        assert!(confine_link(&p, "x/../y").is_ok());
+        let long = "a/".repeat(MAX_PATH / 2) + "b";
+        assert!(long.len() > MAX_PATH);
+        assert!(matches!(confine_link(&p, &long), Err(UnsafePath::LinkEscapes { .. })));
+        let fits = format!("{}b", "a/".repeat(20));
+        assert!(confine_link(&p, &fits).is_ok());
+        // Exactly at the limit is fine, one byte over is not.
+        let at = "zz/../".repeat(682) + "abcd";
+        assert_eq!(at.len(), MAX_PATH);
+        assert_eq!(confine_link(&p, &at).unwrap().as_str(), "bin/abcd");
+        assert!(confine_link(&p, &(at + "e")).is_err());
+    }
+
+    #[test]
+    fn path_limits_are_exact() {
+        // A component of 255 bytes, not 256.
+        assert!(RelPath::parse(&"c".repeat(MAX_COMPONENT)).is_ok());
+        assert!(matches!(RelPath::parse(&"c".repeat(MAX_COMPONENT + 1)), Err(UnsafePath::TooLong(_))));
+        // 64 levels, not 65.
+        assert!(RelPath::parse(&vec!["d"; MAX_DEPTH].join("/")).is_ok());
+        assert!(matches!(RelPath::parse(&vec!["d"; MAX_DEPTH + 1].join("/")), Err(UnsafePath::TooLong(_))));
+        // The whole path: 4096 bytes, not 4097, with every component and the depth fine.
+        let whole = |n: usize| {
+            let mut parts = vec!["p".repeat(250); 16];
+            let used: usize = parts.iter().map(|x| x.len() + 1).sum();
+            parts.push("q".repeat(n - used));
+            parts.join("/")
+        };
+        assert_eq!(whole(MAX_PATH).len(), MAX_PATH);
+        assert!(RelPath::parse(&whole(MAX_PATH)).is_ok());
+        assert!(matches!(RelPath::parse(&whole(MAX_PATH + 1)), Err(UnsafePath::TooLong(_))));
+        assert!(TargetPath::parse(&format!("/{}", whole(MAX_PATH - 1))).is_ok());
+        assert!(TargetPath::parse(&format!("/{}", whole(MAX_PATH))).is_err());
+        // NUL and backslash anywhere.
+        for bad in ["a\0b", "a\\b", "\0"] {
+            assert!(matches!(RelPath::parse(bad), Err(UnsafePath::BadByte(_))), "{bad:?}");
+            assert!(TargetPath::parse(&format!("/usr/{bad}")).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn is_under_is_by_component() {
+        let t = |s: &str| TargetPath::parse(s).unwrap();
+        assert!(t("/usr/local/bin").is_under(&t("/usr/local")));
+        assert!(t("/usr/local").is_under(&t("/usr/local")));
+        assert!(!t("/usr/localx/bin").is_under(&t("/usr/local")));
+        assert!(!t("/usr").is_under(&t("/usr/local")));
+    }
 }
