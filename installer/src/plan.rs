@@ -671,3 +671,198 @@ mod props {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::fs;
+    use std::os::unix::fs::symlink;
+
+    use formats::manifest::{EntryKind, FileType};
+    use formats::{Digest, StageName};
+
+    use super::{Plan, transition};
+    use crate::host::Host;
+    use crate::state::{Activation, ActiveFile, Generation, Placed, StageState, State};
+    use crate::txn::Step;
+
+    fn stage(generation: u64, files: &[(&str, &str, FileType, EntryKind)]) -> StageState {
+        StageState {
+            active: Generation {
+                generation,
+                digest: Digest::of(&generation.to_be_bytes()),
+                version: "1.0.0".parse().unwrap(),
+                signers: Vec::new(),
+                deployed_at: String::new(),
+                activation: Activation {
+                    files: files
+                        .iter()
+                        .map(|&(path, target, kind, entry)| ActiveFile {
+                            path: path.parse().unwrap(),
+                            target: target.parse().unwrap(),
+                            kind,
+                            entry,
+                            sha256: (entry == EntryKind::File).then(|| Digest::of(path.as_bytes())),
+                            mode: 0o644,
+                        })
+                        .collect(),
+                    ..Activation::default()
+                },
+            },
+            previous: Vec::new(),
+        }
+    }
+
+    fn name(s: &str) -> StageName {
+        s.parse().unwrap()
+    }
+
+    struct Root {
+        _tmp: tempfile::TempDir,
+        host: Host,
+    }
+
+    impl Root {
+        fn new() -> Root {
+            let tmp = tempfile::tempdir().unwrap();
+            let host = Host::open(tmp.path()).unwrap();
+            Root { _tmp: tmp, host }
+        }
+        fn path(&self, p: &str) -> std::path::PathBuf {
+            self.host.root.join(p.trim_start_matches('/'))
+        }
+        fn file(&self, p: &str, content: &str) {
+            fs::create_dir_all(self.path(p).parent().unwrap()).unwrap();
+            fs::write(self.path(p), content).unwrap();
+        }
+    }
+
+    /// `before` with one stage deployed and what it placed.
+    fn deployed(stage_state: StageState, placed: &[(&str, Placed)]) -> State {
+        let mut s = State::new();
+        s.txid = 7;
+        s.stages.insert(name("a"), stage_state);
+        for (t, p) in placed {
+            s.placed.insert(t.parse().unwrap(), p.clone());
+        }
+        s
+    }
+
+    fn placed(kind: FileType, path: &str, link: Option<&str>, sha: Option<Digest>) -> Placed {
+        Placed {
+            stage: name("a"),
+            path: path.parse().unwrap(),
+            kind,
+            link: link.map(str::to_owned),
+            sha256: sha,
+            backup: None,
+        }
+    }
+
+    fn plan_removing_a(root: &Root, before: &State) -> Plan {
+        transition(&root.host, before, BTreeMap::new(), None).unwrap()
+    }
+
+    #[test]
+    fn a_link_the_operator_repointed_is_left_alone() {
+        let root = Root::new();
+        let text = "/var/lib/op-dbus/staging/a/bin/tool";
+        fs::create_dir_all(root.path("/opt")).unwrap();
+        symlink("/opt/mine", root.path("/opt/tool")).unwrap();
+        let before = deployed(
+            stage(1, &[("bin/tool", "/opt/tool", FileType::Symlink, EntryKind::File)]),
+            &[("/opt/tool", placed(FileType::Symlink, "bin/tool", Some(text), None))],
+        );
+        let plan = plan_removing_a(&root, &before);
+        assert!(!plan.steps.iter().any(|s| matches!(s, Step::Unlink { .. })), "{:?}", plan.steps);
+        assert!(plan.notes.iter().any(|n| n.contains("/opt/tool") && n.contains("changed by someone else")));
+        // Ours, untouched: unlinked.
+        fs::remove_file(root.path("/opt/tool")).unwrap();
+        symlink(text, root.path("/opt/tool")).unwrap();
+        let plan = plan_removing_a(&root, &before);
+        assert!(plan.steps.contains(&Step::Unlink { target: "/opt/tool".parse().unwrap(), text: text.into() }));
+    }
+
+    #[test]
+    fn an_edited_copy_is_kept_and_an_unedited_one_removed() {
+        let root = Root::new();
+        root.file("/etc/op-dbus/app.conf", "edited by the operator");
+        let ours = Digest::of(b"as shipped");
+        let before = deployed(
+            stage(1, &[("etc/app.conf", "/etc/op-dbus/app.conf", FileType::Copy, EntryKind::File)]),
+            &[("/etc/op-dbus/app.conf", placed(FileType::Copy, "etc/app.conf", None, Some(ours)))],
+        );
+        let plan = plan_removing_a(&root, &before);
+        assert!(!plan.steps.iter().any(|s| matches!(s, Step::Stash { .. })), "{:?}", plan.steps);
+        assert!(plan.notes.iter().any(|n| n.contains("modified after it was copied")));
+        root.file("/etc/op-dbus/app.conf", "as shipped");
+        let plan = plan_removing_a(&root, &before);
+        assert!(plan.steps.iter().any(|s| matches!(s, Step::Stash { sha256, .. } if *sha256 == ours)));
+    }
+
+    #[test]
+    fn backup_ids_never_repeat() {
+        let root = Root::new();
+        for t in ["/opt/x", "/opt/y", "/opt/z"] {
+            root.file(t, "the operator's");
+        }
+        let mut before = State::new();
+        before.txid = 41;
+        let files = [
+            ("x", "/opt/x", FileType::Symlink, EntryKind::File),
+            ("y", "/opt/y", FileType::Copy, EntryKind::File),
+            ("z", "/opt/z", FileType::Symlink, EntryKind::File),
+        ];
+        let desired = BTreeMap::from([(name("a"), stage(1, &files))]);
+        let plan = transition(&root.host, &before, desired.clone(), None).unwrap();
+        let ids = |p: &Plan| -> Vec<String> {
+            p.steps
+                .iter()
+                .filter_map(|s| if let Step::Backup { backup, .. } = s { Some(backup.clone()) } else { None })
+                .collect()
+        };
+        let first = ids(&plan);
+        assert_eq!(first.len(), 3);
+        let unique: std::collections::BTreeSet<_> = first.iter().collect();
+        assert_eq!(unique.len(), 3, "{first:?}");
+        // The next transaction (txid + 1) names its backups differently.
+        before.txid = 42;
+        let second = ids(&transition(&root.host, &before, desired, None).unwrap());
+        assert!(second.iter().all(|b| !first.contains(b)), "{first:?} {second:?}");
+    }
+
+    #[test]
+    fn a_target_inside_another_stages_directory_link_is_refused() {
+        let root = Root::new();
+        let desired = BTreeMap::from([
+            (name("a"), stage(1, &[("web", "/var/www/site", FileType::Symlink, EntryKind::Dir)])),
+            (name("b"), stage(2, &[("index.html", "/var/www/site/index.html", FileType::Symlink, EntryKind::File)])),
+        ]);
+        let e = transition(&root.host, &State::new(), desired, None).unwrap_err().to_string();
+        assert!(e.contains("lie inside one another"), "{e}");
+        // The same target twice.
+        let desired = BTreeMap::from([
+            (name("a"), stage(1, &[("x", "/opt/x", FileType::Symlink, EntryKind::File)])),
+            (name("b"), stage(2, &[("x", "/opt/x", FileType::Symlink, EntryKind::File)])),
+        ]);
+        let e = transition(&root.host, &State::new(), desired, None).unwrap_err().to_string();
+        assert!(e.contains("wanted by both"), "{e}");
+        // A directory copied is refused, not a panic.
+        let desired = BTreeMap::from([(name("a"), stage(1, &[("d", "/opt/d", FileType::Copy, EntryKind::Dir)]))]);
+        assert!(transition(&root.host, &State::new(), desired, None).is_err());
+    }
+
+    #[test]
+    fn copy_if_not_exists_keeps_the_operators_file_and_nothing_is_backed_up() {
+        let root = Root::new();
+        root.file("/etc/op-dbus/state.json", "operator's config");
+        let desired = BTreeMap::from([(
+            name("a"),
+            stage(1, &[("etc/state.json", "/etc/op-dbus/state.json", FileType::CopyIfNotExists, EntryKind::File)]),
+        )]);
+        let plan = transition(&root.host, &State::new(), desired, None).unwrap();
+        assert!(plan.steps.iter().all(|s| !matches!(s, Step::Backup { .. } | Step::Copy { .. })), "{:?}", plan.steps);
+        assert!(plan.after.placed.is_empty());
+        assert!(plan.notes.iter().any(|n| n.contains("copy-if-not-exists")));
+    }
+}
