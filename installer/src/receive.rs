@@ -32,7 +32,7 @@ use formats::oci::{self, Descriptor, ImageIndex, ImageManifest, MAX_MANIFEST_BYT
 use formats::path::RelPath;
 use formats::{Digest, Reference, StageName, Version};
 use keys::policy::Policy;
-use keys::trust::{SignatureLayer, TrustedKey};
+use keys::trust::{Identity, SignatureLayer, TrustedKey};
 
 use registry::{Access, ClientOptions, Credentials, RegistryError, RegistryRef};
 
@@ -282,12 +282,19 @@ pub fn candidate(layout: &Layout, index: &ImageIndex, tag: &str) -> Result<Optio
 
 /// Checks a candidate's signatures against the trust store and policy.
 pub fn verify(c: Candidate, trust: &Trust, allow_expired: bool) -> Result<Verified> {
-    let verdict = keys::trust::evaluate(
+    verify_as(c, trust, allow_expired, Identity::Any)
+}
+
+/// Like [`verify`]; a signature counts only when its signed docker-reference names
+/// `identity` (the registry repository the image came from).
+fn verify_as(c: Candidate, trust: &Trust, allow_expired: bool, identity: Identity<'_>) -> Result<Verified> {
+    let verdict = keys::trust::evaluate_as(
         &trust.keys,
         &trust.policy,
         &c.digest,
         &c.reference.name,
         &c.reference.version,
+        identity,
         &c.signatures,
         SystemTime::now(),
         allow_expired,
@@ -483,8 +490,13 @@ fn receive_registry(
     }
     let c = candidate(&temp.layout, &index, &tag)?
         .ok_or_else(|| Malformed(format!("{what}: its manifest, config or signatures did not arrive")))?;
-    // Before any payload byte: the signatures must satisfy the trust policy.
-    let v = verify(c, trust, allow_expired).with_context(|| format!("{what} (as {tag})"))?;
+    // Before any payload byte: the signatures must satisfy the trust policy, and name the
+    // repository asked for (cosign's docker-reference), so that a registry cannot hand over
+    // another signed stage under this name.
+    let repository = format!("{}/{}", reference.host, reference.repository);
+    let v = verify_as(c, trust, allow_expired, Identity::Repository(&repository))
+        .with_context(|| format!("{what} (as {tag})"))?;
+    check_tag(reference, &head.config.name, &head.config.version)?;
     let stats = registry::transfer::fetch_layers(&client, reference, &head.manifest.layers, &temp.layout, |d| {
         store.has_blob(d)
     })
@@ -497,6 +509,25 @@ fn receive_registry(
         stats.resumed
     );
     finish(temp, index, BTreeMap::from([(tag, v)]), store, trust, allow_expired)
+}
+
+/// A tag that is a version must be the signed version (the signatures name the config's
+/// version, which [`verify_as`] checked). Any other tag (`stable`, `latest`) names no version:
+/// the image is taken for what its signed manifest says, and that is reported.
+fn check_tag(reference: &RegistryRef, name: &StageName, version: &Version) -> Result<()> {
+    let Some(tag) = &reference.tag else { return Ok(()) };
+    match tag.parse::<Version>() {
+        Ok(v) if v == *version => Ok(()),
+        Ok(_) => Err(Untrusted(format!(
+            "{reference} is signed as {name} {version}, not {tag}: the registry serves another version under              this tag (relabelled); nothing was stored or activated. Deploy {}/{}:{version} if that is the              version you want",
+            reference.host, reference.repository
+        ))
+        .into()),
+        Err(_) => {
+            tracing::info!("{reference} is {name}:{version}");
+            Ok(())
+        }
+    }
 }
 
 /// Decides from its header whether a blob of an archive read as a stream may be read at
