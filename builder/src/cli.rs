@@ -301,7 +301,8 @@ pub fn run(cli: Cli) -> Result<()> {
         }
         Command::Push(o) => {
             let layout = open_store(g, false)?;
-            let p = crate::registry_cmd::push(&layout, &o, g.dry_run)?;
+            let key = load_key(g)?;
+            let p = crate::registry_cmd::push(&layout, &o, key.as_ref(), g.dry_run)?;
             if p.signature_tag.is_none() && !g.quiet {
                 eprintln!(
                     "warning: {} is unsigned; installers will refuse it: sign it with `op-dbus-image sign {}` and push again",

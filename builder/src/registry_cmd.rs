@@ -113,7 +113,13 @@ fn parse_ref(s: &str) -> Result<RegistryRef> {
 }
 
 /// `push NAME:VERSION HOST[:PORT]/REPO[:TAG]`.
-pub fn push(layout: &Layout, o: &PushOpts, dry_run: bool) -> Result<Pushed> {
+///
+/// With a signing `key` the image is signed for `HOST[:PORT]/REPO` as it is pushed (the
+/// pushed signature manifest carries that signature in place of the key's store one, and
+/// the other keys' signatures as they are): installers deploying from a registry count
+/// only signatures naming the repository they pull from. Without a key, a signed image is
+/// pushed only when one of its signatures already names the destination.
+pub fn push(layout: &Layout, o: &PushOpts, key: Option<&keys::PrivateKey>, dry_run: bool) -> Result<Pushed> {
     let mut dest = parse_ref(&o.destination)?;
     if dest.digest.is_some() {
         return Err(RegistryError::Reference(registry::reference::InvalidReference {
@@ -127,7 +133,17 @@ pub fn push(layout: &Layout, o: &PushOpts, dry_run: bool) -> Result<Pushed> {
     }
     let image = StoredImage::load(layout, &o.reference)?;
     let desc = image.descriptor(layout)?;
-    let sig = layout.resolve(&image.signature_tag())?;
+    let repository = format!("{}/{}", dest.host, dest.repository);
+    let mut sig = layout.resolve(&image.signature_tag())?;
+    match key {
+        Some(key) if !dry_run => sig = Some(crate::sign::signatures_for_push(layout, &image, key, &repository)?),
+        Some(_) => {}
+        None if sig.is_some() && !crate::sign::signed_for(layout, &image, &repository)? => anyhow::bail!(
+            "the signatures of {} name another repository than {repository}, and installers deploying from              {repository} count only signatures naming it: push with the signing key (--key or              OP_DBUS_SIGNING_KEY) to sign it for {repository}",
+            o.reference
+        ),
+        None => {}
+    }
     let signature_tag = sig.as_ref().map(|_| image.digest.signature_tag());
     let mut out = Pushed {
         reference: o.reference.to_string(),

@@ -28,7 +28,11 @@
 //!              that mode for exactly that path
 //!   size       checked at the header, before any data is read: no file larger than the
 //!              largest file of the signed manifest (in a lower layer, which may hold
-//!              larger old versions: nor than LOWER_LAYER_RATIO x its compressed blob)
+//!              larger old versions: nor than LOWER_LAYER_RATIO x its compressed blob);
+//!              the layer's and the image's content bytes within their budgets
+//!              (declared bytes + SLACK_BYTES per layer, x layers for the image)
+//!   count      entries (whiteouts included) within their budgets (declared entries +
+//!              SLACK_ENTRIES per layer, x layers for the image)
 //!   link       confined to the stage (confine_link): relative, never out
 //!   whiteout   `.wh.NAME`: an empty regular file naming a present path that this layer
 //!              has not written yet; removes NAME, a file or a whole directory tree
@@ -107,6 +111,20 @@ const CHUNK: usize = 128 << 10;
 /// manifest's sizes cannot bound it; this bound still refuses a header claiming a huge
 /// file in a small blob, whose content would be little more than zeros.
 pub const LOWER_LAYER_RATIO: u64 = 1024;
+/// Content bytes a layer may write beyond the sum of the file sizes the signed manifest
+/// declares. Each layer may write at most `declared + SLACK_BYTES`, and the image in all
+/// its layers `declared x layers + SLACK_BYTES`: a lower layer holds an older version of
+/// the tree, which the manifest of this version cannot describe, but which is rarely much
+/// larger; a rogue signer's 4 GiB of zeros behind a 3-byte manifest stops after 64 MiB. A
+/// delta on a parent more than 64 MiB larger than the new version is refused: build it
+/// without `--parent`.
+pub const SLACK_BYTES: u64 = 64 << 20;
+/// Entries (files, directories, symlinks, whiteouts) a layer may apply beyond the number
+/// the signed manifest declares; the image in all its layers at most
+/// `declared x layers + SLACK_ENTRIES`, and never more than [`crate::manifest::MAX_ENTRIES`]
+/// per layer: every entry costs a system call or more and a little memory, so millions of
+/// empty files in a lower layer are refused after a few thousand.
+pub const SLACK_ENTRIES: u64 = 4096;
 
 /// What an unpack wrote.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
@@ -243,6 +261,8 @@ pub struct Unpacker<'a> {
     dest: OwnedFd,
     dest_path: PathBuf,
     max_file_size: u64,
+    /// Bounds of content bytes and entries, per layer and for the whole image.
+    budget: Budget,
     /// Files written in this run: the digest and size of what was written.
     written: BTreeMap<String, (Digest, u64)>,
     /// Every directory present, with the mode its last entry gave it.
@@ -262,6 +282,30 @@ impl fmt::Debug for Unpacker<'_> {
             .field("of", &self.layers.len())
             .field("stats", &self.stats)
             .finish()
+    }
+}
+
+/// What the signed manifest lets an unpack write ([`SLACK_BYTES`], [`SLACK_ENTRIES`]).
+#[derive(Debug, Clone, Copy)]
+struct Budget {
+    layer_bytes: u64,
+    image_bytes: u64,
+    layer_entries: u64,
+    image_entries: u64,
+}
+
+impl Budget {
+    fn of(config: &StageConfig, layers: usize) -> Budget {
+        let declared_bytes = config.entries.iter().filter_map(|e| e.size).fold(0u64, u64::saturating_add);
+        let declared_entries = config.entries.len() as u64;
+        let layers = layers.max(1) as u64;
+        let max_entries = crate::manifest::MAX_ENTRIES as u64;
+        Budget {
+            layer_bytes: declared_bytes.saturating_add(SLACK_BYTES),
+            image_bytes: declared_bytes.saturating_mul(layers).saturating_add(SLACK_BYTES),
+            layer_entries: declared_entries.saturating_add(SLACK_ENTRIES).min(max_entries),
+            image_entries: declared_entries.saturating_mul(layers).saturating_add(SLACK_ENTRIES),
+        }
     }
 }
 
@@ -304,6 +348,9 @@ struct LayerState {
     /// Paths written by this layer.
     seen: BTreeSet<String>,
     buf: Vec<u8>,
+    /// Content bytes and entries this layer wrote.
+    bytes: u64,
+    entries: u64,
 }
 
 /// The compressed bytes of a layer, hashed as they pass; remembers a read failure.
@@ -377,6 +424,7 @@ impl<'a> Unpacker<'a> {
             return Err(UnpackError::NotEmpty { path: dest.to_owned() });
         }
         let max_file_size = config.entries.iter().filter_map(|e| e.size).max().unwrap_or(0);
+        let budget = Budget::of(config, layers.len());
         Ok(Unpacker {
             config,
             layers: layers.to_vec(),
@@ -384,6 +432,7 @@ impl<'a> Unpacker<'a> {
             dest: root,
             dest_path: dest.to_owned(),
             max_file_size,
+            budget,
             written: BTreeMap::new(),
             dirs: BTreeMap::new(),
             stats: UnpackStats::default(),
@@ -426,6 +475,8 @@ impl<'a> Unpacker<'a> {
             max_file_size,
             seen: BTreeSet::new(),
             buf: vec![0; CHUNK],
+            bytes: 0,
+            entries: 0,
         };
         let mut result = self.read_entries(&mut archive, &mut state);
         let mut decoder = archive.into_inner();
@@ -610,6 +661,17 @@ impl<'a> Unpacker<'a> {
         if ext.pax_size.is_some_and(|s| s != size) {
             return Err(refuse(format!("its pax size differs from its header size ({size})")));
         }
+        state.entries += 1;
+        if state.entries > self.budget.layer_entries || self.stats.entries >= self.budget.image_entries {
+            return Err(refuse(format!(
+                "more entries than the signed manifest allows: at most {} in a layer and {} across all {} \
+                 layers (the {} it declares, times the layers, plus {SLACK_ENTRIES})",
+                self.budget.layer_entries,
+                self.budget.image_entries,
+                self.layers.len(),
+                self.config.entries.len()
+            )));
+        }
         let bits = header.mode().map_err(|e| refuse(format!("unreadable mode: {e}")))?;
         let mode = Mode::new(bits).ok_or_else(|| refuse(format!("mode {bits:o} has bits beyond 07777")))?;
 
@@ -659,6 +721,19 @@ impl<'a> Unpacker<'a> {
                 )
             }));
         }
+        if kind == EntryKind::File
+            && (state.bytes.saturating_add(size) > self.budget.layer_bytes
+                || self.stats.bytes.saturating_add(size) > self.budget.image_bytes)
+        {
+            return Err(refuse(format!(
+                "more content bytes than the signed manifest allows: at most {} in a layer and {} across all \
+                 {} layers (the sum of the sizes it declares, times the layers, plus {SLACK_BYTES})",
+                self.budget.layer_bytes,
+                self.budget.image_bytes,
+                self.layers.len()
+            )));
+        }
+        state.bytes += size;
         let config = self.config;
         let signed = config.entry(&path);
         if state.last {

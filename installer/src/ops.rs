@@ -333,6 +333,20 @@ fn deploy_one(ctx: &Ctx, trust: &Trust, store: &Layout, received: &Received, v: 
         .into());
     }
 
+    // The state this generation adds is bounded, so that state.json stays readable.
+    let activation = Activation::of(config);
+    let activation_bytes = serde_json::to_vec_pretty(&activation).map_or(usize::MAX, |b| b.len());
+    if activation_bytes > crate::state::MAX_STAGE_STATE {
+        return Err(Malformed(format!(
+            "{}: its files:, services:, verify: and dependencies: make {activation_bytes} bytes of deployed state, \
+             more than the {} one stage may add (state.json must stay readable); link a directory instead of \
+             many files, or shorten the paths",
+            v.reference,
+            crate::state::MAX_STAGE_STATE
+        ))
+        .into());
+    }
+
     // Unpack into the temp area and check every file against the signed manifest.
     let generation = state.next_generation;
     let tmp_name = format!("gen-{}-{name}", state.txid + 1);
@@ -402,7 +416,7 @@ fn deploy_one(ctx: &Ctx, trust: &Trust, store: &Layout, received: &Received, v: 
         version: config.version.clone(),
         signers: v.signers.clone(),
         deployed_at: now(),
-        activation: Activation::of(config),
+        activation,
     };
     let entry = match desired.remove(name) {
         Some(mut old) => {
@@ -418,6 +432,19 @@ fn deploy_one(ctx: &Ctx, trust: &Trust, store: &Layout, received: &Received, v: 
     let highest = plan.after.highest.entry(name.clone()).or_insert_with(|| config.version.clone());
     if *highest < config.version {
         *highest = config.version.clone();
+    }
+    let state_bytes = plan.after.to_bytes().len() as u64;
+    if state_bytes > crate::state::MAX_STATE {
+        if !ctx.opts.dry_run {
+            let _ = txn::remove_tree(&tmp);
+        }
+        return Err(Refused::Policy(format!(
+            "deploying {} would make state.json {state_bytes} bytes, more than the {} the installer reads back; \
+             remove stages or drop kept generations (`op-dbus-stage gc --keep 1`) first",
+            v.reference,
+            crate::state::MAX_STATE
+        ))
+        .into());
     }
     let cleanup = Cleanup {
         snapshots: vec![

@@ -32,7 +32,7 @@ use formats::oci::{self, Descriptor, ImageIndex, ImageManifest, MAX_MANIFEST_BYT
 use formats::path::RelPath;
 use formats::{Digest, Reference, StageName, Version};
 use keys::policy::Policy;
-use keys::trust::{SignatureLayer, TrustedKey};
+use keys::trust::{Identity, SignatureLayer, TrustedKey};
 
 use registry::{Access, ClientOptions, Credentials, RegistryError, RegistryRef};
 
@@ -241,18 +241,31 @@ impl Verified {
     }
 }
 
-fn read_small(layout: &Layout, digest: &Digest, max: u64) -> Result<Option<Vec<u8>>> {
+/// Reads a small blob; `Err(digest)` when it has not arrived.
+fn read_small(layout: &Layout, digest: &Digest, max: u64) -> Result<std::result::Result<Vec<u8>, Digest>> {
     if !layout.has_blob(digest) {
-        return Ok(None);
+        return Ok(Err(*digest));
     }
-    Ok(Some(layout.read_blob(digest, max)?))
+    Ok(Ok(layout.read_blob(digest, max)?))
 }
 
 /// Reads the image tagged `tag` from `layout`; `None` while some small blob is missing.
 pub fn candidate(layout: &Layout, index: &ImageIndex, tag: &str) -> Result<Option<Candidate>> {
+    Ok(candidate_or_missing(layout, index, tag)?.ok())
+}
+
+/// Like [`candidate`]; while a small blob is missing, `Err` names it.
+fn candidate_or_missing(
+    layout: &Layout,
+    index: &ImageIndex,
+    tag: &str,
+) -> Result<std::result::Result<Candidate, Digest>> {
     let reference: Reference = tag.parse().map_err(|e| Malformed(format!("tag {tag:?}: {e}")))?;
-    let desc = index.find(tag).expect("tag from this index").clone();
-    let Some(bytes) = read_small(layout, &desc.digest, MAX_MANIFEST_BYTES)? else { return Ok(None) };
+    let desc = index.find(tag).ok_or_else(|| Malformed(format!("the index has no tag {tag}")))?.clone();
+    let bytes = match read_small(layout, &desc.digest, MAX_MANIFEST_BYTES)? {
+        Ok(b) => b,
+        Err(d) => return Ok(Err(d)),
+    };
     let manifest = ImageManifest::stage_from_bytes(&bytes).with_context(|| format!("image {tag}"))?;
     // The index is not signed: what it says of the manifest must be what the manifest is.
     if desc.media_type != oci::MANIFEST_MEDIA_TYPE
@@ -261,7 +274,10 @@ pub fn candidate(layout: &Layout, index: &ImageIndex, tag: &str) -> Result<Optio
     {
         return Err(Malformed(format!("the index's descriptor of {tag} does not describe its manifest")).into());
     }
-    let Some(config_bytes) = read_small(layout, &manifest.config.digest, MAX_CONFIG_BYTES)? else { return Ok(None) };
+    let config_bytes = match read_small(layout, &manifest.config.digest, MAX_CONFIG_BYTES)? {
+        Ok(b) => b,
+        Err(d) => return Ok(Err(d)),
+    };
     if config_bytes.len() as u64 != manifest.config.size {
         return Err(Malformed(format!("image {tag}: the config's size differs from its descriptor")).into());
     }
@@ -282,7 +298,10 @@ pub fn candidate(layout: &Layout, index: &ImageIndex, tag: &str) -> Result<Optio
     let mut signatures = Vec::new();
     let mut signature_tag = None;
     if let Some(sd) = index.find(&sig_tag) {
-        let Some(sig_bytes) = read_small(layout, &sd.digest, MAX_MANIFEST_BYTES)? else { return Ok(None) };
+        let sig_bytes = match read_small(layout, &sd.digest, MAX_MANIFEST_BYTES)? {
+            Ok(b) => b,
+            Err(d) => return Ok(Err(d)),
+        };
         if sd.media_type != oci::MANIFEST_MEDIA_TYPE || sd.size != sig_bytes.len() as u64 {
             return Err(Malformed(format!("the index's descriptor of {sig_tag} does not describe its manifest")).into());
         }
@@ -295,7 +314,10 @@ pub fn candidate(layout: &Layout, index: &ImageIndex, tag: &str) -> Result<Optio
             .into());
         }
         for l in sm.layers.iter().filter(|l| l.media_type == oci::SIMPLE_SIGNING_MEDIA_TYPE) {
-            let Some(payload) = read_small(layout, &l.digest, 64 * 1024)? else { return Ok(None) };
+            let payload = match read_small(layout, &l.digest, keys::simple_signing::MAX_PAYLOAD as u64)? {
+                Ok(b) => b,
+                Err(d) => return Ok(Err(d)),
+            };
             signatures.push(SignatureLayer {
                 payload,
                 signature_b64: l.annotation(oci::ANNOTATION_COSIGN_SIGNATURE).unwrap_or_default().to_owned(),
@@ -304,25 +326,24 @@ pub fn candidate(layout: &Layout, index: &ImageIndex, tag: &str) -> Result<Optio
         }
         signature_tag = Some((sig_tag, sd.clone()));
     }
-    Ok(Some(Candidate {
-        reference,
-        digest: desc.digest,
-        descriptor: desc,
-        manifest,
-        config,
-        signature_tag,
-        signatures,
-    }))
+    Ok(Ok(Candidate { reference, digest: desc.digest, descriptor: desc, manifest, config, signature_tag, signatures }))
 }
 
 /// Checks a candidate's signatures against the trust store and policy.
 pub fn verify(c: Candidate, trust: &Trust, allow_expired: bool) -> Result<Verified> {
-    let verdict = keys::trust::evaluate(
+    verify_as(c, trust, allow_expired, Identity::Any)
+}
+
+/// Like [`verify`]; a signature counts only when its signed docker-reference names
+/// `identity` (the registry repository the image came from).
+fn verify_as(c: Candidate, trust: &Trust, allow_expired: bool, identity: Identity<'_>) -> Result<Verified> {
+    let verdict = keys::trust::evaluate_as(
         &trust.keys,
         &trust.policy,
         &c.digest,
         &c.reference.name,
         &c.reference.version,
+        identity,
         &c.signatures,
         SystemTime::now(),
         allow_expired,
@@ -396,7 +417,6 @@ pub fn receive(source: &Source, tmp: &Path, store: &Layout, trust: &Trust, allow
         }
         Source::Archive(_) | Source::Stdin => {
             let temp = TempLayout::new(tmp)?;
-            let mut verified: BTreeMap<String, Verified> = BTreeMap::new();
             let reader: Box<dyn Read> = match source {
                 Source::Archive(p) => Box::new(io::BufReader::with_capacity(
                     1 << 20,
@@ -408,26 +428,14 @@ pub fn receive(source: &Source, tmp: &Path, store: &Layout, trust: &Trust, allow
                 Source::Archive(p) => p.display().to_string(),
                 _ => "stdin".to_owned(),
             };
-            let index = formats::archive::import_with(reader, &temp.layout, |event, index, layout: &Layout| {
-                match event {
-                    BlobEvent::Header { digest, size } => gate_blob(&digest, size, index, &verified, layout),
-                    BlobEvent::Stored { .. } => {
-                        let Some(index) = index else { return Ok(()) };
-                        // Verify each image as soon as its small blobs are in: before its payload.
-                        for tag in image_tags(index) {
-                            if verified.contains_key(&tag) {
-                                continue;
-                            }
-                            if let Some(c) = candidate(layout, index, &tag)? {
-                                verified.insert(tag, verify(c, trust, allow_expired)?);
-                            }
-                        }
-                        Ok::<(), anyhow::Error>(())
-                    }
-                }
-            })
-            .with_context(|| format!("reading the oci-archive {what}"))?;
-            finish(temp, index, verified, store, trust, allow_expired)
+            let mut gate = Gate::new(trust, allow_expired);
+            let index =
+                formats::archive::import_with(reader, &temp.layout, |event, index, layout: &Layout| match event {
+                    BlobEvent::Header { digest, size } => gate.header(&digest, size, index, layout),
+                    BlobEvent::Stored { digest } => gate.stored(&digest, index, layout),
+                })
+                .with_context(|| format!("reading the oci-archive {what}"))?;
+            finish(temp, index, gate.verified, store, trust, allow_expired)
         }
         Source::Registry { reference, options } => {
             receive_registry(reference, options, tmp, store, trust, allow_expired)
@@ -435,40 +443,67 @@ pub fn receive(source: &Source, tmp: &Path, store: &Layout, trust: &Trust, allow
         Source::Layout(dir) => {
             let src = Layout::open(dir).with_context(|| format!("{} is not an OCI layout", dir.display()))?;
             let index = src.index()?;
+            check_index_size(&index)?;
             let temp = TempLayout::new(tmp)?;
-            // Copy in the order a reader of an archive would see: small blobs first, hashing each.
-            let mut copied = std::collections::BTreeSet::new();
-            let mut copy = |d: &Digest| -> Result<()> {
+            // Copy in the order a reader of an archive would see: small blobs first, each
+            // read no further than its cap, hashed; payload layers only once the image's
+            // signatures are verified, and no further than their signed size.
+            let mut copied = BTreeSet::new();
+            let mut copy = |d: &Digest, max: u64| -> Result<()> {
                 if !copied.insert(*d) || !src.has_blob(d) {
                     return Ok(());
                 }
                 let mut w = temp.layout.blob_writer()?;
-                io::copy(&mut src.open_blob(d)?, &mut w)?;
+                let n = io::copy(&mut src.open_blob(d)?.take(max.saturating_add(1)), &mut w)
+                    .with_context(|| format!("copying blob {d} from {}", dir.display()))?;
+                if n > max {
+                    return Err(Malformed(format!(
+                        "{}: blob {d} is larger than the {max} bytes allowed for it before its signature is checked",
+                        dir.display()
+                    ))
+                    .into());
+                }
                 w.finish_expecting(d)?;
                 Ok(())
             };
             let mut verified = BTreeMap::new();
             for tag in image_tags(&index) {
-                let d = index.find(&tag).expect("tag of this index");
-                copy(&d.digest)?;
+                let d = index.find(&tag).ok_or_else(|| Malformed(format!("the index has no tag {tag}")))?.clone();
+                copy(&d.digest, MAX_MANIFEST_BYTES)?;
                 let sig_tag = tag.split_once(':').map(|(n, _)| format!("{n}:{}", d.digest.signature_tag()));
                 if let Some(sd) = sig_tag.and_then(|t| index.find(&t).cloned()) {
-                    copy(&sd.digest)?;
-                    if let Ok(sm) = ImageManifest::from_bytes(&temp.layout.read_blob(&sd.digest, MAX_MANIFEST_BYTES)?) {
+                    copy(&sd.digest, MAX_MANIFEST_BYTES)?;
+                    if temp.layout.has_blob(&sd.digest)
+                        && let Ok(sm) =
+                            ImageManifest::from_bytes(&temp.layout.read_blob(&sd.digest, MAX_MANIFEST_BYTES)?)
+                    {
                         for l in &sm.layers {
-                            copy(&l.digest)?;
+                            copy(&l.digest, keys::simple_signing::MAX_PAYLOAD as u64)?;
                         }
-                        copy(&sm.config.digest)?;
+                        copy(&sm.config.digest, keys::simple_signing::MAX_PAYLOAD as u64)?;
                     }
                 }
-                let m = ImageManifest::stage_from_bytes(&temp.layout.read_blob(&d.digest, MAX_MANIFEST_BYTES)?)?;
-                copy(&m.config.digest)?;
-                if let Some(c) = candidate(&temp.layout, &index, &tag)? {
-                    verified.insert(tag.clone(), verify(c, trust, allow_expired)?);
+                if temp.layout.has_blob(&d.digest)
+                    && let Ok(m) =
+                        ImageManifest::stage_from_bytes(&temp.layout.read_blob(&d.digest, MAX_MANIFEST_BYTES)?)
+                {
+                    copy(&m.config.digest, MAX_CONFIG_BYTES)?;
                 }
-                for l in &m.layers {
-                    copy(&l.digest)?;
+                let c = match candidate_or_missing(&temp.layout, &index, &tag)? {
+                    Ok(c) => c,
+                    Err(missing) => {
+                        return Err(Malformed(format!(
+                            "{}: image {tag}: blob {missing} (its manifest, config or a signature) is missing",
+                            dir.display()
+                        ))
+                        .into());
+                    }
+                };
+                let v = verify(c, trust, allow_expired)?;
+                for l in &v.candidate().manifest.layers {
+                    copy(&l.digest, l.size)?;
                 }
+                verified.insert(tag.clone(), v);
             }
             finish(temp, index, verified, store, trust, allow_expired)
         }
@@ -518,8 +553,13 @@ fn receive_registry(
     }
     let c = candidate(&temp.layout, &index, &tag)?
         .ok_or_else(|| Malformed(format!("{what}: its manifest, config or signatures did not arrive")))?;
-    // Before any payload byte: the signatures must satisfy the trust policy.
-    let v = verify(c, trust, allow_expired).with_context(|| format!("{what} (as {tag})"))?;
+    // Before any payload byte: the signatures must satisfy the trust policy, and name the
+    // repository asked for (cosign's docker-reference), so that a registry cannot hand over
+    // another signed stage under this name.
+    let repository = format!("{}/{}", reference.host, reference.repository);
+    let v = verify_as(c, trust, allow_expired, Identity::Repository(&repository))
+        .with_context(|| format!("{what} (as {tag})"))?;
+    check_tag(reference, &head.config.name, &head.config.version)?;
     let stats = registry::transfer::fetch_layers(&client, reference, &head.manifest.layers, &temp.layout, |d| {
         store.has_blob(d)
     })
@@ -534,22 +574,109 @@ fn receive_registry(
     finish(temp, index, BTreeMap::from([(tag, v)]), store, trust, allow_expired)
 }
 
-/// Decides from its header whether a blob of an archive read as a stream may be read at
-/// all: unauthenticated bytes are never read to their end. Before every image's
-/// signatures are checked only small blobs (manifests, configs, signatures: at most
-/// `MAX_CONFIG_BYTES`) may come; after, only blobs the verified images name.
-fn gate_blob(
-    digest: &Digest,
-    size: u64,
-    index: Option<&ImageIndex>,
-    verified: &BTreeMap<String, Verified>,
-    layout: &Layout,
-) -> Result<()> {
-    let all_verified = index.is_some_and(|i| {
-        let tags = image_tags(i);
-        !tags.is_empty() && tags.iter().all(|t| verified.contains_key(t))
-    });
-    if !all_verified {
+/// A tag that is a version must be the signed version (the signatures name the config's
+/// version, which [`verify_as`] checked). Any other tag (`stable`, `latest`) names no version:
+/// the image is taken for what its signed manifest says, and that is reported.
+fn check_tag(reference: &RegistryRef, name: &StageName, version: &Version) -> Result<()> {
+    let Some(tag) = &reference.tag else { return Ok(()) };
+    match tag.parse::<Version>() {
+        Ok(v) if v == *version => Ok(()),
+        Ok(_) => Err(Untrusted(format!(
+            "{reference} is signed as {name} {version}, not {tag}: the registry serves another version under              this tag (relabelled); nothing was stored or activated. Deploy {}/{}:{version} if that is the              version you want",
+            reference.host, reference.repository
+        ))
+        .into()),
+        Err(_) => {
+            tracing::info!("{reference} is {name}:{version}");
+            Ok(())
+        }
+    }
+}
+
+/// Most entries (image tags and signature tags) in the index of an archive or a layout
+/// directory: an export of 1,024 images with their signatures. The index is unsigned; each
+/// tag costs a lookup per arriving blob, so it is bounded before any blob is read.
+pub const MAX_INDEX_ENTRIES: usize = 2048;
+/// Most bytes of an archive stored at any time that no verified image names yet (a
+/// signature, manifest or config waiting for the rest of its image): the largest config
+/// ([`MAX_CONFIG_BYTES`]) and 32 MiB of manifests and signatures. An archive as
+/// `op-dbus-image export` writes it verifies each image as soon as its config is in, so it
+/// never holds more than one config unverified.
+pub const MAX_UNAUTHENTICATED_BYTES: u64 = MAX_CONFIG_BYTES + (32 << 20);
+/// Most blobs of an archive stored at any time that no verified image names yet.
+pub const MAX_UNAUTHENTICATED_BLOBS: usize = 4096;
+
+fn check_index_size(index: &ImageIndex) -> Result<()> {
+    if index.manifests.len() > MAX_INDEX_ENTRIES {
+        return Err(Malformed(format!(
+            "the index names {} tags, more than the {MAX_INDEX_ENTRIES} an archive or layout may hold; \
+             export fewer images per archive",
+            index.manifests.len()
+        ))
+        .into());
+    }
+    Ok(())
+}
+
+/// Decides, for an archive read as a stream, which blobs may be read and when each image's
+/// signatures are checked: unauthenticated bytes are never read to their end, bounded in
+/// total, and every image is verified as soon as its small blobs are in (before payloads),
+/// each retried only when a blob it waits for arrives (no work in tags x blobs).
+struct Gate<'a> {
+    trust: &'a Trust,
+    allow_expired: bool,
+    verified: BTreeMap<String, Verified>,
+    /// Image tags not verified yet, by the digest of the blob each waits for; `None` until
+    /// the index has arrived.
+    waiting: Option<BTreeMap<Digest, Vec<String>>>,
+    tags: usize,
+    /// Blobs that verified images name (manifests, configs, layers, signatures).
+    authenticated: BTreeSet<Digest>,
+    /// Stored blobs no verified image names yet, with their sizes.
+    unauthenticated: BTreeMap<Digest, u64>,
+    unauthenticated_bytes: u64,
+    /// The size of the blob being read (from its header).
+    reading: Option<(Digest, u64)>,
+}
+
+impl<'a> Gate<'a> {
+    fn new(trust: &'a Trust, allow_expired: bool) -> Self {
+        Gate {
+            trust,
+            allow_expired,
+            verified: BTreeMap::new(),
+            waiting: None,
+            tags: 0,
+            authenticated: BTreeSet::new(),
+            unauthenticated: BTreeMap::new(),
+            unauthenticated_bytes: 0,
+            reading: None,
+        }
+    }
+
+    /// A blob's header arrived: refuses it unread when it cannot be part of a verified image
+    /// or would exceed the unauthenticated bounds.
+    fn header(&mut self, digest: &Digest, size: u64, index: Option<&ImageIndex>, layout: &Layout) -> Result<()> {
+        self.init(index, layout)?;
+        self.reading = Some((*digest, size));
+        let all_verified = self.waiting.is_some() && self.tags > 0 && self.verified.len() == self.tags;
+        if self.authenticated.contains(digest) {
+            let named = self.verified.values().any(|v| {
+                let c = v.candidate();
+                c.manifest.layers.iter().any(|l| l.digest == *digest && l.size == size)
+                    || (c.manifest.config.digest == *digest && c.manifest.config.size == size)
+                    || c.digest == *digest
+            });
+            if named || layout.has_blob(digest) {
+                return Ok(());
+            }
+        }
+        if all_verified && !layout.has_blob(digest) {
+            return Err(Malformed(format!(
+                "blob {digest} ({size} bytes) is not named by any image in the archive (or its size differs); refused unread"
+            ))
+            .into());
+        }
         if size > MAX_CONFIG_BYTES {
             return Err(Malformed(format!(
                 "blob {digest} ({size} bytes) comes before the signatures of the images that would name it; \
@@ -558,22 +685,89 @@ fn gate_blob(
             ))
             .into());
         }
-        return Ok(());
+        if self.unauthenticated_bytes.saturating_add(size) > MAX_UNAUTHENTICATED_BYTES
+            || self.unauthenticated.len() >= MAX_UNAUTHENTICATED_BLOBS
+        {
+            return Err(Malformed(format!(
+                "blob {digest} ({size} bytes) would make more than {MAX_UNAUTHENTICATED_BYTES} bytes or \
+                 {MAX_UNAUTHENTICATED_BLOBS} blobs unauthenticated (stored, and named by no image whose \
+                 signatures were checked yet): an image of the index whose signatures never come, or \
+                 blobs no image needs; refused unread"
+            ))
+            .into());
+        }
+        Ok(())
     }
-    let named = verified.values().any(|v| {
-        let c = v.candidate();
-        c.manifest.layers.iter().any(|l| l.digest == *digest && l.size == size)
-            || c.manifest.config.digest == *digest
-            || c.digest == *digest
-    });
-    // Signature blobs were all read before the images could be verified.
-    if !named && !layout.has_blob(digest) {
-        return Err(Malformed(format!(
-            "blob {digest} ({size} bytes) is not named by any image in the archive (or its size differs); refused unread"
-        ))
-        .into());
+
+    /// A blob was stored (its digest checked): verifies the images that waited for it.
+    fn stored(&mut self, digest: &Digest, index: Option<&ImageIndex>, layout: &Layout) -> Result<()> {
+        if let Some((d, size)) = self.reading.take()
+            && d == *digest
+            && !self.authenticated.contains(digest)
+            && self.unauthenticated.insert(d, size).is_none()
+        {
+            self.unauthenticated_bytes += size;
+        }
+        if self.init(index, layout)? {
+            return Ok(());
+        }
+        let (Some(index), Some(waiting)) = (index, self.waiting.as_mut()) else { return Ok(()) };
+        let retry = waiting.remove(digest).unwrap_or_default();
+        for tag in retry {
+            self.attempt(index, &tag, layout)?;
+        }
+        Ok(())
     }
-    Ok(())
+
+    /// Once the index is in: bounds it and tries every image. Returns whether it did now.
+    fn init(&mut self, index: Option<&ImageIndex>, layout: &Layout) -> Result<bool> {
+        let Some(index) = index else { return Ok(false) };
+        if self.waiting.is_some() {
+            return Ok(false);
+        }
+        check_index_size(index)?;
+        self.waiting = Some(BTreeMap::new());
+        let tags = image_tags(index);
+        self.tags = tags.len();
+        for tag in tags {
+            self.attempt(index, &tag, layout)?;
+        }
+        Ok(true)
+    }
+
+    fn attempt(&mut self, index: &ImageIndex, tag: &str, layout: &Layout) -> Result<()> {
+        if self.verified.contains_key(tag) {
+            return Ok(());
+        }
+        match candidate_or_missing(layout, index, tag)? {
+            Err(missing) => {
+                self.waiting.get_or_insert_default().entry(missing).or_default().push(tag.to_owned());
+            }
+            Ok(c) => {
+                let v = verify(c, self.trust, self.allow_expired)?;
+                let c = v.candidate();
+                let mut named = vec![c.digest, c.manifest.config.digest];
+                named.extend(c.manifest.layers.iter().map(|l| l.digest));
+                if let Some((_, sd)) = &c.signature_tag {
+                    named.push(sd.digest);
+                    if let Ok(bytes) = layout.read_blob(&sd.digest, MAX_MANIFEST_BYTES)
+                        && let Ok(sm) = ImageManifest::from_bytes(&bytes)
+                    {
+                        named.push(sm.config.digest);
+                        named.extend(sm.layers.iter().map(|l| l.digest));
+                    }
+                }
+                for d in named {
+                    self.authenticated.insert(d);
+                    if let Some(size) = self.unauthenticated.remove(&d) {
+                        self.unauthenticated_bytes -= size;
+                    }
+                }
+                self.verified.insert(tag.to_owned(), v);
+            }
+        }
+        Ok(())
+    }
 }
 
 fn finish(

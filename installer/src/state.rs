@@ -121,7 +121,16 @@ pub struct State {
     pub dirs: BTreeSet<TargetPath>,
 }
 
-const MAX_STATE: u64 = 64 << 20;
+/// The largest `state.json` read, and written: a state that would be larger is refused
+/// before the transaction that would make it changes anything (its commit could not be read
+/// back). The snapshots under `snapshots/` hold states too, read with the same bound.
+pub const MAX_STATE: u64 = 64 << 20;
+/// The largest state one generation of a stage adds (its [`Activation`]: the `files:`
+/// entries with their targets, services, verify commands and dependencies, as JSON). A
+/// typical stage adds a few KiB; 2 MiB is some 5,000 linked files with long paths. With
+/// [`MAX_STATE`] it leaves room for 32 such generations (a few stages with their kept
+/// generations), so that no accepted manifest can make `state.json` unreadable alone.
+pub const MAX_STAGE_STATE: usize = 2 << 20;
 
 impl State {
     pub fn new() -> State {
@@ -145,8 +154,20 @@ impl State {
         })
     }
 
+    /// The bytes [`State::write`] writes.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        serde_json::to_vec_pretty(self).expect("state serializes")
+    }
+
     pub fn write(&self, path: &Path) -> Result<()> {
-        let bytes = serde_json::to_vec_pretty(self).expect("state serializes");
+        let bytes = self.to_bytes();
+        if bytes.len() as u64 > MAX_STATE {
+            anyhow::bail!(
+                "not writing {}: {} bytes, more than the {MAX_STATE} the installer reads back",
+                path.display(),
+                bytes.len()
+            );
+        }
         formats::layout::write_atomic(path, &bytes).with_context(|| format!("writing {}", path.display()))
     }
 

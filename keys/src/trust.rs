@@ -107,6 +107,8 @@ pub enum SignedField {
     Digest,
     Name,
     Version,
+    /// `critical.identity.docker-reference`: the repository the signer published to.
+    Repository,
 }
 
 impl fmt::Display for SignedField {
@@ -115,6 +117,7 @@ impl fmt::Display for SignedField {
             SignedField::Digest => "manifest digest",
             SignedField::Name => "stage name",
             SignedField::Version => "version",
+            SignedField::Repository => "repository (docker-reference)",
         })
     }
 }
@@ -363,6 +366,59 @@ fn not_counted_list(findings: &[Finding]) -> String {
     format!("; not counted: {}", list.join("; "))
 }
 
+/// What a signature's `critical.identity.docker-reference` must name.
+///
+/// cosign records there the repository the image was signed for (`HOST[:PORT]/REPO`), and
+/// verifiers that pull from a registry check it against the repository they pulled from,
+/// so that a registry cannot hand over an image signed for another repository (another
+/// stage) under the name asked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Identity<'a> {
+    /// No repository to compare with: an archive, a layout directory or the local store,
+    /// whose tags (`NAME:VERSION`) are checked against the signed name and version.
+    Any,
+    /// The registry repository the image was pulled from, `HOST[:PORT]/REPO`.
+    Repository(&'a str),
+}
+
+impl Identity<'_> {
+    /// Whether `signed`, a docker-reference, names this identity for stage `stage`.
+    ///
+    /// The repository path (`op-dbus/core`) must be the one asked for; the registry host is
+    /// not compared, because it is a transport detail (a mirror, a pull-through proxy, one
+    /// registry reachable as `localhost:5000` and `10.0.0.5:5000`), while the path names the
+    /// stage: a registry can still serve a copy of what was signed for that repository, and
+    /// the tag and downgrade checks apply to it, but never another repository's image. A
+    /// tag or digest on the signed reference is ignored (cosign writes none). Besides
+    /// `[HOST/]REPO`, the builder's pre-push identity is accepted: a bare `NAME` (how
+    /// `op-dbus-image build`/`sign` name an image of the local store) when `NAME` is the
+    /// stage and the last component of REPO, so that an image copied as is (`skopeo copy`)
+    /// into `HOST/.../NAME` deploys, and never under another repository name.
+    pub fn matches(&self, signed: &str, stage: &StageName) -> bool {
+        let Identity::Repository(repo) = self else { return true };
+        let signed = signed.split_once('@').map_or(signed, |(r, _)| r);
+        let last_slash = signed.rfind('/').map_or(0, |i| i + 1);
+        let signed = match signed[last_slash..].find(':') {
+            Some(i) => &signed[..last_slash + i],
+            None => signed,
+        };
+        let wanted = repository_path(repo);
+        if signed.contains('/') {
+            return repository_path(signed) == wanted;
+        }
+        signed == stage.as_str() && wanted.rsplit('/').next() == Some(stage.as_str())
+    }
+}
+
+/// The repository path of a reference `[HOST[:PORT]/]PATH`: the first component is a host
+/// when it has a `.` or a `:` or is `localhost` (docker's rule).
+fn repository_path(reference: &str) -> &str {
+    match reference.split_once('/') {
+        Some((first, rest)) if first.contains('.') || first.contains(':') || first == "localhost" => rest,
+        _ => reference,
+    }
+}
+
 /// What every signature is checked against.
 struct Expected<'a> {
     trusted: &'a [TrustedKey],
@@ -370,6 +426,7 @@ struct Expected<'a> {
     digest: &'a Digest,
     name: &'a StageName,
     version: &'a Version,
+    identity: Identity<'a>,
     now: SystemTime,
     allow_expired: bool,
 }
@@ -396,11 +453,29 @@ pub fn evaluate(
     now: SystemTime,
     allow_expired: bool,
 ) -> Result<Verdict, TrustError> {
+    evaluate_as(trusted, policy, image_digest, name, version, Identity::Any, signatures, now, allow_expired)
+}
+
+/// Like [`evaluate`], and a signature counts only when its signed docker-reference names
+/// `identity` (see [`Identity::matches`]); one that names another repository is
+/// [`SignedField::Repository`] tampering (exit 3).
+#[allow(clippy::too_many_arguments)]
+pub fn evaluate_as(
+    trusted: &[TrustedKey],
+    policy: &Policy,
+    image_digest: &Digest,
+    name: &StageName,
+    version: &Version,
+    identity: Identity<'_>,
+    signatures: &[SignatureLayer],
+    now: SystemTime,
+    allow_expired: bool,
+) -> Result<Verdict, TrustError> {
     let image = Reference::new(name.clone(), version.clone());
     if signatures.is_empty() {
         return Err(TrustError::NoSignatures { image, digest: *image_digest });
     }
-    let expected = Expected { trusted, policy, digest: image_digest, name, version, now, allow_expired };
+    let expected = Expected { trusted, policy, digest: image_digest, name, version, identity, now, allow_expired };
     let mut signers: Vec<KeyId> = Vec::new();
     let mut findings = Vec::new();
     for (index, layer) in signatures.iter().enumerate() {
@@ -475,6 +550,12 @@ fn check(expected: &Expected<'_>, index: usize, layer: &SignatureLayer) -> Resul
     }
     if version != *expected.version {
         return Err(tampered(SignedField::Version, &version, expected.version));
+    }
+    let signed_repo = &payload.critical.identity.docker_reference;
+    if let Identity::Repository(repo) = expected.identity
+        && !expected.identity.matches(signed_repo, expected.name)
+    {
+        return Err(tampered(SignedField::Repository, signed_repo, &repo));
     }
 
     if !expected.policy.in_scope(&key_id, expected.name) {
@@ -596,6 +677,60 @@ mod tests {
             let verdict = f.evaluate(&store, &Policy::default(), &[layer]).unwrap();
             assert_eq!(verdict.signers, [b.key_id()], "{hint:?}");
         }
+    }
+
+    #[test]
+    fn repository_identity_must_match_the_registry_repository() {
+        let f = Fixture::new();
+        let a = key();
+        let store = trusted(&[&a]);
+        let stage: StageName = NAME.parse().unwrap();
+        let repo = Identity::Repository("registry.example/op-dbus/stage-1-core-dbus");
+        for ok in [
+            "registry.example/op-dbus/stage-1-core-dbus",
+            "registry.example/op-dbus/stage-1-core-dbus:1.0.0",
+            "registry.example/op-dbus/stage-1-core-dbus@sha256:00",
+            "mirror.example:5000/op-dbus/stage-1-core-dbus",
+            "op-dbus/stage-1-core-dbus",
+            NAME,
+        ] {
+            assert!(repo.matches(ok, &stage), "{ok}");
+        }
+        for bad in [
+            "registry.example/op-dbus/core",
+            "registry.example/other/stage-1-core-dbus",
+            "registry.example/op-dbus",
+            "registry.example/op-dbus/stage-1-core-dbus/x",
+            "stage-2-plugins",
+            "registry.example",
+        ] {
+            assert!(!repo.matches(bad, &stage), "{bad}");
+        }
+        // A bare NAME only where REPO ends with NAME.
+        assert!(!Identity::Repository("registry.example/op-dbus/core").matches(NAME, &stage));
+        assert!(Identity::Any.matches("anything/at/all", &stage));
+
+        let eval = |identity| {
+            evaluate_as(
+                &store,
+                &Policy::default(),
+                &f.digest,
+                &f.name,
+                &f.version,
+                identity,
+                &[sign(&a, f.payload())],
+                f.now,
+                false,
+            )
+        };
+        assert!(eval(repo).is_ok());
+        assert!(eval(Identity::Any).is_ok());
+        let err = eval(Identity::Repository("registry.example/op-dbus/core")).unwrap_err();
+        assert!(
+            matches!(err, TrustError::Tampered { field: SignedField::Repository, .. }) && err.is_rejected(),
+            "{err}"
+        );
+        says(&err, &["registry.example/op-dbus/stage-1-core-dbus", "registry.example/op-dbus/core"]);
     }
 
     #[test]

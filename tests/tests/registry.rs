@@ -575,3 +575,71 @@ fn export_with_deps_carries_the_highest_matching_dependencies() {
     assert_eq!(code, 1, "{err}");
     assert!(err.contains("base ^1.0") || err.contains("base"), "{err}");
 }
+
+/// Issue 9, point 8: a registry under an attacker's control serves an image that a trusted
+/// key signed for another repository, or for another version, under the name asked for.
+#[test]
+fn registry_that_serves_another_signed_stage_under_the_name_asked_for_is_refused() {
+    let skopeo = require_tool("skopeo", "skopeo");
+    let reg = Registry::start(None);
+    let s = Scratch::new();
+    let host = reg.host();
+    s.build(&stage_dir(s.dir.path(), "lab-debug", "1.0.0", "", 1000), &[]);
+    s.build(&stage_dir(s.dir.path(), "app", "1.0.0", "", 1000), &[]);
+    s.build(&stage_dir(s.dir.path(), "app", "1.1.0", "", 1000), &[]);
+    // What the signer published, each where it belongs.
+    ok(s.image().args(["push", "lab-debug:1.0.0", &format!("{host}/op-dbus/lab-debug")]));
+    ok(s.image().args(["push", "app:1.1.0", &format!("{host}/op-dbus/app")]));
+    let digest_of = |r: &str| {
+        json(&ok(image(&s.store(), None).args(["--json", "inspect", r])))["digest"].as_str().unwrap().to_owned()
+    };
+    let lab = digest_of("lab-debug:1.0.0");
+    let app11 = digest_of("app:1.1.0");
+    let copy = |from: String, to: String| {
+        ok(Command::new(&skopeo)
+            .args(["copy", "--all", "--preserve-digests", "--src-tls-verify=false", "--dest-tls-verify=false"])
+            .arg(from)
+            .arg(to));
+    };
+    let sig = |d: &str| format!("sha256-{}.sig", hex(d));
+    // The attacker relabels: lab-debug (signed for op-dbus/lab-debug) as op-dbus/core:1.0.0,
+    copy(format!("docker://{host}/op-dbus/lab-debug:1.0.0"), format!("docker://{host}/op-dbus/core:1.0.0"));
+    copy(
+        format!("docker://{host}/op-dbus/lab-debug:{}", sig(&lab)),
+        format!("docker://{host}/op-dbus/core:{}", sig(&lab)),
+    );
+    // the builder's own store image (signed as `lab-debug`) as op-dbus/core2:1.0.0,
+    let store = s.store().display().to_string();
+    copy(format!("oci:{store}:lab-debug:1.0.0"), format!("docker://{host}/op-dbus/core2:1.0.0"));
+    copy(format!("oci:{store}:lab-debug:{}", sig(&lab)), format!("docker://{host}/op-dbus/core2:{}", sig(&lab)));
+    // and app 1.1.0 as op-dbus/app:1.0.0 (another version under a version tag).
+    copy(format!("docker://{host}/op-dbus/app:1.1.0"), format!("docker://{host}/op-dbus/app:1.0.0"));
+
+    let before = tree(&s.root());
+    for (src, needle) in [
+        (format!("{host}/op-dbus/core:1.0.0"), "op-dbus/lab-debug"),
+        (format!("{host}/op-dbus/core@{lab}"), "op-dbus/lab-debug"),
+        (format!("{host}/op-dbus/core2:1.0.0"), "lab-debug"),
+        (format!("{host}/op-dbus/app:1.0.0"), "1.1.0"),
+    ] {
+        for verb in ["deploy", "receive"] {
+            let (code, err) = fails(s.stage().args([verb, &src]));
+            assert!(code == 3 || code == 7, "{verb} {src}: exit {code}: {err}");
+            assert!(err.contains(needle), "{verb} {src}: {err}");
+            assert_eq!(tree(&s.root()), before, "{verb} {src} changed the host");
+        }
+    }
+    assert!(s.deployed().is_empty());
+    let list = json(&ok(s.stage().args(["--json", "list"])));
+    assert_eq!(list["stages"].as_array().unwrap().len(), 0, "nothing was stored: {list}");
+
+    // A tag that is not a version names no version to check: allowed, and the stage found is
+    // reported. A push to a repository named otherwise than the stage signs for it.
+    ok(s.image().args(["push", "app:1.0.0", &format!("{host}/op-dbus/app:stable")]));
+    let out = json(&ok(s.stage().args(["--json", "deploy", &format!("{host}/op-dbus/app:stable")])));
+    assert_eq!(out["received"][0]["reference"], "app:1.0.0", "{out}");
+    ok(s.image().args(["push", "app:1.1.0", &format!("{host}/op-dbus/core")]));
+    let out = json(&ok(s.stage().args(["--json", "deploy", &format!("{host}/op-dbus/core:1.1.0")])));
+    assert_eq!(out["received"][0]["digest"], app11.as_str(), "{out}");
+    assert_eq!(s.deployed(), ["app:1.1.0"]);
+}
