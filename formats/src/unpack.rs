@@ -285,17 +285,18 @@ impl fmt::Debug for Unpacker<'_> {
     }
 }
 
-/// What the signed manifest lets an unpack write ([`SLACK_BYTES`], [`SLACK_ENTRIES`]).
+/// What the signed manifest lets an unpack write ([`SLACK_BYTES`], [`SLACK_ENTRIES`]):
+/// tar payloads here, btrfs send streams in the installer.
 #[derive(Debug, Clone, Copy)]
-struct Budget {
-    layer_bytes: u64,
-    image_bytes: u64,
-    layer_entries: u64,
-    image_entries: u64,
+pub struct Budget {
+    pub layer_bytes: u64,
+    pub image_bytes: u64,
+    pub layer_entries: u64,
+    pub image_entries: u64,
 }
 
 impl Budget {
-    fn of(config: &StageConfig, layers: usize) -> Budget {
+    pub fn of(config: &StageConfig, layers: usize) -> Budget {
         let declared_bytes = config.entries.iter().filter_map(|e| e.size).fold(0u64, u64::saturating_add);
         let declared_entries = config.entries.len() as u64;
         let layers = layers.max(1) as u64;

@@ -20,10 +20,14 @@ use std::process::{Command, Stdio};
 
 use anyhow::{Context, Result, bail};
 
-use formats::btrfs::{ParentTree, Uuid, apply_to_dir, copy_tree, validate_stream, validate_stream_against};
+use formats::btrfs::{
+    ParentTree, StreamSummary, Uuid, apply_to_dir, copy_tree, validate_stream, validate_stream_against,
+    validate_stream_onto,
+};
 use formats::digest::HashingReader;
 use formats::layout::Layout;
 use formats::oci::Descriptor;
+use formats::unpack::Budget;
 
 use crate::error::Malformed;
 
@@ -52,11 +56,28 @@ fn check_digest(dec: LayerReader, layer: &Descriptor) -> Result<()> {
 
 /// Stages `layers` (btrfs send streams, full first) as `tmp/<dest>`: a subvolume when
 /// `on_btrfs`, a directory otherwise. The caller checks the result against the manifest.
-pub fn stage(layout: &Layout, layers: &[Descriptor], tmp: &Path, dest: &str, on_btrfs: bool) -> Result<PathBuf> {
+///
+/// Each stream is bounded by what the signed manifest declares (`budget`, as for tar
+/// payloads): the bytes it makes the receiver store (written, cloned, reserved) and the
+/// entries it creates, per layer and over all layers, checked on the validating pass
+/// before a byte of it is received or applied.
+pub fn stage(
+    layout: &Layout,
+    layers: &[Descriptor],
+    budget: &Budget,
+    tmp: &Path,
+    dest: &str,
+    on_btrfs: bool,
+) -> Result<PathBuf> {
     let work = tmp.join(format!("recv-{dest}"));
     let _ = crate::txn::remove_tree(&work);
     fs::create_dir_all(&work).with_context(|| format!("creating {}", work.display()))?;
-    let result = if on_btrfs { receive(layout, layers, &work) } else { apply(layout, layers, &work) };
+    let mut spent = Spent::default();
+    let result = if on_btrfs {
+        receive(layout, layers, budget, &mut spent, &work)
+    } else {
+        apply(layout, layers, budget, &mut spent, &work)
+    };
     let final_path = match result {
         Ok(p) => p,
         Err(e) => {
@@ -81,7 +102,38 @@ fn remove_work(work: &Path) -> Result<()> {
     crate::txn::remove_tree(work)
 }
 
-fn receive(layout: &Layout, layers: &[Descriptor], work: &Path) -> Result<PathBuf> {
+/// What the layers validated so far store and create.
+#[derive(Debug, Default)]
+struct Spent {
+    bytes: u64,
+    entries: u64,
+}
+
+/// Checks a validated stream against the budget (exit 7 when over).
+fn within_budget(summary: &StreamSummary, layer: &Descriptor, budget: &Budget, spent: &mut Spent) -> Result<()> {
+    let (bytes, entries) = (summary.bytes_stored(), summary.entries_created());
+    spent.bytes = spent.bytes.saturating_add(bytes);
+    spent.entries = spent.entries.saturating_add(entries);
+    if bytes > budget.layer_bytes || spent.bytes > budget.image_bytes {
+        return Err(Malformed(format!(
+            "layer {} would store {bytes} bytes ({} in all layers so far), more than the signed manifest allows \
+             ({} per layer, {} per image)",
+            layer.digest, spent.bytes, budget.layer_bytes, budget.image_bytes
+        ))
+        .into());
+    }
+    if entries > budget.layer_entries || spent.entries > budget.image_entries {
+        return Err(Malformed(format!(
+            "layer {} would create {entries} entries ({} in all layers so far), more than the signed manifest allows \
+             ({} per layer, {} per image)",
+            layer.digest, spent.entries, budget.layer_entries, budget.image_entries
+        ))
+        .into());
+    }
+    Ok(())
+}
+
+fn receive(layout: &Layout, layers: &[Descriptor], budget: &Budget, spent: &mut Spent, work: &Path) -> Result<PathBuf> {
     let btrfs = ["/usr/bin/btrfs", "/bin/btrfs", "/usr/sbin/btrfs", "/sbin/btrfs"]
         .into_iter()
         .map(PathBuf::from)
@@ -97,6 +149,7 @@ fn receive(layout: &Layout, layers: &[Descriptor], work: &Path) -> Result<PathBu
         }
         .with_context(|| format!("validating layer {}", layer.digest))?;
         check_digest(dec, layer)?;
+        within_budget(&summary, layer, budget, spent)?;
         // 2. Only then let the kernel receive it.
         let mut child = Command::new(&btrfs)
             .args(["receive", "-e", "-q"])
@@ -125,9 +178,16 @@ fn receive(layout: &Layout, layers: &[Descriptor], work: &Path) -> Result<PathBu
     prev.map(|(_, p)| p).context("an image without payload layers")
 }
 
-fn apply(layout: &Layout, layers: &[Descriptor], work: &Path) -> Result<PathBuf> {
+fn apply(layout: &Layout, layers: &[Descriptor], budget: &Budget, spent: &mut Spent, work: &Path) -> Result<PathBuf> {
     let mut prev: Option<PathBuf> = None;
     for (i, layer) in layers.iter().enumerate() {
+        // A validating pass first, so that the budget holds before anything is written.
+        let mut dec = open(layout, layer)?;
+        let parent = prev.as_deref().map(ParentTree::scan).transpose()?;
+        let summary = validate_stream_onto(&mut dec, parent.as_ref())
+            .with_context(|| format!("validating layer {}", layer.digest))?;
+        check_digest(dec, layer)?;
+        within_budget(&summary, layer, budget, spent)?;
         let dest = work.join(format!("layer-{i}"));
         fs::create_dir(&dest).with_context(|| format!("creating {}", dest.display()))?;
         if let Some(p) = &prev {

@@ -366,7 +366,8 @@ fn deploy_one(ctx: &Ctx, trust: &Trust, store: &Layout, received: &Received, v: 
             }
             let layout = if layers.iter().all(|l| in_temp(&l.digest)) { temp.expect("checked") } else { store };
             if btrfs_layers {
-                crate::btrfs::stage(layout, layers, &ctx.staging.tmp(), &tmp_name, on_btrfs)
+                let budget = formats::unpack::Budget::of(config, layers.len());
+                crate::btrfs::stage(layout, layers, &budget, &ctx.staging.tmp(), &tmp_name, on_btrfs)
                     .with_context(|| format!("staging the btrfs layers of {}", v.reference))?;
                 // A parent found by `btrfs receive` may be a host generation holding our
                 // manifest.json (rewritten below); everything else must match exactly.

@@ -85,6 +85,11 @@ impl Cmd {
     }
 }
 
+/// Where the END command starts.
+fn end_off(cmds: &[Cmd]) -> usize {
+    cmds.last().unwrap().off
+}
+
 fn le16(s: &[u8], at: usize) -> u16 {
     u16::from_le_bytes([s[at], s[at + 1]])
 }
@@ -514,6 +519,14 @@ fn btrfs_loop_root_hostile_send_streams_are_refused_on_btrfs_and_directory_roots
     let src_uuid: formats::btrfs::Uuid =
         src_show.lines().find_map(|l| l.trim().strip_prefix("UUID:")).unwrap().trim().parse().unwrap();
     let clone_src = replace_attr(&stream, clone, A_CLONE_UUID, src_uuid.bytes());
+    // 7. The same 1 MiB CLONE 80 times over: the tree it leaves matches the signed
+    // manifest, but it makes the receiver store 80 MiB for a manifest of 2 MiB.
+    let clone_bytes = &stream[clone.off..clone.off + CMD_HEADER + clone.len];
+    let mut repeated_clones = stream[..end_off(&cmds)].to_vec();
+    for _ in 0..80 {
+        repeated_clones.extend_from_slice(clone_bytes);
+    }
+    repeated_clones.extend_from_slice(&stream[end_off(&cmds)..]);
 
     let mut failures = Vec::new();
     let mut report = Vec::new();
@@ -558,6 +571,11 @@ fn btrfs_loop_root_hostile_send_streams_are_refused_on_btrfs_and_directory_roots
                 "a CLONE from the source subvolume on this filesystem",
                 clone_src.clone(),
                 &["clone", &src_text, "not this subvolume"],
+            ),
+            case(
+                "80 MiB of CLONEs behind a 2 MiB manifest",
+                repeated_clones.clone(),
+                &["would store", "more than the signed manifest allows"],
             ),
         ];
         let pristine_dir = tempfile::tempdir().unwrap();

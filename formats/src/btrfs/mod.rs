@@ -54,7 +54,7 @@ pub mod validate;
 
 pub use apply::{ApplyStats, apply_to_dir, copy_tree};
 pub use stream::{Command, InvalidUuid, StreamPath, StreamReader, Timespec, Uuid};
-pub use validate::{ParentTree, StreamSummary, validate_stream, validate_stream_against};
+pub use validate::{ParentTree, StreamSummary, validate_stream, validate_stream_against, validate_stream_onto};
 
 /// Why a stream was refused or could not be applied.
 #[derive(Debug, thiserror::Error)]

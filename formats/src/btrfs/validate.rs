@@ -79,8 +79,25 @@ pub struct StreamSummary {
     pub bytes_written: u64,
     /// Bytes copied by CLONE commands.
     pub bytes_cloned: u64,
+    /// Bytes FALLOCATE commands reserve (punched holes excluded).
+    pub bytes_allocated: u64,
     /// Length of the stream in bytes.
     pub stream_bytes: u64,
+}
+
+impl StreamSummary {
+    /// Bytes the stream makes the receiver store: written, cloned and reserved.
+    pub fn bytes_stored(&self) -> u64 {
+        self.bytes_written.saturating_add(self.bytes_cloned).saturating_add(self.bytes_allocated)
+    }
+
+    /// Entries the stream creates (files, directories, links, special files).
+    pub fn entries_created(&self) -> u64 {
+        ["mkfile", "mkdir", "mknod", "mkfifo", "mksock", "symlink", "link"]
+            .iter()
+            .filter_map(|k| self.counts.get(*k))
+            .fold(0u64, |a, b| a.saturating_add(*b))
+    }
 }
 
 /// An entry of the modelled tree.
@@ -270,6 +287,7 @@ pub(crate) struct Checker {
     counts: BTreeMap<String, u64>,
     bytes_written: u64,
     bytes_cloned: u64,
+    bytes_allocated: u64,
 }
 
 impl Drop for Checker {
@@ -291,6 +309,7 @@ impl Checker {
             counts: BTreeMap::new(),
             bytes_written: 0,
             bytes_cloned: 0,
+            bytes_allocated: 0,
         }
     }
 
@@ -317,6 +336,7 @@ impl Checker {
             counts: self.counts.clone(),
             bytes_written: self.bytes_written,
             bytes_cloned: self.bytes_cloned,
+            bytes_allocated: self.bytes_allocated,
             stream_bytes,
         })
     }
@@ -399,14 +419,14 @@ impl Checker {
             Command::Write { path, offset, data } => {
                 bounds(path, *offset, data.len() as u64)?;
                 self.file(path).map_err(|r| refuse(path, r))?;
-                self.bytes_written += data.len() as u64;
+                self.bytes_written = self.bytes_written.saturating_add(data.len() as u64);
             }
             Command::Clone { path, offset, len, clone_uuid, clone_path, clone_offset, .. } => {
                 bounds(path, *offset, *len)?;
                 bounds(clone_path, *clone_offset, *len)?;
                 self.file(path).map_err(|r| refuse(path, r))?;
                 self.clone_source(*clone_uuid, clone_path).map_err(|r| refuse(path, r))?;
-                self.bytes_cloned += len;
+                self.bytes_cloned = self.bytes_cloned.saturating_add(*len);
             }
             Command::Truncate { path, size } => {
                 bounds(path, *size, 0)?;
@@ -436,6 +456,9 @@ impl Checker {
                 }
                 bounds(path, *offset, *len)?;
                 self.file(path).map_err(|r| refuse(path, r))?;
+                if *mode & FALLOC_FL_PUNCH_HOLE == 0 {
+                    self.bytes_allocated = self.bytes_allocated.saturating_add(*len);
+                }
             }
             Command::EncodedWrite { path, compression, .. } => {
                 return Err(refuse(
@@ -707,6 +730,17 @@ pub fn validate_stream_against<R: Read>(
     run(r, Checker::new(Expect::Parent(parent_uuid), Some(parent.clone())))
 }
 
+/// Like [`validate_stream_against`] for a stream to be applied onto `parent`'s tree,
+/// whatever parent UUID the stream names (the caller chose the parent); a full stream
+/// when `parent` is `None`. What [`apply_to_dir`](super::apply_to_dir) would apply, checked
+/// without writing anything.
+pub fn validate_stream_onto<R: Read>(r: R, parent: Option<&ParentTree>) -> Result<StreamSummary, StreamError> {
+    match parent {
+        None => run(r, Checker::new(Expect::Full, None)),
+        Some(p) => run(r, Checker::new(Expect::AnyParent, Some(p.clone()))),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::super::stream::writer::StreamWriter;
@@ -752,6 +786,25 @@ mod tests {
             .utimes("", 1_700_000_000)
             .end();
         w
+    }
+
+    #[test]
+    fn the_summary_counts_what_the_receiver_stores() {
+        let mut w = full();
+        w.mkfile("f")
+            .write("f", 0, b"abc")
+            .fallocate("f", 0, 0, 100)
+            .fallocate("f", FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE, 0, 50)
+            .mkfile("g")
+            .clone_range("g", 0, 3, OWN, "f", 0)
+            .mkdir("d")
+            .symlink("l", "f")
+            .link("h", "f")
+            .end();
+        let s = validate_stream(&w.bytes()[..], None).unwrap();
+        assert_eq!((s.bytes_written, s.bytes_cloned, s.bytes_allocated), (3, 3, 100));
+        assert_eq!(s.bytes_stored(), 106);
+        assert_eq!(s.entries_created(), 5);
     }
 
     #[test]
