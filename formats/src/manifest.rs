@@ -65,8 +65,9 @@ pub fn excerpt(message: &str) -> String {
     let mut quoted: Option<usize> = None;
     let mut prev = '\0';
     let first = message.lines().next().unwrap_or_default();
-    for (n, c) in first.chars().enumerate() {
-        if n >= EXCERPT_TOTAL {
+    let mut shown = 0usize;
+    for c in first.chars() {
+        if shown >= EXCERPT_TOTAL {
             out.push('…');
             break;
         }
@@ -91,6 +92,7 @@ pub fn excerpt(message: &str) -> String {
         } else {
             out.push(c);
         }
+        shown += 1;
         prev = c;
     }
     if quoted.is_some_and(|k| k > EXCERPT_QUOTED) {
@@ -708,6 +710,16 @@ impl StageConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn excerpts_are_short_escaped_and_one_line() {
+        let long = "k".repeat(500);
+        let e = excerpt(&format!("invalid value \"{long}\" at line 2\n --> source\n1 | secret"));
+        assert_eq!(e, format!("invalid value \"{}…\" at line 2", "k".repeat(EXCERPT_QUOTED)));
+        assert_eq!(excerpt("bell \u{7} esc \u{1b}[31m"), "bell \\u{7} esc \\u{1b}[31m");
+        assert!(excerpt(&"x".repeat(5000)).chars().count() <= EXCERPT_TOTAL + 1);
+        assert_eq!(excerpt("unknown field `a`"), "unknown field `a`");
+    }
 
     fn parse(text: &str) -> Result<StageDefinition, ManifestError> {
         StageDefinition::parse(text, Path::new("images/x/manifest.yaml"))

@@ -161,6 +161,19 @@ mod tests {
     use std::process::Command;
 
     use super::*;
+
+    #[test]
+    fn signing_what_was_written_is_signing_the_bytes() {
+        use std::io::Write as _;
+        let key = PrivateKey::generate().unwrap();
+        let mut w = Hashing::new(Vec::new());
+        w.write_all(b"first part, ").unwrap();
+        w.write_all(b"second part").unwrap();
+        let (sig, bytes) = sign_written(&key, w, "file:x").unwrap();
+        assert_eq!(bytes, b"first part, second part");
+        assert_eq!(verify_detached(&key.public(), &bytes[..], &sig).unwrap(), "file:x");
+        assert!(verify_detached(&key.public(), &b"first part, second par"[..], &sig).is_err());
+    }
     use crate::testutil::{require_tool, run};
 
     fn data() -> Vec<u8> {

@@ -946,6 +946,24 @@ mod tests {
     }
 
     #[test]
+    fn origins_and_deadlines() {
+        let c = Client::new("127.0.0.1:5000", ClientOptions::default(), Access::Pull).unwrap();
+        assert!(c.is_registry("http://127.0.0.1:5000/v2/x/blobs/uploads/1?state=a"));
+        assert!(c.is_registry("HTTP://127.0.0.1:5000/v2/"));
+        for other in
+            ["http://127.0.0.1:5001/u", "https://127.0.0.1:5000/u", "http://127.1:5000/u", "http://evil/u", "/v2/"]
+        {
+            assert!(!c.is_registry(other), "{other}");
+        }
+        let c = Client::new("registry.example", ClientOptions::default(), Access::Pull).unwrap();
+        assert!(c.is_registry("https://REGISTRY.example:443/v2/"));
+        let l = Limits::default();
+        assert_eq!(l.blob_deadline(0), Duration::from_secs(60));
+        assert_eq!(l.blob_deadline(16 * 1024 * 100), Duration::from_secs(160));
+        assert_eq!(Limits { min_rate: 0, ..l }.blob_deadline(10), Duration::from_secs(70));
+    }
+
+    #[test]
     fn scheme_follows_the_host() {
         let c = Client::new("127.0.0.1:5000", ClientOptions::default(), Access::Pull).unwrap();
         assert_eq!(c.base_url(), "http://127.0.0.1:5000");
