@@ -43,6 +43,8 @@ pub struct Settings<'a> {
     pub format: Format,
     pub parent: Option<Reference>,
     pub quiet: bool,
+    /// The signing key's file, hidden from build steps (the key itself is in memory).
+    pub hide_key: Option<PathBuf>,
 }
 
 /// The payload format a build ends up with.
@@ -111,7 +113,8 @@ pub fn source_date_epoch() -> Result<Option<i64>> {
 /// Builds the stage folder `stage_dir` (holding `manifest.yaml`).
 pub fn build(stage_dir: &Path, settings: &Settings<'_>) -> Result<Outcome> {
     let manifest = stage_dir.join("manifest.yaml");
-    if !manifest.is_file() {
+    // Not followed here: a symlink is refused when it is read.
+    if manifest.symlink_metadata().is_err() {
         return Err(InputError::Path {
             path: stage_dir.to_owned(),
             reason: "no manifest.yaml here: a stage folder holds manifest.yaml and the stage's files".into(),
@@ -134,6 +137,11 @@ pub fn build(stage_dir: &Path, settings: &Settings<'_>) -> Result<Outcome> {
             parent: settings.parent.as_ref().map(|p| p.to_string()),
         }));
     };
+    if !def.build.is_empty()
+        && let Some(key) = &settings.hide_key
+    {
+        crate::hide::hide_key(key)?;
+    }
     run_build_steps(stage_dir, &manifest, &def, settings.quiet)?;
     let tree = assemble::stage_tree(stage_dir, &manifest, &def)?;
     let config = StageConfig::from_definition(name, &def, Vec::new());
@@ -212,6 +220,7 @@ fn run_build_steps(stage_dir: &Path, manifest: &Path, def: &StageDefinition, qui
             .arg("-c")
             .arg(&step.run)
             .current_dir(&cwd)
+            .env_remove(crate::hide::KEY_ENV)
             .stdin(Stdio::null())
             .stdout(Stdio::from(std::io::stderr()))
             .status()

@@ -99,8 +99,12 @@ pub struct BuildOpts {
     #[arg(long)]
     pub parent: Option<Reference>,
     /// Signature expiry (RFC 3339, e.g. 2027-01-31T00:00:00Z).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "no_sign")]
     pub expires: Option<Expires>,
+    /// Do not sign, even with --key or OP_DBUS_SIGNING_KEY set: build unsigned here, then
+    /// `op-dbus-image sign NAME:VERSION` where no build step runs.
+    #[arg(long)]
+    pub no_sign: bool,
 }
 
 #[derive(Debug, Args)]
@@ -138,8 +142,14 @@ pub struct ExportOpts {
     /// Images (NAME:VERSION) to export.
     #[arg(required = true)]
     pub images: Vec<Reference>,
+    /// The archive: a new file or a regular file to replace (never a symlink, FIFO or
+    /// device), or `-` for stdout (the report then goes to stderr).
     #[arg(long)]
     pub out: PathBuf,
+    /// Where the detached signature goes (with a key): default OUT.minisig; with `--out -`
+    /// none is written unless this is given.
+    #[arg(long, value_name = "FILE")]
+    pub minisig: Option<PathBuf>,
     /// Leave out payload layers this image (NAME:VERSION) has: a thin export for hosts that have it.
     #[arg(long)]
     pub since: Option<Reference>,
@@ -181,6 +191,18 @@ fn init_tracing(g: &GlobalOpts) {
     let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
 }
 
+/// [`emit`] on stderr, when stdout carries data (`export --out -`).
+fn emit_to_stderr<T: Serialize>(json: bool, value: &T, text: impl FnOnce(&T) -> String) -> Result<()> {
+    let mut err = std::io::stderr().lock();
+    if json {
+        serde_json::to_writer_pretty(&mut err, value)?;
+        writeln!(err)?;
+    } else {
+        write!(err, "{}", text(value))?;
+    }
+    Ok(())
+}
+
 /// Prints `value` as JSON, or `text` for people.
 fn emit<T: Serialize>(json: bool, value: &T, text: impl FnOnce(&T) -> String) -> Result<()> {
     let mut out = std::io::stdout().lock();
@@ -215,9 +237,16 @@ pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Key(k) => key_command(g, k),
         Command::Build(o) => {
-            let key = load_key(g)?;
+            // Read before any build step runs; the steps never see it (see `hide`).
+            let key = if o.no_sign { None } else { load_key(g)? };
             let layout = if g.dry_run { None } else { Some(open_store(g, true)?) };
-            let settings = Settings { layout: layout.as_ref(), format: o.format, parent: o.parent, quiet: g.quiet };
+            let settings = Settings {
+                layout: layout.as_ref(),
+                format: o.format,
+                parent: o.parent,
+                quiet: g.quiet,
+                hide_key: g.key.clone(),
+            };
             let outcome = crate::build::build(&o.stage_dir, &settings)
                 .with_context(|| format!("building {}", o.stage_dir.display()))?;
             finish_build(g, layout.as_ref(), outcome, key.as_ref(), o.expires.as_ref())
@@ -225,7 +254,8 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Create(o) => {
             let key = load_key(g)?;
             let layout = if g.dry_run { None } else { Some(open_store(g, true)?) };
-            let settings = Settings { layout: layout.as_ref(), format: o.format, parent: None, quiet: g.quiet };
+            let settings =
+                Settings { layout: layout.as_ref(), format: o.format, parent: None, quiet: g.quiet, hide_key: None };
             let outcome = crate::build::create(o.name.clone(), o.stage_version, &o.files, &settings)
                 .with_context(|| format!("creating {}", o.name))?;
             finish_build(g, layout.as_ref(), outcome, key.as_ref(), o.expires.as_ref())
@@ -283,11 +313,16 @@ pub fn run(cli: Cli) -> Result<()> {
                 });
             }
             let key = load_key(g)?;
-            let e = crate::export::export(&layout, &images, &plan, &o.out, key.as_ref(), g.quiet)?;
+            let e =
+                crate::export::export(&layout, &images, &plan, &o.out, o.minisig.as_deref(), key.as_ref(), g.quiet)?;
             if !e.unsigned.is_empty() && !g.quiet {
                 eprintln!("warning: exported unsigned image(s) {}; installers will refuse them", e.unsigned.join(", "));
             }
-            emit(g.json, &e, |e| {
+            let to_stdout = crate::export::is_stdout(&o.out);
+            if to_stdout && g.quiet && !g.json {
+                return Ok(());
+            }
+            let text = |e: &crate::export::Exported| {
                 let mut s = format!("wrote {} ({} bytes, {} blobs", e.path.display(), e.bytes, e.blobs);
                 if e.omitted_layers > 0 {
                     s += &format!(", {} layer(s) left out", e.omitted_layers);
@@ -297,7 +332,8 @@ pub fn run(cli: Cli) -> Result<()> {
                     s += &format!("wrote {}\n", m.display());
                 }
                 s
-            })
+            };
+            if to_stdout { emit_to_stderr(g.json, &e, text) } else { emit(g.json, &e, text) }
         }
         Command::Push(o) => {
             let layout = open_store(g, false)?;
@@ -380,7 +416,7 @@ fn finish_build(
                     b.signed_by.push(s.key_id);
                 }
                 (None, _) if !g.quiet => eprintln!(
-                    "warning: {} is unsigned (no --key); installers refuse unsigned images: sign it with `op-dbus-image sign {} --key KEY`",
+                    "warning: {} is unsigned (no --key, or --no-sign); installers refuse unsigned images: sign it with `op-dbus-image sign {} --key KEY`",
                     b.reference, b.reference
                 ),
                 _ => {}

@@ -43,10 +43,62 @@ pub enum ManifestError {
     Io { file: PathBuf, source: std::io::Error },
     #[error("{file} is larger than {max} bytes")]
     TooLarge { file: PathBuf, max: u64 },
-    #[error("{file}: {message}")]
+    #[error("{file}: {}", excerpt(message))]
     Syntax { file: PathBuf, message: String },
-    #[error("{file}: field `{field}`: {reason}")]
+    #[error("{file}: field `{}`: {}", excerpt(field), excerpt(reason))]
     Invalid { file: PathBuf, field: String, reason: String },
+    #[error("{file} is {kind}; it must be a regular file in the stage folder")]
+    NotRegular { file: PathBuf, kind: &'static str },
+}
+
+/// Longest quoted value an error message shows, in characters.
+const EXCERPT_QUOTED: usize = 24;
+/// Longest error message text shown from a parser, in characters.
+const EXCERPT_TOTAL: usize = 240;
+
+/// `message` as shown to people: its first line only (a parser's later lines quote the
+/// source), control characters escaped, each quoted value cut to a few characters and the
+/// whole to a line or two, so that an error about a file never echoes much of what the
+/// file holds (it may not be what it claims to be).
+pub fn excerpt(message: &str) -> String {
+    let mut out = String::new();
+    let mut quoted: Option<usize> = None;
+    let mut prev = '\0';
+    let first = message.lines().next().unwrap_or_default();
+    let mut shown = 0usize;
+    for c in first.chars() {
+        if shown >= EXCERPT_TOTAL {
+            out.push('…');
+            break;
+        }
+        match quoted {
+            Some(_) if c == '"' && prev != '\\' => quoted = None,
+            Some(k) if k == EXCERPT_QUOTED => {
+                out.push('…');
+                quoted = Some(k + 1);
+                prev = c;
+                continue;
+            }
+            Some(k) if k > EXCERPT_QUOTED => {
+                prev = c;
+                continue;
+            }
+            Some(k) => quoted = Some(k + 1),
+            None if c == '"' => quoted = Some(0),
+            None => {}
+        }
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+        shown += 1;
+        prev = c;
+    }
+    if quoted.is_some_and(|k| k > EXCERPT_QUOTED) {
+        out.push('"');
+    }
+    out
 }
 
 /// A file mode, written in YAML as octal (`0755`, `755` or `0o755`), in JSON as `"0755"`.
@@ -309,8 +361,27 @@ impl StageDefinition {
     /// Reads and validates `file` (at most [`MAX_DEFINITION_BYTES`]).
     pub fn read(file: &Path) -> Result<StageDefinition, ManifestError> {
         use std::io::Read;
+        use std::os::unix::fs::OpenOptionsExt;
         let io = |source| ManifestError::Io { file: file.to_owned(), source };
-        let f = std::fs::File::open(file).map_err(io)?;
+        // Not through a symlink, not a FIFO or device: a regular file, checked once open.
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(
+                (rustix::fs::OFlags::NOFOLLOW | rustix::fs::OFlags::NONBLOCK | rustix::fs::OFlags::NOCTTY).bits()
+                    as i32,
+            )
+            .open(file)
+            .map_err(|e| match e.raw_os_error() {
+                Some(code) if code == rustix::io::Errno::LOOP.raw_os_error() => {
+                    ManifestError::NotRegular { file: file.to_owned(), kind: "a symlink" }
+                }
+                _ => io(e),
+            })?;
+        let t = f.metadata().map_err(io)?.file_type();
+        if !t.is_file() {
+            let kind = if t.is_dir() { "a directory" } else { "a FIFO, socket or device" };
+            return Err(ManifestError::NotRegular { file: file.to_owned(), kind });
+        }
         let mut text = String::new();
         f.take(MAX_DEFINITION_BYTES + 1).read_to_string(&mut text).map_err(io)?;
         if text.len() as u64 > MAX_DEFINITION_BYTES {
@@ -727,6 +798,16 @@ impl StageConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn excerpts_are_short_escaped_and_one_line() {
+        let long = "k".repeat(500);
+        let e = excerpt(&format!("invalid value \"{long}\" at line 2\n --> source\n1 | secret"));
+        assert_eq!(e, format!("invalid value \"{}…\" at line 2", "k".repeat(EXCERPT_QUOTED)));
+        assert_eq!(excerpt("bell \u{7} esc \u{1b}[31m"), "bell \\u{7} esc \\u{1b}[31m");
+        assert!(excerpt(&"x".repeat(5000)).chars().count() <= EXCERPT_TOTAL + 1);
+        assert_eq!(excerpt("unknown field `a`"), "unknown field `a`");
+    }
 
     fn parse(text: &str) -> Result<StageDefinition, ManifestError> {
         StageDefinition::parse(text, Path::new("images/x/manifest.yaml"))

@@ -955,10 +955,12 @@ pub fn trust_revoke(ctx: &Ctx, id: &keys::KeyId) -> Result<serde_json::Value> {
 fn edit_policy(ctx: &Ctx, f: impl FnOnce(&str, &Path) -> Result<String>) -> Result<()> {
     let etc = ctx.host.ensure_dir(crate::host::ETC)?;
     let path = etc.join("stage.toml");
-    let text = match fs::read_to_string(&path) {
-        Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => DEFAULT_POLICY.to_owned(),
-        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    let rel = format!("{}/stage.toml", crate::host::ETC);
+    let text = match crate::receive::read_in_root(&ctx.host, &rel, keys::policy::MAX_POLICY_BYTES)? {
+        Some(bytes) => {
+            String::from_utf8(bytes).map_err(|_| Malformed(format!("{}: not UTF-8 text", path.display())))?
+        }
+        None => DEFAULT_POLICY.to_owned(),
     };
     let new = f(&text, &path).map_err(|e| Malformed(format!("{e:#}")))?;
     formats::layout::write_atomic(&path, new.as_bytes())?;

@@ -185,32 +185,86 @@ pub struct Trust {
 }
 
 impl Trust {
+    /// Reads `stage.toml` and `trusted-keys/*.pub`, each opened inside the root (an
+    /// absolute symlink means the root's own path), each a regular file of bounded size.
     pub fn load(host: &Host) -> Result<Trust> {
-        let etc = host.root.join(crate::host::ETC);
-        let policy = match host.resolve(&format!("{}/stage.toml", crate::host::ETC)) {
-            Ok(p) => {
-                let text = fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?;
+        let policy_rel = format!("{}/stage.toml", crate::host::ETC);
+        let policy = match read_in_root(host, &policy_rel, keys::policy::MAX_POLICY_BYTES)? {
+            Some(bytes) => {
+                let p = host.root.join(&policy_rel);
+                let text =
+                    String::from_utf8(bytes).map_err(|_| Malformed(format!("{}: not UTF-8 text", p.display())))?;
                 Policy::parse(&text, &p).map_err(|e| Malformed(format!("{e:#}")))?
             }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Policy::default(),
-            Err(e) => return Err(e).with_context(|| format!("reading {}/stage.toml", etc.display())),
+            None => Policy::default(),
         };
         let mut keys = Vec::new();
-        if let Ok(dir) = host.resolve(&format!("{}/trusted-keys", crate::host::ETC)) {
-            let mut files: Vec<PathBuf> = fs::read_dir(&dir)
+        let keys_rel = format!("{}/trusted-keys", crate::host::ETC);
+        if let Ok(dir) = host.resolve(&keys_rel) {
+            let mut names: Vec<String> = fs::read_dir(&dir)
                 .with_context(|| format!("reading {}", dir.display()))?
-                .filter_map(|e| e.ok().map(|e| e.path()))
-                .filter(|p| p.extension().is_some_and(|x| x == "pub"))
+                .filter_map(|e| e.ok().and_then(|e| e.file_name().into_string().ok()))
+                .filter(|n| n.ends_with(".pub") && !n.starts_with('.'))
                 .collect();
-            files.sort();
-            for f in files {
-                let key =
-                    keys::PublicKey::read(&f).with_context(|| format!("loading the trusted key {}", f.display()))?;
+            names.sort();
+            for name in names {
+                let f = dir.join(&name);
+                let loading = || format!("loading the trusted key {}", f.display());
+                let bytes = read_in_root(host, &format!("{keys_rel}/{name}"), keys::MAX_KEY_FILE)
+                    .with_context(loading)?
+                    .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no such file inside the root"))
+                    .with_context(loading)?;
+                let key = keys::PublicKey::from_file_bytes(&bytes, &f).with_context(loading)?;
                 keys.push(TrustedKey { key, source: f });
             }
         }
         Ok(Trust { keys, policy })
     }
+}
+
+/// Reads the file `rel` of the root: opened inside the root (`RESOLVE_IN_ROOT`: absolute
+/// symlinks and `..` stay in it), only if it is a regular file, at most `limit` bytes.
+/// `None` when it does not exist. A FIFO or device there is refused, never opened for
+/// reading in a way that could wait.
+pub(crate) fn read_in_root(host: &Host, rel: &str, limit: u64) -> Result<Option<Vec<u8>>> {
+    use rustix::fs::{Mode, OFlags, ResolveFlags};
+    let shown = host.root.join(rel);
+    let how = ResolveFlags::IN_ROOT | ResolveFlags::NO_MAGICLINKS;
+    let root = rustix::fs::open(&host.root, OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())
+        .with_context(|| format!("opening the root {}", host.root.display()))?;
+    let check = |fd: &std::os::fd::OwnedFd| -> Result<rustix::fs::Stat> {
+        let st = rustix::fs::fstat(fd).with_context(|| format!("reading {}", shown.display()))?;
+        if rustix::fs::FileType::from_raw_mode(st.st_mode) != rustix::fs::FileType::RegularFile {
+            return Err(Malformed(format!("{} is not a regular file", shown.display())).into());
+        }
+        if st.st_size as u64 > limit {
+            return Err(Malformed(format!("{} is larger than {limit} bytes", shown.display())).into());
+        }
+        Ok(st)
+    };
+    // Looked at through an O_PATH descriptor first: opening a FIFO or a device for
+    // reading could wait or have effects.
+    let path_fd = match rustix::fs::openat2(&root, rel, OFlags::PATH | OFlags::CLOEXEC, Mode::empty(), how) {
+        Ok(fd) => fd,
+        Err(rustix::io::Errno::NOENT) => return Ok(None),
+        Err(e) => return Err(io::Error::from(e)).with_context(|| format!("opening {}", shown.display())),
+    };
+    let first = check(&path_fd)?;
+    let flags = OFlags::RDONLY | OFlags::NONBLOCK | OFlags::NOCTTY | OFlags::CLOEXEC;
+    let fd = rustix::fs::openat2(&root, rel, flags, Mode::empty(), how)
+        .map_err(io::Error::from)
+        .with_context(|| format!("opening {}", shown.display()))?;
+    let st = check(&fd)?;
+    if (st.st_dev, st.st_ino) != (first.st_dev, first.st_ino) {
+        return Err(Malformed(format!("{} changed while it was read", shown.display())).into());
+    }
+    let mut bytes = Vec::new();
+    io::Read::read_to_end(&mut io::Read::take(fs::File::from(fd), limit + 1), &mut bytes)
+        .with_context(|| format!("reading {}", shown.display()))?;
+    if bytes.len() as u64 > limit {
+        return Err(Malformed(format!("{} is larger than {limit} bytes", shown.display())).into());
+    }
+    Ok(Some(bytes))
 }
 
 /// An image of a layout, read and checked against its digests.

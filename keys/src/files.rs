@@ -10,7 +10,7 @@ use ed25519_dalek::pkcs8::spki::der::zeroize::Zeroizing;
 use crate::{KeyError, Result};
 
 /// The largest key or signature file we read.
-pub(crate) const MAX_KEY_FILE: u64 = 64 * 1024;
+pub const MAX_KEY_FILE: u64 = 64 * 1024;
 
 /// Reads the regular file `path` (following symlinks), at most `limit` bytes.
 ///
@@ -23,7 +23,13 @@ pub(crate) fn read_bounded(
     // Looked at before opening: opening a FIFO would block.
     let meta = fs::metadata(path).map_err(|e| KeyError::io("read", path, e))?;
     regular(path, &meta)?;
-    let file = File::open(path).map_err(|e| KeyError::io("open", path, e))?;
+    // Non-blocking: should a FIFO take the file's place after the look, opening it does
+    // not wait for a writer, and the check of the opened file below refuses it.
+    let file = OpenOptions::new()
+        .read(true)
+        .custom_flags((rustix::fs::OFlags::NONBLOCK | rustix::fs::OFlags::NOCTTY).bits() as i32)
+        .open(path)
+        .map_err(|e| KeyError::io("open", path, e))?;
     let meta = file.metadata().map_err(|e| KeyError::io("stat", path, e))?;
     regular(path, &meta)?;
     check(&meta)?;

@@ -56,6 +56,7 @@ mod testutil;
 pub mod trust;
 
 pub use error::{KeyError, Result};
+pub use files::MAX_KEY_FILE;
 pub use key_id::KeyId;
 pub use policy::{Policy, PolicyError};
 pub use private_key::PrivateKey;

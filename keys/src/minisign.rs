@@ -31,6 +31,46 @@ pub const MAX_SIGNATURE: usize = 16 * 1024;
 ///
 /// `trusted_comment` is one line of at most [`MAX_TRUSTED_COMMENT`] bytes.
 pub fn sign_detached<R: Read>(key: &PrivateKey, data: R, trusted_comment: &str) -> Result<String> {
+    sign_hash(key, &blake2b(data)?, trusted_comment)
+}
+
+/// Hashes bytes as they are written, for [`sign_written`]: the signature then covers
+/// exactly what went through it, whatever happens to the file (or pipe) afterwards.
+#[derive(Debug)]
+pub struct Hashing<W> {
+    inner: W,
+    hasher: Blake2b512,
+}
+
+impl<W: std::io::Write> Hashing<W> {
+    pub fn new(inner: W) -> Self {
+        Hashing { inner, hasher: Blake2b512::new() }
+    }
+
+    /// The inner writer, for when no signature is wanted.
+    pub fn into_inner(self) -> W {
+        self.inner
+    }
+}
+
+impl<W: std::io::Write> std::io::Write for Hashing<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.hasher.update(&buf[..n]);
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// The `.minisig` text of everything written through `written`, and its inner writer.
+pub fn sign_written<W>(key: &PrivateKey, written: Hashing<W>, trusted_comment: &str) -> Result<(String, W)> {
+    let hash: [u8; 64] = written.hasher.finalize().into();
+    Ok((sign_hash(key, &hash, trusted_comment)?, written.inner))
+}
+
+fn sign_hash(key: &PrivateKey, hash: &[u8; 64], trusted_comment: &str) -> Result<String> {
     let invalid = |reason: &str| KeyError::InvalidTrustedComment { reason: reason.to_owned() };
     if trusted_comment.len() > MAX_TRUSTED_COMMENT {
         return Err(invalid("longer than 4096 bytes"));
@@ -38,7 +78,7 @@ pub fn sign_detached<R: Read>(key: &PrivateKey, data: R, trusted_comment: &str) 
     if trusted_comment.contains(['\n', '\r', '\0']) {
         return Err(invalid("it must be one line"));
     }
-    let signature = key.sign(&blake2b(data)?);
+    let signature = key.sign(hash);
     let mut line2 = Vec::with_capacity(74);
     line2.extend_from_slice(b"ED");
     line2.extend_from_slice(&key.key_id().minisign_keynum());
@@ -121,6 +161,19 @@ mod tests {
     use std::process::Command;
 
     use super::*;
+
+    #[test]
+    fn signing_what_was_written_is_signing_the_bytes() {
+        use std::io::Write as _;
+        let key = PrivateKey::generate().unwrap();
+        let mut w = Hashing::new(Vec::new());
+        w.write_all(b"first part, ").unwrap();
+        w.write_all(b"second part").unwrap();
+        let (sig, bytes) = sign_written(&key, w, "file:x").unwrap();
+        assert_eq!(bytes, b"first part, second part");
+        assert_eq!(verify_detached(&key.public(), &bytes[..], &sig).unwrap(), "file:x");
+        assert!(verify_detached(&key.public(), &b"first part, second par"[..], &sig).is_err());
+    }
     use crate::testutil::{require_tool, run};
 
     fn data() -> Vec<u8> {

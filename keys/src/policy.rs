@@ -108,6 +108,8 @@ pub const MAX_USER_NAME: usize = 32;
 
 /// The largest `signatures` of a `[[threshold]]`.
 pub const MAX_THRESHOLD: u32 = 16;
+/// The largest `stage.toml` read.
+pub const MAX_POLICY_BYTES: u64 = 1 << 20;
 
 /// The longest stage glob, in characters (as long as the longest stage name).
 pub const MAX_GLOB: usize = 128;

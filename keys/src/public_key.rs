@@ -64,9 +64,15 @@ impl PublicKey {
     /// public key or a private key given by mistake.
     pub fn read(path: &Path) -> Result<Self> {
         let bytes = files::read_bounded(path, MAX_KEY_FILE, |_| Ok(()))?;
+        Self::from_file_bytes(&bytes, path)
+    }
+
+    /// Parses the contents of a public key file read by the caller (at most
+    /// [`MAX_KEY_FILE`](crate::MAX_KEY_FILE) bytes); `path` names it in errors.
+    pub fn from_file_bytes(bytes: &[u8], path: &Path) -> Result<Self> {
         let malformed =
             |reason: &str| KeyError::MalformedPublicKey { path: Some(path.to_owned()), reason: reason.to_owned() };
-        let text = std::str::from_utf8(&bytes).map_err(|_| malformed("the file is not text"))?;
+        let text = std::str::from_utf8(bytes).map_err(|_| malformed("the file is not text"))?;
         let first_line = text.trim_start().lines().next().unwrap_or_default();
         let path = path.to_owned();
         if first_line.starts_with("untrusted comment:") {

@@ -18,7 +18,8 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use ureq::http::{self, Method, Response};
+use ureq::ResponseExt as _;
+use ureq::http::{self, Method, Response, Uri};
 use ureq::tls::{PemItem, RootCerts, TlsConfig};
 
 use formats::Digest;
@@ -67,6 +68,111 @@ impl RetryPolicy {
     }
 }
 
+/// How many `WWW-Authenticate` challenges one request answers before giving up: the first,
+/// and a second for a token of another scope or a renewed one, with one to spare. A registry
+/// that keeps asking (alternating two challenges, say) is refused after this many.
+pub const MAX_AUTH_ROUNDS: u32 = 3;
+
+/// The environment variable that sets [`Limits::request_timeout`] (whole seconds).
+pub const TIMEOUT_ENV: &str = "OP_DBUS_REGISTRY_TIMEOUT";
+/// The environment variable that sets [`Limits::min_rate`] (bytes per second).
+pub const MIN_RATE_ENV: &str = "OP_DBUS_REGISTRY_MIN_RATE";
+
+/// How long a registry may take: every request has a total deadline (connection,
+/// headers and body), checked by the HTTP client while it waits, so a server that
+/// trickles bytes cannot hold a command (and the host's lock) for longer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// The deadline of each small request (the API check, manifests, tokens, HEAD, the
+    /// start of an upload): 60 s by default, `$OP_DBUS_REGISTRY_TIMEOUT`.
+    pub request_timeout: Duration,
+    /// Blob downloads and uploads get `request_timeout` plus their size at this many
+    /// bytes per second: 16 KiB/s by default, `$OP_DBUS_REGISTRY_MIN_RATE`.
+    pub min_rate: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits { request_timeout: Duration::from_secs(60), min_rate: 16 * 1024 }
+    }
+}
+
+impl Limits {
+    /// These limits with `$OP_DBUS_REGISTRY_TIMEOUT` and `$OP_DBUS_REGISTRY_MIN_RATE` applied.
+    pub fn with_env(self) -> Result<Limits, RegistryError> {
+        let mut out = self;
+        if let Some(secs) = env_number(TIMEOUT_ENV, "a number of seconds from 1 to 86400", 1..=86_400)? {
+            out.request_timeout = Duration::from_secs(secs);
+        }
+        if let Some(rate) =
+            env_number(MIN_RATE_ENV, "a number of bytes per second from 1 to 1000000000", 1..=1_000_000_000)?
+        {
+            out.min_rate = rate;
+        }
+        Ok(out)
+    }
+
+    /// The deadline of a transfer of `bytes` bytes of a blob.
+    pub fn blob_deadline(&self, bytes: u64) -> Duration {
+        self.request_timeout.saturating_add(Duration::from_secs(bytes / self.min_rate.max(1)))
+    }
+}
+
+fn env_number(
+    name: &'static str,
+    want: &str,
+    range: std::ops::RangeInclusive<u64>,
+) -> Result<Option<u64>, RegistryError> {
+    match std::env::var_os(name) {
+        None => Ok(None),
+        Some(v) if v.is_empty() => Ok(None),
+        Some(v) => {
+            let text = v.to_string_lossy();
+            match text.trim().parse::<u64>() {
+                Ok(n) if range.contains(&n) => Ok(Some(n)),
+                _ => Err(RegistryError::Setting {
+                    name,
+                    value: text.chars().take(40).collect::<String>().escape_debug().to_string(),
+                    want: want.to_owned(),
+                }),
+            }
+        }
+    }
+}
+
+/// Which bound a request hit.
+#[derive(Debug, Clone, Copy)]
+enum Bound {
+    /// The deadline of a small request.
+    Request(Duration),
+    /// The deadline of a blob transfer of so many bytes.
+    Blob { bytes: u64, deadline: Duration },
+}
+
+impl Bound {
+    fn deadline(self) -> Duration {
+        match self {
+            Bound::Request(d) | Bound::Blob { deadline: d, .. } => d,
+        }
+    }
+}
+
+/// `scheme://host:port` of a URL, lowercase, with the scheme's default port.
+fn origin(url: &str) -> Option<(String, String, u16)> {
+    let uri: Uri = url.parse().ok()?;
+    let scheme = uri.scheme_str()?.to_ascii_lowercase();
+    let host = uri.host()?.to_ascii_lowercase();
+    let port = uri.port_u16().unwrap_or(if scheme == "https" { 443 } else { 80 });
+    Some((scheme, host, port))
+}
+
+/// Whether an I/O error of a response body is the request's deadline running out.
+fn is_deadline(e: &io::Error) -> bool {
+    e.get_ref()
+        .and_then(|x| x.downcast_ref::<ureq::Error>())
+        .is_some_and(|u| matches!(u, ureq::Error::Timeout(ureq::Timeout::Global)))
+}
+
 /// How to reach a registry.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ClientOptions {
@@ -78,6 +184,9 @@ pub struct ClientOptions {
     /// Where the credentials came from, for messages (`--username`, the auth file's path).
     pub credentials_source: Option<String>,
     pub retry: RetryPolicy,
+    /// Deadlines; `Client::new` applies `$OP_DBUS_REGISTRY_TIMEOUT` and
+    /// `$OP_DBUS_REGISTRY_MIN_RATE` on top.
+    pub limits: Limits,
 }
 
 impl ClientOptions {
@@ -193,7 +302,8 @@ impl Client {
     /// A client of the registry at `host` (`host[:port]`). Plain HTTP for loopback hosts
     /// or with `insecure`; otherwise HTTPS verified against the system's roots, or against
     /// `ca_file` only.
-    pub fn new(host: &str, opts: ClientOptions, access: Access) -> Result<Client, RegistryError> {
+    pub fn new(host: &str, mut opts: ClientOptions, access: Access) -> Result<Client, RegistryError> {
+        opts.limits = opts.limits.with_env()?;
         let plain = opts.ca_file.is_none() && (opts.insecure || is_loopback(host));
         let roots = match &opts.ca_file {
             Some(path) => {
@@ -247,6 +357,13 @@ impl Client {
         self.auth.lock().expect("auth lock").header.clone()
     }
 
+    /// Whether `url` is on the registry itself (same scheme, host and port): only such
+    /// requests carry credentials or answer challenges.
+    fn is_registry(&self, url: &str) -> bool {
+        origin(url).is_some_and(|o| Some(o) == origin(&self.base))
+    }
+
+    /// Sends one request, which must complete (body included) within `deadline`.
     fn send_once(
         &self,
         method: &Method,
@@ -254,6 +371,7 @@ impl Client {
         headers: &[(&str, String)],
         body: &ReqBody<'_>,
         with_auth: Option<&str>,
+        deadline: Duration,
     ) -> Result<Response<ureq::Body>, ureq::Error> {
         let mut b = http::Request::builder().method(method.clone()).uri(url);
         for (k, v) in headers {
@@ -262,19 +380,51 @@ impl Client {
         if let Some(a) = with_auth {
             b = b.header("Authorization", a);
         }
+        let agent = &self.agent;
         match body {
-            ReqBody::Empty => self.agent.run(b.body(())?),
-            ReqBody::Bytes(bytes) => self.agent.run(b.header("Content-Length", bytes.len().to_string()).body(*bytes)?),
+            ReqBody::Empty => agent.run(agent.configure_request(b.body(())?).timeout_global(Some(deadline)).build()),
+            ReqBody::Bytes(bytes) => {
+                let req = b.header("Content-Length", bytes.len().to_string()).body(*bytes)?;
+                agent.run(agent.configure_request(req).timeout_global(Some(deadline)).build())
+            }
             ReqBody::File { open, len } => {
                 let f = open()?;
                 let body = ureq::SendBody::from_owned_reader(io::BufReader::with_capacity(1 << 20, f));
-                self.agent.run(b.header("Content-Length", len.to_string()).body(body)?)
+                let req = b.header("Content-Length", len.to_string()).body(body)?;
+                agent.run(agent.configure_request(req).timeout_global(Some(deadline)).build())
             }
         }
     }
 
+    /// The error for a request that ran out of its deadline.
+    fn deadline_hit(&self, what: &str, bound: Bound) -> RegistryError {
+        let secs = bound.deadline().as_secs();
+        let detail = match bound {
+            Bound::Request(_) => format!(
+                "did not complete within the {secs} s deadline of a request (raise it with {TIMEOUT_ENV}=SECONDS)"
+            ),
+            Bound::Blob { bytes, .. } => format!(
+                "was slower than the minimum rate of {} bytes/s: {bytes} bytes did not arrive within {secs} s \
+                 ({} s plus the size at that rate; lower the rate with {MIN_RATE_ENV}=BYTES_PER_SECOND or raise \
+                 {TIMEOUT_ENV})",
+                self.opts.limits.min_rate,
+                self.opts.limits.request_timeout.as_secs()
+            ),
+        };
+        RegistryError::Deadline { host: self.host.clone(), what: what.to_owned(), detail }
+    }
+
+    fn small(&self) -> Bound {
+        Bound::Request(self.opts.limits.request_timeout)
+    }
+
     /// Sends a request: authenticates on 401 from the registry's challenge, retries
     /// transient failures with backoff. Any other status is the caller's to judge.
+    ///
+    /// Credentials go only with requests to the registry itself: not to the host of an
+    /// upload `Location`, and not along a redirect (the HTTP client drops them there); a
+    /// challenge from anywhere else is refused, not answered. At most
+    /// [`MAX_AUTH_ROUNDS`] challenges are answered; each attempt has the deadline `bound`.
     fn execute(
         &self,
         method: Method,
@@ -282,20 +432,39 @@ impl Client {
         headers: &[(&str, String)],
         body: ReqBody<'_>,
         what: &str,
+        bound: Bound,
     ) -> Result<Response<ureq::Body>, RegistryError> {
         let start = Instant::now();
         let policy = self.opts.retry;
+        let ours = self.is_registry(url);
         let mut attempts = 0u32;
         let mut failures = 0u32;
+        let mut rounds = 0u32;
         let mut answered: Option<String> = None;
         loop {
             attempts += 1;
-            let auth = self.auth_header();
-            match self.send_once(&method, url, headers, &body, auth.as_deref()) {
+            let auth = if ours { self.auth_header() } else { None };
+            match self.send_once(&method, url, headers, &body, auth.as_deref(), bound.deadline()) {
                 Ok(resp) if resp.status().as_u16() == 401 => {
+                    let from = resp.get_uri().to_string();
+                    if !ours || !self.is_registry(&from) {
+                        return Err(RegistryError::ForeignChallenge {
+                            host: self.host.clone(),
+                            what: what.to_owned(),
+                            other: origin(&from).map(|(s, h, p)| format!("{s}://{h}:{p}")).unwrap_or(from),
+                        });
+                    }
                     let challenge = header(&resp, "www-authenticate").unwrap_or("").to_owned();
                     if answered.as_deref() == Some(challenge.as_str()) || challenge.is_empty() {
                         return Err(self.unauthorized(what));
+                    }
+                    rounds += 1;
+                    if rounds > MAX_AUTH_ROUNDS {
+                        return Err(RegistryError::AuthRounds {
+                            host: self.host.clone(),
+                            what: what.to_owned(),
+                            rounds: MAX_AUTH_ROUNDS,
+                        });
                     }
                     self.authenticate(&challenge, what)?;
                     answered = Some(challenge);
@@ -330,6 +499,7 @@ impl Client {
                     std::thread::sleep(pause);
                 }
                 Ok(resp) => return Ok(resp),
+                Err(ureq::Error::Timeout(ureq::Timeout::Global)) => return Err(self.deadline_hit(what, bound)),
                 Err(e) if error_is_transient(&e) => {
                     failures += 1;
                     let pause = policy.delay(failures);
@@ -421,6 +591,19 @@ impl Client {
         scope: Option<&str>,
         what: &str,
     ) -> Result<String, RegistryError> {
+        let realm_origin =
+            origin(realm).filter(|(s, _, _)| s == "http" || s == "https").ok_or_else(|| RegistryError::Malformed {
+                host: self.host.clone(),
+                what: what.to_owned(),
+                reason: format!(
+                    "the token realm {:?} is not an http(s) URL",
+                    realm.chars().take(200).collect::<String>()
+                ),
+            })?;
+        // Credentials go to a realm over HTTPS, or over plain HTTP only on loopback or with
+        // --insecure; elsewhere a token is asked for without them, or not at all.
+        let (scheme, realm_host, _) = &realm_origin;
+        let cleartext_ok = scheme == "https" || self.opts.insecure || is_loopback(realm_host);
         let mut url = realm.to_owned();
         let mut sep = if url.contains('?') { '&' } else { '?' };
         for (k, v) in [("service", service), ("scope", scope)] {
@@ -430,12 +613,23 @@ impl Client {
             }
         }
         let basic = self.opts.credentials.as_ref().map(Credentials::basic);
+        if basic.is_some() && !cleartext_ok {
+            return Err(RegistryError::CleartextRealm {
+                host: self.host.clone(),
+                what: what.to_owned(),
+                realm: format!("{scheme}://{realm_host}"),
+            });
+        }
         let start = Instant::now();
         let mut attempts = 0;
+        let deadline = self.opts.limits.request_timeout;
         let resp = loop {
             attempts += 1;
-            match self.send_once(&Method::GET, &url, &[], &ReqBody::Empty, basic.as_deref()) {
+            match self.send_once(&Method::GET, &url, &[], &ReqBody::Empty, basic.as_deref(), deadline) {
                 Ok(r) => break r,
+                Err(ureq::Error::Timeout(ureq::Timeout::Global)) => {
+                    return Err(self.deadline_hit(&format!("the token request to {realm}"), self.small()));
+                }
                 Err(e) if error_is_transient(&e) && attempts < self.opts.retry.attempts => {
                     std::thread::sleep(self.opts.retry.delay(attempts));
                 }
@@ -456,11 +650,10 @@ impl Client {
             }
         }
         let mut buf = Vec::new();
-        resp.into_body()
-            .into_reader()
-            .take(1 << 20)
-            .read_to_end(&mut buf)
-            .map_err(|e| RegistryError::Io { what: format!("reading the token from {realm}"), source: e })?;
+        resp.into_body().into_reader().take(1 << 20).read_to_end(&mut buf).map_err(|e| {
+            let what = format!("reading the token from {realm}");
+            if is_deadline(&e) { self.deadline_hit(&what, self.small()) } else { RegistryError::Io { what, source: e } }
+        })?;
         let v: serde_json::Value = serde_json::from_slice(&buf).map_err(|e| RegistryError::Malformed {
             host: self.host.clone(),
             what: format!("the token from {realm}"),
@@ -487,7 +680,7 @@ impl Client {
     /// `GET /v2/`: the registry answers and accepts our credentials (if it wants any).
     pub fn ping(&self) -> Result<(), RegistryError> {
         let url = format!("{}/v2/", self.base);
-        let resp = self.execute(Method::GET, &url, &[], ReqBody::Empty, "the API check GET /v2/")?;
+        let resp = self.execute(Method::GET, &url, &[], ReqBody::Empty, "the API check GET /v2/", self.small())?;
         match resp.status().as_u16() {
             200..=299 => Ok(()),
             404 => Err(RegistryError::Malformed {
@@ -503,7 +696,7 @@ impl Client {
     pub fn blob_exists(&self, repo: &str, digest: &Digest) -> Result<Option<u64>, RegistryError> {
         let url = format!("{}/v2/{repo}/blobs/{digest}", self.base);
         let what = format!("HEAD blob {digest}");
-        let resp = self.execute(Method::HEAD, &url, &[], ReqBody::Empty, &what)?;
+        let resp = self.execute(Method::HEAD, &url, &[], ReqBody::Empty, &what, self.small())?;
         match resp.status().as_u16() {
             200 => Ok(Some(header(&resp, "content-length").and_then(|v| v.parse().ok()).unwrap_or(0))),
             404 => Ok(None),
@@ -521,7 +714,7 @@ impl Client {
         let what = format!("uploading blob {}", desc.digest);
         let start_url = format!("{}/v2/{repo}/blobs/uploads/", self.base);
         let zero = [("Content-Length", "0".to_owned())];
-        let resp = self.execute(Method::POST, &start_url, &zero, ReqBody::Empty, &what)?;
+        let resp = self.execute(Method::POST, &start_url, &zero, ReqBody::Empty, &what, self.small())?;
         if resp.status().as_u16() != 202 {
             return Err(self.unexpected(&what, resp));
         }
@@ -541,7 +734,8 @@ impl Client {
         url.push(if url.contains('?') { '&' } else { '?' });
         url.push_str(&format!("digest={}", encode(&desc.digest.to_string())));
         let headers = [("Content-Type", "application/octet-stream".to_owned())];
-        let resp = self.execute(Method::PUT, &url, &headers, ReqBody::File { open, len: desc.size }, &what)?;
+        let bound = Bound::Blob { bytes: desc.size, deadline: self.opts.limits.blob_deadline(desc.size) };
+        let resp = self.execute(Method::PUT, &url, &headers, ReqBody::File { open, len: desc.size }, &what, bound)?;
         match resp.status().as_u16() {
             201 | 204 => Ok(()),
             _ => Err(self.unexpected(&what, resp)),
@@ -559,7 +753,7 @@ impl Client {
         let url = format!("{}/v2/{repo}/manifests/{reference}", self.base);
         let what = format!("putting the manifest {repo}:{reference}");
         let headers = [("Content-Type", media_type.to_owned())];
-        let resp = self.execute(Method::PUT, &url, &headers, ReqBody::Bytes(bytes), &what)?;
+        let resp = self.execute(Method::PUT, &url, &headers, ReqBody::Bytes(bytes), &what, self.small())?;
         if !matches!(resp.status().as_u16(), 200 | 201 | 204) {
             return Err(self.unexpected(&what, resp));
         }
@@ -587,7 +781,7 @@ impl Client {
                 "{MANIFEST_MEDIA_TYPE}, {INDEX_MEDIA_TYPE};q=0.5, {DOCKER_MANIFEST_V2};q=0.4, {DOCKER_MANIFEST_LIST};q=0.3"
             ),
         )];
-        let resp = self.execute(Method::GET, &url, &accept, ReqBody::Empty, &what)?;
+        let resp = self.execute(Method::GET, &url, &accept, ReqBody::Empty, &what, self.small())?;
         match resp.status().as_u16() {
             200 => {}
             404 => return Ok(None),
@@ -596,11 +790,13 @@ impl Client {
         let media_type = header(&resp, "content-type").unwrap_or("").split(';').next().unwrap_or("").trim().to_owned();
         let served = header(&resp, "docker-content-digest").map(str::to_owned);
         let mut bytes = Vec::new();
-        resp.into_body()
-            .into_reader()
-            .take(MAX_MANIFEST_BYTES + 1)
-            .read_to_end(&mut bytes)
-            .map_err(|e| RegistryError::Io { what: format!("reading {what}"), source: e })?;
+        resp.into_body().into_reader().take(MAX_MANIFEST_BYTES + 1).read_to_end(&mut bytes).map_err(|e| {
+            if is_deadline(&e) {
+                self.deadline_hit(&what, self.small())
+            } else {
+                RegistryError::Io { what: format!("reading {what}"), source: e }
+            }
+        })?;
         let malformed =
             |reason: String| RegistryError::Malformed { host: self.host.clone(), what: what.clone(), reason };
         if bytes.len() as u64 > MAX_MANIFEST_BYTES {
@@ -654,7 +850,9 @@ impl Client {
             attempts += 1;
             let headers: Vec<(&str, String)> =
                 if written > 0 { vec![("Range", format!("bytes={written}-"))] } else { Vec::new() };
-            let resp = self.execute(Method::GET, &url, &headers, ReqBody::Empty, &what)?;
+            let left = desc.size - written;
+            let bound = Bound::Blob { bytes: left, deadline: self.opts.limits.blob_deadline(left) };
+            let resp = self.execute(Method::GET, &url, &headers, ReqBody::Empty, &what, bound)?;
             match resp.status().as_u16() {
                 200 if written > 0 => {
                     tracing::info!("{what}: the registry ignored the range; starting over");
@@ -692,6 +890,7 @@ impl Client {
                     Ok(0) => break None,
                     Ok(n) => n,
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) if is_deadline(&e) => return Err(self.deadline_hit(&what, bound)),
                     Err(e) => break Some(e.to_string()),
                 };
                 if written + n as u64 > desc.size {
@@ -744,6 +943,24 @@ mod tests {
         let start = Instant::now();
         assert!(p.may_retry(1, start, p.delay(1)));
         assert!(!p.may_retry(5, start, p.delay(1)));
+    }
+
+    #[test]
+    fn origins_and_deadlines() {
+        let c = Client::new("127.0.0.1:5000", ClientOptions::default(), Access::Pull).unwrap();
+        assert!(c.is_registry("http://127.0.0.1:5000/v2/x/blobs/uploads/1?state=a"));
+        assert!(c.is_registry("HTTP://127.0.0.1:5000/v2/"));
+        for other in
+            ["http://127.0.0.1:5001/u", "https://127.0.0.1:5000/u", "http://127.1:5000/u", "http://evil/u", "/v2/"]
+        {
+            assert!(!c.is_registry(other), "{other}");
+        }
+        let c = Client::new("registry.example", ClientOptions::default(), Access::Pull).unwrap();
+        assert!(c.is_registry("https://REGISTRY.example:443/v2/"));
+        let l = Limits::default();
+        assert_eq!(l.blob_deadline(0), Duration::from_secs(60));
+        assert_eq!(l.blob_deadline(16 * 1024 * 100), Duration::from_secs(160));
+        assert_eq!(Limits { min_rate: 0, ..l }.blob_deadline(10), Duration::from_secs(70));
     }
 
     #[test]

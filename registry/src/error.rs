@@ -56,6 +56,25 @@ pub enum RegistryError {
     Io { what: String, source: std::io::Error },
     #[error(transparent)]
     AuthFile(#[from] AuthFileError),
+    #[error("{what} from {host}: {detail}")]
+    Deadline { host: String, what: String, detail: String },
+    #[error(
+        "the registry {host} kept asking for authentication ({what}): gave up after {rounds} authentication rounds \
+         (a registry asks once, and again at most for a token of another scope)"
+    )]
+    AuthRounds { host: String, what: String, rounds: u32 },
+    #[error(
+        "{what}: {other}, which is not the registry {host}, asks for credentials (401); credentials are only for the \
+         registry itself, so none were sent"
+    )]
+    ForeignChallenge { host: String, what: String, other: String },
+    #[error(
+        "the registry {host} names a token service on plain HTTP ({realm}) ({what}); credentials go over plain HTTP \
+         only to loopback hosts or with --insecure, so none were sent"
+    )]
+    CleartextRealm { host: String, what: String, realm: String },
+    #[error("${name}={value:?} is not {want}")]
+    Setting { name: &'static str, value: String, want: String },
 }
 
 impl RegistryError {
@@ -75,6 +94,6 @@ impl RegistryError {
 
     /// Whether the reference or the flags were wrong (exit 2).
     pub fn is_usage(&self) -> bool {
-        matches!(self, RegistryError::Reference(_))
+        matches!(self, RegistryError::Reference(_) | RegistryError::Setting { .. })
     }
 }

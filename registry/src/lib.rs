@@ -32,6 +32,6 @@ pub mod reference;
 pub mod transfer;
 
 pub use auth::Credentials;
-pub use client::{Access, Client, ClientOptions, RetryPolicy};
+pub use client::{Access, Client, ClientOptions, Limits, RetryPolicy};
 pub use error::RegistryError;
 pub use reference::RegistryRef;
