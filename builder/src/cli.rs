@@ -389,7 +389,8 @@ pub fn run(cli: Cli) -> Result<()> {
                 eprintln!("warning: exported unsigned image(s) {}; installers will refuse them", e.unsigned.join(", "));
             }
             out.emit(&e, |e| {
-                let mut s = format!("wrote {} ({} bytes, {} blobs", e.path.display(), e.bytes, e.blobs);
+                let mut s =
+                    format!("wrote {} ({}, {} blobs", e.path.display(), cli_support::human_bytes(e.bytes), e.blobs);
                 if e.omitted_layers > 0 {
                     s += &format!(", {} layer(s) left out", e.omitted_layers);
                 }
@@ -414,12 +415,12 @@ pub fn run(cli: Cli) -> Result<()> {
                     return format!("would push {} ({}) to {}\n", p.reference, p.digest, p.destination);
                 }
                 let mut s = format!(
-                    "pushed {} ({}) to {}: {} blob(s) uploaded ({} bytes), {} already there\n",
+                    "pushed {} ({}) to {}: {} blob(s) uploaded ({}), {} already there\n",
                     p.reference,
                     p.digest,
                     p.destination,
                     p.stats.blobs_uploaded,
-                    p.stats.bytes_uploaded,
+                    cli_support::human_bytes(p.stats.bytes_uploaded),
                     p.stats.blobs_present
                 );
                 if let Some(t) = &p.signature_tag {
@@ -435,13 +436,13 @@ pub fn run(cli: Cli) -> Result<()> {
             }
             out.emit(&p, |p| {
                 let mut s = format!(
-                    "{} {} as {} ({}): {} blob(s) fetched ({} bytes), {} already in the store\n",
+                    "{} {} as {} ({}): {} blob(s) fetched ({}), {} already in the store\n",
                     if p.dry_run { "would pull" } else { "pulled" },
                     p.source,
                     p.reference,
                     p.digest,
                     p.stats.blobs_fetched,
-                    p.stats.bytes_fetched,
+                    cli_support::human_bytes(p.stats.bytes_fetched),
                     p.stats.blobs_present
                 );
                 if let Some(r) = &p.replaced {
@@ -463,8 +464,12 @@ fn finish_build(
     let out = Output::new(&g.common);
     match outcome {
         Outcome::Planned(p) => out.emit(&p, |p| {
-            let mut s =
-                format!("would build {} from {} entries ({} bytes)\n", p.reference, p.entries.len(), p.content_bytes);
+            let mut s = format!(
+                "would build {} from {} entries ({})\n",
+                p.reference,
+                p.entries.len(),
+                cli_support::human_bytes(p.content_bytes)
+            );
             for step in &p.build_steps {
                 s += &format!("  build step: {step}\n");
             }
@@ -489,8 +494,10 @@ fn finish_build(
             out.emit(&b, |b| {
                 let mut s = format!("built {} {}\n", b.reference, b.digest);
                 s += &format!(
-                    "  {} entries, {} bytes of content, payload {} bytes\n",
-                    b.entries, b.content_bytes, b.payload_bytes
+                    "  {} entries, {} of content, payload {}\n",
+                    b.entries,
+                    cli_support::human_bytes(b.content_bytes),
+                    cli_support::human_bytes(b.payload_bytes)
                 );
                 if let Some(p) = &b.parent {
                     s += &format!("  delta on {p}\n");
@@ -592,13 +599,23 @@ fn render_inspection(i: &crate::inspect::Inspection) -> String {
         s += "\n";
     }
     for f in &m.files {
-        s += &format!("  file         {} -> {} ({:?})\n", f.path, f.target, f.kind);
+        let kind = match f.kind {
+            formats::manifest::FileType::Symlink => "symlink",
+            formats::manifest::FileType::Copy => "copy",
+            formats::manifest::FileType::CopyIfNotExists => "copy-if-not-exists",
+        };
+        s += &format!("  file         {} -> {} ({kind})\n", f.path, f.target);
     }
     for v in &m.services {
         s += &format!("  service      {v}\n");
     }
     for v in &m.verify {
-        s += &format!("  verify       {} (exit {}, {:?})\n", v.command, v.expect_exit, v.timeout);
+        s += &format!(
+            "  verify       {} (exit {}, timeout {} s)\n",
+            v.command,
+            v.expect_exit,
+            v.timeout.duration().as_secs()
+        );
     }
     s += &format!("  entries      {}\n", m.entries.len());
     s
@@ -646,5 +663,56 @@ mod tests {
             "--username needs --password-stdin"
         );
         Cli::try_parse_from(["op-dbus-image", "pull", "h.io/a:1", "--username", "u", "--password-stdin"]).unwrap();
+    }
+}
+
+#[cfg(test)]
+mod help {
+    use clap::CommandFactory;
+
+    /// Every command that is not hidden, with its path (`op-dbus-image key generate`).
+    pub fn commands(cmd: &clap::Command, path: &str, out: &mut Vec<(String, clap::Command)>) {
+        out.push((path.to_owned(), cmd.clone()));
+        for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set() && s.get_name() != "help") {
+            commands(sub, &format!("{path} {}", sub.get_name()), out);
+        }
+    }
+
+    fn all() -> Vec<(String, clap::Command)> {
+        let mut cmd = super::Cli::command();
+        cmd.build();
+        let mut out = Vec::new();
+        commands(&cmd, "op-dbus-image", &mut out);
+        out
+    }
+
+    #[test]
+    fn every_argument_and_value_has_help() {
+        for (path, cmd) in all() {
+            for arg in cmd.get_arguments().filter(|a| !a.is_hide_set()) {
+                let id = arg.get_id().as_str();
+                if id == "help" || id == "version" {
+                    continue;
+                }
+                assert!(arg.get_help().is_some(), "{path}: {id} has no help text");
+            }
+        }
+    }
+
+    #[test]
+    fn registry_flags_only_on_push_and_pull() {
+        for (path, cmd) in all() {
+            let has = cmd.get_arguments().any(|a| a.get_id() == "insecure");
+            let wants = path.ends_with(" push") || path.ends_with(" pull");
+            assert_eq!(has, wants, "{path}");
+        }
+    }
+
+    #[test]
+    fn help_snapshots() {
+        for (path, cmd) in all() {
+            let help = cmd.term_width(100).render_long_help().to_string();
+            insta::assert_snapshot!(path.replace(' ', "_"), help);
+        }
     }
 }

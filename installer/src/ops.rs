@@ -76,7 +76,11 @@ impl Ctx {
             Some(j) => {
                 let o = j.recover(&self.host, &self.staging).context("finishing the interrupted transaction")?;
                 if !self.opts.quiet {
-                    eprintln!("recovered an interrupted transaction ({}): {o:?}", j.operation);
+                    let what = match o {
+                        RecoverOutcome::Completed => "completed",
+                        RecoverOutcome::RolledBack => "rolled back",
+                    };
+                    eprintln!("recovered an interrupted transaction ({}): {what}", j.operation);
                 }
                 Some(o)
             }
@@ -938,10 +942,10 @@ fn link_problems(ctx: &Ctx, state: &State, only: Option<&StageName>) -> Result<V
                     TargetState::Symlink(t) if t == want => {
                         let staged = ctx.staging.stage_link(&p.stage).join(p.path.as_str());
                         if fs::symlink_metadata(&staged).is_err() {
-                            out.push(format!("{target}: {staged:?} is missing"));
+                            out.push(format!("{target}: {} is missing", staged.display()));
                         }
                     }
-                    other => out.push(format!("{target}: expected a link to {want}, found {other:?}")),
+                    other => out.push(format!("{target}: expected a link to {want}, found {other}")),
                 }
             }
             FileType::Copy => {
