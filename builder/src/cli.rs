@@ -359,10 +359,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 cli_support::table(&["NAME", "VERSION", "SIZE", "SIGNATURES", "DIGEST"], &rows, &[2, 3])
             })
         }
-        Command::Completions { shell } => {
-            cli_support::docs::completions(Cli::command(), shell, &mut std::io::stdout());
-            Ok(())
-        }
+        Command::Completions { shell } => cli_support::docs::completions(Cli::command(), shell),
         Command::Man { dir } => {
             let written = cli_support::docs::man_pages(Cli::command(), &dir)?;
             out.emit(&written, |w| w.iter().map(|p| format!("wrote {}\n", p.display())).collect())

@@ -6,10 +6,20 @@ use anyhow::Context;
 use clap::Command;
 pub use clap_complete::Shell;
 
-/// Writes the completion script of `cmd` for `shell` to `out`.
-pub fn completions(mut cmd: Command, shell: Shell, out: &mut dyn std::io::Write) {
+/// Prints the completion script of `cmd` for `shell` on stdout (a closed stdout ends
+/// cleanly, as for every other output).
+pub fn completions(mut cmd: Command, shell: Shell) -> anyhow::Result<()> {
+    use std::io::Write;
     let name = cmd.get_name().to_owned();
-    clap_complete::generate(shell, &mut cmd, name, out);
+    // Generated into memory first: clap_complete panics on a failed write.
+    let mut script = Vec::new();
+    clap_complete::generate(shell, &mut cmd, name, &mut script);
+    let mut out = std::io::stdout().lock();
+    match out.write_all(&script).and_then(|()| out.flush()) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Err(crate::exit::StdoutClosed(e).into()),
+        Err(e) => Err(anyhow::Error::new(e).context("writing to standard output")),
+    }
 }
 
 /// Writes one man page per command into `dir` (`NAME.1`, `NAME-SUB.1`, ...), hidden

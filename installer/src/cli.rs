@@ -317,7 +317,7 @@ pub fn run(cli: Cli) -> Result<i32> {
             return Ok(crate::sandbox::FAILED_EXIT);
         }
         Command::Completions { shell } => {
-            cli_support::docs::completions(Cli::command(), shell, &mut std::io::stdout());
+            cli_support::docs::completions(Cli::command(), shell)?;
         }
         Command::Man { dir } => {
             let written = cli_support::docs::man_pages(Cli::command(), &dir)?;
