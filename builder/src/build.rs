@@ -45,6 +45,8 @@ pub struct Settings<'a> {
     pub quiet: bool,
     /// The signing key's file, hidden from build steps (the key itself is in memory).
     pub hide_key: Option<PathBuf>,
+    /// Replace NAME:VERSION when the store has it (versions are immutable otherwise).
+    pub force: bool,
 }
 
 /// The payload format a build ends up with.
@@ -137,6 +139,7 @@ pub fn build(stage_dir: &Path, settings: &Settings<'_>) -> Result<Outcome> {
             parent: settings.parent.as_ref().map(|p| p.to_string()),
         }));
     };
+    let replaced = check_new_version(layout, &Reference::new(name.clone(), def.version.clone()), settings.force)?;
     if !def.build.is_empty()
         && let Some(key) = &settings.hide_key
     {
@@ -145,7 +148,8 @@ pub fn build(stage_dir: &Path, settings: &Settings<'_>) -> Result<Outcome> {
     run_build_steps(stage_dir, &manifest, &def, settings.quiet)?;
     let tree = assemble::stage_tree(stage_dir, &manifest, &def)?;
     let config = StageConfig::from_definition(name, &def, Vec::new());
-    write_image(layout, config, &tree, settings, &payload).map(Outcome::Built)
+    let built = write_image(layout, config, &tree, settings, &payload)?;
+    drop_old_signatures(layout, replaced, &built).map(|()| Outcome::Built(built))
 }
 
 /// Builds an ad-hoc stage from `files` (`SRC[:TARGET]`): a file with a target is staged at
@@ -188,8 +192,37 @@ pub fn create(name: StageName, version: Version, files: &[String], settings: &Se
             parent: settings.parent.as_ref().map(|p| p.to_string()),
         }));
     };
+    let replaced = check_new_version(layout, &Reference::new(name.clone(), version.clone()), settings.force)?;
     let config = StageConfig::from_definition(name, &def, Vec::new());
-    write_image(layout, config, &tree, settings, &payload).map(Outcome::Built)
+    let built = write_image(layout, config, &tree, settings, &payload)?;
+    drop_old_signatures(layout, replaced, &built).map(|()| Outcome::Built(built))
+}
+
+/// Versions are immutable: NAME:VERSION already in the store is refused (exit 4) unless
+/// `force`; returns the digest it had, to be replaced.
+fn check_new_version(layout: &Layout, reference: &Reference, force: bool) -> Result<Option<Digest>> {
+    let Some(old) = layout.resolve(&reference.to_string())? else { return Ok(None) };
+    if !force {
+        return Err(cli_support::exit::Refused::Conflict(format!(
+            "{reference} is already in the store {} ({}), and versions are immutable: bump `version` in the \
+             stage's manifest.yaml (or --version), or pass --force to replace it and its signatures",
+            layout.root().display(),
+            old.digest
+        ))
+        .into());
+    }
+    Ok(Some(old.digest))
+}
+
+/// After a forced rebuild, the replaced image's signatures go with it.
+fn drop_old_signatures(layout: &Layout, replaced: Option<Digest>, built: &Built) -> Result<()> {
+    let Some(old) = replaced.filter(|d| *d != built.digest) else { return Ok(()) };
+    let name = built.reference.split_once(':').map_or(built.reference.as_str(), |(n, _)| n);
+    let tag = format!("{name}:{}", old.signature_tag());
+    layout.update_index(|i| {
+        i.remove(&tag);
+    })?;
+    Ok(())
 }
 
 fn folder_name(stage_dir: &Path, manifest: &Path) -> Result<StageName> {

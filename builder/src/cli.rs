@@ -1,10 +1,11 @@
 //! The command line of `op-dbus-image` (DESIGN.md §7): clap types and the one dispatch.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, Parser, Subcommand};
+use cli_support::docs::Shell;
+use cli_support::{GlobalArgs, Output};
 use serde::Serialize;
 
 use formats::layout::Layout;
@@ -16,8 +17,11 @@ use crate::build::{Format, Outcome, Settings};
 use crate::error;
 
 /// Builds, signs, stores and exports op-dbus stage images.
+///
+/// Exit codes: 0 ok; 1 other error; 2 usage, or something named that is not there;
+/// 3 signature or trust failure; 4 refused (a version that exists); 7 malformed input.
 #[derive(Debug, Parser)]
-#[command(name = "op-dbus-image", version, about, max_term_width = 100)]
+#[command(name = "op-dbus-image", version, about, long_about = None, max_term_width = 100)]
 pub struct Cli {
     #[command(flatten)]
     pub global: GlobalOpts,
@@ -28,24 +32,37 @@ pub struct Cli {
 /// Flags accepted before or after the subcommand.
 #[derive(Debug, Args)]
 pub struct GlobalOpts {
-    /// The image store (an OCI layout directory).
-    #[arg(long, global = true, env = "OP_DBUS_STORE", default_value = "/var/lib/op-dbus/deployment/images")]
-    pub store: PathBuf,
-    /// The ed25519 signing key (PKCS#8 PEM, mode 0600).
-    #[arg(long, global = true, env = "OP_DBUS_SIGNING_KEY")]
+    #[command(flatten)]
+    pub common: GlobalArgs,
+    /// The image store (an OCI layout directory) [default: /var/lib/op-dbus/deployment/images
+    /// for root, $XDG_DATA_HOME/op-dbus/images (~/.local/share/op-dbus/images) for others].
+    #[arg(long, global = true, env = "OP_DBUS_STORE", value_name = "DIR")]
+    pub store: Option<PathBuf>,
+    /// The ed25519 signing key: the private key file (PKCS#8 PEM, mode 0600), not KEY.pub.
+    #[arg(long, global = true, env = "OP_DBUS_SIGNING_KEY", value_name = "FILE")]
     pub key: Option<PathBuf>,
-    /// Print one JSON document on stdout instead of text.
-    #[arg(long, global = true)]
-    pub json: bool,
-    /// Print the plan and change nothing.
-    #[arg(long, global = true)]
-    pub dry_run: bool,
-    /// More log output (repeat for more).
-    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
-    pub verbose: u8,
-    /// Only errors on stderr; no progress bars.
-    #[arg(short, long, global = true)]
-    pub quiet: bool,
+}
+
+impl GlobalOpts {
+    /// The store: --store, $OP_DBUS_STORE, or the default for this user.
+    pub fn store(&self) -> PathBuf {
+        self.store.clone().unwrap_or_else(default_store)
+    }
+}
+
+/// The store without --store: the system's for root, the user's data folder for others.
+pub fn default_store() -> PathBuf {
+    use std::os::unix::fs::MetadataExt;
+    let euid = std::fs::metadata("/proc/self").map(|m| m.uid()).unwrap_or(0);
+    if euid == 0 {
+        return PathBuf::from("/var/lib/op-dbus/deployment/images");
+    }
+    let data = std::env::var_os("XDG_DATA_HOME")
+        .map(PathBuf::from)
+        .filter(|p| p.is_absolute())
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/share")))
+        .unwrap_or_else(|| PathBuf::from(".local/share"));
+    data.join("op-dbus/images")
 }
 
 #[derive(Debug, Subcommand)]
@@ -69,19 +86,36 @@ pub enum Command {
     Push(crate::registry_cmd::PushOpts),
     /// Pull an image and its signatures from an OCI registry into the store.
     Pull(crate::registry_cmd::PullOpts),
+    /// Print a shell completion script on stdout.
+    Completions {
+        /// The shell.
+        #[arg(value_enum)]
+        shell: Shell,
+    },
+    /// Write the man pages into DIR (scripts/man.sh runs this).
+    #[command(hide = true)]
+    Man {
+        /// The folder to write NAME.1 files into (created if missing).
+        dir: PathBuf,
+    },
 }
 
 #[derive(Debug, Subcommand)]
 pub enum KeyCommand {
     /// Write a new private key to FILE (mode 0600) and its public key to FILE.pub.
     Generate {
-        #[arg(long)]
+        /// The private key file to create (FILE.pub is written beside it).
+        #[arg(long, value_name = "FILE")]
         out: PathBuf,
     },
     /// Print the key id of a public key (or of a private key's public half).
-    Show { file: PathBuf },
+    Show {
+        /// A public key (KEY.pub) or a private key file.
+        file: PathBuf,
+    },
     /// Print a public key in another format.
     Export {
+        /// A public key (KEY.pub) or a private key file.
         file: PathBuf,
         /// The minisign public key form, for `minisign -V -p`.
         #[arg(long, required = true)]
@@ -93,18 +127,23 @@ pub enum KeyCommand {
 pub struct BuildOpts {
     /// A folder holding manifest.yaml and the stage's files.
     pub stage_dir: PathBuf,
+    /// The payload format: tar+zstd, a btrfs send stream, or btrfs when the stage folder is
+    /// on btrfs and tar otherwise.
     #[arg(long, value_enum, default_value = "auto")]
     pub format: Format,
     /// Build a delta layer on top of this image (NAME:VERSION) of the store.
     #[arg(long)]
     pub parent: Option<Reference>,
     /// Signature expiry (RFC 3339, e.g. 2027-01-31T00:00:00Z).
-    #[arg(long, conflicts_with = "no_sign")]
+    #[arg(long, value_name = "TIME", conflicts_with = "no_sign")]
     pub expires: Option<Expires>,
     /// Do not sign, even with --key or OP_DBUS_SIGNING_KEY set: build unsigned here, then
     /// `op-dbus-image sign NAME:VERSION` where no build step runs.
     #[arg(long)]
     pub no_sign: bool,
+    /// Replace NAME:VERSION if the store has it (versions are otherwise immutable).
+    #[arg(long)]
+    pub force: bool,
 }
 
 #[derive(Debug, Args)]
@@ -112,28 +151,34 @@ pub struct CreateOpts {
     /// The stage name.
     pub name: StageName,
     /// SRC or SRC:/TARGET; repeat or list several.
-    #[arg(long, required = true, num_args = 1..)]
+    #[arg(long, required = true, num_args = 1.., value_name = "SRC[:/TARGET]")]
     pub files: Vec<String>,
     /// The stage version.
     #[arg(long = "version", default_value = "0.1.0")]
     pub stage_version: Version,
+    /// The payload format (as for build).
     #[arg(long, value_enum, default_value = "auto")]
     pub format: Format,
     /// Signature expiry (RFC 3339).
-    #[arg(long)]
+    #[arg(long, value_name = "TIME")]
     pub expires: Option<Expires>,
+    /// Replace NAME:VERSION if the store has it (versions are otherwise immutable).
+    #[arg(long)]
+    pub force: bool,
 }
 
 #[derive(Debug, Args)]
 pub struct SignOpts {
+    /// The image of the store to sign (NAME:VERSION).
     pub reference: Reference,
     /// Signature expiry (RFC 3339).
-    #[arg(long)]
+    #[arg(long, value_name = "TIME")]
     pub expires: Option<Expires>,
 }
 
 #[derive(Debug, Args)]
 pub struct InspectOpts {
+    /// The image of the store to show (NAME:VERSION).
     pub reference: Reference,
 }
 
@@ -144,7 +189,7 @@ pub struct ExportOpts {
     pub images: Vec<Reference>,
     /// The archive: a new file or a regular file to replace (never a symlink, FIFO or
     /// device), or `-` for stdout (the report then goes to stderr).
-    #[arg(long)]
+    #[arg(long, value_name = "FILE")]
     pub out: PathBuf,
     /// Where the detached signature goes (with a key): default OUT.minisig; with `--out -`
     /// none is written unless this is given.
@@ -161,65 +206,39 @@ pub struct ExportOpts {
 
 /// Parses the arguments, runs the command and returns the exit code.
 pub fn main() -> i32 {
-    let cli = match Cli::try_parse() {
+    let cli: Cli = match cli_support::parse() {
         Ok(c) => c,
-        Err(e) => {
-            let code = if e.use_stderr() { error::USAGE } else { error::OK };
-            let _ = e.print();
-            return code;
-        }
+        Err(code) => return code,
     };
-    init_tracing(&cli.global);
+    cli_support::init_logging(&cli.global.common);
+    let json = cli.global.common.json;
+    let store = cli.global.store();
     match run(cli) {
         Ok(()) => error::OK,
         Err(e) => {
-            eprintln!("op-dbus-image: error: {e:#}");
-            crate::registry_cmd::exit_code(&e).unwrap_or_else(|| error::exit_code(&e))
+            let hint = format!("the filesystem is full: free some space (the store is {})", store.display());
+            cli_support::report_error("op-dbus-image", json, &e, error::classify(&e), &hint, &|m| m)
         }
     }
 }
 
-fn init_tracing(g: &GlobalOpts) {
-    let level = match (g.quiet, g.verbose) {
-        (true, _) => "error",
-        (false, 0) => "warn",
-        (false, 1) => "info",
-        (false, _) => "debug",
-    };
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
-}
-
-/// [`emit`] on stderr, when stdout carries data (`export --out -`).
-fn emit_to_stderr<T: Serialize>(json: bool, value: &T, text: impl FnOnce(&T) -> String) -> Result<()> {
-    let mut err = std::io::stderr().lock();
-    if json {
-        serde_json::to_writer_pretty(&mut err, value)?;
-        writeln!(err)?;
-    } else {
-        write!(err, "{}", text(value))?;
-    }
-    Ok(())
-}
-
-/// Prints `value` as JSON, or `text` for people.
-fn emit<T: Serialize>(json: bool, value: &T, text: impl FnOnce(&T) -> String) -> Result<()> {
-    let mut out = std::io::stdout().lock();
-    if json {
-        serde_json::to_writer_pretty(&mut out, value)?;
-        writeln!(out)?;
-    } else {
-        write!(out, "{}", text(value))?;
-    }
-    Ok(())
-}
-
 fn load_key(g: &GlobalOpts) -> Result<Option<PrivateKey>> {
-    g.key
-        .as_deref()
-        .map(|p| PrivateKey::read(p).with_context(|| "loading the signing key (--key or OP_DBUS_SIGNING_KEY)"))
-        .transpose()
+    let Some(path) = g.key.as_deref() else { return Ok(None) };
+    match PrivateKey::read(path) {
+        Ok(k) => Ok(Some(k)),
+        // A public key where the private one belongs: say so, not "chmod".
+        Err(_) if PublicKey::read(path).is_ok() => {
+            let private = path.to_string_lossy();
+            let private = private.strip_suffix(".pub").unwrap_or("the private key file");
+            Err(cli_support::exit::Usage(format!(
+                "{} is a public key; --key (or OP_DBUS_SIGNING_KEY) takes the private signing key \
+                 ({private}, mode 0600)",
+                path.display()
+            ))
+            .into())
+        }
+        Err(e) => Err(anyhow::Error::new(e).context("loading the signing key (--key or OP_DBUS_SIGNING_KEY)")),
+    }
 }
 
 fn require_key(g: &GlobalOpts) -> Result<PrivateKey> {
@@ -227,25 +246,68 @@ fn require_key(g: &GlobalOpts) -> Result<PrivateKey> {
 }
 
 fn open_store(g: &GlobalOpts, create: bool) -> Result<Layout> {
-    let r = if create { Layout::open_or_create(&g.store) } else { Layout::open(&g.store) };
-    r.with_context(|| format!("opening the image store {}", g.store.display()))
+    let store = g.store();
+    let r = if create { Layout::open_or_create(&store) } else { Layout::open(&store) };
+    r.with_context(|| format!("opening the image store {}", store.display()))
+}
+
+/// `key generate --json`.
+#[derive(Debug, Serialize)]
+pub struct KeyGenerated {
+    /// Null under --dry-run.
+    pub key_id: Option<keys::KeyId>,
+    pub private: PathBuf,
+    pub public: PathBuf,
+    pub dry_run: bool,
+}
+
+/// `key show --json`.
+#[derive(Debug, Serialize)]
+pub struct KeyShown {
+    pub key_id: keys::KeyId,
+    pub file: PathBuf,
+}
+
+/// `key export --minisign --json`.
+#[derive(Debug, Serialize)]
+pub struct KeyExported {
+    pub key_id: keys::KeyId,
+    /// The minisign public key file's text.
+    pub minisign: String,
+}
+
+/// `sign --dry-run --json`.
+#[derive(Debug, Serialize)]
+pub struct SignPlan {
+    pub reference: Reference,
+    pub digest: formats::Digest,
+    pub key_id: keys::KeyId,
+    pub dry_run: bool,
+}
+
+/// `list --json`.
+#[derive(Debug, Serialize)]
+pub struct ListDoc {
+    pub images: Vec<crate::inspect::Listed>,
 }
 
 /// Runs a parsed command line.
 pub fn run(cli: Cli) -> Result<()> {
     let g = &cli.global;
+    let out = Output::new(&g.common);
     match cli.command {
         Command::Key(k) => key_command(g, k),
         Command::Build(o) => {
             // Read before any build step runs; the steps never see it (see `hide`).
             let key = if o.no_sign { None } else { load_key(g)? };
-            let layout = if g.dry_run { None } else { Some(open_store(g, true)?) };
+            let layout = if g.common.dry_run { None } else { Some(open_store(g, true)?) };
             let settings = Settings {
                 layout: layout.as_ref(),
                 format: o.format,
                 parent: o.parent,
-                quiet: g.quiet,
+                quiet: g.common.quiet,
                 hide_key: g.key.clone(),
+                force: o.force,
             };
             let outcome = crate::build::build(&o.stage_dir, &settings)
                 .with_context(|| format!("building {}", o.stage_dir.display()))?;
@@ -253,9 +315,15 @@ pub fn run(cli: Cli) -> Result<()> {
         }
         Command::Create(o) => {
             let key = load_key(g)?;
-            let layout = if g.dry_run { None } else { Some(open_store(g, true)?) };
-            let settings =
-                Settings { layout: layout.as_ref(), format: o.format, parent: None, quiet: g.quiet, hide_key: None };
+            let layout = if g.common.dry_run { None } else { Some(open_store(g, true)?) };
+            let settings = Settings {
+                layout: layout.as_ref(),
+                format: o.format,
+                parent: None,
+                quiet: g.common.quiet,
+                hide_key: None,
+                force: o.force,
+            };
             let outcome = crate::build::create(o.name.clone(), o.stage_version, &o.files, &settings)
                 .with_context(|| format!("creating {}", o.name))?;
             finish_build(g, layout.as_ref(), outcome, key.as_ref(), o.expires.as_ref())
@@ -263,46 +331,58 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Sign(o) => {
             let key = require_key(g)?;
             let layout = open_store(g, false)?;
-            if g.dry_run {
+            if g.common.dry_run {
                 let image = crate::inspect::StoredImage::load(&layout, &o.reference)?;
-                let plan = serde_json::json!({"reference": o.reference.to_string(), "digest": image.digest, "key_id": key.key_id().to_string()});
-                return emit(g.json, &plan, |_| {
-                    format!("would sign {} ({}) with key {}\n", o.reference, image.digest, key.key_id())
-                });
+                let plan =
+                    SignPlan { reference: o.reference, digest: image.digest, key_id: key.key_id(), dry_run: true };
+                return out
+                    .emit(&plan, |p| format!("would sign {} ({}) with key {}\n", p.reference, p.digest, p.key_id));
             }
             let s = crate::sign::sign(&layout, &o.reference, &key, o.expires.as_ref())?;
-            emit(g.json, &s, |s| {
+            out.emit(&s, |s| {
                 format!("signed {} ({}) with key {}; {} signature(s)\n", s.reference, s.digest, s.key_id, s.signatures)
             })
         }
         Command::Inspect(o) => {
             let layout = open_store(g, false)?;
             let i = crate::inspect::inspect(&layout, &o.reference)?;
-            emit(g.json, &i, render_inspection)
+            out.emit(&i, render_inspection)
         }
         Command::List => {
             let layout = open_store(g, false)?;
-            let images = crate::inspect::list(&layout)?;
-            let doc = serde_json::json!({ "images": images });
-            emit(g.json, &doc, |_| {
-                let mut s = String::new();
-                for i in &images {
-                    s +=
-                        &format!("{:<32} {:<12} {} {:>10} {} sig\n", i.name, i.version, i.digest, i.size, i.signatures);
+            let doc = ListDoc { images: crate::inspect::list(&layout)? };
+            out.emit(&doc, |d| {
+                if d.images.is_empty() {
+                    return format!("no images in {}\n", layout.root().display());
                 }
-                if images.is_empty() {
-                    s += &format!("no images in {}\n", layout.root().display());
-                }
-                s
+                let rows: Vec<Vec<String>> = d
+                    .images
+                    .iter()
+                    .map(|i| {
+                        vec![
+                            i.name.clone(),
+                            i.version.clone(),
+                            cli_support::human_bytes(i.size),
+                            i.signatures.to_string(),
+                            i.digest.to_string(),
+                        ]
+                    })
+                    .collect();
+                cli_support::table(&["NAME", "VERSION", "SIZE", "SIGNATURES", "DIGEST"], &rows, &[2, 3])
             })
+        }
+        Command::Completions { shell } => cli_support::docs::completions(Cli::command(), shell),
+        Command::Man { dir } => {
+            let written = cli_support::docs::man_pages(Cli::command(), &dir)?;
+            out.emit(&written, |w| w.iter().map(|p| format!("wrote {}\n", p.display())).collect())
         }
         Command::Export(o) => {
             let layout = open_store(g, false)?;
             let images = if o.with_deps { crate::deps::with_dependencies(&layout, &o.images)? } else { o.images };
             let plan = crate::export::plan(&layout, &images, o.since.as_ref())?;
-            if g.dry_run {
+            if g.common.dry_run {
                 let d = crate::export::dry_run(&plan, &o.out);
-                return emit(g.json, &d, |d| {
+                return out.emit(&d, |d| {
                     format!(
                         "would write {} with {} tag(s), {} blob(s), {} layer(s) left out\n",
                         d.path.display(),
@@ -313,17 +393,22 @@ pub fn run(cli: Cli) -> Result<()> {
                 });
             }
             let key = load_key(g)?;
-            let e =
-                crate::export::export(&layout, &images, &plan, &o.out, o.minisig.as_deref(), key.as_ref(), g.quiet)?;
-            if !e.unsigned.is_empty() && !g.quiet {
+            let e = crate::export::export(
+                &layout,
+                &images,
+                &plan,
+                &o.out,
+                o.minisig.as_deref(),
+                key.as_ref(),
+                g.common.quiet,
+            )?;
+            if !e.unsigned.is_empty() && !g.common.quiet {
                 eprintln!("warning: exported unsigned image(s) {}; installers will refuse them", e.unsigned.join(", "));
             }
             let to_stdout = crate::export::is_stdout(&o.out);
-            if to_stdout && g.quiet && !g.json {
-                return Ok(());
-            }
             let text = |e: &crate::export::Exported| {
-                let mut s = format!("wrote {} ({} bytes, {} blobs", e.path.display(), e.bytes, e.blobs);
+                let mut s =
+                    format!("wrote {} ({}, {} blobs", e.path.display(), cli_support::human_bytes(e.bytes), e.blobs);
                 if e.omitted_layers > 0 {
                     s += &format!(", {} layer(s) left out", e.omitted_layers);
                 }
@@ -333,29 +418,29 @@ pub fn run(cli: Cli) -> Result<()> {
                 }
                 s
             };
-            if to_stdout { emit_to_stderr(g.json, &e, text) } else { emit(g.json, &e, text) }
+            if to_stdout { out.emit_to_stderr(&e, text) } else { out.emit(&e, text) }
         }
         Command::Push(o) => {
             let layout = open_store(g, false)?;
             let key = load_key(g)?;
-            let p = crate::registry_cmd::push(&layout, &o, key.as_ref(), g.dry_run)?;
-            if p.signature_tag.is_none() && !g.quiet {
+            let p = crate::registry_cmd::push(&layout, &o, key.as_ref(), g.common.dry_run)?;
+            if p.signature_tag.is_none() && !g.common.quiet {
                 eprintln!(
                     "warning: {} is unsigned; installers will refuse it: sign it with `op-dbus-image sign {}` and push again",
                     p.reference, p.reference
                 );
             }
-            emit(g.json, &p, |p| {
+            out.emit(&p, |p| {
                 if p.dry_run {
                     return format!("would push {} ({}) to {}\n", p.reference, p.digest, p.destination);
                 }
                 let mut s = format!(
-                    "pushed {} ({}) to {}: {} blob(s) uploaded ({} bytes), {} already there\n",
+                    "pushed {} ({}) to {}: {} blob(s) uploaded ({}), {} already there\n",
                     p.reference,
                     p.digest,
                     p.destination,
                     p.stats.blobs_uploaded,
-                    p.stats.bytes_uploaded,
+                    cli_support::human_bytes(p.stats.bytes_uploaded),
                     p.stats.blobs_present
                 );
                 if let Some(t) = &p.signature_tag {
@@ -365,19 +450,19 @@ pub fn run(cli: Cli) -> Result<()> {
             })
         }
         Command::Pull(o) => {
-            let p = crate::registry_cmd::pull(&g.store, &o, g.dry_run)?;
-            if !p.signed && !g.quiet {
+            let p = crate::registry_cmd::pull(&g.store(), &o, g.common.dry_run)?;
+            if !p.signed && !g.common.quiet {
                 eprintln!("warning: {} has no signatures in the registry; installers will refuse it", p.source);
             }
-            emit(g.json, &p, |p| {
+            out.emit(&p, |p| {
                 let mut s = format!(
-                    "{} {} as {} ({}): {} blob(s) fetched ({} bytes), {} already in the store\n",
+                    "{} {} as {} ({}): {} blob(s) fetched ({}), {} already in the store\n",
                     if p.dry_run { "would pull" } else { "pulled" },
                     p.source,
                     p.reference,
                     p.digest,
                     p.stats.blobs_fetched,
-                    p.stats.bytes_fetched,
+                    cli_support::human_bytes(p.stats.bytes_fetched),
                     p.stats.blobs_present
                 );
                 if let Some(r) = &p.replaced {
@@ -396,10 +481,15 @@ fn finish_build(
     key: Option<&PrivateKey>,
     expires: Option<&Expires>,
 ) -> Result<()> {
+    let out = Output::new(&g.common);
     match outcome {
-        Outcome::Planned(p) => emit(g.json, &p, |p| {
-            let mut s =
-                format!("would build {} from {} entries ({} bytes)\n", p.reference, p.entries.len(), p.content_bytes);
+        Outcome::Planned(p) => out.emit(&p, |p| {
+            let mut s = format!(
+                "would build {} from {} entries ({})\n",
+                p.reference,
+                p.entries.len(),
+                cli_support::human_bytes(p.content_bytes)
+            );
             for step in &p.build_steps {
                 s += &format!("  build step: {step}\n");
             }
@@ -415,17 +505,19 @@ fn finish_build(
                     let s = crate::sign::sign(layout, &reference, key, expires)?;
                     b.signed_by.push(s.key_id);
                 }
-                (None, _) if !g.quiet => eprintln!(
+                (None, _) if !g.common.quiet => eprintln!(
                     "warning: {} is unsigned (no --key, or --no-sign); installers refuse unsigned images: sign it with `op-dbus-image sign {} --key KEY`",
                     b.reference, b.reference
                 ),
                 _ => {}
             }
-            emit(g.json, &b, |b| {
+            out.emit(&b, |b| {
                 let mut s = format!("built {} {}\n", b.reference, b.digest);
                 s += &format!(
-                    "  {} entries, {} bytes of content, payload {} bytes\n",
-                    b.entries, b.content_bytes, b.payload_bytes
+                    "  {} entries, {} of content, payload {}\n",
+                    b.entries,
+                    cli_support::human_bytes(b.content_bytes),
+                    cli_support::human_bytes(b.payload_bytes)
                 );
                 if let Some(p) = &b.parent {
                     s += &format!("  delta on {p}\n");
@@ -440,35 +532,36 @@ fn finish_build(
 }
 
 fn key_command(g: &GlobalOpts, k: KeyCommand) -> Result<()> {
+    let output = Output::new(&g.common);
     match k {
         KeyCommand::Generate { out } => {
-            let pub_path = keys::private_key::pub_path(&out);
-            if g.dry_run {
-                let plan = serde_json::json!({"private": out, "public": pub_path});
-                return emit(g.json, &plan, |_| format!("would write {} and {}\n", out.display(), pub_path.display()));
+            let public = keys::private_key::pub_path(&out);
+            if g.common.dry_run {
+                let plan = KeyGenerated { key_id: None, private: out, public, dry_run: true };
+                return output
+                    .emit(&plan, |p| format!("would write {} and {}\n", p.private.display(), p.public.display()));
             }
             let key = PrivateKey::generate()?;
             key.write_new(&out)?;
-            let doc = serde_json::json!({"key_id": key.key_id().to_string(), "private": out, "public": pub_path});
-            emit(g.json, &doc, |_| {
+            let doc = KeyGenerated { key_id: Some(key.key_id()), private: out, public, dry_run: false };
+            output.emit(&doc, |d| {
                 format!(
                     "wrote {} (private, mode 0600) and {}\nkey id {}\n",
-                    out.display(),
-                    pub_path.display(),
+                    d.private.display(),
+                    d.public.display(),
                     key.key_id()
                 )
             })
         }
         KeyCommand::Show { file } => {
             let key = read_any_public(&file)?;
-            let doc = serde_json::json!({"key_id": key.key_id().to_string(), "file": file});
-            emit(g.json, &doc, |_| format!("{}\n", key.key_id()))
+            let doc = KeyShown { key_id: key.key_id(), file };
+            output.emit(&doc, |d| format!("{}\n", d.key_id))
         }
         KeyCommand::Export { file, minisign: _ } => {
             let key = read_any_public(&file)?;
-            let text = key.to_minisign();
-            let doc = serde_json::json!({"key_id": key.key_id().to_string(), "minisign": text});
-            emit(g.json, &doc, |_| text.clone())
+            let doc = KeyExported { key_id: key.key_id(), minisign: key.to_minisign() };
+            output.emit(&doc, |d| d.minisign.clone())
         }
     }
 }
@@ -526,13 +619,23 @@ fn render_inspection(i: &crate::inspect::Inspection) -> String {
         s += "\n";
     }
     for f in &m.files {
-        s += &format!("  file         {} -> {} ({:?})\n", f.path, f.target, f.kind);
+        let kind = match f.kind {
+            formats::manifest::FileType::Symlink => "symlink",
+            formats::manifest::FileType::Copy => "copy",
+            formats::manifest::FileType::CopyIfNotExists => "copy-if-not-exists",
+        };
+        s += &format!("  file         {} -> {} ({kind})\n", f.path, f.target);
     }
     for v in &m.services {
         s += &format!("  service      {v}\n");
     }
     for v in &m.verify {
-        s += &format!("  verify       {} (exit {}, {:?})\n", v.command, v.expect_exit, v.timeout);
+        s += &format!(
+            "  verify       {} (exit {}, timeout {} s)\n",
+            v.command,
+            v.expect_exit,
+            v.timeout.duration().as_secs()
+        );
     }
     s += &format!("  entries      {}\n", m.entries.len());
     s
@@ -546,7 +649,7 @@ mod tests {
     fn global_flags_before_or_after() {
         let a = Cli::try_parse_from(["op-dbus-image", "--json", "--store", "/s", "list"]).unwrap();
         let b = Cli::try_parse_from(["op-dbus-image", "list", "--json", "--store", "/s"]).unwrap();
-        assert!(a.global.json && b.global.json);
+        assert!(a.global.common.json && b.global.common.json);
         assert_eq!(a.global.store, b.global.store);
     }
 
@@ -580,5 +683,56 @@ mod tests {
             "--username needs --password-stdin"
         );
         Cli::try_parse_from(["op-dbus-image", "pull", "h.io/a:1", "--username", "u", "--password-stdin"]).unwrap();
+    }
+}
+
+#[cfg(test)]
+mod help {
+    use clap::CommandFactory;
+
+    /// Every command that is not hidden, with its path (`op-dbus-image key generate`).
+    pub fn commands(cmd: &clap::Command, path: &str, out: &mut Vec<(String, clap::Command)>) {
+        out.push((path.to_owned(), cmd.clone()));
+        for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set() && s.get_name() != "help") {
+            commands(sub, &format!("{path} {}", sub.get_name()), out);
+        }
+    }
+
+    fn all() -> Vec<(String, clap::Command)> {
+        let mut cmd = super::Cli::command();
+        cmd.build();
+        let mut out = Vec::new();
+        commands(&cmd, "op-dbus-image", &mut out);
+        out
+    }
+
+    #[test]
+    fn every_argument_and_value_has_help() {
+        for (path, cmd) in all() {
+            for arg in cmd.get_arguments().filter(|a| !a.is_hide_set()) {
+                let id = arg.get_id().as_str();
+                if id == "help" || id == "version" {
+                    continue;
+                }
+                assert!(arg.get_help().is_some(), "{path}: {id} has no help text");
+            }
+        }
+    }
+
+    #[test]
+    fn registry_flags_only_on_push_and_pull() {
+        for (path, cmd) in all() {
+            let has = cmd.get_arguments().any(|a| a.get_id() == "insecure");
+            let wants = path.ends_with(" push") || path.ends_with(" pull");
+            assert_eq!(has, wants, "{path}");
+        }
+    }
+
+    #[test]
+    fn help_snapshots() {
+        for (path, cmd) in all() {
+            let help = cmd.term_width(100).render_long_help().to_string();
+            insta::assert_snapshot!(path.replace(' ', "_"), help);
+        }
     }
 }

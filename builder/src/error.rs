@@ -2,16 +2,11 @@
 
 use std::path::PathBuf;
 
-use formats::archive::ArchiveError;
-use formats::layout::LayoutError;
-use formats::manifest::{ConfigError, ManifestError};
-use formats::oci::EnvelopeError;
-use formats::path::UnsafePath;
-
 pub const OK: i32 = 0;
 pub const OTHER: i32 = 1;
 pub const USAGE: i32 = 2;
 pub const TRUST: i32 = 3;
+pub const POLICY: i32 = 4;
 pub const MALFORMED: i32 = 7;
 
 /// A stage folder or listed file that cannot become an image (exit 7).
@@ -23,46 +18,13 @@ pub enum InputError {
     Path { path: PathBuf, reason: String },
 }
 
-/// The exit code for an error: the first cause in the chain that has one decides.
+/// The exit code for an error: the one map of both binaries (`cli_support::exit`), with
+/// the builder's own [`InputError`] (exit 7).
 pub fn exit_code(err: &anyhow::Error) -> i32 {
-    for cause in err.chain() {
-        if cause.is::<InputError>()
-            || cause.is::<ManifestError>()
-            || cause.is::<UnsafePath>()
-            || cause.is::<ConfigError>()
-            || cause.is::<EnvelopeError>()
-        {
-            return MALFORMED;
-        }
-        if let Some(e) = cause.downcast_ref::<LayoutError>() {
-            return match e {
-                LayoutError::DigestMismatch { .. } | LayoutError::TooLarge { .. } | LayoutError::Envelope { .. } => {
-                    MALFORMED
-                }
-                _ => OTHER,
-            };
-        }
-        if let Some(e) = cause.downcast_ref::<ArchiveError>() {
-            return match e {
-                ArchiveError::Io(_) => OTHER,
-                ArchiveError::Layout(l) => match l {
-                    LayoutError::DigestMismatch { .. } => MALFORMED,
-                    _ => OTHER,
-                },
-                _ => MALFORMED,
-            };
-        }
-        if let Some(e) = cause.downcast_ref::<keys::KeyError>() {
-            return match e {
-                _ if e.is_rejected() => TRUST,
-                keys::KeyError::MalformedPrivateKey { .. }
-                | keys::KeyError::MalformedPublicKey { .. }
-                | keys::KeyError::MalformedPayload { .. }
-                | keys::KeyError::MalformedSignature { .. }
-                | keys::KeyError::MalformedMinisig { .. } => MALFORMED,
-                _ => OTHER,
-            };
-        }
-    }
-    OTHER
+    classify(err).code()
+}
+
+/// The classification of an error (see [`exit_code`]).
+pub fn classify(err: &anyhow::Error) -> cli_support::ExitCode {
+    cli_support::classify_with(err, &|c| c.is::<InputError>().then_some(cli_support::ExitCode::Malformed))
 }

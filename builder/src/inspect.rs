@@ -30,11 +30,11 @@ pub struct SignatureInfo {
 
 impl StoredImage {
     pub fn load(layout: &Layout, reference: &Reference) -> Result<StoredImage> {
-        let desc = layout.resolve(&reference.to_string())?.with_context(|| {
-            format!(
+        let desc = layout.resolve(&reference.to_string())?.ok_or_else(|| {
+            cli_support::exit::NotFound(format!(
                 "no image {reference} in the store {}; build it first, or pass the right --store (see `op-dbus-image list`)",
                 layout.root().display()
-            )
+            ))
         })?;
         let bytes = layout.read_blob(&desc.digest, MAX_MANIFEST_BYTES)?;
         let manifest = ImageManifest::stage_from_bytes(&bytes).with_context(|| format!("image {reference}"))?;

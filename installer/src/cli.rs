@@ -1,11 +1,12 @@
 //! The command line of `op-dbus-stage` (DESIGN.md §7): clap types and the one dispatch.
 
-use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use anyhow::Result;
-use clap::{Args, Parser, Subcommand};
+use anyhow::{Context, Result};
+use clap::{Args, CommandFactory, Parser, Subcommand};
+use cli_support::docs::Shell;
+use cli_support::{GlobalArgs, Output};
 use serde::Serialize;
 
 use formats::StageName;
@@ -15,8 +16,13 @@ use crate::ops::{self, Ctx, Options};
 use crate::receive::Source;
 
 /// Verifies, stages, activates and rolls back op-dbus stage images.
+///
+/// Exit codes: 0 ok; 1 other error; 2 usage, or something named that is not there;
+/// 3 signature or trust failure; 4 refused by policy, a dependency or a conflict;
+/// 5 a verify command failed (the change was rolled back); 6 another operation holds the
+/// lock; 7 malformed or corrupt input.
 #[derive(Debug, Parser)]
-#[command(name = "op-dbus-stage", version, about, max_term_width = 100)]
+#[command(name = "op-dbus-stage", version, about, long_about = None, max_term_width = 100)]
 pub struct Cli {
     #[command(flatten)]
     pub global: GlobalOpts,
@@ -27,21 +33,11 @@ pub struct Cli {
 /// Flags accepted before or after the subcommand.
 #[derive(Debug, Args)]
 pub struct GlobalOpts {
+    #[command(flatten)]
+    pub common: GlobalArgs,
     /// The root to install into, treated like a chroot.
-    #[arg(long, global = true, default_value = "/")]
+    #[arg(long, global = true, default_value = "/", value_name = "DIR")]
     pub root: PathBuf,
-    /// Print one JSON document on stdout instead of text.
-    #[arg(long, global = true)]
-    pub json: bool,
-    /// Print the plan and change nothing.
-    #[arg(long, global = true)]
-    pub dry_run: bool,
-    /// More log output.
-    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
-    pub verbose: u8,
-    /// Only errors on stderr.
-    #[arg(short, long, global = true)]
-    pub quiet: bool,
     /// How long to wait for another operation's lock, in seconds.
     #[arg(long, global = true, default_value_t = 30, value_name = "SECONDS")]
     pub lock_timeout: u64,
@@ -51,136 +47,184 @@ pub struct GlobalOpts {
     /// Accept signatures past their signed expiry.
     #[arg(long, global = true)]
     pub allow_expired: bool,
-    #[command(flatten)]
-    pub registry: crate::receive::RegistryOpts,
 }
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Create the staging area, the store and the trust store.
+    /// Create the root if needed, the staging area, the store and the trust store.
     Init,
     /// Manage the keys this host trusts.
     #[command(subcommand)]
     Trust(TrustCommand),
-    /// Verify, receive and activate images from SOURCE: FILE.oci.tar, an OCI layout
-    /// directory, NAME[:VERSION] of the local store, HOST[:PORT]/REPO:TAG in a registry,
-    /// or - (an .oci.tar on stdin).
-    Deploy { source: String },
+    /// Enable or disable host features (for a stage's `requires_feature`).
+    #[command(subcommand)]
+    Feature(FeatureCommand),
+    /// Verify, receive and activate images from SOURCE.
+    Deploy(SourceOpts),
     /// Same as deploy (the name the users' documents use).
-    DeployFromImage { source: String },
+    DeployFromImage(SourceOpts),
     /// Verify and store images from SOURCE without activating them.
-    Receive { source: String },
+    Receive(SourceOpts),
     /// Deployed stages and the images available in the store.
     List,
     /// What is deployed, by whom signed, unfinished transactions, broken links.
     Status,
     /// Check links, staged files against their signed hashes, and verify commands.
-    Verify { stage: Option<StageName> },
+    Verify {
+        /// Only this stage (default: every deployed stage).
+        stage: Option<StageName>,
+    },
     /// Go back to the previous generation of STAGE (or of every stage, or to a snapshot).
     Rollback(RollbackOpts),
-    /// List the restore points, with the bytes of the generations they keep.
+    /// List the restore points in time order, with the bytes of the generations they keep.
     Snapshots,
     /// Return the whole host to a snapshot.
-    Restore { snapshot: String },
+    Restore {
+        /// The snapshot's name, as `snapshots` lists it.
+        snapshot: String,
+        /// Do not ask before removing stages the snapshot does not have.
+        #[arg(long, short = 'y')]
+        yes: bool,
+    },
     /// Deactivate a stage: remove its links and copies, restore what they displaced.
-    Remove { stage: StageName },
+    Remove {
+        /// The deployed stage to remove.
+        stage: StageName,
+    },
     /// Put back missing or changed links of a stage.
-    FixSymlinks { stage: StageName },
+    FixSymlinks {
+        /// The deployed stage whose links to repair.
+        stage: StageName,
+    },
     /// Delete old generations, keeping N per stage (and those snapshots need).
     Gc {
-        #[arg(long, default_value_t = 2)]
+        /// Previous generations to keep per stage, besides the active one.
+        #[arg(long, default_value_t = 2, value_name = "N")]
         keep: usize,
     },
     /// Finish an interrupted transaction (every changing command does this first).
     Recover,
+    /// Print a shell completion script on stdout.
+    Completions {
+        /// The shell.
+        #[arg(value_enum)]
+        shell: Shell,
+    },
+    /// Write the man pages into DIR (scripts/man.sh runs this).
+    #[command(hide = true)]
+    Man {
+        /// The folder to write NAME.1 files into (created if missing).
+        dir: PathBuf,
+    },
     /// Runs one verify command confined: the installer's own helper (see `sandbox`).
     #[command(name = crate::sandbox::HELPER, hide = true)]
     VerifyConfined {
+        /// The user id to run as.
         uid: u32,
+        /// The group id to run as.
         gid: u32,
+        /// The command, for /bin/sh -c.
         #[arg(last = true, required = true)]
         command: std::ffi::OsString,
     },
 }
 
+/// Where `deploy` and `receive` take images from, and how to reach a registry.
+#[derive(Debug, Args)]
+pub struct SourceOpts {
+    /// FILE.oci.tar, an OCI layout directory, NAME[:VERSION] of the local store (NAME alone:
+    /// its highest version), HOST[:PORT]/REPO:TAG (or @sha256:...) in a registry, or - (an
+    /// .oci.tar on stdin).
+    pub source: String,
+    #[command(flatten)]
+    pub registry: crate::receive::RegistryOpts,
+}
+
 #[derive(Debug, Subcommand)]
 pub enum TrustCommand {
-    /// Trust a public key (SPKI PEM), optionally only for stage names matching GLOB.
+    /// Trust a public key (SPKI PEM); --scope adds stage globs it may sign.
     Add {
+        /// The public key file (KEY.pub of `op-dbus-image key generate`).
         file: PathBuf,
-        #[arg(long)]
+        /// A stage-name glob (* and ?) the key may sign, added to its scopes; repeat for
+        /// more. A key without scopes may sign any stage.
+        #[arg(long, value_name = "GLOB")]
         scope: Vec<String>,
+        /// Make the given --scope globs the key's only scopes.
+        #[arg(long, requires = "scope")]
+        replace: bool,
     },
     /// The trusted keys, their scopes and revocations.
     List,
     /// Revoke a key id: its signatures no longer count.
-    Revoke { key_id: keys::KeyId },
+    Revoke {
+        /// The key id (16 hex digits, as `trust list` prints it).
+        key_id: keys::KeyId,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum FeatureCommand {
+    /// Enable a feature in stage.toml.
+    Enable {
+        /// The feature name (letters, digits, '.', '_', '-').
+        name: String,
+    },
+    /// Disable a feature in stage.toml.
+    Disable {
+        /// The feature name.
+        name: String,
+    },
+    /// The features this host enables.
+    List,
 }
 
 #[derive(Debug, Args)]
 #[group(required = true, multiple = false)]
 pub struct RollbackOpts {
+    /// The stage to roll back to its previous generation.
     pub stage: Option<StageName>,
+    /// Roll back every stage that has a previous generation.
     #[arg(long)]
     pub all: bool,
-    #[arg(long)]
+    /// Return the whole host to this snapshot (as `restore`).
+    #[arg(long, value_name = "NAME")]
     pub snapshot: Option<String>,
+    /// With --snapshot: do not ask before removing stages.
+    #[arg(long, short = 'y', requires = "snapshot")]
+    pub yes: bool,
 }
 
 /// Parses the arguments, runs the command and returns the exit code.
 pub fn main() -> i32 {
-    let cli = match Cli::try_parse() {
+    let cli: Cli = match cli_support::parse() {
         Ok(c) => c,
-        Err(e) => {
-            let code = if e.use_stderr() { error::USAGE } else { error::OK };
-            let _ = e.print();
-            return code;
-        }
+        Err(code) => return code,
     };
-    let level = match (cli.global.quiet, cli.global.verbose) {
-        (true, _) => "error",
-        (false, 0) => "warn",
-        (false, 1) => "info",
-        (false, _) => "debug",
-    };
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
-    let cli_root = cli.global.root.clone();
+    cli_support::init_logging(&cli.global.common);
+    let root = cli.global.root.clone();
+    let json = cli.global.common.json;
     match run(cli) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("op-dbus-stage: error: {e:#}");
-            if no_space(&e) {
-                eprintln!(
-                    "op-dbus-stage: the filesystem is full: free some space under {} and run the command again                      (nothing was changed; `op-dbus-stage gc` removes old generations)",
-                    cli_root.display()
-                );
-            }
-            error::exit_code(&e)
+            let hint = format!(
+                "the filesystem is full: free some space under {} and run the command again \
+                 (nothing was changed; `op-dbus-stage gc` removes old generations)",
+                root.display()
+            );
+            let rewrite = |m: String| with_root(&m, &root);
+            cli_support::report_error("op-dbus-stage", json, &e, cli_support::classify(&e), &hint, &rewrite)
         }
     }
 }
 
-/// Whether an error comes from a full filesystem (ENOSPC or EDQUOT).
-fn no_space(e: &anyhow::Error) -> bool {
-    e.chain().any(|c| {
-        c.downcast_ref::<std::io::Error>().and_then(|io| io.raw_os_error()).is_some_and(|n| n == 28 || n == 122)
-            || c.downcast_ref::<formats::unpack::UnpackError>()
-                .is_some_and(|u| matches!(u, formats::unpack::UnpackError::NoSpace { .. }))
-            || c.to_string().contains("No space left on device")
-    })
-}
-
-fn emit<T: Serialize>(json: bool, value: &T, text: impl FnOnce(&T) -> String) -> Result<()> {
-    let mut out = std::io::stdout().lock();
-    if json {
-        serde_json::to_writer_pretty(&mut out, value)?;
-        writeln!(out)?;
-    } else {
-        write!(out, "{}", text(value))?;
+/// The commands a message names, with `--root ROOT` when the root is not `/`, so that
+/// every hint can be run as printed.
+pub fn with_root(text: &str, root: &Path) -> String {
+    if root == Path::new("/") {
+        return text.to_owned();
     }
-    Ok(())
+    text.replace("`op-dbus-stage ", &format!("`op-dbus-stage --root {} ", root.display()))
 }
 
 fn render_report(r: &ops::Report) -> String {
@@ -197,7 +241,57 @@ fn render_report(r: &ops::Report) -> String {
     for n in &r.snapshots {
         s += &format!("  snapshot {n}\n");
     }
+    let gen_line = |g: &ops::GenerationRef| {
+        format!("{} generation {} ({})", g.stage, g.generation, cli_support::human_bytes(g.bytes))
+    };
+    for g in &r.removed {
+        s += &format!("  {} {}\n", if r.dry_run { "would remove" } else { "removed" }, gen_line(g));
+    }
+    for g in &r.kept {
+        s += &format!("  kept {} ({})\n", gen_line(g), g.reason.unwrap_or(""));
+    }
+    if r.operation.starts_with("gc") && r.removed.is_empty() {
+        s += "  nothing to remove\n";
+    }
     s
+}
+
+/// `list --json`.
+#[derive(Debug, Serialize)]
+pub struct ListDoc {
+    pub stages: Vec<ops::Listed>,
+}
+
+/// `trust list --json`.
+#[derive(Debug, Serialize)]
+pub struct TrustListDoc {
+    pub keys: Vec<ops::TrustedInfo>,
+}
+
+/// `feature list --json`.
+#[derive(Debug, Serialize)]
+pub struct FeaturesDoc {
+    pub features: Vec<String>,
+}
+
+/// `snapshots --json`.
+#[derive(Debug, Serialize)]
+pub struct SnapshotsDoc {
+    pub snapshots: Vec<crate::snapshot::SnapshotInfo>,
+}
+
+/// `recover --json`.
+#[derive(Debug, Serialize)]
+pub struct RecoverDoc {
+    /// What recovery did: `completed`, `rolled-back`, or null when nothing was pending.
+    pub recovered: Option<crate::txn::RecoverOutcome>,
+}
+
+fn outcome_text(o: crate::txn::RecoverOutcome) -> &'static str {
+    match o {
+        crate::txn::RecoverOutcome::Completed => "completed",
+        crate::txn::RecoverOutcome::RolledBack => "rolled back",
+    }
 }
 
 /// Runs a parsed command line; returns the exit code.
@@ -205,14 +299,16 @@ pub fn run(cli: Cli) -> Result<i32> {
     let g = &cli.global;
     let opts = Options {
         root: g.root.clone(),
-        dry_run: g.dry_run,
-        quiet: g.quiet,
+        dry_run: g.common.dry_run,
+        quiet: g.common.quiet,
         lock_timeout: Duration::from_secs(g.lock_timeout),
         allow_downgrade: g.allow_downgrade,
         allow_expired: g.allow_expired,
         keep: 2,
     };
-    let json = g.json;
+    let out = Output::new(&g.common);
+    let root = g.root.clone();
+    let hint = move |s: String| with_root(&s, &root);
     match cli.command {
         Command::VerifyConfined { uid, gid, command } => {
             // Returns only when the command could not be confined (or /bin/sh not executed).
@@ -220,9 +316,16 @@ pub fn run(cli: Cli) -> Result<i32> {
             eprintln!("{} {e}", crate::sandbox::FAILED);
             return Ok(crate::sandbox::FAILED_EXIT);
         }
+        Command::Completions { shell } => {
+            cli_support::docs::completions(Cli::command(), shell)?;
+        }
+        Command::Man { dir } => {
+            let written = cli_support::docs::man_pages(Cli::command(), &dir)?;
+            out.emit(&written, |w| w.iter().map(|p| format!("wrote {}\n", p.display())).collect())?;
+        }
         Command::Init => {
             let r = ops::init(&opts)?;
-            emit(json, &r, |r| {
+            out.emit(&r, |r| {
                 format!(
                     "{}staging {}\nstore {}\ntrusted keys {}\npolicy {}\nbackend {}\n",
                     if opts.dry_run { "would create\n" } else { "" },
@@ -234,80 +337,120 @@ pub fn run(cli: Cli) -> Result<i32> {
                 )
             })?;
         }
-        Command::Trust(TrustCommand::Add { file, scope }) => {
+        Command::Trust(TrustCommand::Add { file, scope, replace }) => {
             let ctx = Ctx::changing(&opts)?;
-            let r = ops::trust_add(&ctx, &file, &scope)?;
-            emit(json, &r, |r| format!("trusted key {} ({})\n", r["key_id"].as_str().unwrap_or(""), r["file"]))?;
+            let r = ops::trust_add(&ctx, &file, &scope, replace)?;
+            out.emit(&r, |r| {
+                format!(
+                    "{}trusted key {} ({}) for {}\n",
+                    if r.dry_run { "would have " } else { "" },
+                    r.key_id,
+                    r.file.display(),
+                    if r.scopes.is_empty() { "any stage".to_owned() } else { r.scopes.join(", ") }
+                )
+            })?;
         }
         Command::Trust(TrustCommand::List) => {
             let ctx = Ctx::reading(&opts)?;
-            let keys = ops::trust_list(&ctx)?;
-            emit(json, &serde_json::json!({ "keys": keys }), |_| {
-                let mut s = String::new();
-                for k in &keys {
-                    s += &format!(
-                        "{} {}{}{}{}\n",
-                        k.key_id,
-                        k.file.display(),
-                        if k.scopes.is_empty() { String::new() } else { format!(" scope {}", k.scopes.join(",")) },
-                        if k.prefixes.is_empty() {
-                            String::new()
-                        } else {
-                            format!(" prefixes {}", k.prefixes.join(","))
-                        },
-                        if k.revoked { " REVOKED" } else { "" }
-                    );
+            let doc = TrustListDoc { keys: ops::trust_list(&ctx)? };
+            out.emit(&doc, |d| {
+                if d.keys.is_empty() {
+                    return hint("no trusted keys: add one with `op-dbus-stage trust add KEY.pub`\n".into());
                 }
-                if keys.is_empty() {
-                    s += "no trusted keys: add one with `op-dbus-stage trust add KEY.pub`\n";
-                }
-                s
+                let rows: Vec<Vec<String>> = d
+                    .keys
+                    .iter()
+                    .map(|k| {
+                        vec![
+                            k.key_id.clone(),
+                            if k.scopes.is_empty() { "any".into() } else { k.scopes.join(",") },
+                            if k.prefixes.is_empty() { "any allowed".into() } else { k.prefixes.join(",") },
+                            if k.revoked { "revoked".into() } else { "trusted".into() },
+                            k.file.display().to_string(),
+                        ]
+                    })
+                    .collect();
+                cli_support::table(&["KEY ID", "SCOPES", "PREFIXES", "STATUS", "FILE"], &rows, &[])
             })?;
         }
         Command::Trust(TrustCommand::Revoke { key_id }) => {
             let ctx = Ctx::changing(&opts)?;
             let r = ops::trust_revoke(&ctx, &key_id)?;
-            emit(json, &r, |_| format!("revoked {key_id}\n"))?;
+            out.emit(&r, |r| format!("{}revoked {key_id}\n", if r.dry_run { "would have " } else { "" }))?;
         }
-        Command::Deploy { source } | Command::DeployFromImage { source } => {
-            deploy(&opts, json, &source, &g.registry, true)?
+        Command::Feature(FeatureCommand::Enable { name }) | Command::Feature(FeatureCommand::Disable { name })
+            if name.is_empty() =>
+        {
+            return Err(crate::error::Usage("a feature name is not empty".into()).into());
         }
-        Command::Receive { source } => deploy(&opts, json, &source, &g.registry, false)?,
+        Command::Feature(FeatureCommand::Enable { name }) => {
+            let ctx = Ctx::changing(&opts)?;
+            let r = ops::set_feature(&ctx, &name, true)?;
+            out.emit(&r, render_feature)?;
+        }
+        Command::Feature(FeatureCommand::Disable { name }) => {
+            let ctx = Ctx::changing(&opts)?;
+            let r = ops::set_feature(&ctx, &name, false)?;
+            out.emit(&r, render_feature)?;
+        }
+        Command::Feature(FeatureCommand::List) => {
+            let ctx = Ctx::reading(&opts)?;
+            let trust = crate::receive::Trust::load(&ctx.host)?;
+            let doc = FeaturesDoc { features: trust.policy.features().map(str::to_owned).collect() };
+            out.emit(&doc, |d| {
+                if d.features.is_empty() {
+                    return hint("no features enabled (`op-dbus-stage feature enable NAME`)\n".into());
+                }
+                d.features.iter().map(|f| format!("{f}\n")).collect()
+            })?;
+        }
+        Command::Deploy(o) | Command::DeployFromImage(o) => deploy(&opts, out, &o, true)?,
+        Command::Receive(o) => deploy(&opts, out, &o, false)?,
         Command::List => {
             let ctx = Ctx::reading(&opts)?;
-            let stages = ops::list(&ctx)?;
-            emit(json, &serde_json::json!({ "stages": stages }), |_| {
-                let mut s = String::new();
-                for l in &stages {
-                    s += &format!("{:<32} {:<12} {:<10} {}\n", l.name, l.version, l.status, l.digest);
+            let doc = ListDoc { stages: ops::list(&ctx)? };
+            out.emit(&doc, |d| {
+                if d.stages.is_empty() {
+                    return "nothing deployed\n".into();
                 }
-                if stages.is_empty() {
-                    s += "nothing deployed\n";
-                }
-                s
+                let rows: Vec<Vec<String>> = d
+                    .stages
+                    .iter()
+                    .map(|l| vec![l.name.clone(), l.version.clone(), l.status.to_owned(), l.digest.clone()])
+                    .collect();
+                cli_support::table(&["NAME", "VERSION", "STATUS", "DIGEST"], &rows, &[])
             })?;
         }
         Command::Status => {
             let ctx = Ctx::reading(&opts)?;
             let st = ops::status(&ctx)?;
-            emit(json, &st, |st| {
+            out.emit(&st, |st| {
                 let mut s = format!("root {} (staging backend: {})\n", st.root.display(), st.backend);
-                for x in &st.stages {
-                    s += &format!(
-                        "{} {} generation {} {} signed by {} at {}\n",
-                        x.name,
-                        x.version,
-                        x.generation,
-                        x.digest,
-                        x.signers.join(","),
-                        x.deployed_at
+                if st.stages.is_empty() {
+                    s += "nothing deployed\n";
+                } else {
+                    let rows: Vec<Vec<String>> = st
+                        .stages
+                        .iter()
+                        .map(|x| {
+                            vec![
+                                x.name.clone(),
+                                x.version.clone(),
+                                x.generation.to_string(),
+                                x.signers.join(","),
+                                x.deployed_at.clone(),
+                                if x.previous.is_empty() { "-".into() } else { x.previous.join(", ") },
+                            ]
+                        })
+                        .collect();
+                    s += &cli_support::table(
+                        &["NAME", "VERSION", "GENERATION", "SIGNED BY", "DEPLOYED AT", "KEPT"],
+                        &rows,
+                        &[2],
                     );
-                    for p in &x.previous {
-                        s += &format!("  kept: {p}\n");
-                    }
                 }
                 if let Some(t) = &st.unfinished_transaction {
-                    s += &format!("unfinished transaction: {t} (run `op-dbus-stage recover`)\n");
+                    s += &hint(format!("unfinished transaction: {t} (run `op-dbus-stage recover`)\n"));
                 }
                 for b in &st.broken_links {
                     s += &format!("broken: {b}\n");
@@ -318,7 +461,7 @@ pub fn run(cli: Cli) -> Result<i32> {
         Command::Verify { stage } => {
             let ctx = Ctx::reading(&opts)?;
             let r = ops::verify(&ctx, stage.as_ref())?;
-            emit(json, &r, |r| {
+            out.emit(&r, |r| {
                 let mut s = String::new();
                 for st in &r.stages {
                     s += &format!("{}\n", st.name);
@@ -342,48 +485,63 @@ pub fn run(cli: Cli) -> Result<i32> {
         Command::Rollback(o) => {
             let ctx = Ctx::changing(&opts)?;
             let r = match (o.stage, o.all, o.snapshot) {
-                (_, _, Some(snap)) => ops::restore(&ctx, &snap)?,
+                (_, _, Some(snap)) => {
+                    confirm_restore(&ctx, &snap, o.yes)?;
+                    ops::restore(&ctx, &snap)?
+                }
                 (Some(stage), _, _) => ops::rollback(&ctx, &[stage])?,
                 _ => ops::rollback(&ctx, &[])?,
             };
-            emit(json, &r, render_report)?;
+            out.emit(&r, render_report)?;
         }
         Command::Snapshots => {
             let ctx = Ctx::reading(&opts)?;
-            let list = crate::snapshot::list(&ctx.staging)?;
-            emit(json, &serde_json::json!({ "snapshots": list }), |_| {
-                let mut s = String::new();
-                for x in &list {
-                    s += &format!("{:<48} {:>12} bytes  {}\n", x.name, x.bytes, x.stages.join(" "));
+            let doc = SnapshotsDoc { snapshots: crate::snapshot::list(&ctx.staging)? };
+            out.emit(&doc, |d| {
+                if d.snapshots.is_empty() {
+                    return "no snapshots\n".into();
                 }
-                s
+                let rows: Vec<Vec<String>> = d
+                    .snapshots
+                    .iter()
+                    .map(|x| {
+                        vec![
+                            x.name.clone(),
+                            x.created.clone().unwrap_or_else(|| "-".into()),
+                            cli_support::human_bytes(x.bytes),
+                            if x.stages.is_empty() { "(none)".into() } else { x.stages.join(" ") },
+                        ]
+                    })
+                    .collect();
+                cli_support::table(&["NAME", "CREATED", "SIZE", "STAGES"], &rows, &[2])
             })?;
         }
-        Command::Restore { snapshot } => {
+        Command::Restore { snapshot, yes } => {
             let ctx = Ctx::changing(&opts)?;
+            confirm_restore(&ctx, &snapshot, yes)?;
             let r = ops::restore(&ctx, &snapshot)?;
-            emit(json, &r, render_report)?;
+            out.emit(&r, render_report)?;
         }
         Command::Remove { stage } => {
             let ctx = Ctx::changing(&opts)?;
             let r = ops::remove(&ctx, &stage)?;
-            emit(json, &r, render_report)?;
+            out.emit(&r, render_report)?;
         }
         Command::FixSymlinks { stage } => {
             let ctx = Ctx::changing(&opts)?;
             let r = ops::fix_symlinks(&ctx, &stage)?;
-            emit(json, &r, render_report)?;
+            out.emit(&r, render_report)?;
         }
         Command::Gc { keep } => {
             let ctx = Ctx::changing(&opts)?;
             let r = ops::gc(&ctx, keep)?;
-            emit(json, &r, render_report)?;
+            out.emit(&r, render_report)?;
         }
         Command::Recover => {
             let ctx = Ctx::changing(&opts)?;
-            let outcome = ctx.recovered.map(|o| format!("{o:?}").to_lowercase());
-            emit(json, &serde_json::json!({ "recovered": outcome }), |_| match &outcome {
-                Some(o) => format!("recovered the interrupted transaction: {o}\n"),
+            let doc = RecoverDoc { recovered: ctx.recovered };
+            out.emit(&doc, |d| match d.recovered {
+                Some(o) => format!("recovered the interrupted transaction: {}\n", outcome_text(o)),
                 None => "nothing to recover\n".into(),
             })?;
         }
@@ -391,17 +549,50 @@ pub fn run(cli: Cli) -> Result<i32> {
     Ok(error::OK)
 }
 
-fn deploy(
-    opts: &Options,
-    json: bool,
-    source: &str,
-    registry: &crate::receive::RegistryOpts,
-    activate: bool,
-) -> Result<()> {
-    let source = Source::parse_with(source, registry)?;
+fn render_feature(r: &ops::FeatureChanged) -> String {
+    format!(
+        "{}{} {}; enabled: {}\n",
+        if r.dry_run { "would have " } else { "" },
+        if r.enabled { "enabled" } else { "disabled" },
+        r.feature,
+        if r.features.is_empty() { "none".to_owned() } else { r.features.join(", ") }
+    )
+}
+
+/// A restore that removes stages asks first on a terminal (unless --yes or --dry-run).
+fn confirm_restore(ctx: &Ctx, snapshot: &str, yes: bool) -> Result<()> {
+    if yes || ctx.opts.dry_run || !cli_support::prompt::interactive() {
+        return Ok(());
+    }
+    let state = ctx.state()?;
+    let snap = crate::snapshot::read(&ctx.staging, snapshot)?;
+    let gone: Vec<String> =
+        state.stages.keys().filter(|n| !snap.stages.contains_key(*n)).map(|n| n.to_string()).collect();
+    if gone.is_empty() {
+        return Ok(());
+    }
+    let question = format!(
+        "restoring {snapshot} will remove stage(s) {} (their links and copies; their generations are kept). Go ahead?",
+        gone.join(", ")
+    );
+    if cli_support::prompt::confirm(&question).context("reading the answer")? {
+        return Ok(());
+    }
+    Err(error::Cancelled(format!("nothing changed: {snapshot} was not restored (pass --yes to skip the question)"))
+        .into())
+}
+
+fn deploy(opts: &Options, out: Output, o: &SourceOpts, activate: bool) -> Result<()> {
+    let source = Source::parse_with(&o.source, &o.registry)?;
     let ctx = Ctx::changing(opts)?;
-    let r = ops::deploy(&ctx, &source, activate)?;
-    emit(json, &r, |r| {
+    let bar = cli_support::progress::spinner(
+        &format!("{} {}", if activate { "deploying" } else { "receiving" }, o.source),
+        opts.quiet,
+    );
+    let r = ops::deploy(&ctx, &source, activate);
+    bar.finish_and_clear();
+    let r = r?;
+    out.emit(&r, |r| {
         let mut s = String::new();
         for v in &r.received {
             s += &format!("verified {} {} signed by {}\n", v.reference, v.digest, v.signers.join(","));
@@ -423,7 +614,7 @@ mod tests {
     #[test]
     fn parses() {
         let c = Cli::try_parse_from(["op-dbus-stage", "deploy", "x.oci.tar", "--root", "/tmp/r", "--json"]).unwrap();
-        assert!(c.global.json);
+        assert!(c.global.common.json);
         assert!(
             Cli::try_parse_from(["op-dbus-stage", "rollback"]).is_err(),
             "rollback needs a stage, --all or --snapshot"
@@ -448,5 +639,56 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert_eq!(c.global.root, PathBuf::from("/"), "the command's words are not the helper's flags");
+    }
+}
+
+#[cfg(test)]
+mod help {
+    use clap::CommandFactory;
+
+    /// Every command that is not hidden, with its path (`op-dbus-stage key generate`).
+    pub fn commands(cmd: &clap::Command, path: &str, out: &mut Vec<(String, clap::Command)>) {
+        out.push((path.to_owned(), cmd.clone()));
+        for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set() && s.get_name() != "help") {
+            commands(sub, &format!("{path} {}", sub.get_name()), out);
+        }
+    }
+
+    fn all() -> Vec<(String, clap::Command)> {
+        let mut cmd = super::Cli::command();
+        cmd.build();
+        let mut out = Vec::new();
+        commands(&cmd, "op-dbus-stage", &mut out);
+        out
+    }
+
+    #[test]
+    fn every_argument_and_value_has_help() {
+        for (path, cmd) in all() {
+            for arg in cmd.get_arguments().filter(|a| !a.is_hide_set()) {
+                let id = arg.get_id().as_str();
+                if id == "help" || id == "version" {
+                    continue;
+                }
+                assert!(arg.get_help().is_some(), "{path}: {id} has no help text");
+            }
+        }
+    }
+
+    #[test]
+    fn registry_flags_only_on_deploy_and_receive() {
+        for (path, cmd) in all() {
+            let has = cmd.get_arguments().any(|a| a.get_id() == "insecure");
+            let wants = path.ends_with(" deploy") || path.ends_with(" receive") || path.ends_with(" deploy-from-image");
+            assert_eq!(has, wants, "{path}");
+        }
+    }
+
+    #[test]
+    fn help_snapshots() {
+        for (path, cmd) in all() {
+            let help = cmd.term_width(100).render_long_help().to_string();
+            insta::assert_snapshot!(path.replace(' ', "_"), help);
+        }
     }
 }

@@ -41,6 +41,18 @@ pub enum TargetState {
     Other,
 }
 
+impl std::fmt::Display for TargetState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            TargetState::Missing => f.write_str("nothing"),
+            TargetState::Symlink(t) => write!(f, "a link to {t}"),
+            TargetState::File => f.write_str("a file"),
+            TargetState::Dir => f.write_str("a directory"),
+            TargetState::Other => f.write_str("a special file"),
+        }
+    }
+}
+
 /// A link the installer will not follow while writing a target: a user other than root
 /// owns it.
 #[derive(Debug, thiserror::Error)]

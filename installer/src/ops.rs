@@ -51,7 +51,11 @@ impl Ctx {
     /// Opens the host for a command that changes it: takes the lock and finishes any
     /// interrupted transaction first.
     pub fn changing(opts: &Options) -> Result<Ctx> {
-        let host = Host::open(&opts.root)?;
+        let host = open_initialised(opts)?;
+        Ctx::changing_host(host, opts)
+    }
+
+    fn changing_host(host: Host, opts: &Options) -> Result<Ctx> {
         let staging = Staging { dir: host.staging().context("creating the staging area")? };
         staging.create_dirs()?;
         let lock = Lock::take(&staging.lock_file(), opts.lock_timeout)?;
@@ -62,7 +66,7 @@ impl Ctx {
 
     /// Opens the host for reading: no lock, nothing created.
     pub fn reading(opts: &Options) -> Result<Ctx> {
-        let host = Host::open(&opts.root)?;
+        let host = open_initialised(opts)?;
         let dir = host.staging_if_exists()?.unwrap_or_else(|| host.root.join(crate::host::STAGING));
         Ok(Ctx { host, staging: Staging { dir }, opts: opts.clone(), _lock: None, recovered: None })
     }
@@ -72,7 +76,11 @@ impl Ctx {
             Some(j) => {
                 let o = j.recover(&self.host, &self.staging).context("finishing the interrupted transaction")?;
                 if !self.opts.quiet {
-                    eprintln!("recovered an interrupted transaction ({}): {o:?}", j.operation);
+                    let what = match o {
+                        RecoverOutcome::Completed => "completed",
+                        RecoverOutcome::RolledBack => "rolled back",
+                    };
+                    eprintln!("recovered an interrupted transaction ({}): {what}", j.operation);
                 }
                 Some(o)
             }
@@ -126,17 +134,58 @@ impl Ctx {
     }
 }
 
+/// Opens a root that `init` prepared; anything else is refused (exit 2) with the command
+/// that prepares it.
+fn open_initialised(opts: &Options) -> Result<Host> {
+    let not_initialised = || {
+        cli_support::exit::NotFound(format!(
+            "{} is not initialised (no {}): run `op-dbus-stage init` first",
+            opts.root.display(),
+            crate::host::STAGING
+        ))
+    };
+    if !opts.root.is_dir() {
+        return Err(not_initialised().into());
+    }
+    let host = Host::open(&opts.root)?;
+    if host.staging_if_exists()?.is_none() {
+        return Err(not_initialised().into());
+    }
+    Ok(host)
+}
+
 /// What a changing command did or would do.
 #[derive(Debug, Serialize)]
 pub struct Report {
     pub operation: String,
     pub dry_run: bool,
+    /// The plan, one line per step, for people.
     pub steps: Vec<String>,
+    /// The same plan as typed steps (tagged by `op`; see docs/json.md).
+    pub actions: Vec<Step>,
     pub notes: Vec<String>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub checks: Vec<CheckResult>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub snapshots: Vec<String>,
+    /// `gc`: the generations deleted (or that a dry run would delete).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub removed: Vec<GenerationRef>,
+    /// `gc`: the generations kept, and why.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub kept: Vec<GenerationRef>,
+}
+
+/// A generation of a stage, in `gc` reports.
+#[derive(Debug, Clone, Serialize)]
+pub struct GenerationRef {
+    pub stage: StageName,
+    pub generation: u64,
+    /// Its size on disk in bytes.
+    pub bytes: u64,
+    /// Why it is kept: `active`, `previous` or `snapshot`; absent for removed ones.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<&'static str>,
 }
 
 /// Applies a plan as one transaction, running the verify commands of `check` stages
@@ -153,9 +202,12 @@ fn execute(
         operation: operation.clone(),
         dry_run: ctx.opts.dry_run,
         steps: plan.steps.iter().map(Step::describe).collect(),
+        actions: plan.steps.clone(),
         notes: plan.notes.clone(),
         checks: Vec::new(),
         snapshots: cleanup.snapshots.iter().map(|(n, _)| n.clone()).collect(),
+        removed: Vec::new(),
+        kept: Vec::new(),
     };
     if ctx.opts.dry_run {
         return Ok(report);
@@ -261,9 +313,19 @@ pub fn deploy(ctx: &Ctx, source: &Source, activate: bool) -> Result<DeployReport
         }
         return Ok(report);
     }
+    // A dry run plans each image on the state the ones before it would leave, as the
+    // real run does.
+    let mut planned: Option<State> = None;
     for v in order(&received) {
-        match deploy_one(ctx, &trust, &store, &received, v)? {
-            Some(r) => report.deployed.push(r),
+        let state = match (&planned, ctx.opts.dry_run) {
+            (Some(p), true) => p.clone(),
+            _ => ctx.state()?,
+        };
+        match deploy_one(ctx, &trust, &store, &received, v, state)? {
+            Some((r, after)) => {
+                report.deployed.push(r);
+                planned = Some(after);
+            }
             None => report.skipped.push(format!("{} is already active ({})", v.reference, v.digest)),
         }
     }
@@ -292,11 +354,17 @@ fn order(received: &Received) -> Vec<&Verified> {
     out
 }
 
-fn deploy_one(ctx: &Ctx, trust: &Trust, store: &Layout, received: &Received, v: &Verified) -> Result<Option<Report>> {
+fn deploy_one(
+    ctx: &Ctx,
+    trust: &Trust,
+    store: &Layout,
+    received: &Received,
+    v: &Verified,
+    state: State,
+) -> Result<Option<(Report, State)>> {
     let c = v.candidate();
     let config = &c.config;
     let name = &config.name;
-    let state = ctx.state()?;
     if state.stages.get(name).is_some_and(|s| s.active.digest == c.digest) {
         return Ok(None);
     }
@@ -454,7 +522,9 @@ fn deploy_one(ctx: &Ctx, trust: &Trust, store: &Layout, received: &Received, v: 
         ],
         drop_generations: Vec::new(),
     };
-    execute(ctx, format!("deploy {}", v.reference), state, plan, std::slice::from_ref(name), cleanup).map(Some)
+    let after = plan.after.clone();
+    execute(ctx, format!("deploy {}", v.reference), state, plan, std::slice::from_ref(name), cleanup)
+        .map(|r| Some((r, after)))
 }
 
 /// What the host's policy asks of a stage before it may be active: every target under the
@@ -518,7 +588,7 @@ fn admit(host: &Host, trust: &Trust, config: &StageConfig, what: &str, signers: 
         && !trust.policy.feature_enabled(feature)
     {
         return Err(Refused::Policy(format!(
-            "{what} requires the feature {feature:?}, which this host does not enable; add it to `features` in /etc/op-dbus/stage.toml"
+            "{what} requires the feature {feature:?}, which this host does not enable: `op-dbus-stage feature enable {feature}` enables it"
         ))
         .into());
     }
@@ -678,7 +748,7 @@ pub fn fix_symlinks(ctx: &Ctx, stage: &StageName) -> Result<Report> {
 }
 
 /// `gc --keep N`: keep N previous generations per stage; delete the rest unless a
-/// snapshot needs them.
+/// snapshot needs them. The report says what was removed and what was kept, and why.
 pub fn gc(ctx: &Ctx, keep: usize) -> Result<Report> {
     let state = ctx.state()?;
     let mut after = state.clone();
@@ -687,6 +757,39 @@ pub fn gc(ctx: &Ctx, keep: usize) -> Result<Report> {
         let excess = s.previous.len().saturating_sub(keep);
         s.previous.drain(..excess);
     }
+    // What stays: the generations of the state after, and those snapshots need.
+    let mut needed = std::collections::BTreeMap::new();
+    for (name, s) in &after.stages {
+        needed.insert((name.clone(), s.active.generation), "active");
+        for g in &s.previous {
+            needed.insert((name.clone(), g.generation), "previous");
+        }
+    }
+    for s in snapshot::list_states(&ctx.staging)? {
+        for g in s.generations() {
+            needed.entry(g).or_insert("snapshot");
+        }
+    }
+    // Every generation on disk, orphans of a crash included.
+    let mut on_disk = BTreeSet::new();
+    if let Ok(stages) = fs::read_dir(ctx.staging.dir.join(".generations")) {
+        for st in stages.flatten() {
+            let Ok(name) = st.file_name().to_string_lossy().parse::<StageName>() else { continue };
+            for g in fs::read_dir(st.path())?.flatten() {
+                let Ok(n) = g.file_name().to_string_lossy().parse::<u64>() else { continue };
+                on_disk.insert((name.clone(), n));
+            }
+        }
+    }
+    let gen_ref = |(stage, generation): &(StageName, u64), reason| GenerationRef {
+        stage: stage.clone(),
+        generation: *generation,
+        bytes: snapshot::tree_size(&ctx.staging.generation(stage, *generation)),
+        reason,
+    };
+    let kept: Vec<GenerationRef> = on_disk.iter().filter_map(|g| needed.get(g).map(|r| gen_ref(g, Some(*r)))).collect();
+    let removed: Vec<GenerationRef> =
+        on_disk.iter().filter(|g| !needed.contains_key(*g)).map(|g| gen_ref(g, None)).collect();
     let plan = Plan { steps: Vec::new(), after, notes: Vec::new() };
     let mut report = execute(ctx, format!("gc --keep {keep}"), state.clone(), plan, &[], Cleanup::default())?;
     if !ctx.opts.dry_run {
@@ -696,19 +799,16 @@ pub fn gc(ctx: &Ctx, keep: usize) -> Result<Report> {
         for s in snapshot::list_states(&ctx.staging)? {
             keep_set.extend(s.generations());
         }
-        if let Ok(stages) = fs::read_dir(ctx.staging.dir.join(".generations")) {
-            for st in stages.flatten() {
-                let Ok(name) = st.file_name().to_string_lossy().parse::<StageName>() else { continue };
-                for g in fs::read_dir(st.path())?.flatten() {
-                    let Ok(n) = g.file_name().to_string_lossy().parse::<u64>() else { continue };
-                    if !keep_set.contains(&(name.clone(), n)) {
-                        txn::remove_tree(&g.path())?;
-                        report.steps.push(format!("deleted generation {n} of {name}"));
-                    }
-                }
+        for (name, n) in &on_disk {
+            let dir = ctx.staging.generation(name, *n);
+            if !keep_set.contains(&(name.clone(), *n)) && dir.exists() {
+                txn::remove_tree(&dir)?;
+                report.steps.push(format!("deleted generation {n} of {name}"));
             }
         }
     }
+    report.removed = removed;
+    report.kept = kept;
     Ok(report)
 }
 
@@ -733,18 +833,22 @@ pub const DEFAULT_POLICY: &str = r#"# op-dbus-stage policy (see `op-dbus-stage -
 "#;
 
 pub fn init(opts: &Options) -> Result<InitReport> {
-    let host = Host::open(&opts.root)?;
     if opts.dry_run {
+        // The backend the staging area would get: that of the nearest existing folder.
+        let root = opts.root.ancestors().find(|p| p.is_dir()).unwrap_or(Path::new("/"));
+        let host_root = if opts.root.is_dir() { fs::canonicalize(&opts.root)? } else { opts.root.clone() };
         return Ok(InitReport {
-            root: host.root.clone(),
-            staging: host.root.join(crate::host::STAGING),
-            store: host.root.join(STORE),
-            trusted_keys: host.root.join("etc/op-dbus/trusted-keys"),
-            policy: host.root.join("etc/op-dbus/stage.toml"),
-            backend: "directory",
+            root: host_root.clone(),
+            staging: host_root.join(crate::host::STAGING),
+            store: host_root.join(STORE),
+            trusted_keys: host_root.join("etc/op-dbus/trusted-keys"),
+            policy: host_root.join("etc/op-dbus/stage.toml"),
+            backend: if subvol::is_btrfs(root).unwrap_or(false) { "btrfs" } else { "directory" },
         });
     }
-    let ctx = Ctx::changing(opts)?;
+    // A missing root folder is created, like `mkdir -p`.
+    fs::create_dir_all(&opts.root).with_context(|| format!("creating the root {}", opts.root.display()))?;
+    let ctx = Ctx::changing_host(Host::open(&opts.root)?, opts)?;
     let backend = crate::host::backend(&ctx.staging.dir);
     let store = ctx.store()?;
     let keys_dir = ctx.host.ensure_dir("etc/op-dbus/trusted-keys")?;
@@ -866,10 +970,10 @@ fn link_problems(ctx: &Ctx, state: &State, only: Option<&StageName>) -> Result<V
                     TargetState::Symlink(t) if t == want => {
                         let staged = ctx.staging.stage_link(&p.stage).join(p.path.as_str());
                         if fs::symlink_metadata(&staged).is_err() {
-                            out.push(format!("{target}: {staged:?} is missing"));
+                            out.push(format!("{target}: {} is missing", staged.display()));
                         }
                     }
-                    other => out.push(format!("{target}: expected a link to {want}, found {other:?}")),
+                    other => out.push(format!("{target}: expected a link to {want}, found {other}")),
                 }
             }
             FileType::Copy => {
@@ -927,29 +1031,95 @@ pub fn verify(ctx: &Ctx, only: Option<&StageName>) -> Result<VerifyReport> {
     Ok(VerifyReport { stages, ok })
 }
 
-/// `trust add FILE.pub [--scope GLOB]`.
-pub fn trust_add(ctx: &Ctx, file: &Path, scopes: &[String]) -> Result<serde_json::Value> {
+/// What `trust add` did or would do.
+#[derive(Debug, Serialize)]
+pub struct TrustAdded {
+    pub key_id: keys::KeyId,
+    /// The key's file in the trust store.
+    pub file: PathBuf,
+    /// The stage globs the key may sign after the command (empty: any stage).
+    pub scopes: Vec<String>,
+    pub dry_run: bool,
+}
+
+/// `trust add FILE.pub [--scope GLOB]... [--replace]`: `--scope` adds to the key's
+/// scopes; with `--replace` the given globs become its scopes.
+pub fn trust_add(ctx: &Ctx, file: &Path, scopes: &[String], replace: bool) -> Result<TrustAdded> {
     let key = keys::PublicKey::read(file)?;
     let id = key.key_id();
+    let policy_path = ctx.host.root.join("etc/op-dbus/stage.toml");
+    let current = match fs::read_to_string(&policy_path) {
+        Ok(text) => keys::policy::Policy::parse(&text, &policy_path)
+            .map_err(|e| Malformed(format!("{e:#}")))?
+            .scope(&id)
+            .map(<[String]>::to_vec)
+            .unwrap_or_default(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", policy_path.display())),
+    };
+    let mut wanted = if replace || scopes.is_empty() { Vec::new() } else { current.clone() };
+    for g in scopes {
+        if !wanted.contains(g) {
+            wanted.push(g.clone());
+        }
+    }
+    let after = if scopes.is_empty() { current } else { wanted };
+    let dest = ctx.host.root.join(format!("etc/op-dbus/trusted-keys/{id}.pub"));
     if ctx.opts.dry_run {
-        let dest = ctx.host.root.join(format!("etc/op-dbus/trusted-keys/{id}.pub"));
-        return Ok(serde_json::json!({"key_id": id.to_string(), "file": dest, "scopes": scopes, "dry_run": true}));
+        return Ok(TrustAdded { key_id: id, file: dest, scopes: after, dry_run: true });
     }
     // The scope first: a crash in between must never leave the key trusted for every stage.
     if !scopes.is_empty() {
-        edit_policy(ctx, |text, path| keys::policy::set_scope(text, path, &id, scopes).map_err(Into::into))?;
+        edit_policy(ctx, |text, path| keys::policy::set_scope(text, path, &id, &after).map_err(Into::into))?;
     }
     let dest = ctx.host.ensure_dir("etc/op-dbus/trusted-keys")?.join(format!("{id}.pub"));
     formats::layout::write_atomic(&dest, key.to_spki_pem().as_bytes())?;
-    Ok(serde_json::json!({"key_id": id.to_string(), "file": dest, "scopes": scopes}))
+    Ok(TrustAdded { key_id: id, file: dest, scopes: after, dry_run: false })
+}
+
+/// What `trust revoke` did or would do.
+#[derive(Debug, Serialize)]
+pub struct TrustRevoked {
+    pub revoked: keys::KeyId,
+    pub dry_run: bool,
 }
 
 /// `trust revoke KEYID`.
-pub fn trust_revoke(ctx: &Ctx, id: &keys::KeyId) -> Result<serde_json::Value> {
+pub fn trust_revoke(ctx: &Ctx, id: &keys::KeyId) -> Result<TrustRevoked> {
     if !ctx.opts.dry_run {
         edit_policy(ctx, |text, path| keys::policy::add_revoked(text, path, id).map_err(Into::into))?;
     }
-    Ok(serde_json::json!({"revoked": id.to_string(), "dry_run": ctx.opts.dry_run}))
+    Ok(TrustRevoked { revoked: *id, dry_run: ctx.opts.dry_run })
+}
+
+/// What `feature enable|disable` did or would do.
+#[derive(Debug, Serialize)]
+pub struct FeatureChanged {
+    pub feature: String,
+    pub enabled: bool,
+    /// Every feature the host enables after the command.
+    pub features: Vec<String>,
+    pub dry_run: bool,
+}
+
+/// `feature enable|disable NAME`: edits `features` of stage.toml, keeping the rest intact.
+pub fn set_feature(ctx: &Ctx, feature: &str, enabled: bool) -> Result<FeatureChanged> {
+    let path = ctx.host.root.join("etc/op-dbus/stage.toml");
+    let text = match fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => DEFAULT_POLICY.to_owned(),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    };
+    let new = keys::policy::set_feature(&text, &path, feature, enabled).map_err(|e| Malformed(format!("{e:#}")))?;
+    if !ctx.opts.dry_run && new != text {
+        edit_policy(ctx, |_, _| Ok(new.clone()))?;
+    }
+    let features = keys::policy::Policy::parse(&new, &path)
+        .map_err(|e| Malformed(format!("{e:#}")))?
+        .features()
+        .map(str::to_owned)
+        .collect();
+    Ok(FeatureChanged { feature: feature.to_owned(), enabled, features, dry_run: ctx.opts.dry_run })
 }
 
 fn edit_policy(ctx: &Ctx, f: impl FnOnce(&str, &Path) -> Result<String>) -> Result<()> {

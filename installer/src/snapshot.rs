@@ -51,18 +51,34 @@ pub struct SnapshotInfo {
     pub bytes: u64,
     /// Whether it is also a read-only btrfs snapshot.
     pub btrfs: bool,
+    /// When it was taken (RFC 3339, UTC), from its name.
+    pub created: Option<String>,
+}
+
+/// The time in a snapshot name (`KIND-STAGE-YYYYMMDDTHHMMSSZ[-N]`) as RFC 3339, with the
+/// counter that orders snapshots of the same second.
+fn created(name: &str) -> Option<(String, u32)> {
+    let words: Vec<&str> = name.split('-').collect();
+    let i = words.iter().rposition(|w| w.len() == 16 && w.ends_with('Z') && w.as_bytes().get(8) == Some(&b'T'))?;
+    let t = jiff::civil::DateTime::strptime("%Y%m%dT%H%M%SZ", words[i]).ok()?;
+    let n = words.get(i + 1).and_then(|n| n.parse().ok()).unwrap_or(1);
+    Some((t.strftime("%Y-%m-%dT%H:%M:%SZ").to_string(), n))
 }
 
 pub fn read(staging: &Staging, name: &str) -> Result<State> {
     if name.contains('/') || name.starts_with('.') {
-        anyhow::bail!("{name:?} is not a snapshot name (see `op-dbus-stage snapshots`)");
+        return Err(cli_support::exit::NotFound(format!(
+            "{name:?} is not a snapshot name (see `op-dbus-stage snapshots`)"
+        ))
+        .into());
     }
     let path = staging.snapshots().join(format!("{name}.json"));
     if !path.exists() {
-        anyhow::bail!(
+        return Err(cli_support::exit::NotFound(format!(
             "no snapshot {name:?} in {}; list them with `op-dbus-stage snapshots`",
             staging.snapshots().display()
-        );
+        ))
+        .into());
     }
     State::read(&path)
 }
@@ -84,9 +100,15 @@ pub fn list(staging: &Staging) -> Result<Vec<SnapshotInfo>> {
             stages: state.stages.iter().map(|(n, s)| format!("{n}:{}", s.active.version)).collect(),
             bytes,
             btrfs,
+            created: created(name).map(|(t, _)| t),
         });
     }
-    out.sort_by(|a, b| a.name.cmp(&b.name));
+    // In time order; within one second, each pre- before its post-.
+    let key = |s: &SnapshotInfo| {
+        let (t, n) = created(&s.name).unwrap_or_default();
+        (t, !s.name.starts_with("pre-"), n, s.name.clone())
+    };
+    out.sort_by_key(key);
     Ok(out)
 }
 

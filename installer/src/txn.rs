@@ -190,9 +190,9 @@ pub fn apply(host: &Host, staging: &Staging, step: &Step) -> Result<()> {
         Step::Link { target, text } => match host.state(target)? {
             TargetState::Missing => host.replace_symlink(target, text).with_context(|| format!("linking {target}")),
             TargetState::Symlink(t) if &t == text => Ok(()),
-            other => anyhow::bail!(
-                "{target} appeared while deploying ({other:?}); nothing was changed: run the command again"
-            ),
+            other => {
+                anyhow::bail!("{target} appeared while deploying ({other}); nothing was changed: run the command again")
+            }
         },
         Step::Unlink { target, text } => match host.state(target)? {
             TargetState::Symlink(t) if &t == text => host.remove(target).with_context(|| format!("removing {target}")),

@@ -667,6 +667,34 @@ pub fn add_revoked(text: &str, path: &Path, key: &KeyId) -> Result<String, Polic
     finish_edit(doc, path, |p| p.is_revoked(key))
 }
 
+/// Returns the policy text `text` (of file `path`) with `feature` added to `features`
+/// (`enabled`) or taken out of it. Comments and layout are kept; a new `features` key
+/// goes among the top-level keys, above every table, so that the file keeps its meaning.
+pub fn set_feature(text: &str, path: &Path, feature: &str, enabled: bool) -> Result<String, PolicyError> {
+    let policy = Policy::parse(text, path)?;
+    if policy.feature_enabled(feature) == enabled {
+        return Ok(text.to_owned());
+    }
+    let mut doc = edit_document(text, path)?;
+    let not_array = || PolicyError::Edit { path: path.to_owned(), reason: "`features` is not an array".into() };
+    match doc.get_mut("features") {
+        None if enabled => {
+            // A key of the root table is written before the tables whatever its position.
+            doc.insert("features", toml_edit::value(Array::from_iter([feature])));
+        }
+        None => {}
+        Some(item) => {
+            let array = item.as_array_mut().ok_or_else(not_array)?;
+            if enabled {
+                push_like_last(array, feature);
+            } else {
+                array.retain(|v| v.as_str() != Some(feature));
+            }
+        }
+    }
+    finish_edit(doc, path, |p| p.feature_enabled(feature) == enabled)
+}
+
 /// Appends `s` to `array` in the layout of its last element, so a one-per-line list stays
 /// one per line and a comment after the last element stays on its line.
 fn push_like_last(array: &mut Array, s: &str) {
@@ -739,6 +767,21 @@ signatures = 2
 
     fn parse(text: &str) -> Result<Policy, PolicyError> {
         Policy::parse(text, Path::new(P))
+    }
+
+    #[test]
+    fn set_feature_keeps_top_level_keys_above_tables() {
+        let text = "[scopes]\n\"3f9a0c41d2e87b65\" = [\"app*\"]\n";
+        let on = set_feature(text, Path::new(P), "openflow", true).unwrap();
+        assert!(on.find("features").unwrap() < on.find("[scopes]").unwrap(), "{on}");
+        assert!(parse(&on).unwrap().feature_enabled("openflow"));
+        assert_eq!(parse(&on).unwrap().scope(&id("3f9a0c41d2e87b65")).unwrap(), ["app*"]);
+        let two = set_feature(&on, Path::new(P), "lab", true).unwrap();
+        assert_eq!(parse(&two).unwrap().features().collect::<Vec<_>>(), ["lab", "openflow"]);
+        let off = set_feature(&two, Path::new(P), "openflow", false).unwrap();
+        assert_eq!(parse(&off).unwrap().features().collect::<Vec<_>>(), ["lab"]);
+        assert_eq!(set_feature(&off, Path::new(P), "openflow", false).unwrap(), off, "nothing to do");
+        assert!(set_feature(text, Path::new(P), "bad name", true).is_err());
     }
 
     fn id(s: &str) -> KeyId {

@@ -12,9 +12,15 @@ pub fn repo() -> PathBuf {
 
 /// A binary of the workspace, built by `cargo build --workspace --bins`.
 pub fn bin(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let dir = exe.parent().unwrap().parent().unwrap();
-    let path = dir.join(name);
+    // OP_DBUS_BIN_DIR runs the tests against other builds (e.g. to see a new test fail on
+    // the code before a fix).
+    let path = match std::env::var_os("OP_DBUS_BIN_DIR") {
+        Some(d) => PathBuf::from(d).join(name),
+        None => {
+            let exe = std::env::current_exe().unwrap();
+            exe.parent().unwrap().parent().unwrap().join(name)
+        }
+    };
     assert!(
         path.is_file(),
         "{} is missing: run `cargo build --workspace --bins` before `cargo test` (the README's test command does both)",
