@@ -243,7 +243,7 @@ fn build_steps_cannot_read_the_signing_key() {
     by_env.env("OP_DBUS_SIGNING_KEY", &key);
     for mut c in [by_env, s.image()] {
         let _ = fs::remove_file(&spy);
-        let out = json(&ok(c.args(["--json", "-q", "build", "--format", "tar"]).arg(&dir)));
+        let out = json(&ok(c.args(["--json", "-q", "build", "--force", "--format", "tar"]).arg(&dir)));
         assert!(!out["signed_by"].as_array().unwrap().is_empty(), "{out}");
         let seen = fs::read_to_string(&spy).unwrap();
         assert!(seen.contains("== done"), "{seen}");
@@ -260,7 +260,7 @@ fn build_no_sign_then_sign() {
     let dir = s.stage_dir("src", "");
     let mut c = image(&s.path("store"), None);
     c.env("OP_DBUS_SIGNING_KEY", s.key());
-    let built = json(&ok(c.args(["--json", "-q", "build", "--no-sign", "--format", "tar"]).arg(&dir)));
+    let built = json(&ok(c.args(["--json", "-q", "build", "--force", "--no-sign", "--format", "tar"]).arg(&dir)));
     assert!(built["signed_by"].as_array().is_none_or(|a| a.is_empty()), "{built}");
     let inspect = json(&ok(image(&s.path("store"), None).args(["--json", "inspect", "app:1.0.0"])));
     assert_eq!(inspect["signatures"].as_array().map_or(0, Vec::len), 0, "{inspect}");
@@ -273,7 +273,7 @@ fn build_no_sign_then_sign() {
 
 fn built(s: &Scratch) {
     let dir = s.stage_dir("src", "");
-    ok(s.image().args(["-q", "build", "--format", "tar"]).arg(&dir));
+    ok(s.image().args(["-q", "build", "--force", "--format", "tar"]).arg(&dir));
 }
 
 fn verifies(pub_file: &Path, data: &[u8], sig: &str) -> bool {
