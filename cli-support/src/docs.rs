@@ -45,3 +45,52 @@ fn write_page(cmd: &Command, name: &str, dir: &Path, written: &mut Vec<PathBuf>)
     }
     Ok(())
 }
+
+/// Every command of `cmd` that is not hidden, with its path (`op-dbus-stage trust add`),
+/// the top-level command first.
+pub fn visible_commands(mut cmd: Command) -> Vec<(String, Command)> {
+    fn walk(cmd: &Command, path: &str, out: &mut Vec<(String, Command)>) {
+        out.push((path.to_owned(), cmd.clone()));
+        for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set() && s.get_name() != "help") {
+            walk(sub, &format!("{path} {}", sub.get_name()), out);
+        }
+    }
+    cmd.build();
+    let name = cmd.get_name().to_owned();
+    let mut out = Vec::new();
+    walk(&cmd, &name, &mut out);
+    out
+}
+
+/// `command: argument` for every visible argument of every visible command that has no
+/// help text (empty when every one has).
+pub fn undocumented(cmd: Command) -> Vec<String> {
+    let mut out = Vec::new();
+    for (path, c) in visible_commands(cmd) {
+        for arg in c.get_arguments().filter(|a| !a.is_hide_set()) {
+            let id = arg.get_id().as_str();
+            if id != "help" && id != "version" && arg.get_help().is_none() {
+                out.push(format!("{path}: {id}"));
+            }
+        }
+    }
+    out
+}
+
+/// The visible commands that take the argument `id`.
+pub fn commands_with(cmd: Command, id: &str) -> Vec<String> {
+    visible_commands(cmd)
+        .into_iter()
+        .filter(|(_, c)| c.get_arguments().any(|a| a.get_id() == id))
+        .map(|(path, _)| path)
+        .collect()
+}
+
+/// The long help of every visible command, 100 columns wide, keyed by its path with `_`
+/// for spaces (the names of the help snapshots).
+pub fn long_helps(cmd: Command) -> Vec<(String, String)> {
+    visible_commands(cmd)
+        .into_iter()
+        .map(|(path, c)| (path.replace(' ', "_"), c.term_width(100).render_long_help().to_string()))
+        .collect()
+}

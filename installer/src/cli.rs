@@ -646,49 +646,22 @@ mod tests {
 mod help {
     use clap::CommandFactory;
 
-    /// Every command that is not hidden, with its path (`op-dbus-stage key generate`).
-    pub fn commands(cmd: &clap::Command, path: &str, out: &mut Vec<(String, clap::Command)>) {
-        out.push((path.to_owned(), cmd.clone()));
-        for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set() && s.get_name() != "help") {
-            commands(sub, &format!("{path} {}", sub.get_name()), out);
-        }
-    }
-
-    fn all() -> Vec<(String, clap::Command)> {
-        let mut cmd = super::Cli::command();
-        cmd.build();
-        let mut out = Vec::new();
-        commands(&cmd, "op-dbus-stage", &mut out);
-        out
-    }
-
     #[test]
     fn every_argument_and_value_has_help() {
-        for (path, cmd) in all() {
-            for arg in cmd.get_arguments().filter(|a| !a.is_hide_set()) {
-                let id = arg.get_id().as_str();
-                if id == "help" || id == "version" {
-                    continue;
-                }
-                assert!(arg.get_help().is_some(), "{path}: {id} has no help text");
-            }
-        }
+        assert_eq!(cli_support::docs::undocumented(super::Cli::command()), Vec::<String>::new());
     }
 
     #[test]
     fn registry_flags_only_on_deploy_and_receive() {
-        for (path, cmd) in all() {
-            let has = cmd.get_arguments().any(|a| a.get_id() == "insecure");
-            let wants = path.ends_with(" deploy") || path.ends_with(" receive") || path.ends_with(" deploy-from-image");
-            assert_eq!(has, wants, "{path}");
-        }
+        let mut with = cli_support::docs::commands_with(super::Cli::command(), "insecure");
+        with.sort();
+        assert_eq!(with, ["op-dbus-stage deploy", "op-dbus-stage deploy-from-image", "op-dbus-stage receive"]);
     }
 
     #[test]
     fn help_snapshots() {
-        for (path, cmd) in all() {
-            let help = cmd.term_width(100).render_long_help().to_string();
-            insta::assert_snapshot!(path.replace(' ', "_"), help);
+        for (name, help) in cli_support::docs::long_helps(super::Cli::command()) {
+            insta::assert_snapshot!(name, help);
         }
     }
 }

@@ -13,35 +13,7 @@ use std::time::{Duration, SystemTime};
 
 use util::*;
 
-/// A build machine (store + key) and a scratch host root that other users may traverse
-/// (verify commands run as `nobody`).
-struct Scratch {
-    dir: tempfile::TempDir,
-}
-
 impl Scratch {
-    fn new() -> Scratch {
-        let s = Scratch { dir: tempfile::tempdir().unwrap() };
-        fs::set_permissions(s.dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
-        fs::create_dir_all(s.root()).unwrap();
-        keygen(s.dir.path(), "signing.key");
-        ok(s.stage().arg("init"));
-        s
-    }
-    fn root(&self) -> PathBuf {
-        self.dir.path().join("root")
-    }
-    fn key(&self) -> PathBuf {
-        self.dir.path().join("signing.key")
-    }
-    fn stage(&self) -> Command {
-        let mut c = Command::new(bin("op-dbus-stage"));
-        c.arg("--root").arg(self.root());
-        c
-    }
-    fn trust(&self) {
-        ok(self.stage().args(["trust", "add"]).arg(self.dir.path().join("signing.key.pub")));
-    }
     /// Builds the stage folder `dir`, signed with `key`, and exports it alone.
     fn build_export_with(&self, dir: &Path, key: &Path) -> PathBuf {
         let store = self.dir.path().join("store");

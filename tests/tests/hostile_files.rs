@@ -17,35 +17,7 @@ use std::time::{Duration, Instant};
 
 use util::*;
 
-struct Scratch {
-    dir: tempfile::TempDir,
-}
-
 impl Scratch {
-    fn new() -> Scratch {
-        let s = Scratch { dir: tempfile::tempdir().unwrap() };
-        keygen(s.dir.path(), "signing.key");
-        fs::create_dir_all(s.root()).unwrap();
-        ok(s.stage().arg("init"));
-        s
-    }
-    fn path(&self, p: &str) -> PathBuf {
-        self.dir.path().join(p)
-    }
-    fn root(&self) -> PathBuf {
-        self.path("root")
-    }
-    fn key(&self) -> PathBuf {
-        self.path("signing.key")
-    }
-    fn stage(&self) -> Command {
-        let mut c = Command::new(bin("op-dbus-stage"));
-        c.arg("--root").arg(self.root());
-        c
-    }
-    fn image(&self) -> Command {
-        image(&self.path("store"), Some(&self.key()))
-    }
     /// The base64 body of the private key: what must never be shown or readable.
     fn secret(&self) -> String {
         let pem = fs::read_to_string(self.key()).unwrap();

@@ -5,36 +5,13 @@ mod util;
 
 use std::fs;
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 
 use util::*;
 
-struct Scratch {
-    dir: tempfile::TempDir,
-}
-
 impl Scratch {
-    fn new() -> Scratch {
-        let s = Scratch { dir: tempfile::tempdir().unwrap() };
-        keygen(s.dir.path(), "signing.key");
-        fs::create_dir_all(s.root()).unwrap();
-        ok(s.stage().arg("init"));
-        ok(s.stage().args(["trust", "add"]).arg(s.dir.path().join("signing.key.pub")));
-        s
-    }
-    fn root(&self) -> PathBuf {
-        self.dir.path().join("root")
-    }
-    fn image(&self) -> Command {
-        image(&self.dir.path().join("store"), Some(&self.dir.path().join("signing.key")))
-    }
-    fn stage(&self) -> Command {
-        let mut c = Command::new(bin("op-dbus-stage"));
-        c.arg("--root").arg(self.root());
-        c
-    }
     /// Builds NAME VERSION (a file of `kib` KiB) and exports it.
-    fn export(&self, name: &str, version: &str, kib: usize) -> PathBuf {
+    fn export_sized(&self, name: &str, version: &str, kib: usize) -> PathBuf {
         let dir = self.dir.path().join(format!("{name}-{version}"));
         fs::create_dir_all(dir.join("share")).unwrap();
         fs::write(dir.join("manifest.yaml"), format!("name: {name}\nversion: {version}\n")).unwrap();
@@ -62,8 +39,8 @@ fn first_line(s: &str) -> &str {
 
 #[test]
 fn tables_have_headers_and_human_sizes() {
-    let s = Scratch::new();
-    ok(s.stage().arg("deploy").arg(s.export("app", "1.0.0", 40)));
+    let s = Scratch::trusted();
+    ok(s.stage().arg("deploy").arg(s.export_sized("app", "1.0.0", 40)));
     let list = ok(s.image().arg("list"));
     assert!(first_line(&list).starts_with("NAME") && first_line(&list).contains("SIZE"), "{list}");
     assert!(list.contains("KiB"), "sizes for people: {list}");
@@ -81,10 +58,10 @@ fn tables_have_headers_and_human_sizes() {
 
 #[test]
 fn snapshots_are_in_time_order() {
-    let s = Scratch::new();
-    ok(s.stage().arg("deploy").arg(s.export("zeta", "1.0.0", 1)));
+    let s = Scratch::trusted();
+    ok(s.stage().arg("deploy").arg(s.export_sized("zeta", "1.0.0", 1)));
     std::thread::sleep(std::time::Duration::from_millis(1100));
-    ok(s.stage().arg("deploy").arg(s.export("alpha", "1.0.0", 1)));
+    ok(s.stage().arg("deploy").arg(s.export_sized("alpha", "1.0.0", 1)));
     let snaps = json(&ok(s.stage().args(["--json", "snapshots"])));
     let names: Vec<&str> = snaps["snapshots"].as_array().unwrap().iter().map(|x| x["name"].as_str().unwrap()).collect();
     let kinds: Vec<String> = names.iter().map(|n| n.split('-').take(2).collect::<Vec<_>>().join("-")).collect();
@@ -93,8 +70,8 @@ fn snapshots_are_in_time_order() {
 
 #[test]
 fn quiet_prints_nothing_but_errors() {
-    let s = Scratch::new();
-    let export = s.export("app", "1.0.0", 1);
+    let s = Scratch::trusted();
+    let export = s.export_sized("app", "1.0.0", 1);
     let out = run(s.stage().args(["-q", "deploy"]).arg(&export));
     assert!(out.status.success());
     assert!(out.stdout.is_empty() && out.stderr.is_empty(), "{out:?}");
@@ -107,9 +84,9 @@ fn quiet_prints_nothing_but_errors() {
 
 #[test]
 fn gc_says_what_it_removed_and_kept() {
-    let s = Scratch::new();
+    let s = Scratch::trusted();
     for v in ["1.0.0", "2.0.0", "3.0.0"] {
-        ok(s.stage().arg("deploy").arg(s.export("app", v, 1)));
+        ok(s.stage().arg("deploy").arg(s.export_sized("app", v, 1)));
     }
     for snap in json(&ok(s.stage().args(["--json", "snapshots"])))["snapshots"].as_array().unwrap() {
         fs::remove_file(
@@ -126,8 +103,8 @@ fn gc_says_what_it_removed_and_kept() {
 
 #[test]
 fn json_errors_are_documents_with_the_same_exit_code() {
-    let s = Scratch::new();
-    s.export("app", "1.0.0", 0);
+    let s = Scratch::trusted();
+    s.export_sized("app", "1.0.0", 0);
     for (mut cmd, code, name) in [
         (
             {
@@ -159,8 +136,8 @@ fn json_errors_are_documents_with_the_same_exit_code() {
 
 #[test]
 fn a_closed_stdout_is_a_clean_end() {
-    let s = Scratch::new();
-    s.export("app", "1.0.0", 0);
+    let s = Scratch::trusted();
+    s.export_sized("app", "1.0.0", 0);
     for mut cmd in [s.image(), s.stage()] {
         // `| head` that has read enough: the reader is gone before the command writes.
         let mut child = cmd.arg("list").stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();

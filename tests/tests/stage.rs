@@ -8,52 +8,11 @@ use std::fs;
 use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 
 use util::*;
 
-/// A build machine (store + key) and a scratch host root.
-struct Scratch {
-    dir: tempfile::TempDir,
-}
-
 impl Scratch {
-    fn new() -> Scratch {
-        let s = Scratch { dir: tempfile::tempdir().unwrap() };
-        fs::create_dir_all(s.root()).unwrap();
-        keygen(s.dir.path(), "signing.key");
-        ok(s.stage().arg("init"));
-        s
-    }
-    fn root(&self) -> PathBuf {
-        self.dir.path().join("root")
-    }
-    fn store(&self) -> PathBuf {
-        self.dir.path().join("store")
-    }
-    fn key(&self) -> PathBuf {
-        self.dir.path().join("signing.key")
-    }
-    fn image(&self) -> Command {
-        image(&self.store(), Some(&self.key()))
-    }
-    fn stage(&self) -> Command {
-        let mut c = Command::new(bin("op-dbus-stage"));
-        c.arg("--root").arg(self.root());
-        c
-    }
-    fn trust(&self) {
-        ok(self.stage().args(["trust", "add"]).arg(self.dir.path().join("signing.key.pub")));
-    }
-    fn build(&self, dir: &Path) -> String {
-        let out = json(&ok(self.image().args(["--json", "-q", "build"]).arg(dir)));
-        out["reference"].as_str().unwrap().to_owned()
-    }
-    fn export(&self, refs: &[&str], name: &str) -> PathBuf {
-        let out = self.dir.path().join(name);
-        ok(self.image().args(["-q", "export"]).args(refs).arg("--out").arg(&out));
-        out
-    }
     /// Builds `dir` and exports it alone.
     fn build_export(&self, dir: &Path) -> PathBuf {
         let r = self.build(dir);

@@ -6,53 +6,12 @@ mod util;
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
 
 use util::*;
 
-/// A build machine (store + key) and a scratch host root, initialised.
-struct Scratch {
-    dir: tempfile::TempDir,
-}
-
 impl Scratch {
-    fn new() -> Scratch {
-        let s = Scratch { dir: tempfile::tempdir().unwrap() };
-        keygen(s.dir.path(), "signing.key");
-        fs::create_dir_all(s.root()).unwrap();
-        ok(s.stage().arg("init"));
-        s
-    }
-    fn root(&self) -> PathBuf {
-        self.dir.path().join("root")
-    }
-    fn store(&self) -> PathBuf {
-        self.dir.path().join("store")
-    }
-    fn key(&self) -> PathBuf {
-        self.dir.path().join("signing.key")
-    }
-    fn pub_key(&self) -> PathBuf {
-        self.dir.path().join("signing.key.pub")
-    }
-    fn image(&self) -> Command {
-        image(&self.store(), Some(&self.key()))
-    }
-    fn stage(&self) -> Command {
-        let mut c = Command::new(bin("op-dbus-stage"));
-        c.arg("--root").arg(self.root());
-        c
-    }
-    fn build(&self, dir: &Path) -> String {
-        let out = json(&ok(self.image().args(["--json", "-q", "build"]).arg(dir)));
-        out["reference"].as_str().unwrap().to_owned()
-    }
-    fn export(&self, refs: &[&str], name: &str) -> PathBuf {
-        let out = self.dir.path().join(name);
-        ok(self.image().args(["-q", "export"]).args(refs).arg("--out").arg(&out));
-        out
-    }
     fn stage_dir(&self, name: &str, version: &str, extra: &str) -> PathBuf {
         let dir = self.dir.path().join(format!("{name}-{version}"));
         let _ = fs::remove_dir_all(&dir);

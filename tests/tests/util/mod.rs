@@ -189,3 +189,74 @@ impl Drop for LoopBtrfs {
         }
     }
 }
+
+/// A build machine (store + key) and a scratch host root, initialised: what most
+/// end-to-end tests start from. Test files add their own methods in `impl Scratch`.
+pub struct Scratch {
+    pub dir: tempfile::TempDir,
+}
+
+impl Scratch {
+    /// `signing.key` made, `root/` initialised (the temp dir is 0755, so that an
+    /// unprivileged verify user can reach the root).
+    pub fn new() -> Scratch {
+        use std::os::unix::fs::PermissionsExt;
+        let s = Scratch { dir: tempfile::tempdir().unwrap() };
+        std::fs::set_permissions(s.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        keygen(s.dir.path(), "signing.key");
+        std::fs::create_dir_all(s.root()).unwrap();
+        ok(s.stage().arg("init"));
+        s
+    }
+    /// [`Scratch::new`], and the root trusts the key.
+    pub fn trusted() -> Scratch {
+        let s = Scratch::new();
+        s.trust();
+        s
+    }
+    pub fn path(&self, p: &str) -> PathBuf {
+        self.dir.path().join(p)
+    }
+    pub fn root(&self) -> PathBuf {
+        self.path("root")
+    }
+    pub fn store(&self) -> PathBuf {
+        self.path("store")
+    }
+    pub fn key(&self) -> PathBuf {
+        self.path("signing.key")
+    }
+    pub fn pub_key(&self) -> PathBuf {
+        self.path("signing.key.pub")
+    }
+    /// `op-dbus-image` on the store, signing with the key.
+    pub fn image(&self) -> Command {
+        image(&self.store(), Some(&self.key()))
+    }
+    /// `op-dbus-stage --root ROOT`.
+    pub fn stage(&self) -> Command {
+        let mut c = Command::new(bin("op-dbus-stage"));
+        c.arg("--root").arg(self.root());
+        c
+    }
+    pub fn trust(&self) {
+        ok(self.stage().args(["trust", "add"]).arg(self.pub_key()));
+    }
+    /// Builds the stage folder `dir`; returns its NAME:VERSION.
+    pub fn build(&self, dir: &Path) -> String {
+        let out = json(&ok(self.image().args(["--json", "-q", "build"]).arg(dir)));
+        out["reference"].as_str().unwrap().to_owned()
+    }
+    /// Exports `refs` as `name` in the scratch dir.
+    pub fn export(&self, refs: &[&str], name: &str) -> PathBuf {
+        let out = self.path(name);
+        ok(self.image().args(["-q", "export"]).args(refs).arg("--out").arg(&out));
+        out
+    }
+}
+
+impl Default for Scratch {
+    fn default() -> Self {
+        Self::new()
+    }
+}
