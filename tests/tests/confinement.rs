@@ -36,22 +36,6 @@ impl Scratch {
     }
 }
 
-/// A stage folder: `files` are (path, content); those under `bin/` are executable.
-fn stage_dir(parent: &Path, name: &str, version: &str, extra: &str, files: &[(&str, &str)]) -> PathBuf {
-    let dir = parent.join(format!("{name}-{version}"));
-    let _ = fs::remove_dir_all(&dir);
-    fs::create_dir_all(&dir).unwrap();
-    fs::write(dir.join("manifest.yaml"), format!("name: {name}\nversion: {version}\n{extra}")).unwrap();
-    for (p, content) in files {
-        let f = dir.join(p);
-        fs::create_dir_all(f.parent().unwrap()).unwrap();
-        fs::write(&f, content).unwrap();
-        let mode = if p.starts_with("bin/") { 0o755 } else { 0o644 };
-        fs::set_permissions(&f, fs::Permissions::from_mode(mode)).unwrap();
-    }
-    dir
-}
-
 /// A tmpfs mounted at a path, unmounted on drop.
 struct Tmpfs(PathBuf);
 

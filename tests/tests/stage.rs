@@ -55,23 +55,6 @@ fn host_tree(root: &Path) -> BTreeMap<String, String> {
     tree(root).into_iter().filter(|(k, _)| !k.starts_with("var/lib/op-dbus")).collect()
 }
 
-/// A minimal stage folder.
-fn stage_dir(parent: &Path, name: &str, version: &str, extra: &str, files: &[(&str, &str)]) -> PathBuf {
-    let dir = parent.join(format!("{name}-{version}"));
-    let _ = fs::remove_dir_all(&dir);
-    fs::create_dir_all(&dir).unwrap();
-    fs::write(dir.join("manifest.yaml"), format!("name: {name}\nversion: {version}\n{extra}")).unwrap();
-    for (p, content) in files {
-        let f = dir.join(p);
-        fs::create_dir_all(f.parent().unwrap()).unwrap();
-        fs::write(&f, content).unwrap();
-        if p.starts_with("bin/") {
-            fs::set_permissions(&f, fs::Permissions::from_mode(0o755)).unwrap();
-        }
-    }
-    dir
-}
-
 const APP_FILES: &str = "files:
   - path: bin/app
     target: /usr/local/bin/app

@@ -260,3 +260,21 @@ impl Default for Scratch {
         Self::new()
     }
 }
+
+/// A stage folder `PARENT/NAME-VERSION` with a manifest (`extra` appended to its name
+/// and version) and `files` (path, content); those under `bin/` are 0755, others 0644.
+pub fn stage_dir(parent: &Path, name: &str, version: &str, extra: &str, files: &[(&str, &str)]) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = parent.join(format!("{name}-{version}"));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("manifest.yaml"), format!("name: {name}\nversion: {version}\n{extra}")).unwrap();
+    for (p, content) in files {
+        let f = dir.join(p);
+        std::fs::create_dir_all(f.parent().unwrap()).unwrap();
+        std::fs::write(&f, content).unwrap();
+        let mode = if p.starts_with("bin/") { 0o755 } else { 0o644 };
+        std::fs::set_permissions(&f, std::fs::Permissions::from_mode(mode)).unwrap();
+    }
+    dir
+}
