@@ -114,21 +114,19 @@ fn within_budget(summary: &StreamSummary, layer: &Descriptor, budget: &Budget, s
     let (bytes, entries) = (summary.bytes_stored(), summary.entries_created());
     spent.bytes = spent.bytes.saturating_add(bytes);
     spent.entries = spent.entries.saturating_add(entries);
-    if bytes > budget.layer_bytes || spent.bytes > budget.image_bytes {
-        return Err(Malformed(format!(
-            "layer {} would store {bytes} bytes ({} in all layers so far), more than the signed manifest allows \
-             ({} per layer, {} per image)",
-            layer.digest, spent.bytes, budget.layer_bytes, budget.image_bytes
-        ))
-        .into());
-    }
-    if entries > budget.layer_entries || spent.entries > budget.image_entries {
-        return Err(Malformed(format!(
-            "layer {} would create {entries} entries ({} in all layers so far), more than the signed manifest allows \
-             ({} per layer, {} per image)",
-            layer.digest, spent.entries, budget.layer_entries, budget.image_entries
-        ))
-        .into());
+    let checks = [
+        ("store", "bytes", bytes, spent.bytes, budget.layer_bytes, budget.image_bytes),
+        ("create", "entries", entries, spent.entries, budget.layer_entries, budget.image_entries),
+    ];
+    for (verb, unit, this, all, per_layer, per_image) in checks {
+        if this > per_layer || all > per_image {
+            return Err(Malformed(format!(
+                "layer {} would {verb} {this} {unit} ({all} in all layers so far), more than the signed manifest \
+                 allows ({per_layer} per layer, {per_image} per image)",
+                layer.digest
+            ))
+            .into());
+        }
     }
     Ok(())
 }
