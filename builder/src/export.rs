@@ -157,14 +157,14 @@ pub fn export(
         let bytes = w.count;
         let (signature, buf) = sign(key, w.inner, &comment)?;
         let tmp = buf.into_inner().map_err(|e| e.into_error()).with_context(|| format!("writing {}", out.display()))?;
-        tmp.as_file().sync_all()?;
+        let tmp = fsx::TempFile::from_written(tmp).with_context(|| format!("writing {}", out.display()))?;
         check_out(out, "--out")?;
-        tmp.persist(out).with_context(|| format!("moving the export to {}", out.display()))?;
+        tmp.replace(out).with_context(|| format!("moving the export to {}", out.display()))?;
         (bytes, signature)
     };
     let minisig = match (signature, sig_path) {
         (Some(text), Some(p)) => {
-            formats::layout::write_atomic(&p, text.as_bytes())?;
+            fsx::write_atomic(&p, text.as_bytes())?;
             Some(p)
         }
         (Some(_), None) => {

@@ -227,11 +227,9 @@ impl Trust {
 /// `None` when it does not exist. A FIFO or device there is refused, never opened for
 /// reading in a way that could wait.
 pub(crate) fn read_in_root(host: &Host, rel: &str, limit: u64) -> Result<Option<Vec<u8>>> {
-    use rustix::fs::{Mode, OFlags, ResolveFlags};
+    use rustix::fs::OFlags;
     let shown = host.root.join(rel);
-    let how = ResolveFlags::IN_ROOT | ResolveFlags::NO_MAGICLINKS;
-    let root = rustix::fs::open(&host.root, OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())
-        .with_context(|| format!("opening the root {}", host.root.display()))?;
+    let root = fsx::open_root(&host.root).with_context(|| format!("opening the root {}", host.root.display()))?;
     let check = |fd: &std::os::fd::OwnedFd| -> Result<rustix::fs::Stat> {
         let st = rustix::fs::fstat(fd).with_context(|| format!("reading {}", shown.display()))?;
         if rustix::fs::FileType::from_raw_mode(st.st_mode) != rustix::fs::FileType::RegularFile {
@@ -244,16 +242,14 @@ pub(crate) fn read_in_root(host: &Host, rel: &str, limit: u64) -> Result<Option<
     };
     // Looked at through an O_PATH descriptor first: opening a FIFO or a device for
     // reading could wait or have effects.
-    let path_fd = match rustix::fs::openat2(&root, rel, OFlags::PATH | OFlags::CLOEXEC, Mode::empty(), how) {
+    let path_fd = match fsx::open_in_root(&root, rel, OFlags::PATH) {
         Ok(fd) => fd,
-        Err(rustix::io::Errno::NOENT) => return Ok(None),
-        Err(e) => return Err(io::Error::from(e)).with_context(|| format!("opening {}", shown.display())),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e).with_context(|| format!("opening {}", shown.display())),
     };
     let first = check(&path_fd)?;
-    let flags = OFlags::RDONLY | OFlags::NONBLOCK | OFlags::NOCTTY | OFlags::CLOEXEC;
-    let fd = rustix::fs::openat2(&root, rel, flags, Mode::empty(), how)
-        .map_err(io::Error::from)
-        .with_context(|| format!("opening {}", shown.display()))?;
+    let flags = OFlags::RDONLY | OFlags::NONBLOCK | OFlags::NOCTTY;
+    let fd = fsx::open_in_root(&root, rel, flags).with_context(|| format!("opening {}", shown.display()))?;
     let st = check(&fd)?;
     if (st.st_dev, st.st_ino) != (first.st_dev, first.st_ino) {
         return Err(Malformed(format!("{} changed while it was read", shown.display())).into());
@@ -928,7 +924,7 @@ pub fn store_received(received: &Received, images: &[&Verified], store: &Layout)
                     .with_context(|| format!("storing blob {d}"))?;
             }
         }
-        crate::txn::sync_dir(&store.root().join("blobs/sha256"))?;
+        fsx::sync_dir(&store.root().join("blobs/sha256"))?;
     }
     store.update_index(|index| {
         for v in images {

@@ -26,7 +26,7 @@ pub fn write(staging: &Staging, name: &str, state: &State) -> Result<()> {
         return Ok(());
     }
     let bytes = serde_json::to_vec_pretty(state).expect("state serializes");
-    formats::layout::write_atomic(&path, &bytes).with_context(|| format!("writing {}", path.display()))
+    fsx::write_atomic(&path, &bytes).with_context(|| format!("writing {}", path.display()))
 }
 
 /// A snapshot name for `kind` (`pre`/`post`) of `stage` now, unique among the existing ones.
