@@ -16,13 +16,13 @@ use serde::Serialize;
 
 use formats::digest::sha256_reader;
 use formats::layout::Layout;
-use formats::manifest::{CONFIG_MEDIA_TYPE, Entry, EntryKind, FileSpec, FileType, StageConfig, StageDefinition};
+use formats::manifest::{CONFIG_MEDIA_TYPE, Entry, FileSpec, FileType, StageConfig, StageDefinition};
 use formats::oci::{self, Descriptor, ImageManifest};
 use formats::path::{RelPath, TargetPath};
 use formats::payload::{Compression, TarZstdWriter};
 use formats::{Digest, Reference, StageName, Version};
 
-use crate::assemble::{self, Tree};
+use crate::assemble::{self, Node, Tree};
 use crate::error::InputError;
 use crate::inspect::StoredImage;
 
@@ -386,8 +386,8 @@ fn tar_layer(
                 let (tx, rx) = std::sync::mpsc::sync_channel::<std::io::Result<Vec<u8>>>(PREFETCH_FILES);
                 scope.spawn(move || {
                     for node in tree.nodes.values() {
-                        if let (EntryKind::File, Some(from)) = (node.kind, &node.from)
-                            && node.size <= PREFETCH_MAX
+                        if let Node::File { from, size, .. } = node
+                            && *size <= PREFETCH_MAX
                         {
                             let read = std::fs::read(from);
                             if tx.send(read).is_err() {
@@ -397,26 +397,25 @@ fn tar_layer(
                     }
                 });
                 for (path, node) in &tree.nodes {
-                    let sha256 = match node.kind {
-                        EntryKind::Dir => {
-                            payload.add_dir(path, node.mode)?;
+                    let sha256 = match node {
+                        Node::Dir { mode } => {
+                            payload.add_dir(path, *mode)?;
                             None
                         }
-                        EntryKind::Symlink => {
-                            payload.add_symlink(path, node.link.as_deref().expect("symlink has link"))?;
+                        Node::Symlink { link } => {
+                            payload.add_symlink(path, link)?;
                             None
                         }
-                        EntryKind::File => {
-                            let from = node.from.as_deref().expect("file has a source");
-                            let added = if node.size <= PREFETCH_MAX {
+                        &Node::File { mode, ref from, size } => {
+                            let added = if size <= PREFETCH_MAX {
                                 let bytes = rx
                                     .recv()
                                     .context("the read-ahead thread stopped")?
                                     .with_context(|| format!("reading {}", from.display()))?;
                                 bar.inc(bytes.len() as u64);
-                                payload.add_file(path, node.mode, node.size, &bytes[..])
+                                payload.add_file(path, mode, size, &bytes[..])
                             } else {
-                                payload.add_file(path, node.mode, node.size, bar.wrap_read(open(from)?))
+                                payload.add_file(path, mode, size, bar.wrap_read(open(from)?))
                             };
                             Some(added.with_context(|| format!("adding {}", from.display()))?)
                         }
@@ -428,9 +427,9 @@ fn tar_layer(
         }
         Some(parent) => {
             for (path, node) in &tree.nodes {
-                let sha256 = match &node.from {
-                    Some(from) if node.kind == EntryKind::File => Some(sha256_reader(bar.wrap_read(open(from)?))?.0),
-                    _ => None,
+                let sha256 = match node {
+                    Node::File { from, .. } => Some(sha256_reader(bar.wrap_read(open(from)?))?.0),
+                    Node::Dir { .. } | Node::Symlink { .. } => None,
                 };
                 entries.push(entry(path, node, sha256));
             }
@@ -448,14 +447,20 @@ fn tar_layer(
 }
 
 /// The signed entry of a tree node.
-pub(crate) fn entry(path: &RelPath, node: &assemble::Node, sha256: Option<Digest>) -> Entry {
+pub(crate) fn entry(path: &RelPath, node: &Node, sha256: Option<Digest>) -> Entry {
     Entry {
         path: path.clone(),
-        kind: node.kind,
-        mode: node.mode,
-        size: (node.kind == EntryKind::File).then_some(node.size),
+        kind: node.kind(),
+        mode: node.mode(),
+        size: match node {
+            Node::File { size, .. } => Some(*size),
+            _ => None,
+        },
         sha256,
-        link: node.link.clone(),
+        link: match node {
+            Node::Symlink { link } => Some(link.clone()),
+            _ => None,
+        },
     }
 }
 
@@ -486,11 +491,13 @@ fn write_delta<W: Write>(
         if old == Some(e) {
             continue;
         }
-        match e.kind {
-            EntryKind::Dir => payload.add_dir(&e.path, e.mode)?,
-            EntryKind::Symlink => payload.add_symlink(&e.path, e.link.as_deref().expect("symlink has link"))?,
-            EntryKind::File => {
-                let from = tree.nodes[&e.path].from.as_deref().expect("file has a source");
+        let Some(node) = tree.nodes.get(&e.path) else {
+            bail!("{} is in the new entries but not in the assembled tree", e.path);
+        };
+        match node {
+            Node::Dir { .. } => payload.add_dir(&e.path, e.mode)?,
+            Node::Symlink { link } => payload.add_symlink(&e.path, link)?,
+            Node::File { from, .. } => {
                 let f = File::open(from).with_context(|| format!("reading {}", from.display()))?;
                 let d = payload.add_file(&e.path, e.mode, e.size.unwrap_or(0), f)?;
                 if Some(d) != e.sha256 {
