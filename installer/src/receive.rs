@@ -280,7 +280,7 @@ pub struct Candidate {
 pub struct Verified {
     pub reference: String,
     pub digest: Digest,
-    pub signers: Vec<String>,
+    pub signers: Vec<keys::KeyId>,
     #[serde(skip)]
     pub candidate: Option<Candidate>,
 }
@@ -399,12 +399,7 @@ fn verify_as(c: Candidate, trust: &Trust, allow_expired: bool, identity: Identit
         allow_expired,
     )
     .with_context(|| format!("verifying the signatures of {} ({})", c.reference, c.digest))?;
-    Ok(Verified {
-        reference: c.reference.to_string(),
-        digest: c.digest,
-        signers: verdict.signers.iter().map(|k| k.to_string()).collect(),
-        candidate: Some(c),
-    })
+    Ok(Verified { reference: c.reference.to_string(), digest: c.digest, signers: verdict.signers, candidate: Some(c) })
 }
 
 fn image_tags(index: &ImageIndex) -> Vec<String> {
@@ -962,5 +957,29 @@ mod tests {
             Source::parse("app:1.0.0").unwrap(),
             Source::Store("app".parse().unwrap(), Some("1.0.0".parse().unwrap()))
         );
+    }
+
+    /// Signer ids are typed: state.json and `--json` keep the 16-hex-digit text, and a
+    /// state file whose signer is not a key id is refused when read.
+    #[test]
+    fn signer_ids_are_key_ids_with_the_same_json() {
+        let id: keys::KeyId = "3f9a0c41d2e87b65".parse().unwrap();
+        let generation = crate::state::Generation {
+            generation: 1,
+            digest: Digest::of(b"x"),
+            version: "1.0.0".parse().unwrap(),
+            signers: vec![id],
+            deployed_at: String::new(),
+            activation: crate::state::Activation::default(),
+        };
+        let json = serde_json::to_value(&generation).unwrap();
+        assert_eq!(json["signers"], serde_json::json!(["3f9a0c41d2e87b65"]));
+        assert_eq!(serde_json::from_value::<crate::state::Generation>(json.clone()).unwrap(), generation);
+        let mut bad = json;
+        bad["signers"] = serde_json::json!(["not a key id"]);
+        assert!(serde_json::from_value::<crate::state::Generation>(bad).is_err());
+        let v =
+            Verified { reference: "app:1.0.0".into(), digest: Digest::of(b"x"), signers: vec![id], candidate: None };
+        assert_eq!(serde_json::to_value(&v).unwrap()["signers"], serde_json::json!(["3f9a0c41d2e87b65"]));
     }
 }
