@@ -387,18 +387,15 @@ pub fn verify(c: Candidate, trust: &Trust, allow_expired: bool) -> Result<Verifi
 /// Like [`verify`]; a signature counts only when its signed docker-reference names
 /// `identity` (the registry repository the image came from).
 fn verify_as(c: Candidate, trust: &Trust, allow_expired: bool, identity: Identity<'_>) -> Result<Verified> {
-    let verdict = keys::trust::evaluate_as(
-        &trust.keys,
-        &trust.policy,
-        &c.digest,
-        &c.reference.name,
-        &c.reference.version,
-        identity,
-        &c.signatures,
-        SystemTime::now(),
-        allow_expired,
-    )
-    .with_context(|| format!("verifying the signatures of {} ({})", c.reference, c.digest))?;
+    let subject = keys::trust::Subject {
+        digest: &c.digest,
+        name: &c.reference.name,
+        version: &c.reference.version,
+        signatures: &c.signatures,
+    };
+    let options = keys::trust::Options { now: SystemTime::now(), allow_expired };
+    let verdict = keys::trust::evaluate_as(&trust.keys, &trust.policy, subject, identity, options)
+        .with_context(|| format!("verifying the signatures of {} ({})", c.reference, c.digest))?;
     Ok(Verified { reference: c.reference.to_string(), digest: c.digest, signers: verdict.signers, candidate: Some(c) })
 }
 
