@@ -58,6 +58,17 @@ enum Payload {
 }
 
 fn resolve_format(format: Format, stage_dir: Option<&Path>) -> Result<Payload> {
+    let payload = resolve_format_inner(format, stage_dir)?;
+    match &payload {
+        Payload::Tar => tracing::debug!(?format, "payload format tar"),
+        Payload::Btrfs(work) => {
+            tracing::debug!(?format, work = %work.display(), "payload format btrfs: the work directory is on btrfs")
+        }
+    }
+    Ok(payload)
+}
+
+fn resolve_format_inner(format: Format, stage_dir: Option<&Path>) -> Result<Payload> {
     match format {
         Format::Tar => Ok(Payload::Tar),
         Format::Auto if !crate::btrfs::available(stage_dir) => Ok(Payload::Tar),
@@ -113,6 +124,7 @@ pub fn source_date_epoch() -> Result<Option<i64>> {
 }
 
 /// Builds the stage folder `stage_dir` (holding `manifest.yaml`).
+#[tracing::instrument(name = "build", skip_all, fields(stage_dir = %stage_dir.display()))]
 pub fn build(stage_dir: &Path, settings: &Settings<'_>) -> Result<Outcome> {
     let manifest = stage_dir.join("manifest.yaml");
     // Not followed here: a symlink is refused when it is read.
@@ -128,8 +140,10 @@ pub fn build(stage_dir: &Path, settings: &Settings<'_>) -> Result<Outcome> {
         Some(n) => n.clone(),
         None => folder_name(stage_dir, &manifest)?,
     };
+    tracing::info!(image = %Reference::new(name.clone(), def.version.clone()), "building");
     let payload = resolve_format(settings.format, Some(stage_dir))?;
     let Some(layout) = settings.layout else {
+        tracing::debug!("a dry run: the tree is assembled, nothing is written");
         let tree = assemble::stage_tree(stage_dir, &manifest, &def)?;
         return Ok(Outcome::Planned(Plan {
             reference: Reference::new(name, def.version.clone()).to_string(),
@@ -154,6 +168,7 @@ pub fn build(stage_dir: &Path, settings: &Settings<'_>) -> Result<Outcome> {
 
 /// Builds an ad-hoc stage from `files` (`SRC[:TARGET]`): a file with a target is staged at
 /// the target's path (without the leading `/`) and linked there; one without at its name.
+#[tracing::instrument(name = "create", skip_all, fields(image = %Reference::new(name.clone(), version.clone())))]
 pub fn create(name: StageName, version: Version, files: &[String], settings: &Settings<'_>) -> Result<Outcome> {
     let payload = resolve_format(settings.format, None)?;
     let mut tree = Tree::default();
@@ -202,6 +217,7 @@ pub fn create(name: StageName, version: Version, files: &[String], settings: &Se
 /// `force`; returns the digest it had, to be replaced.
 fn check_new_version(layout: &Layout, reference: &Reference, force: bool) -> Result<Option<Digest>> {
     let Some(old) = layout.resolve(&reference.to_string())? else { return Ok(None) };
+    tracing::debug!(%reference, digest = %old.digest, force, "the store already has this version");
     if !force {
         return Err(cli_support::exit::Refused::Conflict(format!(
             "{reference} is already in the store {} ({}), and versions are immutable: bump `version` in the \
@@ -219,6 +235,7 @@ fn drop_old_signatures(layout: &Layout, replaced: Option<Digest>, built: &Built)
     let Some(old) = replaced.filter(|d| *d != built.digest) else { return Ok(()) };
     let name = built.reference.split_once(':').map_or(built.reference.as_str(), |(n, _)| n);
     let tag = format!("{name}:{}", old.signature_tag());
+    tracing::info!(%tag, "dropping the signatures of the replaced image {old}");
     layout.update_index(|i| {
         i.remove(&tag);
     })?;
@@ -245,6 +262,7 @@ fn run_build_steps(stage_dir: &Path, manifest: &Path, def: &StageDefinition, qui
     let total = def.build.len();
     for (i, step) in def.build.iter().enumerate() {
         let cwd = stage_dir.join(step.cwd.as_deref().unwrap_or("."));
+        tracing::info!(step = i + 1, of = total, run = %step.run, cwd = %cwd.display(), "running a build step");
         if !quiet {
             eprintln!("==> build step {}/{total}: {} (in {})", i + 1, step.run, cwd.display());
         }
@@ -295,6 +313,13 @@ fn write_image(
     let epoch = source_date_epoch()?;
     let mtime = epoch.unwrap_or(0) as u64;
     let parent = settings.parent.as_ref().map(|p| load_parent(layout, p)).transpose()?;
+    tracing::debug!(
+        source_date_epoch = ?epoch,
+        parent = ?parent.as_ref().map(|p| p.reference.to_string()),
+        entries = tree.nodes.len(),
+        bytes = tree.content_bytes(),
+        "writing the image: a delta layer over the parent when there is one"
+    );
     let want_media = match payload {
         Payload::Tar => oci::TAR_ZSTD_MEDIA_TYPE,
         Payload::Btrfs(_) => oci::BTRFS_ZSTD_MEDIA_TYPE,

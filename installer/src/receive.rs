@@ -386,7 +386,15 @@ pub fn verify(c: Candidate, trust: &Trust, allow_expired: bool) -> Result<Verifi
 
 /// Like [`verify`]; a signature counts only when its signed docker-reference names
 /// `identity` (the registry repository the image came from).
+#[tracing::instrument(name = "verify", skip_all, fields(image = %c.reference, digest = %c.digest))]
 fn verify_as(c: Candidate, trust: &Trust, allow_expired: bool, identity: Identity<'_>) -> Result<Verified> {
+    tracing::debug!(
+        signatures = c.signatures.len(),
+        trusted_keys = trust.keys.len(),
+        ?identity,
+        allow_expired,
+        "checking the signatures against the trust store and policy"
+    );
     let subject = keys::trust::Subject {
         digest: &c.digest,
         name: &c.reference.name,
@@ -396,6 +404,7 @@ fn verify_as(c: Candidate, trust: &Trust, allow_expired: bool, identity: Identit
     let options = keys::trust::Options { now: SystemTime::now(), allow_expired };
     let verdict = keys::trust::evaluate_as(&trust.keys, &trust.policy, subject, identity, options)
         .with_context(|| format!("verifying the signatures of {} ({})", c.reference, c.digest))?;
+    tracing::info!(signers = ?verdict.signers, "verified");
     Ok(Verified { reference: c.reference.to_string(), digest: c.digest, signers: verdict.signers, candidate: Some(c) })
 }
 
@@ -438,7 +447,9 @@ pub struct Received {
 
 /// Receives `source` into a temporary layout (or reads it from `store`) and verifies
 /// every image in it. Blobs a thin export leaves out are taken from `store`.
+#[tracing::instrument(name = "receive", skip_all, fields(source = ?source))]
 pub fn receive(source: &Source, tmp: &Path, store: &Layout, trust: &Trust, allow_expired: bool) -> Result<Received> {
+    tracing::info!("receiving");
     match source {
         Source::Store(name, version) => {
             let index = store.index()?;
@@ -894,7 +905,9 @@ pub fn highest_tag(index: &ImageIndex, name: &StageName) -> Option<String> {
 
 /// Moves the blobs of `images` from the received temp layout into `store` and tags the
 /// images and their signatures.
+#[tracing::instrument(skip_all, fields(store = %store.root().display()))]
 pub fn store_received(received: &Received, images: &[&Verified], store: &Layout) -> Result<()> {
+    tracing::info!(images = images.len(), "keeping the received images in the store");
     if let Some(temp) = &received.temp {
         let mut blobs = BTreeSet::new();
         for v in images {
