@@ -229,15 +229,16 @@ pub fn write_atomic_mode(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()>
 
 /// Makes `name` in `dir` a symlink with `text`, atomically replacing whatever link or
 /// file is there: a link made at the temp name `tmp` is renamed over it, then the directory
-/// is synced. Nothing is done when the link is already right.
+/// is synced. A `tmp` left by a killed run is removed first; nothing else is done when the
+/// link is already right.
 pub fn replace_symlink_at(dir: impl AsFd, name: &str, text: &str, tmp: &str) -> io::Result<()> {
     let dir = dir.as_fd();
-    if rustix::fs::readlinkat(dir, name, Vec::new()).is_ok_and(|t| t.as_bytes() == text.as_bytes()) {
-        return Ok(());
-    }
     match rustix::fs::unlinkat(dir, tmp, AtFlags::empty()) {
         Ok(()) | Err(rustix::io::Errno::NOENT) => {}
         Err(e) => return Err(e.into()),
+    }
+    if rustix::fs::readlinkat(dir, name, Vec::new()).is_ok_and(|t| t.as_bytes() == text.as_bytes()) {
+        return Ok(());
     }
     rustix::fs::symlinkat(text, dir, tmp)?;
     rustix::fs::renameat(dir, tmp, dir, name)?;
@@ -313,6 +314,7 @@ mod tests {
         let dir = open_root(d.path()).unwrap();
         replace_symlink_at(&dir, "cur", "gen/1", ".cur.tmp").unwrap();
         replace_symlink_at(&dir, "cur", "gen/2", ".cur.tmp").unwrap();
+        symlink("stale", d.path().join(".cur.tmp")).unwrap();
         replace_symlink_at(&dir, "cur", "gen/2", ".cur.tmp").unwrap();
         assert_eq!(fs::read_link(d.path().join("cur")).unwrap(), Path::new("gen/2"));
         fs::write(d.path().join("file"), b"").unwrap();
