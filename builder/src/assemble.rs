@@ -23,16 +23,52 @@ const DIR_MODE: Mode = Mode::new(0o755).expect("valid");
 const EXEC_MODE: Mode = Mode::new(0o755).expect("valid");
 const FILE_MODE: Mode = Mode::new(0o644).expect("valid");
 
-/// One path of the assembled tree.
+const LINK_MODE: Mode = Mode::new(0o777).expect("valid");
+
+/// One path of the assembled tree: its kind decides what else it has.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Node {
-    pub kind: EntryKind,
-    pub mode: Mode,
-    /// Where the content comes from (files).
-    pub from: Option<PathBuf>,
-    pub size: u64,
-    /// Link text (symlinks).
-    pub link: Option<String>,
+pub enum Node {
+    Dir {
+        mode: Mode,
+    },
+    /// A file, its content read from `from` (`size` bytes when assembled).
+    File {
+        mode: Mode,
+        from: PathBuf,
+        size: u64,
+    },
+    /// A symlink with its link text (no mode of its own).
+    Symlink {
+        link: String,
+    },
+}
+
+impl Node {
+    const DIR: Node = Node::Dir { mode: DIR_MODE };
+
+    pub fn kind(&self) -> EntryKind {
+        match self {
+            Node::Dir { .. } => EntryKind::Dir,
+            Node::File { .. } => EntryKind::File,
+            Node::Symlink { .. } => EntryKind::Symlink,
+        }
+    }
+
+    /// The mode staged: a symlink's is 0777.
+    pub fn mode(&self) -> Mode {
+        match self {
+            Node::Dir { mode } | Node::File { mode, .. } => *mode,
+            Node::Symlink { .. } => LINK_MODE,
+        }
+    }
+
+    /// Bytes of content (files; 0 for the rest).
+    pub fn size(&self) -> u64 {
+        match self {
+            Node::File { size, .. } => *size,
+            _ => 0,
+        }
+    }
 }
 
 /// The assembled tree, sorted by path (parents before children).
@@ -44,13 +80,13 @@ pub struct Tree {
 impl Tree {
     /// Total bytes of file content.
     pub fn content_bytes(&self) -> u64 {
-        self.nodes.values().map(|n| n.size).sum()
+        self.nodes.values().map(Node::size).sum()
     }
 
     fn insert(&mut self, path: RelPath, node: Node, origin: &Path) -> Result<(), InputError> {
         for a in path.ancestors() {
             match self.nodes.get(&a) {
-                Some(n) if n.kind != EntryKind::Dir => {
+                Some(n) if n.kind() != EntryKind::Dir => {
                     return Err(InputError::Path {
                         path: origin.to_owned(),
                         reason: format!("{path} would be staged below {a}, which is not a directory"),
@@ -58,13 +94,12 @@ impl Tree {
                 }
                 Some(_) => {}
                 None => {
-                    self.nodes
-                        .insert(a, Node { kind: EntryKind::Dir, mode: DIR_MODE, from: None, size: 0, link: None });
+                    self.nodes.insert(a, Node::DIR);
                 }
             }
         }
         if let Some(old) = self.nodes.get(&path)
-            && (old.kind == EntryKind::Dir) != (node.kind == EntryKind::Dir)
+            && (old.kind() == EntryKind::Dir) != (node.kind() == EntryKind::Dir)
         {
             return Err(InputError::Path {
                 path: origin.to_owned(),
@@ -144,15 +179,17 @@ impl Tree {
                     reason: format!("{} does not exist in the stage folder {}", f.path, stage_dir.display()),
                 });
             };
-            if let Some(mode) = f.mode {
-                if node.kind == EntryKind::Symlink {
-                    return Err(InputError::Field {
-                        file: manifest.to_owned(),
-                        field: format!("files[{i}].mode"),
-                        reason: format!("{} is a symlink, which has no mode of its own", f.path),
-                    });
+            if let Some(declared) = f.mode {
+                match node {
+                    Node::Dir { mode } | Node::File { mode, .. } => *mode = declared,
+                    Node::Symlink { .. } => {
+                        return Err(InputError::Field {
+                            file: manifest.to_owned(),
+                            field: format!("files[{i}].mode"),
+                            reason: format!("{} is a symlink, which has no mode of its own", f.path),
+                        });
+                    }
                 }
-                node.mode = mode;
             }
         }
         Ok(())
@@ -165,22 +202,16 @@ fn node_for(fs_path: &Path, path: &RelPath) -> Result<Node, InputError> {
     let ft = meta.file_type();
     let bad = |reason: String| InputError::Path { path: fs_path.to_owned(), reason };
     if ft.is_dir() {
-        Ok(Node { kind: EntryKind::Dir, mode: DIR_MODE, from: None, size: 0, link: None })
+        Ok(Node::DIR)
     } else if ft.is_file() {
         let mode = if meta.permissions().mode() & 0o100 != 0 { EXEC_MODE } else { FILE_MODE };
-        Ok(Node { kind: EntryKind::File, mode, from: Some(fs_path.to_owned()), size: meta.len(), link: None })
+        Ok(Node::File { mode, from: fs_path.to_owned(), size: meta.len() })
     } else if ft.is_symlink() {
         let link = fs::read_link(fs_path).map_err(|e| bad(e.to_string()))?;
         let link = link.to_str().ok_or_else(|| bad("the link text is not valid UTF-8".into()))?.to_owned();
         confine_link(path, &link)
             .map_err(|e| bad(format!("{e}; make it a relative link inside the stage, or copy the file in")))?;
-        Ok(Node {
-            kind: EntryKind::Symlink,
-            mode: Mode::new(0o777).expect("valid"),
-            from: None,
-            size: 0,
-            link: Some(link),
-        })
+        Ok(Node::Symlink { link })
     } else {
         let what = if ft.is_fifo() {
             "a fifo"
@@ -244,8 +275,13 @@ mod tests {
         let names: Vec<_> = t.nodes.keys().map(|p| p.as_str()).collect();
         assert_eq!(names, ["bin", "bin/alias", "bin/tool", "conf", "out.txt", "share", "share/out.txt"]);
         let tool = &t.nodes[&"bin/tool".parse().unwrap()];
-        assert_eq!(tool.mode.bits(), 0o755, "setuid dropped, exec kept");
-        assert_eq!(t.nodes[&"conf".parse().unwrap()].mode.bits(), 0o600);
+        assert_eq!(tool.mode().bits(), 0o755, "setuid dropped, exec kept");
+        assert_eq!(t.nodes[&"conf".parse().unwrap()].mode().bits(), 0o600);
+        assert_eq!(t.nodes[&"bin/alias".parse().unwrap()], Node::Symlink { link: "tool".into() });
+        assert_eq!(t.nodes[&"share".parse().unwrap()], Node::Dir { mode: DIR_MODE });
+        assert!(
+            matches!(&t.nodes[&"share/out.txt".parse().unwrap()], Node::File { size: 6, from, .. } if from.ends_with("out.txt"))
+        );
     }
 
     #[test]

@@ -22,11 +22,11 @@ use anyhow::{Context, Result, bail};
 
 use formats::digest::Digest;
 use formats::layout::Layout;
-use formats::manifest::{Entry, EntryKind, StageConfig};
+use formats::manifest::{Entry, StageConfig};
 use formats::oci::{self, Descriptor};
 use formats::{Reference, StageName, Version};
 
-use crate::assemble::Tree;
+use crate::assemble::{Node, Tree};
 
 /// Annotation of a btrfs layer: the UUID of the subvolume its stream creates.
 pub const ANNOTATION_UUID: &str = "dev.op-dbus.stage/btrfs-uuid";
@@ -142,7 +142,7 @@ fn fill(dest: &Path, tree: &Tree, parent: Option<&StageConfig>, bar: &indicatif:
     // What the parent had and the new tree does not: removed, deepest first.
     if let Some(p) = parent {
         for e in p.entries.iter().rev() {
-            let keep = tree.nodes.get(&e.path).is_some_and(|n| n.kind == e.kind);
+            let keep = tree.nodes.get(&e.path).is_some_and(|n| n.kind() == e.kind);
             if !keep {
                 let path = dest.join(e.path.as_str());
                 match fs::symlink_metadata(&path) {
@@ -156,32 +156,30 @@ fn fill(dest: &Path, tree: &Tree, parent: Option<&StageConfig>, bar: &indicatif:
     let mut entries = Vec::with_capacity(tree.nodes.len());
     for (path, node) in &tree.nodes {
         let target = dest.join(path.as_str());
-        let sha256 = match node.kind {
-            EntryKind::Dir => {
+        let sha256 = match node {
+            Node::Dir { mode } => {
                 if !target.is_dir() {
                     fs::create_dir(&target).with_context(|| format!("creating {}", target.display()))?;
                 }
-                fs::set_permissions(&target, fs::Permissions::from_mode(node.mode.bits()))?;
+                fs::set_permissions(&target, fs::Permissions::from_mode(mode.bits()))?;
                 None
             }
-            EntryKind::Symlink => {
-                let link = node.link.as_deref().expect("symlink has link");
+            Node::Symlink { link } => {
                 if fs::read_link(&target).ok().as_deref() != Some(Path::new(link)) {
                     let _ = fs::remove_file(&target);
                     symlink(link, &target)?;
                 }
                 None
             }
-            EntryKind::File => {
-                let from = node.from.as_deref().expect("file has a source");
+            &Node::File { mode, ref from, size } => {
                 let src = File::open(from).with_context(|| format!("reading {}", from.display()))?;
                 let digest = if fs::symlink_metadata(&target).is_ok() {
-                    copy_hashing(bar.wrap_read(src), &target, node.size)
+                    copy_hashing(bar.wrap_read(src), &target, size)
                 } else {
-                    clone_hashing(bar.wrap_read(src), from, &target, node.size)
+                    clone_hashing(bar.wrap_read(src), from, &target, size)
                 }
                 .with_context(|| format!("copying {} into the subvolume", from.display()))?;
-                fs::set_permissions(&target, fs::Permissions::from_mode(node.mode.bits()))?;
+                fs::set_permissions(&target, fs::Permissions::from_mode(mode.bits()))?;
                 Some(digest)
             }
         };

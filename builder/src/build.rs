@@ -16,13 +16,13 @@ use serde::Serialize;
 
 use formats::digest::sha256_reader;
 use formats::layout::Layout;
-use formats::manifest::{CONFIG_MEDIA_TYPE, Entry, EntryKind, FileSpec, FileType, StageConfig, StageDefinition};
+use formats::manifest::{CONFIG_MEDIA_TYPE, Entry, FileSpec, FileType, StageConfig, StageDefinition};
 use formats::oci::{self, Descriptor, ImageManifest};
 use formats::path::{RelPath, TargetPath};
 use formats::payload::{Compression, TarZstdWriter};
 use formats::{Digest, Reference, StageName, Version};
 
-use crate::assemble::{self, Tree};
+use crate::assemble::{self, Node, Tree};
 use crate::error::InputError;
 use crate::inspect::StoredImage;
 
@@ -58,6 +58,17 @@ enum Payload {
 }
 
 fn resolve_format(format: Format, stage_dir: Option<&Path>) -> Result<Payload> {
+    let payload = resolve_format_inner(format, stage_dir)?;
+    match &payload {
+        Payload::Tar => tracing::debug!(?format, "payload format tar"),
+        Payload::Btrfs(work) => {
+            tracing::debug!(?format, work = %work.display(), "payload format btrfs: the work directory is on btrfs")
+        }
+    }
+    Ok(payload)
+}
+
+fn resolve_format_inner(format: Format, stage_dir: Option<&Path>) -> Result<Payload> {
     match format {
         Format::Tar => Ok(Payload::Tar),
         Format::Auto if !crate::btrfs::available(stage_dir) => Ok(Payload::Tar),
@@ -113,6 +124,7 @@ pub fn source_date_epoch() -> Result<Option<i64>> {
 }
 
 /// Builds the stage folder `stage_dir` (holding `manifest.yaml`).
+#[tracing::instrument(name = "build", skip_all, fields(stage_dir = %stage_dir.display()))]
 pub fn build(stage_dir: &Path, settings: &Settings<'_>) -> Result<Outcome> {
     let manifest = stage_dir.join("manifest.yaml");
     // Not followed here: a symlink is refused when it is read.
@@ -128,8 +140,10 @@ pub fn build(stage_dir: &Path, settings: &Settings<'_>) -> Result<Outcome> {
         Some(n) => n.clone(),
         None => folder_name(stage_dir, &manifest)?,
     };
+    tracing::info!(image = %Reference::new(name.clone(), def.version.clone()), "building");
     let payload = resolve_format(settings.format, Some(stage_dir))?;
     let Some(layout) = settings.layout else {
+        tracing::debug!("a dry run: the tree is assembled, nothing is written");
         let tree = assemble::stage_tree(stage_dir, &manifest, &def)?;
         return Ok(Outcome::Planned(Plan {
             reference: Reference::new(name, def.version.clone()).to_string(),
@@ -154,6 +168,7 @@ pub fn build(stage_dir: &Path, settings: &Settings<'_>) -> Result<Outcome> {
 
 /// Builds an ad-hoc stage from `files` (`SRC[:TARGET]`): a file with a target is staged at
 /// the target's path (without the leading `/`) and linked there; one without at its name.
+#[tracing::instrument(name = "create", skip_all, fields(image = %Reference::new(name.clone(), version.clone())))]
 pub fn create(name: StageName, version: Version, files: &[String], settings: &Settings<'_>) -> Result<Outcome> {
     let payload = resolve_format(settings.format, None)?;
     let mut tree = Tree::default();
@@ -202,6 +217,7 @@ pub fn create(name: StageName, version: Version, files: &[String], settings: &Se
 /// `force`; returns the digest it had, to be replaced.
 fn check_new_version(layout: &Layout, reference: &Reference, force: bool) -> Result<Option<Digest>> {
     let Some(old) = layout.resolve(&reference.to_string())? else { return Ok(None) };
+    tracing::debug!(%reference, digest = %old.digest, force, "the store already has this version");
     if !force {
         return Err(cli_support::exit::Refused::Conflict(format!(
             "{reference} is already in the store {} ({}), and versions are immutable: bump `version` in the \
@@ -219,6 +235,7 @@ fn drop_old_signatures(layout: &Layout, replaced: Option<Digest>, built: &Built)
     let Some(old) = replaced.filter(|d| *d != built.digest) else { return Ok(()) };
     let name = built.reference.split_once(':').map_or(built.reference.as_str(), |(n, _)| n);
     let tag = format!("{name}:{}", old.signature_tag());
+    tracing::info!(%tag, "dropping the signatures of the replaced image {old}");
     layout.update_index(|i| {
         i.remove(&tag);
     })?;
@@ -245,6 +262,7 @@ fn run_build_steps(stage_dir: &Path, manifest: &Path, def: &StageDefinition, qui
     let total = def.build.len();
     for (i, step) in def.build.iter().enumerate() {
         let cwd = stage_dir.join(step.cwd.as_deref().unwrap_or("."));
+        tracing::info!(step = i + 1, of = total, run = %step.run, cwd = %cwd.display(), "running a build step");
         if !quiet {
             eprintln!("==> build step {}/{total}: {} (in {})", i + 1, step.run, cwd.display());
         }
@@ -295,6 +313,13 @@ fn write_image(
     let epoch = source_date_epoch()?;
     let mtime = epoch.unwrap_or(0) as u64;
     let parent = settings.parent.as_ref().map(|p| load_parent(layout, p)).transpose()?;
+    tracing::debug!(
+        source_date_epoch = ?epoch,
+        parent = ?parent.as_ref().map(|p| p.reference.to_string()),
+        entries = tree.nodes.len(),
+        bytes = tree.content_bytes(),
+        "writing the image: a delta layer over the parent when there is one"
+    );
     let want_media = match payload {
         Payload::Tar => oci::TAR_ZSTD_MEDIA_TYPE,
         Payload::Btrfs(_) => oci::BTRFS_ZSTD_MEDIA_TYPE,
@@ -386,8 +411,8 @@ fn tar_layer(
                 let (tx, rx) = std::sync::mpsc::sync_channel::<std::io::Result<Vec<u8>>>(PREFETCH_FILES);
                 scope.spawn(move || {
                     for node in tree.nodes.values() {
-                        if let (EntryKind::File, Some(from)) = (node.kind, &node.from)
-                            && node.size <= PREFETCH_MAX
+                        if let Node::File { from, size, .. } = node
+                            && *size <= PREFETCH_MAX
                         {
                             let read = std::fs::read(from);
                             if tx.send(read).is_err() {
@@ -397,26 +422,25 @@ fn tar_layer(
                     }
                 });
                 for (path, node) in &tree.nodes {
-                    let sha256 = match node.kind {
-                        EntryKind::Dir => {
-                            payload.add_dir(path, node.mode)?;
+                    let sha256 = match node {
+                        Node::Dir { mode } => {
+                            payload.add_dir(path, *mode)?;
                             None
                         }
-                        EntryKind::Symlink => {
-                            payload.add_symlink(path, node.link.as_deref().expect("symlink has link"))?;
+                        Node::Symlink { link } => {
+                            payload.add_symlink(path, link)?;
                             None
                         }
-                        EntryKind::File => {
-                            let from = node.from.as_deref().expect("file has a source");
-                            let added = if node.size <= PREFETCH_MAX {
+                        &Node::File { mode, ref from, size } => {
+                            let added = if size <= PREFETCH_MAX {
                                 let bytes = rx
                                     .recv()
                                     .context("the read-ahead thread stopped")?
                                     .with_context(|| format!("reading {}", from.display()))?;
                                 bar.inc(bytes.len() as u64);
-                                payload.add_file(path, node.mode, node.size, &bytes[..])
+                                payload.add_file(path, mode, size, &bytes[..])
                             } else {
-                                payload.add_file(path, node.mode, node.size, bar.wrap_read(open(from)?))
+                                payload.add_file(path, mode, size, bar.wrap_read(open(from)?))
                             };
                             Some(added.with_context(|| format!("adding {}", from.display()))?)
                         }
@@ -428,9 +452,9 @@ fn tar_layer(
         }
         Some(parent) => {
             for (path, node) in &tree.nodes {
-                let sha256 = match &node.from {
-                    Some(from) if node.kind == EntryKind::File => Some(sha256_reader(bar.wrap_read(open(from)?))?.0),
-                    _ => None,
+                let sha256 = match node {
+                    Node::File { from, .. } => Some(sha256_reader(bar.wrap_read(open(from)?))?.0),
+                    Node::Dir { .. } | Node::Symlink { .. } => None,
                 };
                 entries.push(entry(path, node, sha256));
             }
@@ -448,14 +472,20 @@ fn tar_layer(
 }
 
 /// The signed entry of a tree node.
-pub(crate) fn entry(path: &RelPath, node: &assemble::Node, sha256: Option<Digest>) -> Entry {
+pub(crate) fn entry(path: &RelPath, node: &Node, sha256: Option<Digest>) -> Entry {
     Entry {
         path: path.clone(),
-        kind: node.kind,
-        mode: node.mode,
-        size: (node.kind == EntryKind::File).then_some(node.size),
+        kind: node.kind(),
+        mode: node.mode(),
+        size: match node {
+            Node::File { size, .. } => Some(*size),
+            _ => None,
+        },
         sha256,
-        link: node.link.clone(),
+        link: match node {
+            Node::Symlink { link } => Some(link.clone()),
+            _ => None,
+        },
     }
 }
 
@@ -486,11 +516,13 @@ fn write_delta<W: Write>(
         if old == Some(e) {
             continue;
         }
-        match e.kind {
-            EntryKind::Dir => payload.add_dir(&e.path, e.mode)?,
-            EntryKind::Symlink => payload.add_symlink(&e.path, e.link.as_deref().expect("symlink has link"))?,
-            EntryKind::File => {
-                let from = tree.nodes[&e.path].from.as_deref().expect("file has a source");
+        let Some(node) = tree.nodes.get(&e.path) else {
+            bail!("{} is in the new entries but not in the assembled tree", e.path);
+        };
+        match node {
+            Node::Dir { .. } => payload.add_dir(&e.path, e.mode)?,
+            Node::Symlink { link } => payload.add_symlink(&e.path, link)?,
+            Node::File { from, .. } => {
                 let f = File::open(from).with_context(|| format!("reading {}", from.display()))?;
                 let d = payload.add_file(&e.path, e.mode, e.size.unwrap_or(0), f)?;
                 if Some(d) != e.sha256 {

@@ -105,6 +105,7 @@ pub fn is_stdout(out: &Path) -> bool {
 /// signature is of the bytes as they were written, hashed on their way out: whoever can
 /// write the export folder cannot have it sign a file swapped in afterwards.
 #[allow(clippy::too_many_arguments)]
+#[tracing::instrument(name = "export", skip_all, fields(out = %out.display(), images = images.len()))]
 pub fn export(
     layout: &Layout,
     images: &[Reference],
@@ -115,6 +116,11 @@ pub fn export(
     quiet: bool,
 ) -> Result<Exported> {
     let to_stdout = is_stdout(out);
+    tracing::info!(
+        signed = key.is_some(),
+        "exporting {}",
+        images.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
+    );
     if !to_stdout {
         check_out(out, "--out")?;
     }
@@ -157,14 +163,14 @@ pub fn export(
         let bytes = w.count;
         let (signature, buf) = sign(key, w.inner, &comment)?;
         let tmp = buf.into_inner().map_err(|e| e.into_error()).with_context(|| format!("writing {}", out.display()))?;
-        tmp.as_file().sync_all()?;
+        let tmp = fsx::TempFile::from_written(tmp).with_context(|| format!("writing {}", out.display()))?;
         check_out(out, "--out")?;
-        tmp.persist(out).with_context(|| format!("moving the export to {}", out.display()))?;
+        tmp.replace(out).with_context(|| format!("moving the export to {}", out.display()))?;
         (bytes, signature)
     };
     let minisig = match (signature, sig_path) {
         (Some(text), Some(p)) => {
-            formats::layout::write_atomic(&p, text.as_bytes())?;
+            fsx::write_atomic(&p, text.as_bytes())?;
             Some(p)
         }
         (Some(_), None) => {

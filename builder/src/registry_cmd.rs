@@ -119,7 +119,9 @@ fn parse_ref(s: &str) -> Result<RegistryRef> {
 /// the other keys' signatures as they are): installers deploying from a registry count
 /// only signatures naming the repository they pull from. Without a key, a signed image is
 /// pushed only when one of its signatures already names the destination.
+#[tracing::instrument(name = "push", skip_all, fields(destination = %o.destination, dry_run))]
 pub fn push(layout: &Layout, o: &PushOpts, key: Option<&keys::PrivateKey>, dry_run: bool) -> Result<Pushed> {
+    tracing::info!(signs_here = key.is_some(), "pushing");
     let mut dest = parse_ref(&o.destination)?;
     if dest.digest.is_some() {
         return Err(RegistryError::Reference(registry::reference::InvalidReference {
@@ -163,7 +165,9 @@ pub fn push(layout: &Layout, o: &PushOpts, key: Option<&keys::PrivateKey>, dry_r
 }
 
 /// `pull HOST[:PORT]/REPO:TAG`: into the store as NAME:VERSION, with its signatures.
+#[tracing::instrument(name = "pull", skip_all, fields(source = %o.source, dry_run))]
 pub fn pull(store: &std::path::Path, o: &PullOpts, dry_run: bool) -> Result<Pulled> {
+    tracing::info!(store = %store.display(), "pulling");
     let src = parse_ref(&o.source)?;
     let client = Client::new(&src.host, o.registry.client_options(&src.host)?, Access::Pull)?;
     let existing = Layout::open(store).ok();

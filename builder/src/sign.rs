@@ -30,8 +30,10 @@ pub struct Signed {
 }
 
 /// Adds (or, for a key that already signed, replaces) `key`'s signature of `reference`.
+#[tracing::instrument(name = "sign", skip_all, fields(image = %reference, key = %key.key_id()))]
 pub fn sign(layout: &Layout, reference: &Reference, key: &PrivateKey, expires: Option<&Expires>) -> Result<Signed> {
     let image = StoredImage::load(layout, reference)?;
+    tracing::info!(digest = %image.digest, expires = expires.is_some(), "signing");
     let (bytes, count) = signature_manifest(layout, &image, key, expires, reference.name.as_str())?;
     let tag = image.signature_tag();
     layout.update_index(|i| i.set(&tag, Descriptor::of(oci::MANIFEST_MEDIA_TYPE, &bytes)))?;

@@ -196,27 +196,17 @@ impl BlobWriter {
         }
         let tmp_dir = store.join(".tmp");
         let file = buf.into_inner().map_err(|e| LayoutError::Io { path: tmp_dir.clone(), source: e.into_error() })?;
-        file.as_file().sync_all().map_err(io_err(&tmp_dir))?;
+        let file = fsx::TempFile::from_written(file).map_err(io_err(&tmp_dir))?;
         let dest = store.join("blobs/sha256").join(digest.hex());
-        file.persist(&dest).map_err(|e| LayoutError::Io { path: dest.clone(), source: e.error })?;
-        sync_dir(&store.join("blobs/sha256"))?;
+        file.replace(&dest).map_err(io_err(&dest))?;
         Ok((digest, size))
     }
 }
 
-/// Writes `bytes` to `path` atomically: a temp file beside it, fsync, rename, fsync the directory.
+/// Writes `bytes` to `path` atomically: a temp file beside it, fsync, rename, fsync the
+/// directory (see [`fsx::write_atomic`]).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), LayoutError> {
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(io_err(dir))?;
-    tmp.as_file().set_permissions(fs::Permissions::from_mode(0o644)).map_err(io_err(path))?;
-    tmp.write_all(bytes).map_err(io_err(path))?;
-    tmp.as_file().sync_all().map_err(io_err(path))?;
-    tmp.persist(path).map_err(|e| LayoutError::Io { path: path.to_owned(), source: e.error })?;
-    sync_dir(dir)
-}
-
-fn sync_dir(dir: &Path) -> Result<(), LayoutError> {
-    File::open(dir).and_then(|d| d.sync_all()).map_err(io_err(dir))
+    fsx::write_atomic(path, bytes).map_err(io_err(path))
 }
 
 #[cfg(test)]

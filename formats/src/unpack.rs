@@ -884,7 +884,7 @@ impl<'a> Unpacker<'a> {
                 return Err(self.unsafe_(state, path, "replaces a directory whose contents this layer wrote"));
             }
             self.parent_cache.replace(None);
-            remove_tree(parent.as_fd(), &name, 0).map_err(|e| Fail::Disk(io_error(full, e)))?;
+            remove_tree(parent.as_fd(), &name).map_err(|e| Fail::Disk(io_error(full, e)))?;
         } else {
             rustix::fs::unlinkat(parent, &name, AtFlags::empty()).map_err(|e| Fail::Disk(io_error(full, e)))?;
         }
@@ -926,7 +926,7 @@ impl<'a> Unpacker<'a> {
         };
         if FileType::from_raw_mode(st.st_mode) == FileType::Directory {
             self.parent_cache.replace(None);
-            remove_tree(parent.as_fd(), &cname, 0).map_err(|e| Fail::Disk(io_error(full, e)))?;
+            remove_tree(parent.as_fd(), &cname).map_err(|e| Fail::Disk(io_error(full, e)))?;
         } else {
             rustix::fs::unlinkat(&parent, &cname, AtFlags::empty()).map_err(|e| Fail::Disk(io_error(full, e)))?;
         }
@@ -958,32 +958,13 @@ impl<'a> Unpacker<'a> {
     /// Opens the directory `dir` beneath `dest` one component at a time, never following a
     /// symlink: whatever was created before, nothing outside `dest` can be reached.
     fn open_dir(&self, dir: &RelPath) -> Result<OwnedFd, DirFail> {
-        let mut fd = self.dest.try_clone().map_err(|e| DirFail::Disk(io_error(self.dest_path.clone(), e)))?;
-        let mut so_far = String::new();
-        for c in dir.components() {
-            if !so_far.is_empty() {
-                so_far.push('/');
-            }
-            so_far.push_str(c);
-            fd = match rustix::fs::openat(
-                &fd,
-                c,
-                OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-                rustix::fs::Mode::empty(),
-            ) {
-                Ok(next) => next,
-                Err(rustix::io::Errno::NOENT) => {
-                    return Err(DirFail::Refused(format!("its directory {so_far} is not present")));
-                }
-                Err(rustix::io::Errno::LOOP | rustix::io::Errno::NOTDIR) => {
-                    return Err(DirFail::Refused(format!(
-                        "{so_far} is not a directory (a symlink or a file): nothing is written through it"
-                    )));
-                }
-                Err(e) => return Err(DirFail::Disk(io_error(self.dest_path.join(&so_far), e))),
-            };
-        }
-        Ok(fd)
+        fsx::open_beneath(&self.dest, dir.components()).map_err(|e| match e {
+            fsx::BeneathError::Missing { at } => DirFail::Refused(format!("its directory {at} is not present")),
+            fsx::BeneathError::NotADirectory { at } => DirFail::Refused(format!(
+                "{at} is not a directory (a symlink or a file): nothing is written through it"
+            )),
+            fsx::BeneathError::Io { at, source } => DirFail::Disk(io_error(self.dest_path.join(at), source)),
+        })
     }
 }
 
@@ -1017,41 +998,11 @@ fn entry_path(raw: &[u8], is_dir: bool) -> Result<RelPath, String> {
     RelPath::parse(s).map_err(|e| e.to_string())
 }
 
-/// The names in a directory, sorted, without `.` and `..`.
-pub(crate) fn list_dir(dir: &OwnedFd) -> io::Result<Vec<CString>> {
-    let mut names = Vec::new();
-    for e in rustix::fs::Dir::read_from(dir)? {
-        let e = e?;
-        let n = e.file_name();
-        if n != c"." && n != c".." {
-            names.push(n.to_owned());
-        }
-    }
-    names.sort();
-    Ok(names)
-}
+pub(crate) use fsx::list_dir;
 
 /// Removes the directory `name` in `parent` and everything in it, without following links.
-fn remove_tree(parent: BorrowedFd<'_>, name: &CStr, depth: usize) -> io::Result<()> {
-    if depth > MAX_DEPTH + 1 {
-        return Err(io::Error::other("directory nesting deeper than any stage path"));
-    }
-    let fd = rustix::fs::openat(
-        parent,
-        name,
-        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-        rustix::fs::Mode::empty(),
-    )?;
-    for child in list_dir(&fd)? {
-        let st = rustix::fs::statat(&fd, &child, AtFlags::SYMLINK_NOFOLLOW)?;
-        if FileType::from_raw_mode(st.st_mode) == FileType::Directory {
-            remove_tree(fd.as_fd(), &child, depth + 1)?;
-        } else {
-            rustix::fs::unlinkat(&fd, &child, AtFlags::empty())?;
-        }
-    }
-    rustix::fs::unlinkat(parent, name, AtFlags::REMOVEDIR)?;
-    Ok(())
+fn remove_tree(parent: BorrowedFd<'_>, name: &CStr) -> io::Result<()> {
+    fsx::remove_tree_at(parent, name, MAX_DEPTH + 2)
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]

@@ -69,6 +69,10 @@ pub fn stage(
     dest: &str,
     on_btrfs: bool,
 ) -> Result<PathBuf> {
+    let _span = tracing::info_span!("stage payload", dest, layers = layers.len(), on_btrfs).entered();
+    tracing::debug!(
+        "btrfs send streams: `btrfs receive` when the staging area is on btrfs, otherwise applied to a directory"
+    );
     let work = tmp.join(format!("recv-{dest}"));
     let _ = crate::txn::remove_tree(&work);
     fs::create_dir_all(&work).with_context(|| format!("creating {}", work.display()))?;

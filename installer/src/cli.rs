@@ -437,7 +437,7 @@ pub fn run(cli: Cli) -> Result<i32> {
                                 x.name.clone(),
                                 x.version.clone(),
                                 x.generation.to_string(),
-                                x.signers.join(","),
+                                x.signers.iter().map(ToString::to_string).collect::<Vec<_>>().join(","),
                                 x.deployed_at.clone(),
                                 if x.previous.is_empty() { "-".into() } else { x.previous.join(", ") },
                             ]
@@ -595,7 +595,12 @@ fn deploy(opts: &Options, out: Output, o: &SourceOpts, activate: bool) -> Result
     out.emit(&r, |r| {
         let mut s = String::new();
         for v in &r.received {
-            s += &format!("verified {} {} signed by {}\n", v.reference, v.digest, v.signers.join(","));
+            s += &format!(
+                "verified {} {} signed by {}\n",
+                v.reference,
+                v.digest,
+                v.signers.iter().map(ToString::to_string).collect::<Vec<_>>().join(",")
+            );
         }
         for d in &r.deployed {
             s += &render_report(d);

@@ -530,10 +530,10 @@ fn deploy_one(
 /// What the host's policy asks of a stage before it may be active: every target under the
 /// allowed prefixes, by its text and by where it resolves on this host (links on the way
 /// that root does not own are never followed), and its required feature enabled.
-fn admit(host: &Host, trust: &Trust, config: &StageConfig, what: &str, signers: &[String]) -> Result<()> {
+fn admit(host: &Host, trust: &Trust, config: &StageConfig, what: &str, signers: &[keys::KeyId]) -> Result<()> {
     let prefixes = || trust.policy.allowed_prefixes().iter().map(|p| p.to_string()).collect::<Vec<_>>().join(", ");
     // The signers' scopes may narrow the prefixes further ([scope_prefixes]).
-    let verdict = keys::trust::Verdict { signers: signers.iter().filter_map(|k| k.parse().ok()).collect() };
+    let verdict = keys::trust::Verdict { signers: signers.to_vec() };
     let narrowed = |target: &formats::path::TargetPath| -> Result<()> {
         if verdict.may_place(&trust.policy, &config.name, target) {
             return Ok(());
@@ -928,7 +928,7 @@ pub struct StageStatus {
     pub version: String,
     pub generation: u64,
     pub digest: String,
-    pub signers: Vec<String>,
+    pub signers: Vec<keys::KeyId>,
     pub deployed_at: String,
     pub previous: Vec<String>,
 }

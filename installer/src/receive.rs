@@ -227,11 +227,9 @@ impl Trust {
 /// `None` when it does not exist. A FIFO or device there is refused, never opened for
 /// reading in a way that could wait.
 pub(crate) fn read_in_root(host: &Host, rel: &str, limit: u64) -> Result<Option<Vec<u8>>> {
-    use rustix::fs::{Mode, OFlags, ResolveFlags};
+    use rustix::fs::OFlags;
     let shown = host.root.join(rel);
-    let how = ResolveFlags::IN_ROOT | ResolveFlags::NO_MAGICLINKS;
-    let root = rustix::fs::open(&host.root, OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())
-        .with_context(|| format!("opening the root {}", host.root.display()))?;
+    let root = fsx::open_root(&host.root).with_context(|| format!("opening the root {}", host.root.display()))?;
     let check = |fd: &std::os::fd::OwnedFd| -> Result<rustix::fs::Stat> {
         let st = rustix::fs::fstat(fd).with_context(|| format!("reading {}", shown.display()))?;
         if rustix::fs::FileType::from_raw_mode(st.st_mode) != rustix::fs::FileType::RegularFile {
@@ -244,16 +242,14 @@ pub(crate) fn read_in_root(host: &Host, rel: &str, limit: u64) -> Result<Option<
     };
     // Looked at through an O_PATH descriptor first: opening a FIFO or a device for
     // reading could wait or have effects.
-    let path_fd = match rustix::fs::openat2(&root, rel, OFlags::PATH | OFlags::CLOEXEC, Mode::empty(), how) {
+    let path_fd = match fsx::open_in_root(&root, rel, OFlags::PATH) {
         Ok(fd) => fd,
-        Err(rustix::io::Errno::NOENT) => return Ok(None),
-        Err(e) => return Err(io::Error::from(e)).with_context(|| format!("opening {}", shown.display())),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e).with_context(|| format!("opening {}", shown.display())),
     };
     let first = check(&path_fd)?;
-    let flags = OFlags::RDONLY | OFlags::NONBLOCK | OFlags::NOCTTY | OFlags::CLOEXEC;
-    let fd = rustix::fs::openat2(&root, rel, flags, Mode::empty(), how)
-        .map_err(io::Error::from)
-        .with_context(|| format!("opening {}", shown.display()))?;
+    let flags = OFlags::RDONLY | OFlags::NONBLOCK | OFlags::NOCTTY;
+    let fd = fsx::open_in_root(&root, rel, flags).with_context(|| format!("opening {}", shown.display()))?;
     let st = check(&fd)?;
     if (st.st_dev, st.st_ino) != (first.st_dev, first.st_ino) {
         return Err(Malformed(format!("{} changed while it was read", shown.display())).into());
@@ -284,7 +280,7 @@ pub struct Candidate {
 pub struct Verified {
     pub reference: String,
     pub digest: Digest,
-    pub signers: Vec<String>,
+    pub signers: Vec<keys::KeyId>,
     #[serde(skip)]
     pub candidate: Option<Candidate>,
 }
@@ -390,25 +386,26 @@ pub fn verify(c: Candidate, trust: &Trust, allow_expired: bool) -> Result<Verifi
 
 /// Like [`verify`]; a signature counts only when its signed docker-reference names
 /// `identity` (the registry repository the image came from).
+#[tracing::instrument(name = "verify", skip_all, fields(image = %c.reference, digest = %c.digest))]
 fn verify_as(c: Candidate, trust: &Trust, allow_expired: bool, identity: Identity<'_>) -> Result<Verified> {
-    let verdict = keys::trust::evaluate_as(
-        &trust.keys,
-        &trust.policy,
-        &c.digest,
-        &c.reference.name,
-        &c.reference.version,
-        identity,
-        &c.signatures,
-        SystemTime::now(),
+    tracing::debug!(
+        signatures = c.signatures.len(),
+        trusted_keys = trust.keys.len(),
+        ?identity,
         allow_expired,
-    )
-    .with_context(|| format!("verifying the signatures of {} ({})", c.reference, c.digest))?;
-    Ok(Verified {
-        reference: c.reference.to_string(),
-        digest: c.digest,
-        signers: verdict.signers.iter().map(|k| k.to_string()).collect(),
-        candidate: Some(c),
-    })
+        "checking the signatures against the trust store and policy"
+    );
+    let subject = keys::trust::Subject {
+        digest: &c.digest,
+        name: &c.reference.name,
+        version: &c.reference.version,
+        signatures: &c.signatures,
+    };
+    let options = keys::trust::Options { now: SystemTime::now(), allow_expired };
+    let verdict = keys::trust::evaluate_as(&trust.keys, &trust.policy, subject, identity, options)
+        .with_context(|| format!("verifying the signatures of {} ({})", c.reference, c.digest))?;
+    tracing::info!(signers = ?verdict.signers, "verified");
+    Ok(Verified { reference: c.reference.to_string(), digest: c.digest, signers: verdict.signers, candidate: Some(c) })
 }
 
 fn image_tags(index: &ImageIndex) -> Vec<String> {
@@ -450,7 +447,9 @@ pub struct Received {
 
 /// Receives `source` into a temporary layout (or reads it from `store`) and verifies
 /// every image in it. Blobs a thin export leaves out are taken from `store`.
+#[tracing::instrument(name = "receive", skip_all, fields(source = ?source))]
 pub fn receive(source: &Source, tmp: &Path, store: &Layout, trust: &Trust, allow_expired: bool) -> Result<Received> {
+    tracing::info!("receiving");
     match source {
         Source::Store(name, version) => {
             let index = store.index()?;
@@ -906,7 +905,9 @@ pub fn highest_tag(index: &ImageIndex, name: &StageName) -> Option<String> {
 
 /// Moves the blobs of `images` from the received temp layout into `store` and tags the
 /// images and their signatures.
+#[tracing::instrument(skip_all, fields(store = %store.root().display()))]
 pub fn store_received(received: &Received, images: &[&Verified], store: &Layout) -> Result<()> {
+    tracing::info!(images = images.len(), "keeping the received images in the store");
     if let Some(temp) = &received.temp {
         let mut blobs = BTreeSet::new();
         for v in images {
@@ -928,7 +929,7 @@ pub fn store_received(received: &Received, images: &[&Verified], store: &Layout)
                     .with_context(|| format!("storing blob {d}"))?;
             }
         }
-        crate::txn::sync_dir(&store.root().join("blobs/sha256"))?;
+        fsx::sync_dir(&store.root().join("blobs/sha256"))?;
     }
     store.update_index(|index| {
         for v in images {
@@ -966,5 +967,29 @@ mod tests {
             Source::parse("app:1.0.0").unwrap(),
             Source::Store("app".parse().unwrap(), Some("1.0.0".parse().unwrap()))
         );
+    }
+
+    /// Signer ids are typed: state.json and `--json` keep the 16-hex-digit text, and a
+    /// state file whose signer is not a key id is refused when read.
+    #[test]
+    fn signer_ids_are_key_ids_with_the_same_json() {
+        let id: keys::KeyId = "3f9a0c41d2e87b65".parse().unwrap();
+        let generation = crate::state::Generation {
+            generation: 1,
+            digest: Digest::of(b"x"),
+            version: "1.0.0".parse().unwrap(),
+            signers: vec![id],
+            deployed_at: String::new(),
+            activation: crate::state::Activation::default(),
+        };
+        let json = serde_json::to_value(&generation).unwrap();
+        assert_eq!(json["signers"], serde_json::json!(["3f9a0c41d2e87b65"]));
+        assert_eq!(serde_json::from_value::<crate::state::Generation>(json.clone()).unwrap(), generation);
+        let mut bad = json;
+        bad["signers"] = serde_json::json!(["not a key id"]);
+        assert!(serde_json::from_value::<crate::state::Generation>(bad).is_err());
+        let v =
+            Verified { reference: "app:1.0.0".into(), digest: Digest::of(b"x"), signers: vec![id], candidate: None };
+        assert_eq!(serde_json::to_value(&v).unwrap()["signers"], serde_json::json!(["3f9a0c41d2e87b65"]));
     }
 }

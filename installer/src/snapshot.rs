@@ -12,6 +12,7 @@ use crate::state::State;
 use crate::txn::Staging;
 
 /// Writes a snapshot (idempotent: an existing one of that name is left as it is).
+#[tracing::instrument(name = "snapshot", skip_all, fields(name))]
 pub fn write(staging: &Staging, name: &str, state: &State) -> Result<()> {
     let path = staging.snapshots().join(format!("{name}.json"));
     fs::create_dir_all(staging.snapshots())?;
@@ -23,10 +24,12 @@ pub fn write(staging: &Staging, name: &str, state: &State) -> Result<()> {
             .with_context(|| format!("taking the btrfs snapshot {}", sub.display()))?;
     }
     if path.exists() {
+        tracing::debug!("the snapshot exists already: left as it is");
         return Ok(());
     }
+    tracing::info!(path = %path.display(), "writing a snapshot");
     let bytes = serde_json::to_vec_pretty(state).expect("state serializes");
-    formats::layout::write_atomic(&path, &bytes).with_context(|| format!("writing {}", path.display()))
+    fsx::write_atomic(&path, &bytes).with_context(|| format!("writing {}", path.display()))
 }
 
 /// A snapshot name for `kind` (`pre`/`post`) of `stage` now, unique among the existing ones.

@@ -18,7 +18,7 @@ pub struct Generation {
     pub generation: u64,
     pub digest: Digest,
     pub version: Version,
-    pub signers: Vec<String>,
+    pub signers: Vec<keys::KeyId>,
     pub deployed_at: String,
     /// What activating it takes, from its signed manifest: kept here so that switching
     /// generations reads nothing in proportion to the number of staged files.

@@ -1,9 +1,9 @@
 //! Reading small files with limits, and creating new files atomically without clobbering.
 
-use std::fs::{self, File, Metadata, OpenOptions};
-use std::io::{Read, Write};
-use std::os::unix::fs::{FileTypeExt, OpenOptionsExt, PermissionsExt};
-use std::path::{Path, PathBuf};
+use std::fs::{self, Metadata, OpenOptions};
+use std::io::Read;
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::path::Path;
 
 use ed25519_dalek::pkcs8::spki::der::zeroize::Zeroizing;
 
@@ -76,79 +76,34 @@ pub(crate) fn create_new_all(files: &[(&Path, &[u8], u32)]) -> Result<()> {
     }
     let temps = files
         .iter()
-        .map(|(path, contents, mode)| TempFile::write(path, contents, *mode))
+        .map(|(path, contents, mode)| {
+            fsx::TempFile::write(path, contents, *mode).map_err(|e| KeyError::io("write", path, e))
+        })
         .collect::<Result<Vec<_>>>()?;
     let mut created: Vec<&Path> = Vec::new();
-    for (temp, (path, _, _)) in temps.iter().zip(files) {
-        if let Err(e) = temp.link_to(path) {
+    for (temp, (path, _, _)) in temps.into_iter().zip(files) {
+        if let Err(e) = temp.link_new(path) {
             for p in created {
                 let _ = fs::remove_file(p);
             }
-            return Err(e);
+            return Err(match e.kind() {
+                std::io::ErrorKind::AlreadyExists => KeyError::Exists { path: path.to_path_buf() },
+                _ => KeyError::io("create", path, e),
+            });
         }
         created.push(path);
     }
     if let Some((path, _, _)) = files.first() {
-        let dir = parent(path);
-        File::open(dir).and_then(|d| d.sync_all()).map_err(|e| KeyError::io("sync", dir, e))?;
+        let dir = fsx::parent_dir(path);
+        fsx::sync_dir(dir).map_err(|e| KeyError::io("sync", dir, e))?;
     }
     Ok(())
-}
-
-fn parent(path: &Path) -> &Path {
-    match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    }
-}
-
-/// A temporary file, removed when dropped.
-#[derive(Debug)]
-struct TempFile(PathBuf);
-
-impl TempFile {
-    fn write(beside: &Path, contents: &[u8], mode: u32) -> Result<Self> {
-        let dir = parent(beside);
-        let name = beside
-            .file_name()
-            .ok_or_else(|| KeyError::io("create", beside, std::io::Error::other("the path has no file name")))?;
-        let nonce = getrandom::u64().map_err(KeyError::Random)?;
-        let mut tmp_name = std::ffi::OsString::from(".");
-        tmp_name.push(name);
-        tmp_name.push(format!(".{nonce:016x}.tmp"));
-        let path = dir.join(tmp_name);
-        let mut file = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(mode)
-            .open(&path)
-            .map_err(|e| KeyError::io("create a temporary file in", dir, e))?;
-        let temp = TempFile(path);
-        // The umask may have taken bits away from `mode`; set exactly what was asked.
-        file.set_permissions(fs::Permissions::from_mode(mode))
-            .and_then(|()| file.write_all(contents))
-            .and_then(|()| file.sync_all())
-            .map_err(|e| KeyError::io("write", &temp.0, e))?;
-        Ok(temp)
-    }
-
-    fn link_to(&self, path: &Path) -> Result<()> {
-        fs::hard_link(&self.0, path).map_err(|e| match e.kind() {
-            std::io::ErrorKind::AlreadyExists => KeyError::Exists { path: path.to_owned() },
-            _ => KeyError::io("create", path, e),
-        })
-    }
-}
-
-impl Drop for TempFile {
-    fn drop(&mut self) {
-        let _ = fs::remove_file(&self.0);
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
 
     #[test]
     fn create_new_all_is_all_or_nothing() {

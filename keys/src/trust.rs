@@ -44,9 +44,8 @@
 //!     key_id_hint: Some(key.key_id().to_string()),
 //! };
 //! let trusted = [TrustedKey { key: key.public(), source: "/etc/op-dbus/trusted-keys/ci.pub".into() }];
-//! let verdict = trust::evaluate(
-//!     &trusted, &Policy::default(), &digest, &name, &version, &[layer], SystemTime::now(), false,
-//! )?;
+//! let subject = trust::Subject { digest: &digest, name: &name, version: &version, signatures: &[layer] };
+//! let verdict = trust::evaluate(&trusted, &Policy::default(), subject, trust::Options::at(SystemTime::now()))?;
 //! assert_eq!(verdict.signers, [key.key_id()]);
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
@@ -366,6 +365,31 @@ fn not_counted_list(findings: &[Finding]) -> String {
     format!("; not counted: {}", list.join("; "))
 }
 
+/// What [`evaluate`] judges: an image (its manifest digest, signed name and version) and
+/// the signatures found for it.
+#[derive(Debug, Clone, Copy)]
+pub struct Subject<'a> {
+    pub digest: &'a Digest,
+    pub name: &'a StageName,
+    pub version: &'a Version,
+    pub signatures: &'a [SignatureLayer],
+}
+
+/// How [`evaluate`] judges: the time expiry is checked against, and whether a signature
+/// that has expired still counts (`--allow-expired`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Options {
+    pub now: SystemTime,
+    pub allow_expired: bool,
+}
+
+impl Options {
+    /// Expiry checked at `now`, expired signatures not counted.
+    pub fn at(now: SystemTime) -> Options {
+        Options { now, allow_expired: false }
+    }
+}
+
 /// What a signature's `critical.identity.docker-reference` must name.
 ///
 /// cosign records there the repository the image was signed for (`HOST[:PORT]/REPO`), and
@@ -431,46 +455,39 @@ struct Expected<'a> {
     allow_expired: bool,
 }
 
-/// Decides whether `signatures` of the image with manifest digest `image_digest`, stage
-/// `name` and `version` satisfy the trust store `trusted` and `policy` at time `now`.
+/// Decides whether the signatures of `subject` (the image with manifest digest `digest`,
+/// stage `name` and `version`) satisfy the trust store `trusted` and `policy` at
+/// `options.now`.
 ///
 /// A signature counts when its base64 decodes to 64 bytes, it verifies strictly over the
 /// exact payload bytes with a trusted key (the hinted key first, then every other), that
-/// key is not revoked, the payload parses and names exactly `image_digest`, `name` and
+/// key is not revoked, the payload parses and names exactly `digest`, `name` and
 /// `version`, `name` is inside the key's scope, and the payload has not expired at `now`
-/// (unless `allow_expired`). Each key counts once; the number of counting keys must reach
+/// (unless `options.allow_expired`). Each key counts once; the number of counting keys must reach
 /// [`Policy::threshold`]. On failure the error is the most telling reason: tampering
 /// first, then a signature by a trusted key that does not verify, revocation, scope,
 /// expiry, a malformed payload, untrusted keys, and corrupt signatures last.
-#[allow(clippy::too_many_arguments)]
 pub fn evaluate(
     trusted: &[TrustedKey],
     policy: &Policy,
-    image_digest: &Digest,
-    name: &StageName,
-    version: &Version,
-    signatures: &[SignatureLayer],
-    now: SystemTime,
-    allow_expired: bool,
+    subject: Subject<'_>,
+    options: Options,
 ) -> Result<Verdict, TrustError> {
-    evaluate_as(trusted, policy, image_digest, name, version, Identity::Any, signatures, now, allow_expired)
+    evaluate_as(trusted, policy, subject, Identity::Any, options)
 }
 
 /// Like [`evaluate`], and a signature counts only when its signed docker-reference names
 /// `identity` (see [`Identity::matches`]); one that names another repository is
 /// [`SignedField::Repository`] tampering (exit 3).
-#[allow(clippy::too_many_arguments)]
 pub fn evaluate_as(
     trusted: &[TrustedKey],
     policy: &Policy,
-    image_digest: &Digest,
-    name: &StageName,
-    version: &Version,
+    subject: Subject<'_>,
     identity: Identity<'_>,
-    signatures: &[SignatureLayer],
-    now: SystemTime,
-    allow_expired: bool,
+    options: Options,
 ) -> Result<Verdict, TrustError> {
+    let Subject { digest: image_digest, name, version, signatures } = subject;
+    let Options { now, allow_expired } = options;
     let image = Reference::new(name.clone(), version.clone());
     if signatures.is_empty() {
         return Err(TrustError::NoSignatures { image, digest: *image_digest });
@@ -622,7 +639,9 @@ mod tests {
             policy: &Policy,
             layers: &[SignatureLayer],
         ) -> Result<Verdict, TrustError> {
-            evaluate(trusted, policy, &self.digest, &self.name, &self.version, layers, self.now, false)
+            let subject =
+                Subject { digest: &self.digest, name: &self.name, version: &self.version, signatures: layers };
+            evaluate(trusted, policy, subject, Options::at(self.now))
         }
     }
 
@@ -711,17 +730,9 @@ mod tests {
         assert!(Identity::Any.matches("anything/at/all", &stage));
 
         let eval = |identity| {
-            evaluate_as(
-                &store,
-                &Policy::default(),
-                &f.digest,
-                &f.name,
-                &f.version,
-                identity,
-                &[sign(&a, f.payload())],
-                f.now,
-                false,
-            )
+            let signatures = [sign(&a, f.payload())];
+            let subject = Subject { digest: &f.digest, name: &f.name, version: &f.version, signatures: &signatures };
+            evaluate_as(&store, &Policy::default(), subject, identity, Options::at(f.now))
         };
         assert!(eval(repo).is_ok());
         assert!(eval(Identity::Any).is_ok());
@@ -788,7 +799,9 @@ mod tests {
         // Another stage needs only one.
         let other: StageName = "stage-2-plugins".parse().unwrap();
         let payload = f.payload_for(f.digest, "stage-2-plugins", VERSION, None);
-        evaluate(&store, &policy, &f.digest, &other, &f.version, &[sign(&a, payload)], f.now, false).unwrap();
+        let subject =
+            Subject { digest: &f.digest, name: &other, version: &f.version, signatures: &[sign(&a, payload)] };
+        evaluate(&store, &policy, subject, Options::at(f.now)).unwrap();
     }
 
     #[test]
@@ -906,8 +919,9 @@ mod tests {
         assert!(matches!(err, TrustError::Expired { .. }) && err.is_rejected(), "{err}");
         says(&err, &["expired at 2027-01-01T00:00:00Z", "--allow-expired"]);
 
-        let verdict =
-            evaluate(&store, &Policy::default(), &f.digest, &f.name, &f.version, &[past], f.now, true).unwrap();
+        let subject = Subject { digest: &f.digest, name: &f.name, version: &f.version, signatures: &[past] };
+        let options = Options { now: f.now, allow_expired: true };
+        let verdict = evaluate(&store, &Policy::default(), subject, options).unwrap();
         assert_eq!(verdict.signers, [a.key_id()]);
 
         let future = sign(&a, f.payload_for(f.digest, NAME, VERSION, Some("2028-01-01T00:00:00Z")));

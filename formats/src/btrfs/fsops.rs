@@ -8,14 +8,13 @@ use std::io;
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::Path;
 
-use rustix::fs::{AtFlags, FileType, Mode, OFlags};
+use rustix::fs::{AtFlags, FileType, Mode};
 
 use super::StreamError;
 use super::validate::Node;
 use crate::path::{MAX_DEPTH, RelPath};
 
-pub(crate) const DIR_FLAGS: OFlags =
-    OFlags::RDONLY.union(OFlags::DIRECTORY).union(OFlags::NOFOLLOW).union(OFlags::CLOEXEC);
+pub(crate) use fsx::DIR_FLAGS;
 
 pub(crate) fn cstr(name: &str) -> CString {
     CString::new(name).expect("RelPath components have no NUL")
@@ -23,36 +22,17 @@ pub(crate) fn cstr(name: &str) -> CString {
 
 /// Opens a root directory given by the caller (symlinks in its own path are the caller's).
 pub(crate) fn open_root(path: &Path) -> Result<OwnedFd, StreamError> {
-    rustix::fs::open(path, OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())
-        .map_err(|e| StreamError::Io { path: path.to_owned(), source: e.into() })
+    fsx::open_root(path).map_err(|e| StreamError::Io { path: path.to_owned(), source: e })
 }
 
 /// Opens directory `dir` beneath `root` (the root itself for `None`), never following a
 /// symlink.
 pub(crate) fn open_dir(root: &OwnedFd, dir: Option<&RelPath>) -> io::Result<OwnedFd> {
-    let mut fd = root.try_clone()?;
-    let Some(dir) = dir else { return Ok(fd) };
-    let mut so_far = String::new();
-    for c in dir.components() {
-        if !so_far.is_empty() {
-            so_far.push('/');
-        }
-        so_far.push_str(c);
-        fd = match rustix::fs::openat(&fd, c, DIR_FLAGS, Mode::empty()) {
-            Ok(next) => next,
-            Err(rustix::io::Errno::LOOP | rustix::io::Errno::NOTDIR) => {
-                return Err(io::Error::other(format!(
-                    "{so_far} is not a directory (a symlink or a file): nothing is resolved through it"
-                )));
-            }
-            Err(e) => return Err(io::Error::new(io::Error::from(e).kind(), format!("opening {so_far}: {e}"))),
-        };
-    }
-    Ok(fd)
+    Ok(fsx::open_beneath(root, dir.iter().flat_map(|d| d.components()))?)
 }
 
-/// The names in a directory, sorted, without `.` and `..` (shared with the tar unpacker).
-pub(crate) use crate::unpack::list_dir;
+/// The names in a directory, sorted, without `.` and `..`.
+pub(crate) use fsx::list_dir;
 
 /// A directory entry's name as a path component, or an error naming it.
 pub(crate) fn component(name: &CStr, at: &Path) -> Result<String, StreamError> {
