@@ -34,6 +34,7 @@ use formats::{Digest, Reference, StageName, Version};
 use keys::policy::Policy;
 use keys::trust::{SignatureLayer, TrustedKey};
 
+#[cfg(feature = "registry")]
 use registry::{Access, ClientOptions, Credentials, RegistryError, RegistryRef};
 
 use crate::error::{Malformed, Refused, Untrusted, Usage};
@@ -47,6 +48,7 @@ pub enum Source {
     Layout(PathBuf),
     Store(StageName, Option<Version>),
     /// `HOST[:PORT]/REPO:TAG` (or `REPO@sha256:...`) in an OCI registry.
+    #[cfg(feature = "registry")]
     Registry {
         reference: RegistryRef,
         options: Box<ClientOptions>,
@@ -76,7 +78,9 @@ pub struct RegistryOpts {
 impl Source {
     /// Parses a SOURCE argument, with the registry flags for a registry source.
     pub fn parse_with(s: &str, opts: &RegistryOpts) -> Result<Source> {
+        #[cfg_attr(not(feature = "registry"), allow(unused_mut))]
         let mut source = Source::parse(s)?;
+        #[cfg(feature = "registry")]
         if let Source::Registry { reference, options } = &mut source {
             if let Some(u) = &opts.username {
                 let mut text = String::new();
@@ -95,7 +99,9 @@ impl Source {
             options.insecure = opts.insecure;
             options.ca_file = opts.ca.clone();
             **options = (**options).clone().with_auth_file_for(&reference.host).map_err(|e| registry_error(e, s))?;
-        } else if opts.password_stdin && source == Source::Stdin {
+            return Ok(source);
+        }
+        if opts.password_stdin && source == Source::Stdin {
             return Err(Usage("--password-stdin and SOURCE `-` both want stdin; use one of them".into()).into());
         }
         Ok(source)
@@ -122,6 +128,15 @@ impl Source {
         if let Ok(n) = s.parse::<StageName>() {
             return Ok(Source::Store(n, None));
         }
+        #[cfg(not(feature = "registry"))]
+        if !s.starts_with('/') && !s.starts_with('.') && s.contains('/') {
+            return Err(Usage(format!(
+                "{s}: no such file or directory; registry sources HOST[:PORT]/REPO:TAG need an op-dbus-stage \
+                 built with the `registry` feature (this one is not): deploy an .oci.tar export instead"
+            ))
+            .into());
+        }
+        #[cfg(feature = "registry")]
         if !s.starts_with('/')
             && !s.starts_with('.')
             && let Ok(reference) = s.parse::<RegistryRef>()
@@ -394,6 +409,7 @@ pub fn receive(source: &Source, tmp: &Path, store: &Layout, trust: &Trust, allow
             .with_context(|| format!("reading the oci-archive {what}"))?;
             finish(temp, index, verified, store, trust, allow_expired)
         }
+        #[cfg(feature = "registry")]
         Source::Registry { reference, options } => {
             receive_registry(reference, options, tmp, store, trust, allow_expired)
         }
@@ -442,6 +458,7 @@ pub fn receive(source: &Source, tmp: &Path, store: &Layout, trust: &Trust, allow
 
 /// A registry error as the installer reports it: corrupt or malformed bytes exit 7, a
 /// bad reference 2, anything else (unreachable, unknown tag, refused credentials) 1.
+#[cfg(feature = "registry")]
 fn registry_error(e: RegistryError, what: &str) -> anyhow::Error {
     let mut text = e.to_string();
     let mut cause = std::error::Error::source(&e);
@@ -460,6 +477,7 @@ fn registry_error(e: RegistryError, what: &str) -> anyhow::Error {
 
 /// A registry source: the small part into a temp layout, signatures verified, then the
 /// payload layers the store lacks.
+#[cfg(feature = "registry")]
 fn receive_registry(
     reference: &RegistryRef,
     options: &ClientOptions,
@@ -670,6 +688,7 @@ mod tests {
     use super::*;
 
     #[test]
+    #[cfg(feature = "registry")]
     fn registry_sources_parse() {
         let s = Source::parse("127.0.0.1:5000/op-dbus/app:1.0.0").unwrap();
         let Source::Registry { reference, options } = s else { panic!("{s:?}") };
@@ -683,5 +702,13 @@ mod tests {
             Source::parse("app:1.0.0").unwrap(),
             Source::Store("app".parse().unwrap(), Some("1.0.0".parse().unwrap()))
         );
+    }
+
+    #[test]
+    #[cfg(not(feature = "registry"))]
+    fn registry_sources_name_the_feature() {
+        let err = Source::parse("127.0.0.1:5000/op-dbus/app:1.0.0").unwrap_err();
+        assert!(err.is::<Usage>() && err.to_string().contains("`registry` feature"), "{err}");
+        assert!(Source::parse("./missing/file.oci.tar").unwrap_err().is::<Usage>());
     }
 }
