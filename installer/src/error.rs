@@ -1,4 +1,4 @@
-//! Exit codes (DESIGN.md §7) and the errors that decide them.
+//! Exit codes (docs/exit-codes.md) and the errors that decide them.
 
 use formats::archive::ArchiveError;
 use formats::layout::LayoutError;

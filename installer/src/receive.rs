@@ -107,7 +107,7 @@ impl Source {
         Ok(source)
     }
 
-    /// Parses a SOURCE argument (DESIGN.md §7).
+    /// Parses a SOURCE argument (docs/commands.md).
     pub fn parse(s: &str) -> Result<Source> {
         if s == "-" {
             return Ok(Source::Stdin);
