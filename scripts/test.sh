@@ -22,11 +22,13 @@ gate() {
 gate rustfmt cargo fmt --all --check
 gate clippy cargo clippy --workspace --all-targets --locked -- -D warnings
 gate rustdoc env RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --locked
+# The installer without its default `registry` feature (the small build for air-gapped hosts).
+gate installer-without-registry sh -c 'cargo clippy -p installer --no-default-features --all-targets --locked -- -D warnings &&
+	cargo test -q -p installer --no-default-features --locked --lib receive'
 
-echo "==> build"
-cargo build --workspace --bins --locked
+gate build cargo build --workspace --bins --locked
 # The crash tests drive an installer that aborts at chosen points (a test-only feature).
-cargo build -p installer --features fault-injection --target-dir target/fault-injection --locked
+gate build-fault-injection cargo build -p installer --features fault-injection --target-dir target/fault-injection --locked
 
 echo "==> test"
 log=target/test.log
