@@ -70,18 +70,19 @@ stages=$("$installer" --root "$root" --json list | grep -c '"status": *"deployed
 cat <<SUMMARY
 
 ==> done in $((SECONDS - start)) s
-built      ${#refs[@]} images, signed by key $("$image" key show "$demo/signing.key.pub"): ${refs[*]}
-           (store: $OP_DBUS_STORE)
+built      ${#refs[@]} images into $OP_DBUS_STORE, signed by key $("$image" key show "$demo/signing.key.pub"):
+           ${refs[*]}
 exported   $demo/stages.oci.tar ($(du -h "$demo/stages.oci.tar" | cut -f1)), with its .minisig
 verified   skopeo read the export, minisign checked it, op-dbus-stage checked every
            signature and every staged file against its signed hash
 deployed   $stages stages into the scratch root $root; their verify commands passed
 
-Try next, with PATH=$PWD/target/release:\$PATH:
-  op-dbus-stage --root $root status         what is deployed, signed by whom
-  op-dbus-stage --root $root snapshots      the restore points
-  op-dbus-stage --root $root rollback ${refs[0]%%:*}
-  ls -l $root/usr/local/bin                  links into the staging area
+Try next:
+  export PATH=$PWD/target/release:\$PATH OP_DBUS_STORE=$OP_DBUS_STORE root=$root
+  op-dbus-stage --root \$root status        # what is deployed, signed by whom
+  op-dbus-stage --root \$root snapshots     # the restore points
+  op-dbus-stage --root \$root rollback ${refs[0]%%:*}
+  ls -l \$root/usr/local/bin                # links into the staging area
   op-dbus-image inspect ${refs[0]}
-  docs/README.md                             formats, host layout, commands, exit codes
+  less docs/README.md                       # formats, host layout, commands, exit codes
 SUMMARY
