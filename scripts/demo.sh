@@ -81,7 +81,7 @@ Try next:
   export PATH=$PWD/target/release:\$PATH OP_DBUS_STORE=$OP_DBUS_STORE root=$root
   op-dbus-stage --root \$root status        # what is deployed, signed by whom
   op-dbus-stage --root \$root snapshots     # the restore points
-  op-dbus-stage --root \$root rollback ${refs[0]%%:*}
+  op-dbus-stage --root \$root --dry-run remove ${refs[-1]%%:*}   # what removing a stage would do
   ls -l \$root/usr/local/bin                # links into the staging area
   op-dbus-image inspect ${refs[0]}
   less docs/README.md                       # formats, host layout, commands, exit codes
