@@ -12,7 +12,6 @@
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(dirname "$here")
-shared=${OP_DBUS_SHARED:-$repo/../shared}
 corpus=$here/corpus
 image=$repo/target/debug/op-dbus-image
 [ -x "$image" ] || (cd "$repo" && cargo build -q --bins)
@@ -21,7 +20,7 @@ work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 
 # manifest.yaml texts.
-for f in "$shared"/fixtures/seed-manifests/*.yaml "$repo"/images/*/manifest.yaml; do
+for f in "$repo"/tests/fixtures/seed-manifests/*.yaml "$repo"/images/*/manifest.yaml; do
     [ -f "$f" ] || continue
     install -m 644 "$f" "$corpus/manifest/$(basename "$(dirname "$f")")-$(basename "$f")"
 done

@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/lib.sh
-need_all
+need_test_tools
 export OP_DBUS_CRASH_RANDOM=${OP_DBUS_CRASH_RANDOM:-1000}
 cargo build --workspace --bins --locked
 cargo build -p installer --features fault-injection --target-dir target/fault-injection --locked

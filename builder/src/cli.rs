@@ -1,4 +1,7 @@
-//! The command line of `op-dbus-image` (DESIGN.md §7): clap types and the one dispatch.
+//! The command line of `op-dbus-image` (docs/commands.md): clap types and the one dispatch.
+// Doc comments on the clap types below are `--help` text, written for a terminal:
+// `HOST[:PORT]` there is command-line syntax, not a rustdoc link.
+#![allow(rustdoc::broken_intra_doc_links)]
 
 use std::path::{Path, PathBuf};
 

@@ -1,4 +1,4 @@
-//! Exit codes (DESIGN.md §7) and the errors of stage input.
+//! Exit codes (docs/exit-codes.md) and the errors of stage input.
 
 use std::path::PathBuf;
 

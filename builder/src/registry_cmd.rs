@@ -1,5 +1,8 @@
 //! `push` and `pull`: images and their cosign signatures to and from an OCI registry,
 //! through the `registry` crate (the same client the installer uses).
+// Doc comments on the clap types below are `--help` text, written for a terminal:
+// `HOST[:PORT]` there is command-line syntax, not a rustdoc link.
+#![allow(rustdoc::broken_intra_doc_links)]
 
 use std::io::Read;
 use std::path::PathBuf;

@@ -1,4 +1,4 @@
-//! Exit codes (DESIGN.md §7): the one map of both binaries lives in `cli_support::exit`;
+//! Exit codes (docs/exit-codes.md): the one map of both binaries lives in `cli_support::exit`;
 //! the error types the installer raises are its.
 
 pub use cli_support::exit::{Cancelled, Locked, Malformed, NotFound, Refused, Untrusted, Usage, VerifyFailed};

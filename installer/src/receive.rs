@@ -34,6 +34,7 @@ use formats::{Digest, Reference, StageName, Version};
 use keys::policy::Policy;
 use keys::trust::{Identity, SignatureLayer, TrustedKey};
 
+#[cfg(feature = "registry")]
 use registry::{Access, ClientOptions, Credentials, RegistryError, RegistryRef};
 
 use crate::error::{Malformed, Refused, Untrusted, Usage};
@@ -47,6 +48,7 @@ pub enum Source {
     Layout(PathBuf),
     Store(StageName, Option<Version>),
     /// `HOST[:PORT]/REPO:TAG` (or `REPO@sha256:...`) in an OCI registry.
+    #[cfg(feature = "registry")]
     Registry {
         reference: RegistryRef,
         options: Box<ClientOptions>,
@@ -76,7 +78,9 @@ pub struct RegistryOpts {
 impl Source {
     /// Parses a SOURCE argument, with the registry flags for a registry source.
     pub fn parse_with(s: &str, opts: &RegistryOpts) -> Result<Source> {
+        #[cfg_attr(not(feature = "registry"), allow(unused_mut))]
         let mut source = Source::parse(s)?;
+        #[cfg(feature = "registry")]
         if let Source::Registry { reference, options } = &mut source {
             if let Some(u) = &opts.username {
                 let mut text = String::new();
@@ -95,7 +99,9 @@ impl Source {
             options.insecure = opts.insecure;
             options.ca_file = opts.ca.clone();
             **options = (**options).clone().with_auth_file_for(&reference.host).map_err(|e| registry_error(e, s))?;
-        } else if opts.password_stdin && source == Source::Stdin {
+            return Ok(source);
+        }
+        if opts.password_stdin && source == Source::Stdin {
             return Err(Usage("--password-stdin and SOURCE `-` both want stdin; use one of them".into()).into());
         }
         Ok(source)
@@ -132,7 +138,7 @@ impl Source {
                 _ => None,
             },
         );
-        let registry = if store.is_none() { s.parse::<RegistryRef>().ok() } else { None };
+        let registry = if store.is_none() { registry_reading(s) } else { None };
         let on_disk = path_source(p);
         let ambiguous = |reading: &str| {
             Err(Usage(format!(
@@ -147,15 +153,7 @@ impl Source {
             (Some(_), _, Some(_)) => ambiguous("an image reference of the local store (NAME or NAME:VERSION)"),
             (Some(store), _, None) => Ok(store),
             (None, Some(_), Some(_)) => ambiguous("a registry reference (HOST/REPO:TAG)"),
-            (None, Some(reference), None) => {
-                if reference.tag.is_none() && reference.digest.is_none() {
-                    return Err(Usage(format!(
-                        "{s}: no such file or directory; as a registry reference it needs a tag: {s}:TAG"
-                    ))
-                    .into());
-                }
-                Ok(Source::Registry { reference, options: Box::default() })
-            }
+            (None, Some(reference), None) => registry_source(s, reference),
             (None, None, Some(source)) => Ok(source),
             (None, None, None) => Err(Usage(format!(
                 "{s}: no such file or directory, not NAME or NAME:VERSION of an image in the local store, \
@@ -164,6 +162,38 @@ impl Source {
             .into()),
         }
     }
+}
+
+/// SOURCE read as a registry reference, if it is one.
+#[cfg(feature = "registry")]
+fn registry_reading(s: &str) -> Option<RegistryRef> {
+    s.parse::<RegistryRef>().ok()
+}
+
+/// Without the registry client, anything shaped like `HOST/REPO...` is still recognised,
+/// to say what is missing.
+#[cfg(not(feature = "registry"))]
+fn registry_reading(s: &str) -> Option<()> {
+    (!s.starts_with('/') && !s.starts_with('.') && s.contains('/')).then_some(())
+}
+
+#[cfg(feature = "registry")]
+fn registry_source(s: &str, reference: RegistryRef) -> Result<Source> {
+    if reference.tag.is_none() && reference.digest.is_none() {
+        return Err(
+            Usage(format!("{s}: no such file or directory; as a registry reference it needs a tag: {s}:TAG")).into()
+        );
+    }
+    Ok(Source::Registry { reference, options: Box::default() })
+}
+
+#[cfg(not(feature = "registry"))]
+fn registry_source(s: &str, _: ()) -> Result<Source> {
+    Err(Usage(format!(
+        "{s}: no such file or directory; registry sources HOST[:PORT]/REPO:TAG need an op-dbus-stage built with the \
+         `registry` feature (this one is not): deploy an .oci.tar export instead"
+    ))
+    .into())
 }
 
 /// The file or directory SOURCE at `p`, if there is one.
@@ -490,6 +520,7 @@ pub fn receive(source: &Source, tmp: &Path, store: &Layout, trust: &Trust, allow
                 .with_context(|| format!("reading the oci-archive {what}"))?;
             finish(temp, index, gate.verified, store, trust, allow_expired)
         }
+        #[cfg(feature = "registry")]
         Source::Registry { reference, options } => {
             receive_registry(reference, options, tmp, store, trust, allow_expired)
         }
@@ -565,6 +596,7 @@ pub fn receive(source: &Source, tmp: &Path, store: &Layout, trust: &Trust, allow
 
 /// A registry error as the installer reports it: corrupt or malformed bytes exit 7, a
 /// bad reference 2, anything else (unreachable, unknown tag, refused credentials) 1.
+#[cfg(feature = "registry")]
 fn registry_error(e: RegistryError, what: &str) -> anyhow::Error {
     let mut text = e.to_string();
     let mut cause = std::error::Error::source(&e);
@@ -583,6 +615,7 @@ fn registry_error(e: RegistryError, what: &str) -> anyhow::Error {
 
 /// A registry source: the small part into a temp layout, signatures verified, then the
 /// payload layers the store lacks.
+#[cfg(feature = "registry")]
 fn receive_registry(
     reference: &RegistryRef,
     options: &ClientOptions,
@@ -954,6 +987,7 @@ mod tests {
     use super::*;
 
     #[test]
+    #[cfg(feature = "registry")]
     fn registry_sources_parse() {
         let s = Source::parse("127.0.0.1:5000/op-dbus/app:1.0.0").unwrap();
         let Source::Registry { reference, options } = s else { panic!("{s:?}") };
@@ -991,5 +1025,13 @@ mod tests {
         let v =
             Verified { reference: "app:1.0.0".into(), digest: Digest::of(b"x"), signers: vec![id], candidate: None };
         assert_eq!(serde_json::to_value(&v).unwrap()["signers"], serde_json::json!(["3f9a0c41d2e87b65"]));
+    }
+
+    #[test]
+    #[cfg(not(feature = "registry"))]
+    fn registry_sources_name_the_feature() {
+        let err = Source::parse("127.0.0.1:5000/op-dbus/app:1.0.0").unwrap_err();
+        assert!(err.is::<Usage>() && err.to_string().contains("`registry` feature"), "{err}");
+        assert!(Source::parse("./missing/file.oci.tar").unwrap_err().is::<Usage>());
     }
 }

@@ -7,7 +7,7 @@
 //!   an SPKI PEM file `KEY.pub`, byte-identical to what `openssl pkey -in KEY -pubout`
 //!   prints. [`KeyId`] names a key: the first 8 bytes of sha256 of the raw public key.
 //! - [`simple_signing`]: the cosign "simple signing" payload whose exact bytes are signed
-//!   for an image (DESIGN.md §4).
+//!   for an image (docs/formats.md).
 //! - [`policy`]: the installer's trust and target policy, `/etc/op-dbus/stage.toml`: key
 //!   scopes, revoked keys, signature thresholds, allowed target prefixes, host features.
 //! - [`trust`]: whether an image's signatures satisfy the trust store and the policy.

@@ -1,7 +1,7 @@
 //! [`Policy`]: the installer's trust and target policy, `/etc/op-dbus/stage.toml`.
 //!
 //! The trusted keys themselves are the `*.pub` files in `/etc/op-dbus/trusted-keys/`; this
-//! file says what they may do, and where any stage may place files (DESIGN.md §5). Every
+//! file says what they may do, and where any stage may place files (docs/stage-toml.md). Every
 //! setting is optional: an absent or empty file is [`Policy::default`].
 //!
 //! ```toml

@@ -1,7 +1,7 @@
 //! The cosign "simple signing" payload: what an image signature signs.
 //!
 //! The signature (ed25519, base64) is over the exact bytes of this JSON, which travel as a
-//! layer of media type [`MEDIA_TYPE`] in the image's `.sig` manifest (DESIGN.md §4):
+//! layer of media type [`MEDIA_TYPE`] in the image's `.sig` manifest (docs/formats.md):
 //!
 //! ```text
 //! {"critical":{"identity":{"docker-reference":"registry.example/op-dbus/stage-1-core-dbus"},

@@ -1,6 +1,6 @@
 //! Deciding whether an image's signatures satisfy the trust store and the [`Policy`].
 //!
-//! An image carries zero or more signature layers (DESIGN.md §4): each is a simple-signing
+//! An image carries zero or more signature layers (docs/formats.md): each is a simple-signing
 //! payload and the base64 ed25519 signature over its exact bytes, optionally with the id of
 //! the key that made it. [`evaluate`] counts the signatures that hold:
 //!

@@ -1,6 +1,6 @@
 //! Hostile btrfs send streams in properly signed images (a loop-mounted btrfs; needs root).
 //!
-//! `btrfs receive` trusts its input (DESIGN.md §4 "btrfs send payloads"): a stream with `..`
+//! `btrfs receive` trusts its input (docs/formats.md, "Payloads"): a stream with `..`
 //! or an absolute path writes outside the received subvolume, and CLONE may name any
 //! subvolume of the filesystem. So the installer must refuse such a stream itself, before a
 //! byte reaches the kernel, even when the image is signed by a key it trusts.

@@ -1,4 +1,4 @@
-//! Crash consistency (DESIGN.md §8.3): `deploy`, `rollback`, `remove` and `restore` are
+//! Crash consistency (docs/README.md, guarantee 3): `deploy`, `rollback`, `remove` and `restore` are
 //! stopped at every fault point of the installer (a build with the `fault-injection`
 //! feature aborts at the N-th point) and at random moments (SIGKILL after a random delay);
 //! then `recover` must leave the host exactly as before or exactly as after, and

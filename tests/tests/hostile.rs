@@ -1,6 +1,6 @@
 //! The hostile corpus: images that are properly signed by a key the installer trusts and
 //! still must be refused, because only the installer's own checks stand in the way
-//! (DESIGN.md §8, invariants 1, 2 and 5).
+//! (docs/README.md, guarantees 1, 2 and 5).
 //!
 //! Every case deploys a forged `.oci.tar` with the real `op-dbus-stage` into a scratch root
 //! and asserts: the expected exit code (7 malformed, 4 policy, 3 signature), the root
@@ -1886,7 +1886,7 @@ fn stream_into_deploy(host: &Host, prefix: &[u8], limit: u64) -> (u64, i32, Stri
     (written, out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stderr).into_owned())
 }
 
-/// DESIGN.md §4: the archive's entry order lets a streaming reader check signatures
+/// docs/formats.md: the archive's entry order lets a streaming reader check signatures
 /// "before any payload byte arrives". A blob that arrives before the image's signatures
 /// are checked, and that no manifest names as one of its small blobs, must not be read
 /// (and written to disk) to its end: here its header claims 64 GiB and the installer must
