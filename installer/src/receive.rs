@@ -660,6 +660,7 @@ fn receive_registry(
     finish(temp, index, BTreeMap::from([(tag, v)]), store, trust, allow_expired)
 }
 
+#[cfg(feature = "registry")]
 /// A tag that is a version must be the signed version (the signatures name the config's
 /// version, which [`verify_as`] checked). Any other tag (`stable`, `latest`) names no version:
 /// the image is taken for what its signed manifest says, and that is reported.
