@@ -539,9 +539,11 @@ pub fn run(cli: Cli) -> Result<i32> {
         }
         Command::Recover => {
             let ctx = Ctx::changing(&opts)?;
+            // With --dry-run nothing is recovered: `recovered` is what recovery would do.
             let doc = RecoverDoc { recovered: ctx.recovered };
+            let would = if opts.dry_run { "would have " } else { "" };
             out.emit(&doc, |d| match d.recovered {
-                Some(o) => format!("recovered the interrupted transaction: {}\n", outcome_text(o)),
+                Some(o) => format!("{would}recovered the interrupted transaction: {}\n", outcome_text(o)),
                 None => "nothing to recover\n".into(),
             })?;
         }

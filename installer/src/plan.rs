@@ -16,8 +16,9 @@ use formats::path::{RelPath, TargetPath};
 use formats::{Digest, StageName};
 
 use crate::error::{Malformed, Refused};
-use crate::host::{Host, TargetState, link_text};
-use crate::state::{Placed, StageState, State};
+use crate::host::{TargetState, link_text};
+use crate::hostfs::HostFs;
+use crate::state::{Placed, Placement, StageState, State};
 use crate::txn::Step;
 
 /// What a desired stage wants at one target.
@@ -86,17 +87,116 @@ pub fn wants(stages: &BTreeMap<StageName, StageState>) -> Result<BTreeMap<Target
 fn keeps(p: &Placed, w: &Want) -> bool {
     p.stage == w.stage
         && p.path == w.path
-        && p.kind == w.kind
+        && p.how.kind() == w.kind
         && match w.kind {
             FileType::Symlink | FileType::CopyIfNotExists => true,
-            FileType::Copy => p.sha256 == w.sha256,
+            FileType::Copy => p.how.digest() == w.sha256,
         }
+}
+
+/// A read of the host that failed while gathering a [`HostView`]: an error only if the
+/// plan needs that read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReadError {
+    pub kind: std::io::ErrorKind,
+    pub message: String,
+}
+
+impl ReadError {
+    fn of(e: &anyhow::Error) -> ReadError {
+        let kind = e.downcast_ref::<std::io::Error>().map_or(std::io::ErrorKind::Other, std::io::Error::kind);
+        ReadError { kind, message: format!("{e:#}") }
+    }
+
+    fn error(&self) -> anyhow::Error {
+        std::io::Error::new(self.kind, self.message.clone()).into()
+    }
+}
+
+/// What is at one target, as far as planning needs to know.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Seen {
+    pub state: Result<TargetState, ReadError>,
+    /// The content of a regular file (read only where a copy of ours was placed).
+    pub digest: Result<Option<Digest>, ReadError>,
+}
+
+/// The host as a plan sees it: what is at every target that matters (those placed before
+/// and those wanted), which of the wanted targets' ancestor directories exist, and whether
+/// units can be managed. Gathered once by [`HostView::gather`]; planning reads nothing else.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HostView {
+    pub targets: BTreeMap<TargetPath, Seen>,
+    pub dirs: BTreeMap<TargetPath, Result<bool, ReadError>>,
+    pub systemctl: bool,
+}
+
+impl HostView {
+    /// Reads what planning the move from `before` to `desired` needs from the host.
+    pub fn gather(fs: &dyn HostFs, before: &State, desired: &BTreeMap<StageName, StageState>) -> HostView {
+        let mut view = HostView { systemctl: fs.systemctl_available(), ..HostView::default() };
+        let wanted: Vec<&TargetPath> =
+            desired.values().flat_map(|s| s.active.activation.files.iter().map(|f| &f.target)).collect();
+        for target in before.placed.keys().chain(wanted.iter().copied()) {
+            if view.targets.contains_key(target) {
+                continue;
+            }
+            let state = fs.state(target).map_err(|e| ReadError::of(&e));
+            let copied = before.placed.get(target).is_some_and(|p| p.how.digest().is_some());
+            let digest = match &state {
+                Ok(TargetState::File) if copied => fs.file_digest(target).map_err(|e| ReadError::of(&e)),
+                _ => Ok(None),
+            };
+            view.targets.insert(target.clone(), Seen { state, digest });
+        }
+        for target in wanted.into_iter().chain(before.placed.keys()) {
+            for dir in ancestors(target) {
+                if !view.dirs.contains_key(&dir) {
+                    let exists = fs.dir_exists(&dir).map_err(|e| ReadError::of(&e));
+                    view.dirs.insert(dir, exists);
+                }
+            }
+        }
+        view
+    }
+
+    /// What is at `target`.
+    pub fn state(&self, target: &TargetPath) -> Result<TargetState> {
+        match self.targets.get(target).map(|s| &s.state) {
+            Some(Ok(s)) => Ok(s.clone()),
+            Some(Err(e)) => Err(e.error()),
+            None => Err(anyhow::anyhow!("{target} was not looked at before planning")),
+        }
+    }
+
+    /// The digest of the regular file at `target` (gathered where a copy of ours was).
+    pub fn file_digest(&self, target: &TargetPath) -> Result<Option<Digest>> {
+        match self.targets.get(target).map(|s| &s.digest) {
+            Some(Ok(d)) => Ok(*d),
+            Some(Err(e)) => Err(e.error()),
+            None => Err(anyhow::anyhow!("{target} was not looked at before planning")),
+        }
+    }
+
+    /// Whether the directory `dir` exists.
+    pub fn dir_exists(&self, dir: &TargetPath) -> Result<bool> {
+        match self.dirs.get(dir) {
+            Some(Ok(b)) => Ok(*b),
+            Some(Err(e)) => Err(e.error()),
+            None => Err(anyhow::anyhow!("{dir} was not looked at before planning")),
+        }
+    }
+}
+
+/// The directories above `target`, outermost first.
+pub fn ancestors(target: &TargetPath) -> Vec<TargetPath> {
+    target.relative().ancestors().filter_map(|a| TargetPath::parse(&format!("/{a}")).ok()).collect()
 }
 
 /// Plans the move from `before` to `desired` stages. `publish` is a new generation
 /// (stage, generation, its temp dir name under `.tmp/`) to move into place first.
 pub fn transition(
-    host: &Host,
+    host: &HostView,
     before: &State,
     desired: BTreeMap<StageName, StageState>,
     publish: Option<(StageName, u64, String)>,
@@ -129,9 +229,9 @@ pub fn transition(
             after.placed.insert(target.clone(), p.clone());
             continue;
         }
-        let removed = match p.kind {
-            FileType::Symlink => {
-                let text = p.link.clone().unwrap_or_default();
+        let removed = match &p.how {
+            Placement::Symlink { link } => {
+                let text = link.clone();
                 match host.state(target)? {
                     TargetState::Symlink(t) if t == text => {
                         steps.push(Step::Unlink { target: target.clone(), text });
@@ -144,10 +244,8 @@ pub fn transition(
                     }
                 }
             }
-            FileType::Copy | FileType::CopyIfNotExists => {
-                let Some(sha) = p.sha256 else {
-                    return Err(Malformed(format!("state.json: the copy at {target} has no recorded digest")).into());
-                };
+            Placement::Copy { sha256: sha } | Placement::CopyIfNotExists { sha256: sha } => {
+                let sha = *sha;
                 match host.file_digest(target)? {
                     Some(d) if d == sha => {
                         steps.push(Step::Stash { target: target.clone(), stash: fresh("s"), sha256: sha });
@@ -173,7 +271,7 @@ pub fn transition(
         stages.values().flat_map(|s| s.active.activation.services.iter().cloned()).collect()
     };
     let (units_before, units_after) = (units(&before.stages), units(&desired));
-    let systemctl = crate::checks::systemctl_path().is_some();
+    let systemctl = host.systemctl;
     if !systemctl && units_after.difference(&units_before).next().is_some() {
         notes.push(format!(
             "systemctl not found: enable {} by hand",
@@ -202,8 +300,7 @@ pub fn transition(
         if after.placed.contains_key(target) {
             continue;
         }
-        for a in target.relative().ancestors() {
-            let dir = TargetPath::parse(&format!("/{a}")).expect("ancestor of a valid path");
+        for dir in ancestors(target) {
             if !planned_dirs.contains(&dir) && !host.dir_exists(&dir)? {
                 planned_dirs.insert(dir.clone());
                 after.dirs.insert(dir.clone());
@@ -229,14 +326,7 @@ pub fn transition(
             FileType::Symlink => {
                 let text = link_text(w.stage.as_str(), &w.path);
                 steps.push(Step::Link { target: target.clone(), text: text.clone() });
-                Placed {
-                    stage: w.stage.clone(),
-                    path: w.path.clone(),
-                    kind: w.kind,
-                    link: Some(text),
-                    sha256: None,
-                    backup,
-                }
+                Placed { stage: w.stage.clone(), path: w.path.clone(), how: Placement::Symlink { link: text }, backup }
             }
             FileType::Copy | FileType::CopyIfNotExists => {
                 let Some(sha256) = w.sha256 else {
@@ -252,14 +342,11 @@ pub fn transition(
                     sha256,
                     mode: w.mode,
                 });
-                Placed {
-                    stage: w.stage.clone(),
-                    path: w.path.clone(),
-                    kind: w.kind,
-                    link: None,
-                    sha256: Some(sha256),
-                    backup,
-                }
+                let how = match w.kind {
+                    FileType::CopyIfNotExists => Placement::CopyIfNotExists { sha256 },
+                    _ => Placement::Copy { sha256 },
+                };
+                Placed { stage: w.stage.clone(), path: w.path.clone(), how, backup }
             }
         };
         after.placed.insert(target.clone(), placed);
@@ -287,6 +374,40 @@ pub fn transition(
     Ok(Plan { steps, after, notes })
 }
 
+/// Plans putting back the links of `stage` that are missing or wrong (`fix-symlinks`):
+/// whatever is in their way is backed up first.
+pub fn fix_links(host: &HostView, state: &State, stage: &StageName) -> Result<Plan> {
+    let mut steps = Vec::new();
+    let mut after = state.clone();
+    after.txid += 1;
+    let mut n = 0;
+    for (target, p) in state.placed.iter().filter(|(_, p)| &p.stage == stage) {
+        let Placement::Symlink { link } = &p.how else { continue };
+        match host.state(target)? {
+            TargetState::Symlink(t) if &t == link => continue,
+            TargetState::Missing => {}
+            _ => {
+                n += 1;
+                let backup = format!("b{}-{n}", after.txid);
+                steps.push(Step::Backup { target: target.clone(), backup: backup.clone() });
+                if let Some(pl) = after.placed.get_mut(target)
+                    && pl.backup.is_none()
+                {
+                    pl.backup = Some(backup);
+                }
+            }
+        }
+        for dir in ancestors(target) {
+            if !host.dir_exists(&dir)? && !steps.contains(&Step::MkDir { path: dir.clone() }) {
+                after.dirs.insert(dir.clone());
+                steps.push(Step::MkDir { path: dir });
+            }
+        }
+        steps.push(Step::Link { target: target.clone(), text: link.clone() });
+    }
+    Ok(Plan { steps, after, notes: Vec::new() })
+}
+
 /// Random plans through the planner and the transaction steps on a scratch root: no panic,
 /// and the invariants of the host layout hold after every step.
 #[cfg(test)]
@@ -300,8 +421,9 @@ mod props {
     use formats::{Digest, StageName};
     use proptest::prelude::*;
 
-    use super::transition;
+    use super::{HostView, transition};
     use crate::host::Host;
+    use crate::hostfs::RealFs;
     use crate::state::{Activation, ActiveFile, Generation, StageState, State};
     use crate::txn::{self, Journal, Staging};
 
@@ -474,7 +596,8 @@ mod props {
                 keep
             });
             let before = snapshot(&self.root);
-            let plan = match transition(&self.host, &self.state, desired, publish) {
+            let view = HostView::gather(&RealFs::new(&self.host, &self.staging), &self.state, &desired);
+            let plan = match transition(&view, &self.state, desired, publish) {
                 Ok(p) => p,
                 Err(_) => {
                     // Refused before anything changed.
@@ -507,17 +630,17 @@ mod props {
             // A prefix, then undo: exactly as before.
             let k = prefix % (journal.steps.len() + 1);
             for step in &journal.steps[..k] {
-                if txn::apply(&self.host, &self.staging, step).is_err() {
+                if txn::apply(&RealFs::new(&self.host, &self.staging), step).is_err() {
                     break;
                 }
             }
-            journal.roll_back(&self.host, &self.staging).unwrap();
+            journal.roll_back(&RealFs::new(&self.host, &self.staging)).unwrap();
             assert_eq!(snapshot(&self.root), before, "applying {k} steps of {:?} then undoing them", journal.steps);
             restore_tmp(self);
             // The whole plan.
-            let applied = journal.steps.iter().try_for_each(|s| txn::apply(&self.host, &self.staging, s));
+            let applied = journal.steps.iter().try_for_each(|s| txn::apply(&RealFs::new(&self.host, &self.staging), s));
             if applied.is_err() {
-                journal.roll_back(&self.host, &self.staging).unwrap();
+                journal.roll_back(&RealFs::new(&self.host, &self.staging)).unwrap();
                 assert_eq!(snapshot(&self.root), before, "undoing the failed {:?}", journal.steps);
                 if let Some(d) = &tmp_dir {
                     let _ = fs::remove_dir_all(d);
@@ -681,9 +804,10 @@ mod tests {
     use formats::manifest::{EntryKind, FileType};
     use formats::{Digest, StageName};
 
-    use super::{Plan, transition};
+    use super::{HostView, Plan, transition};
     use crate::host::Host;
-    use crate::state::{Activation, ActiveFile, Generation, Placed, StageState, State};
+    use crate::hostfs::RealFs;
+    use crate::state::{Activation, ActiveFile, Generation, Placed, Placement, StageState, State};
     use crate::txn::Step;
 
     fn stage(generation: u64, files: &[(&str, &str, FileType, EntryKind)]) -> StageState {
@@ -748,19 +872,23 @@ mod tests {
         s
     }
 
-    fn placed(kind: FileType, path: &str, link: Option<&str>, sha: Option<Digest>) -> Placed {
-        Placed {
-            stage: name("a"),
-            path: path.parse().unwrap(),
-            kind,
-            link: link.map(str::to_owned),
-            sha256: sha,
-            backup: None,
-        }
+    fn placed(how: Placement, path: &str) -> Placed {
+        Placed { stage: name("a"), path: path.parse().unwrap(), how, backup: None }
+    }
+
+    /// Plans on the host under `root` as it is now.
+    fn plan_on(
+        root: &Root,
+        before: &State,
+        desired: BTreeMap<StageName, StageState>,
+    ) -> anyhow::Result<Plan> {
+        let staging = crate::txn::Staging { dir: root.path("/var/lib/op-dbus/staging") };
+        let view = HostView::gather(&RealFs::new(&root.host, &staging), before, &desired);
+        transition(&view, before, desired, None)
     }
 
     fn plan_removing_a(root: &Root, before: &State) -> Plan {
-        transition(&root.host, before, BTreeMap::new(), None).unwrap()
+        plan_on(root, before, BTreeMap::new()).unwrap()
     }
 
     #[test]
@@ -771,7 +899,7 @@ mod tests {
         symlink("/opt/mine", root.path("/opt/tool")).unwrap();
         let before = deployed(
             stage(1, &[("bin/tool", "/opt/tool", FileType::Symlink, EntryKind::File)]),
-            &[("/opt/tool", placed(FileType::Symlink, "bin/tool", Some(text), None))],
+            &[("/opt/tool", placed(Placement::Symlink { link: text.into() }, "bin/tool"))],
         );
         let plan = plan_removing_a(&root, &before);
         assert!(!plan.steps.iter().any(|s| matches!(s, Step::Unlink { .. })), "{:?}", plan.steps);
@@ -790,7 +918,7 @@ mod tests {
         let ours = Digest::of(b"as shipped");
         let before = deployed(
             stage(1, &[("etc/app.conf", "/etc/op-dbus/app.conf", FileType::Copy, EntryKind::File)]),
-            &[("/etc/op-dbus/app.conf", placed(FileType::Copy, "etc/app.conf", None, Some(ours)))],
+            &[("/etc/op-dbus/app.conf", placed(Placement::Copy { sha256: ours }, "etc/app.conf"))],
         );
         let plan = plan_removing_a(&root, &before);
         assert!(!plan.steps.iter().any(|s| matches!(s, Step::Stash { .. })), "{:?}", plan.steps);
@@ -814,7 +942,7 @@ mod tests {
             ("z", "/opt/z", FileType::Symlink, EntryKind::File),
         ];
         let desired = BTreeMap::from([(name("a"), stage(1, &files))]);
-        let plan = transition(&root.host, &before, desired.clone(), None).unwrap();
+        let plan = plan_on(&root, &before, desired.clone()).unwrap();
         let ids = |p: &Plan| -> Vec<String> {
             p.steps
                 .iter()
@@ -827,7 +955,7 @@ mod tests {
         assert_eq!(unique.len(), 3, "{first:?}");
         // The next transaction (txid + 1) names its backups differently.
         before.txid = 42;
-        let second = ids(&transition(&root.host, &before, desired, None).unwrap());
+        let second = ids(&plan_on(&root, &before, desired).unwrap());
         assert!(second.iter().all(|b| !first.contains(b)), "{first:?} {second:?}");
     }
 
@@ -838,18 +966,18 @@ mod tests {
             (name("a"), stage(1, &[("web", "/var/www/site", FileType::Symlink, EntryKind::Dir)])),
             (name("b"), stage(2, &[("index.html", "/var/www/site/index.html", FileType::Symlink, EntryKind::File)])),
         ]);
-        let e = transition(&root.host, &State::new(), desired, None).unwrap_err().to_string();
+        let e = plan_on(&root, &State::new(), desired).unwrap_err().to_string();
         assert!(e.contains("lie inside one another"), "{e}");
         // The same target twice.
         let desired = BTreeMap::from([
             (name("a"), stage(1, &[("x", "/opt/x", FileType::Symlink, EntryKind::File)])),
             (name("b"), stage(2, &[("x", "/opt/x", FileType::Symlink, EntryKind::File)])),
         ]);
-        let e = transition(&root.host, &State::new(), desired, None).unwrap_err().to_string();
+        let e = plan_on(&root, &State::new(), desired).unwrap_err().to_string();
         assert!(e.contains("wanted by both"), "{e}");
         // A directory copied is refused, not a panic.
         let desired = BTreeMap::from([(name("a"), stage(1, &[("d", "/opt/d", FileType::Copy, EntryKind::Dir)]))]);
-        assert!(transition(&root.host, &State::new(), desired, None).is_err());
+        assert!(plan_on(&root, &State::new(), desired).is_err());
     }
 
     #[test]
@@ -860,7 +988,7 @@ mod tests {
             name("a"),
             stage(1, &[("etc/state.json", "/etc/op-dbus/state.json", FileType::CopyIfNotExists, EntryKind::File)]),
         )]);
-        let plan = transition(&root.host, &State::new(), desired, None).unwrap();
+        let plan = plan_on(&root, &State::new(), desired).unwrap();
         assert!(plan.steps.iter().all(|s| !matches!(s, Step::Backup { .. } | Step::Copy { .. })), "{:?}", plan.steps);
         assert!(plan.after.placed.is_empty());
         assert!(plan.notes.iter().any(|n| n.contains("copy-if-not-exists")));
