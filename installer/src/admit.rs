@@ -48,7 +48,13 @@ pub fn resolutions(host: &Host, policy: &Policy, config: &StageConfig) -> Resolu
 /// [`resolutions`]; links on the way that root does not own are never followed), inside
 /// the prefixes its signers' scopes allow, and its required feature enabled. `what` names
 /// the image in messages.
-pub fn policy(policy: &Policy, config: &StageConfig, what: &str, signers: &[String], resolved: &Resolutions) -> Result<()> {
+pub fn policy(
+    policy: &Policy,
+    config: &StageConfig,
+    what: &str,
+    signers: &[String],
+    resolved: &Resolutions,
+) -> Result<()> {
     let prefixes = || policy.allowed_prefixes().iter().map(|p| p.to_string()).collect::<Vec<_>>().join(", ");
     // The signers' scopes may narrow the prefixes further ([scope_prefixes]).
     let verdict = keys::trust::Verdict { signers: signers.iter().filter_map(|k| k.parse().ok()).collect() };
@@ -84,7 +90,9 @@ pub fn policy(policy: &Policy, config: &StageConfig, what: &str, signers: &[Stri
         }
         let resolved = match resolved.get(&f.target) {
             Some(Resolved::At(t)) => t,
-            Some(Resolved::Unsafe(e)) => return Err(Refused::Policy(format!("{what}: target {}: {e}", f.target)).into()),
+            Some(Resolved::Unsafe(e)) => {
+                return Err(Refused::Policy(format!("{what}: target {}: {e}", f.target)).into());
+            }
             Some(Resolved::Failed(e)) => {
                 return Err(anyhow::Error::new(std::io::Error::new(e.kind, e.message.clone()))
                     .context(format!("{what}: resolving target {}", f.target)));
@@ -162,4 +170,95 @@ pub fn against_state(state: &State, config: &StageConfig, what: &str, allow_down
         .into());
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::error::Refused;
+
+    fn config(targets: &[&str], feature: Option<&str>) -> StageConfig {
+        let files: Vec<serde_json::Value> = targets
+            .iter()
+            .enumerate()
+            .map(|(i, t)| serde_json::json!({"path": format!("f{i}"), "target": t, "type": "symlink"}))
+            .collect();
+        serde_json::from_value(serde_json::json!({
+            "schema_version": 1, "name": "app", "version": "1.0.0", "files": files,
+            "requires_feature": feature, "entries": [],
+        }))
+        .unwrap()
+    }
+
+    fn policy_of(text: &str) -> Policy {
+        Policy::parse(text, Path::new("stage.toml")).unwrap()
+    }
+
+    fn at(pairs: &[(&str, &str)]) -> Resolutions {
+        pairs.iter().map(|(t, r)| (t.parse().unwrap(), Resolved::At(r.parse().unwrap()))).collect()
+    }
+
+    /// One trusted signer whose scope narrows nothing.
+    fn signer() -> Vec<String> {
+        vec!["0123456789abcdef".into()]
+    }
+
+    fn refused(r: Result<()>) -> String {
+        let e = r.unwrap_err();
+        assert!(e.chain().any(|c| c.is::<Refused>()), "not a refusal: {e:#}");
+        format!("{e:#}")
+    }
+
+    #[test]
+    fn targets_are_judged_by_their_text_and_by_where_they_resolve() {
+        let p = policy_of("allowed_prefixes = [\"/opt\"]\n");
+        let c = config(&["/opt/app/tool"], None);
+        policy(&p, &c, "app 1.0.0", &signer(), &at(&[("/opt/app/tool", "/opt/app/tool")])).unwrap();
+        // Through a link on the way it lands outside the prefixes: refused.
+        let e = refused(policy(&p, &c, "app 1.0.0", &signer(), &at(&[("/opt/app/tool", "/etc/shadow")])));
+        assert!(e.contains("resolves to /etc/shadow"), "{e}");
+        // By its text outside: refused before its resolution matters.
+        let c = config(&["/etc/passwd"], None);
+        let e = refused(policy(&p, &c, "app 1.0.0", &signer(), &Resolutions::new()));
+        assert!(e.contains("outside the allowed prefixes"), "{e}");
+    }
+
+    #[test]
+    fn a_target_behind_a_users_link_is_a_refusal_and_an_unread_one_an_error() {
+        let p = policy_of("allowed_prefixes = [\"/opt\"]\n");
+        let c = config(&["/opt/app/tool"], None);
+        let mut r = Resolutions::new();
+        r.insert("/opt/app/tool".parse().unwrap(), Resolved::Unsafe("/opt/app is a symlink owned by uid 1000".into()));
+        let e = refused(policy(&p, &c, "app", &[], &r));
+        assert!(e.contains("uid 1000"), "{e}");
+        let failed = ReadError { kind: std::io::ErrorKind::PermissionDenied, message: "denied".into() };
+        r.insert("/opt/app/tool".parse().unwrap(), Resolved::Failed(failed));
+        let e = policy(&p, &c, "app", &[], &r).unwrap_err();
+        assert!(!e.chain().any(|c| c.is::<Refused>()) && format!("{e:#}").contains("denied"), "{e:#}");
+        // Nothing gathered for a target: an error, not a panic or a pass.
+        assert!(policy(&p, &c, "app", &[], &Resolutions::new()).is_err());
+    }
+
+    #[test]
+    fn a_required_feature_must_be_enabled() {
+        let c = config(&[], Some("openflow"));
+        let e = refused(policy(&policy_of(""), &c, "app", &[], &Resolutions::new()));
+        assert!(e.contains("feature enable openflow"), "{e}");
+        policy(&policy_of("features = [\"openflow\"]\n"), &c, "app", &[], &Resolutions::new()).unwrap();
+    }
+
+    #[test]
+    fn dependencies_and_downgrades_are_judged_against_the_state() {
+        let mut c = config(&[], None);
+        let mut state = State::new();
+        against_state(&state, &c, "app", false).unwrap();
+        state.highest.insert(c.name.clone(), "2.0.0".parse().unwrap());
+        assert!(format!("{:#}", against_state(&state, &c, "app", false).unwrap_err()).contains("--allow-downgrade"));
+        against_state(&state, &c, "app", true).unwrap();
+        c.dependencies.push(formats::manifest::Dependency::parse("core >=1").unwrap());
+        let e = against_state(&state, &c, "app", true).unwrap_err();
+        assert!(format!("{e:#}").contains("not deployed"), "{e:#}");
+    }
 }

@@ -164,7 +164,8 @@ impl HostFs for RealFs<'_> {
         if !dest.exists() {
             let parent = dest.parent().context("a generation has a parent")?;
             fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
-            fs::rename(self.staging.tmp().join(tmp), &dest).with_context(|| format!("publishing {}", dest.display()))?;
+            fs::rename(self.staging.tmp().join(tmp), &dest)
+                .with_context(|| format!("publishing {}", dest.display()))?;
             sync_dir(parent)?;
         }
         // On btrfs a generation is a read-only subvolume (made read-only once in place:
@@ -221,3 +222,5 @@ impl HostFs for RealFs<'_> {
 
 #[cfg(test)]
 pub mod mem;
+#[cfg(test)]
+mod props;

@@ -17,8 +17,8 @@ use formats::manifest::{MAX_CONFIG_BYTES, StageConfig};
 use crate::checks::{self, CheckResult};
 use crate::error::VerifyFailed;
 use crate::host::{Host, STORE};
-use crate::lock::Lock;
 use crate::hostfs::RealFs;
+use crate::lock::Lock;
 use crate::plan::{HostView, Plan};
 use crate::receive::Trust;
 use crate::snapshot;
@@ -329,4 +329,3 @@ pub fn run_checks(ctx: &Ctx, state: &State, stage: &StageName) -> Result<Vec<Che
 pub(crate) fn now() -> String {
     jiff::Timestamp::now().strftime("%Y-%m-%dT%H:%M:%SZ").to_string()
 }
-

@@ -154,7 +154,7 @@ impl TryFrom<PlacedRecord> for Placed {
             (FileType::Copy, None, Some(sha256)) => Placement::Copy { sha256 },
             (FileType::CopyIfNotExists, None, Some(sha256)) => Placement::CopyIfNotExists { sha256 },
             (FileType::Symlink, ..) => return Err(format!("the link placed for {} has no `link` alone", r.path)),
-            (_, ..) => return Err(format!("the copy placed for {} has no `sha256` alone", r.path)),
+            _ => return Err(format!("the copy placed for {} has no `sha256` alone", r.path)),
         };
         Ok(Placed { stage: r.stage, path: r.path, how, backup: r.backup })
     }

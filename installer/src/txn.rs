@@ -171,7 +171,8 @@ pub fn apply(fs: &dyn HostFs, step: &Step) -> Result<()> {
             if !fs.has_kept(Kept::Backup, backup)? {
                 return Ok(());
             }
-            fs.move_in(Kept::Backup, backup, target).with_context(|| format!("restoring {target} from backups/{backup}"))
+            fs.move_in(Kept::Backup, backup, target)
+                .with_context(|| format!("restoring {target} from backups/{backup}"))
         }
         Step::Link { target, text } => match fs.state(target)? {
             TargetState::Missing => fs.replace_symlink(target, text).with_context(|| format!("linking {target}")),
@@ -234,14 +235,18 @@ pub fn undo(fs: &dyn HostFs, step: &Step) -> Result<()> {
         Step::Link { target, text } => {
             fs.remove_temp(target)?;
             match fs.state(target)? {
-                TargetState::Symlink(t) if &t == text => fs.remove(target).with_context(|| format!("removing {target}")),
+                TargetState::Symlink(t) if &t == text => {
+                    fs.remove(target).with_context(|| format!("removing {target}"))
+                }
                 _ => Ok(()),
             }
         }
         Step::Unlink { target, text } => {
             fs.remove_temp(target)?;
             match fs.state(target)? {
-                TargetState::Missing => fs.replace_symlink(target, text).with_context(|| format!("re-linking {target}")),
+                TargetState::Missing => {
+                    fs.replace_symlink(target, text).with_context(|| format!("re-linking {target}"))
+                }
                 _ => Ok(()),
             }
         }

@@ -216,4 +216,3 @@ fn deploy_one(
     execute(ctx, format!("deploy {}", v.reference), state, plan, std::slice::from_ref(name), cleanup)
         .map(|r| Some((r, after)))
 }
-

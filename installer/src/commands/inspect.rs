@@ -176,4 +176,3 @@ pub fn verify(ctx: &Ctx, only: Option<&StageName>) -> Result<VerifyReport> {
     let ok = stages.iter().all(|s| s.links.is_empty() && s.files.is_empty() && s.checks.iter().all(|c| c.passed));
     Ok(VerifyReport { stages, ok })
 }
-

@@ -30,4 +30,3 @@ pub fn remove(ctx: &Ctx, stage: &StageName) -> Result<Report> {
     };
     execute(ctx, format!("remove {stage}"), state, plan, &[], cleanup)
 }
-

@@ -38,4 +38,3 @@ pub fn restore(ctx: &Ctx, name: &str) -> Result<Report> {
     };
     execute(ctx, format!("restore {name}"), state, plan, &changed, cleanup)
 }
-

@@ -80,4 +80,3 @@ pub fn rollback(ctx: &Ctx, stages: &[StageName]) -> Result<Report> {
     };
     execute(ctx, format!("rollback {names}"), state, plan, &targets, cleanup)
 }
-

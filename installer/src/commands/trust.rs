@@ -146,4 +146,3 @@ pub fn trust_list(ctx: &Ctx) -> Result<Vec<TrustedInfo>> {
         })
         .collect())
 }
-

@@ -79,8 +79,7 @@ impl World {
     /// Takes `path` and everything under it out of the tree.
     fn take(&mut self, path: &str) -> Tree {
         let prefix = format!("{path}/");
-        let names: Vec<String> =
-            self.nodes.keys().filter(|k| *k == path || k.starts_with(&prefix)).cloned().collect();
+        let names: Vec<String> = self.nodes.keys().filter(|k| *k == path || k.starts_with(&prefix)).cloned().collect();
         names
             .into_iter()
             .filter_map(|k| {
