@@ -192,183 +192,230 @@ pub fn ancestors(target: &TargetPath) -> Vec<TargetPath> {
 
 /// Plans the move from `before` to `desired` stages. `publish` is a new generation
 /// (stage, generation, its temp dir name under `.tmp/`) to move into place first.
+///
+/// ```text
+/// disable units going away | publish | unlink/stash ours that go | switch stage links |
+/// mkdir, back up what is in the way, link/copy | restore displaced originals |
+/// enable new units | rmdir directories nothing needs
+/// ```
 pub fn transition(
     host: &HostView,
     before: &State,
     desired: BTreeMap<StageName, StageState>,
     publish: Option<(StageName, u64, String)>,
 ) -> Result<Plan> {
-    let txid = before.txid + 1;
     let wants = wants(&desired)?;
-    let mut steps = Vec::new();
-    let mut notes = Vec::new();
-    let mut after = before.clone();
-    after.txid = txid;
-    after.stages = desired.clone();
-    after.placed = BTreeMap::new();
-    let mut n = 0;
-    let mut fresh = |prefix: &str| {
-        n += 1;
-        format!("{prefix}{txid}-{n}")
-    };
-
+    let mut p = Planner::new(host, before);
+    p.after.stages = desired.clone();
     if let Some((stage, generation, tmp)) = publish {
-        after.next_generation = after.next_generation.max(generation + 1);
-        steps.push(Step::PublishGeneration { stage, generation, tmp });
+        p.after.next_generation = p.after.next_generation.max(generation + 1);
+        p.steps.push(Step::PublishGeneration { stage, generation, tmp });
+    }
+    let freed = p.take_away(before, &wants)?;
+    let (disable, enable) = p.units(&before.stages, &desired);
+    p.steps.splice(0..0, disable);
+    p.switch_stage_links(&before.stages, &desired);
+    let freed = p.place(&wants, freed)?;
+    // Displaced originals whose target nobody wants any more come back.
+    for (target, backup) in freed {
+        if let Some(b) = backup {
+            p.steps.push(Step::Restore { backup: b, target });
+        }
+    }
+    p.steps.extend(enable);
+    p.remove_unneeded_dirs();
+    Ok(Plan { steps: p.steps, after: p.after, notes: p.notes })
+}
+
+/// A plan being made: the steps so far, the state after, the notes, and the counter that
+/// names backups and stashed copies (`b<txid>-<n>`, `s<txid>-<n>`: never reused).
+struct Planner<'a> {
+    host: &'a HostView,
+    steps: Vec<Step>,
+    notes: Vec<String>,
+    after: State,
+    n: u64,
+}
+
+impl<'a> Planner<'a> {
+    fn new(host: &'a HostView, before: &State) -> Planner<'a> {
+        let mut after = before.clone();
+        after.txid = before.txid + 1;
+        after.placed = BTreeMap::new();
+        Planner { host, steps: Vec::new(), notes: Vec::new(), after, n: 0 }
     }
 
-    // 1. What goes away or changes: remove ours, give back what it displaced.
-    let mut freed: BTreeMap<TargetPath, Option<String>> = BTreeMap::new();
-    for (target, p) in &before.placed {
-        if let Some(w) = wants.get(target)
-            && keeps(p, w)
-        {
-            after.placed.insert(target.clone(), p.clone());
-            continue;
-        }
-        let removed = match &p.how {
-            Placement::Symlink { link } => {
-                let text = link.clone();
-                match host.state(target)? {
-                    TargetState::Symlink(t) if t == text => {
-                        steps.push(Step::Unlink { target: target.clone(), text });
+    fn fresh(&mut self, prefix: &str) -> String {
+        self.n += 1;
+        format!("{prefix}{}-{}", self.after.txid, self.n)
+    }
+
+    /// What goes away or changes: removes ours (what the operator changed stays theirs)
+    /// and keeps the rest. Returns the freed targets with what each had displaced.
+    fn take_away(
+        &mut self,
+        before: &State,
+        wants: &BTreeMap<TargetPath, Want>,
+    ) -> Result<BTreeMap<TargetPath, Option<String>>> {
+        let mut freed = BTreeMap::new();
+        for (target, p) in &before.placed {
+            if let Some(w) = wants.get(target)
+                && keeps(p, w)
+            {
+                self.after.placed.insert(target.clone(), p.clone());
+                continue;
+            }
+            let removed = match &p.how {
+                Placement::Symlink { link } => match self.host.state(target)? {
+                    TargetState::Symlink(t) if &t == link => {
+                        self.steps.push(Step::Unlink { target: target.clone(), text: link.clone() });
                         true
                     }
                     TargetState::Missing => true,
                     _ => {
-                        notes.push(format!("{target} was changed by someone else; left as it is"));
+                        self.notes.push(format!("{target} was changed by someone else; left as it is"));
                         false
                     }
-                }
-            }
-            Placement::Copy { sha256: sha } | Placement::CopyIfNotExists { sha256: sha } => {
-                let sha = *sha;
-                match host.file_digest(target)? {
-                    Some(d) if d == sha => {
-                        steps.push(Step::Stash { target: target.clone(), stash: fresh("s"), sha256: sha });
-                        true
+                },
+                Placement::Copy { sha256 } | Placement::CopyIfNotExists { sha256 } => {
+                    match self.host.file_digest(target)? {
+                        Some(d) if d == *sha256 => {
+                            let stash = self.fresh("s");
+                            self.steps.push(Step::Stash { target: target.clone(), stash, sha256: *sha256 });
+                            true
+                        }
+                        None if self.host.state(target)? == TargetState::Missing => true,
+                        _ => {
+                            self.notes
+                                .push(format!("{target} was modified after it was copied; kept as the operator's"));
+                            false
+                        }
                     }
-                    None if host.state(target)? == TargetState::Missing => true,
-                    _ => {
-                        notes.push(format!("{target} was modified after it was copied; kept as the operator's"));
-                        false
-                    }
                 }
+            };
+            if removed {
+                freed.insert(target.clone(), p.backup.clone());
+            } else if let Some(b) = &p.backup {
+                self.notes.push(format!("the original of {target} stays in backups/{b}"));
             }
+        }
+        Ok(freed)
+    }
+
+    /// The units to disable (before the links go) and to enable (after they come).
+    fn units(
+        &mut self,
+        before: &BTreeMap<StageName, StageState>,
+        desired: &BTreeMap<StageName, StageState>,
+    ) -> (Vec<Step>, Vec<Step>) {
+        let units = |stages: &BTreeMap<StageName, StageState>| -> BTreeSet<String> {
+            stages.values().flat_map(|s| s.active.activation.services.iter().cloned()).collect()
         };
-        if removed {
-            freed.insert(target.clone(), p.backup.clone());
-        } else if let Some(b) = &p.backup {
-            notes.push(format!("the original of {target} stays in backups/{b}"));
+        let (units_before, units_after) = (units(before), units(desired));
+        let new: Vec<String> = units_after.difference(&units_before).cloned().collect();
+        if !self.host.systemctl {
+            if !new.is_empty() {
+                self.notes.push(format!("systemctl not found: enable {} by hand", new.join(" ")));
+            }
+            return (Vec::new(), Vec::new());
         }
+        let disable = units_before.difference(&units_after).map(|u| Step::DisableUnit { unit: u.clone() }).collect();
+        (disable, new.into_iter().map(|unit| Step::EnableUnit { unit }).collect())
     }
 
-    // Units of stages that go away or no longer list them are disabled before their links go.
-    let units = |stages: &BTreeMap<StageName, StageState>| -> BTreeSet<String> {
-        stages.values().flat_map(|s| s.active.activation.services.iter().cloned()).collect()
-    };
-    let (units_before, units_after) = (units(&before.stages), units(&desired));
-    let systemctl = host.systemctl;
-    if !systemctl && units_after.difference(&units_before).next().is_some() {
-        notes.push(format!(
-            "systemctl not found: enable {} by hand",
-            units_after.difference(&units_before).cloned().collect::<Vec<_>>().join(" ")
-        ));
-    }
-    let mut disable: Vec<Step> = Vec::new();
-    if systemctl {
-        disable = units_before.difference(&units_after).map(|u| Step::DisableUnit { unit: u.clone() }).collect();
-    }
-    steps.splice(0..0, disable);
-
-    // 2. Stage links.
-    let names: BTreeSet<&StageName> = before.stages.keys().chain(desired.keys()).collect();
-    for name in names {
-        let from = before.stages.get(name).map(|s| s.active.generation);
-        let to = desired.get(name).map(|s| s.active.generation);
-        if from != to {
-            steps.push(Step::SetStageLink { stage: name.clone(), from, to });
-        }
-    }
-
-    // 3. What comes: directories, backups of what is in the way, links and copies.
-    let mut planned_dirs = BTreeSet::new();
-    for (target, w) in &wants {
-        if after.placed.contains_key(target) {
-            continue;
-        }
-        for dir in ancestors(target) {
-            if !planned_dirs.contains(&dir) && !host.dir_exists(&dir)? {
-                planned_dirs.insert(dir.clone());
-                after.dirs.insert(dir.clone());
-                steps.push(Step::MkDir { path: dir });
+    fn switch_stage_links(
+        &mut self,
+        before: &BTreeMap<StageName, StageState>,
+        desired: &BTreeMap<StageName, StageState>,
+    ) {
+        let names: BTreeSet<&StageName> = before.keys().chain(desired.keys()).collect();
+        for name in names {
+            let from = before.get(name).map(|s| s.active.generation);
+            let to = desired.get(name).map(|s| s.active.generation);
+            if from != to {
+                self.steps.push(Step::SetStageLink { stage: name.clone(), from, to });
             }
         }
-        let mut backup = None;
-        match freed.remove(target) {
-            Some(carried) => backup = carried,
-            None => {
-                if host.state(target)? != TargetState::Missing {
-                    if w.kind == FileType::CopyIfNotExists {
-                        notes.push(format!("{target} exists; kept (copy-if-not-exists)"));
-                        continue;
-                    }
-                    let id = fresh("b");
-                    steps.push(Step::Backup { target: target.clone(), backup: id.clone() });
-                    backup = Some(id);
+    }
+
+    /// What comes: directories, backups of what is in the way, links and copies. Returns
+    /// the freed targets nobody takes again.
+    fn place(
+        &mut self,
+        wants: &BTreeMap<TargetPath, Want>,
+        mut freed: BTreeMap<TargetPath, Option<String>>,
+    ) -> Result<BTreeMap<TargetPath, Option<String>>> {
+        let mut planned_dirs = BTreeSet::new();
+        for (target, w) in wants {
+            if self.after.placed.contains_key(target) {
+                continue;
+            }
+            for dir in ancestors(target) {
+                if !planned_dirs.contains(&dir) && !self.host.dir_exists(&dir)? {
+                    planned_dirs.insert(dir.clone());
+                    self.after.dirs.insert(dir.clone());
+                    self.steps.push(Step::MkDir { path: dir });
                 }
             }
+            let backup = match freed.remove(target) {
+                Some(carried) => carried,
+                None if self.host.state(target)? == TargetState::Missing => None,
+                None if w.kind == FileType::CopyIfNotExists => {
+                    self.notes.push(format!("{target} exists; kept (copy-if-not-exists)"));
+                    continue;
+                }
+                None => {
+                    let id = self.fresh("b");
+                    self.steps.push(Step::Backup { target: target.clone(), backup: id.clone() });
+                    Some(id)
+                }
+            };
+            let how = self.put(target, w)?;
+            self.after
+                .placed
+                .insert(target.clone(), Placed { stage: w.stage.clone(), path: w.path.clone(), how, backup });
         }
-        let placed = match w.kind {
-            FileType::Symlink => {
-                let text = link_text(w.stage.as_str(), &w.path);
-                steps.push(Step::Link { target: target.clone(), text: text.clone() });
-                Placed { stage: w.stage.clone(), path: w.path.clone(), how: Placement::Symlink { link: text }, backup }
-            }
-            FileType::Copy | FileType::CopyIfNotExists => {
-                let Some(sha256) = w.sha256 else {
-                    return Err(Malformed(format!(
-                        "{}: {} is not a staged regular file, so it cannot be copied to {target}",
-                        w.stage, w.path
-                    ))
-                    .into());
-                };
-                steps.push(Step::Copy {
-                    target: target.clone(),
-                    from: format!(".generations/{}/{}/{}", w.stage, w.generation, w.path),
-                    sha256,
-                    mode: w.mode,
-                });
-                let how = match w.kind {
-                    FileType::CopyIfNotExists => Placement::CopyIfNotExists { sha256 },
-                    _ => Placement::Copy { sha256 },
-                };
-                Placed { stage: w.stage.clone(), path: w.path.clone(), how, backup }
-            }
+        Ok(freed)
+    }
+
+    /// The step that puts `w` at the free `target`.
+    fn put(&mut self, target: &TargetPath, w: &Want) -> Result<Placement> {
+        if w.kind == FileType::Symlink {
+            let text = link_text(w.stage.as_str(), &w.path);
+            self.steps.push(Step::Link { target: target.clone(), text: text.clone() });
+            return Ok(Placement::Symlink { link: text });
+        }
+        let Some(sha256) = w.sha256 else {
+            return Err(Malformed(format!(
+                "{}: {} is not a staged regular file, so it cannot be copied to {target}",
+                w.stage, w.path
+            ))
+            .into());
         };
-        after.placed.insert(target.clone(), placed);
-    }
-    // Displaced originals whose target nobody wants any more come back.
-    for (target, backup) in freed {
-        if let Some(b) = backup {
-            steps.push(Step::Restore { backup: b, target });
-        }
+        self.steps.push(Step::Copy {
+            target: target.clone(),
+            from: format!(".generations/{}/{}/{}", w.stage, w.generation, w.path),
+            sha256,
+            mode: w.mode,
+        });
+        Ok(if w.kind == FileType::CopyIfNotExists {
+            Placement::CopyIfNotExists { sha256 }
+        } else {
+            Placement::Copy { sha256 }
+        })
     }
 
-    if systemctl {
-        steps.extend(units_after.difference(&units_before).map(|u| Step::EnableUnit { unit: u.clone() }));
-    }
-
-    // 4. Directories we made that nothing needs any more, deepest first.
-    let mut dirs: Vec<TargetPath> = after.dirs.iter().cloned().collect();
-    dirs.sort_by_key(|d| std::cmp::Reverse(d.as_str().len()));
-    for d in dirs {
-        if !after.placed.keys().any(|t| t.is_under(&d)) {
-            after.dirs.remove(&d);
-            steps.push(Step::RmDir { path: d });
+    /// Directories we made that nothing needs any more go, deepest first.
+    fn remove_unneeded_dirs(&mut self) {
+        let mut dirs: Vec<TargetPath> = self.after.dirs.iter().cloned().collect();
+        dirs.sort_by_key(|d| std::cmp::Reverse(d.as_str().len()));
+        for d in dirs {
+            if !self.after.placed.keys().any(|t| t.is_under(&d)) {
+                self.after.dirs.remove(&d);
+                self.steps.push(Step::RmDir { path: d });
+            }
         }
     }
-    Ok(Plan { steps, after, notes })
 }
 
 /// Plans putting back the links of `stage` that are missing or wrong (`fix-symlinks`):

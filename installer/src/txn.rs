@@ -313,12 +313,28 @@ impl Journal {
     /// does not stop the others: every one is tried, and the failures are the error.
     pub fn roll_back(&self, fs: &dyn HostFs) -> Result<()> {
         let mut failed = Vec::new();
-        for step in self.steps.iter().rev() {
+        for (i, step) in self.steps.iter().enumerate().rev() {
+            if self.never_ran(fs, i) {
+                continue;
+            }
             if let Err(e) = undo(fs, step) {
                 failed.push(format!("undoing `{}`: {e:#}", step.describe()));
             }
         }
         if failed.is_empty() { Ok(()) } else { Err(UndoFailed(failed).into()) }
+    }
+
+    /// Whether step `i` is known not to have run where its own undo cannot tell: an
+    /// `rmdir` of a directory of ours that an earlier `restore` brings back from backups/
+    /// (a later generation had placed something at it) never ran while that backup is
+    /// still there, and re-creating the directory then would stand where the copy or link
+    /// undone next must come back.
+    fn never_ran(&self, fs: &dyn HostFs, i: usize) -> bool {
+        let Step::RmDir { path } = &self.steps[i] else { return false };
+        self.steps[..i].iter().any(|s| {
+            matches!(s, Step::Restore { backup, target } if target == path
+                && fs.has_kept(Kept::Backup, backup).unwrap_or(false))
+        })
     }
 
     /// Commits: writes the state after (the commit point), then cleans up.

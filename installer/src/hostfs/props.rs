@@ -291,9 +291,12 @@ impl Model {
         for g in self.state.generations() {
             assert!(w.generations.contains_key(&g), "generation {g:?} is gone");
         }
-        // Directories we made exist.
+        // Directories we made exist, unless a target of ours took their place (a later
+        // generation placing something at a directory an earlier one needed: it waits in
+        // backups/ and comes back before it is removed).
         for d in &self.state.dirs {
-            assert_eq!(w.nodes.get(d.as_str()), Some(&Node::Dir), "{d}");
+            let ours = self.state.placed.get(d).is_some_and(|p| p.backup.is_some());
+            assert!(ours || w.nodes.get(d.as_str()) == Some(&Node::Dir), "{d}: {:?}", w.nodes.get(d.as_str()));
         }
         // The units of the active stages are enabled, and only they.
         let units: BTreeSet<String> =
@@ -496,4 +499,41 @@ fn a_copy_the_operator_edited_stays_theirs() {
     let plan = transition(&view, &after, BTreeMap::new(), None).unwrap();
     assert!(!plan.steps.iter().any(|s| matches!(s, Step::Stash { .. })), "{:?}", plan.steps);
     assert!(plan.notes.iter().any(|n| n.contains("modified after it was copied")));
+}
+
+#[test]
+fn undoing_a_plan_that_gives_a_directory_of_ours_back_is_exact_at_every_prefix() {
+    // Generation 1 links /opt/a/b (making /opt/a); generation 2 copies to /opt/a, backing
+    // up the directory; generation 3 wants neither: the copy is stashed, the directory
+    // restored then removed. Any prefix of that, undone, must leave the host as before
+    // (an undone `rmdir` must not make a directory where the copy is to come back).
+    let fs = MemFs::new(false);
+    let mut state = State::new();
+    for (g, files) in [(1u64, vec![(1usize, 0u8, 0u8, 0u8)]), (2, vec![(0, 1, 0, 0)])] {
+        let (tree, app) = stage_state("app", g, &files);
+        fs.world.borrow_mut().generations.insert((name("app"), g), tree);
+        state = change(&fs, &state, BTreeMap::from([(name("app"), app)])).0;
+    }
+    let (tree, app) = stage_state("app", 3, &[(4, 0, 0, 0)]);
+    fs.world.borrow_mut().generations.insert((name("app"), 3), tree);
+    let desired = BTreeMap::from([(name("app"), app)]);
+    let view = HostView::gather(&fs, &state, &desired);
+    let plan = transition(&view, &state, desired, None).unwrap();
+    assert!(plan.steps.iter().any(|s| matches!(s, Step::Restore { .. })), "{:#?}", plan.steps);
+    let journal = Journal {
+        txid: plan.after.txid,
+        operation: "t".into(),
+        steps: plan.steps.clone(),
+        before: state.clone(),
+        after: plan.after,
+        cleanup: Default::default(),
+    };
+    let before = fs.snapshot();
+    for k in 0..=journal.steps.len() {
+        for s in &journal.steps[..k] {
+            txn::apply(&fs, s).unwrap();
+        }
+        journal.roll_back(&fs).unwrap();
+        assert_eq!(fs.snapshot(), before, "applying {k} of {:#?} then undoing", journal.steps);
+    }
 }
