@@ -190,6 +190,28 @@ pub fn ancestors(target: &TargetPath) -> Vec<TargetPath> {
     target.relative().ancestors().filter_map(|a| TargetPath::parse(&format!("/{a}")).ok()).collect()
 }
 
+/// The stages with `new` as the active generation of `name`, the one it replaces kept for
+/// rollback (at most `keep` previous generations, the oldest dropped first).
+pub fn with_generation(
+    stages: &BTreeMap<StageName, StageState>,
+    name: &StageName,
+    new: crate::state::Generation,
+    keep: usize,
+) -> BTreeMap<StageName, StageState> {
+    let mut desired = stages.clone();
+    let entry = match desired.remove(name) {
+        Some(mut old) => {
+            old.previous.push(old.active.clone());
+            let excess = old.previous.len().saturating_sub(keep);
+            old.previous.drain(..excess);
+            StageState { active: new, previous: old.previous }
+        }
+        None => StageState { active: new, previous: Vec::new() },
+    };
+    desired.insert(name.clone(), entry);
+    desired
+}
+
 /// Plans the move from `before` to `desired` stages. `publish` is a new generation
 /// (stage, generation, its temp dir name under `.tmp/`) to move into place first.
 ///

@@ -18,7 +18,7 @@ use crate::ops::{Ctx, Report, execute, now};
 use crate::plan;
 use crate::receive::{self, Received, Source, Trust, Verified};
 use crate::snapshot;
-use crate::state::{Activation, Generation, StageState, State};
+use crate::state::{Activation, Generation, State};
 use crate::txn::{self, Cleanup};
 
 /// `deploy SOURCE` / `receive SOURCE`.
@@ -84,6 +84,72 @@ fn order(received: &Received) -> Vec<&Verified> {
     out
 }
 
+/// Unpacks the layers of `v` into `.tmp/<tmp_name>` (a subvolume on btrfs), checks the
+/// tree against the signed manifest, adds the manifest, and keeps the image in the store.
+/// On an error nothing is left in the temp area.
+fn unpack(ctx: &Ctx, store: &Layout, received: &Received, v: &Verified, tmp_name: &str) -> Result<()> {
+    let tmp = ctx.staging.tmp().join(tmp_name);
+    let unpacked = (|| -> Result<()> {
+        let (c, config) = (v.candidate(), &v.candidate().config);
+        txn::remove_tree(&tmp)?;
+        let on_btrfs = crate::host::backend(&ctx.staging.dir) == "btrfs";
+        let layers = &c.manifest.layers;
+        let btrfs_layers = layers.iter().all(|l| l.media_type == formats::oci::BTRFS_ZSTD_MEDIA_TYPE);
+        let temp = received.temp.as_ref().map(|t| &t.layout);
+        // A thin export has its parent's layers in the store and its own in the temp
+        // layout: store the new ones first so that all are in one place.
+        let layout = match temp {
+            Some(t) if layers.iter().all(|l| t.has_blob(&l.digest)) => t,
+            _ => {
+                receive::store_received(received, &[v], store)?;
+                store
+            }
+        };
+        if btrfs_layers {
+            let budget = formats::unpack::Budget::of(config, layers.len());
+            crate::btrfs::stage(layout, layers, &budget, &ctx.staging.tmp(), tmp_name, on_btrfs)
+                .with_context(|| format!("staging the btrfs layers of {}", v.reference))?;
+            // A parent found by `btrfs receive` may be a host generation holding our
+            // manifest.json (rewritten below); everything else must match exactly.
+            let mismatches = formats::unpack::check_tree_ignoring(&tmp, config, &["manifest.json"])?;
+            if let Some(m) = mismatches.first() {
+                return Err(Malformed(format!(
+                    "{}: the received tree differs from the signed manifest: {}: {} ({} difference(s))",
+                    v.reference,
+                    m.path,
+                    m.problem,
+                    mismatches.len()
+                ))
+                .into());
+            }
+        } else {
+            if on_btrfs {
+                subvol::create(&ctx.staging.tmp(), tmp_name)?;
+            } else {
+                fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+            }
+            formats::unpack::unpack_layers(layout, layers, config, &tmp)
+                .with_context(|| format!("unpacking {}", v.reference))?;
+        }
+        // The signed bytes of the embedded manifest, from wherever they arrived.
+        let config_digest = &c.manifest.config.digest;
+        let from = temp.filter(|l| l.has_blob(config_digest)).unwrap_or(store);
+        let manifest_json = from.read_blob(config_digest, MAX_CONFIG_BYTES)?;
+        fs::write(tmp.join("manifest.json"), manifest_json)
+            .with_context(|| format!("writing {}/manifest.json", tmp.display()))?;
+        txn::sync_dir(&tmp)?;
+        crate::faults::point("unpacked");
+        // The image passed every check: keep it in the store (the next thin export needs it).
+        receive::store_received(received, &[v], store)?;
+        crate::faults::point("stored");
+        Ok(())
+    })();
+    if unpacked.is_err() {
+        let _ = txn::remove_tree(&tmp);
+    }
+    unpacked
+}
+
 fn deploy_one(
     ctx: &Ctx,
     trust: &Trust,
@@ -109,65 +175,8 @@ fn deploy_one(
     let tmp_name = format!("gen-{}-{name}", state.txid + 1);
     let tmp = ctx.staging.tmp().join(&tmp_name);
     if !ctx.opts.dry_run {
-        let unpacked = (|| -> Result<()> {
-            txn::remove_tree(&tmp)?;
-            let on_btrfs = crate::host::backend(&ctx.staging.dir) == "btrfs";
-            let layers = &c.manifest.layers;
-            let btrfs_layers = layers.iter().all(|l| l.media_type == formats::oci::BTRFS_ZSTD_MEDIA_TYPE);
-            let temp = received.temp.as_ref().map(|t| &t.layout);
-            let in_temp = |d: &formats::Digest| temp.is_some_and(|t| t.has_blob(d));
-            // A thin export has its parent's layers in the store and its own in the temp
-            // layout: store the new ones first so that all are in one place.
-            if !layers.iter().all(|l| in_temp(&l.digest)) {
-                receive::store_received(received, &[v], store)?;
-            }
-            let layout = if layers.iter().all(|l| in_temp(&l.digest)) { temp.expect("checked") } else { store };
-            if btrfs_layers {
-                let budget = formats::unpack::Budget::of(config, layers.len());
-                crate::btrfs::stage(layout, layers, &budget, &ctx.staging.tmp(), &tmp_name, on_btrfs)
-                    .with_context(|| format!("staging the btrfs layers of {}", v.reference))?;
-                // A parent found by `btrfs receive` may be a host generation holding our
-                // manifest.json (rewritten below); everything else must match exactly.
-                let mismatches = formats::unpack::check_tree_ignoring(&tmp, config, &["manifest.json"])?;
-                if let Some(m) = mismatches.first() {
-                    return Err(Malformed(format!(
-                        "{}: the received tree differs from the signed manifest: {}: {} ({} difference(s))",
-                        v.reference,
-                        m.path,
-                        m.problem,
-                        mismatches.len()
-                    ))
-                    .into());
-                }
-            } else {
-                if on_btrfs {
-                    subvol::create(&ctx.staging.tmp(), &tmp_name)?;
-                } else {
-                    fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-                }
-                formats::unpack::unpack_layers(layout, layers, config, &tmp)
-                    .with_context(|| format!("unpacking {}", v.reference))?;
-            }
-            // The signed bytes of the embedded manifest, from wherever they arrived.
-            let config_digest = &c.manifest.config.digest;
-            let from = received.temp.as_ref().map(|t| &t.layout).filter(|l| l.has_blob(config_digest)).unwrap_or(store);
-            let manifest_json = from.read_blob(config_digest, MAX_CONFIG_BYTES)?;
-            fs::write(tmp.join("manifest.json"), manifest_json)
-                .with_context(|| format!("writing {}/manifest.json", tmp.display()))?;
-            txn::sync_dir(&tmp)?;
-            crate::faults::point("unpacked");
-            // The image passed every check: keep it in the store (the next thin export needs it).
-            receive::store_received(received, &[v], store)?;
-            crate::faults::point("stored");
-            Ok(())
-        })();
-        if let Err(e) = unpacked {
-            let _ = txn::remove_tree(&tmp);
-            return Err(e);
-        }
+        unpack(ctx, store, received, v, &tmp_name)?;
     }
-
-    let mut desired = state.stages.clone();
     let new_gen = Generation {
         generation,
         digest: c.digest,
@@ -176,16 +185,7 @@ fn deploy_one(
         deployed_at: now(),
         activation,
     };
-    let entry = match desired.remove(name) {
-        Some(mut old) => {
-            old.previous.push(old.active.clone());
-            let excess = old.previous.len().saturating_sub(ctx.opts.keep);
-            old.previous.drain(..excess);
-            StageState { active: new_gen, previous: old.previous }
-        }
-        None => StageState { active: new_gen, previous: Vec::new() },
-    };
-    desired.insert(name.clone(), entry);
+    let desired = plan::with_generation(&state.stages, name, new_gen, ctx.opts.keep);
     let view = ctx.view(&state, &desired);
     let mut plan = plan::transition(&view, &state, desired, Some((name.clone(), generation, tmp_name)))?;
     let highest = plan.after.highest.entry(name.clone()).or_insert_with(|| config.version.clone());

@@ -224,17 +224,7 @@ impl Model {
         let name = name(NAMES[stage]);
         let g = self.state.next_generation;
         let (tree, gen_state) = generation(&name, g, files, units);
-        let mut desired = self.state.stages.clone();
-        let entry = match desired.remove(&name) {
-            Some(mut old) => {
-                old.previous.push(old.active.clone());
-                let excess = old.previous.len().saturating_sub(KEEP);
-                old.previous.drain(..excess);
-                StageState { active: gen_state, previous: old.previous }
-            }
-            None => StageState { active: gen_state, previous: Vec::new() },
-        };
-        desired.insert(name.clone(), entry);
+        let desired = crate::plan::with_generation(&self.state.stages, &name, gen_state, KEEP);
         self.run(desired, Some((name, g, tree)), k);
     }
 
