@@ -113,7 +113,7 @@ impl Ctx {
     fn recover_pending(&self) -> Result<Option<RecoverOutcome>> {
         let out = match Journal::read(&self.staging)? {
             Some(j) => {
-                let o = j.recover(&self.host, &self.staging).context("finishing the interrupted transaction")?;
+                let o = j.recover(&self.fs(), &self.staging).context("finishing the interrupted transaction")?;
                 if !self.opts.quiet {
                     let what = match o {
                         RecoverOutcome::Completed => "completed",

@@ -132,12 +132,28 @@ pub struct HostView {
 }
 
 impl HostView {
-    /// Reads what planning the move from `before` to `desired` needs from the host.
+    /// Reads what planning the move from `before` to `desired` needs from the host: the
+    /// targets that change (a placement kept as it is reads nothing, so switching
+    /// generations reads nothing in proportion to the files a stage keeps). Stages that
+    /// conflict read nothing: planning refuses them first.
     pub fn gather(fs: &dyn HostFs, before: &State, desired: &BTreeMap<StageName, StageState>) -> HostView {
+        let Ok(wants) = wants(desired) else {
+            return HostView { systemctl: fs.systemctl_available(), ..HostView::default() };
+        };
+        let kept = |t: &TargetPath| before.placed.get(t).zip(wants.get(t)).is_some_and(|(p, w)| keeps(p, w));
+        let changing = before.placed.keys().chain(wants.keys()).filter(|t| !kept(t));
+        HostView::of_targets(fs, before, changing)
+    }
+
+    /// Reads what is at each of `targets` (and, for copies `before` placed, their content)
+    /// and which directories above them exist.
+    pub fn of_targets<'a>(
+        fs: &dyn HostFs,
+        before: &State,
+        targets: impl IntoIterator<Item = &'a TargetPath>,
+    ) -> HostView {
         let mut view = HostView { systemctl: fs.systemctl_available(), ..HostView::default() };
-        let wanted: Vec<&TargetPath> =
-            desired.values().flat_map(|s| s.active.activation.files.iter().map(|f| &f.target)).collect();
-        for target in before.placed.keys().chain(wanted.iter().copied()) {
+        for target in targets {
             if view.targets.contains_key(target) {
                 continue;
             }
@@ -148,8 +164,6 @@ impl HostView {
                 _ => Ok(None),
             };
             view.targets.insert(target.clone(), Seen { state, digest });
-        }
-        for target in wanted.into_iter().chain(before.placed.keys()) {
             for dir in ancestors(target) {
                 view.dirs.entry(dir).or_insert_with_key(|d| fs.dir_exists(d).map_err(|e| ReadError::of(&e)));
             }

@@ -25,8 +25,8 @@ use formats::StageName;
 use formats::digest::Digest;
 use formats::path::TargetPath;
 
-use crate::host::{Host, TargetState};
-use crate::hostfs::{HostFs, Kept, RealFs, UnitAction};
+use crate::host::TargetState;
+use crate::hostfs::{HostFs, Kept, UnitAction};
 use crate::state::State;
 
 /// One reversible change to the host.
@@ -373,12 +373,12 @@ impl Journal {
     }
 
     /// Finishes an interrupted transaction: as after if it committed, else as before.
-    pub fn recover(&self, host: &Host, staging: &Staging) -> Result<RecoverOutcome> {
+    pub fn recover(&self, fs: &dyn HostFs, staging: &Staging) -> Result<RecoverOutcome> {
         if self.outcome(staging)? == RecoverOutcome::Completed {
             self.clean_up(staging)?;
             Ok(RecoverOutcome::Completed)
         } else {
-            if let Err(e) = self.roll_back(&RealFs::new(host, staging)) {
+            if let Err(e) = self.roll_back(fs) {
                 // Undoing failed twice now (once when the change failed, once here): a
                 // journal that can never be finished must not wedge every later command.
                 // Keep it for the operator, beside what it names, and go on.

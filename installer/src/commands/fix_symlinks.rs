@@ -16,6 +16,8 @@ pub fn fix_symlinks(ctx: &Ctx, stage: &StageName) -> Result<Report> {
     if !state.stages.contains_key(stage) {
         return Err(Usage(format!("{stage} is not deployed (see `op-dbus-stage list`)")).into());
     }
-    let plan = plan::fix_links(&ctx.view(&state, &state.stages), &state, stage)?;
+    let links = state.placed.iter().filter(|(_, p)| &p.stage == stage).map(|(t, _)| t);
+    let view = plan::HostView::of_targets(&ctx.fs(), &state, links);
+    let plan = plan::fix_links(&view, &state, stage)?;
     execute(ctx, format!("fix-symlinks {stage}"), state, plan, &[], Cleanup::default())
 }

@@ -527,3 +527,21 @@ fn undoing_a_plan_that_gives_a_directory_of_ours_back_is_exact_at_every_prefix()
         assert_eq!(fs.snapshot(), before, "applying {k} of {:#?} then undoing", journal.steps);
     }
 }
+
+#[test]
+fn switching_generations_reads_nothing_for_the_files_a_stage_keeps() {
+    let fs = MemFs::new(false);
+    let files = [(4usize, 0u8, 0u8, 0u8), (5, 0, 0, 0), (7, 1, 0, 0)];
+    let (tree, app) = stage_state("app", 1, &files);
+    fs.world.borrow_mut().generations.insert((name("app"), 1), tree);
+    let (after, _) = change(&fs, &State::new(), BTreeMap::from([(name("app"), app)]));
+    // Generation 2 keeps the links (they read through the stage link) and the same copy.
+    let (_, app2) = stage_state("app", 1, &files);
+    let mut app2 = app2;
+    app2.active.generation = 2;
+    let desired = BTreeMap::from([(name("app"), app2)]);
+    let view = HostView::gather(&fs, &after, &desired);
+    assert!(view.targets.is_empty() && view.dirs.is_empty(), "{view:#?}");
+    let plan = transition(&view, &after, desired, None).unwrap();
+    assert!(matches!(&plan.steps[..], [Step::SetStageLink { .. }]), "{:#?}", plan.steps);
+}
