@@ -334,14 +334,15 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Sign(o) => {
             let key = require_key(g)?;
             let layout = open_store(g, false)?;
+            // Planned first; a dry run reports the plan, the real run applies it.
+            let planned = crate::sign::plan(&layout, &o.reference, &key, o.expires.as_ref())?;
             if g.common.dry_run {
-                let image = crate::inspect::StoredImage::load(&layout, &o.reference)?;
                 let plan =
-                    SignPlan { reference: o.reference, digest: image.digest, key_id: key.key_id(), dry_run: true };
+                    SignPlan { reference: o.reference, digest: planned.digest, key_id: key.key_id(), dry_run: true };
                 return out
                     .emit(&plan, |p| format!("would sign {} ({}) with key {}\n", p.reference, p.digest, p.key_id));
             }
-            let s = crate::sign::sign(&layout, &o.reference, &key, o.expires.as_ref())?;
+            let s = crate::sign::apply(&layout, &planned)?;
             out.emit(&s, |s| {
                 format!("signed {} ({}) with key {}; {} signature(s)\n", s.reference, s.digest, s.key_id, s.signatures)
             })

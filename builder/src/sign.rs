@@ -29,21 +29,46 @@ pub struct Signed {
     pub signatures: usize,
 }
 
-/// Adds (or, for a key that already signed, replaces) `key`'s signature of `reference`.
-#[tracing::instrument(name = "sign", skip_all, fields(image = %reference, key = %key.key_id()))]
-pub fn sign(layout: &Layout, reference: &Reference, key: &PrivateKey, expires: Option<&Expires>) -> Result<Signed> {
+/// A signature planned by [`plan`]: everything computed, nothing written yet.
+#[derive(Debug)]
+pub struct Planned {
+    pub reference: Reference,
+    pub digest: Digest,
+    pub key_id: String,
+    pub signature_tag: String,
+    signature: SignatureManifest,
+}
+
+/// Plans adding (or, for a key that already signed, replacing) `key`'s signature of
+/// `reference`: reads the store, signs, and changes nothing (what `sign --dry-run` reports).
+pub fn plan(layout: &Layout, reference: &Reference, key: &PrivateKey, expires: Option<&Expires>) -> Result<Planned> {
     let image = StoredImage::load(layout, reference)?;
-    tracing::info!(digest = %image.digest, expires = expires.is_some(), "signing");
-    let (bytes, count) = signature_manifest(layout, &image, key, expires, reference.name.as_str())?;
-    let tag = image.signature_tag();
-    layout.update_index(|i| i.set(&tag, Descriptor::of(oci::MANIFEST_MEDIA_TYPE, &bytes)))?;
-    Ok(Signed {
-        reference: reference.to_string(),
+    let signature = signature_manifest(layout, &image, key, expires, reference.name.as_str())?;
+    Ok(Planned {
+        reference: reference.clone(),
         digest: image.digest,
         key_id: key.key_id().to_string(),
-        signature_tag: tag,
-        signatures: count,
+        signature_tag: image.signature_tag(),
+        signature,
     })
+}
+
+/// Applies a [`plan`]: writes the signature's blobs, then tags its manifest.
+pub fn apply(layout: &Layout, planned: &Planned) -> Result<Signed> {
+    let manifest = planned.signature.write(layout)?;
+    layout.update_index(|i| i.set(&planned.signature_tag, manifest))?;
+    Ok(Signed {
+        reference: planned.reference.to_string(),
+        digest: planned.digest,
+        key_id: planned.key_id.clone(),
+        signature_tag: planned.signature_tag.clone(),
+        signatures: planned.signature.count,
+    })
+}
+
+/// Adds (or, for a key that already signed, replaces) `key`'s signature of `reference`.
+pub fn sign(layout: &Layout, reference: &Reference, key: &PrivateKey, expires: Option<&Expires>) -> Result<Signed> {
+    apply(layout, &plan(layout, reference, key, expires)?)
 }
 
 /// The signature manifest to push to `repository` (`HOST[:PORT]/REPO`): the store's
@@ -65,8 +90,7 @@ pub fn signatures_for_push(
             expires = payload.expires()?;
         }
     }
-    let (bytes, _) = signature_manifest(layout, image, key, expires.as_ref(), repository)?;
-    Ok(Descriptor::of(oci::MANIFEST_MEDIA_TYPE, &bytes))
+    signature_manifest(layout, image, key, expires.as_ref(), repository)?.write(layout)
 }
 
 /// Whether a signature of `image` in the store names `repository`, or a bare stage name an
@@ -82,22 +106,40 @@ pub fn signed_for(layout: &Layout, image: &StoredImage, repository: &str) -> Res
     Ok(false)
 }
 
-/// Writes `key`'s signature of `image` for `docker_reference` and a signature manifest
-/// holding it and the store's signatures by other keys; returns the manifest's bytes and
-/// its number of signatures.
+/// A signature manifest and the blobs it needs, not written yet.
+#[derive(Debug)]
+struct SignatureManifest {
+    /// The simple-signing payload of the new signature.
+    payload: Vec<u8>,
+    bytes: Vec<u8>,
+    /// Its number of signatures.
+    count: usize,
+}
+
+impl SignatureManifest {
+    /// Writes the blobs, the manifest last; returns its descriptor.
+    fn write(&self, layout: &Layout) -> Result<Descriptor> {
+        layout.write_blob(&self.payload)?;
+        layout.write_blob(oci::EMPTY_BLOB)?;
+        layout.write_blob(&self.bytes)?;
+        Ok(Descriptor::of(oci::MANIFEST_MEDIA_TYPE, &self.bytes))
+    }
+}
+
+/// `key`'s signature of `image` for `docker_reference` and a signature manifest holding
+/// it and the store's signatures by other keys (read from the store; nothing written).
 fn signature_manifest(
     layout: &Layout,
     image: &StoredImage,
     key: &PrivateKey,
     expires: Option<&Expires>,
     docker_reference: &str,
-) -> Result<(Vec<u8>, usize)> {
+) -> Result<SignatureManifest> {
     let reference = &image.reference;
     let payload =
         SimpleSigning::new(docker_reference, image.digest, &reference.name, &reference.version, expires).to_bytes();
     let signature = key.sign(&payload);
     let key_id = key.key_id().to_string();
-    layout.write_blob(&payload)?;
     let mut layer = Descriptor::of(oci::SIMPLE_SIGNING_MEDIA_TYPE, &payload);
     layer.annotations.insert(
         oci::ANNOTATION_COSIGN_SIGNATURE.to_owned(),
@@ -112,8 +154,5 @@ fn signature_manifest(
     let mut subject = image.descriptor(layout)?;
     subject.annotations.remove(oci::ANNOTATION_REF_NAME);
     let manifest = ImageManifest::signatures(subject, layers);
-    layout.write_blob(oci::EMPTY_BLOB)?;
-    let bytes = manifest.to_bytes();
-    layout.write_blob(&bytes)?;
-    Ok((bytes, count))
+    Ok(SignatureManifest { payload, bytes: manifest.to_bytes(), count })
 }

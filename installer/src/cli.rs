@@ -328,17 +328,7 @@ pub fn run(cli: Cli) -> Result<i32> {
         }
         Command::Init => {
             let r = ops::init(&opts)?;
-            out.emit(&r, |r| {
-                format!(
-                    "{}staging {}\nstore {}\ntrusted keys {}\npolicy {}\nbackend {}\n",
-                    if opts.dry_run { "would create\n" } else { "" },
-                    r.staging.display(),
-                    r.store.display(),
-                    r.trusted_keys.display(),
-                    r.policy.display(),
-                    r.backend
-                )
-            })?;
+            out.emit(&r, |r| render_init(r, opts.dry_run))?;
         }
         Command::Trust(TrustCommand::Add { file, scope, replace }) => {
             let ctx = Ctx::changing(&opts)?;
@@ -356,25 +346,7 @@ pub fn run(cli: Cli) -> Result<i32> {
         Command::Trust(TrustCommand::List) => {
             let ctx = Ctx::reading(&opts)?;
             let doc = TrustListDoc { keys: ops::trust_list(&ctx)? };
-            out.emit(&doc, |d| {
-                if d.keys.is_empty() {
-                    return hint("no trusted keys: add one with `op-dbus-stage trust add KEY.pub`\n".into());
-                }
-                let rows: Vec<Vec<String>> = d
-                    .keys
-                    .iter()
-                    .map(|k| {
-                        vec![
-                            k.key_id.clone(),
-                            if k.scopes.is_empty() { "any".into() } else { k.scopes.join(",") },
-                            if k.prefixes.is_empty() { "any allowed".into() } else { k.prefixes.join(",") },
-                            if k.revoked { "revoked".into() } else { "trusted".into() },
-                            k.file.display().to_string(),
-                        ]
-                    })
-                    .collect();
-                cli_support::table(&["KEY ID", "SCOPES", "PREFIXES", "STATUS", "FILE"], &rows, &[])
-            })?;
+            out.emit(&doc, |d| render_trust_list(d, &opts.root))?;
         }
         Command::Trust(TrustCommand::Revoke { key_id }) => {
             let ctx = Ctx::changing(&opts)?;
@@ -412,75 +384,17 @@ pub fn run(cli: Cli) -> Result<i32> {
         Command::List => {
             let ctx = Ctx::reading(&opts)?;
             let doc = ListDoc { stages: ops::list(&ctx)? };
-            out.emit(&doc, |d| {
-                if d.stages.is_empty() {
-                    return "nothing deployed\n".into();
-                }
-                let rows: Vec<Vec<String>> = d
-                    .stages
-                    .iter()
-                    .map(|l| vec![l.name.clone(), l.version.clone(), l.status.to_owned(), l.digest.clone()])
-                    .collect();
-                cli_support::table(&["NAME", "VERSION", "STATUS", "DIGEST"], &rows, &[])
-            })?;
+            out.emit(&doc, render_list)?;
         }
         Command::Status => {
             let ctx = Ctx::reading(&opts)?;
             let st = ops::status(&ctx)?;
-            out.emit(&st, |st| {
-                let mut s = format!("root {} (staging backend: {})\n", st.root.display(), st.backend);
-                if st.stages.is_empty() {
-                    s += "nothing deployed\n";
-                } else {
-                    let rows: Vec<Vec<String>> = st
-                        .stages
-                        .iter()
-                        .map(|x| {
-                            vec![
-                                x.name.clone(),
-                                x.version.clone(),
-                                x.generation.to_string(),
-                                x.signers.iter().map(ToString::to_string).collect::<Vec<_>>().join(","),
-                                x.deployed_at.clone(),
-                                if x.previous.is_empty() { "-".into() } else { x.previous.join(", ") },
-                            ]
-                        })
-                        .collect();
-                    s += &cli_support::table(
-                        &["NAME", "VERSION", "GENERATION", "SIGNED BY", "DEPLOYED AT", "KEPT"],
-                        &rows,
-                        &[2],
-                    );
-                }
-                if let Some(t) = &st.unfinished_transaction {
-                    s += &hint(format!("unfinished transaction: {t} (run `op-dbus-stage recover`)\n"));
-                }
-                for b in &st.broken_links {
-                    s += &format!("broken: {b}\n");
-                }
-                s
-            })?;
+            out.emit(&st, |st| render_status(st, &opts.root))?;
         }
         Command::Verify { stage } => {
             let ctx = Ctx::reading(&opts)?;
             let r = ops::verify(&ctx, stage.as_ref())?;
-            out.emit(&r, |r| {
-                let mut s = String::new();
-                for st in &r.stages {
-                    s += &format!("{}\n", st.name);
-                    for l in &st.links {
-                        s += &format!("  link: {l}\n");
-                    }
-                    for f in &st.files {
-                        s += &format!("  file: {f}\n");
-                    }
-                    for c in &st.checks {
-                        s += &format!("  verify `{}`: {}\n", c.command, if c.passed { "ok" } else { "FAILED" });
-                    }
-                }
-                s += if r.ok { "ok\n" } else { "verify FAILED\n" };
-                s
-            })?;
+            out.emit(&r, render_verify)?;
             if !r.ok {
                 return Ok(error::VERIFY_FAILED);
             }
@@ -500,24 +414,7 @@ pub fn run(cli: Cli) -> Result<i32> {
         Command::Snapshots => {
             let ctx = Ctx::reading(&opts)?;
             let doc = SnapshotsDoc { snapshots: crate::snapshot::list(&ctx.staging)? };
-            out.emit(&doc, |d| {
-                if d.snapshots.is_empty() {
-                    return "no snapshots\n".into();
-                }
-                let rows: Vec<Vec<String>> = d
-                    .snapshots
-                    .iter()
-                    .map(|x| {
-                        vec![
-                            x.name.clone(),
-                            x.created.clone().unwrap_or_else(|| "-".into()),
-                            cli_support::human_bytes(x.bytes),
-                            if x.stages.is_empty() { "(none)".into() } else { x.stages.join(" ") },
-                        ]
-                    })
-                    .collect();
-                cli_support::table(&["NAME", "CREATED", "SIZE", "STAGES"], &rows, &[2])
-            })?;
+            out.emit(&doc, render_snapshots)?;
         }
         Command::Restore { snapshot, yes } => {
             let ctx = Ctx::changing(&opts)?;
@@ -542,14 +439,127 @@ pub fn run(cli: Cli) -> Result<i32> {
         }
         Command::Recover => {
             let ctx = Ctx::changing(&opts)?;
+            // With --dry-run nothing is recovered: `recovered` is what recovery would do.
             let doc = RecoverDoc { recovered: ctx.recovered };
+            let would = if opts.dry_run { "would have " } else { "" };
             out.emit(&doc, |d| match d.recovered {
-                Some(o) => format!("recovered the interrupted transaction: {}\n", outcome_text(o)),
+                Some(o) => format!("{would}recovered the interrupted transaction: {}\n", outcome_text(o)),
                 None => "nothing to recover\n".into(),
             })?;
         }
     }
     Ok(error::OK)
+}
+
+fn render_init(r: &ops::InitReport, dry_run: bool) -> String {
+    format!(
+        "{}staging {}\nstore {}\ntrusted keys {}\npolicy {}\nbackend {}\n",
+        if dry_run { "would create\n" } else { "" },
+        r.staging.display(),
+        r.store.display(),
+        r.trusted_keys.display(),
+        r.policy.display(),
+        r.backend
+    )
+}
+
+fn render_trust_list(d: &TrustListDoc, root: &Path) -> String {
+    if d.keys.is_empty() {
+        return with_root("no trusted keys: add one with `op-dbus-stage trust add KEY.pub`\n", root);
+    }
+    let rows: Vec<Vec<String>> = d
+        .keys
+        .iter()
+        .map(|k| {
+            vec![
+                k.key_id.clone(),
+                if k.scopes.is_empty() { "any".into() } else { k.scopes.join(",") },
+                if k.prefixes.is_empty() { "any allowed".into() } else { k.prefixes.join(",") },
+                if k.revoked { "revoked".into() } else { "trusted".into() },
+                k.file.display().to_string(),
+            ]
+        })
+        .collect();
+    cli_support::table(&["KEY ID", "SCOPES", "PREFIXES", "STATUS", "FILE"], &rows, &[])
+}
+
+fn render_list(d: &ListDoc) -> String {
+    if d.stages.is_empty() {
+        return "nothing deployed\n".into();
+    }
+    let rows: Vec<Vec<String>> = d
+        .stages
+        .iter()
+        .map(|l| vec![l.name.clone(), l.version.clone(), l.status.to_owned(), l.digest.clone()])
+        .collect();
+    cli_support::table(&["NAME", "VERSION", "STATUS", "DIGEST"], &rows, &[])
+}
+
+fn render_status(st: &ops::Status, root: &Path) -> String {
+    let mut s = format!("root {} (staging backend: {})\n", st.root.display(), st.backend);
+    if st.stages.is_empty() {
+        s += "nothing deployed\n";
+    } else {
+        let rows: Vec<Vec<String>> = st
+            .stages
+            .iter()
+            .map(|x| {
+                vec![
+                    x.name.clone(),
+                    x.version.clone(),
+                    x.generation.to_string(),
+                    x.signers.iter().map(ToString::to_string).collect::<Vec<_>>().join(","),
+                    x.deployed_at.clone(),
+                    if x.previous.is_empty() { "-".into() } else { x.previous.join(", ") },
+                ]
+            })
+            .collect();
+        s += &cli_support::table(&["NAME", "VERSION", "GENERATION", "SIGNED BY", "DEPLOYED AT", "KEPT"], &rows, &[2]);
+    }
+    if let Some(t) = &st.unfinished_transaction {
+        s += &with_root(&format!("unfinished transaction: {t} (run `op-dbus-stage recover`)\n"), root);
+    }
+    for b in &st.broken_links {
+        s += &format!("broken: {b}\n");
+    }
+    s
+}
+
+fn render_verify(r: &ops::VerifyReport) -> String {
+    let mut s = String::new();
+    for st in &r.stages {
+        s += &format!("{}\n", st.name);
+        for l in &st.links {
+            s += &format!("  link: {l}\n");
+        }
+        for f in &st.files {
+            s += &format!("  file: {f}\n");
+        }
+        for c in &st.checks {
+            s += &format!("  verify `{}`: {}\n", c.command, if c.passed { "ok" } else { "FAILED" });
+        }
+    }
+    s += if r.ok { "ok\n" } else { "verify FAILED\n" };
+    s
+}
+
+fn render_snapshots(d: &SnapshotsDoc) -> String {
+    if d.snapshots.is_empty() {
+        return "no snapshots\n".into();
+    }
+    let rows: Vec<Vec<String>> = d
+        .snapshots
+        .iter()
+        .map(|x| {
+            vec![
+                x.name.clone(),
+                x.created.clone().unwrap_or_else(|| "-".into()),
+                cli_support::human_bytes(x.bytes),
+                if x.stages.is_empty() { "(none)".into() } else { x.stages.join(" ") },
+            ]
+        })
+        .collect();
+    cli_support::table(&["NAME", "CREATED", "SIZE", "STAGES"], &rows, &[2])
 }
 
 fn render_feature(r: &ops::FeatureChanged) -> String {

@@ -10,12 +10,15 @@
 //! op-dbus-stage --root /srv/scratch rollback stage-1-core-dbus
 //! ```
 
+pub mod admit;
 pub mod btrfs;
 pub mod checks;
 pub mod cli;
+pub mod commands;
 pub mod error;
 pub mod faults;
 pub mod host;
+pub mod hostfs;
 pub mod lock;
 pub mod ops;
 pub mod plan;

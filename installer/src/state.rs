@@ -84,23 +84,91 @@ pub struct StageState {
     pub previous: Vec<Generation>,
 }
 
-/// Something this tool placed at a target.
+/// Something this tool placed at a target. `state.json` keeps it in the flat form of
+/// earlier versions (`type`, `link` or `sha256`, `backup`): see [`PlacedRecord`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(try_from = "PlacedRecord", into = "PlacedRecord")]
 pub struct Placed {
     pub stage: StageName,
     pub path: RelPath,
+    /// How it was placed, with what that placement leaves to check.
+    pub how: Placement,
+    /// What was at the target before (a name under backups/), restored when this goes.
+    pub backup: Option<String>,
+}
+
+/// How something was placed at a target: the kind decides what is recorded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Placement {
+    /// A symlink with this text.
+    Symlink { link: String },
+    /// A copy with this content.
+    Copy { sha256: Digest },
+    /// A copy made where nothing was, with this content.
+    CopyIfNotExists { sha256: Digest },
+}
+
+impl Placement {
+    /// The `files:` type it came from.
+    pub fn kind(&self) -> FileType {
+        match self {
+            Placement::Symlink { .. } => FileType::Symlink,
+            Placement::Copy { .. } => FileType::Copy,
+            Placement::CopyIfNotExists { .. } => FileType::CopyIfNotExists,
+        }
+    }
+
+    /// The content written, for copies.
+    pub fn digest(&self) -> Option<Digest> {
+        match self {
+            Placement::Symlink { .. } => None,
+            Placement::Copy { sha256 } | Placement::CopyIfNotExists { sha256 } => Some(*sha256),
+        }
+    }
+}
+
+/// [`Placed`] as `state.json` spells it (the format of every earlier version).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PlacedRecord {
+    stage: StageName,
+    path: RelPath,
     #[serde(rename = "type")]
-    pub kind: FileType,
+    kind: FileType,
     /// Symlinks: the link text.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub link: Option<String>,
+    link: Option<String>,
     /// Copies: the content we wrote.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub sha256: Option<Digest>,
-    /// What was at the target before (a name under backups/), restored when this goes.
+    sha256: Option<Digest>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub backup: Option<String>,
+    backup: Option<String>,
+}
+
+impl TryFrom<PlacedRecord> for Placed {
+    type Error = String;
+
+    fn try_from(r: PlacedRecord) -> std::result::Result<Placed, String> {
+        let how = match (r.kind, r.link, r.sha256) {
+            (FileType::Symlink, Some(link), None) => Placement::Symlink { link },
+            (FileType::Copy, None, Some(sha256)) => Placement::Copy { sha256 },
+            (FileType::CopyIfNotExists, None, Some(sha256)) => Placement::CopyIfNotExists { sha256 },
+            (FileType::Symlink, ..) => return Err(format!("the link placed for {} has no `link` alone", r.path)),
+            _ => return Err(format!("the copy placed for {} has no `sha256` alone", r.path)),
+        };
+        Ok(Placed { stage: r.stage, path: r.path, how, backup: r.backup })
+    }
+}
+
+impl From<Placed> for PlacedRecord {
+    fn from(p: Placed) -> PlacedRecord {
+        let kind = p.how.kind();
+        let (link, sha256) = match p.how {
+            Placement::Symlink { link } => (Some(link), None),
+            Placement::Copy { sha256 } | Placement::CopyIfNotExists { sha256 } => (None, Some(sha256)),
+        };
+        PlacedRecord { stage: p.stage, path: p.path, kind, link, sha256, backup: p.backup }
+    }
 }
 
 /// The whole deployed state of a host.
@@ -181,5 +249,67 @@ impl State {
             }
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A `state.json` as the previous version wrote it: a link, a copy and a
+    /// copy-if-not-exists, one with a backup.
+    const PREVIOUS: &str = r#"{
+  "schema_version": 1,
+  "txid": 3,
+  "next_generation": 2,
+  "stages": {},
+  "highest": {},
+  "placed": {
+    "/etc/op-dbus/app.conf": {
+      "stage": "app",
+      "path": "etc/app.conf",
+      "type": "copy",
+      "sha256": "sha256:2c26b46b68ffc68ff99b453c1d30413413422d706483bfa0f98a5e886266e7ae"
+    },
+    "/etc/op-dbus/seed.conf": {
+      "stage": "app",
+      "path": "etc/seed.conf",
+      "type": "copy-if-not-exists",
+      "sha256": "sha256:2c26b46b68ffc68ff99b453c1d30413413422d706483bfa0f98a5e886266e7ae"
+    },
+    "/usr/local/bin/tool": {
+      "stage": "app",
+      "path": "bin/tool",
+      "type": "symlink",
+      "link": "/var/lib/op-dbus/staging/app/bin/tool",
+      "backup": "b2-1"
+    }
+  },
+  "dirs": [
+    "/etc/op-dbus"
+  ]
+}"#;
+
+    #[test]
+    fn a_state_written_by_the_previous_version_loads_and_is_written_back_the_same() {
+        let s: State = serde_json::from_str(PREVIOUS).unwrap();
+        let tool = &s.placed[&"/usr/local/bin/tool".parse::<TargetPath>().unwrap()];
+        assert_eq!(tool.how, Placement::Symlink { link: "/var/lib/op-dbus/staging/app/bin/tool".into() });
+        assert_eq!(tool.backup.as_deref(), Some("b2-1"));
+        let seed = &s.placed[&"/etc/op-dbus/seed.conf".parse::<TargetPath>().unwrap()];
+        assert_eq!(seed.how.kind(), FileType::CopyIfNotExists);
+        assert!(seed.how.digest().is_some());
+        assert_eq!(String::from_utf8(s.to_bytes()).unwrap(), PREVIOUS);
+    }
+
+    #[test]
+    fn a_placement_missing_what_its_kind_needs_is_refused() {
+        for bad in [
+            r#"{"stage":"app","path":"x","type":"symlink"}"#,
+            r#"{"stage":"app","path":"x","type":"copy"}"#,
+            r#"{"stage":"app","path":"x","type":"copy","link":"/y","sha256":"sha256:2c26b46b68ffc68ff99b453c1d30413413422d706483bfa0f98a5e886266e7ae"}"#,
+        ] {
+            assert!(serde_json::from_str::<Placed>(bad).is_err(), "{bad}");
+        }
     }
 }

@@ -25,7 +25,8 @@ use formats::StageName;
 use formats::digest::Digest;
 use formats::path::TargetPath;
 
-use crate::host::{Host, TargetState};
+use crate::host::TargetState;
+use crate::hostfs::{HostFs, Kept, UnitAction};
 use crate::state::State;
 
 /// One reversible change to the host.
@@ -153,171 +154,121 @@ pub struct Journal {
 }
 
 /// Applies `step` (idempotent).
-pub fn apply(host: &Host, staging: &Staging, step: &Step) -> Result<()> {
+pub fn apply(fs: &dyn HostFs, step: &Step) -> Result<()> {
     crate::faults::point("apply");
     match step {
-        Step::PublishGeneration { stage, generation, tmp } => {
-            let dest = staging.generation(stage, *generation);
-            if !dest.exists() {
-                let parent = dest.parent().expect("generation has a parent");
-                fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
-                fs::rename(staging.tmp().join(tmp), &dest).with_context(|| format!("publishing {}", dest.display()))?;
-                sync_dir(parent)?;
-            }
-            // On btrfs a generation is a read-only subvolume (made read-only once in place:
-            // a read-only subvolume cannot be renamed).
-            if subvol::is_subvolume(&dest).unwrap_or(false) {
-                subvol::set_readonly(&dest, true).with_context(|| format!("making {} read-only", dest.display()))?;
-            }
-            Ok(())
-        }
-        Step::SetStageLink { stage, to, .. } => set_stage_link(staging, stage, *to),
-        Step::MkDir { path } => host.mkdir(path).with_context(|| format!("creating {path}")),
-        Step::RmDir { path } => host.rmdir_if_empty(path).with_context(|| format!("removing {path}")),
+        Step::PublishGeneration { stage, generation, tmp } => fs.publish_generation(stage, *generation, tmp),
+        Step::SetStageLink { stage, to, .. } => fs.set_stage_link(stage, *to),
+        Step::MkDir { path } => fs.mkdir(path).with_context(|| format!("creating {path}")),
+        Step::RmDir { path } => fs.rmdir_if_empty(path).with_context(|| format!("removing {path}")),
         Step::Backup { target, backup } => {
-            if staging.backup(backup).symlink_metadata().is_ok() {
+            if fs.has_kept(Kept::Backup, backup)? {
                 return Ok(());
             }
-            host.move_out(target, &staging.backup(backup)).with_context(|| format!("backing up {target}"))
+            fs.move_out(target, Kept::Backup, backup).with_context(|| format!("backing up {target}"))
         }
         Step::Restore { backup, target } => {
-            if staging.backup(backup).symlink_metadata().is_err() {
+            if !fs.has_kept(Kept::Backup, backup)? {
                 return Ok(());
             }
-            host.move_in(&staging.backup(backup), target)
+            fs.move_in(Kept::Backup, backup, target)
                 .with_context(|| format!("restoring {target} from backups/{backup}"))
         }
-        Step::Link { target, text } => match host.state(target)? {
-            TargetState::Missing => host.replace_symlink(target, text).with_context(|| format!("linking {target}")),
+        Step::Link { target, text } => match fs.state(target)? {
+            TargetState::Missing => fs.replace_symlink(target, text).with_context(|| format!("linking {target}")),
             TargetState::Symlink(t) if &t == text => Ok(()),
             other => {
                 anyhow::bail!("{target} appeared while deploying ({other}); nothing was changed: run the command again")
             }
         },
-        Step::Unlink { target, text } => match host.state(target)? {
-            TargetState::Symlink(t) if &t == text => host.remove(target).with_context(|| format!("removing {target}")),
+        Step::Unlink { target, text } => match fs.state(target)? {
+            TargetState::Symlink(t) if &t == text => fs.remove(target).with_context(|| format!("removing {target}")),
             _ => Ok(()),
         },
         Step::Copy { target, from, sha256, mode } => {
-            if host.file_digest(target)? == Some(*sha256) {
+            if fs.file_digest(target)? == Some(*sha256) {
                 return Ok(());
             }
-            if host.state(target)? != TargetState::Missing {
+            if fs.state(target)? != TargetState::Missing {
                 anyhow::bail!("{target} appeared while deploying; nothing was changed: run the command again");
             }
-            host.copy_in(&staging.dir.join(from), target, *mode).with_context(|| format!("copying to {target}"))
+            fs.copy_in(from, target, *mode).with_context(|| format!("copying to {target}"))
         }
         Step::Stash { target, stash, sha256 } => {
-            if host.file_digest(target)? != Some(*sha256) {
+            if fs.file_digest(target)? != Some(*sha256) {
                 return Ok(());
             }
-            host.move_out(target, &staging.stash(stash)).with_context(|| format!("removing {target}"))
+            fs.move_out(target, Kept::Stash, stash).with_context(|| format!("removing {target}"))
         }
-        Step::EnableUnit { unit } => crate::checks::systemctl(&host.root, "enable", unit),
-        Step::DisableUnit { unit } => crate::checks::systemctl(&host.root, "disable", unit),
+        Step::EnableUnit { unit } => fs.unit(UnitAction::Enable, unit),
+        Step::DisableUnit { unit } => fs.unit(UnitAction::Disable, unit),
     }
 }
 
 /// Undoes `step` (idempotent; a step that never ran is left alone).
-pub fn undo(host: &Host, staging: &Staging, step: &Step) -> Result<()> {
+pub fn undo(fs: &dyn HostFs, step: &Step) -> Result<()> {
     crate::faults::point("undo");
     match step {
-        Step::PublishGeneration { stage, generation, .. } => {
-            let dest = staging.generation(stage, *generation);
-            if dest.exists() {
-                remove_tree(&dest)?;
-            }
-            // The stage's folder of generations, when this was its first.
-            if let Some(parent) = dest.parent() {
-                match fs::remove_dir(parent) {
-                    Ok(()) => sync_dir(&staging.dir.join(".generations"))?,
-                    Err(e) if matches!(e.raw_os_error(), Some(39) | Some(2)) => {}
-                    Err(e) => return Err(e).with_context(|| format!("removing {}", parent.display())),
-                }
-            }
-            Ok(())
-        }
-        Step::SetStageLink { stage, from, .. } => set_stage_link(staging, stage, *from),
-        Step::MkDir { path } => host.rmdir_if_empty(path).with_context(|| format!("removing {path}")),
+        Step::PublishGeneration { stage, generation, .. } => fs.unpublish_generation(stage, *generation),
+        Step::SetStageLink { stage, from, .. } => fs.set_stage_link(stage, *from),
+        Step::MkDir { path } => fs.rmdir_if_empty(path).with_context(|| format!("removing {path}")),
         Step::RmDir { path } => {
             if let Some(parent) = path.relative().parent()
-                && !host.dir_exists(&TargetPath::parse(&format!("/{parent}")).expect("valid"))?
+                && !fs.dir_exists(&TargetPath::parse(&format!("/{parent}"))?)?
             {
                 return Ok(());
             }
-            host.mkdir(path).with_context(|| format!("re-creating {path}"))
+            fs.mkdir(path).with_context(|| format!("re-creating {path}"))
         }
         Step::Backup { target, backup } => {
-            if staging.backup(backup).symlink_metadata().is_err() || host.state(target)? != TargetState::Missing {
+            if !fs.has_kept(Kept::Backup, backup)? || fs.state(target)? != TargetState::Missing {
                 return Ok(());
             }
-            host.move_in(&staging.backup(backup), target).with_context(|| format!("putting back {target}"))
+            fs.move_in(Kept::Backup, backup, target).with_context(|| format!("putting back {target}"))
         }
         Step::Restore { backup, target } => {
-            if staging.backup(backup).symlink_metadata().is_ok() || host.state(target)? == TargetState::Missing {
+            if fs.has_kept(Kept::Backup, backup)? || fs.state(target)? == TargetState::Missing {
                 return Ok(());
             }
-            host.move_out(target, &staging.backup(backup)).with_context(|| format!("moving {target} back to backups/"))
+            fs.move_out(target, Kept::Backup, backup).with_context(|| format!("moving {target} back to backups/"))
         }
         Step::Link { target, text } => {
-            host.remove_temp(target)?;
-            match host.state(target)? {
+            fs.remove_temp(target)?;
+            match fs.state(target)? {
                 TargetState::Symlink(t) if &t == text => {
-                    host.remove(target).with_context(|| format!("removing {target}"))
+                    fs.remove(target).with_context(|| format!("removing {target}"))
                 }
                 _ => Ok(()),
             }
         }
         Step::Unlink { target, text } => {
-            host.remove_temp(target)?;
-            match host.state(target)? {
+            fs.remove_temp(target)?;
+            match fs.state(target)? {
                 TargetState::Missing => {
-                    host.replace_symlink(target, text).with_context(|| format!("re-linking {target}"))
+                    fs.replace_symlink(target, text).with_context(|| format!("re-linking {target}"))
                 }
                 _ => Ok(()),
             }
         }
         Step::Copy { target, sha256, .. } => {
-            host.remove_temp(target)?;
-            if host.file_digest(target)? == Some(*sha256) {
-                host.remove(target).with_context(|| format!("removing {target}"))?;
+            fs.remove_temp(target)?;
+            if fs.file_digest(target)? == Some(*sha256) {
+                fs.remove(target).with_context(|| format!("removing {target}"))?;
             }
             Ok(())
         }
         Step::Stash { target, stash, .. } => {
-            if staging.stash(stash).symlink_metadata().is_err() || host.state(target)? != TargetState::Missing {
+            if !fs.has_kept(Kept::Stash, stash)? || fs.state(target)? != TargetState::Missing {
                 return Ok(());
             }
-            host.move_in(&staging.stash(stash), target).with_context(|| format!("putting back {target}"))
+            fs.move_in(Kept::Stash, stash, target).with_context(|| format!("putting back {target}"))
         }
         // A unit whose file is already gone cannot be enabled either: nothing to undo then.
         Step::EnableUnit { unit } => {
-            let _ = crate::checks::systemctl(&host.root, "disable", unit);
+            let _ = fs.unit(UnitAction::Disable, unit);
             Ok(())
         }
-        Step::DisableUnit { unit } => crate::checks::systemctl(&host.root, "enable", unit),
-    }
-}
-
-fn set_stage_link(staging: &Staging, stage: &StageName, generation: Option<u64>) -> Result<()> {
-    let link = staging.stage_link(stage);
-    match generation {
-        None => match fs::remove_file(&link) {
-            Ok(()) => sync_dir(&staging.dir),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(e).with_context(|| format!("removing {}", link.display())),
-        },
-        Some(g) => {
-            let text = format!(".generations/{stage}/{g}");
-            let tmp = staging.dir.join(crate::host::temp_name(stage.as_str(), "tmp"));
-            let _ = fs::remove_file(&tmp);
-            if fs::read_link(&link).is_ok_and(|t| t == Path::new(&text)) {
-                return Ok(());
-            }
-            std::os::unix::fs::symlink(&text, &tmp).with_context(|| format!("creating {}", tmp.display()))?;
-            fs::rename(&tmp, &link).with_context(|| format!("switching {}", link.display()))?;
-            sync_dir(&staging.dir)
-        }
+        Step::DisableUnit { unit } => fs.unit(UnitAction::Enable, unit),
     }
 }
 
@@ -360,14 +311,30 @@ impl Journal {
 
     /// Undoes every step, newest first; the host is as before. A step whose undo fails
     /// does not stop the others: every one is tried, and the failures are the error.
-    pub fn roll_back(&self, host: &Host, staging: &Staging) -> Result<()> {
+    pub fn roll_back(&self, fs: &dyn HostFs) -> Result<()> {
         let mut failed = Vec::new();
-        for step in self.steps.iter().rev() {
-            if let Err(e) = undo(host, staging, step) {
+        for (i, step) in self.steps.iter().enumerate().rev() {
+            if self.never_ran(fs, i) {
+                continue;
+            }
+            if let Err(e) = undo(fs, step) {
                 failed.push(format!("undoing `{}`: {e:#}", step.describe()));
             }
         }
         if failed.is_empty() { Ok(()) } else { Err(UndoFailed(failed).into()) }
+    }
+
+    /// Whether step `i` is known not to have run where its own undo cannot tell: an
+    /// `rmdir` of a directory of ours that an earlier `restore` brings back from backups/
+    /// (a later generation had placed something at it) never ran while that backup is
+    /// still there, and re-creating the directory then would stand where the copy or link
+    /// undone next must come back.
+    fn never_ran(&self, fs: &dyn HostFs, i: usize) -> bool {
+        let Step::RmDir { path } = &self.steps[i] else { return false };
+        self.steps[..i].iter().any(|s| {
+            matches!(s, Step::Restore { backup, target } if target == path
+                && fs.has_kept(Kept::Backup, backup).unwrap_or(false))
+        })
     }
 
     /// Commits: writes the state after (the commit point), then cleans up.
@@ -398,14 +365,20 @@ impl Journal {
         sync_dir(&staging.dir.join("journal"))
     }
 
-    /// Finishes an interrupted transaction: as after if it committed, else as before.
-    pub fn recover(&self, host: &Host, staging: &Staging) -> Result<RecoverOutcome> {
+    /// What [`Journal::recover`] would do: complete the transaction if it committed, else
+    /// roll it back.
+    pub fn outcome(&self, staging: &Staging) -> Result<RecoverOutcome> {
         let state = State::read(&staging.state_file())?;
-        if state.txid == self.txid {
+        Ok(if state.txid == self.txid { RecoverOutcome::Completed } else { RecoverOutcome::RolledBack })
+    }
+
+    /// Finishes an interrupted transaction: as after if it committed, else as before.
+    pub fn recover(&self, fs: &dyn HostFs, staging: &Staging) -> Result<RecoverOutcome> {
+        if self.outcome(staging)? == RecoverOutcome::Completed {
             self.clean_up(staging)?;
             Ok(RecoverOutcome::Completed)
         } else {
-            if let Err(e) = self.roll_back(host, staging) {
+            if let Err(e) = self.roll_back(fs) {
                 // Undoing failed twice now (once when the change failed, once here): a
                 // journal that can never be finished must not wedge every later command.
                 // Keep it for the operator, beside what it names, and go on.

@@ -76,3 +76,28 @@ fn btrfs_loop_root_tar_images_land_in_read_only_subvolumes() {
     ok(stage_cmd(&root).args(["gc", "--keep", "0"]));
     assert_eq!(fs::read_to_string(root.join("usr/local/bin/app")).unwrap(), "operator's\n");
 }
+
+/// `init --dry-run` reports the backend the real run gets, from the same check: here the
+/// root is on a plain filesystem and its /var/lib a btrfs mount, so the staging area
+/// becomes a subvolume.
+#[test]
+fn init_dry_run_reports_the_backend_the_real_run_gets() {
+    let fsys = LoopBtrfs::new(256);
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("root");
+    let var_lib = root.join("var/lib");
+    fs::create_dir_all(&var_lib).unwrap();
+    ok(Command::new("mount").arg("--bind").arg(&fsys.mnt).arg(&var_lib));
+    struct Unmount<'a>(&'a Path);
+    impl Drop for Unmount<'_> {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg(self.0).status();
+        }
+    }
+    let _bound = Unmount(&var_lib);
+    let dry = json(&ok(stage_cmd(&root).args(["--json", "--dry-run", "init"])));
+    assert!(!var_lib.join("op-dbus").exists(), "init --dry-run created something");
+    let real = json(&ok(stage_cmd(&root).args(["--json", "init"])));
+    assert_eq!(real["backend"], "btrfs", "{real}");
+    assert_eq!(dry["backend"], real["backend"], "dry run {dry}\nreal run {real}");
+}

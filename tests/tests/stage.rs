@@ -389,3 +389,56 @@ fn receive_fix_symlinks_gc_and_status() {
     assert_eq!(code, 1, "{err}");
     assert!(err.contains("no previous generation"), "{err}");
 }
+
+/// Every changing command plans, then applies that plan: `--dry-run` reports the same plan
+/// the real run executes and changes nothing, an interrupted transaction included.
+#[test]
+fn dry_runs_show_the_plan_the_real_run_executes() {
+    let s = Scratch::new();
+    s.trust();
+    let dir =
+        stage_dir(s.dir.path(), "app", "1.0.0", APP_FILES, &[("bin/app", "#!/bin/sh\n"), ("etc/app.conf", "x\n")]);
+    ok(s.stage().arg("deploy").arg(s.build_export(&dir)));
+    let staging = s.root().join("var/lib/op-dbus/staging");
+
+    // gc: an orphaned generation (published, never committed: a crash) goes through the
+    // plan and the journal, listed alike by the dry run and the real run.
+    let orphan = staging.join(".generations/app/99");
+    fs::create_dir_all(&orphan).unwrap();
+    fs::write(orphan.join("manifest.json"), "{}").unwrap();
+    let dry = json(&ok(s.stage().args(["--json", "--dry-run", "gc", "--keep", "0"])));
+    assert!(orphan.exists(), "gc --dry-run deleted a generation");
+    let real = json(&ok(s.stage().args(["--json", "gc", "--keep", "0"])));
+    assert!(!orphan.exists(), "gc left the orphaned generation");
+    assert_eq!(dry["steps"], real["steps"], "dry run {dry}\nreal run {real}");
+    assert_eq!(dry["removed"], real["removed"]);
+    assert!(real["removed"].as_array().unwrap().iter().any(|g| g["generation"] == 99), "{real}");
+
+    // recover: under --dry-run it says what it would do and does nothing.
+    let state: serde_json::Value = json(&fs::read_to_string(staging.join("state.json")).unwrap());
+    let journal = serde_json::json!({
+        "txid": state["txid"].as_u64().unwrap() + 1,
+        "operation": "remove app",
+        "steps": [],
+        "before": state,
+        "after": state,
+    });
+    fs::write(staging.join("journal/tx.json"), journal.to_string()).unwrap();
+    let dry = json(&ok(s.stage().args(["--json", "--dry-run", "recover"])));
+    assert_eq!(dry["recovered"], "rolled-back", "{dry}");
+    assert!(staging.join("journal/tx.json").exists(), "recover --dry-run finished the transaction");
+    // Another command's dry run leaves it too.
+    ok(s.stage().args(["--dry-run", "remove", "app"]));
+    assert!(staging.join("journal/tx.json").exists(), "remove --dry-run finished the transaction");
+    let real = json(&ok(s.stage().args(["--json", "recover"])));
+    assert_eq!(real["recovered"], "rolled-back", "{real}");
+    assert!(!staging.join("journal/tx.json").exists());
+
+    // trust revoke: the dry run plans the edit of stage.toml, so a policy it cannot edit
+    // fails the dry run as it fails the real one.
+    let policy = s.root().join("etc/op-dbus/stage.toml");
+    fs::write(&policy, "revoked = \"not a list\"\n").unwrap();
+    let (dry, err) = fails(s.stage().args(["--dry-run", "trust", "revoke", "0123456789abcdef"]));
+    let (real, _) = fails(s.stage().args(["trust", "revoke", "0123456789abcdef"]));
+    assert_eq!((dry, real), (7, 7), "{err}");
+}

@@ -1,0 +1,178 @@
+//! The commands that only read: `list`, `status`, `verify`.
+
+use std::fs;
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use serde::Serialize;
+
+use formats::StageName;
+use formats::layout::Layout;
+
+use crate::checks::CheckResult;
+use crate::error::Usage;
+use crate::host::{STORE, TargetState};
+use crate::ops::{Ctx, run_checks};
+use crate::state::{Placement, State};
+use crate::txn::Journal;
+
+/// `list`.
+#[derive(Debug, Serialize)]
+pub struct Listed {
+    pub name: String,
+    pub version: String,
+    pub digest: String,
+    pub status: &'static str,
+}
+
+pub fn list(ctx: &Ctx) -> Result<Vec<Listed>> {
+    let state = ctx.state()?;
+    let mut out: Vec<Listed> = state
+        .stages
+        .iter()
+        .map(|(n, s)| Listed {
+            name: n.to_string(),
+            version: s.active.version.to_string(),
+            digest: s.active.digest.to_string(),
+            status: "deployed",
+        })
+        .collect();
+    if let Ok(p) = ctx.host.resolve(STORE)
+        && let Ok(store) = Layout::open(&p)
+    {
+        for d in store.index()?.manifests {
+            let Some(tag) = d.annotation(formats::oci::ANNOTATION_REF_NAME) else { continue };
+            let Ok(r) = tag.parse::<formats::Reference>() else { continue };
+            if state.stages.get(&r.name).is_some_and(|s| s.active.digest == d.digest) {
+                continue;
+            }
+            out.push(Listed {
+                name: r.name.to_string(),
+                version: r.version.to_string(),
+                digest: d.digest.to_string(),
+                status: "available",
+            });
+        }
+    }
+    out.sort_by(|a, b| (&a.name, a.status, &a.version).cmp(&(&b.name, b.status, &b.version)));
+    Ok(out)
+}
+
+/// `status`.
+#[derive(Debug, Serialize)]
+pub struct Status {
+    pub root: PathBuf,
+    pub backend: &'static str,
+    pub stages: Vec<StageStatus>,
+    pub unfinished_transaction: Option<String>,
+    pub broken_links: Vec<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct StageStatus {
+    pub name: String,
+    pub version: String,
+    pub generation: u64,
+    pub digest: String,
+    pub signers: Vec<keys::KeyId>,
+    pub deployed_at: String,
+    pub previous: Vec<String>,
+}
+
+pub fn status(ctx: &Ctx) -> Result<Status> {
+    let state = ctx.state()?;
+    let unfinished = Journal::read(&ctx.staging).ok().flatten().map(|j| j.operation);
+    Ok(Status {
+        root: ctx.host.root.clone(),
+        backend: crate::host::backend(&ctx.staging.dir),
+        stages: state
+            .stages
+            .iter()
+            .map(|(n, s)| StageStatus {
+                name: n.to_string(),
+                version: s.active.version.to_string(),
+                generation: s.active.generation,
+                digest: s.active.digest.to_string(),
+                signers: s.active.signers.clone(),
+                deployed_at: s.active.deployed_at.clone(),
+                previous: s.previous.iter().map(|g| format!("{} (generation {})", g.version, g.generation)).collect(),
+            })
+            .collect(),
+        unfinished_transaction: unfinished,
+        broken_links: link_problems(ctx, &state, None)?,
+    })
+}
+
+fn link_problems(ctx: &Ctx, state: &State, only: Option<&StageName>) -> Result<Vec<String>> {
+    let mut out = Vec::new();
+    for (target, p) in &state.placed {
+        if only.is_some_and(|s| s != &p.stage) {
+            continue;
+        }
+        match &p.how {
+            Placement::Symlink { link } => {
+                let want = link.clone();
+                match ctx.host.state(target)? {
+                    TargetState::Symlink(t) if t == want => {
+                        let staged = ctx.staging.stage_link(&p.stage).join(p.path.as_str());
+                        if fs::symlink_metadata(&staged).is_err() {
+                            out.push(format!("{target}: {} is missing", staged.display()));
+                        }
+                    }
+                    other => out.push(format!("{target}: expected a link to {want}, found {other}")),
+                }
+            }
+            Placement::Copy { sha256 } => {
+                if ctx.host.file_digest(target)? != Some(*sha256) {
+                    out.push(format!(
+                        "{target}: the copy differs from the staged file (run `deploy` again to replace it)"
+                    ));
+                }
+            }
+            Placement::CopyIfNotExists { .. } => {}
+        }
+    }
+    Ok(out)
+}
+
+/// `verify [STAGE]`.
+#[derive(Debug, Serialize)]
+pub struct VerifyReport {
+    pub stages: Vec<StageVerify>,
+    pub ok: bool,
+}
+
+#[derive(Debug, Serialize)]
+pub struct StageVerify {
+    pub name: String,
+    pub links: Vec<String>,
+    pub files: Vec<String>,
+    pub checks: Vec<CheckResult>,
+}
+
+pub fn verify(ctx: &Ctx, only: Option<&StageName>) -> Result<VerifyReport> {
+    let state = ctx.state()?;
+    if let Some(s) = only
+        && !state.stages.contains_key(s)
+    {
+        return Err(Usage(format!("{s} is not deployed (see `op-dbus-stage list`)")).into());
+    }
+    let mut stages = Vec::new();
+    for (name, s) in &state.stages {
+        if only.is_some_and(|o| o != name) {
+            continue;
+        }
+        let config = ctx.config_of(name, s.active.generation)?;
+        let dir = ctx.staging.generation(name, s.active.generation);
+        let files = formats::unpack::check_tree_ignoring(&dir, &config, &["manifest.json"])
+            .with_context(|| format!("checking {}", dir.display()))?
+            .into_iter()
+            .map(|m| format!("{}: {}", m.path, m.problem))
+            .collect();
+        let links = link_problems(ctx, &state, Some(name))?;
+        let checks = run_checks(ctx, &state, name)?;
+        stages.push(StageVerify { name: name.to_string(), links, files, checks });
+    }
+    let ok = stages.iter().all(|s| s.links.is_empty() && s.files.is_empty() && s.checks.iter().all(|c| c.passed));
+    Ok(VerifyReport { stages, ok })
+}
