@@ -22,7 +22,7 @@ use std::path::{Path, PathBuf};
 
 use formats::digest::{Digest, sha256_reader};
 use formats::path::{RelPath, TargetPath};
-use rustix::fs::{AtFlags, FileType, Mode, OFlags, ResolveFlags};
+use rustix::fs::{AtFlags, FileType, Mode, OFlags};
 
 /// Where the installer keeps its state, relative to the root.
 pub const STAGING: &str = "var/lib/op-dbus/staging";
@@ -84,10 +84,6 @@ pub struct Host {
     root_fd: OwnedFd,
 }
 
-fn in_root() -> ResolveFlags {
-    ResolveFlags::IN_ROOT | ResolveFlags::NO_MAGICLINKS
-}
-
 impl Host {
     /// Opens the root (it must exist).
     pub fn open(root: &Path) -> io::Result<Host> {
@@ -103,7 +99,7 @@ impl Host {
 
     /// The host path of `rel` resolved inside the root (it must exist).
     pub fn resolve(&self, rel: &str) -> io::Result<PathBuf> {
-        let fd = rustix::fs::openat2(&self.root_fd, rel, OFlags::PATH | OFlags::CLOEXEC, Mode::empty(), in_root())?;
+        let fd = fsx::open_in_root(&self.root_fd, rel, OFlags::PATH)?;
         let p = rustix::fs::readlinkat(rustix::fs::CWD, format!("/proc/self/fd/{}", fd_num(&fd)), Vec::new())?;
         Ok(PathBuf::from(p.to_string_lossy().into_owned()))
     }
@@ -155,14 +151,7 @@ impl Host {
     }
 
     fn dir_fd(&self, rel: &str) -> io::Result<OwnedFd> {
-        let rel = if rel.is_empty() { "." } else { rel };
-        Ok(rustix::fs::openat2(
-            &self.root_fd,
-            rel,
-            OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
-            Mode::empty(),
-            in_root(),
-        )?)
+        fsx::open_in_root(&self.root_fd, rel, OFlags::PATH | OFlags::DIRECTORY)
     }
 
     /// The parent directory of `target` (resolved in the root, see [`Host::walk`]) and the
@@ -348,11 +337,7 @@ impl Host {
             return Ok(());
         }
         let (fd, name) = self.parent(target)?;
-        let tmp = temp_name(&name, "tmp");
-        let _ = rustix::fs::unlinkat(&fd, tmp.as_str(), AtFlags::empty());
-        rustix::fs::symlinkat(text, &fd, tmp.as_str())?;
-        rustix::fs::renameat(&fd, tmp.as_str(), &fd, name.as_str())?;
-        fsync_dir(&fd)
+        fsx::replace_symlink_at(&fd, &name, text, &temp_name(&name, "tmp"))
     }
 
     /// Removes the temp file or link a killed `copy_in` or `replace_symlink` may have left
@@ -680,12 +665,7 @@ fn fd_num(fd: &OwnedFd) -> i32 {
     fd.as_raw_fd()
 }
 
-fn fsync_dir(fd: &OwnedFd) -> io::Result<()> {
-    // An O_PATH descriptor cannot be fsynced: open the directory itself.
-    let d = rustix::fs::openat(fd.as_fd(), ".", OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())?;
-    rustix::fs::fsync(&d)?;
-    Ok(())
-}
+use fsx::fsync_dir;
 
 /// The staging backend in use for the staging directory `dir`.
 pub fn backend(dir: &Path) -> &'static str {

@@ -203,14 +203,10 @@ impl HostFs for RealFs<'_> {
             },
             Some(g) => {
                 let text = format!(".generations/{stage}/{g}");
-                let tmp = staging.dir.join(crate::host::temp_name(stage.as_str(), "tmp"));
-                let _ = fs::remove_file(&tmp);
-                if fs::read_link(&link).is_ok_and(|t| t == std::path::Path::new(&text)) {
-                    return Ok(());
-                }
-                std::os::unix::fs::symlink(&text, &tmp).with_context(|| format!("creating {}", tmp.display()))?;
-                fs::rename(&tmp, &link).with_context(|| format!("switching {}", link.display()))?;
-                sync_dir(&staging.dir)
+                let dir = fsx::open_root(&staging.dir).with_context(|| format!("opening {}", staging.dir.display()))?;
+                let tmp = crate::host::temp_name(stage.as_str(), "tmp");
+                fsx::replace_symlink_at(&dir, stage.as_str(), &text, &tmp)
+                    .with_context(|| format!("switching {}", link.display()))
             }
         }
     }

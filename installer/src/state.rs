@@ -236,7 +236,7 @@ impl State {
                 bytes.len()
             );
         }
-        formats::layout::write_atomic(path, &bytes).with_context(|| format!("writing {}", path.display()))
+        fsx::write_atomic(path, &bytes).with_context(|| format!("writing {}", path.display()))
     }
 
     /// Every generation some stage references (active or kept).

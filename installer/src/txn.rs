@@ -273,7 +273,7 @@ pub fn undo(fs: &dyn HostFs, step: &Step) -> Result<()> {
 }
 
 pub fn sync_dir(dir: &Path) -> Result<()> {
-    fs::File::open(dir).and_then(|d| d.sync_all()).with_context(|| format!("syncing {}", dir.display()))
+    Ok(fsx::sync_dir(dir)?)
 }
 
 /// Removes a tree we own (a generation, a temp dir), making read-only parts writable first.
@@ -294,7 +294,7 @@ pub fn remove_tree(path: &Path) -> Result<()> {
 impl Journal {
     pub fn write(&self, staging: &Staging) -> Result<()> {
         let bytes = serde_json::to_vec(self).expect("journal serializes");
-        formats::layout::write_atomic(&staging.journal_file(), &bytes)
+        fsx::write_atomic(&staging.journal_file(), &bytes)
             .with_context(|| format!("writing {}", staging.journal_file().display()))
     }
 
