@@ -242,7 +242,7 @@ impl Host {
         Ok(Walked { fd, path })
     }
 
-    /// Where `target` lies once the links on the way are followed as [`Host::walk`] does;
+    /// Where `target` lies once the links on the way are followed as `Host::walk` does;
     /// directories not made yet are taken as named. An error when a link on the way is
     /// one the installer must not follow.
     pub fn resolve_target(&self, target: &TargetPath) -> io::Result<TargetPath> {
@@ -298,7 +298,7 @@ impl Host {
         Ok(Some(sha256_reader(fs::File::from(f))?.0))
     }
 
-    /// Whether the directory `dir` exists (resolved in the root, see [`Host::walk`]).
+    /// Whether the directory `dir` exists (resolved in the root, see `Host::walk`).
     pub fn dir_exists(&self, dir: &TargetPath) -> io::Result<bool> {
         match self.walk(dir.relative().components()) {
             Ok(_) => Ok(true),

@@ -1,5 +1,5 @@
 //! What the commands of `op-dbus-stage` share: the options, the opened host ([`Ctx`]),
-//! the report of a changing command and [`execute`], which applies a plan as one journaled
+//! the report of a changing command and `execute`, which applies a plan as one journaled
 //! transaction under the lock. Every changing command plans first, then applies that plan
 //! (or, with `--dry-run`, reports it): one module per command under [`crate::commands`].
 

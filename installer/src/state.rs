@@ -85,7 +85,7 @@ pub struct StageState {
 }
 
 /// Something this tool placed at a target. `state.json` keeps it in the flat form of
-/// earlier versions (`type`, `link` or `sha256`, `backup`): see [`PlacedRecord`].
+/// earlier versions (`type`, `link` or `sha256`, `backup`): see `PlacedRecord`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(try_from = "PlacedRecord", into = "PlacedRecord")]
 pub struct Placed {

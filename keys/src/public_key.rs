@@ -68,7 +68,7 @@ impl PublicKey {
     }
 
     /// Parses the contents of a public key file read by the caller (at most
-    /// [`MAX_KEY_FILE`](crate::MAX_KEY_FILE) bytes); `path` names it in errors.
+    /// [`MAX_KEY_FILE`] bytes); `path` names it in errors.
     pub fn from_file_bytes(bytes: &[u8], path: &Path) -> Result<Self> {
         let malformed =
             |reason: &str| KeyError::MalformedPublicKey { path: Some(path.to_owned()), reason: reason.to_owned() };

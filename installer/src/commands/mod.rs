@@ -1,6 +1,6 @@
 //! One module per command, as uv has them. A changing command reads what it needs, plans
 //! (pure functions: [`crate::admit`], [`crate::plan`]), then applies that plan through
-//! [`crate::ops::execute`] as one journaled transaction; `--dry-run` reports the same plan
+//! `crate::ops::execute` as one journaled transaction; `--dry-run` reports the same plan
 //! and changes nothing.
 
 pub mod deploy;

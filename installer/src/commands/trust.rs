@@ -1,4 +1,4 @@
-//! `trust add`, `trust revoke` (planned as a [`TrustEdit`], then applied; `--dry-run`
+//! `trust add`, `trust revoke` (planned as a `TrustEdit`, then applied; `--dry-run`
 //! reports the plan) and `trust list`.
 
 use std::path::{Path, PathBuf};
