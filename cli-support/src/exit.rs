@@ -1,4 +1,4 @@
-//! The one exit-code map of both binaries (DESIGN.md §7).
+//! The one exit-code map of both binaries (docs/exit-codes.md).
 //!
 //! The libraries keep their typed errors; this module is the one place that says which
 //! exit code each of them means. The first cause in an error's chain that has a code

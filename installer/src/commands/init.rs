@@ -22,7 +22,7 @@ pub struct InitReport {
     pub backend: &'static str,
 }
 
-pub const DEFAULT_POLICY: &str = r#"# op-dbus-stage policy (see `op-dbus-stage --help` and DESIGN.md section 5).
+pub const DEFAULT_POLICY: &str = r#"# op-dbus-stage policy (see `op-dbus-stage --help` and docs/stage-toml.md).
 # Where stages may place files:
 # allowed_prefixes = ["/usr/local", "/opt", "/etc/op-dbus", "/etc/systemd/system", "/var/www", "/var/lib/op-dbus"]
 # Features enabled on this host, for a stage's `requires_feature`:

@@ -253,7 +253,7 @@ impl Model {
         self.run(snap.stages, None, k);
     }
 
-    /// The invariants of the host layout (DESIGN section 8) after a committed change.
+    /// The invariants of the host layout (docs/host-layout.md) after a committed change.
     fn check(&self) {
         let w = self.fs.snapshot();
         for (target, p) in &self.state.placed {
