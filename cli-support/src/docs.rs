@@ -94,3 +94,36 @@ pub fn long_helps(cmd: Command) -> Vec<(String, String)> {
         .map(|(path, c)| (path.replace(' ', "_"), c.term_width(100).render_long_help().to_string()))
         .collect()
 }
+
+/// The tests every binary's command line gets (expand inside a `#[cfg(test)] mod help`
+/// of the module that defines the `clap::Parser`): every argument has help, the registry
+/// flags sit only on the listed commands, and the help of every command is pinned by an
+/// insta snapshot (the binary needs `insta` as a dev-dependency).
+#[macro_export]
+macro_rules! help_tests {
+    ($cli:ty, registry_flags_on: [$($cmd:expr),* $(,)?]) => {
+        #[test]
+        fn every_argument_and_value_has_help() {
+            use clap::CommandFactory;
+            assert_eq!($crate::docs::undocumented(<$cli>::command()), Vec::<String>::new());
+        }
+
+        #[test]
+        fn registry_flags_only_where_they_are_used() {
+            use clap::CommandFactory;
+            let mut with = $crate::docs::commands_with(<$cli>::command(), "insecure");
+            with.sort();
+            let mut want: Vec<String> = vec![$($cmd.to_string()),*];
+            want.sort();
+            assert_eq!(with, want);
+        }
+
+        #[test]
+        fn help_snapshots() {
+            use clap::CommandFactory;
+            for (name, help) in $crate::docs::long_helps(<$cli>::command()) {
+                insta::assert_snapshot!(name, help);
+            }
+        }
+    };
+}

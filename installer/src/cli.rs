@@ -662,24 +662,5 @@ mod tests {
 
 #[cfg(test)]
 mod help {
-    use clap::CommandFactory;
-
-    #[test]
-    fn every_argument_and_value_has_help() {
-        assert_eq!(cli_support::docs::undocumented(super::Cli::command()), Vec::<String>::new());
-    }
-
-    #[test]
-    fn registry_flags_only_on_deploy_and_receive() {
-        let mut with = cli_support::docs::commands_with(super::Cli::command(), "insecure");
-        with.sort();
-        assert_eq!(with, ["op-dbus-stage deploy", "op-dbus-stage deploy-from-image", "op-dbus-stage receive"]);
-    }
-
-    #[test]
-    fn help_snapshots() {
-        for (name, help) in cli_support::docs::long_helps(super::Cli::command()) {
-            insta::assert_snapshot!(name, help);
-        }
-    }
+    cli_support::help_tests!(super::Cli, registry_flags_on: ["op-dbus-stage deploy", "op-dbus-stage deploy-from-image", "op-dbus-stage receive"]);
 }
