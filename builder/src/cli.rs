@@ -427,7 +427,11 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Push(o) => {
             let layout = open_store(g, false)?;
             let key = load_key(g)?;
-            let p = crate::registry_cmd::push(&layout, &o, key.as_ref(), g.common.dry_run)?;
+            let bar =
+                crate::progress::spinner(&format!("pushing {} to {}", o.reference, o.destination), g.common.quiet);
+            let p = crate::registry_cmd::push(&layout, &o, key.as_ref(), g.common.dry_run);
+            bar.finish_and_clear();
+            let p = p?;
             if p.signature_tag.is_none() && !g.common.quiet {
                 eprintln!(
                     "warning: {} is unsigned; installers will refuse it: sign it with `op-dbus-image sign {}` and push again",
@@ -454,7 +458,10 @@ pub fn run(cli: Cli) -> Result<()> {
             })
         }
         Command::Pull(o) => {
-            let p = crate::registry_cmd::pull(&g.store(), &o, g.common.dry_run)?;
+            let bar = crate::progress::spinner(&format!("pulling {}", o.source), g.common.quiet);
+            let p = crate::registry_cmd::pull(&g.store(), &o, g.common.dry_run);
+            bar.finish_and_clear();
+            let p = p?;
             if !p.signed && !g.common.quiet {
                 eprintln!("warning: {} has no signatures in the registry; installers will refuse it", p.source);
             }

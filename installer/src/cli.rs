@@ -393,7 +393,10 @@ pub fn run(cli: Cli) -> Result<i32> {
         }
         Command::Verify { stage } => {
             let ctx = Ctx::reading(&opts)?;
-            let r = ops::verify(&ctx, stage.as_ref())?;
+            let bar = cli_support::progress::spinner("verifying links, staged files and checks", opts.quiet);
+            let r = ops::verify(&ctx, stage.as_ref());
+            bar.finish_and_clear();
+            let r = r?;
             out.emit(&r, render_verify)?;
             if !r.ok {
                 return Ok(error::VERIFY_FAILED);
