@@ -269,6 +269,7 @@ pub(crate) fn execute(
     crate::faults::point("journaled");
     let applied = (|| -> Result<Vec<CheckResult>> {
         for step in &journal.steps {
+            tracing::debug!(step = %step.describe(), "applying");
             txn::apply(&ctx.fs(), step).with_context(|| step.describe())?;
         }
         let mut results = Vec::new();

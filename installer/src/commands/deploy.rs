@@ -29,6 +29,7 @@ pub struct DeployReport {
     pub skipped: Vec<String>,
 }
 
+#[tracing::instrument(name = "deploy", skip_all, fields(source = ?source, activate, dry_run = ctx.opts.dry_run))]
 pub fn deploy(ctx: &Ctx, source: &Source, activate: bool) -> Result<DeployReport> {
     let trust = Trust::load(&ctx.host)?;
     let store = ctx.store()?;

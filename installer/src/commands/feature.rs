@@ -18,6 +18,7 @@ pub struct FeatureChanged {
 }
 
 /// `feature enable|disable NAME`: edits `features` of stage.toml, keeping the rest intact.
+#[tracing::instrument(name = "feature", skip(ctx), fields(dry_run = ctx.opts.dry_run))]
 pub fn set_feature(ctx: &Ctx, feature: &str, enabled: bool) -> Result<FeatureChanged> {
     let edit = trust::plan_policy(ctx, |text, path| {
         keys::policy::set_feature(text, path, feature, enabled).map_err(Into::into)

@@ -11,6 +11,7 @@ use crate::plan;
 use crate::txn::Cleanup;
 
 /// `fix-symlinks STAGE`: put back the stage's links that are missing or wrong.
+#[tracing::instrument(name = "fix-symlinks", skip(ctx), fields(dry_run = ctx.opts.dry_run))]
 pub fn fix_symlinks(ctx: &Ctx, stage: &StageName) -> Result<Report> {
     let state = ctx.state()?;
     if !state.stages.contains_key(stage) {

@@ -15,6 +15,7 @@ use crate::txn::Cleanup;
 
 /// `gc --keep N`: keep N previous generations per stage; delete the rest unless a
 /// snapshot needs them. The report says what was removed and what was kept, and why.
+#[tracing::instrument(name = "gc", skip(ctx), fields(dry_run = ctx.opts.dry_run))]
 pub fn gc(ctx: &Ctx, keep: usize) -> Result<Report> {
     let state = ctx.state()?;
     let mut after = state.clone();

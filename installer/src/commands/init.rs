@@ -49,6 +49,7 @@ fn plan(root: &Path) -> Result<InitReport> {
     })
 }
 
+#[tracing::instrument(name = "init", skip_all, fields(root = %opts.root.display(), dry_run = opts.dry_run))]
 pub fn init(opts: &Options) -> Result<InitReport> {
     if opts.dry_run {
         return plan(&opts.root);

@@ -150,6 +150,7 @@ pub struct StageVerify {
     pub checks: Vec<CheckResult>,
 }
 
+#[tracing::instrument(name = "verify", skip(ctx))]
 pub fn verify(ctx: &Ctx, only: Option<&StageName>) -> Result<VerifyReport> {
     let state = ctx.state()?;
     if let Some(s) = only

@@ -11,6 +11,7 @@ use crate::snapshot;
 use crate::txn::Cleanup;
 
 /// `remove STAGE`.
+#[tracing::instrument(name = "remove", skip(ctx), fields(dry_run = ctx.opts.dry_run))]
 pub fn remove(ctx: &Ctx, stage: &StageName) -> Result<Report> {
     let state = ctx.state()?;
     if !state.stages.contains_key(stage) {

@@ -13,6 +13,7 @@ use crate::snapshot;
 use crate::txn::Cleanup;
 
 /// `restore SNAPSHOT` (and `rollback --snapshot`): the whole host back to a snapshot.
+#[tracing::instrument(name = "restore", skip(ctx), fields(dry_run = ctx.opts.dry_run))]
 pub fn restore(ctx: &Ctx, name: &str) -> Result<Report> {
     let state = ctx.state()?;
     let snap = snapshot::read(&ctx.staging, name)?;

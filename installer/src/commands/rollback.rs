@@ -49,6 +49,7 @@ pub(crate) fn readmit(ctx: &Ctx, trust: &Trust, store: &Layout, stage: &StageNam
 }
 
 /// `rollback STAGE` or `rollback --all`: back to each stage's previous generation.
+#[tracing::instrument(name = "rollback", skip(ctx), fields(dry_run = ctx.opts.dry_run))]
 pub fn rollback(ctx: &Ctx, stages: &[StageName]) -> Result<Report> {
     let state = ctx.state()?;
     let mut desired = state.stages.clone();

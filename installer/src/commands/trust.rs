@@ -72,6 +72,7 @@ pub(crate) fn apply(ctx: &Ctx, edit: &TrustEdit) -> Result<Option<PathBuf>> {
 
 /// `trust add FILE.pub [--scope GLOB]... [--replace]`: `--scope` adds to the key's
 /// scopes; with `--replace` the given globs become its scopes.
+#[tracing::instrument(name = "trust-add", skip(ctx), fields(dry_run = ctx.opts.dry_run))]
 pub fn trust_add(ctx: &Ctx, file: &Path, scopes: &[String], replace: bool) -> Result<TrustAdded> {
     let key = keys::PublicKey::read(file)?;
     let id = key.key_id();
@@ -110,6 +111,7 @@ pub struct TrustRevoked {
 }
 
 /// `trust revoke KEYID`: the policy edit is planned (and checked) in a dry run too.
+#[tracing::instrument(name = "trust-revoke", skip(ctx), fields(dry_run = ctx.opts.dry_run))]
 pub fn trust_revoke(ctx: &Ctx, id: &keys::KeyId) -> Result<TrustRevoked> {
     let edit = plan_policy(ctx, |text, path| keys::policy::add_revoked(text, path, id).map_err(Into::into))?;
     if !ctx.opts.dry_run {
