@@ -815,9 +815,9 @@ mod tests {
 
     #[test]
     fn seeds_are_accepted_as_written() {
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures/seed-manifests");
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata/seed-manifests");
         let mut n = 0;
-        for e in std::fs::read_dir(&dir).expect("shared/fixtures beside the checkout") {
+        for e in std::fs::read_dir(&dir).expect("formats/testdata/seed-manifests") {
             let p = e.unwrap().path();
             let def = StageDefinition::read(&p).unwrap_or_else(|e| panic!("{e}"));
             assert_eq!(def.version.to_string(), "1.0.0");

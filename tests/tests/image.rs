@@ -329,7 +329,7 @@ fn tag_count(store: &Path) -> usize {
 fn seed_manifests_are_accepted_as_written() {
     let d = tempfile::tempdir().unwrap();
     let store = d.path().join("store");
-    let seeds = repo().join("../shared/fixtures/seed-manifests");
+    let seeds = repo().join("formats/testdata/seed-manifests");
     for (seed, folder) in [
         ("stage-1-core-dbus.full.yaml", "stage-1-core-dbus"),
         ("stage-1-core-dbus.plugins.yaml", "stage-1-core-dbus"),
