@@ -457,28 +457,13 @@ impl Policy {
         self.features.contains(feature)
     }
 
-    /// The features enabled on this host, sorted.
-    pub fn features(&self) -> impl Iterator<Item = &str> {
-        self.features.iter().map(String::as_str)
-    }
-
     pub fn is_revoked(&self, key: &KeyId) -> bool {
         self.revoked.contains(key)
-    }
-
-    /// The revoked key ids, sorted.
-    pub fn revoked(&self) -> impl Iterator<Item = &KeyId> {
-        self.revoked.iter()
     }
 
     /// The stage globs `key` is limited to; `None` when it may sign any stage.
     pub fn scope(&self, key: &KeyId) -> Option<&[String]> {
         self.scopes.get(key).map(Vec::as_slice)
-    }
-
-    /// Every scoped key with its globs, sorted by key id.
-    pub fn scopes(&self) -> impl Iterator<Item = (&KeyId, &[String])> {
-        self.scopes.iter().map(|(k, v)| (k, v.as_slice()))
     }
 
     /// Whether `key`'s scope lets it sign stage `name`.
@@ -497,11 +482,6 @@ impl Policy {
     /// [`target_allowed`](Self::target_allowed) applies as well.
     pub fn key_may_place(&self, key: &KeyId, target: &TargetPath) -> bool {
         self.scope_prefixes(key).is_none_or(|ps| ps.iter().any(|p| target != p && target.is_under(p)))
-    }
-
-    /// The `[[threshold]]` entries, in file order.
-    pub fn thresholds(&self) -> &[Threshold] {
-        &self.thresholds
     }
 
     /// How many signatures by distinct trusted keys stage `name` needs: that of the longest
@@ -894,7 +874,7 @@ signatures = 2
         assert_eq!(p.threshold(&name("unrelated")), 3);
         // Two globs of one length match: the larger number.
         assert_eq!(p.threshold(&name("stage-2-a")), 5);
-        assert_eq!(p.thresholds().len(), 5);
+        assert_eq!(p.thresholds.len(), 5);
     }
 
     #[test]
