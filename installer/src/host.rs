@@ -76,6 +76,28 @@ fn in_root() -> ResolveFlags {
     ResolveFlags::IN_ROOT | ResolveFlags::NO_MAGICLINKS
 }
 
+/// How often a lookup inside the root is tried again after the kernel could not rule out a
+/// race (each try takes microseconds; a rename elsewhere rarely hits the same one twice).
+const IN_ROOT_TRIES: usize = 1000;
+
+/// `openat2` with `how`, tried again while it fails with `EAGAIN`: with `RESOLVE_IN_ROOT`
+/// (or `RESOLVE_BENEATH`) the kernel gives up on a lookup that crossed a `..` while a
+/// rename or a mount happened anywhere on the system, and asks the caller to retry.
+pub(crate) fn openat2_in_root<Fd: AsFd>(
+    dir: Fd,
+    path: &str,
+    flags: OFlags,
+    how: ResolveFlags,
+) -> rustix::io::Result<OwnedFd> {
+    let mut tries = 1;
+    loop {
+        match rustix::fs::openat2(&dir, path, flags, Mode::empty(), how) {
+            Err(rustix::io::Errno::AGAIN) if tries < IN_ROOT_TRIES => tries += 1,
+            other => return other,
+        }
+    }
+}
+
 impl Host {
     /// Opens the root (it must exist).
     pub fn open(root: &Path) -> io::Result<Host> {
@@ -91,7 +113,7 @@ impl Host {
 
     /// The host path of `rel` resolved inside the root (it must exist).
     pub fn resolve(&self, rel: &str) -> io::Result<PathBuf> {
-        let fd = rustix::fs::openat2(&self.root_fd, rel, OFlags::PATH | OFlags::CLOEXEC, Mode::empty(), in_root())?;
+        let fd = openat2_in_root(&self.root_fd, rel, OFlags::PATH | OFlags::CLOEXEC, in_root())?;
         let p = rustix::fs::readlinkat(rustix::fs::CWD, format!("/proc/self/fd/{}", fd_num(&fd)), Vec::new())?;
         Ok(PathBuf::from(p.to_string_lossy().into_owned()))
     }
@@ -144,13 +166,7 @@ impl Host {
 
     fn dir_fd(&self, rel: &str) -> io::Result<OwnedFd> {
         let rel = if rel.is_empty() { "." } else { rel };
-        Ok(rustix::fs::openat2(
-            &self.root_fd,
-            rel,
-            OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
-            Mode::empty(),
-            in_root(),
-        )?)
+        Ok(openat2_in_root(&self.root_fd, rel, OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC, in_root())?)
     }
 
     /// The parent directory of `target` (resolved in the root, see [`Host::walk`]) and the
@@ -706,5 +722,44 @@ mod tests {
         assert_eq!(h.state(&t).unwrap(), TargetState::Symlink("/var/lib/op-dbus/staging/s/bin/tool".into()));
         let staging = h.staging().unwrap();
         assert!(staging.starts_with(fs::canonicalize(&root).unwrap()));
+    }
+
+    /// openat2 with RESOLVE_IN_ROOT refuses (EAGAIN) a lookup that crossed a `..` while
+    /// any rename or mount happened anywhere on the system; a busy host (package managers,
+    /// builds, other deploys) must not make the installer fail. The operator's /var/lib here
+    /// climbs with `..`, as `/usr/local` does in the hostile test
+    /// `targets_resolve_inside_the_root_through_operator_symlinks`, which failed now and then
+    /// while targets were still opened this way.
+    #[test]
+    fn lookups_through_dotdot_links_survive_renames_elsewhere() {
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path().join("root");
+        fs::create_dir_all(root.join("data/lib/op-dbus/staging")).unwrap();
+        fs::create_dir_all(root.join("var")).unwrap();
+        std::os::unix::fs::symlink("../../../../../data/lib", root.join("var/lib")).unwrap();
+        let h = Host::open(&root).unwrap();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let renamer = {
+            let (stop, dir) = (stop.clone(), d.path().join("busy"));
+            std::thread::spawn(move || {
+                fs::create_dir_all(&dir).unwrap();
+                let (a, b) = (dir.join("a"), dir.join("b"));
+                fs::write(&a, b"x").unwrap();
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    fs::rename(&a, &b).unwrap();
+                    fs::rename(&b, &a).unwrap();
+                }
+            })
+        };
+        let want = fs::canonicalize(root.join("data/lib/op-dbus/staging")).unwrap();
+        while !d.path().join("busy/b").exists() && !d.path().join("busy/a").exists() {
+            std::thread::yield_now();
+        }
+        let results: Vec<_> = (0..20_000).map(|_| h.resolve(STAGING)).collect();
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        renamer.join().unwrap();
+        for r in results {
+            assert_eq!(r.unwrap(), want);
+        }
     }
 }

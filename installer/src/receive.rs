@@ -244,14 +244,14 @@ pub(crate) fn read_in_root(host: &Host, rel: &str, limit: u64) -> Result<Option<
     };
     // Looked at through an O_PATH descriptor first: opening a FIFO or a device for
     // reading could wait or have effects.
-    let path_fd = match rustix::fs::openat2(&root, rel, OFlags::PATH | OFlags::CLOEXEC, Mode::empty(), how) {
+    let path_fd = match crate::host::openat2_in_root(&root, rel, OFlags::PATH | OFlags::CLOEXEC, how) {
         Ok(fd) => fd,
         Err(rustix::io::Errno::NOENT) => return Ok(None),
         Err(e) => return Err(io::Error::from(e)).with_context(|| format!("opening {}", shown.display())),
     };
     let first = check(&path_fd)?;
     let flags = OFlags::RDONLY | OFlags::NONBLOCK | OFlags::NOCTTY | OFlags::CLOEXEC;
-    let fd = rustix::fs::openat2(&root, rel, flags, Mode::empty(), how)
+    let fd = crate::host::openat2_in_root(&root, rel, flags, how)
         .map_err(io::Error::from)
         .with_context(|| format!("opening {}", shown.display()))?;
     let st = check(&fd)?;
