@@ -852,7 +852,21 @@ signatures = 2
         assert_eq!(p.verify_user(&name("stage-2-x")), VerifyUser::Name("a".into()), "a tie: the glob sorting first");
         assert_eq!(p.verify_user(&name("other")), VerifyUser::Name("nobody".into()));
         refused("[verify_users]\n\"a b\" = \"nobody\"\n", &[":2:", "verify_users", "\"a b\""]);
-        for bad in ["", "1:", ":1", "-1:0", "1:2:3", "4294967296:0", "0user", "us er", "root;", &"a".repeat(33)] {
+        // Digits only: Rust's integer parser would also take a sign.
+        for bad in [
+            "",
+            "1:",
+            ":1",
+            "-1:0",
+            "+1:0",
+            "1:+0",
+            "1:2:3",
+            "4294967296:0",
+            "0user",
+            "us er",
+            "root;",
+            &"a".repeat(33),
+        ] {
             refused(&format!("[verify_users]\n\"*\" = \"{bad}\"\n"), &[":2:", "verify_users.\"*\"", "UID:GID"]);
         }
         refused("[verify_users]\n\"*\" = 0\n", &[":2:"]);
@@ -1056,5 +1070,23 @@ signatures = 2
 
         let err = add_revoked("revoked = [\"x\"]\n", path, &key).unwrap_err();
         assert!(matches!(err, PolicyError::Invalid { .. }), "{err}");
+    }
+
+    #[test]
+    fn policy_files_up_to_one_mib_are_read() {
+        // The bound the README gives for stage.toml (the installer reads at most this).
+        assert_eq!(MAX_POLICY_BYTES, 1024 * 1024);
+    }
+
+    #[test]
+    fn syntax_errors_quote_short_lines_only() {
+        // A short line is quoted; a line over 200 bytes (it could be anything) is not.
+        let short = "features = [\"a\" \"b\"]";
+        let err = refused(&format!("{short}\n"), &[":1:"]);
+        assert!(err.to_string().contains(short), "{err}");
+        let long = format!("features = [\"{}\" \"b\"]", "a".repeat(300));
+        let err = refused(&format!("{long}\n"), &[":1:"]);
+        assert!(!err.to_string().contains("aaaaaaaaaa"), "{err}");
+        assert!(matches!(err, PolicyError::Syntax { line_text: None, .. }), "{err}");
     }
 }
