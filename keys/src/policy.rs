@@ -1089,4 +1089,12 @@ signatures = 2
         assert!(!err.to_string().contains("aaaaaaaaaa"), "{err}");
         assert!(matches!(err, PolicyError::Syntax { line_text: None, .. }), "{err}");
     }
+
+    #[test]
+    fn feature_names_are_1_to_128_bytes() {
+        let at = "f".repeat(128);
+        assert!(parse(&format!("features = [\"{at}\"]\n")).unwrap().feature_enabled(&at));
+        refused(&format!("features = [\"{at}f\"]\n"), &[":1:", "features", "1 to 128"]);
+        refused("features = [\"\"]\n", &[":1:", "features"]);
+    }
 }
