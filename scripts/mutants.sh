@@ -15,9 +15,13 @@
 # (or judge every survivor equivalent).
 #
 # Each file is mutated in a copy of the tree (the sources are never edited), one mutant at
-# a time. The build shares CARGO_TARGET_DIR (default: this checkout's target/) so
-# dependencies are built once. Results land in target/mutants/<file>/mutants.out (or under
-# MUTANTS_OUT). Knobs (environment):
+# a time, built in a target directory of its own, target/mutants/ (dependencies are built
+# there once): cargo names a workspace crate's artifacts alike whatever the checkout's path,
+# so builds of the copy in target/debug would overwrite, and be overwritten by, the
+# checkout's own builds running meanwhile. Results land in
+# target/mutants/out/<file>/mutants.out. Knobs (environment):
+#   MUTANTS_TARGET_DIR     the target directory (default target/mutants)
+#   MUTANTS_OUT            where results go (default target/mutants/out)
 #   MUTANTS_JOBS           parallel mutants (default 1)
 #   MUTANTS_TIMEOUT        seconds before a test run counts as hung (default 60)
 #   MUTANTS_BUILD_TIMEOUT  seconds before a build is abandoned (default 900)
@@ -34,8 +38,8 @@ cargo mutants --version >/dev/null 2>&1 || {
 	exit 1
 }
 
-export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$root/target}
-out_root=${MUTANTS_OUT:-$CARGO_TARGET_DIR/mutants}
+export CARGO_TARGET_DIR=${MUTANTS_TARGET_DIR:-$root/target/mutants}
+out_root=${MUTANTS_OUT:-$root/target/mutants/out}
 jobs=${MUTANTS_JOBS:-1}
 timeout=${MUTANTS_TIMEOUT:-60}
 build_timeout=${MUTANTS_BUILD_TIMEOUT:-900}
