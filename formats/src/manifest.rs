@@ -841,9 +841,23 @@ mod tests {
         for (s, bits) in [("0755", 0o755), ("755", 0o755), ("0o644", 0o644), ("4755", 0o4755)] {
             assert_eq!(s.parse::<Mode>().unwrap().bits(), bits);
         }
-        for bad in ["", "0x1", "9", "77777", "0o", "-1"] {
+        for bad in ["", "0x1", "9", "77777", "0o", "-1", "000000644", "0o000000644"] {
             assert!(bad.parse::<Mode>().is_err(), "{bad}");
         }
+        // Shown with four octal digits, in messages and debug output alike.
+        let m: Mode = "644".parse().unwrap();
+        assert_eq!(format!("{m} {m:?} {}", String::from(m)), "0644 0644 0644");
+    }
+
+    #[test]
+    fn excerpts_close_a_quote_they_cut() {
+        let k = |n: usize| "k".repeat(n);
+        // An unterminated quoted value: kept as is while short, cut and closed when long.
+        assert_eq!(excerpt("bad \"ab"), "bad \"ab");
+        let at = format!("bad \"{}", k(EXCERPT_QUOTED));
+        assert_eq!(excerpt(&at), at);
+        assert_eq!(excerpt(&format!("bad \"{}", k(EXCERPT_QUOTED + 1))), format!("bad \"{}…\"", k(EXCERPT_QUOTED)));
+        assert_eq!(excerpt(&format!("bad \"{}", k(100))), format!("bad \"{}…\"", k(EXCERPT_QUOTED)));
     }
 
     #[test]
