@@ -863,6 +863,8 @@ mod tests {
     #[test]
     fn dependencies() {
         let d = Dependency::parse("stage-1-core-dbus >=1.0").unwrap();
+        assert_eq!(d.to_string(), "stage-1-core-dbus >=1.0");
+        assert_eq!(Dependency::parse("stage-1-core-dbus").unwrap().to_string(), "stage-1-core-dbus");
         assert!(d.matches(&"1.2.0".parse().unwrap()));
         assert!(!d.matches(&"0.9.0".parse().unwrap()));
         assert!(Dependency::parse("D-Bus system bus").is_none());
@@ -1046,6 +1048,7 @@ mod tests {
         }
         assert_eq!(Timeout::default().duration(), Duration::from_secs(30));
         assert_eq!(String::from("5m".parse::<Timeout>().unwrap()), "300s");
+        assert_eq!(format!("{:?}", "1h".parse::<Timeout>().unwrap()), "3600s");
         let def = parse("version: 1.0.0\nverify:\n  - command: x\n    timeout: 5m\n").unwrap();
         assert_eq!(def.verify[0].timeout.duration(), Duration::from_secs(300));
         assert_eq!(parse("version: 1.0.0\nverify:\n  - command: x\n").unwrap().verify[0].timeout, Timeout::default());
@@ -1101,5 +1104,43 @@ mod tests {
         assert!(parse(&files("/opt/ab", "/opt/a")).is_ok());
         let twice = "version: 1.0.0\nfiles:\n  - path: a\n    target: /opt/a\n  - path: a\n    target: /opt/b\n";
         assert!(parse(twice).unwrap_err().to_string().contains("listed twice"));
+    }
+
+    #[test]
+    fn definitions_are_read_from_regular_files_only_and_bounded() {
+        let d = tempfile::tempdir().unwrap();
+        let text = "version: 1.0.0\n";
+        let real = d.path().join("manifest.yaml");
+        std::fs::write(&real, text).unwrap();
+        assert_eq!(StageDefinition::read(&real).unwrap().version.to_string(), "1.0.0");
+        // Through a symlink: refused as one, not followed.
+        let link = d.path().join("link.yaml");
+        std::os::unix::fs::symlink(&real, &link).unwrap();
+        let e = StageDefinition::read(&link).unwrap_err();
+        assert!(matches!(e, ManifestError::NotRegular { kind: "a symlink", .. }), "{e}");
+        // A missing file is an I/O error, not a symlink.
+        let e = StageDefinition::read(&d.path().join("missing.yaml")).unwrap_err();
+        assert!(matches!(e, ManifestError::Io { .. }), "{e}");
+        let e = StageDefinition::read(d.path()).unwrap_err();
+        assert!(matches!(e, ManifestError::NotRegular { kind: "a directory", .. }), "{e}");
+        // A FIFO is refused without waiting for a writer.
+        let fifo = d.path().join("fifo.yaml");
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            &fifo,
+            rustix::fs::FileType::Fifo,
+            rustix::fs::Mode::from_raw_mode(0o600),
+            0,
+        )
+        .unwrap();
+        let e = StageDefinition::read(&fifo).unwrap_err();
+        assert!(matches!(e, ManifestError::NotRegular { kind: "a FIFO, socket or device", .. }), "{e}");
+        // Exactly the limit is read (YAML may end in blank lines); one byte more is refused.
+        let at = format!("{text}{}", "\n".repeat(MAX_DEFINITION_BYTES as usize - text.len()));
+        std::fs::write(&real, &at).unwrap();
+        assert_eq!(StageDefinition::read(&real).unwrap().version.to_string(), "1.0.0");
+        std::fs::write(&real, at + "\n").unwrap();
+        let e = StageDefinition::read(&real).unwrap_err();
+        assert!(matches!(e, ManifestError::TooLarge { max: MAX_DEFINITION_BYTES, .. }), "{e}");
     }
 }
