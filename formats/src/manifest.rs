@@ -1091,6 +1091,10 @@ mod tests {
         // Config bytes: at most MAX_CONFIG_BYTES.
         let big = vec![b' '; MAX_CONFIG_BYTES as usize + 1];
         assert!(matches!(StageConfig::from_bytes(&big), Err(ConfigError::TooLarge)));
+        // Exactly the limit is parsed (JSON may end in whitespace).
+        let mut at = config("", Vec::new()).to_bytes();
+        at.resize(MAX_CONFIG_BYTES as usize, b' ');
+        assert!(StageConfig::from_bytes(&at).is_ok());
     }
 
     #[test]
