@@ -1088,6 +1088,9 @@ mod tests {
         let mut c = config("", Vec::new());
         c.entries = vec![entry("x", EntryKind::Dir, None); MAX_ENTRIES + 1];
         assert!(c.validate().unwrap_err().to_string().contains(&format!("more than {MAX_ENTRIES}")));
+        // Exactly MAX_ENTRIES pass the count (these then fail as repeats).
+        c.entries.pop();
+        assert!(c.validate().unwrap_err().to_string().contains("not sorted or not unique"));
         // Config bytes: at most MAX_CONFIG_BYTES.
         let big = vec![b' '; MAX_CONFIG_BYTES as usize + 1];
         assert!(matches!(StageConfig::from_bytes(&big), Err(ConfigError::TooLarge)));
