@@ -1150,4 +1150,21 @@ mod tests {
         let e = StageDefinition::read(&real).unwrap_err();
         assert!(matches!(e, ManifestError::TooLarge { max: MAX_DEFINITION_BYTES, .. }), "{e}");
     }
+
+    #[test]
+    fn link_chains_of_forty_resolve_and_longer_ones_are_refused() {
+        use EntryKind::*;
+        // l00 -> l01 -> ... -> lNN -> z: as many hops as names before `z`.
+        let chain = |hops: usize| {
+            let mut entries: Vec<Entry> =
+                (0..hops).map(|i| entry(&format!("l{i:02}"), Symlink, Some(&format!("l{:02}", i + 1)))).collect();
+            entries.last_mut().unwrap().link = Some("z".into());
+            entries.push(entry("z", File, None));
+            config("", entries)
+        };
+        let l00: RelPath = "l00".parse().unwrap();
+        assert_eq!(chain(40).resolve_links(&l00).unwrap(), "z");
+        let e = chain(41).resolve_links(&l00).unwrap_err();
+        assert!(e.contains("more than 40 links"), "{e}");
+    }
 }
