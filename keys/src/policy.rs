@@ -960,6 +960,10 @@ signatures = 2
         refused("[scopes]\n\"0123456789abcdef\" = [\"\"]\n", &["\"\" is not a stage glob"]);
         let long = "a".repeat(MAX_GLOB + 1);
         refused(&format!("[scopes]\n\"0123456789abcdef\" = [\"{long}\"]\n"), &["128 characters"]);
+        // Exactly MAX_GLOB characters is a glob.
+        let at = "a".repeat(MAX_GLOB);
+        let p = parse(&format!("[scopes]\n\"0123456789abcdef\" = [\"{at}\"]\n")).unwrap();
+        assert_eq!(p.scope(&id("0123456789abcdef")).unwrap(), [at]);
         refused(
             "[scopes]\n\"0123456789abcdef\" = [\"x\"]\n\"0123456789ABCDEF\" = [\"y\"]\n",
             &["again", "one entry per key"],
