@@ -669,7 +669,12 @@ fn push_like_last(array: &mut Array, s: &str) {
                 value.decor_mut().set_prefix(format!("{}{indent}", &trailing[..=nl]));
                 array.set_trailing(format!("\n{}", &trailing[nl + 1..]));
             }
-            _ => value.decor_mut().set_prefix(" "),
+            _ => {
+                value.decor_mut().set_prefix(" ");
+                // What followed the last element (say, the line break before `]`) now
+                // follows the new one.
+                array.set_trailing(trailing);
+            }
         }
         value.decor_mut().set_suffix("");
     }
@@ -1057,6 +1062,15 @@ signatures = 2
         let text = "revoked = [\n  \"0123456789abcdef\" # c1\n]\n";
         let out = add_revoked(text, path, &key).unwrap();
         assert_eq!(out, "revoked = [\n  \"0123456789abcdef\", # c1\n  \"3f9a0c41d2e87b65\"\n]\n");
+
+        // Elements on one line, the bracket on the next: the new one joins that line.
+        let text = "revoked = [\"0123456789abcdef\", \"1123456789abcdef\"\n]\n";
+        let out = add_revoked(text, path, &key).unwrap();
+        assert_eq!(out, "revoked = [\"0123456789abcdef\", \"1123456789abcdef\", \"3f9a0c41d2e87b65\"\n]\n");
+        // A single element with the bracket on the next line: one per line from now on.
+        let text = "revoked = [\"0123456789abcdef\"\n]\n";
+        let out = add_revoked(text, path, &key).unwrap();
+        assert_eq!(out, "revoked = [\"0123456789abcdef\",\n\"3f9a0c41d2e87b65\"\n]\n");
 
         let out = add_revoked("revoked = []\n", path, &key).unwrap();
         assert_eq!(out, "revoked = [\"3f9a0c41d2e87b65\"]\n");
