@@ -363,15 +363,19 @@ struct Source<R> {
 
 impl<R: Read> Read for Source<R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        match self.inner.read(buf) {
-            Ok(n) => {
-                self.hasher.update(&buf[..n]);
-                Ok(n)
-            }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => Err(e),
-            Err(e) => {
-                self.error = Some(io::Error::new(e.kind(), e.to_string()));
-                Err(e)
+        loop {
+            match self.inner.read(buf) {
+                Ok(n) => {
+                    self.hasher.update(&buf[..n]);
+                    return Ok(n);
+                }
+                // A signal, not a fault of the layer: the decoder above would pass it on as
+                // a corrupt stream, so it is retried here.
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    self.error = Some(io::Error::new(e.kind(), e.to_string()));
+                    return Err(e);
+                }
             }
         }
     }
@@ -1796,5 +1800,58 @@ mod tests {
         let set: BTreeSet<String> = ["a-b", "ab/c"].iter().map(|k| k.to_string()).collect();
         assert!(!holds_under(&set, "a"));
         assert!(holds_under(&set, "ab"));
+    }
+
+    /// Hands out a layer a few bytes at a time, interrupted before every read (a signal)
+    /// and, when `fail_after` is set, failing once that many bytes were given.
+    struct Bumpy<'a> {
+        data: &'a [u8],
+        interrupt: bool,
+        fail_after: Option<usize>,
+        given: usize,
+    }
+
+    impl Read for Bumpy<'_> {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            self.interrupt = !self.interrupt;
+            if self.interrupt {
+                return Err(io::ErrorKind::Interrupted.into());
+            }
+            if self.fail_after.is_some_and(|n| self.given >= n) {
+                return Err(io::Error::other("the disk went away"));
+            }
+            let n = buf.len().min(7).min(self.data.len());
+            buf[..n].copy_from_slice(&self.data[..n]);
+            self.data = &self.data[n..];
+            self.given += n;
+            Ok(n)
+        }
+    }
+
+    #[test]
+    fn interrupted_reads_are_retried_and_failed_reads_are_not_corruption() {
+        let env = new_env();
+        let cfg = small_config();
+        let blob = zst(&raw_tar(&good_raw()));
+        let layer = env.layer(&blob);
+        let mut u = Unpacker::new(&cfg, &env.dest, std::slice::from_ref(&layer)).unwrap();
+        u.apply_next(Bumpy { data: &blob, interrupt: false, fail_after: None, given: 0 }).unwrap();
+        assert!(format!("{u:?}").starts_with("Unpacker { stage: "), "{u:?}");
+        u.finish().unwrap();
+        assert_eq!(fs::read(env.dest.join("d/f")).unwrap(), b"abc");
+
+        // A read that fails is the reader's failure (a local I/O error), not a corrupt layer.
+        let env = new_env();
+        let layer = env.layer(&blob);
+        let mut u = Unpacker::new(&cfg, &env.dest, std::slice::from_ref(&layer)).unwrap();
+        let err = u.apply_next(Bumpy { data: &blob, interrupt: false, fail_after: Some(20), given: 0 }).unwrap_err();
+        assert!(matches!(err, UnpackError::Read { .. }) && !err.is_malformed(), "{err}");
+        assert!(err.to_string().contains("the disk went away"), "{err}");
+    }
+
+    #[test]
+    fn mismatches_name_the_path_and_the_problem() {
+        let m = Mismatch { path: "d/f".into(), problem: "mode is 0600, expected 0644".into() };
+        assert_eq!(m.to_string(), "d/f: mode is 0600, expected 0644");
     }
 }
