@@ -445,11 +445,6 @@ impl<'a> Unpacker<'a> {
         })
     }
 
-    /// The descriptor of the layer [`Unpacker::apply_next`] expects.
-    pub fn next_layer(&self) -> Option<&Descriptor> {
-        self.layers.get(self.next)
-    }
-
     /// Applies the next layer from `compressed`, its blob's bytes: read to the end, hashed,
     /// and checked against the descriptor's digest and size. When the content is refused,
     /// the rest of the blob is still read (not unpacked), so that a corrupt or tampered
