@@ -1849,4 +1849,26 @@ mod tests {
         let m = Mismatch { path: "d/f".into(), problem: "mode is 0600, expected 0644".into() };
         assert_eq!(m.to_string(), "d/f: mode is 0600, expected 0644");
     }
+
+    #[test]
+    fn padding_after_the_archive_is_bounded() {
+        let cfg = small_config();
+        let with_padding = |extra: u64| {
+            let mut tar = raw_tar(&good_raw());
+            tar.resize(tar.len() + extra as usize, 0);
+            zst(&tar)
+        };
+        // Some padding after the end-of-archive marker is normal (tar pads to its record size).
+        let env = new_env();
+        env.unpack(&[&with_padding(MAX_TRAILING - 1024)], &cfg).unwrap();
+        // Over MAX_TRAILING bytes of it is not: the stream is refused, not drained forever.
+        refuse_blob(&with_padding(MAX_TRAILING + 1), &cfg, "follow the end of the tar archive");
+    }
+
+    fn refuse_blob(blob: &[u8], config: &StageConfig, expect: &str) {
+        let env = new_env();
+        let err = env.unpack(&[blob], config).unwrap_err();
+        assert!(err.is_malformed() && err.to_string().contains(expect), "expected {expect:?} in: {err}");
+        env.assert_contained();
+    }
 }
