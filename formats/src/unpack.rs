@@ -1859,10 +1859,39 @@ mod tests {
             zst(&tar)
         };
         // Some padding after the end-of-archive marker is normal (tar pads to its record size).
+        // The reader stops at the first of the two zero blocks that end an archive: the
+        // second one and `extra` follow it, at most MAX_TRAILING bytes in all.
         let env = new_env();
-        env.unpack(&[&with_padding(MAX_TRAILING - 1024)], &cfg).unwrap();
+        env.unpack(&[&with_padding(MAX_TRAILING - 512)], &cfg).unwrap();
+        refuse_blob(&with_padding(MAX_TRAILING - 511), &cfg, "follow the end of the tar archive");
         // Over MAX_TRAILING bytes of it is not: the stream is refused, not drained forever.
         refuse_blob(&with_padding(MAX_TRAILING + 1), &cfg, "follow the end of the tar archive");
+    }
+
+    #[test]
+    fn a_layer_must_be_the_bytes_its_descriptor_names() {
+        let cfg = small_config();
+        let blob = zst(&raw_tar(&good_raw()));
+        let right = Descriptor::new(TAR_ZSTD_MEDIA_TYPE, Digest::of(&blob), blob.len() as u64);
+        for (what, d) in [
+            (
+                "another digest, the same size",
+                Descriptor::new(TAR_ZSTD_MEDIA_TYPE, Digest::of(b"x"), blob.len() as u64),
+            ),
+            (
+                "the same digest, another size",
+                Descriptor::new(TAR_ZSTD_MEDIA_TYPE, right.digest, blob.len() as u64 + 1),
+            ),
+        ] {
+            let env = new_env();
+            let mut u = Unpacker::new(&cfg, &env.dest, std::slice::from_ref(&d)).unwrap();
+            let err = u.apply_next(&blob[..]).unwrap_err();
+            assert!(matches!(err, UnpackError::LayerDigest { .. }) && err.is_malformed(), "{what}: {err}");
+        }
+        let env = new_env();
+        let mut u = Unpacker::new(&cfg, &env.dest, std::slice::from_ref(&right)).unwrap();
+        u.apply_next(&blob[..]).unwrap();
+        u.finish().unwrap();
     }
 
     fn refuse_blob(blob: &[u8], config: &StageConfig, expect: &str) {
