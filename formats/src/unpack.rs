@@ -1894,6 +1894,47 @@ mod tests {
         u.finish().unwrap();
     }
 
+    #[test]
+    fn extended_headers_as_tar_tools_write_them() {
+        let cfg = small_config();
+        // A pax global header (git archive writes one) changes nothing.
+        let mut entries =
+            vec![raw("pax_global_header", tar::EntryType::XGlobalHeader, 0o644, &pax_record("comment", "x"))];
+        entries.extend(good_raw());
+        let env = new_env();
+        env.unpack(&[&zst(&raw_tar(&entries))], &cfg).unwrap();
+        // One pax header per entry: a second one, after any of path, linkpath or size, is refused.
+        for key in ["path", "linkpath", "size"] {
+            let value = if key == "size" { "3" } else { "d/f" };
+            let mut entries = good_raw();
+            entries.push(raw("PaxHeader", tar::EntryType::XHeader, 0o644, &pax_record(key, value)));
+            entries.push(raw("PaxHeader", tar::EntryType::XHeader, 0o644, &pax_record("comment", "x")));
+            entries.push(raw_file("d/g", b"abc"));
+            refuse(entries, &cfg, "two pax headers describe one entry");
+        }
+        // Refusals name the entry by its place in the layer and what it is.
+        let mut entries = good_raw();
+        entries.push(raw("././@LongLink", tar::EntryType::GNULongLink, 0o644, b"d/f\0"));
+        entries.push(raw("././@LongLink", tar::EntryType::GNULongLink, 0o644, b"d/f\0"));
+        entries.push(raw_link("l2", tar::EntryType::Symlink, "x"));
+        refuse(entries, &cfg, "#5 (GNU long link)");
+        let mut entries = good_raw();
+        entries.push(raw("././@LongLink", tar::EntryType::GNULongName, 0o644, b"d/g\0"));
+        entries.push(raw("././@LongLink", tar::EntryType::GNULongName, 0o644, b"d/g\0"));
+        entries.push(raw_file("x", b"abc"));
+        refuse(entries, &cfg, "#5 (GNU long name)");
+        // A GNU long name of MAX_PATH bytes and its NUL passes the header check (this one is
+        // then refused for not being in the manifest).
+        let mut long = vec!["p".repeat(250); 16].join("/");
+        long = format!("{long}/{}", "q".repeat(MAX_PATH - long.len() - 1));
+        assert_eq!(long.len(), MAX_PATH);
+        let mut entries = good_raw();
+        entries.push(raw("././@LongLink", tar::EntryType::GNULongName, 0o644, format!("{long}\0").as_bytes()));
+        entries.push(raw_file("x", b"abc"));
+        let err = refuse(entries, &cfg, "");
+        assert!(!err.to_string().contains("at most"), "{err}");
+    }
+
     fn refuse_blob(blob: &[u8], config: &StageConfig, expect: &str) {
         let env = new_env();
         let err = env.unpack(&[blob], config).unwrap_err();
