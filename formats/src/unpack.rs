@@ -1912,6 +1912,15 @@ mod tests {
             entries.push(raw_file("d/g", b"abc"));
             refuse(entries, &cfg, "two pax headers describe one entry");
         }
+        // A pax size must agree with the header's.
+        let with_pax_size = |n: &str| {
+            let mut entries = vec![raw_dir("d/")];
+            entries.push(raw("PaxHeader", tar::EntryType::XHeader, 0o644, &pax_record("size", n)));
+            entries.extend([raw_file("d/f", b"abc"), raw_link("l", tar::EntryType::Symlink, "d/f")]);
+            entries
+        };
+        new_env().unpack(&[&zst(&raw_tar(&with_pax_size("3")))], &cfg).unwrap();
+        refuse(with_pax_size("4"), &cfg, "its pax size differs from its header size (3)");
         // Refusals name the entry by its place in the layer and what it is.
         let mut entries = good_raw();
         entries.push(raw("././@LongLink", tar::EntryType::GNULongLink, 0o644, b"d/f\0"));
@@ -1933,6 +1942,31 @@ mod tests {
         entries.push(raw_file("x", b"abc"));
         let err = refuse(entries, &cfg, "");
         assert!(!err.to_string().contains("at most"), "{err}");
+    }
+
+    #[test]
+    fn entries_per_layer_are_bounded_by_the_manifest() {
+        let cfg = small_config();
+        // Two layers: at most 3 + SLACK_ENTRIES entries in one, 2 x 3 + SLACK_ENTRIES in all.
+        let limit = 3 + SLACK_ENTRIES as usize;
+        let lower = |n: usize| {
+            let mut entries = good_raw();
+            entries.push(raw_dir("x/"));
+            let extra = n - entries.len();
+            entries.extend((0..extra).map(|i| raw_file(format!("x/{i:05}"), b"")));
+            zst(&raw_tar(&entries))
+        };
+        let upper = zst(&raw_tar(&[raw_file(".wh.x", b"")]));
+        let env = new_env();
+        env.unpack(&[&lower(limit), &upper], &cfg).unwrap();
+        assert!(!env.dest.join("x").exists());
+        let env = new_env();
+        let err = env.unpack(&[&lower(limit + 1), &upper], &cfg).unwrap_err();
+        assert!(
+            err.is_malformed() && err.to_string().contains("more entries than the signed manifest allows"),
+            "{err}"
+        );
+        env.assert_contained();
     }
 
     fn refuse_blob(blob: &[u8], config: &StageConfig, expect: &str) {
