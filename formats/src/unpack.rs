@@ -1969,6 +1969,38 @@ mod tests {
         env.assert_contained();
     }
 
+    #[test]
+    fn pax_records_other_than_sparse_ones_are_ignored() {
+        let cfg = small_config();
+        let with_pax = |key: &str| {
+            let mut entries = vec![raw_dir("d/")];
+            entries.push(raw("PaxHeader", tar::EntryType::XHeader, 0o644, &pax_record(key, "1")));
+            entries.extend([raw_file("d/f", b"abc"), raw_link("l", tar::EntryType::Symlink, "d/f")]);
+            entries
+        };
+        new_env().unpack(&[&zst(&raw_tar(&with_pax("mtime")))], &cfg).unwrap();
+        refuse(with_pax("GNU.sparse.major"), &cfg, "GNU sparse file");
+    }
+
+    #[test]
+    fn an_upper_layer_replaces_a_directory_with_a_file_and_keeps_a_directory() {
+        let cfg =
+            config(vec![dir("d", 0o755), file("d/f", 0o644, b"abc"), link("l", "d/f"), file("x", 0o644, b"new")], "");
+        let mut lower = good_raw();
+        lower.extend([raw_dir("x/"), raw_file("x/y", b"")]);
+        let upper = [raw_dir("d/"), raw_file("x", b"new")];
+        let env = new_env();
+        env.unpack(&[&zst(&raw_tar(&lower)), &zst(&raw_tar(&upper))], &cfg).unwrap();
+        assert_eq!(fs::read(env.dest.join("x")).unwrap(), b"new");
+        assert_eq!(fs::read(env.dest.join("d/f")).unwrap(), b"abc");
+    }
+
+    #[test]
+    fn a_missing_directory_is_named() {
+        let cfg = config(vec![dir("d", 0o755), dir("d/e", 0o755), file("d/e/f", 0o644, b"abc")], "");
+        refuse(vec![raw_dir("d/"), raw_file("d/e/f", b"abc")], &cfg, "its directory d/e is not present");
+    }
+
     fn refuse_blob(blob: &[u8], config: &StageConfig, expect: &str) {
         let env = new_env();
         let err = env.unpack(&[blob], config).unwrap_err();
