@@ -332,4 +332,33 @@ mod tests {
             assert!(Digest::from_hex(bad).is_err(), "{bad:?}");
         }
     }
+
+    /// A writer that refuses to flush, the way a full disk or a closed pipe does.
+    struct NoFlush(Vec<u8>);
+    impl Write for NoFlush {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.0.extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Err(io::Error::other("disk full"))
+        }
+    }
+
+    #[test]
+    fn a_failing_flush_is_not_hidden_by_the_hashing_writer() {
+        let mut w = HashingWriter::new(NoFlush(Vec::new()));
+        w.write_all(b"abc").unwrap();
+        let e = w.flush().unwrap_err();
+        assert_eq!(e.to_string(), "disk full");
+    }
+
+    #[test]
+    fn debug_output_shows_the_digest_and_the_count() {
+        let d = Digest::of(b"abc");
+        assert_eq!(format!("{d:?}"), format!("Digest({d})"));
+        let mut h = Hasher::new();
+        h.update(b"abcd");
+        assert_eq!(format!("{h:?}"), "Hasher { len: 4 }");
+    }
 }

@@ -841,14 +841,30 @@ mod tests {
         for (s, bits) in [("0755", 0o755), ("755", 0o755), ("0o644", 0o644), ("4755", 0o4755)] {
             assert_eq!(s.parse::<Mode>().unwrap().bits(), bits);
         }
-        for bad in ["", "0x1", "9", "77777", "0o", "-1"] {
+        for bad in ["", "0x1", "9", "77777", "0o", "-1", "000000644", "0o000000644"] {
             assert!(bad.parse::<Mode>().is_err(), "{bad}");
         }
+        // Shown with four octal digits, in messages and debug output alike.
+        let m: Mode = "644".parse().unwrap();
+        assert_eq!(format!("{m} {m:?} {}", String::from(m)), "0644 0644 0644");
+    }
+
+    #[test]
+    fn excerpts_close_a_quote_they_cut() {
+        let k = |n: usize| "k".repeat(n);
+        // An unterminated quoted value: kept as is while short, cut and closed when long.
+        assert_eq!(excerpt("bad \"ab"), "bad \"ab");
+        let at = format!("bad \"{}", k(EXCERPT_QUOTED));
+        assert_eq!(excerpt(&at), at);
+        assert_eq!(excerpt(&format!("bad \"{}", k(EXCERPT_QUOTED + 1))), format!("bad \"{}…\"", k(EXCERPT_QUOTED)));
+        assert_eq!(excerpt(&format!("bad \"{}", k(100))), format!("bad \"{}…\"", k(EXCERPT_QUOTED)));
     }
 
     #[test]
     fn dependencies() {
         let d = Dependency::parse("stage-1-core-dbus >=1.0").unwrap();
+        assert_eq!(d.to_string(), "stage-1-core-dbus >=1.0");
+        assert_eq!(Dependency::parse("stage-1-core-dbus").unwrap().to_string(), "stage-1-core-dbus");
         assert!(d.matches(&"1.2.0".parse().unwrap()));
         assert!(!d.matches(&"0.9.0".parse().unwrap()));
         assert!(Dependency::parse("D-Bus system bus").is_none());
@@ -1032,6 +1048,7 @@ mod tests {
         }
         assert_eq!(Timeout::default().duration(), Duration::from_secs(30));
         assert_eq!(String::from("5m".parse::<Timeout>().unwrap()), "300s");
+        assert_eq!(format!("{:?}", "1h".parse::<Timeout>().unwrap()), "3600s");
         let def = parse("version: 1.0.0\nverify:\n  - command: x\n    timeout: 5m\n").unwrap();
         assert_eq!(def.verify[0].timeout.duration(), Duration::from_secs(300));
         assert_eq!(parse("version: 1.0.0\nverify:\n  - command: x\n").unwrap().verify[0].timeout, Timeout::default());
@@ -1071,9 +1088,16 @@ mod tests {
         let mut c = config("", Vec::new());
         c.entries = vec![entry("x", EntryKind::Dir, None); MAX_ENTRIES + 1];
         assert!(c.validate().unwrap_err().to_string().contains(&format!("more than {MAX_ENTRIES}")));
+        // Exactly MAX_ENTRIES pass the count (these then fail as repeats).
+        c.entries.pop();
+        assert!(c.validate().unwrap_err().to_string().contains("not sorted or not unique"));
         // Config bytes: at most MAX_CONFIG_BYTES.
         let big = vec![b' '; MAX_CONFIG_BYTES as usize + 1];
         assert!(matches!(StageConfig::from_bytes(&big), Err(ConfigError::TooLarge)));
+        // Exactly the limit is parsed (JSON may end in whitespace).
+        let mut at = config("", Vec::new()).to_bytes();
+        at.resize(MAX_CONFIG_BYTES as usize, b' ');
+        assert!(StageConfig::from_bytes(&at).is_ok());
     }
 
     #[test]
@@ -1087,5 +1111,60 @@ mod tests {
         assert!(parse(&files("/opt/ab", "/opt/a")).is_ok());
         let twice = "version: 1.0.0\nfiles:\n  - path: a\n    target: /opt/a\n  - path: a\n    target: /opt/b\n";
         assert!(parse(twice).unwrap_err().to_string().contains("listed twice"));
+    }
+
+    #[test]
+    fn definitions_are_read_from_regular_files_only_and_bounded() {
+        let d = tempfile::tempdir().unwrap();
+        let text = "version: 1.0.0\n";
+        let real = d.path().join("manifest.yaml");
+        std::fs::write(&real, text).unwrap();
+        assert_eq!(StageDefinition::read(&real).unwrap().version.to_string(), "1.0.0");
+        // Through a symlink: refused as one, not followed.
+        let link = d.path().join("link.yaml");
+        std::os::unix::fs::symlink(&real, &link).unwrap();
+        let e = StageDefinition::read(&link).unwrap_err();
+        assert!(matches!(e, ManifestError::NotRegular { kind: "a symlink", .. }), "{e}");
+        // A missing file is an I/O error, not a symlink.
+        let e = StageDefinition::read(&d.path().join("missing.yaml")).unwrap_err();
+        assert!(matches!(e, ManifestError::Io { .. }), "{e}");
+        let e = StageDefinition::read(d.path()).unwrap_err();
+        assert!(matches!(e, ManifestError::NotRegular { kind: "a directory", .. }), "{e}");
+        // A FIFO is refused without waiting for a writer.
+        let fifo = d.path().join("fifo.yaml");
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            &fifo,
+            rustix::fs::FileType::Fifo,
+            rustix::fs::Mode::from_raw_mode(0o600),
+            0,
+        )
+        .unwrap();
+        let e = StageDefinition::read(&fifo).unwrap_err();
+        assert!(matches!(e, ManifestError::NotRegular { kind: "a FIFO, socket or device", .. }), "{e}");
+        // Exactly the limit is read (YAML may end in blank lines); one byte more is refused.
+        let at = format!("{text}{}", "\n".repeat(MAX_DEFINITION_BYTES as usize - text.len()));
+        std::fs::write(&real, &at).unwrap();
+        assert_eq!(StageDefinition::read(&real).unwrap().version.to_string(), "1.0.0");
+        std::fs::write(&real, at + "\n").unwrap();
+        let e = StageDefinition::read(&real).unwrap_err();
+        assert!(matches!(e, ManifestError::TooLarge { max: MAX_DEFINITION_BYTES, .. }), "{e}");
+    }
+
+    #[test]
+    fn link_chains_of_forty_resolve_and_longer_ones_are_refused() {
+        use EntryKind::*;
+        // l00 -> l01 -> ... -> lNN -> z: as many hops as names before `z`.
+        let chain = |hops: usize| {
+            let mut entries: Vec<Entry> =
+                (0..hops).map(|i| entry(&format!("l{i:02}"), Symlink, Some(&format!("l{:02}", i + 1)))).collect();
+            entries.last_mut().unwrap().link = Some("z".into());
+            entries.push(entry("z", File, None));
+            config("", entries)
+        };
+        let l00: RelPath = "l00".parse().unwrap();
+        assert_eq!(chain(40).resolve_links(&l00).unwrap(), "z");
+        let e = chain(41).resolve_links(&l00).unwrap_err();
+        assert!(e.contains("more than 40 links"), "{e}");
     }
 }

@@ -340,4 +340,16 @@ mod tests {
         assert!(!t("/usr/localx/bin").is_under(&t("/usr/local")));
         assert!(!t("/usr").is_under(&t("/usr/local")));
     }
+
+    #[test]
+    fn paths_show_as_written() {
+        // Messages name paths by Display; debug output quotes them.
+        let r = RelPath::parse("bin/op-dbus").unwrap();
+        assert_eq!(format!("{r} {r:?}"), "bin/op-dbus \"bin/op-dbus\"");
+        let t = TargetPath::parse("/usr/local/bin/op-dbus").unwrap();
+        assert_eq!(t.as_str(), "/usr/local/bin/op-dbus");
+        assert_eq!(format!("{t} {t:?}"), "/usr/local/bin/op-dbus \"/usr/local/bin/op-dbus\"");
+        assert_eq!(String::from(t.clone()), t.as_str());
+        assert_eq!(t.relative().as_str(), "usr/local/bin/op-dbus");
+    }
 }

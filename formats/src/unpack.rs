@@ -363,15 +363,19 @@ struct Source<R> {
 
 impl<R: Read> Read for Source<R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        match self.inner.read(buf) {
-            Ok(n) => {
-                self.hasher.update(&buf[..n]);
-                Ok(n)
-            }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => Err(e),
-            Err(e) => {
-                self.error = Some(io::Error::new(e.kind(), e.to_string()));
-                Err(e)
+        loop {
+            match self.inner.read(buf) {
+                Ok(n) => {
+                    self.hasher.update(&buf[..n]);
+                    return Ok(n);
+                }
+                // A signal, not a fault of the layer: the decoder above would pass it on as
+                // a corrupt stream, so it is retried here.
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    self.error = Some(io::Error::new(e.kind(), e.to_string()));
+                    return Err(e);
+                }
             }
         }
     }
@@ -439,11 +443,6 @@ impl<'a> Unpacker<'a> {
             stats: UnpackStats::default(),
             parent_cache: RefCell::new(None),
         })
-    }
-
-    /// The descriptor of the layer [`Unpacker::apply_next`] expects.
-    pub fn next_layer(&self) -> Option<&Descriptor> {
-        self.layers.get(self.next)
     }
 
     /// Applies the next layer from `compressed`, its blob's bytes: read to the end, hashed,
@@ -1747,5 +1746,216 @@ mod tests {
         let set: BTreeSet<String> = ["a-b", "ab/c"].iter().map(|k| k.to_string()).collect();
         assert!(!holds_under(&set, "a"));
         assert!(holds_under(&set, "ab"));
+    }
+
+    /// Hands out a layer a few bytes at a time, interrupted before every read (a signal)
+    /// and, when `fail_after` is set, failing once that many bytes were given.
+    struct Bumpy<'a> {
+        data: &'a [u8],
+        interrupt: bool,
+        fail_after: Option<usize>,
+        given: usize,
+    }
+
+    impl Read for Bumpy<'_> {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            self.interrupt = !self.interrupt;
+            if self.interrupt {
+                return Err(io::ErrorKind::Interrupted.into());
+            }
+            if self.fail_after.is_some_and(|n| self.given >= n) {
+                return Err(io::Error::other("the disk went away"));
+            }
+            let n = buf.len().min(7).min(self.data.len());
+            buf[..n].copy_from_slice(&self.data[..n]);
+            self.data = &self.data[n..];
+            self.given += n;
+            Ok(n)
+        }
+    }
+
+    #[test]
+    fn interrupted_reads_are_retried_and_failed_reads_are_not_corruption() {
+        let env = new_env();
+        let cfg = small_config();
+        let blob = zst(&raw_tar(&good_raw()));
+        let layer = env.layer(&blob);
+        let mut u = Unpacker::new(&cfg, &env.dest, std::slice::from_ref(&layer)).unwrap();
+        u.apply_next(Bumpy { data: &blob, interrupt: false, fail_after: None, given: 0 }).unwrap();
+        assert!(format!("{u:?}").starts_with("Unpacker { stage: "), "{u:?}");
+        u.finish().unwrap();
+        assert_eq!(fs::read(env.dest.join("d/f")).unwrap(), b"abc");
+
+        // A read that fails is the reader's failure (a local I/O error), not a corrupt layer.
+        let env = new_env();
+        let layer = env.layer(&blob);
+        let mut u = Unpacker::new(&cfg, &env.dest, std::slice::from_ref(&layer)).unwrap();
+        let err = u.apply_next(Bumpy { data: &blob, interrupt: false, fail_after: Some(20), given: 0 }).unwrap_err();
+        assert!(matches!(err, UnpackError::Read { .. }) && !err.is_malformed(), "{err}");
+        assert!(err.to_string().contains("the disk went away"), "{err}");
+    }
+
+    #[test]
+    fn mismatches_name_the_path_and_the_problem() {
+        let m = Mismatch { path: "d/f".into(), problem: "mode is 0600, expected 0644".into() };
+        assert_eq!(m.to_string(), "d/f: mode is 0600, expected 0644");
+    }
+
+    #[test]
+    fn padding_after_the_archive_is_bounded() {
+        let cfg = small_config();
+        let with_padding = |extra: u64| {
+            let mut tar = raw_tar(&good_raw());
+            tar.resize(tar.len() + extra as usize, 0);
+            zst(&tar)
+        };
+        // Some padding after the end-of-archive marker is normal (tar pads to its record size).
+        // The reader stops at the first of the two zero blocks that end an archive: the
+        // second one and `extra` follow it, at most MAX_TRAILING bytes in all.
+        let env = new_env();
+        env.unpack(&[&with_padding(MAX_TRAILING - 512)], &cfg).unwrap();
+        refuse_blob(&with_padding(MAX_TRAILING - 511), &cfg, "follow the end of the tar archive");
+        // Over MAX_TRAILING bytes of it is not: the stream is refused, not drained forever.
+        refuse_blob(&with_padding(MAX_TRAILING + 1), &cfg, "follow the end of the tar archive");
+    }
+
+    #[test]
+    fn a_layer_must_be_the_bytes_its_descriptor_names() {
+        let cfg = small_config();
+        let blob = zst(&raw_tar(&good_raw()));
+        let right = Descriptor::new(TAR_ZSTD_MEDIA_TYPE, Digest::of(&blob), blob.len() as u64);
+        for (what, d) in [
+            (
+                "another digest, the same size",
+                Descriptor::new(TAR_ZSTD_MEDIA_TYPE, Digest::of(b"x"), blob.len() as u64),
+            ),
+            (
+                "the same digest, another size",
+                Descriptor::new(TAR_ZSTD_MEDIA_TYPE, right.digest, blob.len() as u64 + 1),
+            ),
+        ] {
+            let env = new_env();
+            let mut u = Unpacker::new(&cfg, &env.dest, std::slice::from_ref(&d)).unwrap();
+            let err = u.apply_next(&blob[..]).unwrap_err();
+            assert!(matches!(err, UnpackError::LayerDigest { .. }) && err.is_malformed(), "{what}: {err}");
+        }
+        let env = new_env();
+        let mut u = Unpacker::new(&cfg, &env.dest, std::slice::from_ref(&right)).unwrap();
+        u.apply_next(&blob[..]).unwrap();
+        u.finish().unwrap();
+    }
+
+    #[test]
+    fn extended_headers_as_tar_tools_write_them() {
+        let cfg = small_config();
+        // A pax global header (git archive writes one) changes nothing.
+        let mut entries =
+            vec![raw("pax_global_header", tar::EntryType::XGlobalHeader, 0o644, &pax_record("comment", "x"))];
+        entries.extend(good_raw());
+        let env = new_env();
+        env.unpack(&[&zst(&raw_tar(&entries))], &cfg).unwrap();
+        // One pax header per entry: a second one, after any of path, linkpath or size, is refused.
+        for key in ["path", "linkpath", "size"] {
+            let value = if key == "size" { "3" } else { "d/f" };
+            let mut entries = good_raw();
+            entries.push(raw("PaxHeader", tar::EntryType::XHeader, 0o644, &pax_record(key, value)));
+            entries.push(raw("PaxHeader", tar::EntryType::XHeader, 0o644, &pax_record("comment", "x")));
+            entries.push(raw_file("d/g", b"abc"));
+            refuse(entries, &cfg, "two pax headers describe one entry");
+        }
+        // A pax size must agree with the header's.
+        let with_pax_size = |n: &str| {
+            let mut entries = vec![raw_dir("d/")];
+            entries.push(raw("PaxHeader", tar::EntryType::XHeader, 0o644, &pax_record("size", n)));
+            entries.extend([raw_file("d/f", b"abc"), raw_link("l", tar::EntryType::Symlink, "d/f")]);
+            entries
+        };
+        new_env().unpack(&[&zst(&raw_tar(&with_pax_size("3")))], &cfg).unwrap();
+        refuse(with_pax_size("4"), &cfg, "its pax size differs from its header size (3)");
+        // Refusals name the entry by its place in the layer and what it is.
+        let mut entries = good_raw();
+        entries.push(raw("././@LongLink", tar::EntryType::GNULongLink, 0o644, b"d/f\0"));
+        entries.push(raw("././@LongLink", tar::EntryType::GNULongLink, 0o644, b"d/f\0"));
+        entries.push(raw_link("l2", tar::EntryType::Symlink, "x"));
+        refuse(entries, &cfg, "#5 (GNU long link)");
+        let mut entries = good_raw();
+        entries.push(raw("././@LongLink", tar::EntryType::GNULongName, 0o644, b"d/g\0"));
+        entries.push(raw("././@LongLink", tar::EntryType::GNULongName, 0o644, b"d/g\0"));
+        entries.push(raw_file("x", b"abc"));
+        refuse(entries, &cfg, "#5 (GNU long name)");
+        // A GNU long name of MAX_PATH bytes and its NUL passes the header check (this one is
+        // then refused for not being in the manifest).
+        let mut long = vec!["p".repeat(250); 16].join("/");
+        long = format!("{long}/{}", "q".repeat(MAX_PATH - long.len() - 1));
+        assert_eq!(long.len(), MAX_PATH);
+        let mut entries = good_raw();
+        entries.push(raw("././@LongLink", tar::EntryType::GNULongName, 0o644, format!("{long}\0").as_bytes()));
+        entries.push(raw_file("x", b"abc"));
+        let err = refuse(entries, &cfg, "");
+        assert!(!err.to_string().contains("at most"), "{err}");
+    }
+
+    #[test]
+    fn entries_per_layer_are_bounded_by_the_manifest() {
+        let cfg = small_config();
+        // Two layers: at most 3 + SLACK_ENTRIES entries in one, 2 x 3 + SLACK_ENTRIES in all.
+        let limit = 3 + SLACK_ENTRIES as usize;
+        let lower = |n: usize| {
+            let mut entries = good_raw();
+            entries.push(raw_dir("x/"));
+            let extra = n - entries.len();
+            entries.extend((0..extra).map(|i| raw_file(format!("x/{i:05}"), b"")));
+            zst(&raw_tar(&entries))
+        };
+        let upper = zst(&raw_tar(&[raw_file(".wh.x", b"")]));
+        let env = new_env();
+        env.unpack(&[&lower(limit), &upper], &cfg).unwrap();
+        assert!(!env.dest.join("x").exists());
+        let env = new_env();
+        let err = env.unpack(&[&lower(limit + 1), &upper], &cfg).unwrap_err();
+        assert!(
+            err.is_malformed() && err.to_string().contains("more entries than the signed manifest allows"),
+            "{err}"
+        );
+        env.assert_contained();
+    }
+
+    #[test]
+    fn pax_records_other_than_sparse_ones_are_ignored() {
+        let cfg = small_config();
+        let with_pax = |key: &str| {
+            let mut entries = vec![raw_dir("d/")];
+            entries.push(raw("PaxHeader", tar::EntryType::XHeader, 0o644, &pax_record(key, "1")));
+            entries.extend([raw_file("d/f", b"abc"), raw_link("l", tar::EntryType::Symlink, "d/f")]);
+            entries
+        };
+        new_env().unpack(&[&zst(&raw_tar(&with_pax("mtime")))], &cfg).unwrap();
+        refuse(with_pax("GNU.sparse.major"), &cfg, "GNU sparse file");
+    }
+
+    #[test]
+    fn an_upper_layer_replaces_a_directory_with_a_file_and_keeps_a_directory() {
+        let cfg =
+            config(vec![dir("d", 0o755), file("d/f", 0o644, b"abc"), link("l", "d/f"), file("x", 0o644, b"new")], "");
+        let mut lower = good_raw();
+        lower.extend([raw_dir("x/"), raw_file("x/y", b"")]);
+        let upper = [raw_dir("d/"), raw_file("x", b"new")];
+        let env = new_env();
+        env.unpack(&[&zst(&raw_tar(&lower)), &zst(&raw_tar(&upper))], &cfg).unwrap();
+        assert_eq!(fs::read(env.dest.join("x")).unwrap(), b"new");
+        assert_eq!(fs::read(env.dest.join("d/f")).unwrap(), b"abc");
+    }
+
+    #[test]
+    fn a_missing_directory_is_named() {
+        let cfg = config(vec![dir("d", 0o755), dir("d/e", 0o755), file("d/e/f", 0o644, b"abc")], "");
+        refuse(vec![raw_dir("d/"), raw_file("d/e/f", b"abc")], &cfg, "its directory d/e is not present");
+    }
+
+    fn refuse_blob(blob: &[u8], config: &StageConfig, expect: &str) {
+        let env = new_env();
+        let err = env.unpack(&[blob], config).unwrap_err();
+        assert!(err.is_malformed() && err.to_string().contains(expect), "expected {expect:?} in: {err}");
+        env.assert_contained();
     }
 }

@@ -108,11 +108,25 @@ pub fn open_beneath<'a>(
 
 /// Opens `rel` inside the root `root` as if the root were `/` (openat2 `RESOLVE_IN_ROOT`,
 /// no magic links): absolute symlinks and `..` stay inside it. `""` is the root itself.
+///
+/// With `RESOLVE_IN_ROOT` the kernel gives up (`EAGAIN`) on a lookup that crossed a `..`
+/// while a rename or a mount happened anywhere on the system, and asks the caller to try
+/// again; it is tried again up to [`IN_ROOT_TRIES`] times (each try takes microseconds, and
+/// a rename elsewhere rarely hits the same one twice).
 pub fn open_in_root(root: impl AsFd, rel: &str, flags: OFlags) -> io::Result<OwnedFd> {
     let rel = if rel.is_empty() { "." } else { rel };
     let how = ResolveFlags::IN_ROOT | ResolveFlags::NO_MAGICLINKS;
-    Ok(rustix::fs::openat2(root, rel, flags | OFlags::CLOEXEC, Mode::empty(), how)?)
+    let mut tries = 1;
+    loop {
+        match rustix::fs::openat2(&root, rel, flags | OFlags::CLOEXEC, Mode::empty(), how) {
+            Err(rustix::io::Errno::AGAIN) if tries < IN_ROOT_TRIES => tries += 1,
+            other => return Ok(other?),
+        }
+    }
 }
+
+/// How often [`open_in_root`] tries a lookup the kernel could not finish for a race.
+pub const IN_ROOT_TRIES: usize = 1000;
 
 /// The names in a directory, sorted, without `.` and `..`.
 pub fn list_dir(dir: impl AsFd) -> io::Result<Vec<CString>> {

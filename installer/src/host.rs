@@ -699,4 +699,43 @@ mod tests {
         let staging = h.staging().unwrap();
         assert!(staging.starts_with(fs::canonicalize(&root).unwrap()));
     }
+
+    /// openat2 with RESOLVE_IN_ROOT refuses (EAGAIN) a lookup that crossed a `..` while
+    /// any rename or mount happened anywhere on the system; a busy host (package managers,
+    /// builds, other deploys) must not make the installer fail. The operator's /var/lib here
+    /// climbs with `..`, as `/usr/local` does in the hostile test
+    /// `targets_resolve_inside_the_root_through_operator_symlinks`, which failed now and then
+    /// while targets were still opened this way.
+    #[test]
+    fn lookups_through_dotdot_links_survive_renames_elsewhere() {
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path().join("root");
+        fs::create_dir_all(root.join("data/lib/op-dbus/staging")).unwrap();
+        fs::create_dir_all(root.join("var")).unwrap();
+        std::os::unix::fs::symlink("../../../../../data/lib", root.join("var/lib")).unwrap();
+        let h = Host::open(&root).unwrap();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let renamer = {
+            let (stop, dir) = (stop.clone(), d.path().join("busy"));
+            std::thread::spawn(move || {
+                fs::create_dir_all(&dir).unwrap();
+                let (a, b) = (dir.join("a"), dir.join("b"));
+                fs::write(&a, b"x").unwrap();
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    fs::rename(&a, &b).unwrap();
+                    fs::rename(&b, &a).unwrap();
+                }
+            })
+        };
+        let want = fs::canonicalize(root.join("data/lib/op-dbus/staging")).unwrap();
+        while !d.path().join("busy/b").exists() && !d.path().join("busy/a").exists() {
+            std::thread::yield_now();
+        }
+        let results: Vec<_> = (0..20_000).map(|_| h.resolve(STAGING)).collect();
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        renamer.join().unwrap();
+        for r in results {
+            assert_eq!(r.unwrap(), want);
+        }
+    }
 }

@@ -457,7 +457,7 @@ impl Policy {
         self.features.contains(feature)
     }
 
-    /// The features enabled on this host, sorted.
+    /// The features enabled on this host, sorted (`feature list`).
     pub fn features(&self) -> impl Iterator<Item = &str> {
         self.features.iter().map(String::as_str)
     }
@@ -466,19 +466,9 @@ impl Policy {
         self.revoked.contains(key)
     }
 
-    /// The revoked key ids, sorted.
-    pub fn revoked(&self) -> impl Iterator<Item = &KeyId> {
-        self.revoked.iter()
-    }
-
     /// The stage globs `key` is limited to; `None` when it may sign any stage.
     pub fn scope(&self, key: &KeyId) -> Option<&[String]> {
         self.scopes.get(key).map(Vec::as_slice)
-    }
-
-    /// Every scoped key with its globs, sorted by key id.
-    pub fn scopes(&self) -> impl Iterator<Item = (&KeyId, &[String])> {
-        self.scopes.iter().map(|(k, v)| (k, v.as_slice()))
     }
 
     /// Whether `key`'s scope lets it sign stage `name`.
@@ -497,11 +487,6 @@ impl Policy {
     /// [`target_allowed`](Self::target_allowed) applies as well.
     pub fn key_may_place(&self, key: &KeyId, target: &TargetPath) -> bool {
         self.scope_prefixes(key).is_none_or(|ps| ps.iter().any(|p| target != p && target.is_under(p)))
-    }
-
-    /// The `[[threshold]]` entries, in file order.
-    pub fn thresholds(&self) -> &[Threshold] {
-        &self.thresholds
     }
 
     /// How many signatures by distinct trusted keys stage `name` needs: that of the longest
@@ -717,7 +702,12 @@ fn push_like_last(array: &mut Array, s: &str) {
                 value.decor_mut().set_prefix(format!("{}{indent}", &trailing[..=nl]));
                 array.set_trailing(format!("\n{}", &trailing[nl + 1..]));
             }
-            _ => value.decor_mut().set_prefix(" "),
+            _ => {
+                value.decor_mut().set_prefix(" ");
+                // What followed the last element (say, the line break before `]`) now
+                // follows the new one.
+                array.set_trailing(trailing);
+            }
         }
         value.decor_mut().set_suffix("");
     }
@@ -915,7 +905,21 @@ signatures = 2
         assert_eq!(p.verify_user(&name("stage-2-x")), VerifyUser::Name("a".into()), "a tie: the glob sorting first");
         assert_eq!(p.verify_user(&name("other")), VerifyUser::Name("nobody".into()));
         refused("[verify_users]\n\"a b\" = \"nobody\"\n", &[":2:", "verify_users", "\"a b\""]);
-        for bad in ["", "1:", ":1", "-1:0", "1:2:3", "4294967296:0", "0user", "us er", "root;", &"a".repeat(33)] {
+        // Digits only: Rust's integer parser would also take a sign.
+        for bad in [
+            "",
+            "1:",
+            ":1",
+            "-1:0",
+            "+1:0",
+            "1:+0",
+            "1:2:3",
+            "4294967296:0",
+            "0user",
+            "us er",
+            "root;",
+            &"a".repeat(33),
+        ] {
             refused(&format!("[verify_users]\n\"*\" = \"{bad}\"\n"), &[":2:", "verify_users.\"*\"", "UID:GID"]);
         }
         refused("[verify_users]\n\"*\" = 0\n", &[":2:"]);
@@ -937,7 +941,7 @@ signatures = 2
         assert_eq!(p.threshold(&name("unrelated")), 3);
         // Two globs of one length match: the larger number.
         assert_eq!(p.threshold(&name("stage-2-a")), 5);
-        assert_eq!(p.thresholds().len(), 5);
+        assert_eq!(p.thresholds.len(), 5);
     }
 
     #[test]
@@ -1009,6 +1013,10 @@ signatures = 2
         refused("[scopes]\n\"0123456789abcdef\" = [\"\"]\n", &["\"\" is not a stage glob"]);
         let long = "a".repeat(MAX_GLOB + 1);
         refused(&format!("[scopes]\n\"0123456789abcdef\" = [\"{long}\"]\n"), &["128 characters"]);
+        // Exactly MAX_GLOB characters is a glob.
+        let at = "a".repeat(MAX_GLOB);
+        let p = parse(&format!("[scopes]\n\"0123456789abcdef\" = [\"{at}\"]\n")).unwrap();
+        assert_eq!(p.scope(&id("0123456789abcdef")).unwrap(), [at]);
         refused(
             "[scopes]\n\"0123456789abcdef\" = [\"x\"]\n\"0123456789ABCDEF\" = [\"y\"]\n",
             &["again", "one entry per key"],
@@ -1103,6 +1111,15 @@ signatures = 2
         let out = add_revoked(text, path, &key).unwrap();
         assert_eq!(out, "revoked = [\n  \"0123456789abcdef\", # c1\n  \"3f9a0c41d2e87b65\"\n]\n");
 
+        // Elements on one line, the bracket on the next: the new one joins that line.
+        let text = "revoked = [\"0123456789abcdef\", \"1123456789abcdef\"\n]\n";
+        let out = add_revoked(text, path, &key).unwrap();
+        assert_eq!(out, "revoked = [\"0123456789abcdef\", \"1123456789abcdef\", \"3f9a0c41d2e87b65\"\n]\n");
+        // A single element with the bracket on the next line: one per line from now on.
+        let text = "revoked = [\"0123456789abcdef\"\n]\n";
+        let out = add_revoked(text, path, &key).unwrap();
+        assert_eq!(out, "revoked = [\"0123456789abcdef\",\n\"3f9a0c41d2e87b65\"\n]\n");
+
         let out = add_revoked("revoked = []\n", path, &key).unwrap();
         assert_eq!(out, "revoked = [\"3f9a0c41d2e87b65\"]\n");
 
@@ -1119,5 +1136,31 @@ signatures = 2
 
         let err = add_revoked("revoked = [\"x\"]\n", path, &key).unwrap_err();
         assert!(matches!(err, PolicyError::Invalid { .. }), "{err}");
+    }
+
+    #[test]
+    fn policy_files_up_to_one_mib_are_read() {
+        // The bound the README gives for stage.toml (the installer reads at most this).
+        assert_eq!(MAX_POLICY_BYTES, 1024 * 1024);
+    }
+
+    #[test]
+    fn syntax_errors_quote_short_lines_only() {
+        // A short line is quoted; a line over 200 bytes (it could be anything) is not.
+        let short = "features = [\"a\" \"b\"]";
+        let err = refused(&format!("{short}\n"), &[":1:"]);
+        assert!(err.to_string().contains(short), "{err}");
+        let long = format!("features = [\"{}\" \"b\"]", "a".repeat(300));
+        let err = refused(&format!("{long}\n"), &[":1:"]);
+        assert!(!err.to_string().contains("aaaaaaaaaa"), "{err}");
+        assert!(matches!(err, PolicyError::Syntax { line_text: None, .. }), "{err}");
+    }
+
+    #[test]
+    fn feature_names_are_1_to_128_bytes() {
+        let at = "f".repeat(128);
+        assert!(parse(&format!("features = [\"{at}\"]\n")).unwrap().feature_enabled(&at));
+        refused(&format!("features = [\"{at}f\"]\n"), &[":1:", "features", "1 to 128"]);
+        refused("features = [\"\"]\n", &[":1:", "features"]);
     }
 }

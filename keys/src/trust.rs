@@ -725,6 +725,14 @@ mod tests {
         ] {
             assert!(!repo.matches(bad, &stage), "{bad}");
         }
+        // `localhost` is a registry host with or without a port, as docker has it.
+        for ok in ["localhost/op-dbus/stage-1-core-dbus", "localhost:5000/op-dbus/stage-1-core-dbus:1.0.0"] {
+            assert!(repo.matches(ok, &stage), "{ok}");
+        }
+        // Hostile references are refused, not a crash.
+        for bad in ["/stage-1-core-dbus", "/", ":/stage-1-core-dbus", "host:/stage-1-core-dbus:1"] {
+            assert!(!repo.matches(bad, &stage), "{bad}");
+        }
         // A bare NAME only where REPO ends with NAME.
         assert!(!Identity::Repository("registry.example/op-dbus/core").matches(NAME, &stage));
         assert!(Identity::Any.matches("anything/at/all", &stage));
@@ -767,6 +775,13 @@ mod tests {
         says(
             &err,
             &[&stranger.key_id().to_string(), "1 signature without a key id", "op-dbus-stage trust add KEY.pub"],
+        );
+        // The same stranger twice is named once.
+        let twice = [sign(&stranger, f.payload()), sign(&stranger, f.payload())];
+        let err = f.evaluate(&trusted(&[&a]), &Policy::default(), &twice).unwrap_err();
+        assert!(
+            matches!(err, TrustError::Untrusted { ref key_ids, unnamed: 0, .. } if key_ids == &[stranger.key_id()]),
+            "{err}"
         );
 
         let err = f.evaluate(&[], &Policy::default(), &[sign(&a, f.payload())]).unwrap_err();
@@ -885,7 +900,15 @@ mod tests {
             assert!(matches!(err, TrustError::Tampered { field: got, .. } if got == field), "{err}");
             assert!(err.is_rejected());
             says(&err, &["tampering", &field.to_string()]);
+            let words = match field {
+                SignedField::Digest => "for manifest digest sha256:",
+                SignedField::Name => "for stage name stage-2-plugins",
+                SignedField::Version => "for version 1.0.1",
+                SignedField::Repository => unreachable!("not in this list"),
+            };
+            says(&err, &[words]);
         }
+        assert_eq!(SignedField::Repository.to_string(), "repository (docker-reference)");
         let err = f
             .evaluate(&store, &Policy::default(), &[sign(&a, f.payload_for(Digest::of(b"x"), NAME, VERSION, None))])
             .unwrap_err();
@@ -985,5 +1008,23 @@ mod tests {
         assert!(matches!(err, TrustError::Revoked { .. }), "{err}");
         let err = f.evaluate(&store, &policy, &[revoked, tampered, untrusted, corrupt]).unwrap_err();
         assert!(matches!(err, TrustError::Tampered { .. }), "{err}");
+    }
+
+    #[test]
+    fn a_payload_of_exactly_the_limit_counts_and_one_byte_more_is_corrupt() {
+        let f = Fixture::new();
+        let a = key();
+        let store = trusted(&[&a]);
+        // JSON may end in whitespace: pad a real payload to the limit.
+        let padded = |len: usize| {
+            let mut p = f.payload();
+            p.resize(len, b' ');
+            p
+        };
+        let verdict = f.evaluate(&store, &Policy::default(), &[sign(&a, padded(MAX_PAYLOAD))]).unwrap();
+        assert_eq!(verdict.signers, [a.key_id()]);
+        let err = f.evaluate(&store, &Policy::default(), &[sign(&a, padded(MAX_PAYLOAD + 1))]).unwrap_err();
+        assert!(err.is_malformed(), "{err}");
+        says(&err, &["more than 65536"]);
     }
 }
