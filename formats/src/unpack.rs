@@ -1952,6 +1952,13 @@ mod tests {
         refuse(vec![raw_dir("d/"), raw_file("d/e/f", b"abc")], &cfg, "its directory d/e is not present");
     }
 
+    #[test]
+    fn a_link_text_other_than_the_signed_one_is_refused_at_its_header() {
+        let mut entries = good_raw();
+        entries[2] = raw_link("l", tar::EntryType::Symlink, "d");
+        refuse(entries, &small_config(), "links to \"d\" but the signed manifest says \"d/f\"");
+    }
+
     fn refuse_blob(blob: &[u8], config: &StageConfig, expect: &str) {
         let env = new_env();
         let err = env.unpack(&[blob], config).unwrap_err();
