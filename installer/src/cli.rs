@@ -113,7 +113,7 @@ pub enum Command {
         #[arg(value_enum)]
         shell: Shell,
     },
-    /// Write the man pages into DIR (scripts/man.sh runs this).
+    /// Write the man pages into DIR (one NAME.1 per command).
     #[command(hide = true)]
     Man {
         /// The folder to write NAME.1 files into (created if missing).

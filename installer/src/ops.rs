@@ -264,7 +264,7 @@ pub(crate) fn execute(
             cleanup.drop_generations.push(g);
         }
     }
-    let journal = Journal { txid: plan.after.txid, operation, steps: plan.steps, before, after: plan.after, cleanup };
+    let journal = Journal::of(operation, before, plan, cleanup);
     journal.write(&ctx.staging)?;
     crate::faults::point("journaled");
     let applied = (|| -> Result<Vec<CheckResult>> {

@@ -691,14 +691,7 @@ mod props {
                     return;
                 }
             };
-            let journal = Journal {
-                txid: plan.after.txid,
-                operation: "prop".into(),
-                steps: plan.steps.clone(),
-                before: self.state.clone(),
-                after: plan.after.clone(),
-                cleanup: Default::default(),
-            };
+            let journal = Journal::of("prop", self.state.clone(), plan.clone(), Default::default());
             let restore_tmp = |w: &World| {
                 if let (Some(d), Some(s)) = (&tmp_dir, &saved)
                     && !d.exists()

@@ -153,6 +153,20 @@ pub struct Journal {
     pub cleanup: Cleanup,
 }
 
+impl Journal {
+    /// The journal of carrying out `plan` from `before`.
+    pub fn of(operation: impl Into<String>, before: State, plan: crate::plan::Plan, cleanup: Cleanup) -> Journal {
+        Journal {
+            txid: plan.after.txid,
+            operation: operation.into(),
+            steps: plan.steps,
+            before,
+            after: plan.after,
+            cleanup,
+        }
+    }
+}
+
 /// Applies `step` (idempotent).
 pub fn apply(fs: &dyn HostFs, step: &Step) -> Result<()> {
     crate::faults::point("apply");

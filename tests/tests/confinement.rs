@@ -346,13 +346,7 @@ fn a_scope_can_narrow_the_target_prefixes_of_a_key() {
     assert_eq!(tree(&s.root()), before, "a refused deploy changed the root");
     ok(s.stage().arg("recover"));
     let list = json(&ok(s.stage().args(["--json", "list"])));
-    let deployed: Vec<&str> = list["stages"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|x| x["status"] == "deployed")
-        .map(|x| x["name"].as_str().unwrap())
-        .collect();
+    let deployed = deployed_names(&list);
     assert_eq!(deployed, ["web-site"], "{list}");
 
     // Signed by a key whose scope does not narrow the prefixes, the same files may go there.

@@ -85,13 +85,7 @@ fn example_stages_deploy_and_verify_in_a_scratch_root() {
     let out = json(&ok(s.stage().args(["--json", "deploy"]).arg(&export)));
     assert_eq!(out["deployed"].as_array().unwrap().len(), refs.len(), "{out}");
     let list = json(&ok(s.stage().args(["--json", "list"])));
-    let deployed: Vec<&str> = list["stages"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|x| x["status"] == "deployed")
-        .map(|x| x["name"].as_str().unwrap())
-        .collect();
+    let deployed = deployed_names(&list);
     assert_eq!(deployed.len(), refs.len(), "{list}");
     ok(s.stage().arg("verify"));
 

@@ -169,14 +169,7 @@ impl Model {
             self.fs.world.borrow_mut().tmp.clear();
             return;
         };
-        let journal = Journal {
-            txid: plan.after.txid,
-            operation: "prop".into(),
-            steps: plan.steps.clone(),
-            before: self.state.clone(),
-            after: plan.after.clone(),
-            cleanup: Default::default(),
-        };
+        let journal = Journal::of("prop", self.state.clone(), plan.clone(), Default::default());
         let k = k % (journal.steps.len() + 1);
         for step in &journal.steps[..k] {
             if txn::apply(&self.fs, step).is_err() {

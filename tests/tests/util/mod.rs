@@ -278,3 +278,14 @@ pub fn stage_dir(parent: &Path, name: &str, version: &str, extra: &str, files: &
     }
     dir
 }
+
+/// The names of the stages a `list --json` document shows as deployed.
+pub fn deployed_names(list: &serde_json::Value) -> Vec<String> {
+    list["stages"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|x| x["status"] == "deployed")
+        .filter_map(|x| x["name"].as_str().map(str::to_owned))
+        .collect()
+}
