@@ -1921,6 +1921,45 @@ mod tests {
     }
 
     #[test]
+    fn content_bytes_are_bounded_per_layer_and_per_image() {
+        // The real bounds are the declared bytes plus SLACK_BYTES (64 MiB); the same checks,
+        // with a budget small enough to reach in a unit test: 10 bytes in a layer, 15 in all.
+        let cfg = small_config();
+        let budget = Budget { layer_bytes: 10, image_bytes: 15, ..Budget::of(&cfg, 3) };
+        // A lower layer: the good tree (3 content bytes) and `x/` holding files of `sizes`.
+        let lower = |good: bool, sizes: &[usize]| {
+            let mut entries = if good { good_raw() } else { Vec::new() };
+            entries.push(raw_dir("x/"));
+            let prefix = if good { "a" } else { "b" };
+            entries.extend(sizes.iter().enumerate().map(|(i, &n)| raw_file(format!("x/{prefix}{i}"), &vec![b'y'; n])));
+            zst(&raw_tar(&entries))
+        };
+        let upper = zst(&raw_tar(&[raw_file(".wh.x", b"")]));
+        let unpack = |blobs: &[&[u8]]| {
+            let env = new_env();
+            let layers: Vec<_> = blobs.iter().map(|b| env.layer(b)).collect();
+            let mut unpacker = Unpacker::new(&cfg, &env.dest, &layers).unwrap();
+            unpacker.budget = budget;
+            let result = layers.iter().try_for_each(|l| unpacker.apply_next(env.layout.open_blob(&l.digest).unwrap()));
+            result.and_then(|()| unpacker.finish()).map(|stats| stats.bytes)
+        };
+        let too_many = |r: Result<u64, UnpackError>| match r {
+            Err(e) => {
+                assert!(e.is_malformed() && e.to_string().contains("more content bytes"), "{e}");
+                true
+            }
+            Ok(_) => false,
+        };
+        // A layer of exactly 10 bytes, in two files: the sum counts, not each file.
+        assert_eq!(unpack(&[&lower(true, &[4, 3]), &upper]).unwrap(), 10);
+        assert!(too_many(unpack(&[&lower(true, &[4, 4]), &upper])));
+        // Two layers within their own bound: 10 + 5 is the most the image may hold.
+        assert_eq!(unpack(&[&lower(true, &[4, 3]), &lower(false, &[5]), &upper]).unwrap(), 15);
+        assert!(too_many(unpack(&[&lower(true, &[4, 3]), &lower(false, &[6]), &upper])));
+        assert!(too_many(unpack(&[&lower(true, &[4, 3]), &lower(false, &[3, 3]), &upper])));
+    }
+
+    #[test]
     fn pax_records_other_than_sparse_ones_are_ignored() {
         let cfg = small_config();
         let with_pax = |key: &str| {
