@@ -138,7 +138,8 @@ impl HostView {
     /// conflict read nothing: planning refuses them first.
     pub fn gather(fs: &dyn HostFs, before: &State, desired: &BTreeMap<StageName, StageState>) -> HostView {
         let Ok(wants) = wants(desired) else {
-            return HostView { systemctl: fs.systemctl_available(), ..HostView::default() };
+            // Planning refuses these stages before it looks at anything.
+            return HostView::default();
         };
         let kept = |t: &TargetPath| before.placed.get(t).zip(wants.get(t)).is_some_and(|(p, w)| keeps(p, w));
         let changing = before.placed.keys().chain(wants.keys()).filter(|t| !kept(t));
@@ -884,8 +885,8 @@ mod tests {
     use formats::manifest::{EntryKind, FileType};
     use formats::{Digest, StageName};
 
-    use super::{HostView, Plan, transition};
-    use crate::host::Host;
+    use super::{HostView, Plan, fix_links, transition, with_generation};
+    use crate::host::{Host, link_text};
     use crate::hostfs::RealFs;
     use crate::state::{Activation, ActiveFile, Generation, Placed, Placement, StageState, State};
     use crate::txn::Step;
@@ -1068,5 +1069,254 @@ mod tests {
         assert!(plan.steps.iter().all(|s| !matches!(s, Step::Backup { .. } | Step::Copy { .. })), "{:?}", plan.steps);
         assert!(plan.after.placed.is_empty());
         assert!(plan.notes.iter().any(|n| n.contains("copy-if-not-exists")));
+    }
+
+    fn target(t: &str) -> formats::path::TargetPath {
+        t.parse().unwrap()
+    }
+
+    fn steps_at<'p>(plan: &'p Plan, t: &str) -> Vec<&'p Step> {
+        let t = target(t);
+        plan.steps
+            .iter()
+            .filter(|s| match s {
+                Step::Link { target, .. }
+                | Step::Unlink { target, .. }
+                | Step::Copy { target, .. }
+                | Step::Stash { target, .. }
+                | Step::Backup { target, .. }
+                | Step::Restore { target, .. } => *target == t,
+                _ => false,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn an_upgrade_replaces_what_changed_and_leaves_the_rest() {
+        use EntryKind::File;
+        use FileType::{Copy, Symlink};
+        let root = Root::new();
+        let old = stage(
+            1,
+            &[
+                ("same", "/opt/same", Symlink, File),
+                ("old", "/opt/moved", Symlink, File),
+                ("conf", "/opt/conf", Copy, File),
+                ("kind", "/opt/kind", Copy, File),
+            ],
+        );
+        // The host as generation 1 left it: our links, our copies (`stage` gives a copy the
+        // digest of its path).
+        fs::create_dir_all(root.path("/opt")).unwrap();
+        let mut placed_before = Vec::new();
+        for f in &old.active.activation.files {
+            let t = f.target.to_string();
+            let how = if f.kind == Symlink {
+                let text = link_text("a", &f.path);
+                symlink(&text, root.path(&t)).unwrap();
+                Placement::Symlink { link: text }
+            } else {
+                root.file(&t, &f.path.to_string());
+                Placement::Copy { sha256: f.sha256.unwrap() }
+            };
+            placed_before.push((t, placed(how, &f.path.to_string())));
+        }
+        let placed_refs: Vec<(&str, Placed)> = placed_before.iter().map(|(t, p)| (t.as_str(), p.clone())).collect();
+        let before = deployed(old, &placed_refs);
+
+        // Generation 2: one link unchanged, one from another path, a copy with new content,
+        // a copy that became a link.
+        let mut new = stage(
+            2,
+            &[
+                ("same", "/opt/same", Symlink, File),
+                ("new", "/opt/moved", Symlink, File),
+                ("conf", "/opt/conf", Copy, File),
+                ("kind", "/opt/kind", Symlink, File),
+            ],
+        );
+        let changed = Digest::of(b"conf, version 2");
+        new.active.activation.files[2].sha256 = Some(changed);
+        let plan = plan_on(&root, &before, BTreeMap::from([(name("a"), new)])).unwrap();
+
+        assert!(steps_at(&plan, "/opt/same").is_empty(), "{:?}", plan.steps);
+        assert_eq!(plan.after.placed[&target("/opt/same")], before.placed[&target("/opt/same")]);
+        let moved = link_text("a", &"new".parse().unwrap());
+        assert!(
+            steps_at(&plan, "/opt/moved").contains(&&Step::Link { target: target("/opt/moved"), text: moved }),
+            "{:?}",
+            plan.steps
+        );
+        let conf = steps_at(&plan, "/opt/conf");
+        assert!(conf.iter().any(|s| matches!(s, Step::Stash { .. })), "{conf:?}");
+        assert!(conf.iter().any(|s| matches!(s, Step::Copy { sha256, .. } if *sha256 == changed)), "{conf:?}");
+        let kind = steps_at(&plan, "/opt/kind");
+        assert!(kind.iter().any(|s| matches!(s, Step::Stash { .. })), "{kind:?}");
+        assert!(kind.iter().any(|s| matches!(s, Step::Link { .. })), "{kind:?}");
+    }
+
+    #[test]
+    fn a_target_handed_to_another_stage_is_relinked_into_it() {
+        let root = Root::new();
+        let text = link_text("a", &"x".parse().unwrap());
+        fs::create_dir_all(root.path("/opt")).unwrap();
+        symlink(&text, root.path("/opt/x")).unwrap();
+        let before = deployed(
+            stage(1, &[("x", "/opt/x", FileType::Symlink, EntryKind::File)]),
+            &[("/opt/x", placed(Placement::Symlink { link: text.clone() }, "x"))],
+        );
+        let desired = BTreeMap::from([(name("b"), stage(2, &[("x", "/opt/x", FileType::Symlink, EntryKind::File)]))]);
+        let plan = plan_on(&root, &before, desired).unwrap();
+        let steps = steps_at(&plan, "/opt/x");
+        assert!(steps.contains(&&Step::Unlink { target: target("/opt/x"), text }), "{steps:?}");
+        let theirs = link_text("b", &"x".parse().unwrap());
+        assert!(steps.contains(&&Step::Link { target: target("/opt/x"), text: theirs }), "{steps:?}");
+        assert_eq!(plan.after.placed[&target("/opt/x")].stage, name("b"));
+    }
+
+    #[test]
+    fn what_the_operator_deleted_frees_its_target_and_the_original_comes_back() {
+        let root = Root::new();
+        let text = "/var/lib/op-dbus/staging/a/bin/tool".to_string();
+        let conf = Digest::of(b"as shipped");
+        let backed_up = |how, path: &str, b: &str| Placed { backup: Some(b.into()), ..placed(how, path) };
+        let before = deployed(
+            stage(
+                1,
+                &[
+                    ("bin/tool", "/opt/tool", FileType::Symlink, EntryKind::File),
+                    ("etc/app.conf", "/etc/app.conf", FileType::Copy, EntryKind::File),
+                ],
+            ),
+            &[
+                ("/opt/tool", backed_up(Placement::Symlink { link: text }, "bin/tool", "b3-1")),
+                ("/etc/app.conf", backed_up(Placement::Copy { sha256: conf }, "etc/app.conf", "b3-2")),
+            ],
+        );
+        // Both deleted by hand: nothing to take away, and the originals come back.
+        let plan = plan_removing_a(&root, &before);
+        assert!(!plan.steps.iter().any(|s| matches!(s, Step::Unlink { .. } | Step::Stash { .. })), "{:?}", plan.steps);
+        assert!(plan.steps.contains(&Step::Restore { backup: "b3-1".into(), target: target("/opt/tool") }));
+        assert!(plan.steps.contains(&Step::Restore { backup: "b3-2".into(), target: target("/etc/app.conf") }));
+        // The copy replaced by a directory of the operator's: theirs, nothing restored over it.
+        fs::create_dir_all(root.path("/etc/app.conf")).unwrap();
+        let plan = plan_removing_a(&root, &before);
+        assert!(steps_at(&plan, "/etc/app.conf").is_empty(), "{:?}", plan.steps);
+        assert!(
+            plan.notes.iter().any(|n| n.contains("/etc/app.conf") && n.contains("backups/b3-2")),
+            "{:?}",
+            plan.notes
+        );
+    }
+
+    #[test]
+    fn only_copies_of_ours_are_read_when_planning() {
+        let root = Root::new();
+        root.file("/opt/theirs", "the operator's");
+        root.file("/opt/ours", "as shipped");
+        let before = deployed(
+            stage(1, &[("ours", "/opt/ours", FileType::Copy, EntryKind::File)]),
+            &[("/opt/ours", placed(Placement::Copy { sha256: Digest::of(b"as shipped") }, "ours"))],
+        );
+        let staging = crate::txn::Staging { dir: root.path("/var/lib/op-dbus/staging") };
+        let (theirs, ours) = (target("/opt/theirs"), target("/opt/ours"));
+        let view = HostView::of_targets(&RealFs::new(&root.host, &staging), &before, [&theirs, &ours]);
+        assert_eq!(view.targets[&theirs].digest, Ok(None));
+        assert_eq!(view.targets[&ours].digest, Ok(Some(Digest::of(b"as shipped"))));
+    }
+
+    #[test]
+    fn a_new_generation_keeps_the_ones_it_replaces_up_to_the_limit() {
+        let generations = |s: &StageState| -> (u64, Vec<u64>) {
+            (s.active.generation, s.previous.iter().map(|g| g.generation).collect())
+        };
+        let mut stages = BTreeMap::from([(name("other"), stage(9, &[]))]);
+        for g in 1..=4 {
+            stages = with_generation(&stages, &name("a"), stage(g, &[]).active, 2);
+        }
+        assert_eq!(generations(&stages[&name("a")]), (4, vec![2, 3]));
+        assert_eq!(generations(&stages[&name("other")]), (9, vec![]));
+        let none = with_generation(&stages, &name("a"), stage(5, &[]).active, 0);
+        assert_eq!(generations(&none[&name("a")]), (5, vec![]));
+    }
+
+    #[test]
+    fn units_are_enabled_and_disabled_only_where_systemctl_is() {
+        let mut with_unit = stage(1, &[]);
+        with_unit.active.activation.services = vec!["app.service".into()];
+        let desired = BTreeMap::from([(name("a"), with_unit.clone())]);
+        let mut host = HostView { systemctl: true, ..HostView::default() };
+        let plan = transition(&host, &State::new(), desired.clone(), None).unwrap();
+        assert!(plan.steps.contains(&Step::EnableUnit { unit: "app.service".into() }), "{:?}", plan.steps);
+        let removing = transition(&host, &deployed(with_unit, &[]), BTreeMap::new(), None).unwrap();
+        assert!(removing.steps.contains(&Step::DisableUnit { unit: "app.service".into() }), "{:?}", removing.steps);
+        host.systemctl = false;
+        let plan = transition(&host, &State::new(), desired, None).unwrap();
+        assert!(!plan.steps.iter().any(|s| matches!(s, Step::EnableUnit { .. })), "{:?}", plan.steps);
+        assert!(plan.notes.iter().any(|n| n.contains("enable app.service by hand")), "{:?}", plan.notes);
+    }
+
+    #[test]
+    fn fix_symlinks_puts_back_what_is_missing_or_wrong_and_backs_up_what_is_in_the_way() {
+        use EntryKind::File;
+        use FileType::{Copy, Symlink};
+        let root = Root::new();
+        let files = [
+            ("ok", "/opt/ok", Symlink, File),
+            ("gone", "/opt/gone", Symlink, File),
+            ("file", "/opt/file", Symlink, File),
+            ("other", "/opt/other", Symlink, File),
+            ("deep1", "/srv/new/deep1", Symlink, File),
+            ("deep2", "/srv/new/deep2", Symlink, File),
+            ("conf", "/opt/conf", Copy, File),
+        ];
+        let text = |p: &str| link_text("a", &p.parse().unwrap());
+        let mut placed_list: Vec<(&str, Placed)> = files
+            .iter()
+            .filter(|f| f.2 == Symlink)
+            .map(|&(p, t, ..)| (t, placed(Placement::Symlink { link: text(p) }, p)))
+            .collect();
+        placed_list.push(("/opt/conf", placed(Placement::Copy { sha256: Digest::of(b"conf") }, "conf")));
+        // `other` displaced an original once: that backup stays the one to restore.
+        placed_list[3].1.backup = Some("b2-1".into());
+        let before = deployed(stage(1, &files), &placed_list);
+        fs::create_dir_all(root.path("/opt")).unwrap();
+        symlink(text("ok"), root.path("/opt/ok")).unwrap();
+        root.file("/opt/file", "put there by hand");
+        symlink("/elsewhere", root.path("/opt/other")).unwrap();
+        // /opt/conf is missing: a copy, not for fix-symlinks.
+
+        let view = HostView::of_targets(
+            &RealFs::new(&root.host, &crate::txn::Staging { dir: root.path("/var/lib/op-dbus/staging") }),
+            &before,
+            before.placed.keys(),
+        );
+        let plan = fix_links(&view, &before, &name("a")).unwrap();
+        let links: Vec<_> = plan
+            .steps
+            .iter()
+            .filter_map(|s| if let Step::Link { target, .. } = s { Some(target.to_string()) } else { None })
+            .collect();
+        assert_eq!(links, ["/opt/file", "/opt/gone", "/opt/other", "/srv/new/deep1", "/srv/new/deep2"]);
+        assert_eq!(
+            steps_at(&plan, "/opt/file")[0],
+            &Step::Backup { target: target("/opt/file"), backup: "b8-1".into() }
+        );
+        assert_eq!(
+            steps_at(&plan, "/opt/other")[0],
+            &Step::Backup { target: target("/opt/other"), backup: "b8-2".into() }
+        );
+        assert!(!steps_at(&plan, "/opt/gone").iter().any(|s| matches!(s, Step::Backup { .. })));
+        let mkdirs: Vec<_> = plan
+            .steps
+            .iter()
+            .filter_map(|s| if let Step::MkDir { path } = s { Some(path.to_string()) } else { None })
+            .collect();
+        assert_eq!(mkdirs, ["/srv", "/srv/new"]);
+        assert_eq!(plan.after.txid, 8);
+        assert_eq!(plan.after.placed[&target("/opt/file")].backup.as_deref(), Some("b8-1"));
+        assert_eq!(plan.after.placed[&target("/opt/other")].backup.as_deref(), Some("b2-1"));
+        // Another stage's links are not this command's.
+        assert!(fix_links(&view, &before, &name("b")).unwrap().steps.is_empty());
     }
 }
