@@ -72,6 +72,7 @@ need_cargo() {
 # measures peak memory).
 need_test_tools() {
 	need_packages zstd:zstd openssl:openssl skopeo:skopeo minisign:minisign tar:tar coreutils:sha256sum \
-		btrfs-progs:mkfs.btrfs docker-registry:docker-registry apache2-utils:htpasswd time:/usr/bin/time
+		btrfs-progs:mkfs.btrfs docker-registry:docker-registry apache2-utils:htpasswd time:/usr/bin/time \
+		openssh-server:sshd openssh-client:ssh iproute2:ip
 	need_cargo
 }

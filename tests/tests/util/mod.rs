@@ -1,6 +1,8 @@
 //! Helpers for end-to-end tests: the built binaries, temp dirs, required tools.
 #![allow(dead_code)]
 
+pub mod fleet;
+
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
