@@ -85,6 +85,8 @@ pub enum Command {
     List,
     /// Write images and their signatures into one .oci.tar (and FILE.minisig with a key).
     Export(ExportOpts),
+    /// Deploy images to hosts over ssh: only what each host lacks is sent, hosts in parallel.
+    Deploy(DeployOpts),
     /// Push an image and its signatures to an OCI registry (HOST[:PORT]/REPO[:TAG]).
     Push(crate::registry_cmd::PushOpts),
     /// Pull an image and its signatures from an OCI registry into the store.
@@ -205,6 +207,72 @@ pub struct ExportOpts {
     /// the highest version in the store that matches, recursively.
     #[arg(long)]
     pub with_deps: bool,
+}
+
+/// `deploy`: images to hosts over the system's OpenSSH client.
+#[derive(Debug, Args)]
+pub struct DeployOpts {
+    /// Images (NAME:VERSION) to deploy, as one transaction on each host.
+    #[arg(required = true)]
+    pub images: Vec<Reference>,
+    /// The hosts: inventory names, @TAG for every inventory host with that tag, or ssh
+    /// destinations as they are (repeat, or separate with commas).
+    #[arg(long, required = true, value_name = "HOST|@TAG")]
+    pub on: Vec<String>,
+    /// The inventory (TOML: [defaults] and [hosts.NAME] with address, tags, user, port, root,
+    /// installer, ssh_options).
+    #[arg(long, env = "OP_DBUS_INVENTORY", value_name = "FILE")]
+    pub inventory: Option<PathBuf>,
+    /// Also deploy the stages these images depend on (the highest version in the store that
+    /// matches, recursively).
+    #[arg(long)]
+    pub with_deps: bool,
+    /// Hosts deployed at once.
+    #[arg(long, default_value_t = 10, value_name = "N")]
+    pub limit: usize,
+    /// Deploy to the first N hosts first; when one of them fails, stop there.
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    pub canary: usize,
+    /// Start no more hosts once N have failed.
+    #[arg(long, value_name = "N")]
+    pub max_failures: Option<usize>,
+    /// Connection attempts after the first, with backoff (1 s, 2 s, 4 s, ...).
+    #[arg(long, default_value_t = 3, value_name = "N")]
+    pub retries: u32,
+    /// ssh's ConnectTimeout, in seconds.
+    #[arg(long, default_value_t = 10, value_name = "SECONDS")]
+    pub connect_timeout: u64,
+    /// Abandon a transfer (and retry) when nothing moved for this long, in seconds.
+    #[arg(long, default_value_t = 60, value_name = "SECONDS")]
+    pub stall_timeout: u64,
+    /// Abandon a host when its deploy (transfer, verification, activation) takes longer, in seconds.
+    #[arg(long, default_value_t = 1800, value_name = "SECONDS")]
+    pub activation_timeout: u64,
+    /// Send every layer, even those the host has.
+    #[arg(long)]
+    pub full: bool,
+    /// An ssh config file (ssh -F).
+    #[arg(long, value_name = "FILE")]
+    pub ssh_config: Option<PathBuf>,
+    /// An ssh option for every host (ssh -o OPTION=VALUE; repeat).
+    #[arg(long = "ssh-option", value_name = "OPTION=VALUE")]
+    pub ssh_options: Vec<String>,
+}
+
+/// `deploy --dry-run`.
+#[derive(Debug, Serialize)]
+pub struct DeployPlan {
+    pub images: Vec<String>,
+    pub hosts: Vec<DeployPlanHost>,
+    pub canary: usize,
+}
+
+/// One host of [`DeployPlan`].
+#[derive(Debug, Serialize)]
+pub struct DeployPlanHost {
+    pub host: String,
+    pub address: String,
+    pub root: String,
 }
 
 /// Parses the arguments, runs the command and returns the exit code.
@@ -379,6 +447,68 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Man { dir } => {
             let written = cli_support::docs::man_pages(Cli::command(), &dir)?;
             out.emit(&written, |w| w.iter().map(|p| format!("wrote {}\n", p.display())).collect())
+        }
+        Command::Deploy(o) => {
+            let layout = open_store(g, false)?;
+            let images = if o.with_deps { crate::deps::with_dependencies(&layout, &o.images)? } else { o.images };
+            for r in &images {
+                crate::inspect::StoredImage::load(&layout, r)?;
+            }
+            let inventory = match &o.inventory {
+                Some(p) => crate::fleet::Inventory::read(p)?,
+                None => crate::fleet::Inventory::default(),
+            };
+            let targets = inventory.select(&o.on)?;
+            if targets.is_empty() {
+                return Err(cli_support::exit::Usage("--on names no host".into()).into());
+            }
+            for opt in &o.ssh_options {
+                if opt.starts_with('-') {
+                    return Err(cli_support::exit::Usage(format!("--ssh-option {opt:?}: give OPTION=VALUE")).into());
+                }
+            }
+            if g.common.dry_run {
+                let doc = DeployPlan {
+                    images: images.iter().map(ToString::to_string).collect(),
+                    hosts: targets
+                        .iter()
+                        .map(|t| DeployPlanHost {
+                            host: t.name.clone(),
+                            address: t.address.clone(),
+                            root: t.root.clone(),
+                        })
+                        .collect(),
+                    canary: o.canary.min(targets.len()),
+                };
+                return out.emit(&doc, |d| {
+                    let mut s = format!("would deploy {} to {} host(s)", d.images.join(" "), d.hosts.len());
+                    if d.canary > 0 {
+                        s += &format!(", the first {} as canaries", d.canary);
+                    }
+                    s += ":\n";
+                    for h in &d.hosts {
+                        s += &format!("  {} ({}, --root {})\n", h.host, h.address, h.root);
+                    }
+                    s
+                });
+            }
+            let settings = crate::fleet::Options {
+                ssh: PathBuf::from("ssh"),
+                ssh_config: o.ssh_config,
+                ssh_options: o.ssh_options,
+                limit: o.limit.max(1),
+                retries: o.retries,
+                connect_timeout: std::time::Duration::from_secs(o.connect_timeout.max(1)),
+                stall_timeout: std::time::Duration::from_secs(o.stall_timeout.max(1)),
+                activation_timeout: std::time::Duration::from_secs(o.activation_timeout.max(1)),
+                canary: o.canary,
+                max_failures: o.max_failures,
+                full: o.full,
+                quiet: g.common.quiet,
+            };
+            let report = crate::fleet::deploy(&layout, &images, &targets, &settings)?;
+            out.emit(&report, crate::fleet::FleetReport::render)?;
+            report.outcome()
         }
         Command::Export(o) => {
             let layout = open_store(g, false)?;

@@ -26,5 +26,10 @@ pub fn exit_code(err: &anyhow::Error) -> i32 {
 
 /// The classification of an error (see [`exit_code`]).
 pub fn classify(err: &anyhow::Error) -> cli_support::ExitCode {
-    cli_support::classify_with(err, &|c| c.is::<InputError>().then_some(cli_support::ExitCode::Malformed))
+    cli_support::classify_with(err, &|c| {
+        if let Some(f) = c.downcast_ref::<crate::fleet::FleetFailed>() {
+            return Some(f.code);
+        }
+        c.is::<InputError>().then_some(cli_support::ExitCode::Malformed)
+    })
 }

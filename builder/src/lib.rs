@@ -15,6 +15,7 @@ pub mod cli;
 pub mod deps;
 pub mod error;
 pub mod export;
+pub mod fleet;
 pub mod hide;
 pub mod inspect;
 pub mod progress;

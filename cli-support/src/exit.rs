@@ -52,6 +52,22 @@ impl ExitCode {
         }
     }
 
+    /// The code whose process exit status is `code` (another binary's, read back).
+    pub fn from_code(code: i32) -> Option<ExitCode> {
+        [
+            ExitCode::Ok,
+            ExitCode::Other,
+            ExitCode::Usage,
+            ExitCode::Trust,
+            ExitCode::Policy,
+            ExitCode::VerifyFailed,
+            ExitCode::Locked,
+            ExitCode::Malformed,
+        ]
+        .into_iter()
+        .find(|c| c.code() == code)
+    }
+
     /// The stable name: `ok`, `other`, `usage`, `trust`, `policy`, `verify-failed`,
     /// `locked`, `malformed`.
     pub fn name(self) -> &'static str {
