@@ -12,7 +12,6 @@ use cli_support::docs::Shell;
 use cli_support::{GlobalArgs, Output};
 use serde::Serialize;
 
-use formats::StageName;
 
 use crate::error;
 use crate::ops::{self, Ctx, Options};
@@ -62,20 +61,20 @@ pub enum Command {
     /// Enable or disable host features (for a stage's `requires_feature`).
     #[command(subcommand)]
     Feature(FeatureCommand),
-    /// Verify, receive and activate images from SOURCE.
-    Deploy(SourceOpts),
+    /// Verify, receive and activate the images of every SOURCE: all of them or none.
+    Deploy(DeployOpts),
     /// Same as deploy (the name the users' documents use).
-    DeployFromImage(SourceOpts),
-    /// Verify and store images from SOURCE without activating them.
+    DeployFromImage(DeployOpts),
+    /// Verify and store images from each SOURCE without activating them.
     Receive(SourceOpts),
     /// Deployed stages and the images available in the store.
     List,
     /// What is deployed, by whom signed, unfinished transactions, broken links.
     Status,
-    /// Check links, staged files against their signed hashes, and verify commands.
+    /// Check generations, links, staged files against their signed hashes, and verify commands.
     Verify {
-        /// Only this stage (default: every deployed stage).
-        stage: Option<StageName>,
+        /// Only this stage, by its name or a unique prefix of it (default: every deployed stage).
+        stage: Option<String>,
     },
     /// Go back to the previous generation of STAGE (or of every stage, or to a snapshot).
     Rollback(RollbackOpts),
@@ -91,13 +90,13 @@ pub enum Command {
     },
     /// Deactivate a stage: remove its links and copies, restore what they displaced.
     Remove {
-        /// The deployed stage to remove.
-        stage: StageName,
+        /// The deployed stage to remove (its name or a unique prefix of it).
+        stage: String,
     },
     /// Put back missing or changed links of a stage.
     FixSymlinks {
-        /// The deployed stage whose links to repair.
-        stage: StageName,
+        /// The deployed stage whose links to repair (its name or a unique prefix of it).
+        stage: String,
     },
     /// Delete old generations, keeping N per stage (and those snapshots need).
     Gc {
@@ -132,13 +131,25 @@ pub enum Command {
     },
 }
 
+/// `deploy` and `deploy-from-image`: the sources, and how to apply several images.
+#[derive(Debug, Args)]
+pub struct DeployOpts {
+    #[command(flatten)]
+    pub source: SourceOpts,
+    /// One transaction per image, in dependency order, instead of one for all: the images
+    /// before a failing one stay deployed.
+    #[arg(long)]
+    pub each: bool,
+}
+
 /// Where `deploy` and `receive` take images from, and how to reach a registry.
 #[derive(Debug, Args)]
 pub struct SourceOpts {
     /// FILE.oci.tar, an OCI layout directory, NAME[:VERSION] of the local store (NAME alone:
     /// its highest version), HOST[:PORT]/REPO:TAG (or @sha256:...) in a registry, or - (an
-    /// .oci.tar on stdin).
-    pub source: String,
+    /// .oci.tar on stdin). Several sources are deployed together, as one archive is.
+    #[arg(required = true, value_name = "SOURCE")]
+    pub source: Vec<String>,
     #[command(flatten)]
     pub registry: crate::receive::RegistryOpts,
 }
@@ -185,9 +196,12 @@ pub enum FeatureCommand {
 #[derive(Debug, Args)]
 #[group(required = true, multiple = false)]
 pub struct RollbackOpts {
-    /// The stage to roll back to its previous generation.
-    pub stage: Option<StageName>,
-    /// Roll back every stage that has a previous generation.
+    /// The stages to roll back to their previous generation (their names or unique prefixes);
+    /// a stage on its first generation is removed, as before it was deployed.
+    #[arg(value_name = "STAGE")]
+    pub stage: Vec<String>,
+    /// Roll back every stage that has a previous generation; when every stage is on its
+    /// first generation, remove them all (the host as before the earliest deploy).
     #[arg(long)]
     pub all: bool,
     /// Return the whole host to this snapshot (as `restore`).
@@ -379,8 +393,11 @@ pub fn run(cli: Cli) -> Result<i32> {
                 d.features.iter().map(|f| format!("{f}\n")).collect()
             })?;
         }
-        Command::Deploy(o) | Command::DeployFromImage(o) => deploy(&opts, out, &o, true)?,
-        Command::Receive(o) => deploy(&opts, out, &o, false)?,
+        Command::Deploy(o) | Command::DeployFromImage(o) => {
+            let batch = if o.each { ops::Batch::Each } else { ops::Batch::Whole };
+            deploy(&opts, out, &o.source, Some(batch))?
+        }
+        Command::Receive(o) => deploy(&opts, out, &o, None)?,
         Command::List => {
             let ctx = Ctx::reading(&opts)?;
             let doc = ListDoc { stages: ops::list(&ctx)? };
@@ -393,6 +410,7 @@ pub fn run(cli: Cli) -> Result<i32> {
         }
         Command::Verify { stage } => {
             let ctx = Ctx::reading(&opts)?;
+            let stage = stage.map(|s| crate::names::deployed(&ctx, &s)).transpose()?;
             let bar = cli_support::progress::spinner("verifying links, staged files and checks", opts.quiet);
             let r = ops::verify(&ctx, stage.as_ref());
             bar.finish_and_clear();
@@ -409,8 +427,12 @@ pub fn run(cli: Cli) -> Result<i32> {
                     confirm_restore(&ctx, &snap, o.yes)?;
                     ops::restore(&ctx, &snap)?
                 }
-                (Some(stage), _, _) => ops::rollback(&ctx, &[stage])?,
-                _ => ops::rollback(&ctx, &[])?,
+                (stages, false, None) => {
+                    let named =
+                        stages.iter().map(|s| crate::names::deployed(&ctx, s)).collect::<Result<Vec<_>>>()?;
+                    ops::rollback(&ctx, &named)?
+                }
+                (_, true, None) => ops::rollback(&ctx, &[])?,
             };
             out.emit(&r, render_report)?;
         }
@@ -427,12 +449,12 @@ pub fn run(cli: Cli) -> Result<i32> {
         }
         Command::Remove { stage } => {
             let ctx = Ctx::changing(&opts)?;
-            let r = ops::remove(&ctx, &stage)?;
+            let r = ops::remove(&ctx, &crate::names::deployed(&ctx, &stage)?)?;
             out.emit(&r, render_report)?;
         }
         Command::FixSymlinks { stage } => {
             let ctx = Ctx::changing(&opts)?;
-            let r = ops::fix_symlinks(&ctx, &stage)?;
+            let r = ops::fix_symlinks(&ctx, &crate::names::deployed(&ctx, &stage)?)?;
             out.emit(&r, render_report)?;
         }
         Command::Gc { keep } => {
@@ -598,14 +620,27 @@ fn confirm_restore(ctx: &Ctx, snapshot: &str, yes: bool) -> Result<()> {
         .into())
 }
 
-fn deploy(opts: &Options, out: Output, o: &SourceOpts, activate: bool) -> Result<()> {
-    let source = Source::parse_with(&o.source, &o.registry)?;
+/// `deploy` (with how to apply several images) and `receive` (`batch` none).
+fn deploy(opts: &Options, out: Output, o: &SourceOpts, batch: Option<ops::Batch>) -> Result<()> {
+    let activate = batch.is_some();
+    if o.source.iter().filter(|s| *s == "-").count() > 1 {
+        return Err(error::Usage("stdin (`-`) can be read once: name it as one SOURCE only".into()).into());
+    }
+    if o.registry.password_stdin && o.source.len() > 1 {
+        return Err(error::Usage(
+            "--password-stdin reads one password, for one SOURCE: deploy several with the registries' credentials \
+             in the auth file"
+                .into(),
+        )
+        .into());
+    }
+    let sources = o.source.iter().map(|s| Source::parse_with(s, &o.registry)).collect::<Result<Vec<_>>>()?;
     let ctx = Ctx::changing(opts)?;
     let bar = cli_support::progress::spinner(
-        &format!("{} {}", if activate { "deploying" } else { "receiving" }, o.source),
+        &format!("{} {}", if activate { "deploying" } else { "receiving" }, o.source.join(" ")),
         opts.quiet,
     );
-    let r = ops::deploy(&ctx, &source, activate);
+    let r = ops::deploy(&ctx, &sources, batch.unwrap_or(ops::Batch::Whole), activate);
     bar.finish_and_clear();
     let r = r?;
     out.emit(&r, |r| {

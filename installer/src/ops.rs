@@ -25,7 +25,7 @@ use crate::snapshot;
 use crate::state::{StageState, State};
 use crate::txn::{self, Cleanup, Journal, RecoverOutcome, Staging, Step};
 
-pub use crate::commands::deploy::{DeployReport, deploy};
+pub use crate::commands::deploy::{Batch, DeployReport, deploy};
 pub use crate::commands::feature::{FeatureChanged, set_feature};
 pub use crate::commands::fix_symlinks::fix_symlinks;
 pub use crate::commands::gc::gc;
