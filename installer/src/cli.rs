@@ -93,6 +93,13 @@ pub enum Command {
         /// The deployed stage to remove (its name or a unique prefix of it).
         stage: String,
     },
+    /// Rebuild missing or damaged generations (and stage links) from the image store.
+    Repair {
+        /// The stages to repair, by their names or unique prefixes (default: every deployed
+        /// stage that needs it).
+        #[arg(value_name = "STAGE")]
+        stages: Vec<String>,
+    },
     /// Put back missing or changed links of a stage.
     FixSymlinks {
         /// The deployed stage whose links to repair (its name or a unique prefix of it).
@@ -401,7 +408,7 @@ pub fn run(cli: Cli) -> Result<i32> {
         Command::List => {
             let ctx = Ctx::reading(&opts)?;
             let doc = ListDoc { stages: ops::list(&ctx)? };
-            out.emit(&doc, render_list)?;
+            out.emit(&doc, |d| render_list(d, &opts.root))?;
         }
         Command::Status => {
             let ctx = Ctx::reading(&opts)?;
@@ -450,6 +457,12 @@ pub fn run(cli: Cli) -> Result<i32> {
         Command::Remove { stage } => {
             let ctx = Ctx::changing(&opts)?;
             let r = ops::remove(&ctx, &crate::names::deployed(&ctx, &stage)?)?;
+            out.emit(&r, render_report)?;
+        }
+        Command::Repair { stages } => {
+            let ctx = Ctx::changing(&opts)?;
+            let named = stages.iter().map(|s| crate::names::deployed(&ctx, s)).collect::<Result<Vec<_>>>()?;
+            let r = ops::repair(&ctx, &named)?;
             out.emit(&r, render_report)?;
         }
         Command::FixSymlinks { stage } => {
@@ -508,7 +521,7 @@ fn render_trust_list(d: &TrustListDoc, root: &Path) -> String {
     cli_support::table(&["KEY ID", "SCOPES", "PREFIXES", "STATUS", "FILE"], &rows, &[])
 }
 
-fn render_list(d: &ListDoc) -> String {
+fn render_list(d: &ListDoc, root: &Path) -> String {
     if d.stages.is_empty() {
         return "nothing deployed\n".into();
     }
@@ -517,7 +530,11 @@ fn render_list(d: &ListDoc) -> String {
         .iter()
         .map(|l| vec![l.name.clone(), l.version.clone(), l.status.to_owned(), l.digest.clone()])
         .collect();
-    cli_support::table(&["NAME", "VERSION", "STATUS", "DIGEST"], &rows, &[])
+    let mut s = cli_support::table(&["NAME", "VERSION", "STATUS", "DIGEST"], &rows, &[]);
+    for l in d.stages.iter().filter(|l| l.problem.is_some()) {
+        s += &with_root(&format!("{}: {}\n", l.name, l.problem.as_deref().unwrap_or_default()), root);
+    }
+    s
 }
 
 fn render_status(st: &ops::Status, root: &Path) -> String {
@@ -547,6 +564,9 @@ fn render_status(st: &ops::Status, root: &Path) -> String {
     for b in &st.broken_links {
         s += &format!("broken: {b}\n");
     }
+    for x in st.stages.iter().filter(|x| x.problem.is_some()) {
+        s += &with_root(&format!("{}: {}\n", x.name, x.problem.as_deref().unwrap_or_default()), root);
+    }
     s
 }
 
@@ -554,6 +574,9 @@ fn render_verify(r: &ops::VerifyReport) -> String {
     let mut s = String::new();
     for st in &r.stages {
         s += &format!("{}\n", st.name);
+        if let Some(g) = &st.generation {
+            s += &format!("  generation: {g}\n");
+        }
         for l in &st.links {
             s += &format!("  link: {l}\n");
         }

@@ -32,6 +32,7 @@ pub use crate::commands::gc::gc;
 pub use crate::commands::init::{DEFAULT_POLICY, InitReport, init};
 pub use crate::commands::inspect::{Listed, StageStatus, StageVerify, Status, VerifyReport, list, status, verify};
 pub use crate::commands::remove::remove;
+pub use crate::commands::repair::repair;
 pub use crate::commands::restore::restore;
 pub use crate::commands::rollback::rollback;
 pub use crate::commands::trust::{TrustAdded, TrustRevoked, TrustedInfo, trust_add, trust_list, trust_revoke};

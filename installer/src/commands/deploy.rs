@@ -14,6 +14,7 @@ use formats::layout::Layout;
 use formats::manifest::MAX_CONFIG_BYTES;
 
 use crate::admit;
+use crate::commands::repair;
 use crate::error::{Malformed, Refused, Usage};
 use crate::ops::{Ctx, Report, execute, now};
 use crate::plan;
@@ -73,9 +74,23 @@ pub fn deploy(ctx: &Ctx, sources: &[Source], batch: Batch, activate: bool) -> Re
         let (fresh, active): (Vec<Image>, Vec<Image>) = images
             .into_iter()
             .partition(|(_, v)| !state.stages.get(&v.candidate().config.name).is_some_and(|s| s.active.digest == v.digest));
-        for (_, v) in &active {
-            report.skipped.push(format!("{} is already active ({})", v.reference, v.digest));
+        // An active image whose generation went missing or was damaged rebuilds it first.
+        let mut broken = Vec::new();
+        for (r, v) in active {
+            let name = &v.candidate().config.name;
+            let h = repair::health(&ctx.staging, name, &state.stages[name].active, true);
+            if h.is_ok() {
+                report.skipped.push(format!("{} is already active ({})", v.reference, v.digest));
+            } else {
+                broken.push((r, v, h));
+            }
         }
+        let state = if broken.is_empty() {
+            state
+        } else {
+            report.deployed.push(repair::rebuild(ctx, &store, state, broken)?);
+            ctx.state()?
+        };
         if !fresh.is_empty() {
             report.deployed.push(deploy_batch(ctx, &trust, &store, &fresh, state)?.0);
         }
@@ -90,8 +105,14 @@ pub fn deploy(ctx: &Ctx, sources: &[Source], batch: Batch, activate: bool) -> Re
             _ => ctx.state()?,
         };
         let v = image.1;
-        if state.stages.get(&v.candidate().config.name).is_some_and(|s| s.active.digest == v.digest) {
-            report.skipped.push(format!("{} is already active ({})", v.reference, v.digest));
+        let name = &v.candidate().config.name;
+        if let Some(s) = state.stages.get(name).filter(|s| s.active.digest == v.digest) {
+            let h = repair::health(&ctx.staging, name, &s.active, true);
+            if h.is_ok() {
+                report.skipped.push(format!("{} is already active ({})", v.reference, v.digest));
+            } else {
+                report.deployed.push(repair::rebuild(ctx, &store, state, vec![(image.0, v, h)])?);
+            }
             continue;
         }
         let (r, after) = deploy_batch(ctx, &trust, &store, &[image], state)?;
@@ -143,7 +164,7 @@ fn order(mut left: Vec<Image>) -> Vec<Image> {
 /// Unpacks the layers of `v` into `.tmp/<tmp_name>` (a subvolume on btrfs), checks the
 /// tree against the signed manifest, adds the manifest, and keeps the image in the store.
 /// On an error nothing is left in the temp area.
-fn unpack(ctx: &Ctx, store: &Layout, received: &Received, v: &Verified, tmp_name: &str) -> Result<()> {
+pub(crate) fn unpack(ctx: &Ctx, store: &Layout, received: &Received, v: &Verified, tmp_name: &str) -> Result<()> {
     let tmp = ctx.staging.tmp().join(tmp_name);
     let unpacked = (|| -> Result<()> {
         let (c, config) = (v.candidate(), &v.candidate().config);

@@ -10,6 +10,7 @@ pub mod gc;
 pub mod init;
 pub mod inspect;
 pub mod remove;
+pub mod repair;
 pub mod restore;
 pub mod rollback;
 pub mod trust;

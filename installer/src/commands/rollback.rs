@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 
 use formats::StageName;
 use formats::layout::Layout;
@@ -13,7 +13,8 @@ use crate::admit;
 use crate::error::{Refused, Usage};
 use crate::ops::{Ctx, Report, execute};
 use crate::plan;
-use crate::receive::{self, Trust};
+use crate::commands::repair::stored_image;
+use crate::receive::Trust;
 use crate::snapshot;
 use crate::state::{Generation, StageState};
 use crate::txn::Cleanup;
@@ -23,32 +24,17 @@ use crate::txn::Cleanup;
 /// and its manifest against today's policy. The image is read from the local store, where
 /// every deployed image is kept.
 pub(crate) fn readmit(ctx: &Ctx, trust: &Trust, store: &Layout, stage: &StageName, g: &Generation) -> Result<()> {
-    let index = store.index()?;
-    let gone = || {
+    let verified = stored_image(ctx, trust, store, stage, g)?.ok_or_else(|| {
         crate::error::Untrusted(format!(
             "{stage} {} ({}) is no longer in the local store, so its signatures cannot be checked again; \
              deploy it again from its image instead",
             g.version, g.digest
         ))
-    };
-    let tag = index
-        .manifests
-        .iter()
-        .filter(|d| d.digest == g.digest)
-        .filter_map(|d| d.annotation(formats::oci::ANNOTATION_REF_NAME))
-        .find(|t| !t.ends_with(".sig"))
-        .map(str::to_owned)
-        .ok_or_else(gone)?;
-    let c = receive::candidate(store, &index, &tag)?.ok_or_else(gone)?;
+    })?;
+    let config = &verified.candidate().config;
     let what = format!("{stage} {} (generation {})", g.version, g.generation);
-    if c.config.name != *stage {
-        return Err(crate::error::Untrusted(format!("{what}: the stored image is of {}", c.config.name)).into());
-    }
-    let config = c.config.clone();
-    let verified =
-        receive::verify(c, trust, ctx.opts.allow_expired).with_context(|| format!("checking {what} again"))?;
-    let resolved = admit::resolutions(&ctx.host, &trust.policy, &config);
-    admit::policy(&trust.policy, &config, &what, &verified.signers, &resolved)
+    let resolved = admit::resolutions(&ctx.host, &trust.policy, config);
+    admit::policy(&trust.policy, config, &what, &verified.signers, &resolved)
 }
 
 /// Where `rollback` takes the stages: the desired stages, the ones going back to their

@@ -1,0 +1,212 @@
+//! End-to-end tests of the stage lifecycle as the operators' documents run it, on a plain
+//! root: rollback of a first generation and `rollback --all` back to before the earliest
+//! deploy, stage names by unique prefix, a missing or damaged generation named and rebuilt
+//! (`repair`, or `deploy` of the same image), and several stages deployed as one
+//! transaction (`--each`: one per stage). The btrfs variants are in btrfs_lifecycle.rs.
+
+mod util;
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use util::*;
+
+/// The host outside the installer's own area (what the operator sees), byte for byte.
+fn host_tree(root: &Path) -> std::collections::BTreeMap<String, String> {
+    tree(root).into_iter().filter(|(k, _)| !k.starts_with("var/lib/op-dbus")).collect()
+}
+
+/// The deployed stages as `list --json` shows them: (name, version, digest).
+fn deployed(s: &Scratch) -> Vec<(String, String, String)> {
+    let list = json(&ok(s.stage().args(["--json", "list"])));
+    list["stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|x| x["status"] == "deployed")
+        .map(|x| {
+            let f = |k: &str| x[k].as_str().unwrap().to_owned();
+            (f("name"), f("version"), f("digest"))
+        })
+        .collect()
+}
+
+fn snapshot_names(s: &Scratch) -> Vec<String> {
+    let doc = json(&ok(s.stage().args(["--json", "snapshots"])));
+    doc["snapshots"].as_array().unwrap().iter().map(|x| x["name"].as_str().unwrap().to_owned()).collect()
+}
+
+/// The three stages of the staging guide, each placing one tool and displacing an operator
+/// file at /opt/ops/<n>; stage 2 needs stage 1, stage 3 needs both. `verify3` is stage 3's
+/// verify command. Returns their NAME:VERSION references, built into the store.
+fn guide_stages(s: &Scratch, version: &str, verify3: &str) -> Vec<String> {
+    let stage = |name: &str, n: u32, deps: &str, verify: &str| {
+        let extra = format!(
+            "{deps}files:\n  - path: bin/tool{n}\n    target: /usr/local/bin/tool{n}\n  - path: etc/ops{n}\n    \
+             target: /opt/ops/{n}\nverify:\n  - command: \"{verify}\"\n    timeout: 10s\n"
+        );
+        let dir = stage_dir(
+            s.dir.path(),
+            name,
+            version,
+            &extra,
+            &[(&format!("bin/tool{n}"), &format!("#!/bin/sh\necho {name} {version}\n")), (&format!("etc/ops{n}"), "ours\n")],
+        );
+        s.build(&dir)
+    };
+    vec![
+        stage("stage-1-core-dbus", 1, "", "tool1"),
+        stage("stage-2-plugins", 2, "dependencies:\n  - stage-1-core-dbus\n", "tool2"),
+        stage("stage-3-openflow", 3, "dependencies:\n  - stage-1-core-dbus\n  - stage-2-plugins\n", verify3),
+    ]
+}
+
+/// The operator's own files where the stages will put theirs.
+fn operator_files(s: &Scratch) {
+    fs::create_dir_all(s.root().join("opt/ops")).unwrap();
+    for n in 1..=3 {
+        fs::write(s.root().join(format!("opt/ops/{n}")), format!("the operator's {n}\n")).unwrap();
+    }
+}
+
+fn export(s: &Scratch, refs: &[String], name: &str) -> PathBuf {
+    s.export(&refs.iter().map(String::as_str).collect::<Vec<_>>(), name)
+}
+
+#[test]
+fn rollback_of_first_generations_returns_the_host_to_before_each_stage() {
+    let s = Scratch::trusted();
+    operator_files(&s);
+    let empty = host_tree(&s.root());
+    let refs = guide_stages(&s, "1.0.0", "tool3");
+    ok(s.stage().arg("deploy").arg(export(&s, &refs[..2], "s12.oci.tar")));
+    let before_3 = host_tree(&s.root());
+    ok(s.stage().arg("deploy").arg(export(&s, &refs[2..], "s3.oci.tar")));
+    assert!(s.root().join("opt/ops/3").is_symlink(), "stage 3 did not displace the operator's file");
+
+    // Names by a unique prefix; an ambiguous one is refused with the candidates.
+    let (code, err) = fails(s.stage().args(["rollback", "stage"]));
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("stage-1-core-dbus, stage-2-plugins, stage-3-openflow"), "{err}");
+    let (code, err) = fails(s.stage().args(["rollback", "stage-9"]));
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("stage-9 is not deployed"), "{err}");
+    ok(s.stage().args(["verify", "stage-2"]));
+
+    // A stage others need is not rolled away from under them.
+    let (code, err) = fails(s.stage().args(["rollback", "stage-1"]));
+    assert_eq!(code, 4, "{err}");
+    assert!(err.contains("depends on it"), "{err}");
+
+    // "rollback stage-3 removes stage 3, restores to pre-stage-3 state".
+    let dry = ok(s.stage().args(["--dry-run", "rollback", "stage-3"]));
+    assert!(dry.contains("stage-3-openflow (first generation: removed)"), "{dry}");
+    ok(s.stage().args(["rollback", "stage-3"]));
+    assert_eq!(host_tree(&s.root()), before_3, "rollback of a first generation left the host changed");
+    assert_eq!(fs::read_to_string(s.root().join("opt/ops/3")).unwrap(), "the operator's 3\n");
+    let names: Vec<String> = deployed(&s).into_iter().map(|d| d.0).collect();
+    assert_eq!(names, ["stage-1-core-dbus", "stage-2-plugins"]);
+
+    // "rollback --all rolls back to before Stage 1" when every stage is on its first generation.
+    ok(s.stage().args(["rollback", "--all"]));
+    assert_eq!(host_tree(&s.root()), empty, "rollback --all did not return to before the earliest deploy");
+    assert!(deployed(&s).is_empty());
+    ok(s.stage().arg("verify"));
+    let (code, err) = fails(s.stage().args(["rollback", "--all"]));
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("nothing is deployed"), "{err}");
+}
+
+#[test]
+fn rollback_all_with_kept_generations_goes_back_one_generation() {
+    let s = Scratch::trusted();
+    let v1 = guide_stages(&s, "1.0.0", "tool3");
+    ok(s.stage().arg("deploy").arg(export(&s, &v1[..1], "s1.oci.tar")));
+    let after_v1 = host_tree(&s.root());
+    let v2 = guide_stages(&s, "1.1.0", "tool3");
+    ok(s.stage().arg("deploy").arg(export(&s, &v2[..2], "s12.oci.tar")));
+    // Stage 1 has a kept generation, stage 2 none: --all takes stage 1 back only.
+    ok(s.stage().args(["rollback", "--all"]));
+    let d = deployed(&s);
+    assert_eq!(d.iter().map(|x| (x.0.as_str(), x.1.as_str())).collect::<Vec<_>>(), [
+        ("stage-1-core-dbus", "1.0.0"),
+        ("stage-2-plugins", "1.1.0")
+    ]);
+    // Then rollback of stage 2 by prefix (first generation) and remove of stage 1 by prefix.
+    ok(s.stage().args(["rollback", "stage-2"]));
+    assert_eq!(host_tree(&s.root()), after_v1);
+    ok(s.stage().args(["remove", "stage-1"]));
+    assert!(deployed(&s).is_empty());
+}
+
+#[test]
+fn a_batch_whose_third_verify_fails_leaves_the_host_as_before() {
+    let s = Scratch::trusted();
+    operator_files(&s);
+    // Stage 1 1.0.0 is deployed; the archive upgrades it and brings stages 2 and 3.
+    let v1 = guide_stages(&s, "1.0.0", "tool3");
+    ok(s.stage().arg("deploy").arg(export(&s, &v1[..1], "s1.oci.tar")));
+    let refs = guide_stages(&s, "1.1.0", "tool3 && exit 3");
+    let archive = export(&s, &refs, "three.oci.tar");
+    let host = host_tree(&s.root());
+    let list = deployed(&s);
+    let snaps = snapshot_names(&s);
+
+    let (code, err) = fails(s.stage().arg("deploy").arg(&archive));
+    assert_eq!(code, 5, "{err}");
+    assert!(err.contains("tool3 && exit 3") && err.contains("rolled back"), "{err}");
+    assert_eq!(host_tree(&s.root()), host, "a failed batch left the host changed");
+    assert_eq!(deployed(&s), list, "a failed batch changed `list`");
+    assert_eq!(snapshot_names(&s), snaps, "a failed batch left snapshots");
+    ok(s.stage().arg("verify"));
+    // Nothing of the batch is left in the staging area either.
+    let staging = s.root().join("var/lib/op-dbus/staging");
+    assert!(!staging.join("stage-2-plugins").exists() && !staging.join(".generations/stage-2-plugins").exists());
+    assert_eq!(fs::read_dir(staging.join(".tmp")).unwrap().count(), 0);
+
+    // --each keeps the stage-by-stage behaviour: stages 1 and 2 stay, 3 fails.
+    let (code, err) = fails(s.stage().args(["deploy", "--each"]).arg(&archive));
+    assert_eq!(code, 5, "{err}");
+    let names: Vec<(String, String)> = deployed(&s).into_iter().map(|d| (d.0, d.1)).collect();
+    assert_eq!(names, [("stage-1-core-dbus".into(), "1.1.0".into()), ("stage-2-plugins".into(), "1.1.0".into())]);
+}
+
+#[test]
+fn a_batch_is_one_transaction_with_one_pre_and_one_post_snapshot() {
+    let s = Scratch::trusted();
+    let refs = guide_stages(&s, "1.0.0", "tool3");
+    let snaps = snapshot_names(&s);
+    // Several sources: each stage in its own archive, deployed together.
+    let sources: Vec<PathBuf> =
+        refs.iter().enumerate().map(|(i, r)| export(&s, std::slice::from_ref(r), &format!("s{i}.oci.tar"))).collect();
+    let dry = json(&ok(s.stage().args(["--json", "--dry-run", "deploy"]).args(sources.iter().rev())));
+    assert_eq!(dry["deployed"].as_array().unwrap().len(), 1, "{dry}");
+    assert!(deployed(&s).is_empty(), "--dry-run deployed");
+    let r = json(&ok(s.stage().args(["--json", "deploy"]).args(sources.iter().rev())));
+    let reports = r["deployed"].as_array().unwrap();
+    assert_eq!(reports.len(), 1, "several sources were not one transaction: {r}");
+    let checks: Vec<&str> =
+        reports[0]["checks"].as_array().unwrap().iter().map(|c| c["command"].as_str().unwrap()).collect();
+    assert_eq!(checks, ["tool1", "tool2", "tool3"], "the verify commands of each stage run, in dependency order");
+    assert_eq!(reports[0]["snapshots"].as_array().unwrap().len(), 2, "{r}");
+    let new: Vec<String> = snapshot_names(&s).into_iter().filter(|n| !snaps.contains(n)).collect();
+    assert_eq!(new.len(), 2, "{new:?}");
+    assert!(new[0].starts_with("pre-deploy-3-stages-") && new[1].starts_with("post-deploy-3-stages-"), "{new:?}");
+    assert_eq!(deployed(&s).len(), 3);
+    // The pre- snapshot is the host before all three.
+    ok(s.stage().args(["restore", "--yes", &new[0]]));
+    assert!(deployed(&s).is_empty());
+    // Deploying again: what is active already is skipped, the rest is one transaction.
+    ok(s.stage().arg("deploy").arg(&sources[0]));
+    let r = json(&ok(s.stage().args(["--json", "deploy"]).args(&sources)));
+    assert_eq!(r["skipped"].as_array().unwrap().len(), 1, "{r}");
+    assert_eq!(r["deployed"].as_array().unwrap().len(), 1, "{r}");
+    // One stage twice in one batch is refused; stdin can be read once.
+    let v2 = guide_stages(&s, "1.1.0", "tool3");
+    let twice = export(&s, &v2[..1], "s1-v2.oci.tar");
+    let (code, err) = fails(s.stage().arg("deploy").arg(&twice).arg(&sources[0]));
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("stage-1-core-dbus twice") && err.contains("--each"), "{err}");
+    let (code, err) = fails(s.stage().args(["deploy", "-", "-"]));
+    assert_eq!(code, 2, "{err}");
+}
