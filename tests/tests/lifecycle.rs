@@ -210,3 +210,99 @@ fn a_batch_is_one_transaction_with_one_pre_and_one_post_snapshot() {
     let (code, err) = fails(s.stage().args(["deploy", "-", "-"]));
     assert_eq!(code, 2, "{err}");
 }
+
+/// A stage with a verify command, deployed at 1.0.0 then 1.1.0; returns the 1.1.0 archive.
+fn app_upgraded(s: &Scratch) -> PathBuf {
+    let files = "files:\n  - path: bin/app\n    target: /usr/local/bin/app\n  - path: etc/app.conf\n    \
+                 target: /etc/op-dbus/app.conf\n    type: copy\nverify:\n  - command: \"app\"\n    timeout: 10s\n";
+    for v in ["1.0.0", "1.1.0"] {
+        let dir = stage_dir(s.dir.path(), "app-server", v, files, &[
+            ("bin/app", &format!("#!/bin/sh\necho app {v}\n")),
+            ("etc/app.conf", "conf\n"),
+        ]);
+        let r = s.build(&dir);
+        ok(s.stage().arg("deploy").arg(s.export(&[&r], &format!("app-{v}.oci.tar"))));
+    }
+    s.path("app-1.1.0.oci.tar")
+}
+
+fn staging(s: &Scratch) -> PathBuf {
+    s.root().join("var/lib/op-dbus/staging")
+}
+
+/// `verify` fails (exit 5) and its document names the generation's problem.
+fn verify_names(s: &Scratch, what: &str) {
+    let out = run(s.stage().args(["--json", "verify"]));
+    assert_eq!(out.status.code(), Some(5), "{out:?}");
+    let doc = json(&String::from_utf8_lossy(&out.stdout));
+    let problem = doc["stages"][0]["generation"].as_str().unwrap_or_default().to_owned();
+    assert!(problem.contains(what) && problem.contains("repair app-server"), "{doc}");
+    let status = json(&ok(s.stage().args(["--json", "status"])));
+    let listed = json(&ok(s.stage().args(["--json", "list"])));
+    if what != "differ" {
+        // status and list look without reading every file: they see what is gone.
+        assert!(status["stages"][0]["problem"].as_str().unwrap_or_default().contains(what), "{status}");
+        let mine = listed["stages"].as_array().unwrap().iter().find(|x| x["status"] == "deployed").unwrap();
+        assert!(mine["problem"].as_str().unwrap_or_default().contains(what), "{listed}");
+    }
+}
+
+#[test]
+fn a_missing_or_damaged_generation_is_named_and_rebuilt_from_the_store() {
+    let s = Scratch::trusted();
+    let archive = app_upgraded(&s);
+    let host = host_tree(&s.root());
+    let post = snapshot_names(&s).into_iter().rfind(|n| n.starts_with("post-app-server-")).unwrap();
+    let generation = fs::read_link(staging(&s).join("app-server")).unwrap();
+    let gen_dir = staging(&s).join(&generation);
+
+    // The guide's step on a plain root: the generation is deleted through the stage link.
+    fs::remove_dir_all(&gen_dir).unwrap();
+    verify_names(&s, "is missing");
+    let (code, err) = fails(s.stage().args(["restore", "--yes", &post]));
+    assert_ne!(code, 0, "{err}");
+    ok(s.stage().args(["--dry-run", "repair"]));
+    assert!(!gen_dir.exists(), "--dry-run repaired");
+    let r = json(&ok(s.stage().args(["--json", "repair"])));
+    assert_eq!(r["checks"][0]["command"], "app", "repair runs the stage's verify commands: {r}");
+    ok(s.stage().arg("verify"));
+    assert_eq!(fs::read_link(staging(&s).join("app-server")).unwrap(), generation, "not rebuilt in place");
+    assert_eq!(host_tree(&s.root()), host);
+    // The snapshots naming it can be restored again.
+    ok(s.stage().args(["restore", "--yes", &post]));
+    let r = json(&ok(s.stage().args(["--json", "repair"])));
+    assert!(r["steps"].as_array().unwrap().is_empty(), "an intact host needs no repair: {r}");
+
+    // `rm -rf staging/app-server/` empties the generation; `rm -rf staging/app-server` takes the link.
+    ok(std::process::Command::new("rm").arg("-rf").arg(format!("{}/", staging(&s).join("app-server").display())));
+    assert!(gen_dir.is_dir() && fs::read_dir(&gen_dir).unwrap().count() == 0);
+    verify_names(&s, "manifest.json is missing");
+    ok(std::process::Command::new("rm").arg("-rf").arg(staging(&s).join("app-server")));
+    verify_names(&s, "stage link is missing");
+    ok(s.stage().args(["repair", "app"]));
+    ok(s.stage().arg("verify"));
+    assert_eq!(host_tree(&s.root()), host);
+
+    // One changed byte: only verify (which reads every file) sees it; deploying the same
+    // image again rebuilds it.
+    let staged = gen_dir.join("bin/app");
+    fs::write(&staged, "#!/bin/sh\necho tampered\n").unwrap();
+    verify_names(&s, "differ");
+    let r = json(&ok(s.stage().args(["--json", "deploy"]).arg(&archive)));
+    assert!(r["deployed"][0]["operation"].as_str().unwrap().starts_with("repair app-server"), "{r}");
+    ok(s.stage().arg("verify"));
+    assert_eq!(fs::read_to_string(&staged).unwrap(), "#!/bin/sh\necho app 1.1.0\n");
+    assert_eq!(fs::read_dir(staging(&s).join("journal/stash")).unwrap().count(), 0, "the damaged tree was kept");
+
+    // Without the image in the store, repair says which image to bring.
+    fs::remove_dir_all(s.root().join("var/lib/op-dbus/deployment/images")).unwrap();
+    fs::remove_dir_all(&gen_dir).unwrap();
+    let (code, err) = fails(s.stage().arg("repair"));
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("app-server:1.1.0") && err.contains("receive FILE.oci.tar"), "{err}");
+    assert!(!gen_dir.exists());
+    // Bringing it: deploy of the same image rebuilds it.
+    ok(s.stage().arg("deploy").arg(&archive));
+    ok(s.stage().arg("verify"));
+    assert_eq!(host_tree(&s.root()), host);
+}
