@@ -12,7 +12,6 @@ use cli_support::docs::Shell;
 use cli_support::{GlobalArgs, Output};
 use serde::Serialize;
 
-
 use crate::error;
 use crate::ops::{self, Ctx, Options};
 use crate::receive::Source;
@@ -435,8 +434,7 @@ pub fn run(cli: Cli) -> Result<i32> {
                     ops::restore(&ctx, &snap)?
                 }
                 (stages, false, None) => {
-                    let named =
-                        stages.iter().map(|s| crate::names::deployed(&ctx, s)).collect::<Result<Vec<_>>>()?;
+                    let named = stages.iter().map(|s| crate::names::deployed(&ctx, s)).collect::<Result<Vec<_>>>()?;
                     ops::rollback(&ctx, &named)?
                 }
                 (_, true, None) => ops::rollback(&ctx, &[])?,

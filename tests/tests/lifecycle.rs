@@ -50,7 +50,10 @@ fn guide_stages(s: &Scratch, version: &str, verify3: &str) -> Vec<String> {
             name,
             version,
             &extra,
-            &[(&format!("bin/tool{n}"), &format!("#!/bin/sh\necho {name} {version}\n")), (&format!("etc/ops{n}"), "ours\n")],
+            &[
+                (&format!("bin/tool{n}"), &format!("#!/bin/sh\necho {name} {version}\n")),
+                (&format!("etc/ops{n}"), "ours\n"),
+            ],
         );
         s.build(&dir)
     };
@@ -128,10 +131,10 @@ fn rollback_all_with_kept_generations_goes_back_one_generation() {
     // Stage 1 has a kept generation, stage 2 none: --all takes stage 1 back only.
     ok(s.stage().args(["rollback", "--all"]));
     let d = deployed(&s);
-    assert_eq!(d.iter().map(|x| (x.0.as_str(), x.1.as_str())).collect::<Vec<_>>(), [
-        ("stage-1-core-dbus", "1.0.0"),
-        ("stage-2-plugins", "1.1.0")
-    ]);
+    assert_eq!(
+        d.iter().map(|x| (x.0.as_str(), x.1.as_str())).collect::<Vec<_>>(),
+        [("stage-1-core-dbus", "1.0.0"), ("stage-2-plugins", "1.1.0")]
+    );
     // Then rollback of stage 2 by prefix (first generation) and remove of stage 1 by prefix.
     ok(s.stage().args(["rollback", "stage-2"]));
     assert_eq!(host_tree(&s.root()), after_v1);
@@ -216,10 +219,13 @@ fn app_upgraded(s: &Scratch) -> PathBuf {
     let files = "files:\n  - path: bin/app\n    target: /usr/local/bin/app\n  - path: etc/app.conf\n    \
                  target: /etc/op-dbus/app.conf\n    type: copy\nverify:\n  - command: \"app\"\n    timeout: 10s\n";
     for v in ["1.0.0", "1.1.0"] {
-        let dir = stage_dir(s.dir.path(), "app-server", v, files, &[
-            ("bin/app", &format!("#!/bin/sh\necho app {v}\n")),
-            ("etc/app.conf", "conf\n"),
-        ]);
+        let dir = stage_dir(
+            s.dir.path(),
+            "app-server",
+            v,
+            files,
+            &[("bin/app", &format!("#!/bin/sh\necho app {v}\n")), ("etc/app.conf", "conf\n")],
+        );
         let r = s.build(&dir);
         ok(s.stage().arg("deploy").arg(s.export(&[&r], &format!("app-{v}.oci.tar"))));
     }

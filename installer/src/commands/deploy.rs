@@ -71,9 +71,9 @@ pub fn deploy(ctx: &Ctx, sources: &[Source], batch: Batch, activate: bool) -> Re
     if batch == Batch::Whole {
         twice(&images)?;
         let state = ctx.state()?;
-        let (fresh, active): (Vec<Image>, Vec<Image>) = images
-            .into_iter()
-            .partition(|(_, v)| !state.stages.get(&v.candidate().config.name).is_some_and(|s| s.active.digest == v.digest));
+        let (active, fresh): (Vec<Image>, Vec<Image>) = images.into_iter().partition(|(_, v)| {
+            state.stages.get(&v.candidate().config.name).is_some_and(|s| s.active.digest == v.digest)
+        });
         // An active image whose generation went missing or was damaged rebuilds it first.
         let mut broken = Vec::new();
         for (r, v) in active {
@@ -312,7 +312,8 @@ fn deploy_batch(ctx: &Ctx, trust: &Trust, store: &Layout, images: &[Image], stat
         ],
         drop_generations: Vec::new(),
     };
-    let operation = format!("deploy {}", images.iter().map(|(_, v)| v.reference.as_str()).collect::<Vec<_>>().join(" "));
+    let operation =
+        format!("deploy {}", images.iter().map(|(_, v)| v.reference.as_str()).collect::<Vec<_>>().join(" "));
     let after = plan.after.clone();
     execute(ctx, operation, state, plan, &names, cleanup).map(|r| (r, after))
 }

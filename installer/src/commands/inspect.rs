@@ -183,7 +183,13 @@ pub fn verify(ctx: &Ctx, only: Option<&StageName>) -> Result<VerifyReport> {
         // Without its tree (or its manifest) there is nothing to check the files against,
         // and the verify commands would run in a folder that is not there.
         if health.generation != GenerationHealth::Intact {
-            stages.push(StageVerify { name: name.to_string(), generation, links, files: Vec::new(), checks: Vec::new() });
+            stages.push(StageVerify {
+                name: name.to_string(),
+                generation,
+                links,
+                files: Vec::new(),
+                checks: Vec::new(),
+            });
             continue;
         }
         let config = ctx.config_of(name, s.active.generation)?;

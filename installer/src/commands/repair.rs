@@ -6,7 +6,7 @@
 //! checked again against today's trust store, and the rebuilt tree against the signed
 //! manifest, as a deploy does; then the stage's verify commands run. When the store lacks
 //! the image, the error names the image to bring. `deploy` of an image that is active but
-//! whose generation is broken rebuilds it the same way ([`rebuild`]).
+//! whose generation is broken rebuilds it the same way (`rebuild`).
 
 use std::fs;
 use std::path::Path;
@@ -48,8 +48,8 @@ impl Health {
         self.generation == GenerationHealth::Intact && self.link.is_none()
     }
 
-    /// One line for people (`status`, `list`, `verify`), or none when all is well.
-    pub fn problem(&self, stage: &StageName, generation: u64) -> Option<String> {
+    /// What is wrong, or none when all is well.
+    pub fn what(&self, generation: u64) -> Option<String> {
         let mut parts = Vec::new();
         match &self.generation {
             GenerationHealth::Intact => {}
@@ -59,10 +59,12 @@ impl Health {
         if let Some(l) = &self.link {
             parts.push(format!("the stage link {l}"));
         }
-        if parts.is_empty() {
-            return None;
-        }
-        Some(format!("{}; `op-dbus-stage repair {stage}` rebuilds it from the image store", parts.join("; ")))
+        (!parts.is_empty()).then(|| parts.join("; "))
+    }
+
+    /// [`Health::what`] with the command that mends it, for `status`, `list` and `verify`.
+    pub fn problem(&self, stage: &StageName, generation: u64) -> Option<String> {
+        self.what(generation).map(|w| format!("{w}; `op-dbus-stage repair {stage}` rebuilds it from the image store"))
     }
 }
 
@@ -184,8 +186,8 @@ pub(crate) fn stored_image(
     if c.config.name != *stage {
         return Err(crate::error::Untrusted(format!("{what}: the stored image is of {}", c.config.name)).into());
     }
-    let verified = receive::verify(c, trust, ctx.opts.allow_expired)
-        .map_err(|e| e.context(format!("checking {what} again")))?;
+    let verified =
+        receive::verify(c, trust, ctx.opts.allow_expired).map_err(|e| e.context(format!("checking {what} again")))?;
     Ok(Some(verified))
 }
 
@@ -251,8 +253,8 @@ pub(crate) fn rebuild(
     }
     for b in &broken {
         let g = state.stages[&b.stage].active.generation;
-        if let Some(p) = b.health.problem(&b.stage, g) {
-            plan.notes.push(format!("{}: {p}", b.stage));
+        if let Some(w) = b.health.what(g) {
+            plan.notes.push(format!("{}: {w}", b.stage));
         }
     }
     let needs_tree = |b: &Broken| b.health.generation != GenerationHealth::Intact;
@@ -326,20 +328,23 @@ mod tests {
     #[test]
     fn a_missing_generation_is_put_back_and_a_damaged_one_set_aside_first() {
         let before = state();
-        let plan = plan_repair(&before, &[
-            broken("a", GenerationHealth::Missing, false),
-            broken("b", GenerationHealth::Damaged("x".into()), true),
-        ]);
-        assert_eq!(plan.steps, vec![
-            Step::RebuildGeneration { stage: n("a"), generation: 3, tmp: "repair-10-a".into(), aside: None },
-            Step::RebuildGeneration {
-                stage: n("b"),
-                generation: 4,
-                tmp: "repair-10-b".into(),
-                aside: Some("g10-b".into())
-            },
-            Step::SetStageLink { stage: n("b"), from: None, to: Some(4) },
-        ]);
+        let plan = plan_repair(
+            &before,
+            &[broken("a", GenerationHealth::Missing, false), broken("b", GenerationHealth::Damaged("x".into()), true)],
+        );
+        assert_eq!(
+            plan.steps,
+            vec![
+                Step::RebuildGeneration { stage: n("a"), generation: 3, tmp: "repair-10-a".into(), aside: None },
+                Step::RebuildGeneration {
+                    stage: n("b"),
+                    generation: 4,
+                    tmp: "repair-10-b".into(),
+                    aside: Some("g10-b".into())
+                },
+                Step::SetStageLink { stage: n("b"), from: None, to: Some(4) },
+            ]
+        );
         // The deployed state is what it was: the same generations, numbers and all.
         assert_eq!(plan.after.stages, before.stages);
         assert_eq!(plan.after.txid, 10);

@@ -10,10 +10,10 @@ use formats::StageName;
 use formats::layout::Layout;
 
 use crate::admit;
+use crate::commands::repair::stored_image;
 use crate::error::{Refused, Usage};
 use crate::ops::{Ctx, Report, execute};
 use crate::plan;
-use crate::commands::repair::stored_image;
 use crate::receive::Trust;
 use crate::snapshot;
 use crate::state::{Generation, StageState};
@@ -126,10 +126,8 @@ mod tests {
     use crate::state::{Activation, Generation, StageState};
 
     fn generation(n: u64, needs: &[&str]) -> Generation {
-        let dependencies = needs
-            .iter()
-            .map(|d| formats::manifest::Dependency { stage: d.parse().unwrap(), req: None })
-            .collect();
+        let dependencies =
+            needs.iter().map(|d| formats::manifest::Dependency { stage: d.parse().unwrap(), req: None }).collect();
         Generation {
             generation: n,
             digest: Digest::of(&n.to_be_bytes()),

@@ -274,7 +274,10 @@ impl HostFs for MemFs {
         if w.generations.contains_key(&key) {
             bail!(".generations/{stage}/{generation} is not free");
         }
-        let tree = w.kept.remove(&(Kept::Stash, name.to_owned())).ok_or_else(|| anyhow!("journal/stash/{name} does not exist"))?;
+        let tree = w
+            .kept
+            .remove(&(Kept::Stash, name.to_owned()))
+            .ok_or_else(|| anyhow!("journal/stash/{name} does not exist"))?;
         w.generations.insert(key, tree);
         Ok(())
     }
