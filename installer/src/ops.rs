@@ -234,10 +234,15 @@ pub(crate) fn execute(
     ctx: &Ctx,
     operation: String,
     before: State,
-    plan: Plan,
+    mut plan: Plan,
     check: &[StageName],
     mut cleanup: Cleanup,
 ) -> Result<Report> {
+    plan.after.note_trimmed(&before);
+    // A snapshot of the state after (a deploy's post- one) records the same.
+    for (_, s) in cleanup.snapshots.iter_mut().filter(|(_, s)| s.txid == plan.after.txid) {
+        s.trimmed = plan.after.trimmed.clone();
+    }
     let mut report = Report {
         operation: operation.clone(),
         dry_run: ctx.opts.dry_run,

@@ -399,7 +399,12 @@ impl Journal {
         if stash.exists() {
             // One by one: a generation set aside on btrfs is a subvolume.
             for e in fs::read_dir(&stash).with_context(|| format!("reading {}", stash.display()))? {
-                remove_tree(&e?.path())?;
+                let p = e?.path();
+                if p.symlink_metadata().is_ok_and(|m| m.is_dir()) {
+                    remove_tree(&p)?;
+                } else {
+                    fs::remove_file(&p).with_context(|| format!("removing {}", p.display()))?;
+                }
             }
         }
         fs::remove_file(staging.journal_file())

@@ -312,3 +312,23 @@ fn a_missing_or_damaged_generation_is_named_and_rebuilt_from_the_store() {
     ok(s.stage().arg("verify"));
     assert_eq!(host_tree(&s.root()), host);
 }
+
+#[test]
+fn rollback_stops_at_the_oldest_kept_generation_once_older_ones_are_deleted() {
+    let s = Scratch::trusted();
+    // Four versions: a deploy keeps two previous generations, so the first is deleted.
+    for v in ["1.0.0", "1.1.0", "1.2.0", "1.3.0"] {
+        let r = guide_stages(&s, v, "tool3");
+        ok(s.stage().arg("deploy").arg(export(&s, &r[..1], &format!("s1-{v}.oci.tar"))));
+    }
+    ok(s.stage().args(["rollback", "stage-1"]));
+    ok(s.stage().args(["rollback", "stage-1"]));
+    assert_eq!(deployed(&s)[0].1, "1.1.0");
+    // 1.1.0 was not the stage's first generation: no removal.
+    let (code, err) = fails(s.stage().args(["rollback", "stage-1"]));
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("no previous generation") && err.contains("older ones were deleted"), "{err}");
+    let (code, err) = fails(s.stage().args(["rollback", "--all"]));
+    assert_eq!(code, 1, "{err}");
+    assert_eq!(deployed(&s)[0].1, "1.1.0");
+}

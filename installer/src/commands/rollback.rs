@@ -2,7 +2,7 @@
 //! generation (re-admitted against today's trust and policy), or, for a stage on its first
 //! generation, to the host as before it was deployed; then apply it.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use anyhow::{Result, bail};
 
@@ -50,15 +50,22 @@ pub struct Back {
 /// Plans `rollback STAGE...` (`named`) or `rollback --all` (`named` empty) on `stages`: a
 /// stage with a kept generation goes back to it; a stage on its first generation is
 /// removed. `--all` takes back every stage with a kept generation, or, when every stage is
-/// on its first one, removes them all (the host as before the earliest deploy). A stage
-/// removed while another that stays depends on it is refused (exit 4).
-pub fn plan_back(stages: &BTreeMap<StageName, StageState>, named: &[StageName]) -> Result<Back> {
+/// on its first one, removes them all (the host as before the earliest deploy). A stage in
+/// `trimmed` has had older generations deleted: without a kept one it is refused, not
+/// removed. A stage removed while another that stays depends on it is refused (exit 4).
+pub fn plan_back(
+    stages: &BTreeMap<StageName, StageState>,
+    trimmed: &BTreeSet<StageName>,
+    named: &[StageName],
+) -> Result<Back> {
     let targets: Vec<StageName> = if !named.is_empty() {
         named.to_vec()
     } else if stages.values().any(|s| !s.previous.is_empty()) {
         stages.iter().filter(|(_, s)| !s.previous.is_empty()).map(|(n, _)| n.clone()).collect()
     } else if stages.is_empty() {
         bail!("nothing is deployed, so there is nothing to roll back");
+    } else if !trimmed.is_empty() {
+        bail!("no stage has a previous generation to roll back to");
     } else {
         stages.keys().cloned().collect()
     };
@@ -75,6 +82,12 @@ pub fn plan_back(stages: &BTreeMap<StageName, StageState>, named: &[StageName]) 
             Some(prev) => {
                 s.active = prev;
                 back.to_previous.push(name.clone());
+            }
+            None if trimmed.contains(name) => {
+                bail!(
+                    "{name} has no previous generation to roll back to (older ones were deleted); \
+                     `op-dbus-stage remove {name}` takes it away"
+                );
             }
             None => {
                 back.desired.remove(name);
@@ -101,7 +114,7 @@ pub fn plan_back(stages: &BTreeMap<StageName, StageState>, named: &[StageName]) 
 #[tracing::instrument(name = "rollback", skip(ctx), fields(dry_run = ctx.opts.dry_run))]
 pub fn rollback(ctx: &Ctx, stages: &[StageName]) -> Result<Report> {
     let state = ctx.state()?;
-    let back = plan_back(&state.stages, stages)?;
+    let back = plan_back(&state.stages, &state.trimmed, stages)?;
     let (trust, store) = (Trust::load(&ctx.host)?, ctx.store()?);
     for name in &back.to_previous {
         readmit(ctx, &trust, &store, name, &back.desired[name].active)?;
@@ -118,7 +131,7 @@ pub fn rollback(ctx: &Ctx, stages: &[StageName]) -> Result<Report> {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeMap;
+    use std::collections::{BTreeMap, BTreeSet};
 
     use formats::{Digest, StageName};
 
@@ -156,24 +169,39 @@ mod tests {
         s.parse().unwrap()
     }
 
+    fn none() -> BTreeSet<StageName> {
+        BTreeSet::new()
+    }
+
+    #[test]
+    fn a_stage_whose_older_generations_were_deleted_is_not_rolled_away() {
+        let st = stages(&[("a", &[4], &[]), ("b", &[5], &[])]);
+        let trimmed = BTreeSet::from([n("a")]);
+        let e = plan_back(&st, &trimmed, &[n("a")]).unwrap_err().to_string();
+        assert!(e.contains("no previous generation") && e.contains("older ones were deleted"), "{e}");
+        assert!(plan_back(&st, &trimmed, &[n("b")]).unwrap().removed == vec![n("b")]);
+        let e = plan_back(&st, &trimmed, &[]).unwrap_err().to_string();
+        assert!(e.contains("no stage has a previous generation"), "{e}");
+    }
+
     #[test]
     fn a_first_generation_goes_away_and_a_later_one_goes_back() {
         let st = stages(&[("a", &[1], &[]), ("b", &[2, 3], &[])]);
-        let back = plan_back(&st, &[n("a"), n("b")]).unwrap();
+        let back = plan_back(&st, &none(), &[n("a"), n("b")]).unwrap();
         assert_eq!(back.removed, vec![n("a")]);
         assert_eq!(back.to_previous, vec![n("b")]);
         assert!(!back.desired.contains_key(&n("a")));
         assert_eq!(back.desired[&n("b")].active.generation, 2);
         assert!(back.desired[&n("b")].previous.is_empty());
         // A name given twice is taken back once.
-        let back = plan_back(&st, &[n("b"), n("b")]).unwrap();
+        let back = plan_back(&st, &none(), &[n("b"), n("b")]).unwrap();
         assert_eq!(back.desired[&n("b")].active.generation, 2);
     }
 
     #[test]
     fn all_takes_back_the_stages_with_kept_generations_only() {
         let st = stages(&[("a", &[1], &[]), ("b", &[2, 3], &[])]);
-        let back = plan_back(&st, &[]).unwrap();
+        let back = plan_back(&st, &none(), &[]).unwrap();
         assert_eq!((back.to_previous, back.removed), (vec![n("b")], vec![]));
         assert!(back.desired.contains_key(&n("a")));
     }
@@ -181,20 +209,20 @@ mod tests {
     #[test]
     fn all_on_first_generations_returns_to_before_the_earliest_deploy() {
         let st = stages(&[("core", &[1], &[]), ("net", &[2], &["core"]), ("flow", &[3], &["net"])]);
-        let back = plan_back(&st, &[]).unwrap();
+        let back = plan_back(&st, &none(), &[]).unwrap();
         assert!(back.desired.is_empty());
         assert_eq!(back.removed.len(), 3);
-        assert!(plan_back(&BTreeMap::new(), &[]).unwrap_err().to_string().contains("nothing is deployed"));
+        assert!(plan_back(&BTreeMap::new(), &none(), &[]).unwrap_err().to_string().contains("nothing is deployed"));
     }
 
     #[test]
     fn removing_a_stage_another_needs_is_refused_with_exit_4() {
         let st = stages(&[("core", &[1], &[]), ("net", &[2], &["core"])]);
-        let e = plan_back(&st, &[n("core")]).unwrap_err();
+        let e = plan_back(&st, &none(), &[n("core")]).unwrap_err();
         assert!(e.to_string().contains("net depends on it"), "{e}");
         assert!(e.downcast_ref::<crate::error::Refused>().is_some());
         // Both at once is fine: nothing that stays needs core.
-        assert!(plan_back(&st, &[n("net"), n("core")]).unwrap().desired.is_empty());
-        assert!(plan_back(&st, &[n("web")]).unwrap_err().to_string().contains("web is not deployed"));
+        assert!(plan_back(&st, &none(), &[n("net"), n("core")]).unwrap().desired.is_empty());
+        assert!(plan_back(&st, &none(), &[n("web")]).unwrap_err().to_string().contains("web is not deployed"));
     }
 }
