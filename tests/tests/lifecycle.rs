@@ -204,7 +204,10 @@ fn a_batch_is_one_transaction_with_one_pre_and_one_post_snapshot() {
     let r = json(&ok(s.stage().args(["--json", "deploy"]).args(&sources)));
     assert_eq!(r["skipped"].as_array().unwrap().len(), 1, "{r}");
     assert_eq!(r["deployed"].as_array().unwrap().len(), 1, "{r}");
-    // One stage twice in one batch is refused; stdin can be read once.
+    // The same image twice is deployed once; one stage twice in one batch is refused;
+    // stdin can be read once.
+    let r = json(&ok(s.stage().args(["--json", "deploy"]).args([&sources[1], &sources[1]])));
+    assert_eq!(r["skipped"].as_array().unwrap().len(), 1, "{r}");
     let v2 = guide_stages(&s, "1.1.0", "tool3");
     let twice = export(&s, &v2[..1], "s1-v2.oci.tar");
     let (code, err) = fails(s.stage().arg("deploy").arg(&twice).arg(&sources[0]));

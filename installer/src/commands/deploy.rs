@@ -67,7 +67,11 @@ pub fn deploy(ctx: &Ctx, sources: &[Source], batch: Batch, activate: bool) -> Re
         }
         return Ok(report);
     }
-    let images = order(all.iter().flat_map(|r| r.images.iter().map(move |v| (r, v))).collect());
+    // The same image named twice (two sources holding it) is deployed once.
+    let mut seen = BTreeSet::new();
+    let images: Vec<Image> =
+        all.iter().flat_map(|r| r.images.iter().map(move |v| (r, v))).filter(|(_, v)| seen.insert(v.digest)).collect();
+    let images = order(images);
     if batch == Batch::Whole {
         twice(&images)?;
         let state = ctx.state()?;
