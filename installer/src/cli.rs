@@ -146,6 +146,10 @@ pub struct DeployOpts {
     /// before a failing one stay deployed.
     #[arg(long)]
     pub each: bool,
+    /// Also deploy, in the same transaction, the stages the images depend on that are not
+    /// deployed in a matching version: the highest matching version in the host's store.
+    #[arg(long)]
+    pub with_deps: bool,
 }
 
 /// Where `deploy` and `receive` take images from, and how to reach a registry.
@@ -401,7 +405,7 @@ pub fn run(cli: Cli) -> Result<i32> {
         }
         Command::Deploy(o) | Command::DeployFromImage(o) => {
             let batch = if o.each { ops::Batch::Each } else { ops::Batch::Whole };
-            deploy(&opts, out, &o.source, Some(batch))?
+            deploy(&opts, out, &o.source, Some((batch, o.with_deps)))?
         }
         Command::Receive(o) => deploy(&opts, out, &o, None)?,
         Command::List => {
@@ -641,8 +645,9 @@ fn confirm_restore(ctx: &Ctx, snapshot: &str, yes: bool) -> Result<()> {
         .into())
 }
 
-/// `deploy` (with how to apply several images) and `receive` (`batch` none).
-fn deploy(opts: &Options, out: Output, o: &SourceOpts, batch: Option<ops::Batch>) -> Result<()> {
+/// `deploy` (with how to apply several images, and whether to add their dependencies) and
+/// `receive` (`batch` none).
+fn deploy(opts: &Options, out: Output, o: &SourceOpts, batch: Option<(ops::Batch, bool)>) -> Result<()> {
     let activate = batch.is_some();
     if o.source.iter().filter(|s| *s == "-").count() > 1 {
         return Err(error::Usage("stdin (`-`) can be read once: name it as one SOURCE only".into()).into());
@@ -661,7 +666,8 @@ fn deploy(opts: &Options, out: Output, o: &SourceOpts, batch: Option<ops::Batch>
         &format!("{} {}", if activate { "deploying" } else { "receiving" }, o.source.join(" ")),
         opts.quiet,
     );
-    let r = ops::deploy(&ctx, &sources, batch.unwrap_or(ops::Batch::Whole), activate);
+    let (how, with_deps) = batch.unwrap_or((ops::Batch::Whole, false));
+    let r = ops::deploy(&ctx, &sources, how, with_deps, activate);
     bar.finish_and_clear();
     let r = r?;
     out.emit(&r, |r| {

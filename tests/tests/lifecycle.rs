@@ -335,3 +335,33 @@ fn rollback_stops_at_the_oldest_kept_generation_once_older_ones_are_deleted() {
     assert_eq!(code, 1, "{err}");
     assert_eq!(deployed(&s)[0].1, "1.1.0");
 }
+
+#[test]
+fn with_deps_deploys_the_stored_dependencies_in_the_same_transaction() {
+    let s = Scratch::trusted();
+    let refs = guide_stages(&s, "1.0.0", "tool3");
+    // The host has received stages 1 and 2 (two versions of stage 1), deployed nothing.
+    let v11 = guide_stages(&s, "1.1.0", "tool3");
+    ok(s.stage().arg("receive").arg(export(&s, &refs[..2], "s12.oci.tar")).arg(export(&s, &v11[..1], "s1b.oci.tar")));
+    let s3 = export(&s, &refs[2..], "s3.oci.tar");
+    let (code, err) = fails(s.stage().arg("deploy").arg(&s3));
+    assert_eq!(code, 4, "{err}");
+    let dry = json(&ok(s.stage().args(["--json", "--dry-run", "deploy", "--with-deps"]).arg(&s3)));
+    assert!(deployed(&s).is_empty(), "--dry-run deployed");
+    let r = json(&ok(s.stage().args(["--json", "deploy", "--with-deps"]).arg(&s3)));
+    assert_eq!(r["deployed"].as_array().unwrap().len(), 1, "{r}");
+    assert_eq!(r["deployed"][0]["steps"], dry["deployed"][0]["steps"]);
+    let got: Vec<(String, String)> = deployed(&s).into_iter().map(|d| (d.0, d.1)).collect();
+    assert_eq!(
+        got,
+        [
+            ("stage-1-core-dbus".to_owned(), "1.1.0".to_owned()),
+            ("stage-2-plugins".to_owned(), "1.0.0".to_owned()),
+            ("stage-3-openflow".to_owned(), "1.0.0".to_owned())
+        ]
+    );
+    // Nothing missing: nothing added.
+    ok(s.stage().args(["rollback", "stage-3"]));
+    let r = json(&ok(s.stage().args(["--json", "deploy", "--with-deps"]).arg(&s3)));
+    assert_eq!(r["received"].as_array().unwrap().len(), 1, "{r}");
+}

@@ -14,7 +14,7 @@ use formats::layout::Layout;
 use formats::manifest::MAX_CONFIG_BYTES;
 
 use crate::admit;
-use crate::commands::repair;
+use crate::commands::{repair, with_deps};
 use crate::error::{Malformed, Refused, Usage};
 use crate::ops::{Ctx, Report, execute, now};
 use crate::plan;
@@ -44,7 +44,7 @@ pub enum Batch {
 type Image<'a> = (&'a Received, &'a Verified);
 
 #[tracing::instrument(name = "deploy", skip_all, fields(sources = sources.len(), activate, dry_run = ctx.opts.dry_run))]
-pub fn deploy(ctx: &Ctx, sources: &[Source], batch: Batch, activate: bool) -> Result<DeployReport> {
+pub fn deploy(ctx: &Ctx, sources: &[Source], batch: Batch, with_deps: bool, activate: bool) -> Result<DeployReport> {
     let trust = Trust::load(&ctx.host)?;
     let store = ctx.store()?;
     // Received blobs wait in the store's own temp area, so that storing them is a rename
@@ -53,6 +53,9 @@ pub fn deploy(ctx: &Ctx, sources: &[Source], batch: Batch, activate: bool) -> Re
     let mut all = Vec::new();
     for source in sources {
         all.push(receive::receive(source, &recv_tmp, &store, &trust, ctx.opts.allow_expired)?);
+    }
+    if with_deps && activate {
+        add_dependencies(ctx, &store, &trust, &mut all, &recv_tmp)?;
     }
     let mut report = DeployReport {
         received: all.iter().flat_map(|r| r.images.iter().cloned()).collect(),
@@ -124,6 +127,44 @@ pub fn deploy(ctx: &Ctx, sources: &[Source], batch: Batch, activate: bool) -> Re
         report.deployed.push(r);
     }
     Ok(report)
+}
+
+/// `--with-deps`: receives from the host's store the stages the images depend on that
+/// neither the images nor the deployed stages satisfy, until nothing is missing.
+fn add_dependencies(
+    ctx: &Ctx,
+    store: &Layout,
+    trust: &Trust,
+    all: &mut Vec<Received>,
+    tmp: &std::path::Path,
+) -> Result<()> {
+    let state = ctx.state()?;
+    let deployed = state.stages.iter().map(|(n, s)| (n.clone(), s.active.version.clone())).collect();
+    let stored: Vec<formats::Reference> = store
+        .index()?
+        .manifests
+        .iter()
+        .filter_map(|d| d.annotation(formats::oci::ANNOTATION_REF_NAME))
+        .filter_map(|t| t.parse().ok())
+        .collect();
+    loop {
+        let members: Vec<with_deps::Member> = all
+            .iter()
+            .flat_map(|r| &r.images)
+            .map(|v| {
+                let c = &v.candidate().config;
+                (c.name.clone(), c.version.clone(), c.dependencies.clone())
+            })
+            .collect();
+        let add = with_deps::missing(&members, &deployed, &stored)?;
+        if add.is_empty() {
+            return Ok(());
+        }
+        for r in add {
+            let source = Source::Store(r.name, Some(r.version));
+            all.push(receive::receive(&source, tmp, store, trust, ctx.opts.allow_expired)?);
+        }
+    }
 }
 
 /// A batch holds each stage once: two versions of one stage in one transaction would make

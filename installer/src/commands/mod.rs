@@ -14,3 +14,4 @@ pub mod repair;
 pub mod restore;
 pub mod rollback;
 pub mod trust;
+pub mod with_deps;
