@@ -270,6 +270,7 @@ fn a_missing_or_damaged_generation_is_named_and_rebuilt_from_the_store() {
     verify_names(&s, "is missing");
     let (code, err) = fails(s.stage().args(["restore", "--yes", &post]));
     assert_ne!(code, 0, "{err}");
+    assert!(err.contains("repair app-server"), "{err}");
     ok(s.stage().args(["--dry-run", "repair"]));
     assert!(!gen_dir.exists(), "--dry-run repaired");
     let r = json(&ok(s.stage().args(["--json", "repair"])));
