@@ -12,8 +12,6 @@ use cli_support::docs::Shell;
 use cli_support::{GlobalArgs, Output};
 use serde::Serialize;
 
-use formats::StageName;
-
 use crate::error;
 use crate::ops::{self, Ctx, Options};
 use crate::receive::Source;
@@ -62,20 +60,20 @@ pub enum Command {
     /// Enable or disable host features (for a stage's `requires_feature`).
     #[command(subcommand)]
     Feature(FeatureCommand),
-    /// Verify, receive and activate images from SOURCE.
-    Deploy(SourceOpts),
+    /// Verify, receive and activate the images of every SOURCE: all of them or none.
+    Deploy(DeployOpts),
     /// Same as deploy (the name the users' documents use).
-    DeployFromImage(SourceOpts),
-    /// Verify and store images from SOURCE without activating them.
+    DeployFromImage(DeployOpts),
+    /// Verify and store images from each SOURCE without activating them.
     Receive(SourceOpts),
     /// Deployed stages and the images available in the store.
     List,
     /// What is deployed, by whom signed, unfinished transactions, broken links.
     Status,
-    /// Check links, staged files against their signed hashes, and verify commands.
+    /// Check generations, links, staged files against their signed hashes, and verify commands.
     Verify {
-        /// Only this stage (default: every deployed stage).
-        stage: Option<StageName>,
+        /// Only this stage, by its name or a unique prefix of it (default: every deployed stage).
+        stage: Option<String>,
     },
     /// Go back to the previous generation of STAGE (or of every stage, or to a snapshot).
     Rollback(RollbackOpts),
@@ -91,13 +89,20 @@ pub enum Command {
     },
     /// Deactivate a stage: remove its links and copies, restore what they displaced.
     Remove {
-        /// The deployed stage to remove.
-        stage: StageName,
+        /// The deployed stage to remove (its name or a unique prefix of it).
+        stage: String,
+    },
+    /// Rebuild missing or damaged generations (and stage links) from the image store.
+    Repair {
+        /// The stages to repair, by their names or unique prefixes (default: every deployed
+        /// stage that needs it).
+        #[arg(value_name = "STAGE")]
+        stages: Vec<String>,
     },
     /// Put back missing or changed links of a stage.
     FixSymlinks {
-        /// The deployed stage whose links to repair.
-        stage: StageName,
+        /// The deployed stage whose links to repair (its name or a unique prefix of it).
+        stage: String,
     },
     /// Delete old generations, keeping N per stage (and those snapshots need).
     Gc {
@@ -132,13 +137,29 @@ pub enum Command {
     },
 }
 
+/// `deploy` and `deploy-from-image`: the sources, and how to apply several images.
+#[derive(Debug, Args)]
+pub struct DeployOpts {
+    #[command(flatten)]
+    pub source: SourceOpts,
+    /// One transaction per image, in dependency order, instead of one for all: the images
+    /// before a failing one stay deployed.
+    #[arg(long)]
+    pub each: bool,
+    /// Also deploy, in the same transaction, the stages the images depend on that are not
+    /// deployed in a matching version: the highest matching version in the host's store.
+    #[arg(long)]
+    pub with_deps: bool,
+}
+
 /// Where `deploy` and `receive` take images from, and how to reach a registry.
 #[derive(Debug, Args)]
 pub struct SourceOpts {
     /// FILE.oci.tar, an OCI layout directory, NAME[:VERSION] of the local store (NAME alone:
     /// its highest version), HOST[:PORT]/REPO:TAG (or @sha256:...) in a registry, or - (an
-    /// .oci.tar on stdin).
-    pub source: String,
+    /// .oci.tar on stdin). Several sources are deployed together, as one archive is.
+    #[arg(required = true, value_name = "SOURCE")]
+    pub source: Vec<String>,
     #[command(flatten)]
     pub registry: crate::receive::RegistryOpts,
 }
@@ -185,9 +206,12 @@ pub enum FeatureCommand {
 #[derive(Debug, Args)]
 #[group(required = true, multiple = false)]
 pub struct RollbackOpts {
-    /// The stage to roll back to its previous generation.
-    pub stage: Option<StageName>,
-    /// Roll back every stage that has a previous generation.
+    /// The stages to roll back to their previous generation (their names or unique prefixes);
+    /// a stage on its first generation is removed, as before it was deployed.
+    #[arg(value_name = "STAGE")]
+    pub stage: Vec<String>,
+    /// Roll back every stage that has a previous generation; when every stage is on its
+    /// first generation, remove them all (the host as before the earliest deploy).
     #[arg(long)]
     pub all: bool,
     /// Return the whole host to this snapshot (as `restore`).
@@ -379,12 +403,15 @@ pub fn run(cli: Cli) -> Result<i32> {
                 d.features.iter().map(|f| format!("{f}\n")).collect()
             })?;
         }
-        Command::Deploy(o) | Command::DeployFromImage(o) => deploy(&opts, out, &o, true)?,
-        Command::Receive(o) => deploy(&opts, out, &o, false)?,
+        Command::Deploy(o) | Command::DeployFromImage(o) => {
+            let batch = if o.each { ops::Batch::Each } else { ops::Batch::Whole };
+            deploy(&opts, out, &o.source, Some((batch, o.with_deps)))?
+        }
+        Command::Receive(o) => deploy(&opts, out, &o, None)?,
         Command::List => {
             let ctx = Ctx::reading(&opts)?;
             let doc = ListDoc { stages: ops::list(&ctx)? };
-            out.emit(&doc, render_list)?;
+            out.emit(&doc, |d| render_list(d, &opts.root))?;
         }
         Command::Status => {
             let ctx = Ctx::reading(&opts)?;
@@ -393,6 +420,7 @@ pub fn run(cli: Cli) -> Result<i32> {
         }
         Command::Verify { stage } => {
             let ctx = Ctx::reading(&opts)?;
+            let stage = stage.map(|s| crate::names::deployed(&ctx, &s)).transpose()?;
             let bar = cli_support::progress::spinner("verifying links, staged files and checks", opts.quiet);
             let r = ops::verify(&ctx, stage.as_ref());
             bar.finish_and_clear();
@@ -409,8 +437,11 @@ pub fn run(cli: Cli) -> Result<i32> {
                     confirm_restore(&ctx, &snap, o.yes)?;
                     ops::restore(&ctx, &snap)?
                 }
-                (Some(stage), _, _) => ops::rollback(&ctx, &[stage])?,
-                _ => ops::rollback(&ctx, &[])?,
+                (stages, false, None) => {
+                    let named = stages.iter().map(|s| crate::names::deployed(&ctx, s)).collect::<Result<Vec<_>>>()?;
+                    ops::rollback(&ctx, &named)?
+                }
+                (_, true, None) => ops::rollback(&ctx, &[])?,
             };
             out.emit(&r, render_report)?;
         }
@@ -427,12 +458,18 @@ pub fn run(cli: Cli) -> Result<i32> {
         }
         Command::Remove { stage } => {
             let ctx = Ctx::changing(&opts)?;
-            let r = ops::remove(&ctx, &stage)?;
+            let r = ops::remove(&ctx, &crate::names::deployed(&ctx, &stage)?)?;
+            out.emit(&r, render_report)?;
+        }
+        Command::Repair { stages } => {
+            let ctx = Ctx::changing(&opts)?;
+            let named = stages.iter().map(|s| crate::names::deployed(&ctx, s)).collect::<Result<Vec<_>>>()?;
+            let r = ops::repair(&ctx, &named)?;
             out.emit(&r, render_report)?;
         }
         Command::FixSymlinks { stage } => {
             let ctx = Ctx::changing(&opts)?;
-            let r = ops::fix_symlinks(&ctx, &stage)?;
+            let r = ops::fix_symlinks(&ctx, &crate::names::deployed(&ctx, &stage)?)?;
             out.emit(&r, render_report)?;
         }
         Command::Gc { keep } => {
@@ -486,7 +523,7 @@ fn render_trust_list(d: &TrustListDoc, root: &Path) -> String {
     cli_support::table(&["KEY ID", "SCOPES", "PREFIXES", "STATUS", "FILE"], &rows, &[])
 }
 
-fn render_list(d: &ListDoc) -> String {
+fn render_list(d: &ListDoc, root: &Path) -> String {
     if d.stages.is_empty() {
         return "nothing deployed\n".into();
     }
@@ -495,7 +532,11 @@ fn render_list(d: &ListDoc) -> String {
         .iter()
         .map(|l| vec![l.name.clone(), l.version.clone(), l.status.to_owned(), l.digest.clone()])
         .collect();
-    cli_support::table(&["NAME", "VERSION", "STATUS", "DIGEST"], &rows, &[])
+    let mut s = cli_support::table(&["NAME", "VERSION", "STATUS", "DIGEST"], &rows, &[]);
+    for l in d.stages.iter().filter(|l| l.problem.is_some()) {
+        s += &with_root(&format!("{}: {}\n", l.name, l.problem.as_deref().unwrap_or_default()), root);
+    }
+    s
 }
 
 fn render_status(st: &ops::Status, root: &Path) -> String {
@@ -525,6 +566,9 @@ fn render_status(st: &ops::Status, root: &Path) -> String {
     for b in &st.broken_links {
         s += &format!("broken: {b}\n");
     }
+    for x in st.stages.iter().filter(|x| x.problem.is_some()) {
+        s += &with_root(&format!("{}: {}\n", x.name, x.problem.as_deref().unwrap_or_default()), root);
+    }
     s
 }
 
@@ -532,6 +576,9 @@ fn render_verify(r: &ops::VerifyReport) -> String {
     let mut s = String::new();
     for st in &r.stages {
         s += &format!("{}\n", st.name);
+        if let Some(g) = &st.generation {
+            s += &format!("  generation: {g}\n");
+        }
         for l in &st.links {
             s += &format!("  link: {l}\n");
         }
@@ -598,14 +645,29 @@ fn confirm_restore(ctx: &Ctx, snapshot: &str, yes: bool) -> Result<()> {
         .into())
 }
 
-fn deploy(opts: &Options, out: Output, o: &SourceOpts, activate: bool) -> Result<()> {
-    let source = Source::parse_with(&o.source, &o.registry)?;
+/// `deploy` (with how to apply several images, and whether to add their dependencies) and
+/// `receive` (`batch` none).
+fn deploy(opts: &Options, out: Output, o: &SourceOpts, batch: Option<(ops::Batch, bool)>) -> Result<()> {
+    let activate = batch.is_some();
+    if o.source.iter().filter(|s| *s == "-").count() > 1 {
+        return Err(error::Usage("stdin (`-`) can be read once: name it as one SOURCE only".into()).into());
+    }
+    if o.registry.password_stdin && o.source.len() > 1 {
+        return Err(error::Usage(
+            "--password-stdin reads one password, for one SOURCE: deploy several with the registries' credentials \
+             in the auth file"
+                .into(),
+        )
+        .into());
+    }
+    let sources = o.source.iter().map(|s| Source::parse_with(s, &o.registry)).collect::<Result<Vec<_>>>()?;
     let ctx = Ctx::changing(opts)?;
     let bar = cli_support::progress::spinner(
-        &format!("{} {}", if activate { "deploying" } else { "receiving" }, o.source),
+        &format!("{} {}", if activate { "deploying" } else { "receiving" }, o.source.join(" ")),
         opts.quiet,
     );
-    let r = ops::deploy(&ctx, &source, activate);
+    let (how, with_deps) = batch.unwrap_or((ops::Batch::Whole, false));
+    let r = ops::deploy(&ctx, &sources, how, with_deps, activate);
     bar.finish_and_clear();
     let r = r?;
     out.emit(&r, |r| {

@@ -80,6 +80,10 @@ pub trait HostFs {
     fn publish_generation(&self, stage: &StageName, generation: u64, tmp: &str) -> Result<()>;
     /// Deletes a published generation (and the stage's folder when it was its last).
     fn unpublish_generation(&self, stage: &StageName, generation: u64) -> Result<()>;
+    /// Moves the published generation to `journal/stash/<name>` (nothing if it is missing).
+    fn set_aside_generation(&self, stage: &StageName, generation: u64, name: &str) -> Result<()>;
+    /// Moves `journal/stash/<name>` back to the generation's place, which must be free.
+    fn take_back_generation(&self, stage: &StageName, generation: u64, name: &str) -> Result<()>;
     /// Points `staging/<stage>` at a generation, or removes it.
     fn set_stage_link(&self, stage: &StageName, generation: Option<u64>) -> Result<()>;
     /// Enables or disables a unit.
@@ -190,6 +194,32 @@ impl HostFs for RealFs<'_> {
             }
         }
         Ok(())
+    }
+
+    fn set_aside_generation(&self, stage: &StageName, generation: u64, name: &str) -> Result<()> {
+        let from = self.staging.generation(stage, generation);
+        if from.symlink_metadata().is_err() {
+            return Ok(());
+        }
+        // A read-only subvolume cannot be renamed.
+        if subvol::is_subvolume(&from).unwrap_or(false) {
+            subvol::set_readonly(&from, false).with_context(|| format!("making {} writable", from.display()))?;
+        }
+        let to = self.staging.stash(name);
+        fs::rename(&from, &to).with_context(|| format!("moving {} to {}", from.display(), to.display()))?;
+        sync_dir(to.parent().context("the stash has a parent")?)?;
+        sync_dir(from.parent().context("a generation has a parent")?)
+    }
+
+    fn take_back_generation(&self, stage: &StageName, generation: u64, name: &str) -> Result<()> {
+        let (from, to) = (self.staging.stash(name), self.staging.generation(stage, generation));
+        let parent = to.parent().context("a generation has a parent")?;
+        fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+        fs::rename(&from, &to).with_context(|| format!("moving {} back to {}", from.display(), to.display()))?;
+        if subvol::is_subvolume(&to).unwrap_or(false) {
+            subvol::set_readonly(&to, true).with_context(|| format!("making {} read-only", to.display()))?;
+        }
+        sync_dir(parent)
     }
 
     fn set_stage_link(&self, stage: &StageName, generation: Option<u64>) -> Result<()> {

@@ -20,6 +20,7 @@ pub mod faults;
 pub mod host;
 pub mod hostfs;
 pub mod lock;
+pub mod names;
 pub mod ops;
 pub mod plan;
 pub mod receive;

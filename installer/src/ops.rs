@@ -25,13 +25,14 @@ use crate::snapshot;
 use crate::state::{StageState, State};
 use crate::txn::{self, Cleanup, Journal, RecoverOutcome, Staging, Step};
 
-pub use crate::commands::deploy::{DeployReport, deploy};
+pub use crate::commands::deploy::{Batch, DeployReport, deploy};
 pub use crate::commands::feature::{FeatureChanged, set_feature};
 pub use crate::commands::fix_symlinks::fix_symlinks;
 pub use crate::commands::gc::gc;
 pub use crate::commands::init::{DEFAULT_POLICY, InitReport, init};
 pub use crate::commands::inspect::{Listed, StageStatus, StageVerify, Status, VerifyReport, list, status, verify};
 pub use crate::commands::remove::remove;
+pub use crate::commands::repair::repair;
 pub use crate::commands::restore::restore;
 pub use crate::commands::rollback::rollback;
 pub use crate::commands::trust::{TrustAdded, TrustRevoked, TrustedInfo, trust_add, trust_list, trust_revoke};
@@ -233,10 +234,15 @@ pub(crate) fn execute(
     ctx: &Ctx,
     operation: String,
     before: State,
-    plan: Plan,
+    mut plan: Plan,
     check: &[StageName],
     mut cleanup: Cleanup,
 ) -> Result<Report> {
+    plan.after.note_trimmed(&before);
+    // A snapshot of the state after (a deploy's post- one) records the same.
+    for (_, s) in cleanup.snapshots.iter_mut().filter(|(_, s)| s.txid == plan.after.txid) {
+        s.trimmed = plan.after.trimmed.clone();
+    }
     let mut report = Report {
         operation: operation.clone(),
         dry_run: ctx.opts.dry_run,

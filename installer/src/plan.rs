@@ -241,10 +241,21 @@ pub fn transition(
     desired: BTreeMap<StageName, StageState>,
     publish: Option<(StageName, u64, String)>,
 ) -> Result<Plan> {
+    transition_publishing(host, before, desired, publish.into_iter().collect())
+}
+
+/// [`transition`] publishing any number of new generations first (a batch deploy: several
+/// stages in one transaction).
+pub fn transition_publishing(
+    host: &HostView,
+    before: &State,
+    desired: BTreeMap<StageName, StageState>,
+    publish: Vec<(StageName, u64, String)>,
+) -> Result<Plan> {
     let wants = wants(&desired)?;
     let mut p = Planner::new(host, before);
     p.after.stages = desired.clone();
-    if let Some((stage, generation, tmp)) = publish {
+    for (stage, generation, tmp) in publish {
         p.after.next_generation = p.after.next_generation.max(generation + 1);
         p.steps.push(Step::PublishGeneration { stage, generation, tmp });
     }

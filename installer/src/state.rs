@@ -187,6 +187,12 @@ pub struct State {
     pub placed: BTreeMap<TargetPath, Placed>,
     /// Directories we created for targets, removed when they are empty again.
     pub dirs: BTreeSet<TargetPath>,
+    /// Stages whose generations before the oldest kept one were deleted (`gc`, or beyond
+    /// the number a deploy keeps): `rollback` past their oldest kept generation is refused,
+    /// since the stage was there before it. A stage not named here, on its first generation,
+    /// is removed by `rollback`. Kept up to date by [`State::note_trimmed`].
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+    pub trimmed: BTreeSet<StageName>,
 }
 
 /// The largest `state.json` read, and written: a state that would be larger is refused
@@ -222,6 +228,20 @@ impl State {
         })
     }
 
+    /// Records in `trimmed` the stages of this state (the one after a change from `before`)
+    /// that lost generations older than their oldest kept one, and forgets stages no longer
+    /// deployed. Generation numbers only grow, so a stage's generations are in age order.
+    pub fn note_trimmed(&mut self, before: &State) {
+        let oldest = |s: &StageState| s.previous.first().unwrap_or(&s.active).generation;
+        for (name, s) in &self.stages {
+            if before.stages.get(name).is_some_and(|b| oldest(b) < oldest(s)) {
+                self.trimmed.insert(name.clone());
+            }
+        }
+        let stages = &self.stages;
+        self.trimmed.retain(|n| stages.contains_key(n));
+    }
+
     /// The bytes [`State::write`] writes.
     pub fn to_bytes(&self) -> Vec<u8> {
         serde_json::to_vec_pretty(self).expect("state serializes")
@@ -255,6 +275,41 @@ impl State {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn chain(gens: &[u64]) -> StageState {
+        let g = |generation: u64| Generation {
+            generation,
+            digest: Digest::of(&generation.to_be_bytes()),
+            version: "1.0.0".parse().unwrap(),
+            signers: Vec::new(),
+            deployed_at: String::new(),
+            activation: Activation::default(),
+        };
+        let (active, previous) = gens.split_last().unwrap();
+        StageState { active: g(*active), previous: previous.iter().map(|n| g(*n)).collect() }
+    }
+
+    fn with(stages: &[(&str, &[u64])]) -> State {
+        let mut s = State::new();
+        s.stages = stages.iter().map(|(n, g)| (n.parse().unwrap(), chain(g))).collect();
+        s
+    }
+
+    #[test]
+    fn stages_that_lose_older_generations_are_noted_and_forgotten_when_gone() {
+        let before = with(&[("a", &[1, 2, 3]), ("b", &[4]), ("c", &[5, 6])]);
+        // a: a deploy beyond the kept number drops 1; b: upgraded; c: rolled back.
+        let mut after = with(&[("a", &[2, 3, 7]), ("b", &[4, 8]), ("c", &[5])]);
+        after.note_trimmed(&before);
+        assert_eq!(after.trimmed, BTreeSet::from(["a".parse().unwrap()]));
+        // gc down to the active one; a removed stage is forgotten.
+        let mut gc = with(&[("b", &[8]), ("c", &[5])]);
+        gc.trimmed = after.trimmed.clone();
+        gc.note_trimmed(&after);
+        assert_eq!(gc.trimmed, BTreeSet::from(["b".parse().unwrap()]));
+        assert!(gc.to_bytes().windows(7).any(|w| w == b"trimmed"));
+        assert!(!State::new().to_bytes().windows(7).any(|w| w == b"trimmed"), "absent when empty");
+    }
 
     /// A `state.json` as the previous version wrote it: a link, a copy and a
     /// copy-if-not-exists, one with a backup.

@@ -35,6 +35,10 @@ use crate::state::State;
 pub enum Step {
     /// Move an unpacked tree from `.tmp/<tmp>` to `.generations/<stage>/<generation>`.
     PublishGeneration { stage: StageName, generation: u64, tmp: String },
+    /// Put a rebuilt tree `.tmp/<tmp>` in place of a published generation that went missing
+    /// (`aside` none) or was damaged (moved to `journal/stash/<aside>` first, deleted at
+    /// clean-up): `repair`, and `deploy` of the same image.
+    RebuildGeneration { stage: StageName, generation: u64, tmp: String, aside: Option<String> },
     /// Point `staging/<stage>` at a generation (`None`: remove the link).
     SetStageLink { stage: StageName, from: Option<u64>, to: Option<u64> },
     /// Create a directory for targets.
@@ -64,6 +68,10 @@ impl Step {
     pub fn describe(&self) -> String {
         match self {
             Step::PublishGeneration { stage, generation, .. } => format!("stage {stage} generation {generation}"),
+            Step::RebuildGeneration { stage, generation, aside, .. } => match aside {
+                Some(_) => format!("rebuild {stage} generation {generation} (the damaged one set aside)"),
+                None => format!("rebuild {stage} generation {generation} (it was missing)"),
+            },
             Step::SetStageLink { stage, from, to } => {
                 format!("switch {stage}: {} -> {}", gen_name(*from), gen_name(*to))
             }
@@ -172,6 +180,14 @@ pub fn apply(fs: &dyn HostFs, step: &Step) -> Result<()> {
     crate::faults::point("apply");
     match step {
         Step::PublishGeneration { stage, generation, tmp } => fs.publish_generation(stage, *generation, tmp),
+        Step::RebuildGeneration { stage, generation, tmp, aside } => {
+            if let Some(a) = aside
+                && !fs.has_kept(Kept::Stash, a)?
+            {
+                fs.set_aside_generation(stage, *generation, a)?;
+            }
+            fs.publish_generation(stage, *generation, tmp)
+        }
         Step::SetStageLink { stage, to, .. } => fs.set_stage_link(stage, *to),
         Step::MkDir { path } => fs.mkdir(path).with_context(|| format!("creating {path}")),
         Step::RmDir { path } => fs.rmdir_if_empty(path).with_context(|| format!("removing {path}")),
@@ -224,6 +240,16 @@ pub fn undo(fs: &dyn HostFs, step: &Step) -> Result<()> {
     crate::faults::point("undo");
     match step {
         Step::PublishGeneration { stage, generation, .. } => fs.unpublish_generation(stage, *generation),
+        // What was there comes back: the damaged tree from the stash, or nothing. A damaged
+        // one not yet set aside means the step never ran: it stays.
+        Step::RebuildGeneration { stage, generation, aside, .. } => match aside {
+            Some(a) if fs.has_kept(Kept::Stash, a)? => {
+                fs.unpublish_generation(stage, *generation)?;
+                fs.take_back_generation(stage, *generation, a)
+            }
+            Some(_) => Ok(()),
+            None => fs.unpublish_generation(stage, *generation),
+        },
         Step::SetStageLink { stage, from, .. } => fs.set_stage_link(stage, *from),
         Step::MkDir { path } => fs.rmdir_if_empty(path).with_context(|| format!("removing {path}")),
         Step::RmDir { path } => {
@@ -371,8 +397,15 @@ impl Journal {
         }
         let stash = staging.dir.join("journal/stash");
         if stash.exists() {
-            remove_tree(&stash)?;
-            fs::create_dir_all(&stash)?;
+            // One by one: a generation set aside on btrfs is a subvolume.
+            for e in fs::read_dir(&stash).with_context(|| format!("reading {}", stash.display()))? {
+                let p = e?.path();
+                if p.symlink_metadata().is_ok_and(|m| m.is_dir()) {
+                    remove_tree(&p)?;
+                } else {
+                    fs::remove_file(&p).with_context(|| format!("removing {}", p.display()))?;
+                }
+            }
         }
         fs::remove_file(staging.journal_file())
             .with_context(|| format!("removing {}", staging.journal_file().display()))?;

@@ -1,4 +1,4 @@
-//! Crash consistency (docs/README.md, guarantee 3): `deploy`, `rollback`, `remove` and `restore` are
+//! Crash consistency (docs/README.md, guarantee 3): `deploy`, `rollback`, `remove`, `restore` and `repair` are
 //! stopped at every fault point of the installer (a build with the `fault-injection`
 //! feature aborts at the N-th point) and at random moments (SIGKILL after a random delay);
 //! then `recover` must leave the host exactly as before or exactly as after, and
@@ -141,6 +141,81 @@ fn op_restore(w: &World, bin: &Path) -> Command {
     c
 }
 
+fn op_repair(w: &World, bin: &Path) -> Command {
+    let mut c = w.stage_with(bin);
+    c.arg("repair");
+    c
+}
+
+/// Stops `repair` of the damaged world `start` at every fault point and at random moments:
+/// after `recover` the generation is as it was (damaged) or rebuilt, nothing else changed,
+/// and nothing is left in the journal. Returns the points covered.
+fn crash_repairing(name: &str, start: &World, scratch: &Path) -> usize {
+    let generation = |w: &World| w.root().join("var/lib/op-dbus/staging/.generations/app/1");
+    let before = (start.observe(), tree(&generation(start)));
+    let clean = start.copy_to(&scratch.join("clean"));
+    ok(&mut op_repair(&clean, &bin("op-dbus-stage")));
+    ok(clean.stage().arg("verify"));
+    let after = (clean.observe(), tree(&generation(&clean)));
+    assert_eq!(before.0, after.0, "{name}: repair changed the host outside its generation");
+    assert_ne!(before.1, after.1, "{name}: repair changed nothing");
+    let check = |w: &World, what: &str| {
+        let out = run(w.stage().arg("recover"));
+        assert!(out.status.success(), "{name} {what}: recover failed: {}", String::from_utf8_lossy(&out.stderr));
+        let seen = (w.observe(), tree(&generation(w)));
+        assert!(
+            seen == before || seen == after,
+            "{name} {what}: the generation is neither as before nor rebuilt: {seen:#?}"
+        );
+        let staging = w.root().join("var/lib/op-dbus/staging");
+        assert!(!staging.join("journal/tx.json").exists(), "{name} {what}: journal left behind");
+        assert_eq!(fs::read_dir(staging.join("journal/stash")).unwrap().count(), 0, "{name} {what}: stash left");
+        // Whatever was left, a second repair finishes the job.
+        ok(&mut op_repair(w, &bin("op-dbus-stage")));
+        ok(w.stage().arg("verify"));
+    };
+    let fault = fault_bin();
+    let mut points = 0;
+    for n in 1.. {
+        let w = start.copy_to(&scratch.join("attempt"));
+        let out = run(op_repair(&w, &fault).env("OP_DBUS_FAULT_AT", n.to_string()));
+        if out.status.success() {
+            break;
+        }
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(out.status.signal(), Some(6), "{name} at point {n}: {}", String::from_utf8_lossy(&out.stderr));
+        check(&w, &format!("stopped at point {n}"));
+        points += 1;
+        assert!(n < 100, "{name}: more than 100 fault points?");
+    }
+    for i in 0..10u64 {
+        let w = start.copy_to(&scratch.join("attempt"));
+        let mut child =
+            op_repair(&w, &bin("op-dbus-stage")).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+        std::thread::sleep(Duration::from_millis(5 + 7 * i));
+        let _ = child.kill();
+        let _ = child.wait();
+        check(&w, &format!("killed (run {i})"));
+    }
+    points + 10
+}
+
+#[test]
+fn crash_while_repairing_leaves_the_generation_as_it_was_or_rebuilt() {
+    let d = tempfile::tempdir().unwrap();
+    let v1 = base(d.path());
+    let generation = v1.root().join("var/lib/op-dbus/staging/.generations/app/1");
+    // Damaged: a staged file edited (set aside, then replaced).
+    let damaged = v1.copy_to(&d.path().join("damaged"));
+    fs::write(damaged.root().join("var/lib/op-dbus/staging/.generations/app/1/bin/a"), "tampered\n").unwrap();
+    let mut total = crash_repairing("repair of a damaged generation", &damaged, d.path());
+    // Missing: deleted through the stage link (put back).
+    fs::remove_dir_all(&generation).unwrap();
+    total += crash_repairing("repair of a missing generation", &v1, d.path());
+    eprintln!("crash consistency of repair: {total} interruptions checked");
+    assert!(total >= 20, "only {total} interruptions");
+}
+
 /// Stops `op` at every fault point and at random moments; returns the points covered.
 fn crash_everywhere(name: &str, start: &World, op: Op, scratch: &Path) -> usize {
     let before = start.observe();
@@ -216,6 +291,8 @@ fn crash_at_every_point_leaves_the_host_old_or_new() {
     total += crash_everywhere("rollback", &v2, op_rollback, d.path());
     total += crash_everywhere("restore", &v2, op_restore, d.path());
     total += crash_everywhere("remove", &v1, op_remove, d.path());
+    // On its first generation, rollback removes the stage.
+    total += crash_everywhere("rollback of a first generation", &v1, op_rollback, d.path());
     eprintln!("crash consistency: {total} interruptions checked");
     assert!(total >= 60, "only {total} interruptions");
 }

@@ -177,6 +177,11 @@ fn every_json_document() {
     w.doc("stage_verify", w.stage().args(["--json", "verify"]), 0);
     w.doc("stage_rollback", w.stage().args(["--json", "rollback", "app"]), 0);
     w.doc("stage_fix_symlinks", w.stage().args(["--json", "fix-symlinks", "app"]), 0);
+    // A generation deleted by hand: verify names it, repair rebuilds it.
+    let generation = fs::canonicalize(w.root().join("var/lib/op-dbus/staging/app")).unwrap();
+    fs::remove_dir_all(generation).unwrap();
+    w.doc("stage_verify_missing_generation", w.stage().args(["--json", "verify"]), 5);
+    w.doc("stage_repair", w.stage().args(["--json", "repair", "ap"]), 0);
     let snaps = json(&ok(w.stage().args(["--json", "snapshots"])));
     let first = snaps["snapshots"][0]["name"].as_str().unwrap().to_owned();
     w.doc("stage_gc_dry_run", w.stage().args(["--json", "--dry-run", "gc", "--keep", "0"]), 0);

@@ -83,7 +83,13 @@ fn example_stages_deploy_and_verify_in_a_scratch_root() {
     let refs: Vec<&str> = refs.iter().map(String::as_str).collect();
     let export = s.export(&refs, "all.oci.tar");
     let out = json(&ok(s.stage().args(["--json", "deploy"]).arg(&export)));
-    assert_eq!(out["deployed"].as_array().unwrap().len(), refs.len(), "{out}");
+    // One transaction for the whole archive.
+    assert_eq!(out["deployed"].as_array().unwrap().len(), 1, "{out}");
+    assert_eq!(
+        out["deployed"][0]["actions"].as_array().unwrap().iter().filter(|a| a["op"] == "publish-generation").count(),
+        refs.len(),
+        "{out}"
+    );
     let list = json(&ok(s.stage().args(["--json", "list"])));
     let deployed = deployed_names(&list);
     assert_eq!(deployed.len(), refs.len(), "{list}");

@@ -36,14 +36,20 @@ fn dry_run_deploy_of_a_batch_plans_as_the_real_run() {
     let app = s.build(&s.stage_dir("app", "1.0.0", "dependencies:\n  - base >=1.0\n"));
     let both = s.export(&[&base, &app], "both.oci.tar");
     let before = tree(&s.root());
+    let operations = |doc: &serde_json::Value| -> Vec<String> {
+        doc["deployed"].as_array().unwrap().iter().map(|r| r["operation"].as_str().unwrap().to_owned()).collect()
+    };
+    // One transaction for the archive; with --each, one per stage, each planned on the
+    // state the one before leaves.
     let plan = json(&ok(s.stage().args(["--json", "--dry-run", "deploy"]).arg(&both)));
-    let planned: Vec<&str> =
-        plan["deployed"].as_array().unwrap().iter().map(|r| r["operation"].as_str().unwrap()).collect();
-    assert_eq!(planned, ["deploy base:1.0.0", "deploy app:1.0.0"], "{plan}");
+    assert_eq!(operations(&plan), ["deploy base:1.0.0 app:1.0.0"], "{plan}");
+    let each = json(&ok(s.stage().args(["--json", "--dry-run", "deploy", "--each"]).arg(&both)));
+    assert_eq!(operations(&each), ["deploy base:1.0.0", "deploy app:1.0.0"], "{each}");
     assert_eq!(tree(&s.root()), before, "--dry-run changed the root");
     // The real run does what the dry run said.
     let real = json(&ok(s.stage().args(["--json", "deploy"]).arg(&both)));
-    assert_eq!(real["deployed"].as_array().unwrap().len(), 2, "{real}");
+    assert_eq!(operations(&real), operations(&plan), "{real}");
+    assert_eq!(real["deployed"][0]["steps"], plan["deployed"][0]["steps"]);
 }
 
 // `trust add --scope` adds to the key's scopes; `--replace` sets them. The hint of a scope

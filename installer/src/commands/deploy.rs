@@ -1,8 +1,9 @@
-//! `deploy SOURCE` / `receive SOURCE`: receive and verify images, then, per image in
-//! dependency order, admit it (pure, from gathered resolutions), unpack it into the temp
-//! area, plan the transition and apply it as one transaction.
+//! `deploy SOURCE...` / `receive SOURCE...`: receive and verify images, then, in dependency
+//! order, admit each (pure, from gathered resolutions) against the state the ones before it
+//! leave, unpack them into the temp area, plan one transition and apply it as one
+//! transaction: all of them or none (`--each`: one transaction per image).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 
 use anyhow::{Context, Result};
@@ -13,7 +14,8 @@ use formats::layout::Layout;
 use formats::manifest::MAX_CONFIG_BYTES;
 
 use crate::admit;
-use crate::error::{Malformed, Refused};
+use crate::commands::{repair, with_deps};
+use crate::error::{Malformed, Refused, Usage};
 use crate::ops::{Ctx, Report, execute, now};
 use crate::plan;
 use crate::receive::{self, Received, Source, Trust, Verified};
@@ -21,7 +23,7 @@ use crate::snapshot;
 use crate::state::{Activation, Generation, State};
 use crate::txn::{self, Cleanup};
 
-/// `deploy SOURCE` / `receive SOURCE`.
+/// `deploy SOURCE...` / `receive SOURCE...`.
 #[derive(Debug, Serialize)]
 pub struct DeployReport {
     pub received: Vec<Verified>,
@@ -29,50 +31,169 @@ pub struct DeployReport {
     pub skipped: Vec<String>,
 }
 
-#[tracing::instrument(name = "deploy", skip_all, fields(source = ?source, activate, dry_run = ctx.opts.dry_run))]
-pub fn deploy(ctx: &Ctx, source: &Source, activate: bool) -> Result<DeployReport> {
+/// How `deploy` applies several images.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Batch {
+    /// All of them in one transaction: every one or none (the default).
+    Whole,
+    /// One transaction per image, in dependency order (`--each`).
+    Each,
+}
+
+/// An image received from one of the sources.
+type Image<'a> = (&'a Received, &'a Verified);
+
+#[tracing::instrument(name = "deploy", skip_all, fields(sources = sources.len(), activate, dry_run = ctx.opts.dry_run))]
+pub fn deploy(ctx: &Ctx, sources: &[Source], batch: Batch, with_deps: bool, activate: bool) -> Result<DeployReport> {
     let trust = Trust::load(&ctx.host)?;
     let store = ctx.store()?;
     // Received blobs wait in the store's own temp area, so that storing them is a rename
     // (on btrfs the staging subvolume is another filesystem for rename).
     let recv_tmp = store.root().join(".tmp");
-    let received = receive::receive(source, &recv_tmp, &store, &trust, ctx.opts.allow_expired)?;
-    let mut report = DeployReport { received: received.images.clone(), deployed: Vec::new(), skipped: Vec::new() };
+    let mut all = Vec::new();
+    for source in sources {
+        all.push(receive::receive(source, &recv_tmp, &store, &trust, ctx.opts.allow_expired)?);
+    }
+    if with_deps && activate {
+        add_dependencies(ctx, &store, &trust, &mut all, &recv_tmp)?;
+    }
+    let mut report = DeployReport {
+        received: all.iter().flat_map(|r| r.images.iter().cloned()).collect(),
+        deployed: Vec::new(),
+        skipped: Vec::new(),
+    };
     if !activate {
         if !ctx.opts.dry_run {
-            receive::store_received(&received, &received.images.iter().collect::<Vec<_>>(), &store)?;
+            for received in &all {
+                receive::store_received(received, &received.images.iter().collect::<Vec<_>>(), &store)?;
+            }
         }
         return Ok(report);
     }
-    // A dry run plans each image on the state the ones before it would leave, as the
-    // real run does.
+    // The same image named twice (two sources holding it) is deployed once.
+    let mut seen = BTreeSet::new();
+    let images: Vec<Image> =
+        all.iter().flat_map(|r| r.images.iter().map(move |v| (r, v))).filter(|(_, v)| seen.insert(v.digest)).collect();
+    let images = order(images);
+    if batch == Batch::Whole {
+        twice(&images)?;
+        let state = ctx.state()?;
+        let (active, fresh): (Vec<Image>, Vec<Image>) = images.into_iter().partition(|(_, v)| {
+            state.stages.get(&v.candidate().config.name).is_some_and(|s| s.active.digest == v.digest)
+        });
+        // An active image whose generation went missing or was damaged rebuilds it first.
+        let mut broken = Vec::new();
+        for (r, v) in active {
+            let name = &v.candidate().config.name;
+            let h = repair::health(&ctx.staging, name, &state.stages[name].active, true);
+            if h.is_ok() {
+                report.skipped.push(format!("{} is already active ({})", v.reference, v.digest));
+            } else {
+                broken.push((r, v, h));
+            }
+        }
+        let state = if broken.is_empty() {
+            state
+        } else {
+            report.deployed.push(repair::rebuild(ctx, &store, state, broken)?);
+            ctx.state()?
+        };
+        if !fresh.is_empty() {
+            report.deployed.push(deploy_batch(ctx, &trust, &store, &fresh, state)?.0);
+        }
+        return Ok(report);
+    }
+    // One transaction per image. A dry run plans each image on the state the ones before it
+    // would leave, as the real run does.
     let mut planned: Option<State> = None;
-    for v in order(&received) {
+    for image in images {
         let state = match (&planned, ctx.opts.dry_run) {
             (Some(p), true) => p.clone(),
             _ => ctx.state()?,
         };
-        match deploy_one(ctx, &trust, &store, &received, v, state)? {
-            Some((r, after)) => {
-                report.deployed.push(r);
-                planned = Some(after);
+        let v = image.1;
+        let name = &v.candidate().config.name;
+        if let Some(s) = state.stages.get(name).filter(|s| s.active.digest == v.digest) {
+            let h = repair::health(&ctx.staging, name, &s.active, true);
+            if h.is_ok() {
+                report.skipped.push(format!("{} is already active ({})", v.reference, v.digest));
+            } else {
+                report.deployed.push(repair::rebuild(ctx, &store, state, vec![(image.0, v, h)])?);
             }
-            None => report.skipped.push(format!("{} is already active ({})", v.reference, v.digest)),
+            continue;
         }
+        let (r, after) = deploy_batch(ctx, &trust, &store, &[image], state)?;
+        planned = Some(after);
+        report.deployed.push(r);
     }
     Ok(report)
 }
 
+/// `--with-deps`: receives from the host's store the stages the images depend on that
+/// neither the images nor the deployed stages satisfy, until nothing is missing.
+fn add_dependencies(
+    ctx: &Ctx,
+    store: &Layout,
+    trust: &Trust,
+    all: &mut Vec<Received>,
+    tmp: &std::path::Path,
+) -> Result<()> {
+    let state = ctx.state()?;
+    let deployed = state.stages.iter().map(|(n, s)| (n.clone(), s.active.version.clone())).collect();
+    let stored: Vec<formats::Reference> = store
+        .index()?
+        .manifests
+        .iter()
+        .filter_map(|d| d.annotation(formats::oci::ANNOTATION_REF_NAME))
+        .filter_map(|t| t.parse().ok())
+        .collect();
+    loop {
+        let members: Vec<with_deps::Member> = all
+            .iter()
+            .flat_map(|r| &r.images)
+            .map(|v| {
+                let c = &v.candidate().config;
+                (c.name.clone(), c.version.clone(), c.dependencies.clone())
+            })
+            .collect();
+        let add = with_deps::missing(&members, &deployed, &stored)?;
+        if add.is_empty() {
+            return Ok(());
+        }
+        for r in add {
+            let source = Source::Store(r.name, Some(r.version));
+            all.push(receive::receive(&source, tmp, store, trust, ctx.opts.allow_expired)?);
+        }
+    }
+}
+
+/// A batch holds each stage once: two versions of one stage in one transaction would make
+/// a generation that was never active its kept one.
+fn twice(images: &[Image]) -> Result<()> {
+    let mut seen: BTreeMap<&StageName, &str> = BTreeMap::new();
+    for (_, v) in images {
+        if let Some(first) = seen.insert(&v.candidate().config.name, &v.reference) {
+            return Err(Usage(format!(
+                "the sources hold {} twice ({first} and {}): deploy one of them, or pass --each to deploy them one \
+                 after another",
+                v.candidate().config.name,
+                v.reference
+            ))
+            .into());
+        }
+    }
+    Ok(())
+}
+
 /// Images in dependency order (dependencies within the set first), then stage number.
-fn order(received: &Received) -> Vec<&Verified> {
-    let mut left: Vec<&Verified> = received.images.iter().collect();
-    left.sort_by_key(|v| (v.candidate().config.stage, v.reference.clone()));
-    let mut out: Vec<&Verified> = Vec::new();
+fn order(mut left: Vec<Image>) -> Vec<Image> {
+    left.sort_by_key(|(_, v)| (v.candidate().config.stage, v.reference.clone()));
+    let mut out: Vec<Image> = Vec::new();
     while !left.is_empty() {
-        let names: BTreeSet<&StageName> = left.iter().map(|v| &v.candidate().config.name).collect();
+        let names: BTreeSet<&StageName> = left.iter().map(|(_, v)| &v.candidate().config.name).collect();
         let pos = left
             .iter()
-            .position(|v| {
+            .position(|(_, v)| {
                 v.candidate()
                     .config
                     .dependencies
@@ -88,7 +209,7 @@ fn order(received: &Received) -> Vec<&Verified> {
 /// Unpacks the layers of `v` into `.tmp/<tmp_name>` (a subvolume on btrfs), checks the
 /// tree against the signed manifest, adds the manifest, and keeps the image in the store.
 /// On an error nothing is left in the temp area.
-fn unpack(ctx: &Ctx, store: &Layout, received: &Received, v: &Verified, tmp_name: &str) -> Result<()> {
+pub(crate) fn unpack(ctx: &Ctx, store: &Layout, received: &Received, v: &Verified, tmp_name: &str) -> Result<()> {
     let tmp = ctx.staging.tmp().join(tmp_name);
     let unpacked = (|| -> Result<()> {
         let (c, config) = (v.candidate(), &v.candidate().config);
@@ -151,69 +272,93 @@ fn unpack(ctx: &Ctx, store: &Layout, received: &Received, v: &Verified, tmp_name
     unpacked
 }
 
-fn deploy_one(
-    ctx: &Ctx,
-    trust: &Trust,
-    store: &Layout,
-    received: &Received,
-    v: &Verified,
-    state: State,
-) -> Result<Option<(Report, State)>> {
-    let c = v.candidate();
-    let config = &c.config;
-    let name = &config.name;
-    if state.stages.get(name).is_some_and(|s| s.active.digest == c.digest) {
-        return Ok(None);
-    }
-    // Admission: decided from what was gathered (where each target resolves here).
-    let resolved = admit::resolutions(&ctx.host, &trust.policy, config);
-    admit::policy(&trust.policy, config, &v.reference.to_string(), &v.signers, &resolved)?;
-    admit::against_state(&state, config, &v.reference.to_string(), ctx.opts.allow_downgrade)?;
-    let activation = Activation::of(config);
-
-    // Unpack into the temp area and check every file against the signed manifest.
-    let generation = state.next_generation;
-    let tmp_name = format!("gen-{}-{name}", state.txid + 1);
-    let tmp = ctx.staging.tmp().join(&tmp_name);
-    if !ctx.opts.dry_run {
-        unpack(ctx, store, received, v, &tmp_name)?;
-    }
-    let new_gen = Generation {
-        generation,
-        digest: c.digest,
-        version: config.version.clone(),
-        signers: v.signers.clone(),
-        deployed_at: now(),
-        activation,
-    };
-    let desired = plan::with_generation(&state.stages, name, new_gen, ctx.opts.keep);
-    let view = ctx.view(&state, &desired);
-    let mut plan = plan::transition(&view, &state, desired, Some((name.clone(), generation, tmp_name)))?;
-    let highest = plan.after.highest.entry(name.clone()).or_insert_with(|| config.version.clone());
-    if *highest < config.version {
-        *highest = config.version.clone();
-    }
-    let state_bytes = plan.after.to_bytes().len() as u64;
-    if state_bytes > crate::state::MAX_STATE {
-        if !ctx.opts.dry_run {
-            let _ = txn::remove_tree(&tmp);
+/// Deploys `images` (in dependency order, none of them active) as one transaction: each is
+/// admitted against the state the ones before it leave, all are unpacked, then one plan
+/// publishes every generation, switches every stage, runs every stage's verify commands,
+/// and commits all of them or undoes all of them. One pre- and one post- snapshot. Returns
+/// the report and the state after.
+fn deploy_batch(ctx: &Ctx, trust: &Trust, store: &Layout, images: &[Image], state: State) -> Result<(Report, State)> {
+    let mut planned = state.clone();
+    let mut publish = Vec::new();
+    let mut names = Vec::new();
+    for (i, (_, v)) in images.iter().enumerate() {
+        let c = v.candidate();
+        let config = &c.config;
+        let name = &config.name;
+        // Admission: decided from what was gathered (where each target resolves here).
+        let resolved = admit::resolutions(&ctx.host, &trust.policy, config);
+        admit::policy(&trust.policy, config, &v.reference.to_string(), &v.signers, &resolved)?;
+        admit::against_state(&planned, config, &v.reference.to_string(), ctx.opts.allow_downgrade)?;
+        let generation = state.next_generation + i as u64;
+        let new_gen = Generation {
+            generation,
+            digest: c.digest,
+            version: config.version.clone(),
+            signers: v.signers.clone(),
+            deployed_at: now(),
+            activation: Activation::of(config),
+        };
+        planned.stages = plan::with_generation(&planned.stages, name, new_gen, ctx.opts.keep);
+        let highest = planned.highest.entry(name.clone()).or_insert_with(|| config.version.clone());
+        if *highest < config.version {
+            *highest = config.version.clone();
         }
-        return Err(Refused::Policy(format!(
-            "deploying {} would make state.json {state_bytes} bytes, more than the {} the installer reads back; \
-             remove stages or drop kept generations (`op-dbus-stage gc --keep 1`) first",
-            v.reference,
-            crate::state::MAX_STATE
-        ))
-        .into());
+        publish.push((name.clone(), generation, format!("gen-{}-{name}", state.txid + 1)));
+        names.push(name.clone());
     }
+    let tmps: Vec<std::path::PathBuf> = publish.iter().map(|(_, _, t)| ctx.staging.tmp().join(t)).collect();
+    let drop_tmps = || {
+        for t in &tmps {
+            let _ = txn::remove_tree(t);
+        }
+    };
+    // Unpack into the temp area and check every file against the signed manifest.
+    if !ctx.opts.dry_run {
+        for ((received, v), (_, _, tmp_name)) in images.iter().zip(&publish) {
+            if let Err(e) = unpack(ctx, store, received, v, tmp_name) {
+                drop_tmps();
+                return Err(e);
+            }
+        }
+    }
+    let planned_plan = (|| -> Result<plan::Plan> {
+        let view = ctx.view(&state, &planned.stages);
+        let mut plan = plan::transition_publishing(&view, &state, planned.stages.clone(), publish.clone())?;
+        plan.after.highest = planned.highest.clone();
+        let state_bytes = plan.after.to_bytes().len() as u64;
+        if state_bytes > crate::state::MAX_STATE {
+            return Err(Refused::Policy(format!(
+                "deploying {} would make state.json {state_bytes} bytes, more than the {} the installer reads back; \
+                 remove stages or drop kept generations (`op-dbus-stage gc --keep 1`) first",
+                images.iter().map(|(_, v)| v.reference.as_str()).collect::<Vec<_>>().join(", "),
+                crate::state::MAX_STATE
+            ))
+            .into());
+        }
+        Ok(plan)
+    })();
+    let plan = match planned_plan {
+        Ok(p) => p,
+        Err(e) => {
+            if !ctx.opts.dry_run {
+                drop_tmps();
+            }
+            return Err(e);
+        }
+    };
+    let label = match names.as_slice() {
+        [one] => one.to_string(),
+        many => format!("deploy-{}-stages", many.len()),
+    };
     let cleanup = Cleanup {
         snapshots: vec![
-            (snapshot::name(&ctx.staging, "pre", name.as_str()), state.clone()),
-            (snapshot::name(&ctx.staging, "post", name.as_str()), plan.after.clone()),
+            (snapshot::name(&ctx.staging, "pre", &label), state.clone()),
+            (snapshot::name(&ctx.staging, "post", &label), plan.after.clone()),
         ],
         drop_generations: Vec::new(),
     };
+    let operation =
+        format!("deploy {}", images.iter().map(|(_, v)| v.reference.as_str()).collect::<Vec<_>>().join(" "));
     let after = plan.after.clone();
-    execute(ctx, format!("deploy {}", v.reference), state, plan, std::slice::from_ref(name), cleanup)
-        .map(|r| Some((r, after)))
+    execute(ctx, operation, state, plan, &names, cleanup).map(|r| (r, after))
 }

@@ -10,10 +10,11 @@ use formats::StageName;
 use formats::layout::Layout;
 
 use crate::checks::CheckResult;
+use crate::commands::repair::{self, GenerationHealth};
 use crate::error::Usage;
 use crate::host::{STORE, TargetState};
 use crate::ops::{Ctx, run_checks};
-use crate::state::{Placement, State};
+use crate::state::{Activation, Placement, State};
 use crate::txn::Journal;
 
 /// `list`.
@@ -23,6 +24,10 @@ pub struct Listed {
     pub version: String,
     pub digest: String,
     pub status: &'static str,
+    /// A deployed stage whose generation is missing or has lost its manifest, or whose stage
+    /// link is gone: what is wrong and the command that rebuilds it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub problem: Option<String>,
 }
 
 pub fn list(ctx: &Ctx) -> Result<Vec<Listed>> {
@@ -35,6 +40,7 @@ pub fn list(ctx: &Ctx) -> Result<Vec<Listed>> {
             version: s.active.version.to_string(),
             digest: s.active.digest.to_string(),
             status: "deployed",
+            problem: repair::health(&ctx.staging, n, &s.active, false).problem(n, s.active.generation),
         })
         .collect();
     if let Ok(p) = ctx.host.resolve(STORE)
@@ -51,6 +57,7 @@ pub fn list(ctx: &Ctx) -> Result<Vec<Listed>> {
                 version: r.version.to_string(),
                 digest: d.digest.to_string(),
                 status: "available",
+                problem: None,
             });
         }
     }
@@ -77,6 +84,9 @@ pub struct StageStatus {
     pub signers: Vec<keys::KeyId>,
     pub deployed_at: String,
     pub previous: Vec<String>,
+    /// What is wrong with its generation or stage link (see [`Listed::problem`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub problem: Option<String>,
 }
 
 pub fn status(ctx: &Ctx) -> Result<Status> {
@@ -96,6 +106,7 @@ pub fn status(ctx: &Ctx) -> Result<Status> {
                 signers: s.active.signers.clone(),
                 deployed_at: s.active.deployed_at.clone(),
                 previous: s.previous.iter().map(|g| format!("{} (generation {})", g.version, g.generation)).collect(),
+                problem: repair::health(&ctx.staging, n, &s.active, false).problem(n, s.active.generation),
             })
             .collect(),
         unfinished_transaction: unfinished,
@@ -145,6 +156,9 @@ pub struct VerifyReport {
 #[derive(Debug, Serialize)]
 pub struct StageVerify {
     pub name: String,
+    /// A missing or damaged generation, or a stage link that does not point at it: what is
+    /// wrong and the command that rebuilds it; null when intact.
+    pub generation: Option<String>,
     pub links: Vec<String>,
     pub files: Vec<String>,
     pub checks: Vec<CheckResult>,
@@ -163,17 +177,46 @@ pub fn verify(ctx: &Ctx, only: Option<&StageName>) -> Result<VerifyReport> {
         if only.is_some_and(|o| o != name) {
             continue;
         }
+        let health = repair::health(&ctx.staging, name, &s.active, false);
+        let generation = health.problem(name, s.active.generation);
+        let links = link_problems(ctx, &state, Some(name))?;
+        // Without its tree (or its manifest) there is nothing to check the files against,
+        // and the verify commands would run in a folder that is not there.
+        if health.generation != GenerationHealth::Intact {
+            stages.push(StageVerify {
+                name: name.to_string(),
+                generation,
+                links,
+                files: Vec::new(),
+                checks: Vec::new(),
+            });
+            continue;
+        }
         let config = ctx.config_of(name, s.active.generation)?;
         let dir = ctx.staging.generation(name, s.active.generation);
-        let files = formats::unpack::check_tree_ignoring(&dir, &config, &["manifest.json"])
+        let mut files: Vec<String> = formats::unpack::check_tree_ignoring(&dir, &config, &["manifest.json"])
             .with_context(|| format!("checking {}", dir.display()))?
             .into_iter()
             .map(|m| format!("{}: {}", m.path, m.problem))
             .collect();
-        let links = link_problems(ctx, &state, Some(name))?;
+        if Activation::of(&config) != s.active.activation {
+            files.insert(0, "manifest.json: not the one deployed".into());
+        }
+        let generation = generation.or_else(|| {
+            (!files.is_empty()).then(|| {
+                format!(
+                    "generation {} is damaged ({} file(s) differ from the signed manifest); \
+                     `op-dbus-stage repair {name}` rebuilds it from the image store",
+                    s.active.generation,
+                    files.len()
+                )
+            })
+        });
         let checks = run_checks(ctx, &state, name)?;
-        stages.push(StageVerify { name: name.to_string(), links, files, checks });
+        stages.push(StageVerify { name: name.to_string(), generation, links, files, checks });
     }
-    let ok = stages.iter().all(|s| s.links.is_empty() && s.files.is_empty() && s.checks.iter().all(|c| c.passed));
+    let ok = stages.iter().all(|s| {
+        s.generation.is_none() && s.links.is_empty() && s.files.is_empty() && s.checks.iter().all(|c| c.passed)
+    });
     Ok(VerifyReport { stages, ok })
 }

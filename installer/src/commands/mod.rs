@@ -10,6 +10,8 @@ pub mod gc;
 pub mod init;
 pub mod inspect;
 pub mod remove;
+pub mod repair;
 pub mod restore;
 pub mod rollback;
 pub mod trust;
+pub mod with_deps;

@@ -19,6 +19,12 @@ pub fn restore(ctx: &Ctx, name: &str) -> Result<Report> {
     let snap = snapshot::read(&ctx.staging, name)?;
     for (s, g) in snap.generations() {
         if !ctx.staging.generation(&s, g).exists() {
+            if state.stages.get(&s).is_some_and(|x| x.active.generation == g) {
+                bail!(
+                    "snapshot {name} needs generation {g} of {s}, which is gone; it is the active one: \
+                     `op-dbus-stage repair {s}` rebuilds it from the image store, then restore again"
+                );
+            }
             bail!("snapshot {name} needs generation {g} of {s}, which is gone; it cannot be restored");
         }
     }

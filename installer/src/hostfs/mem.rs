@@ -260,6 +260,28 @@ impl HostFs for MemFs {
         Ok(())
     }
 
+    fn set_aside_generation(&self, stage: &StageName, generation: u64, name: &str) -> Result<()> {
+        let mut w = self.world.borrow_mut();
+        if let Some(tree) = w.generations.remove(&(stage.clone(), generation)) {
+            w.kept.insert((Kept::Stash, name.to_owned()), tree);
+        }
+        Ok(())
+    }
+
+    fn take_back_generation(&self, stage: &StageName, generation: u64, name: &str) -> Result<()> {
+        let mut w = self.world.borrow_mut();
+        let key = (stage.clone(), generation);
+        if w.generations.contains_key(&key) {
+            bail!(".generations/{stage}/{generation} is not free");
+        }
+        let tree = w
+            .kept
+            .remove(&(Kept::Stash, name.to_owned()))
+            .ok_or_else(|| anyhow!("journal/stash/{name} does not exist"))?;
+        w.generations.insert(key, tree);
+        Ok(())
+    }
+
     fn set_stage_link(&self, stage: &StageName, generation: Option<u64>) -> Result<()> {
         let mut w = self.world.borrow_mut();
         match generation {
