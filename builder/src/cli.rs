@@ -286,6 +286,12 @@ pub fn main() -> i32 {
     let store = cli.global.store();
     match run(cli) {
         Ok(()) => error::OK,
+        // `deploy`'s report, already printed (the JSON document under --json), says which
+        // hosts failed and why: only the summary goes to stderr.
+        Err(e) if e.is::<crate::fleet::FleetFailed>() => {
+            eprintln!("op-dbus-image: error: {e}");
+            error::classify(&e).code()
+        }
         Err(e) => {
             let hint = format!("the filesystem is full: free some space (the store is {})", store.display());
             cli_support::report_error("op-dbus-image", json, &e, error::classify(&e), &hint, &|m| m)

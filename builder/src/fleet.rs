@@ -711,3 +711,91 @@ impl FleetReport {
         s
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn inventory(text: &str) -> Result<Inventory> {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("inventory.toml");
+        std::fs::write(&p, text).unwrap();
+        Inventory::read(&p)
+    }
+
+    const INV: &str = r#"
+[defaults]
+user = "deploy"
+root = "/srv/root"
+
+[hosts.web1]
+address = "10.0.0.11"
+tags = ["web", "canary"]
+
+[hosts.web2]
+address = "10.0.0.12"
+tags = ["web"]
+port = 2222
+root = "/"
+installer = "/usr/local/bin/op-dbus-stage"
+"#;
+
+    #[test]
+    fn hosts_come_from_names_tags_and_plain_destinations_with_the_defaults() {
+        let inv = inventory(INV).unwrap();
+        let t = inv.select(&["@web".into(), "web1".into(), "other.example.net,@canary".into()]).unwrap();
+        let names: Vec<_> = t.iter().map(|t| t.name.as_str()).collect();
+        assert_eq!(names, ["web1", "web2", "other.example.net"]);
+        assert_eq!(
+            (t[0].address.as_str(), t[0].user.as_deref(), t[0].root.as_str()),
+            ("10.0.0.11", Some("deploy"), "/srv/root")
+        );
+        assert_eq!(
+            (t[1].port, t[1].root.as_str(), t[1].installer.as_str()),
+            (Some(2222), "/", "/usr/local/bin/op-dbus-stage")
+        );
+        assert_eq!((t[2].address.as_str(), t[2].installer.as_str()), ("other.example.net", "op-dbus-stage"));
+        let e = inv.select(&["@db".into()]).unwrap_err();
+        assert_eq!(crate::error::exit_code(&e), 2, "{e}");
+    }
+
+    #[test]
+    fn what_would_reach_ssh_as_an_option_or_the_remote_shell_is_refused_or_quoted() {
+        for bad in [
+            "[hosts.\"-oProxyCommand=x\"]\n",
+            "[hosts.a]\naddress = \"-oProxyCommand=touch /tmp/x\"\n",
+            "[hosts.a]\naddress = \"a b\"\n",
+            "[hosts.a]\ntags = [\"x\\ny\"]\n",
+            "[hosts.a]\nunknown = 1\n",
+            "[defaults]\nssh_options = [\"-F/tmp/evil\"]\n[hosts.a]\n",
+        ] {
+            let r = inventory(bad).and_then(|i| i.select(&["a".into()]));
+            let e = r.expect_err(bad);
+            assert_eq!(crate::error::exit_code(&e), 7, "{bad}: {e}");
+        }
+        assert!(inventory(&"#".repeat(MAX_INVENTORY_BYTES as usize + 1)).is_err());
+        let e = Inventory::default().select(&["-oProxyCommand=x".into()]).unwrap_err();
+        assert_eq!(crate::error::exit_code(&e), 7, "{e}");
+        // The remote command is one string for the remote shell: every word quoted.
+        let t = Inventory::default().target("h", None).unwrap();
+        let t = Target { root: "/srv/it's; rm -rf /".into(), ..t };
+        let s = Options {
+            ssh: "ssh".into(),
+            ssh_config: None,
+            ssh_options: vec![],
+            limit: 1,
+            retries: 0,
+            connect_timeout: Duration::from_secs(1),
+            stall_timeout: Duration::from_secs(1),
+            activation_timeout: Duration::from_secs(1),
+            canary: 0,
+            max_failures: None,
+            full: false,
+            quiet: true,
+        };
+        let args: Vec<String> = t.ssh(&s, &["list"]).get_args().map(|a| a.to_string_lossy().into_owned()).collect();
+        let n = args.len();
+        assert_eq!(&args[n - 3..n - 1], ["--", "h"]);
+        assert_eq!(args[n - 1], r#"'op-dbus-stage' --root '/srv/it'\''s; rm -rf /' 'list'"#);
+    }
+}

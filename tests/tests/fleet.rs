@@ -89,3 +89,118 @@ fn an_export_piped_over_ssh_deploys_on_every_host_and_a_cut_link_changes_nothing
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(deployed(&fleet, 2), ["app"]);
 }
+
+/// What `/usr/local/bin/app` under `root` says (its link is absolute inside the root).
+fn app_says(root: &std::path::Path) -> String {
+    let link = fs::read_link(root.join("usr/local/bin/app")).unwrap();
+    let text = fs::read_to_string(root.join(link.strip_prefix("/").unwrap())).unwrap();
+    text.trim_end().rsplit(' ').next().unwrap().to_owned()
+}
+
+/// A stage folder `app-VERSION` with 256 KiB of random data and a small `bin/app` saying `tag`.
+fn app(s: &Scratch, version: &str, tag: &str, data: &[u8]) -> std::path::PathBuf {
+    let dir = stage_dir(
+        s.dir.path(),
+        "app",
+        version,
+        APP,
+        &[("bin/app", &format!("#!/bin/sh\necho {tag}\n")), ("share/data", "")],
+    );
+    fs::write(dir.join("share/data"), data).unwrap();
+    dir
+}
+
+#[test]
+fn image_deploy_reaches_ten_hosts_sends_only_what_they_lack_retries_a_cut_link_and_stops_at_a_failed_canary() {
+    let s = Scratch::trusted();
+    let mut data = vec![0u8; 256 << 10];
+    fs::File::open("/dev/urandom").unwrap().read_exact(&mut data).unwrap();
+    s.build(&app(&s, "1.0.0", "one", &data));
+    let fleet = Fleet::new(10);
+    let mut inventory = format!("[defaults]\ninstaller = {:?}\n", bin("op-dbus-stage").display().to_string());
+    for (i, h) in fleet.hosts.iter().enumerate() {
+        ok(std::process::Command::new(bin("op-dbus-stage")).arg("--root").arg(&h.root).arg("init"));
+        ok(std::process::Command::new(bin("op-dbus-stage"))
+            .arg("--root")
+            .arg(&h.root)
+            .args(["trust", "add"])
+            .arg(s.pub_key()));
+        let tags = if i < 2 { r#"["web", "canary"]"# } else { r#"["web"]"# };
+        inventory += &format!(
+            "\n[hosts.{}]\naddress = {:?}\nroot = {:?}\ntags = {tags}\n",
+            h.name,
+            h.addr,
+            h.root.display().to_string()
+        );
+    }
+    let inv = s.path("inventory.toml");
+    fs::write(&inv, inventory).unwrap();
+    let deploy = |args: &[&str]| {
+        let mut c = fleet.client(bin("op-dbus-image"));
+        c.arg("--store").arg(s.store()).args(["--json", "deploy", "--inventory"]).arg(&inv);
+        c.arg("--ssh-config").arg(&fleet.ssh_config).args(args);
+        c
+    };
+
+    // Ten hosts in one command.
+    let report = json(&ok(&mut deploy(&["app:1.0.0", "--on", "@web"])));
+    assert_eq!(report["deployed"], 10, "{report:#}");
+    for i in 0..10 {
+        assert_eq!(
+            deployed_names(&json(&ok(std::process::Command::new(bin("op-dbus-stage"))
+                .arg("--root")
+                .arg(fleet.root(i))
+                .args(["--json", "list"])))),
+            ["app"]
+        );
+    }
+    let first = report["hosts"][0]["bytes_sent"].as_u64().unwrap();
+    assert!(first > 256 << 10, "{report:#}");
+
+    // An update built on 1.0.0: every host has the parent's layers, so only the change goes,
+    // and host 3, cut off when the deploy starts, is retried until its link is back.
+    ok(s.image().args(["-q", "build", "--parent", "app:1.0.0"]).arg(app(&s, "1.1.0", "two", &data)));
+    fleet.set_link(3, false);
+    let report = std::thread::scope(|scope| {
+        let fleet = &fleet;
+        let back = scope.spawn(move || {
+            std::thread::sleep(Duration::from_secs(3));
+            fleet.set_link(3, true);
+        });
+        let out = ok(&mut deploy(&["app:1.1.0", "--on", "@web", "--connect-timeout", "1", "--retries", "5"]));
+        back.join().unwrap();
+        json(&out)
+    });
+    assert_eq!(report["deployed"], 10, "{report:#}");
+    for h in report["hosts"].as_array().unwrap() {
+        let (sent, full) = (h["bytes_sent"].as_u64().unwrap(), h["bytes_full"].as_u64().unwrap());
+        assert!(sent * 4 < full, "{}: sent {sent} of {full}", h["host"]);
+        assert!(h["layers_skipped"].as_u64().unwrap() >= 1, "{h:#}");
+    }
+    assert!(report["hosts"][3]["attempts"].as_u64().unwrap() > 1, "{:#}", report["hosts"][3]);
+    assert_eq!(app_says(fleet.root(3)), "two");
+
+    // A canary that fails (host 9 no longer trusts the key) stops the rollout: nobody else
+    // is touched, and the exit code is the canary's (3, trust).
+    ok(
+        std::process::Command::new(bin("op-dbus-stage"))
+            .arg("--root")
+            .arg(fleet.root(9))
+            .args(["trust", "revoke"])
+            .arg(
+                json(&ok(std::process::Command::new(bin("op-dbus-image"))
+                    .args(["--json", "key", "show"])
+                    .arg(s.pub_key())))["key_id"]
+                    .as_str()
+                    .unwrap(),
+            ),
+    );
+    ok(s.image().args(["-q", "build", "--parent", "app:1.1.0"]).arg(app(&s, "1.2.0", "three", &data)));
+    let out = run(&mut deploy(&["app:1.2.0", "--on", "h9,@web", "--canary", "1"]));
+    assert_eq!(out.status.code(), Some(3), "{}", String::from_utf8_lossy(&out.stderr));
+    let report = json(&String::from_utf8_lossy(&out.stdout));
+    assert_eq!((report["failed"].as_u64(), report["skipped"].as_u64()), (Some(1), Some(9)), "{report:#}");
+    for i in 0..9 {
+        assert_eq!(app_says(fleet.root(i)), "two");
+    }
+}
