@@ -89,11 +89,14 @@ pub struct Limits {
     /// Blob downloads and uploads get `request_timeout` plus their size at this many
     /// bytes per second: 16 KiB/s by default, `$OP_DBUS_REGISTRY_MIN_RATE`.
     pub min_rate: u64,
+    /// How long a response may send nothing before the request is abandoned (each read
+    /// waits at most this long): 60 s by default; the installer's `--stall-timeout`.
+    pub stall: Duration,
 }
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits { request_timeout: Duration::from_secs(60), min_rate: 16 * 1024 }
+        Limits { request_timeout: Duration::from_secs(60), min_rate: 16 * 1024, stall: Duration::from_secs(60) }
     }
 }
 
@@ -331,7 +334,7 @@ impl Client {
             .user_agent(USER_AGENT)
             .timeout_connect(Some(Duration::from_secs(15)))
             .timeout_recv_response(Some(Duration::from_secs(120)))
-            .timeout_per_read(Some(Duration::from_secs(60)))
+            .timeout_per_read(Some(opts.limits.stall))
             .build();
         let scheme = if plain { "http" } else { "https" };
         Ok(Client {

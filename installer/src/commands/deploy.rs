@@ -36,7 +36,7 @@ pub fn deploy(ctx: &Ctx, source: &Source, activate: bool) -> Result<DeployReport
     // Received blobs wait in the store's own temp area, so that storing them is a rename
     // (on btrfs the staging subvolume is another filesystem for rename).
     let recv_tmp = store.root().join(".tmp");
-    let received = receive::receive(source, &recv_tmp, &store, &trust, ctx.opts.allow_expired)?;
+    let received = receive::receive(source, &recv_tmp, &store, &trust, ctx.opts.allow_expired, ctx.opts.stall_timeout)?;
     let mut report = DeployReport { received: received.images.clone(), deployed: Vec::new(), skipped: Vec::new() };
     if !activate {
         if !ctx.opts.dry_run {
@@ -90,6 +90,7 @@ fn order(received: &Received) -> Vec<&Verified> {
 /// On an error nothing is left in the temp area.
 fn unpack(ctx: &Ctx, store: &Layout, received: &Received, v: &Verified, tmp_name: &str) -> Result<()> {
     let tmp = ctx.staging.tmp().join(tmp_name);
+    crate::progress::step("unpack", Some(&v.reference), "unpacking and checking the files");
     let unpacked = (|| -> Result<()> {
         let (c, config) = (v.candidate(), &v.candidate().config);
         txn::remove_tree(&tmp)?;
