@@ -181,7 +181,11 @@ impl<R: std::io::Read> std::io::Read for Counting<R> {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         let n = self.inner.read(buf)?;
         self.total += n as u64;
-        bytes(self.since, self.total, n == 0);
+        // The end is reported by the receiver once the archive is read (a reader of an
+        // archive may stop before the end of its input).
+        if n > 0 {
+            bytes(self.since, self.total, false);
+        }
         Ok(n)
     }
 }

@@ -514,6 +514,7 @@ pub fn receive(
                 Source::Archive(p) => fs::File::open(p).with_context(|| format!("opening {}", p.display()))?,
                 _ => fs::File::from(rustix::io::fcntl_dupfd_cloexec(io::stdin(), 3).context("duplicating stdin")?),
             };
+            let started = std::time::Instant::now();
             let stall_reader = fsx::StallReader::new(file, stall);
             let stalled = stall_reader.progress();
             let reader = io::BufReader::with_capacity(1 << 20, crate::progress::Counting::new(stall_reader));
@@ -535,6 +536,7 @@ pub fn receive(
                     }
                 })
                 .with_context(|| format!("reading the oci-archive {what}"))?;
+            crate::progress::bytes(started, stalled.bytes.load(std::sync::atomic::Ordering::Relaxed), true);
             finish(temp, index, gate.verified, store, trust, allow_expired)
         }
         #[cfg(feature = "registry")]

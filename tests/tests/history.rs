@@ -1,0 +1,111 @@
+//! The audit trail: every change is an entry of /var/lib/op-dbus/history/history.log
+//! (who signed, what changed, which snapshots, outcome); `history --verify` finds an
+//! edited byte or a cut log and names the entry. On a plain root and on a btrfs root.
+
+mod util;
+
+use std::fs;
+use std::path::Path;
+use std::process::Command;
+
+use util::*;
+
+fn stage_at(root: &Path) -> Command {
+    let mut c = Command::new(bin("op-dbus-stage"));
+    c.arg("--root").arg(root);
+    c
+}
+
+fn app(s: &Scratch, version: &str, verify: &str) -> std::path::PathBuf {
+    let extra = format!("files:\n  - path: bin/app\n    target: /usr/local/bin/app\nverify:\n  - command: {verify}\n");
+    let d = stage_dir(&s.path("src"), "app", version, &extra, &[("bin/app", version)]);
+    let r = s.build(&d);
+    s.export(&[&r], &format!("app-{version}.oci.tar"))
+}
+
+fn history_of(root: &Path) {
+    let s = Scratch::new();
+    fs::create_dir_all(root).unwrap();
+    ok(stage_at(root).args(["-q", "init"]));
+    ok(stage_at(root).args(["-q", "trust", "add"]).arg(s.pub_key()));
+    let key_id =
+        json(&ok(stage_at(root).args(["--json", "trust", "list"])))["keys"][0]["key_id"].as_str().unwrap().to_owned();
+    let empty = json(&ok(stage_at(root).args(["--json", "history"])));
+    assert_eq!(empty["entries"], serde_json::json!([]));
+
+    ok(stage_at(root).args(["-q", "deploy"]).arg(app(&s, "1.0.0", "test -f bin/app")));
+    ok(stage_at(root).args(["-q", "deploy"]).arg(app(&s, "1.1.0", "test -f bin/app")));
+    let (code, err) = fails(stage_at(root).args(["-q", "deploy"]).arg(app(&s, "1.2.0", "'false'")));
+    assert_eq!(code, 5, "{err}");
+    ok(stage_at(root).args(["-q", "rollback", "app"]));
+
+    let h = json(&ok(stage_at(root).args(["--json", "history"])));
+    let e = h["entries"].as_array().unwrap();
+    assert_eq!(e.len(), 4, "{h}");
+    assert_eq!(e.iter().map(|x| x["seq"].as_u64().unwrap()).collect::<Vec<_>>(), [1, 2, 3, 4]);
+    assert_eq!(e[0]["outcome"], "committed");
+    assert_eq!(e[0]["operation"], "deploy app:1.0.0");
+    assert_eq!(e[0]["changes"][0]["stage"], "app");
+    assert!(e[0]["changes"][0]["from"].is_null(), "{h}");
+    assert_eq!(e[0]["changes"][0]["to"]["version"], "1.0.0");
+    assert_eq!(e[0]["changes"][0]["to"]["signers"], serde_json::json!([key_id]));
+    assert_eq!(e[0]["snapshots"].as_array().unwrap().len(), 2, "a pre- and a post-snapshot: {h}");
+    assert_eq!(e[1]["changes"][0]["from"]["version"], "1.0.0");
+    assert_eq!(e[2]["outcome"], "rolled-back");
+    assert!(e[2]["error"].as_str().unwrap().contains("false"), "{h}");
+    assert_eq!(e[3]["operation"], "rollback app");
+    assert_eq!(e[3]["changes"][0]["to"]["version"], "1.0.0");
+    let text = ok(stage_at(root).arg("history"));
+    assert!(text.contains("deploy app:1.1.0") && text.contains("rolled-back"), "{text}");
+    assert!(text.contains(&key_id), "who signed is shown: {text}");
+
+    let ok_doc = json(&ok(stage_at(root).args(["--json", "history", "--verify"])));
+    assert_eq!((ok_doc["ok"].clone(), ok_doc["entries"].clone()), (serde_json::json!(true), serde_json::json!(4)));
+
+    // One byte of the second entry edited ("1.1.0" -> "1.1.1" in its operation).
+    let log = root.join("var/lib/op-dbus/history/history.log");
+    let orig = fs::read(&log).unwrap();
+    let second = orig.iter().position(|&b| b == b'\n').unwrap() + 1;
+    let at = second + find(&orig[second..], b"deploy app:1.1.0").unwrap() + "deploy app:1.1.".len();
+    let mut edited = orig.clone();
+    edited[at] = b'1';
+    fs::write(&log, &edited).unwrap();
+    let out = run(stage_at(root).args(["--json", "history", "--verify"]));
+    assert_eq!(out.status.code(), Some(5), "{}", String::from_utf8_lossy(&out.stderr));
+    let doc = json(&String::from_utf8(out.stdout).unwrap());
+    assert_eq!(doc["ok"], false);
+    assert_eq!(doc["line"], 2, "{doc}");
+    assert!(doc["problem"].as_str().unwrap().contains("edited"), "{doc}");
+    let out = run(stage_at(root).args(["history", "--verify"]));
+    assert_eq!(out.status.code(), Some(5));
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.contains("entry 2"), "{text}");
+
+    // The last entry cut off: the head still names it.
+    let last = orig[..orig.len() - 1].iter().rposition(|&b| b == b'\n').unwrap() + 1;
+    fs::write(&log, &orig[..last]).unwrap();
+    let out = run(stage_at(root).args(["--json", "history", "--verify"]));
+    assert_eq!(out.status.code(), Some(5));
+    let doc = json(&String::from_utf8(out.stdout).unwrap());
+    assert_eq!(doc["line"], 4, "{doc}");
+    assert!(doc["problem"].as_str().unwrap().contains("truncated"), "{doc}");
+    // A later change does not hide the cut.
+    ok(stage_at(root).args(["-q", "gc"]));
+    assert_eq!(run(stage_at(root).args(["history", "--verify"])).status.code(), Some(5));
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+#[test]
+fn history_records_changes_and_verify_finds_an_edit_and_a_cut() {
+    let d = tempfile::tempdir().unwrap();
+    history_of(&d.path().join("root"));
+}
+
+#[test]
+fn history_on_a_btrfs_root() {
+    let fs_ = LoopBtrfs::new(512);
+    history_of(&fs_.mnt.join("root"));
+}
