@@ -357,7 +357,7 @@ mod tests {
 /// A reader of a file descriptor (a pipe, a socket, a file) that gives up when nothing
 /// arrives for `timeout`: each read first waits (poll) at most that long for data, and
 /// fails with [`io::ErrorKind::TimedOut`] when none came. It counts the bytes read, so
-/// that a caller can show progress, and says whether it gave up ([`StallReader::stalled`]),
+/// that a caller can show progress, and says whether it gave up ([`StallProgress::stalled`]),
 /// so that a caller can tell a stall from whatever error a parser makes of it.
 #[derive(Debug)]
 pub struct StallReader<R> {

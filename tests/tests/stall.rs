@@ -121,7 +121,7 @@ fn progress_json_is_one_event_per_line_for_each_phase() {
     for want in ["receive", "verify", "unpack", "activate", "check"] {
         assert!(phases.iter().any(|p| p == want), "no {want} event: {phases:?}");
     }
-    let received = events.iter().filter(|e| e["phase"] == "receive").next_back().unwrap();
+    let received = events.iter().rfind(|e| e["phase"] == "receive").unwrap();
     assert_eq!(received["bytes"].as_u64().unwrap(), std::fs::metadata(&archive).unwrap().len(), "{received}");
     assert_eq!(received["step"], "received");
     assert!(received["rate"].is_u64());
