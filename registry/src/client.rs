@@ -169,6 +169,15 @@ fn origin(url: &str) -> Option<(String, String, u16)> {
     Some((scheme, host, port))
 }
 
+/// Whether an I/O error of a response body is a read that waited longer than
+/// [`Limits::stall`] for a byte: the registry stalled. Not retried: a source that stalls
+/// is abandoned.
+fn is_stall(e: &io::Error) -> bool {
+    e.get_ref()
+        .and_then(|x| x.downcast_ref::<ureq::Error>())
+        .is_some_and(|u| matches!(u, ureq::Error::Timeout(ureq::Timeout::PerRead)))
+}
+
 /// Whether an I/O error of a response body is the request's deadline running out.
 fn is_deadline(e: &io::Error) -> bool {
     e.get_ref()
@@ -894,6 +903,17 @@ impl Client {
                     Ok(n) => n,
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                     Err(e) if is_deadline(&e) => return Err(self.deadline_hit(&what, bound)),
+                    Err(e) if is_stall(&e) => {
+                        return Err(RegistryError::Deadline {
+                            host: self.host.clone(),
+                            what,
+                            detail: format!(
+                                "stalled at byte {written} of {}: nothing arrived for {} s; abandoned",
+                                desc.size,
+                                self.opts.limits.stall.as_secs()
+                            ),
+                        });
+                    }
                     Err(e) => break Some(e.to_string()),
                 };
                 if written + n as u64 > desc.size {

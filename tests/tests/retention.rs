@@ -81,6 +81,8 @@ fn fifty_upgrades(root: &Path) {
         let stage_size = bytes_below(&active);
         let snaps = json(&ok(stage_at(root).args(["--json", "snapshots"])));
         let kept = snaps["snapshots"].as_array().unwrap().len() as u64;
+        // The default policy: the 10 newest and the running set's pre-snapshot at most.
+        assert!(kept <= 11, "after upgrade {}: {kept} snapshots kept", i + 1);
         let used = bytes_below(&staging);
         assert!(
             used < (kept + 1) * stage_size,
