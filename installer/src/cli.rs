@@ -379,6 +379,9 @@ pub fn run(cli: Cli) -> Result<i32> {
         Command::Trust(TrustCommand::Add { file, scope, replace }) => {
             let ctx = Ctx::changing(&opts)?;
             let r = ops::trust_add(&ctx, &file, &scope, replace)?;
+            if !r.dry_run {
+                crate::history::record_event(&ctx, &format!("trust add {}", r.key_id), &[])?;
+            }
             out.emit(&r, |r| {
                 format!(
                     "{}trusted key {} ({}) for {}\n",
@@ -397,6 +400,9 @@ pub fn run(cli: Cli) -> Result<i32> {
         Command::Trust(TrustCommand::Revoke { key_id }) => {
             let ctx = Ctx::changing(&opts)?;
             let r = ops::trust_revoke(&ctx, &key_id)?;
+            if !r.dry_run {
+                crate::history::record_event(&ctx, &format!("trust revoke {key_id}"), &[])?;
+            }
             out.emit(&r, |r| format!("{}revoked {key_id}\n", if r.dry_run { "would have " } else { "" }))?;
         }
         Command::Feature(FeatureCommand::Enable { name }) | Command::Feature(FeatureCommand::Disable { name })
@@ -407,11 +413,17 @@ pub fn run(cli: Cli) -> Result<i32> {
         Command::Feature(FeatureCommand::Enable { name }) => {
             let ctx = Ctx::changing(&opts)?;
             let r = ops::set_feature(&ctx, &name, true)?;
+            if !r.dry_run {
+                crate::history::record_event(&ctx, &format!("feature enable {name}"), &[])?;
+            }
             out.emit(&r, render_feature)?;
         }
         Command::Feature(FeatureCommand::Disable { name }) => {
             let ctx = Ctx::changing(&opts)?;
             let r = ops::set_feature(&ctx, &name, false)?;
+            if !r.dry_run {
+                crate::history::record_event(&ctx, &format!("feature disable {name}"), &[])?;
+            }
             out.emit(&r, render_feature)?;
         }
         Command::Feature(FeatureCommand::List) => {
@@ -469,7 +481,7 @@ pub fn run(cli: Cli) -> Result<i32> {
             let ctx = Ctx::changing(&opts)?;
             let r = crate::retention::prune(&ctx, opts.dry_run)?;
             if !opts.dry_run && !r.is_empty() {
-                crate::history::record_prune(&ctx, &r)?;
+                crate::history::record_event(&ctx, "snapshots prune", &r.snapshots)?;
             }
             let doc = PruneDoc { dry_run: opts.dry_run, pruned: r };
             out.emit(&doc, render_prune)?;

@@ -160,13 +160,14 @@ pub(crate) fn record_failed(ctx: &crate::ops::Ctx, journal: &crate::txn::Journal
     }
 }
 
-/// Records a `snapshots prune` that removed something.
-pub(crate) fn record_prune(ctx: &crate::ops::Ctx, p: &crate::retention::Pruned) -> Result<()> {
+/// Records a change outside the transactions: a `snapshots prune` that removed something
+/// (`pruned`), a trust or feature edit of the policy.
+pub(crate) fn record_event(ctx: &crate::ops::Ctx, operation: &str, pruned: &[String]) -> Result<()> {
     let state = ctx.state()?;
-    let mut e = entry("snapshots prune", "committed", &state, &state, Vec::new());
-    e.pruned = p.snapshots.clone();
+    let mut e = entry(operation, "committed", &state, &state, Vec::new());
+    e.pruned = pruned.to_vec();
     append(&dir_of(ctx, true)?.expect("made"), e)
-        .context("the snapshots were pruned, but recording it in history.log failed")?;
+        .with_context(|| format!("`{operation}` was done, but recording it in history.log failed"))?;
     Ok(())
 }
 

@@ -146,6 +146,8 @@ pub(crate) fn after_commit(ctx: &Ctx, journal: &crate::txn::Journal, report: &mu
                 ));
             }
             report.pruned = p.snapshots;
+            // `gc` listed what kept snapshots needed before the prune: what went is not kept.
+            report.kept.retain(|k| !p.generations.iter().any(|g| (&g.stage, g.generation) == (&k.stage, k.generation)));
             report.removed.extend(p.generations);
         }
         Err(e) => report

@@ -27,11 +27,11 @@ fn history_of(root: &Path) {
     let s = Scratch::new();
     fs::create_dir_all(root).unwrap();
     ok(stage_at(root).args(["-q", "init"]));
+    let empty = json(&ok(stage_at(root).args(["--json", "history"])));
+    assert_eq!(empty["entries"], serde_json::json!([]));
     ok(stage_at(root).args(["-q", "trust", "add"]).arg(s.pub_key()));
     let key_id =
         json(&ok(stage_at(root).args(["--json", "trust", "list"])))["keys"][0]["key_id"].as_str().unwrap().to_owned();
-    let empty = json(&ok(stage_at(root).args(["--json", "history"])));
-    assert_eq!(empty["entries"], serde_json::json!([]));
 
     ok(stage_at(root).args(["-q", "deploy"]).arg(app(&s, "1.0.0", "test -f bin/app")));
     ok(stage_at(root).args(["-q", "deploy"]).arg(app(&s, "1.1.0", "test -f bin/app")));
@@ -40,9 +40,12 @@ fn history_of(root: &Path) {
     ok(stage_at(root).args(["-q", "rollback", "app"]));
 
     let h = json(&ok(stage_at(root).args(["--json", "history"])));
-    let e = h["entries"].as_array().unwrap();
-    assert_eq!(e.len(), 4, "{h}");
-    assert_eq!(e.iter().map(|x| x["seq"].as_u64().unwrap()).collect::<Vec<_>>(), [1, 2, 3, 4]);
+    let all = h["entries"].as_array().unwrap();
+    assert_eq!(all.len(), 5, "{h}");
+    assert_eq!(all.iter().map(|x| x["seq"].as_u64().unwrap()).collect::<Vec<_>>(), [1, 2, 3, 4, 5]);
+    assert_eq!(all[0]["operation"], format!("trust add {key_id}"), "a trust change is recorded too");
+    assert_eq!(all[0]["changes"], serde_json::json!([]));
+    let e = &all[1..];
     assert_eq!(e[0]["outcome"], "committed");
     assert_eq!(e[0]["operation"], "deploy app:1.0.0");
     assert_eq!(e[0]["changes"][0]["stage"], "app");
@@ -60,13 +63,13 @@ fn history_of(root: &Path) {
     assert!(text.contains(&key_id), "who signed is shown: {text}");
 
     let ok_doc = json(&ok(stage_at(root).args(["--json", "history", "--verify"])));
-    assert_eq!((ok_doc["ok"].clone(), ok_doc["entries"].clone()), (serde_json::json!(true), serde_json::json!(4)));
+    assert_eq!((ok_doc["ok"].clone(), ok_doc["entries"].clone()), (serde_json::json!(true), serde_json::json!(5)));
 
-    // One byte of the second entry edited ("1.1.0" -> "1.1.1" in its operation).
+    // One byte of the third entry edited ("1.1.0" -> "1.1.1" in its operation).
     let log = root.join("var/lib/op-dbus/history/history.log");
     let orig = fs::read(&log).unwrap();
-    let second = orig.iter().position(|&b| b == b'\n').unwrap() + 1;
-    let at = second + find(&orig[second..], b"deploy app:1.1.0").unwrap() + "deploy app:1.1.".len();
+    let at = find(&orig, b"deploy app:1.1.0").unwrap() + "deploy app:1.1.".len();
+    assert_eq!(orig[..at].iter().filter(|&&b| b == b'\n').count(), 2, "on the third line");
     let mut edited = orig.clone();
     edited[at] = b'1';
     fs::write(&log, &edited).unwrap();
@@ -74,12 +77,12 @@ fn history_of(root: &Path) {
     assert_eq!(out.status.code(), Some(5), "{}", String::from_utf8_lossy(&out.stderr));
     let doc = json(&String::from_utf8(out.stdout).unwrap());
     assert_eq!(doc["ok"], false);
-    assert_eq!(doc["line"], 2, "{doc}");
+    assert_eq!(doc["line"], 3, "{doc}");
     assert!(doc["problem"].as_str().unwrap().contains("edited"), "{doc}");
     let out = run(stage_at(root).args(["history", "--verify"]));
     assert_eq!(out.status.code(), Some(5));
     let text = String::from_utf8(out.stdout).unwrap();
-    assert!(text.contains("entry 2"), "{text}");
+    assert!(text.contains("entry 3"), "{text}");
 
     // The last entry cut off: the head still names it.
     let last = orig[..orig.len() - 1].iter().rposition(|&b| b == b'\n').unwrap() + 1;
@@ -87,7 +90,7 @@ fn history_of(root: &Path) {
     let out = run(stage_at(root).args(["--json", "history", "--verify"]));
     assert_eq!(out.status.code(), Some(5));
     let doc = json(&String::from_utf8(out.stdout).unwrap());
-    assert_eq!(doc["line"], 4, "{doc}");
+    assert_eq!(doc["line"], 5, "{doc}");
     assert!(doc["problem"].as_str().unwrap().contains("truncated"), "{doc}");
     // A later change does not hide the cut.
     ok(stage_at(root).args(["-q", "gc"]));
