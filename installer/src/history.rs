@@ -141,13 +141,27 @@ impl Entry {
     }
 }
 
-/// Records a committed change (`pruned`: what retention removed after it).
-pub(crate) fn record(ctx: &crate::ops::Ctx, journal: &crate::txn::Journal, pruned: &[String]) -> Result<()> {
-    let mut e = entry(&journal.operation, "committed", &journal.before, &journal.after, snapshot_names(journal));
-    e.pruned = pruned.to_vec();
+/// Records a committed change.
+pub(crate) fn record(ctx: &crate::ops::Ctx, journal: &crate::txn::Journal) -> Result<()> {
+    let e = entry(&journal.operation, "committed", &journal.before, &journal.after, snapshot_names(journal));
     append(&dir_of(ctx, true)?.expect("made"), e)
         .context("the change was committed, but recording it in history.log failed")?;
     Ok(())
+}
+
+/// Records a transaction an earlier command left unfinished and `recover` (or the next
+/// changing command) finished: a change is recorded when it ends, so its entry was not
+/// written yet. A failure to record is logged, not fatal: recovery must go on.
+pub(crate) fn record_recovered(ctx: &crate::ops::Ctx, journal: &crate::txn::Journal, o: crate::txn::RecoverOutcome) {
+    let (outcome, snaps) = match o {
+        crate::txn::RecoverOutcome::Completed => ("committed", snapshot_names(journal)),
+        crate::txn::RecoverOutcome::RolledBack => ("rolled-back", Vec::new()),
+    };
+    let operation = format!("recover {}", journal.operation);
+    let e = entry(&operation, outcome, &journal.before, &journal.after, snaps);
+    if let Err(e) = dir_of(ctx, true).and_then(|d| append(&d.expect("made"), e)) {
+        tracing::warn!("recording the recovered transaction in history.log failed: {e:#}");
+    }
 }
 
 /// Records a change that was undone; returns its error (with a note when the record
@@ -255,6 +269,7 @@ pub fn append(dir: &Path, entry: Entry) -> Result<Head> {
         .with_context(|| format!("opening {}", log.display()))?;
     f.write_all(line.as_bytes()).with_context(|| format!("appending to {}", log.display()))?;
     f.sync_all()?;
+    crate::faults::point("history");
     let bytes = serde_json::to_vec(&new_head).expect("a head serializes");
     fsx::write_atomic(&head_file(dir), &bytes).with_context(|| format!("writing {}", head_file(dir).display()))?;
     Ok(new_head)

@@ -118,6 +118,7 @@ impl Ctx {
         let out = match Journal::read(&self.staging)? {
             Some(j) => {
                 let o = j.recover(&self.fs(), &self.staging).context("finishing the interrupted transaction")?;
+                crate::history::record_recovered(self, &j, o);
                 if !self.opts.quiet {
                     let what = match o {
                         RecoverOutcome::Completed => "completed",
@@ -316,8 +317,8 @@ pub(crate) fn execute(
         return Err(crate::history::record_failed(ctx, &journal, undo(e.into())));
     }
     journal.commit(&ctx.staging)?;
+    crate::history::record(ctx, &journal)?;
     crate::retention::after_commit(ctx, &journal, &mut report);
-    crate::history::record(ctx, &journal, &report.pruned)?;
     if journal.steps.iter().any(|s| matches!(s, Step::EnableUnit { .. } | Step::DisableUnit { .. })) {
         checks::daemon_reload(&ctx.host.root);
     }

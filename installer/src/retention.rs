@@ -145,6 +145,11 @@ pub(crate) fn after_commit(ctx: &Ctx, journal: &crate::txn::Journal, report: &mu
                     cli_support::human_bytes(p.blob_bytes)
                 ));
             }
+            if !p.snapshots.is_empty()
+                && let Err(e) = crate::history::record_event(ctx, "snapshots prune", &p.snapshots)
+            {
+                report.notes.push(format!("{e:#}"));
+            }
             report.pruned = p.snapshots;
             // `gc` listed what kept snapshots needed before the prune: what went is not kept.
             report.kept.retain(|k| !p.generations.iter().any(|g| (&g.stage, g.generation) == (&k.stage, k.generation)));

@@ -112,3 +112,47 @@ fn history_on_a_btrfs_root() {
     let fs_ = LoopBtrfs::new(512);
     history_of(&fs_.mnt.join("root"));
 }
+
+/// Stopped at every fault point of a deploy (the fault-injection build), then recovered:
+/// the log verifies, and it records the deploy as committed exactly when the host has it
+/// (by the deploy itself, or by the recovery that finished it), else as rolled back or not
+/// at all.
+#[test]
+fn every_crash_of_a_deploy_leaves_a_log_that_verifies_and_tells_the_truth() {
+    let s = Scratch::trusted();
+    let archive = app(&s, "1.0.0", "test -f bin/app");
+    let fault = fault_bin();
+    let pristine = s.path("pristine");
+    copy_tree(&s.root(), &pristine);
+    let mut points = 0;
+    for n in 1.. {
+        let root = s.path("attempt");
+        let _ = fs::remove_dir_all(&root);
+        copy_tree(&pristine, &root);
+        let out = run(Command::new(&fault)
+            .arg("--root")
+            .arg(&root)
+            .args(["-q", "deploy"])
+            .arg(&archive)
+            .env("OP_DBUS_FAULT_AT", n.to_string()));
+        let finished = out.status.success();
+        ok(stage_at(&root).args(["-q", "recover"]));
+        let v = run(stage_at(&root).args(["--json", "history", "--verify"]));
+        assert_eq!(v.status.code(), Some(0), "point {n}: {}", String::from_utf8_lossy(&v.stdout));
+        let deployed = deployed_names(&json(&ok(stage_at(&root).args(["--json", "list"])))) == ["app"];
+        let h = json(&ok(stage_at(&root).args(["--json", "history"])));
+        let committed: Vec<&serde_json::Value> = h["entries"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["operation"].as_str().unwrap().ends_with("deploy app:1.0.0") && e["outcome"] == "committed")
+            .collect();
+        assert_eq!(committed.len(), usize::from(deployed), "point {n} (deployed: {deployed}): {h}");
+        if finished {
+            break;
+        }
+        points += 1;
+        assert!(n < 500);
+    }
+    assert!(points > 5, "only {points} fault points");
+}
