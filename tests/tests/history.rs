@@ -108,7 +108,7 @@ fn history_records_changes_and_verify_finds_an_edit_and_a_cut() {
 }
 
 #[test]
-fn history_on_a_btrfs_root() {
+fn history_on_a_loop_btrfs_root_needs_root() {
     let fs_ = LoopBtrfs::new(512);
     history_of(&fs_.mnt.join("root"));
 }

@@ -79,8 +79,10 @@ fn fifty_upgrades(root: &Path) {
         ok(stage_at(root).arg("deploy").arg(a));
         let active = fs::canonicalize(staging.join("app")).unwrap();
         let stage_size = bytes_below(&active);
-        let snaps = json(&ok(stage_at(root).args(["--json", "snapshots"])));
-        let kept = snaps["snapshots"].as_array().unwrap().len() as u64;
+        let kept = fs::read_dir(staging.join("snapshots"))
+            .unwrap()
+            .filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().ends_with(".json"))
+            .count() as u64;
         // The default policy: the 10 newest and the running set's pre-snapshot at most.
         assert!(kept <= 11, "after upgrade {}: {kept} snapshots kept", i + 1);
         let used = bytes_below(&staging);
@@ -123,7 +125,7 @@ fn fifty_upgrades_stay_bounded_on_a_plain_root() {
 }
 
 #[test]
-fn fifty_upgrades_stay_bounded_on_a_btrfs_root() {
+fn fifty_upgrades_stay_bounded_on_a_loop_btrfs_root_needs_root() {
     let fs_ = LoopBtrfs::new(512);
     fifty_upgrades(&fs_.mnt.join("root"));
 }
