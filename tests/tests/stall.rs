@@ -136,3 +136,25 @@ fn progress_json_is_one_event_per_line_for_each_phase() {
         .unwrap();
     assert!(!String::from_utf8_lossy(&out.stderr).contains("\"progress\""));
 }
+
+/// On a terminal (a pty made by `script`), deploy shows a progress line with the phase and
+/// the bytes received; the archive arrives in two parts a second apart, so that the line is
+/// drawn while the command waits.
+#[test]
+fn a_terminal_shows_the_progress_line() {
+    let script = require_tool("script", "bsdutils");
+    let s = Scratch::trusted();
+    let archive = big_app(&s);
+    let cmd = format!(
+        "{{ head -c 1000000 '{a}'; sleep 1; tail -c +1000001 '{a}'; }} | '{bin}' --root '{root}' deploy -",
+        a = archive.display(),
+        bin = bin("op-dbus-stage").display(),
+        root = s.root().display()
+    );
+    let out = Command::new(script).args(["-q", "-e", "-c", &cmd, "/dev/null"]).stdin(Stdio::null()).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("receive") && text.contains("KiB"), "no progress line: {text}");
+    assert!(!text.contains("\"event\""), "JSON events only when asked for: {text}");
+    assert_eq!(deployed_names(&json(&ok(s.stage().args(["--json", "list"])))), ["app"]);
+}
