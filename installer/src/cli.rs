@@ -749,13 +749,15 @@ fn render_history(d: &HistoryDoc) -> String {
                 .changes
                 .iter()
                 .map(|c| {
-                    let v = |g: &Option<crate::history::GenRecord>| {
-                        g.as_ref().map_or("-".into(), |g| g.version.to_string())
-                    };
                     let signers: Vec<String> =
                         c.to.iter().flat_map(|g| g.signers.iter().map(ToString::to_string)).collect();
                     let by = if signers.is_empty() { String::new() } else { format!(" signed {}", signers.join(",")) };
-                    format!("{} {}->{}{by}", c.stage, v(&c.from), v(&c.to))
+                    match (&c.from, &c.to) {
+                        (None, Some(t)) => format!("{}: new {}{by}", c.stage, t.version),
+                        (Some(f), Some(t)) => format!("{}: {} -> {}{by}", c.stage, f.version, t.version),
+                        (Some(f), None) => format!("{}: {} removed", c.stage, f.version),
+                        (None, None) => c.stage.to_string(),
+                    }
                 })
                 .collect();
             vec![
