@@ -172,6 +172,9 @@ fn keep_marks_survive_pruning_and_prune_applies_a_lowered_limit() {
     // Lower the limit: a dry run says what would go, the real run removes it; the marked
     // ones and the running set's pre-snapshot stay.
     fs::write(s.root().join("etc/op-dbus/stage.toml"), "[snapshots]\nkeep = 0\n").unwrap();
+    // An image received and never deployed (newer than any deployed) is not pruned.
+    let r9 = s.build(&version_dir(&s.path("src"), 9));
+    ok(s.stage().args(["-q", "receive"]).arg(s.export(&[&r9], "app-9.oci.tar")));
     let dry = json(&ok(s.stage().args(["--json", "--dry-run", "snapshots", "prune"])));
     assert_eq!(dry["dry_run"], true);
     assert_eq!(snapshot_names(&s), names, "a dry run prunes nothing");
@@ -184,6 +187,11 @@ fn keep_marks_survive_pruning_and_prune_applies_a_lowered_limit() {
     let mut got = left.clone();
     got.sort();
     assert_eq!(got, want, "the marked ones (pre-app of this deploy is also the running pre)");
+    let list = json(&ok(s.stage().args(["--json", "list"])));
+    assert!(
+        list["stages"].as_array().unwrap().iter().any(|x| x["version"] == "1.0.9" && x["status"] == "available"),
+        "{list}"
+    );
     // Released, the first one goes at the next prune (here: `gc`).
     ok(s.stage().args(["snapshots", "release", &first[0]]));
     let gc = json(&ok(s.stage().args(["--json", "gc"])));
