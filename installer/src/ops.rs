@@ -258,6 +258,7 @@ pub(crate) fn execute(
         pruned: Vec::new(),
     };
     if ctx.opts.dry_run {
+        report.pruned = crate::retention::would_prune(ctx, &cleanup)?;
         return Ok(report);
     }
     // Generations nobody references any more go at clean-up.

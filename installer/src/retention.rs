@@ -161,6 +161,24 @@ pub(crate) fn after_commit(ctx: &Ctx, journal: &crate::txn::Journal, report: &mu
     }
 }
 
+/// The snapshots the prune after a change would delete, for its dry run: the existing ones
+/// and those the change would take (`cleanup`), chosen as after the real change.
+pub(crate) fn would_prune(ctx: &Ctx, cleanup: &crate::txn::Cleanup) -> Result<Vec<String>> {
+    let keep = crate::receive::Trust::load(&ctx.host)?.policy.snapshot_keep();
+    let mut all = snapshots(&ctx.staging)?;
+    let mut marked: BTreeSet<String> =
+        all.iter().map(|(n, _)| n).filter(|n| is_marked(&ctx.staging, n)).cloned().collect();
+    for (name, state) in &cleanup.snapshots {
+        if ctx.opts.keep_snapshots {
+            marked.insert(name.clone());
+        }
+        all.push((name.clone(), state.clone()));
+    }
+    order(&mut all);
+    let names: Vec<String> = all.into_iter().map(|(n, _)| n).collect();
+    Ok(choose(&names, &marked, keep).1)
+}
+
 /// What a prune removed (or, in a dry run, would remove).
 #[derive(Debug, Default, Serialize)]
 pub struct Pruned {

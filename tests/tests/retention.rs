@@ -156,9 +156,13 @@ fn keep_marks_survive_pruning_and_prune_applies_a_lowered_limit() {
     ok(s.stage().args(["snapshots", "keep", &first[0]]));
     let listed = json(&ok(s.stage().args(["--json", "snapshots"])));
     assert_eq!(listed["snapshots"][0]["keep"], true, "{listed}");
-    // A third deploy with --keep marks its own snapshots.
+    // A third deploy with --keep marks its own snapshots; its dry run says what the prune
+    // after it would delete (keep = 4 of 6, the marked oldest stays).
     let r = s.build(&version_dir(&s.path("src"), 3));
     let a = s.export(&[&r], "app-3.oci.tar");
+    let dry = json(&ok(s.stage().args(["--json", "--dry-run", "deploy", "--keep"]).arg(&a)));
+    assert_eq!(dry["deployed"][0]["pruned"], serde_json::json!([first[1]]), "{dry}");
+    assert_eq!(snapshot_names(&s), first, "a dry run prunes nothing");
     let out = json(&ok(s.stage().args(["--json", "deploy", "--keep"]).arg(&a)));
     let taken: Vec<String> =
         out["deployed"][0]["snapshots"].as_array().unwrap().iter().map(|x| x.as_str().unwrap().to_owned()).collect();
