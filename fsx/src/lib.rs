@@ -353,3 +353,88 @@ mod tests {
         sync_dir(d.path()).unwrap();
     }
 }
+
+/// A reader of a file descriptor (a pipe, a socket, a file) that gives up when nothing
+/// arrives for `timeout`: each read first waits (poll) at most that long for data, and
+/// fails with [`io::ErrorKind::TimedOut`] when none came. It counts the bytes read, so
+/// that a caller can show progress, and says whether it gave up ([`StallProgress::stalled`]),
+/// so that a caller can tell a stall from whatever error a parser makes of it.
+#[derive(Debug)]
+pub struct StallReader<R> {
+    inner: R,
+    timeout: std::time::Duration,
+    progress: std::sync::Arc<StallProgress>,
+}
+
+/// What a [`StallReader`] shares with its owner while a parser holds the reader.
+#[derive(Debug, Default)]
+pub struct StallProgress {
+    /// Bytes read so far.
+    pub bytes: std::sync::atomic::AtomicU64,
+    /// Set when a read gave up.
+    pub stalled: std::sync::atomic::AtomicBool,
+}
+
+impl<R: io::Read + AsFd> StallReader<R> {
+    pub fn new(inner: R, timeout: std::time::Duration) -> StallReader<R> {
+        StallReader { inner, timeout, progress: Default::default() }
+    }
+
+    /// The byte count and stall flag, readable while the reader is in use elsewhere.
+    pub fn progress(&self) -> std::sync::Arc<StallProgress> {
+        self.progress.clone()
+    }
+}
+
+impl<R: io::Read + AsFd> io::Read for StallReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        use rustix::event::{PollFd, PollFlags, Timespec};
+        let deadline = std::time::Instant::now() + self.timeout;
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            let t = Timespec { tv_sec: left.as_secs() as _, tv_nsec: left.subsec_nanos() as _ };
+            let mut fds = [PollFd::new(&self.inner, PollFlags::IN)];
+            match rustix::event::poll(&mut fds, Some(&t)) {
+                Ok(0) if left.is_zero() || std::time::Instant::now() >= deadline => {
+                    self.progress.stalled.store(true, std::sync::atomic::Ordering::Relaxed);
+                    return Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        format!("nothing arrived for {} s", self.timeout.as_secs()),
+                    ));
+                }
+                Ok(0) | Err(rustix::io::Errno::INTR) => continue,
+                Ok(_) => break,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        let n = self.inner.read(buf)?;
+        self.progress.bytes.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+        Ok(n)
+    }
+}
+
+#[cfg(test)]
+mod stall_tests {
+    use super::*;
+    use std::io::Read;
+    use std::time::{Duration, Instant};
+
+    #[test]
+    fn a_silent_pipe_times_out_and_a_talking_one_does_not() {
+        let (r, w) = rustix::pipe::pipe().unwrap();
+        let mut w = File::from(w);
+        w.write_all(b"hello").unwrap();
+        let mut s = StallReader::new(File::from(r), Duration::from_millis(300));
+        let p = s.progress();
+        let mut buf = [0u8; 16];
+        assert_eq!(s.read(&mut buf).unwrap(), 5);
+        let t = Instant::now();
+        let e = s.read(&mut buf).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::TimedOut);
+        assert!(t.elapsed() >= Duration::from_millis(300) && t.elapsed() < Duration::from_secs(3));
+        assert!(p.stalled.load(std::sync::atomic::Ordering::Relaxed));
+        assert_eq!(p.bytes.load(std::sync::atomic::Ordering::Relaxed), 5);
+        drop(w);
+        assert_eq!(s.read(&mut buf).unwrap(), 0, "a closed pipe is the end, not a stall");
+    }
+}

@@ -48,6 +48,15 @@ pub struct GlobalOpts {
     /// Accept signatures past their signed expiry.
     #[arg(long, global = true)]
     pub allow_expired: bool,
+    /// Abandon a source (stdin, a file, a registry) that sends nothing for this long, in
+    /// seconds: nothing is activated, the lock is released, exit 1.
+    #[arg(long, global = true, default_value_t = 60, value_name = "SECONDS",
+          value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    pub stall_timeout: u64,
+    /// Progress on stderr: auto (a line when stderr is a terminal), json (one event per
+    /// line, see docs/json.md) or none.
+    #[arg(long, global = true, value_enum, default_value_t = crate::progress::Mode::Auto, value_name = "HOW", hide_possible_values = true)]
+    pub progress: crate::progress::Mode,
 }
 
 #[derive(Debug, Subcommand)]
@@ -77,8 +86,17 @@ pub enum Command {
     },
     /// Go back to the previous generation of STAGE (or of every stage, or to a snapshot).
     Rollback(RollbackOpts),
-    /// List the restore points in time order, with the bytes of the generations they keep.
-    Snapshots,
+    /// List the restore points, oldest first, with what each keeps alone; prune or keep them.
+    Snapshots {
+        #[command(subcommand)]
+        action: Option<SnapshotsCommand>,
+    },
+    /// The audit trail: every change, who signed it, its snapshots and outcome.
+    History {
+        /// Check the log's hash chain; name the first entry edited, removed or cut (exit 5).
+        #[arg(long)]
+        verify: bool,
+    },
     /// Return the whole host to a snapshot.
     Restore {
         /// The snapshot's name, as `snapshots` lists it.
@@ -150,6 +168,9 @@ pub struct DeployOpts {
     /// deployed in a matching version: the highest matching version in the host's store.
     #[arg(long)]
     pub with_deps: bool,
+    /// Mark the snapshots this change takes to keep (retention never prunes them).
+    #[arg(long)]
+    pub keep: bool,
 }
 
 /// Where `deploy` and `receive` take images from, and how to reach a registry.
@@ -162,6 +183,25 @@ pub struct SourceOpts {
     pub source: Vec<String>,
     #[command(flatten)]
     pub registry: crate::receive::RegistryOpts,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SnapshotsCommand {
+    /// Apply the retention policy ([snapshots] keep in stage.toml) now: delete the
+    /// snapshots it does not keep, then the generations and store images nothing kept needs.
+    Prune,
+    /// Mark snapshots to keep: retention never prunes them.
+    Keep {
+        /// Snapshot names, as `snapshots` lists them.
+        #[arg(required = true)]
+        names: Vec<String>,
+    },
+    /// Remove the keep mark of snapshots (the next prune may delete them).
+    Release {
+        /// Snapshot names, as `snapshots` lists them.
+        #[arg(required = true)]
+        names: Vec<String>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -268,6 +308,9 @@ fn render_report(r: &ops::Report) -> String {
     for n in &r.snapshots {
         s += &format!("  snapshot {n}\n");
     }
+    for n in &r.pruned {
+        s += &format!("  pruned snapshot {n}\n");
+    }
     let gen_line = |g: &ops::GenerationRef| {
         format!("{} generation {} ({})", g.stage, g.generation, cli_support::human_bytes(g.bytes))
     };
@@ -332,7 +375,10 @@ pub fn run(cli: Cli) -> Result<i32> {
         allow_downgrade: g.allow_downgrade,
         allow_expired: g.allow_expired,
         keep: 2,
+        keep_snapshots: matches!(&cli.command, Command::Deploy(o) | Command::DeployFromImage(o) if o.keep),
+        stall_timeout: Duration::from_secs(g.stall_timeout),
     };
+    crate::progress::init(g.progress, g.common.quiet);
     let out = Output::new(&g.common);
     let root = g.root.clone();
     let hint = move |s: String| with_root(&s, &root);
@@ -357,6 +403,9 @@ pub fn run(cli: Cli) -> Result<i32> {
         Command::Trust(TrustCommand::Add { file, scope, replace }) => {
             let ctx = Ctx::changing(&opts)?;
             let r = ops::trust_add(&ctx, &file, &scope, replace)?;
+            if !r.dry_run {
+                crate::history::record_event(&ctx, &format!("trust add {}", r.key_id), &[])?;
+            }
             out.emit(&r, |r| {
                 format!(
                     "{}trusted key {} ({}) for {}\n",
@@ -375,6 +424,9 @@ pub fn run(cli: Cli) -> Result<i32> {
         Command::Trust(TrustCommand::Revoke { key_id }) => {
             let ctx = Ctx::changing(&opts)?;
             let r = ops::trust_revoke(&ctx, &key_id)?;
+            if !r.dry_run {
+                crate::history::record_event(&ctx, &format!("trust revoke {key_id}"), &[])?;
+            }
             out.emit(&r, |r| format!("{}revoked {key_id}\n", if r.dry_run { "would have " } else { "" }))?;
         }
         Command::Feature(FeatureCommand::Enable { name }) | Command::Feature(FeatureCommand::Disable { name })
@@ -385,11 +437,17 @@ pub fn run(cli: Cli) -> Result<i32> {
         Command::Feature(FeatureCommand::Enable { name }) => {
             let ctx = Ctx::changing(&opts)?;
             let r = ops::set_feature(&ctx, &name, true)?;
+            if !r.dry_run {
+                crate::history::record_event(&ctx, &format!("feature enable {name}"), &[])?;
+            }
             out.emit(&r, render_feature)?;
         }
         Command::Feature(FeatureCommand::Disable { name }) => {
             let ctx = Ctx::changing(&opts)?;
             let r = ops::set_feature(&ctx, &name, false)?;
+            if !r.dry_run {
+                crate::history::record_event(&ctx, &format!("feature disable {name}"), &[])?;
+            }
             out.emit(&r, render_feature)?;
         }
         Command::Feature(FeatureCommand::List) => {
@@ -445,10 +503,53 @@ pub fn run(cli: Cli) -> Result<i32> {
             };
             out.emit(&r, render_report)?;
         }
-        Command::Snapshots => {
+        Command::Snapshots { action: None } => {
             let ctx = Ctx::reading(&opts)?;
             let doc = SnapshotsDoc { snapshots: crate::snapshot::list(&ctx.staging)? };
             out.emit(&doc, render_snapshots)?;
+        }
+        Command::Snapshots { action: Some(SnapshotsCommand::Prune) } => {
+            let ctx = Ctx::changing(&opts)?;
+            let r = crate::retention::prune(&ctx, opts.dry_run)?;
+            if !opts.dry_run && !r.is_empty() {
+                crate::history::record_event(&ctx, "snapshots prune", &r.snapshots)?;
+            }
+            let doc = PruneDoc { dry_run: opts.dry_run, pruned: r };
+            out.emit(&doc, render_prune)?;
+        }
+        Command::Snapshots { action: Some(SnapshotsCommand::Keep { names }) } => {
+            let ctx = Ctx::changing(&opts)?;
+            mark_snapshots(&ctx, &names, true)?;
+            out.emit(&MarkDoc { dry_run: opts.dry_run, keep: true, snapshots: names }, render_mark)?;
+        }
+        Command::Snapshots { action: Some(SnapshotsCommand::Release { names }) } => {
+            let ctx = Ctx::changing(&opts)?;
+            mark_snapshots(&ctx, &names, false)?;
+            out.emit(&MarkDoc { dry_run: opts.dry_run, keep: false, snapshots: names }, render_mark)?;
+        }
+        Command::History { verify: false } => {
+            let ctx = Ctx::reading(&opts)?;
+            let entries = match crate::history::dir_of(&ctx, false)? {
+                Some(dir) => crate::history::read(&dir)?,
+                None => Vec::new(),
+            };
+            let doc = HistoryDoc { entries };
+            out.emit(&doc, render_history)?;
+        }
+        Command::History { verify: true } => {
+            let ctx = Ctx::reading(&opts)?;
+            let dir = crate::history::dir_of(&ctx, false)?;
+            let v = crate::history::verify(&dir.unwrap_or_else(|| ctx.host.root.join(crate::history::DIR)))?;
+            out.emit(&v, |v| match (&v.line, &v.problem) {
+                (Some(line), Some(p)) => format!(
+                    "history.log is NOT intact: entry {line} (line {line}): {p}; the {} entries before it check out\n",
+                    v.entries
+                ),
+                _ => format!("history.log is intact: {} entries, the hash chain checks out\n", v.entries),
+            })?;
+            if !v.ok {
+                return Ok(error::VERIFY_FAILED);
+            }
         }
         Command::Restore { snapshot, yes } => {
             let ctx = Ctx::changing(&opts)?;
@@ -605,11 +706,119 @@ fn render_snapshots(d: &SnapshotsDoc) -> String {
                 x.name.clone(),
                 x.created.clone().unwrap_or_else(|| "-".into()),
                 cli_support::human_bytes(x.bytes),
+                cli_support::human_bytes(x.exclusive_bytes),
+                if x.keep { "yes".into() } else { "-".into() },
                 if x.stages.is_empty() { "(none)".into() } else { x.stages.join(" ") },
             ]
         })
         .collect();
-    cli_support::table(&["NAME", "CREATED", "SIZE", "STAGES"], &rows, &[2])
+    cli_support::table(&["NAME", "CREATED", "SIZE", "EXCLUSIVE", "KEEP", "STAGES"], &rows, &[2, 3])
+}
+
+/// `snapshots prune --json`.
+#[derive(Debug, Serialize)]
+pub struct PruneDoc {
+    pub dry_run: bool,
+    #[serde(flatten)]
+    pub pruned: crate::retention::Pruned,
+}
+
+/// `snapshots keep|release --json`.
+#[derive(Debug, Serialize)]
+pub struct MarkDoc {
+    pub dry_run: bool,
+    /// Whether the snapshots are now marked to keep.
+    pub keep: bool,
+    pub snapshots: Vec<String>,
+}
+
+/// `history --json`.
+#[derive(Debug, Serialize)]
+pub struct HistoryDoc {
+    pub entries: Vec<crate::history::Entry>,
+}
+
+fn mark_snapshots(ctx: &Ctx, names: &[String], keep: bool) -> Result<()> {
+    for n in names {
+        crate::snapshot::read(&ctx.staging, n)?;
+    }
+    if ctx.opts.dry_run {
+        return Ok(());
+    }
+    for n in names {
+        crate::retention::mark(&ctx.staging, n, keep)?;
+    }
+    Ok(())
+}
+
+fn render_mark(d: &MarkDoc) -> String {
+    let verb = match (d.dry_run, d.keep) {
+        (true, true) => "would keep",
+        (true, false) => "would release",
+        (false, true) => "keeping",
+        (false, false) => "released",
+    };
+    d.snapshots.iter().map(|n| format!("{verb} {n}\n")).collect()
+}
+
+fn render_prune(d: &PruneDoc) -> String {
+    let p = &d.pruned;
+    let would = if d.dry_run { "would " } else { "" };
+    if p.is_empty() {
+        return "nothing to prune\n".into();
+    }
+    let mut s = String::new();
+    for n in &p.snapshots {
+        s += &format!("{would}prune snapshot {n}\n");
+    }
+    for g in &p.generations {
+        s +=
+            &format!("{would}remove {} generation {} ({})\n", g.stage, g.generation, cli_support::human_bytes(g.bytes));
+    }
+    for i in &p.images {
+        s += &format!("{would}remove store image {i}\n");
+    }
+    if p.blobs > 0 {
+        s += &format!("{would}remove {} store blob(s) ({})\n", p.blobs, cli_support::human_bytes(p.blob_bytes));
+    }
+    s
+}
+
+fn render_history(d: &HistoryDoc) -> String {
+    if d.entries.is_empty() {
+        return "no changes recorded\n".into();
+    }
+    let rows: Vec<Vec<String>> = d
+        .entries
+        .iter()
+        .map(|e| {
+            let changes: Vec<String> = e
+                .changes
+                .iter()
+                .map(|c| {
+                    let signers: Vec<String> =
+                        c.to.iter().flat_map(|g| g.signers.iter().map(ToString::to_string)).collect();
+                    let by = if signers.is_empty() { String::new() } else { format!(" signed {}", signers.join(",")) };
+                    match (&c.from, &c.to) {
+                        (None, Some(t)) => format!("{}: new {}{by}", c.stage, t.version),
+                        (Some(f), Some(t)) => format!("{}: {} -> {}{by}", c.stage, f.version, t.version),
+                        (Some(f), None) => format!("{}: {} removed", c.stage, f.version),
+                        (None, None) => c.stage.to_string(),
+                    }
+                })
+                .collect();
+            vec![
+                e.seq.to_string(),
+                e.time.clone(),
+                e.sudo_user.clone().unwrap_or_else(|| format!("uid {}", e.uid)),
+                e.operation.clone(),
+                e.outcome.clone(),
+                if changes.is_empty() { "-".into() } else { changes.join("; ") },
+                if e.snapshots.is_empty() { "-".into() } else { e.snapshots.join(" ") },
+            ]
+        })
+        .collect();
+    cli_support::table(&["#", "TIME", "BY", "OPERATION", "OUTCOME", "CHANGES", "SNAPSHOTS"], &rows, &[0])
 }
 
 fn render_feature(r: &ops::FeatureChanged) -> String {
@@ -662,13 +871,10 @@ fn deploy(opts: &Options, out: Output, o: &SourceOpts, batch: Option<(ops::Batch
     }
     let sources = o.source.iter().map(|s| Source::parse_with(s, &o.registry)).collect::<Result<Vec<_>>>()?;
     let ctx = Ctx::changing(opts)?;
-    let bar = cli_support::progress::spinner(
-        &format!("{} {}", if activate { "deploying" } else { "receiving" }, o.source.join(" ")),
-        opts.quiet,
-    );
+    crate::progress::start(&format!("{} {}", if activate { "deploying" } else { "receiving" }, o.source.join(" ")));
     let (how, with_deps) = batch.unwrap_or((ops::Batch::Whole, false));
     let r = ops::deploy(&ctx, &sources, how, with_deps, activate);
-    bar.finish_and_clear();
+    crate::progress::finish();
     let r = r?;
     out.emit(&r, |r| {
         let mut s = String::new();

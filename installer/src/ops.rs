@@ -48,6 +48,10 @@ pub struct Options {
     pub allow_expired: bool,
     /// Previous generations kept per stage after a deploy.
     pub keep: usize,
+    /// Mark the snapshots this change takes to keep (`--keep`): retention never prunes them.
+    pub keep_snapshots: bool,
+    /// How long a source may send nothing before it is abandoned (`--stall-timeout`).
+    pub stall_timeout: Duration,
 }
 
 /// An opened host: root, staging area, store, and (for changes) the lock.
@@ -115,6 +119,7 @@ impl Ctx {
         let out = match Journal::read(&self.staging)? {
             Some(j) => {
                 let o = j.recover(&self.fs(), &self.staging).context("finishing the interrupted transaction")?;
+                crate::history::record_recovered(self, &j, o);
                 if !self.opts.quiet {
                     let what = match o {
                         RecoverOutcome::Completed => "completed",
@@ -214,6 +219,9 @@ pub struct Report {
     /// `gc`: the generations kept, and why.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub kept: Vec<GenerationRef>,
+    /// The snapshots retention pruned after the change (see `crate::retention`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub pruned: Vec<String>,
 }
 
 /// A generation of a stage, in `gc` reports.
@@ -253,8 +261,10 @@ pub(crate) fn execute(
         snapshots: cleanup.snapshots.iter().map(|(n, _)| n.clone()).collect(),
         removed: Vec::new(),
         kept: Vec::new(),
+        pruned: Vec::new(),
     };
     if ctx.opts.dry_run {
+        report.pruned = crate::retention::would_prune(ctx, &cleanup)?;
         return Ok(report);
     }
     // Generations nobody references any more go at clean-up.
@@ -276,10 +286,12 @@ pub(crate) fn execute(
     let applied = (|| -> Result<Vec<CheckResult>> {
         for step in &journal.steps {
             tracing::debug!(step = %step.describe(), "applying");
+            crate::progress::step("activate", None, &step.describe());
             txn::apply(&ctx.fs(), step).with_context(|| step.describe())?;
         }
         let mut results = Vec::new();
         for stage in check {
+            crate::progress::step("check", Some(stage.as_str()), "running the verify commands");
             results.extend(run_checks(ctx, &journal.after, stage)?);
         }
         Ok(results)
@@ -295,7 +307,7 @@ pub(crate) fn execute(
     };
     let results = match applied {
         Ok(r) => r,
-        Err(e) => return Err(undo(e)),
+        Err(e) => return Err(crate::history::record_failed(ctx, &journal, undo(e))),
     };
     report.checks = results.clone();
     if let Some(bad) = results.iter().find(|r| !r.passed) {
@@ -304,16 +316,16 @@ pub(crate) fn execute(
             (false, Some(c)) => format!("exited {c}, expected {}", bad.expected),
             (false, None) => "was killed by a signal".to_owned(),
         };
-        return Err(undo(
-            VerifyFailed(format!(
-                "verify command `{}` {what}; the change was rolled back. Its output:\n{}",
-                bad.command,
-                bad.output.trim_end()
-            ))
-            .into(),
+        let e = VerifyFailed(format!(
+            "verify command `{}` {what}; the change was rolled back. Its output:\n{}",
+            bad.command,
+            bad.output.trim_end()
         ));
+        return Err(crate::history::record_failed(ctx, &journal, undo(e.into())));
     }
     journal.commit(&ctx.staging)?;
+    crate::history::record(ctx, &journal)?;
+    crate::retention::after_commit(ctx, &journal, &mut report);
     if journal.steps.iter().any(|s| matches!(s, Step::EnableUnit { .. } | Step::DisableUnit { .. })) {
         checks::daemon_reload(&ctx.host.root);
     }

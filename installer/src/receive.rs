@@ -435,6 +435,7 @@ fn verify_as(c: Candidate, trust: &Trust, allow_expired: bool, identity: Identit
     let verdict = keys::trust::evaluate_as(&trust.keys, &trust.policy, subject, identity, options)
         .with_context(|| format!("verifying the signatures of {} ({})", c.reference, c.digest))?;
     tracing::info!(signers = ?verdict.signers, "verified");
+    crate::progress::step("verify", Some(&c.reference.to_string()), "signatures verified");
     Ok(Verified { reference: c.reference.to_string(), digest: c.digest, signers: verdict.signers, candidate: Some(c) })
 }
 
@@ -478,7 +479,14 @@ pub struct Received {
 /// Receives `source` into a temporary layout (or reads it from `store`) and verifies
 /// every image in it. Blobs a thin export leaves out are taken from `store`.
 #[tracing::instrument(name = "receive", skip_all, fields(source = ?source))]
-pub fn receive(source: &Source, tmp: &Path, store: &Layout, trust: &Trust, allow_expired: bool) -> Result<Received> {
+pub fn receive(
+    source: &Source,
+    tmp: &Path,
+    store: &Layout,
+    trust: &Trust,
+    allow_expired: bool,
+    stall: std::time::Duration,
+) -> Result<Received> {
     tracing::info!("receiving");
     match source {
         Source::Store(name, version) => {
@@ -500,13 +508,16 @@ pub fn receive(source: &Source, tmp: &Path, store: &Layout, trust: &Trust, allow
         }
         Source::Archive(_) | Source::Stdin => {
             let temp = TempLayout::new(tmp)?;
-            let reader: Box<dyn Read> = match source {
-                Source::Archive(p) => Box::new(io::BufReader::with_capacity(
-                    1 << 20,
-                    fs::File::open(p).with_context(|| format!("opening {}", p.display()))?,
-                )),
-                _ => Box::new(io::BufReader::with_capacity(1 << 20, io::stdin().lock())),
+            // Read straight from the descriptor (stdin's own buffer would hide data from
+            // the stall check), giving up when nothing arrives for `stall`.
+            let file = match source {
+                Source::Archive(p) => fs::File::open(p).with_context(|| format!("opening {}", p.display()))?,
+                _ => fs::File::from(rustix::io::fcntl_dupfd_cloexec(io::stdin(), 3).context("duplicating stdin")?),
             };
+            let started = std::time::Instant::now();
+            let stall_reader = fsx::StallReader::new(file, stall);
+            let stalled = stall_reader.progress();
+            let reader = io::BufReader::with_capacity(1 << 20, crate::progress::Counting::new(stall_reader));
             let what = match source {
                 Source::Archive(p) => p.display().to_string(),
                 _ => "stdin".to_owned(),
@@ -517,12 +528,22 @@ pub fn receive(source: &Source, tmp: &Path, store: &Layout, trust: &Trust, allow
                     BlobEvent::Header { digest, size } => gate.header(&digest, size, index, layout),
                     BlobEvent::Stored { digest } => gate.stored(&digest, index, layout),
                 })
+                .map_err(|e| {
+                    if stalled.stalled.load(std::sync::atomic::Ordering::Relaxed) {
+                        anyhow::Error::new(Stalled { what: what.clone(), secs: stall.as_secs() })
+                    } else {
+                        e
+                    }
+                })
                 .with_context(|| format!("reading the oci-archive {what}"))?;
+            crate::progress::bytes(started, stalled.bytes.load(std::sync::atomic::Ordering::Relaxed), true);
             finish(temp, index, gate.verified, store, trust, allow_expired)
         }
         #[cfg(feature = "registry")]
         Source::Registry { reference, options } => {
-            receive_registry(reference, options, tmp, store, trust, allow_expired)
+            let mut options = options.clone();
+            options.limits.stall = stall;
+            receive_registry(reference, &options, tmp, store, trust, allow_expired)
         }
         Source::Layout(dir) => {
             let src = Layout::open(dir).with_context(|| format!("{} is not an OCI layout", dir.display()))?;
@@ -592,6 +613,18 @@ pub fn receive(source: &Source, tmp: &Path, store: &Layout, trust: &Trust, allow
             finish(temp, index, verified, store, trust, allow_expired)
         }
     }
+}
+
+/// A source that sent nothing for `--stall-timeout`: abandoned, nothing stored or
+/// activated (exit 1).
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "{what} stalled: nothing arrived for {secs} s (--stall-timeout); the source was abandoned and nothing was \
+     stored or activated"
+)]
+pub struct Stalled {
+    pub what: String,
+    pub secs: u64,
 }
 
 /// A registry error as the installer reports it: corrupt or malformed bytes exit 7, a

@@ -1,6 +1,7 @@
 //! Named restore points: `snapshots/<name>.json` holds the whole state (every stage's
 //! generation, the link table, the backups), so `restore` returns the host to that point.
-//! Generations a snapshot names are kept by `gc`.
+//! Generations a snapshot names are kept by `gc`; which snapshots stay is
+//! [`crate::retention`]'s choice.
 
 use std::fs;
 use std::path::Path;
@@ -52,6 +53,11 @@ pub struct SnapshotInfo {
     pub stages: Vec<String>,
     /// Bytes of the generations this snapshot keeps (and of its btrfs snapshot).
     pub bytes: u64,
+    /// Bytes of the generations only this snapshot keeps (no other snapshot, no deployed
+    /// stage): what pruning it frees.
+    pub exclusive_bytes: u64,
+    /// Marked to keep (`snapshots keep`, `deploy --keep`): retention never prunes it.
+    pub keep: bool,
     /// Whether it is also a read-only btrfs snapshot.
     pub btrfs: bool,
     /// When it was taken (RFC 3339, UTC), from its name.
@@ -87,31 +93,27 @@ pub fn read(staging: &Staging, name: &str) -> Result<State> {
 }
 
 pub fn list(staging: &Staging) -> Result<Vec<SnapshotInfo>> {
-    let mut out = Vec::new();
     let dir = staging.snapshots();
-    let Ok(entries) = fs::read_dir(&dir) else { return Ok(out) };
-    for e in entries {
-        let p = e?.path();
-        let Some(name) = p.file_name().and_then(|n| n.to_str()).and_then(|n| n.strip_suffix(".json")) else { continue };
-        let state = State::read(&p)?;
-        let sub = dir.join(name);
+    let all = crate::retention::snapshots(staging)?;
+    let live = State::read(&staging.state_file())?.generations();
+    let gens: Vec<_> = all.iter().map(|(n, s)| (n.clone(), s.generations())).collect();
+    let exclusive = crate::retention::exclusive(&gens, &live, |(s, g)| tree_size(&staging.generation(s, *g)));
+    let mut out = Vec::new();
+    for (name, state) in all {
+        let sub = dir.join(&name);
         let btrfs = subvol::is_subvolume(&sub).unwrap_or(false);
         let bytes = state.generations().iter().map(|(s, g)| tree_size(&staging.generation(s, *g))).sum::<u64>()
             + if btrfs { tree_size(&sub) } else { 0 };
         out.push(SnapshotInfo {
-            name: name.to_owned(),
             stages: state.stages.iter().map(|(n, s)| format!("{n}:{}", s.active.version)).collect(),
             bytes,
+            exclusive_bytes: exclusive.get(&name).copied().unwrap_or(0),
+            keep: crate::retention::is_marked(staging, &name),
             btrfs,
-            created: created(name).map(|(t, _)| t),
+            created: created(&name).map(|(t, _)| t),
+            name,
         });
     }
-    // In time order; within one second, each pre- before its post-.
-    let key = |s: &SnapshotInfo| {
-        let (t, n) = created(&s.name).unwrap_or_default();
-        (t, !s.name.starts_with("pre-"), n, s.name.clone())
-    };
-    out.sort_by_key(key);
     Ok(out)
 }
 

@@ -96,9 +96,14 @@ pub const DEFAULT_ALLOWED_PREFIXES: [&str; 6] =
     ["/usr/local", "/opt", "/etc/op-dbus", "/etc/systemd/system", "/var/www", "/var/lib/op-dbus"];
 
 /// Targets no stage may place anything at or under, whatever `allowed_prefixes` says: the
-/// trust store, the policy itself, and the installer's staging area and image store.
-pub const RESERVED_TARGETS: [&str; 4] =
-    ["/etc/op-dbus/trusted-keys", DEFAULT_PATH, "/var/lib/op-dbus/staging", "/var/lib/op-dbus/deployment"];
+/// trust store, the policy itself, and the installer's staging area, image store and audit trail.
+pub const RESERVED_TARGETS: [&str; 5] = [
+    "/etc/op-dbus/trusted-keys",
+    DEFAULT_PATH,
+    "/var/lib/op-dbus/staging",
+    "/var/lib/op-dbus/deployment",
+    "/var/lib/op-dbus/history",
+];
 
 /// The user verify commands run as when no `[verify_users]` glob matches the stage.
 pub const DEFAULT_VERIFY_USER: &str = "nobody";
@@ -113,6 +118,11 @@ pub const MAX_POLICY_BYTES: u64 = 1 << 20;
 
 /// The longest stage glob, in characters (as long as the longest stage name).
 pub const MAX_GLOB: usize = 128;
+/// How many of the newest snapshots are kept when `[snapshots] keep` is not set (each
+/// change takes one or two, so this covers the last five deploys).
+pub const DEFAULT_SNAPSHOT_KEEP: usize = 10;
+/// The largest `[snapshots] keep`.
+pub const MAX_SNAPSHOT_KEEP: usize = 10_000;
 
 /// Why a policy file or an edit of it was refused. Each names the file, the line when
 /// known, the setting and what to write instead.
@@ -204,6 +214,8 @@ pub struct Policy {
     thresholds: Vec<Threshold>,
     /// `[verify_users]`: stage glob and user, sorted by glob.
     verify_users: Vec<(String, VerifyUser)>,
+    /// `[snapshots] keep`: how many of the newest snapshots retention keeps.
+    snapshot_keep: usize,
 }
 
 impl Default for Policy {
@@ -219,6 +231,7 @@ impl Default for Policy {
             scope_prefixes: BTreeMap::new(),
             thresholds: Vec::new(),
             verify_users: Vec::new(),
+            snapshot_keep: DEFAULT_SNAPSHOT_KEEP,
         }
     }
 }
@@ -240,6 +253,14 @@ struct RawPolicy {
     threshold: Vec<RawThreshold>,
     #[serde(default)]
     verify_users: BTreeMap<String, Spanned<String>>,
+    snapshots: Option<RawSnapshots>,
+}
+
+/// `[snapshots]`: the retention policy of the installer's snapshots.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSnapshots {
+    keep: Option<Spanned<i64>>,
 }
 
 #[derive(Deserialize)]
@@ -437,6 +458,18 @@ impl Policy {
             policy.verify_users.push((glob, parsed));
         }
 
+        if let Some(keep) = raw.snapshots.and_then(|s| s.keep) {
+            let n = *keep.get_ref();
+            policy.snapshot_keep = usize::try_from(n).ok().filter(|n| *n <= MAX_SNAPSHOT_KEEP).ok_or_else(|| {
+                src.invalid(
+                    keep.span(),
+                    "snapshots.keep",
+                    n.to_string(),
+                    format!("is out of range: give a number of snapshots from 0 to {MAX_SNAPSHOT_KEEP}"),
+                )
+            })?;
+        }
+
         Ok(policy)
     }
 
@@ -450,6 +483,12 @@ impl Policy {
     /// [`RESERVED_TARGETS`].
     pub fn target_allowed(&self, target: &TargetPath) -> bool {
         !is_reserved(target) && self.allowed_prefixes.iter().any(|p| target != p && target.is_under(p))
+    }
+
+    /// How many of the newest snapshots the installer keeps (`[snapshots] keep`); the
+    /// pre-snapshot of the running set and snapshots marked to keep are kept besides.
+    pub fn snapshot_keep(&self) -> usize {
+        self.snapshot_keep
     }
 
     /// Whether `feature` is enabled on this host.
@@ -772,6 +811,17 @@ signatures = 2
         assert_eq!(parse(&off).unwrap().features().collect::<Vec<_>>(), ["lab"]);
         assert_eq!(set_feature(&off, Path::new(P), "openflow", false).unwrap(), off, "nothing to do");
         assert!(set_feature(text, Path::new(P), "bad name", true).is_err());
+    }
+
+    #[test]
+    fn snapshot_retention_is_read_and_bounded() {
+        assert_eq!(parse("").unwrap().snapshot_keep(), DEFAULT_SNAPSHOT_KEEP);
+        assert_eq!(parse("[snapshots]\nkeep = 3\n").unwrap().snapshot_keep(), 3);
+        assert_eq!(parse("[snapshots]\n").unwrap().snapshot_keep(), DEFAULT_SNAPSHOT_KEEP);
+        for bad in ["[snapshots]\nkeep = -1\n", "[snapshots]\nkeep = 10001\n", "[snapshots]\nkept = 3\n"] {
+            let e = parse(bad).unwrap_err().to_string();
+            assert!(e.contains("keep") && e.contains(":2"), "{bad}: {e}");
+        }
     }
 
     fn id(s: &str) -> KeyId {

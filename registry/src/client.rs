@@ -89,11 +89,14 @@ pub struct Limits {
     /// Blob downloads and uploads get `request_timeout` plus their size at this many
     /// bytes per second: 16 KiB/s by default, `$OP_DBUS_REGISTRY_MIN_RATE`.
     pub min_rate: u64,
+    /// How long a response may send nothing before the request is abandoned (each read
+    /// waits at most this long): 60 s by default; the installer's `--stall-timeout`.
+    pub stall: Duration,
 }
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits { request_timeout: Duration::from_secs(60), min_rate: 16 * 1024 }
+        Limits { request_timeout: Duration::from_secs(60), min_rate: 16 * 1024, stall: Duration::from_secs(60) }
     }
 }
 
@@ -164,6 +167,15 @@ fn origin(url: &str) -> Option<(String, String, u16)> {
     let host = uri.host()?.to_ascii_lowercase();
     let port = uri.port_u16().unwrap_or(if scheme == "https" { 443 } else { 80 });
     Some((scheme, host, port))
+}
+
+/// Whether an I/O error of a response body is a read that waited longer than
+/// [`Limits::stall`] for a byte: the registry stalled. Not retried: a source that stalls
+/// is abandoned.
+fn is_stall(e: &io::Error) -> bool {
+    e.get_ref()
+        .and_then(|x| x.downcast_ref::<ureq::Error>())
+        .is_some_and(|u| matches!(u, ureq::Error::Timeout(ureq::Timeout::PerRead)))
 }
 
 /// Whether an I/O error of a response body is the request's deadline running out.
@@ -331,7 +343,7 @@ impl Client {
             .user_agent(USER_AGENT)
             .timeout_connect(Some(Duration::from_secs(15)))
             .timeout_recv_response(Some(Duration::from_secs(120)))
-            .timeout_per_read(Some(Duration::from_secs(60)))
+            .timeout_per_read(Some(opts.limits.stall))
             .build();
         let scheme = if plain { "http" } else { "https" };
         Ok(Client {
@@ -891,6 +903,17 @@ impl Client {
                     Ok(n) => n,
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                     Err(e) if is_deadline(&e) => return Err(self.deadline_hit(&what, bound)),
+                    Err(e) if is_stall(&e) => {
+                        return Err(RegistryError::Deadline {
+                            host: self.host.clone(),
+                            what,
+                            detail: format!(
+                                "stalled at byte {written} of {}: nothing arrived for {} s; abandoned",
+                                desc.size,
+                                self.opts.limits.stall.as_secs()
+                            ),
+                        });
+                    }
                     Err(e) => break Some(e.to_string()),
                 };
                 if written + n as u64 > desc.size {

@@ -806,6 +806,7 @@ fn hostile_targets() {
         "/var/lib/op-dbus/staging/state.json",
         "/var/lib/op-dbus/deployment/images/index.json",
         "/var/lib/op-dbus/deployment",
+        "/var/lib/op-dbus/history/history.log",
     ] {
         cases.push(case(format!("target {t}"), with_target(json!(t)), POLICY));
     }

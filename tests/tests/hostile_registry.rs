@@ -483,3 +483,36 @@ fn bad_deadline_settings_are_usage_errors() {
     assert_eq!(ran.code, Some(2), "{}", ran.stderr);
     assert!(ran.stderr.contains("OP_DBUS_REGISTRY_TIMEOUT"), "{}", ran.stderr);
 }
+
+#[test]
+fn a_registry_that_stops_mid_blob_is_abandoned_after_the_stall_timeout() {
+    let s = Scratch::new();
+    let content = s.content();
+    let registry = Server::start(move |req, conn, _| match req.path.split_once("/blobs/") {
+        // The payload layer: headers and half its bytes, then silence with the connection open.
+        Some((_, d)) if content.blobs.get(d).is_some_and(|b| b.len() > 200) && req.method == "GET" => {
+            let body = &content.blobs[d];
+            let head = format!(
+                "HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Type: application/octet-stream\r\nContent-Length: {}\r\n\r\n",
+                body.len()
+            );
+            let _ = conn.write_all(head.as_bytes());
+            let _ = conn.write_all(&body[..body.len() / 2]);
+            let _ = conn.flush();
+            std::thread::sleep(Duration::from_secs(30));
+        }
+        _ => {
+            content.serve(req, conn);
+        }
+    });
+    let ran = run_for(
+        s.stage().args(["--stall-timeout", "2", "deploy", &format!("{}/op-dbus/app:1.0.0", registry.host())]),
+        "",
+        Duration::from_secs(40),
+    );
+    assert_eq!(ran.code, Some(1), "{}", ran.stderr);
+    assert!(ran.took < Duration::from_secs(2 + 5), "took {:?}: {}", ran.took, ran.stderr);
+    assert!(ran.stderr.contains("stall"), "{}", ran.stderr);
+    let ran = run_for(s.stage().args(["--lock-timeout", "1", "-q", "gc"]), "", Duration::from_secs(20));
+    assert_eq!(ran.code, Some(0), "{}", ran.stderr);
+}

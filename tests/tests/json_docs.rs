@@ -37,7 +37,27 @@ fn redact(text: &str, tmp: &Path, key_ids: &[String]) -> String {
         }
     }
     out.push_str(rest);
-    redact_times(&out)
+    redact_times(&redact_hashes(&out))
+}
+
+/// A quoted string of 64 hex digits (a hash of the history chain) becomes `"[HASH]"`.
+fn redact_hashes(s: &str) -> String {
+    let mut out = String::new();
+    let mut rest = s;
+    while let Some(i) = rest.find('"') {
+        let (head, tail) = rest.split_at(i);
+        out.push_str(head);
+        let hex = tail.get(1..65).filter(|h| h.bytes().all(|b| b.is_ascii_hexdigit()));
+        if hex.is_some() && tail.as_bytes().get(65) == Some(&b'"') {
+            out.push_str("\"[HASH]\"");
+            rest = &tail[66..];
+        } else {
+            out.push('"');
+            rest = &tail[1..];
+        }
+    }
+    out.push_str(rest);
+    out
 }
 
 /// `YYYY-MM-DDTHH:MM:SSZ` and `YYYYMMDDTHHMMSSZ` become `[TIME]`.
@@ -65,6 +85,11 @@ fn redact_times(s: &str) -> String {
         } else if short {
             out.push_str("[TIME]");
             i += 16;
+            // The counter of snapshot names taken within one second (`-2`) depends on timing.
+            let digits = b[i..].iter().skip(1).take_while(|c| c.is_ascii_digit()).count();
+            if b.get(i) == Some(&b'-') && digits > 0 && b.get(i + 1 + digits) == Some(&b'"') {
+                i += 1 + digits;
+            }
         } else {
             let c = s[i..].chars().next().unwrap();
             out.push(c);
@@ -177,6 +202,7 @@ fn every_json_document() {
     w.doc("stage_verify", w.stage().args(["--json", "verify"]), 0);
     w.doc("stage_rollback", w.stage().args(["--json", "rollback", "app"]), 0);
     w.doc("stage_fix_symlinks", w.stage().args(["--json", "fix-symlinks", "app"]), 0);
+    w.doc("stage_snapshots", w.stage().args(["--json", "snapshots"]), 0);
     // A generation deleted by hand: verify names it, repair rebuilds it.
     let generation = fs::canonicalize(w.root().join("var/lib/op-dbus/staging/app")).unwrap();
     fs::remove_dir_all(generation).unwrap();
@@ -184,12 +210,16 @@ fn every_json_document() {
     w.doc("stage_repair", w.stage().args(["--json", "repair", "ap"]), 0);
     let snaps = json(&ok(w.stage().args(["--json", "snapshots"])));
     let first = snaps["snapshots"][0]["name"].as_str().unwrap().to_owned();
+    w.doc("stage_snapshots_keep", w.stage().args(["--json", "snapshots", "keep", &first]), 0);
+    w.doc("stage_snapshots_prune_dry_run", w.stage().args(["--json", "--dry-run", "snapshots", "prune"]), 0);
     w.doc("stage_gc_dry_run", w.stage().args(["--json", "--dry-run", "gc", "--keep", "0"]), 0);
     w.doc("stage_remove_dry_run", w.stage().args(["--json", "--dry-run", "remove", "app"]), 0);
     w.doc("stage_restore", w.stage().args(["--json", "restore", &first, "--yes"]), 0);
     w.doc("stage_recover", w.stage().args(["--json", "recover"]), 0);
     w.doc("stage_trust_revoke", w.stage().args(["--json", "trust", "revoke", "0123456789abcdef"]), 0);
     w.doc("stage_error", w.stage().args(["--json", "remove", "nope"]), 2);
+    w.doc("stage_history", w.stage().args(["--json", "history"]).env_remove("SUDO_USER"), 0);
+    w.doc("stage_history_verify", w.stage().args(["--json", "history", "--verify"]), 0);
     let listed = json(&ok(w.stage().args(["--json", "snapshots"])));
     assert!(listed["snapshots"].as_array().unwrap().iter().all(|s| s["bytes"].is_u64() && s["created"].is_string()));
 }

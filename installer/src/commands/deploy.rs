@@ -52,7 +52,7 @@ pub fn deploy(ctx: &Ctx, sources: &[Source], batch: Batch, with_deps: bool, acti
     let recv_tmp = store.root().join(".tmp");
     let mut all = Vec::new();
     for source in sources {
-        all.push(receive::receive(source, &recv_tmp, &store, &trust, ctx.opts.allow_expired)?);
+        all.push(receive::receive(source, &recv_tmp, &store, &trust, ctx.opts.allow_expired, ctx.opts.stall_timeout)?);
     }
     if with_deps && activate {
         add_dependencies(ctx, &store, &trust, &mut all, &recv_tmp)?;
@@ -162,7 +162,7 @@ fn add_dependencies(
         }
         for r in add {
             let source = Source::Store(r.name, Some(r.version));
-            all.push(receive::receive(&source, tmp, store, trust, ctx.opts.allow_expired)?);
+            all.push(receive::receive(&source, tmp, store, trust, ctx.opts.allow_expired, ctx.opts.stall_timeout)?);
         }
     }
 }
@@ -211,6 +211,7 @@ fn order(mut left: Vec<Image>) -> Vec<Image> {
 /// On an error nothing is left in the temp area.
 pub(crate) fn unpack(ctx: &Ctx, store: &Layout, received: &Received, v: &Verified, tmp_name: &str) -> Result<()> {
     let tmp = ctx.staging.tmp().join(tmp_name);
+    crate::progress::step("unpack", Some(&v.reference), "unpacking and checking the files");
     let unpacked = (|| -> Result<()> {
         let (c, config) = (v.candidate(), &v.candidate().config);
         txn::remove_tree(&tmp)?;

@@ -29,6 +29,9 @@ pub const DEFAULT_POLICY: &str = r#"# op-dbus-stage policy (see `op-dbus-stage -
 # features = ["openflow"]
 # Revoked key ids:
 # revoked = []
+# Snapshots kept: the newest N (the running set's pre-snapshot and marked ones besides):
+# [snapshots]
+# keep = 10
 "#;
 
 /// What `init` creates under `root` (and, for a dry run, all it reports): the paths, and
