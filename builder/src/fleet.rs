@@ -56,16 +56,21 @@ const SSH_FAILED: i32 = 255;
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Inventory {
+    /// What every host has unless its entry says otherwise (no `address` or `tags`).
     #[serde(default)]
-    pub defaults: Settings,
+    pub defaults: HostEntry,
     #[serde(default)]
     pub hosts: BTreeMap<String, HostEntry>,
 }
 
-/// What a host entry or the defaults may set.
+/// One host of an inventory, or the defaults.
 #[derive(Debug, Default, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct Settings {
+pub struct HostEntry {
+    /// The address or ssh host name (default: the entry's name).
+    pub address: Option<String>,
+    #[serde(default)]
+    pub tags: Vec<String>,
     /// The ssh user (default: ssh's own choice, from ~/.ssh/config or the local user).
     pub user: Option<String>,
     pub port: Option<u16>,
@@ -74,22 +79,6 @@ pub struct Settings {
     /// The installer's command on the host (default `op-dbus-stage`).
     pub installer: Option<String>,
     /// Extra `-o OPTION=VALUE` for ssh.
-    #[serde(default)]
-    pub ssh_options: Vec<String>,
-}
-
-/// One host of an inventory.
-#[derive(Debug, Default, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct HostEntry {
-    /// The address or ssh host name (default: the entry's name).
-    pub address: Option<String>,
-    #[serde(default)]
-    pub tags: Vec<String>,
-    pub user: Option<String>,
-    pub port: Option<u16>,
-    pub root: Option<String>,
-    pub installer: Option<String>,
     #[serde(default)]
     pub ssh_options: Vec<String>,
 }
@@ -111,6 +100,13 @@ impl Inventory {
         }
         let inv: Inventory = toml::from_str(&text)
             .map_err(|e| cli_support::exit::Malformed(format!("the inventory {}: {e}", path.display())))?;
+        if inv.defaults.address.is_some() || !inv.defaults.tags.is_empty() {
+            return Err(cli_support::exit::Malformed(format!(
+                "the inventory {}: [defaults] cannot give an address or tags (they are each host's own)",
+                path.display()
+            ))
+            .into());
+        }
         for (name, h) in &inv.hosts {
             let what = format!("the inventory {}: host {name:?}", path.display());
             check_word(name, &what)?;
@@ -768,6 +764,7 @@ installer = "/usr/local/bin/op-dbus-stage"
             "[hosts.a]\ntags = [\"x\\ny\"]\n",
             "[hosts.a]\nunknown = 1\n",
             "[defaults]\nssh_options = [\"-F/tmp/evil\"]\n[hosts.a]\n",
+            "[defaults]\naddress = \"10.0.0.1\"\n[hosts.a]\n",
         ] {
             let r = inventory(bad).and_then(|i| i.select(&["a".into()]));
             let e = r.expect_err(bad);

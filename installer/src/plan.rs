@@ -905,11 +905,6 @@ mod tests {
     fn stage(generation: u64, files: &[(&str, &str, FileType, EntryKind)]) -> StageState {
         StageState {
             active: Generation {
-                generation,
-                digest: Digest::of(&generation.to_be_bytes()),
-                version: "1.0.0".parse().unwrap(),
-                signers: Vec::new(),
-                deployed_at: String::new(),
                 activation: Activation {
                     files: files
                         .iter()
@@ -924,6 +919,7 @@ mod tests {
                         .collect(),
                     ..Activation::default()
                 },
+                ..Generation::for_tests(generation)
             },
             previous: Vec::new(),
         }

@@ -25,6 +25,21 @@ pub struct Generation {
     pub activation: Activation,
 }
 
+#[cfg(test)]
+impl Generation {
+    /// Generation `generation` of version 1.0.0, digest of its number, nothing to activate.
+    pub(crate) fn for_tests(generation: u64) -> Generation {
+        Generation {
+            generation,
+            digest: Digest::of(&generation.to_be_bytes()),
+            version: "1.0.0".parse().unwrap(),
+            signers: Vec::new(),
+            deployed_at: String::new(),
+            activation: Activation::default(),
+        }
+    }
+}
+
 /// The part of a stage manifest that activation needs.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -277,14 +292,7 @@ mod tests {
     use super::*;
 
     fn chain(gens: &[u64]) -> StageState {
-        let g = |generation: u64| Generation {
-            generation,
-            digest: Digest::of(&generation.to_be_bytes()),
-            version: "1.0.0".parse().unwrap(),
-            signers: Vec::new(),
-            deployed_at: String::new(),
-            activation: Activation::default(),
-        };
+        let g = Generation::for_tests;
         let (active, previous) = gens.split_last().unwrap();
         StageState { active: g(*active), previous: previous.iter().map(|n| g(*n)).collect() }
     }

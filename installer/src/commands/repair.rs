@@ -287,12 +287,12 @@ pub(crate) fn rebuild(
 mod tests {
     use std::collections::BTreeMap;
 
-    use formats::{Digest, StageName};
+    use formats::StageName;
 
     use super::{Broken, GenerationHealth, Health, plan_repair};
     use crate::hostfs::mem::{MemFs, Node, Tree};
     use crate::hostfs::{HostFs, Kept};
-    use crate::state::{Activation, Generation, StageState, State};
+    use crate::state::{Generation, StageState, State};
     use crate::txn::{self, Journal, Step};
 
     fn n(s: &str) -> StageName {
@@ -300,14 +300,7 @@ mod tests {
     }
 
     fn state() -> State {
-        let g = |generation| Generation {
-            generation,
-            digest: Digest::of(&generation.to_be_bytes()),
-            version: "1.0.0".parse().unwrap(),
-            signers: Vec::new(),
-            deployed_at: String::new(),
-            activation: Activation::default(),
-        };
+        let g = Generation::for_tests;
         let mut s = State::new();
         s.txid = 9;
         s.stages = BTreeMap::from([
