@@ -12,6 +12,7 @@ use cli_support::{GlobalArgs, Output};
 use serde::Serialize;
 
 use formats::layout::Layout;
+use formats::path::TargetPath;
 use formats::{Reference, StageName, Version};
 use keys::simple_signing::Expires;
 use keys::{PrivateKey, PublicKey};
@@ -153,9 +154,14 @@ pub struct BuildOpts {
 pub struct CreateOpts {
     /// The stage name.
     pub name: StageName,
-    /// SRC or SRC:/TARGET; repeat or list several.
+    /// SRC or SRC:/TARGET; repeat or list several. A SRC without a target is staged at its
+    /// relative path (an absolute one, or one with `..`, by its file name) and linked nowhere,
+    /// unless --target-prefix is given. Two sources staged at one path are refused (exit 7).
     #[arg(long, required = true, num_args = 1.., value_name = "SRC[:/TARGET]")]
     pub files: Vec<String>,
+    /// Link every SRC listed without a target at DIR/ its staged path.
+    #[arg(long, value_name = "DIR")]
+    pub target_prefix: Option<TargetPath>,
     /// The stage version.
     #[arg(long = "version", default_value = "0.1.0")]
     pub stage_version: Version,
@@ -327,8 +333,9 @@ pub fn run(cli: Cli) -> Result<()> {
                 hide_key: None,
                 force: o.force,
             };
-            let outcome = crate::build::create(o.name.clone(), o.stage_version, &o.files, &settings)
-                .with_context(|| format!("creating {}", o.name))?;
+            let outcome =
+                crate::build::create(o.name.clone(), o.stage_version, &o.files, o.target_prefix.as_ref(), &settings)
+                    .with_context(|| format!("creating {}", o.name))?;
             finish_build(g, layout.as_ref(), outcome, key.as_ref(), o.expires.as_ref())
         }
         Command::Sign(o) => {
