@@ -186,7 +186,14 @@ pub fn create(
             return Err(InputError::Field { file: PathBuf::from("--files"), field: l.arg.clone(), reason }.into());
         }
         if let Some(t) = &l.target {
-            specs.push(FileSpec { path: l.at.clone(), target: t.clone(), mode: None, kind: FileType::Symlink });
+            specs.push(FileSpec {
+                path: l.at.clone(),
+                target: t.clone(),
+                mode: None,
+                kind: FileType::Symlink,
+                owner: None,
+                group: None,
+            });
         }
         tree.add(&l.src, Some(&l.at), &|_| false)?;
     }

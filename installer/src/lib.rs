@@ -27,3 +27,4 @@ pub mod sandbox;
 pub mod snapshot;
 pub mod state;
 pub mod txn;
+pub mod users;

@@ -88,7 +88,14 @@ fn order(received: &Received) -> Vec<&Verified> {
 /// Unpacks the layers of `v` into `.tmp/<tmp_name>` (a subvolume on btrfs), checks the
 /// tree against the signed manifest, adds the manifest, and keeps the image in the store.
 /// On an error nothing is left in the temp area.
-fn unpack(ctx: &Ctx, store: &Layout, received: &Received, v: &Verified, tmp_name: &str) -> Result<()> {
+fn unpack(
+    ctx: &Ctx,
+    store: &Layout,
+    received: &Received,
+    v: &Verified,
+    tmp_name: &str,
+    owners: &[(u32, u32)],
+) -> Result<()> {
     let tmp = ctx.staging.tmp().join(tmp_name);
     let unpacked = (|| -> Result<()> {
         let (c, config) = (v.candidate(), &v.candidate().config);
@@ -132,6 +139,8 @@ fn unpack(ctx: &Ctx, store: &Layout, received: &Received, v: &Verified, tmp_name
             formats::unpack::unpack_layers(layout, layers, config, &tmp)
                 .with_context(|| format!("unpacking {}", v.reference))?;
         }
+        // Owners from the signed manifest, never from the payload (see `users`).
+        crate::users::own_tree(&tmp, config, owners, btrfs_layers)?;
         // The signed bytes of the embedded manifest, from wherever they arrived.
         let config_digest = &c.manifest.config.digest;
         let from = temp.filter(|l| l.has_blob(config_digest)).unwrap_or(store);
@@ -170,13 +179,26 @@ fn deploy_one(
     admit::policy(&trust.policy, config, &v.reference.to_string(), &v.signers, &resolved)?;
     admit::against_state(&state, config, &v.reference.to_string(), ctx.opts.allow_downgrade)?;
     let activation = Activation::of(config);
+    // The stage's system users first (sysusers semantics: never undone), then its owners.
+    let ids = crate::users::Ids::read(&ctx.host)?;
+    let missing = crate::users::missing(&ids, &config.users);
+    let (user_notes, owners) = if ctx.opts.dry_run {
+        let notes = missing.iter().map(|u| format!("would create system user {}", u.name)).collect();
+        (notes, Vec::new())
+    } else {
+        let notes = crate::users::create(&ctx.host, &missing)?;
+        let ids = if notes.is_empty() { ids } else { crate::users::Ids::read(&ctx.host)? };
+        let owners =
+            crate::users::wanted(config, &ids).map_err(|e| Refused::Dependency(format!("{}: {e:#}", v.reference)))?;
+        (notes, owners)
+    };
 
     // Unpack into the temp area and check every file against the signed manifest.
     let generation = state.next_generation;
     let tmp_name = format!("gen-{}-{name}", state.txid + 1);
     let tmp = ctx.staging.tmp().join(&tmp_name);
     if !ctx.opts.dry_run {
-        unpack(ctx, store, received, v, &tmp_name)?;
+        unpack(ctx, store, received, v, &tmp_name, &owners)?;
     }
     let new_gen = Generation {
         generation,
@@ -189,6 +211,7 @@ fn deploy_one(
     let desired = plan::with_generation(&state.stages, name, new_gen, ctx.opts.keep);
     let view = ctx.view(&state, &desired);
     let mut plan = plan::transition(&view, &state, desired, Some((name.clone(), generation, tmp_name)))?;
+    plan.notes.extend(user_notes);
     let highest = plan.after.highest.entry(name.clone()).or_insert_with(|| config.version.clone());
     if *highest < config.version {
         *highest = config.version.clone();

@@ -165,11 +165,12 @@ pub fn verify(ctx: &Ctx, only: Option<&StageName>) -> Result<VerifyReport> {
         }
         let config = ctx.config_of(name, s.active.generation)?;
         let dir = ctx.staging.generation(name, s.active.generation);
-        let files = formats::unpack::check_tree_ignoring(&dir, &config, &["manifest.json"])
+        let mut files: Vec<String> = formats::unpack::check_tree_ignoring(&dir, &config, &["manifest.json"])
             .with_context(|| format!("checking {}", dir.display()))?
             .into_iter()
             .map(|m| format!("{}: {}", m.path, m.problem))
             .collect();
+        files.extend(crate::users::verify_generation(&ctx.host, &dir, &config)?);
         let links = link_problems(ctx, &state, Some(name))?;
         let checks = run_checks(ctx, &state, name)?;
         stages.push(StageVerify { name: name.to_string(), links, files, checks });
