@@ -212,7 +212,13 @@ impl HostFs for RealFs<'_> {
     }
 
     fn unit(&self, action: UnitAction, unit: &str) -> Result<()> {
-        crate::checks::systemctl(&self.host.root, action.verb(), unit)
+        match action {
+            UnitAction::Enable => {
+                crate::checks::systemctl(&self.host.root, action.verb(), unit)?;
+                crate::services::repoint_links(self.host, unit)
+            }
+            UnitAction::Disable => crate::services::disable(self.host, unit),
+        }
     }
 }
 

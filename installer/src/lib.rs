@@ -24,6 +24,7 @@ pub mod ops;
 pub mod plan;
 pub mod receive;
 pub mod sandbox;
+pub mod services;
 pub mod snapshot;
 pub mod state;
 pub mod txn;

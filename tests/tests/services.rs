@@ -89,3 +89,94 @@ fn owners_as_declared_users_created_once_and_verify_catches_a_chown() {
     assert!(err.contains("ghost") && err.contains("users:"), "{err}");
     assert!(!s.root().join("usr/local/bin/app2").exists());
 }
+
+/// A stage with a service running `bin/app` as the user `op-dbus`; `unit_extra` goes into
+/// its `[Service]` section, `files` add to or replace the defaults.
+fn service_stage(s: &Scratch, version: &str, app: &str, unit_extra: &str, other: &str) -> PathBuf {
+    let manifest = "users:\n  - name: op-dbus\nfiles:\n  - path: bin/app\n    target: /usr/local/bin/op-dbus-app\n  \
+                    - path: systemd/op-dbus-app.service\n    target: /etc/systemd/system/op-dbus-app.service\n  - path: \
+                    etc/notes\n    target: /etc/op-dbus/notes\nservices: [op-dbus-app.service]\n";
+    let unit = format!(
+        "[Unit]\nDescription=op-dbus test app\n[Service]\nUser=op-dbus\nExecStart=/usr/local/bin/op-dbus-app\n{unit_extra}\
+         [Install]\nWantedBy=multi-user.target\n"
+    );
+    stage_dir(
+        s.dir.path(),
+        "svc",
+        version,
+        manifest,
+        &[("bin/app", app), ("systemd/op-dbus-app.service", &unit), ("etc/notes", other)],
+    )
+}
+
+/// Builds `dir`, exports it into the root's /tmp and deploys it from inside; the output.
+fn deploy_inside(s: &Scratch, sd: &util::systemd::Systemd, dir: &Path) -> std::process::Output {
+    let export = s.build_export(dir);
+    let inside = format!("/tmp/{}", export.file_name().unwrap().to_string_lossy());
+    fs::copy(&export, s.root().join(inside.trim_start_matches('/'))).unwrap();
+    run(sd.stage().args(["--json", "deploy", &inside]))
+}
+
+#[test]
+fn services_start_restart_on_change_roll_back_on_failure_and_stop_on_remove_under_real_systemd() {
+    let s = Scratch::trusted();
+    let sd = util::systemd::Systemd::boot(&s.root());
+    let unit = "op-dbus-app.service";
+    let app = "#!/bin/sh\nexec sleep 1000\n";
+
+    // First deploy: enabled, started, running as the declared user.
+    let out = deploy_inside(&s, &sd, &service_stage(&s, "1.0.0", app, "", "n1\n"));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(sd.is_active(unit), "active");
+    let pid = sd.main_pid(unit);
+    assert_ne!(pid, 0);
+    let (uid, _) = passwd_ids(&s.root(), "op-dbus");
+    assert_eq!(sd.uid_of(pid), uid, "the service runs as op-dbus");
+    // The enablement link points at the unit's stable path, not into a generation.
+    let wants = s.root().join("etc/systemd/system/multi-user.target.wants").join(unit);
+    assert_eq!(fs::read_link(&wants).unwrap(), Path::new("/etc/systemd/system").join(unit));
+    let enabled = sd.systemctl(&["is-enabled", unit]);
+    assert_eq!(String::from_utf8_lossy(&enabled.stdout).trim(), "enabled");
+    // verify checks the unit is active.
+    let v = json(&ok(sd.stage().args(["--json", "verify"])));
+    assert!(v.to_string().contains(&format!("systemctl is-active {unit}")), "{v}");
+
+    // An upgrade that changes neither the unit nor what it runs leaves the process alone.
+    let out = deploy_inside(&s, &sd, &service_stage(&s, "1.1.0", app, "", "n2\n"));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(sd.main_pid(unit), pid, "an unchanged service was restarted");
+
+    // One that changes its binary restarts it.
+    let app2 = "#!/bin/sh\n# 1.2\nexec sleep 1001\n";
+    let out = deploy_inside(&s, &sd, &service_stage(&s, "1.2.0", app2, "", "n2\n"));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let pid2 = sd.main_pid(unit);
+    assert!(pid2 != 0 && pid2 != pid, "a changed binary did not restart the service ({pid} -> {pid2})");
+    assert_eq!(sd.is_active(unit), "active");
+    // The previous generation is still there; the link still resolves after the switch.
+    assert_eq!(fs::read_link(&wants).unwrap(), Path::new("/etc/systemd/system").join(unit));
+
+    // A version whose service fails to start is rolled back: exit 5, 1.2.0 runs again.
+    let out = deploy_inside(&s, &sd, &service_stage(&s, "1.3.0", app2, "ExecStartPre=/bin/false\n", "n2\n"));
+    assert_eq!(out.status.code(), Some(5), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stderr).contains(unit), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(sd.is_active(unit), "active", "the rolled-back service is running again");
+    let list = json(&ok(sd.stage().args(["--json", "list"])));
+    let svc = list["stages"].as_array().unwrap().iter().find(|x| x["status"] == "deployed").unwrap().clone();
+    assert_eq!(svc["version"], "1.2.0", "{list}");
+    let unit_text = fs::read_to_string(s.root().join("var/lib/op-dbus/staging/svc/systemd").join(unit)).unwrap();
+    assert!(!unit_text.contains("ExecStartPre"), "{unit_text}");
+
+    // A service that stops by hand fails verify.
+    assert!(sd.systemctl(&["stop", unit]).status.success());
+    let out = run(sd.stage().arg("verify"));
+    assert_eq!(out.status.code(), Some(5), "{out:?}");
+    assert!(sd.systemctl(&["start", unit]).status.success());
+
+    // remove stops and disables it; the unit's own link goes with the stage.
+    let out = run(sd.stage().args(["remove", "svc"]));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_ne!(sd.is_active(unit), "active");
+    assert!(fs::symlink_metadata(&wants).is_err(), "the enablement link is left");
+    assert!(fs::symlink_metadata(s.root().join("etc/systemd/system").join(unit)).is_err());
+}

@@ -172,7 +172,8 @@ pub fn verify(ctx: &Ctx, only: Option<&StageName>) -> Result<VerifyReport> {
             .collect();
         files.extend(crate::users::verify_generation(&ctx.host, &dir, &config)?);
         let links = link_problems(ctx, &state, Some(name))?;
-        let checks = run_checks(ctx, &state, name)?;
+        let mut checks = run_checks(ctx, &state, name)?;
+        checks.extend(crate::services::checks(&ctx.host, &state, std::slice::from_ref(name))?);
         stages.push(StageVerify { name: name.to_string(), links, files, checks });
     }
     let ok = stages.iter().all(|s| s.links.is_empty() && s.files.is_empty() && s.checks.iter().all(|c| c.passed));
