@@ -394,6 +394,15 @@ impl Host {
 
     /// Copies the host file `from` to `target` with `mode`, through a temp file renamed into place.
     pub fn copy_in(&self, from: &Path, target: &TargetPath, mode: u32) -> io::Result<()> {
+        self.write_from(&mut fs::File::open(from)?, target, mode)
+    }
+
+    /// Writes `bytes` to `target` with `mode`, through a temp file renamed into place.
+    pub fn write_new(&self, target: &TargetPath, bytes: &[u8], mode: u32) -> io::Result<()> {
+        self.write_from(&mut &bytes[..], target, mode)
+    }
+
+    fn write_from(&self, from: &mut dyn io::Read, target: &TargetPath, mode: u32) -> io::Result<()> {
         let (fd, name) = self.parent(target)?;
         let tmp = temp_name(&name, "tmp");
         let _ = rustix::fs::unlinkat(&fd, tmp.as_str(), AtFlags::empty());
@@ -404,7 +413,7 @@ impl Host {
             Mode::from_raw_mode(0o600),
         )?;
         let mut out = fs::File::from(out);
-        io::copy(&mut fs::File::open(from)?, &mut out)?;
+        io::copy(from, &mut out)?;
         rustix::fs::fchmod(&out, Mode::from_raw_mode(mode))?;
         out.sync_all()?;
         rustix::fs::renameat(&fd, tmp.as_str(), &fd, name.as_str())?;

@@ -22,6 +22,7 @@ pub mod hostfs;
 pub mod lock;
 pub mod ops;
 pub mod plan;
+pub mod plugins;
 pub mod receive;
 pub mod sandbox;
 pub mod services;

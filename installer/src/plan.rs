@@ -249,7 +249,8 @@ pub fn transition(
     }
     let freed = p.take_away(before, &wants)?;
     let (disable, enable) = p.units(&before.stages, &desired);
-    p.steps.splice(0..0, disable);
+    let (unregister, register) = crate::plugins::steps(&before.stages, &desired)?;
+    p.steps.splice(0..0, disable.into_iter().chain(unregister));
     p.switch_stage_links(&before.stages, &desired);
     let freed = p.place(&wants, freed)?;
     // Displaced originals whose target nobody wants any more come back.
@@ -258,6 +259,7 @@ pub fn transition(
             p.steps.push(Step::Restore { backup: b, target });
         }
     }
+    p.steps.extend(register);
     p.steps.extend(enable);
     p.remove_unneeded_dirs();
     Ok(Plan { steps: p.steps, after: p.after, notes: p.notes })

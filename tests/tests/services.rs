@@ -180,3 +180,72 @@ fn services_start_restart_on_change_roll_back_on_failure_and_stop_on_remove_unde
     assert!(fs::symlink_metadata(&wants).is_err(), "the enablement link is left");
     assert!(fs::symlink_metadata(s.root().join("etc/systemd/system").join(unit)).is_err());
 }
+
+/// A stage providing the plugins lxc (with its file, linked) and dns (without one).
+fn plugin_stage(s: &Scratch, version: &str) -> PathBuf {
+    let manifest =
+        "plugins: [lxc, dns]\nfiles:\n  - path: plugins/lxc.json\n    target: /etc/op-dbus/plugins.d/lxc.json\n";
+    stage_dir(s.dir.path(), "plugs", version, manifest, &[("plugins/lxc.json", &format!("{{\"v\": \"{version}\"}}\n"))])
+}
+
+#[test]
+fn deploy_plugin_registers_update_plugin_moves_on_remove_unregisters_and_verify_checks() {
+    let s = Scratch::trusted();
+    let reg = s.root().join("etc/op-dbus/plugins/lxc.toml");
+    let (code, err) = fails(s.stage().args(["deploy-plugin", "lxc"]));
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("lxc") && err.contains("receive"), "{err}");
+
+    // From the local store: the stage that provides lxc is deployed and registered.
+    ok(s.stage().arg("receive").arg(s.build_export(&plugin_stage(&s, "1.0.0"))));
+    let out = json(&ok(s.stage().args(["--json", "deploy-plugin", "lxc"])));
+    assert_eq!(out["outcome"], "deployed", "{out}");
+    assert_eq!(out["reference"], "plugs:1.0.0");
+    let text = fs::read_to_string(&reg).unwrap();
+    assert!(
+        text.contains("name = \"lxc\"") && text.contains("stage = \"plugs\"") && text.contains("version = \"1.0.0\"")
+    );
+    assert!(text.contains("file = \"/etc/op-dbus/plugins.d/lxc.json\""), "{text}");
+    let dns = fs::read_to_string(s.root().join("etc/op-dbus/plugins/dns.toml")).unwrap();
+    assert!(dns.contains("name = \"dns\"") && !dns.contains("file"), "{dns}");
+    ok(s.stage().arg("verify"));
+    // Again: already there, nothing done.
+    let out = json(&ok(s.stage().args(["--json", "deploy-plugin", "lxc"])));
+    assert_eq!(out["outcome"], "already-deployed");
+
+    // A registration removed by hand fails verify, naming it.
+    fs::remove_file(&reg).unwrap();
+    let out = run(s.stage().arg("verify"));
+    assert_eq!(out.status.code(), Some(5), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("plugins/lxc.toml"), "{out:?}");
+    fs::write(&reg, &text).unwrap();
+    // So does a plugin file that no longer resolves.
+    let linked = s.root().join("etc/op-dbus/plugins.d/lxc.json");
+    let kept = fs::read_link(&linked).unwrap();
+    fs::remove_file(&linked).unwrap();
+    let out = run(s.stage().arg("verify"));
+    assert_eq!(out.status.code(), Some(5), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("lxc.json does not resolve"), "{out:?}");
+    std::os::unix::fs::symlink(kept, &linked).unwrap();
+    ok(s.stage().arg("verify"));
+
+    // update-plugin takes the newer image from a SOURCE; then there is nothing newer.
+    let v2 = s.build_export(&plugin_stage(&s, "1.1.0"));
+    let out = json(&ok(s.stage().args(["--json", "update-plugin", "lxc"]).arg(&v2)));
+    assert_eq!(out["outcome"], "updated", "{out}");
+    assert!(fs::read_to_string(&reg).unwrap().contains("version = \"1.1.0\""));
+    let out = json(&ok(s.stage().args(["--json", "update-plugin", "lxc"])));
+    assert_eq!(out["outcome"], "up-to-date", "{out}");
+    ok(s.stage().arg("verify"));
+    // Rollback brings the earlier registration back with its generation.
+    ok(s.stage().args(["rollback", "plugs"]));
+    assert!(fs::read_to_string(&reg).unwrap().contains("version = \"1.0.0\""));
+    ok(s.stage().arg("verify"));
+
+    // remove unregisters both plugins.
+    ok(s.stage().args(["remove", "plugs"]));
+    assert!(!reg.exists() && !s.root().join("etc/op-dbus/plugins/dns.toml").exists());
+    let (code, err) = fails(s.stage().args(["update-plugin", "lxc"]));
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("deploy-plugin lxc"), "{err}");
+}

@@ -171,7 +171,8 @@ pub fn verify(ctx: &Ctx, only: Option<&StageName>) -> Result<VerifyReport> {
             .map(|m| format!("{}: {}", m.path, m.problem))
             .collect();
         files.extend(crate::users::verify_generation(&ctx.host, &dir, &config)?);
-        let links = link_problems(ctx, &state, Some(name))?;
+        let mut links = link_problems(ctx, &state, Some(name))?;
+        links.extend(crate::plugins::problems(&ctx.host, name, s));
         let mut checks = run_checks(ctx, &state, name)?;
         checks.extend(crate::services::checks(&ctx.host, &state, std::slice::from_ref(name))?);
         stages.push(StageVerify { name: name.to_string(), links, files, checks });
