@@ -173,6 +173,17 @@ fn services_start_restart_on_change_roll_back_on_failure_and_stop_on_remove_unde
     assert_eq!(out.status.code(), Some(5), "{out:?}");
     assert!(sd.systemctl(&["start", unit]).status.success());
 
+    // A version without the unit stops and disables it; rolling back starts it again.
+    let plain = stage_dir(s.dir.path(), "svc", "2.0.0", "users:\n  - name: op-dbus\n", &[("etc/notes", "n3\n")]);
+    let out = deploy_inside(&s, &sd, &plain);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_ne!(sd.is_active(unit), "active");
+    assert!(fs::symlink_metadata(&wants).is_err(), "the enablement link is left");
+    let out = run(sd.stage().args(["rollback", "svc"]));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(sd.is_active(unit), "active");
+    assert_eq!(fs::read_link(&wants).unwrap(), Path::new("/etc/systemd/system").join(unit));
+
     // remove stops and disables it; the unit's own link goes with the stage.
     let out = run(sd.stage().args(["remove", "svc"]));
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -248,4 +259,23 @@ fn deploy_plugin_registers_update_plugin_moves_on_remove_unregisters_and_verify_
     let (code, err) = fails(s.stage().args(["update-plugin", "lxc"]));
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("deploy-plugin lxc"), "{err}");
+}
+
+#[test]
+fn units_under_another_root_are_enabled_there_and_left_to_the_operator() {
+    let s = Scratch::trusted();
+    let unit = "op-dbus-app.service";
+    let export = s.build_export(&service_stage(&s, "1.0.0", "#!/bin/sh\nexec sleep 1000\n", "", "n\n"));
+    let plan = json(&ok(s.stage().args(["--json", "--dry-run", "deploy"]).arg(&export)));
+    assert!(plan["deployed"][0]["notes"].to_string().contains(&format!("would start {unit}")), "{plan}");
+    let out = json(&ok(s.stage().args(["--json", "deploy"]).arg(&export)));
+    let notes = out["deployed"][0]["notes"].to_string();
+    assert!(notes.contains("is not the running system") && notes.contains(&format!("start {unit}")), "{notes}");
+    // Enabled in the root, through the unit's stable path.
+    let wants = s.root().join("etc/systemd/system/multi-user.target.wants").join(unit);
+    assert_eq!(fs::read_link(&wants).unwrap(), Path::new("/etc/systemd/system").join(unit));
+    let out = json(&ok(s.stage().args(["--json", "remove", "svc"])));
+    assert!(out["notes"].to_string().contains(&format!("stop {unit}")), "{out}");
+    assert!(fs::symlink_metadata(&wants).is_err());
+    assert!(fs::symlink_metadata(s.root().join("etc/systemd/system").join(unit)).is_err());
 }
