@@ -69,9 +69,11 @@ need_cargo() {
 # The packages of the test suite: the end-to-end tests drive these tools (skopeo and
 # minisign read the exports, openssl and zstd cross-check keys and payloads, btrfs-progs
 # makes loop-mounted btrfs, docker-registry and htpasswd serve the registry tests, time
-# measures peak memory).
+# measures peak memory, systemd runs as PID 1 of a namespace for the service tests and
+# creates users (systemd-sysusers), util-linux's unshare and nsenter make and enter it).
 need_test_tools() {
 	need_packages zstd:zstd openssl:openssl skopeo:skopeo minisign:minisign tar:tar coreutils:sha256sum \
-		btrfs-progs:mkfs.btrfs docker-registry:docker-registry apache2-utils:htpasswd time:/usr/bin/time
+		btrfs-progs:mkfs.btrfs docker-registry:docker-registry apache2-utils:htpasswd time:/usr/bin/time \
+		systemd:systemd-sysusers util-linux:nsenter
 	need_cargo
 }

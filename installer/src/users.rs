@@ -235,6 +235,22 @@ pub fn verify_generation(host: &Host, dir: &Path, config: &StageConfig) -> Resul
     }
 }
 
+/// Whether the copy at `target` has the owner of the staged file it was copied from.
+pub fn copy_owner_problem(host: &Host, target: &formats::path::TargetPath, staged: &Path) -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    let copy = host.resolve(target.relative().as_str()).and_then(std::fs::symlink_metadata).ok()?;
+    let src = std::fs::metadata(staged).ok()?;
+    ((copy.uid(), copy.gid()) != (src.uid(), src.gid())).then(|| {
+        format!(
+            "{target}: the copy is owned by {}:{}, the manifest says {}:{} (changed by hand? chown it back)",
+            copy.uid(),
+            copy.gid(),
+            src.uid(),
+            src.gid()
+        )
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

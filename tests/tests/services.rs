@@ -40,7 +40,7 @@ fn owners_as_declared_users_created_once_and_verify_catches_a_chown() {
     fs::write(s.root().join("etc/group"), "root:x:0:\n").unwrap();
     let manifest = "users:\n  - name: op-dbus\n    description: op-dbus service\nfiles:\n  - path: bin/app\n    \
                     target: /usr/local/bin/app\n    owner: op-dbus\n  - path: etc/app.conf\n    target: \
-                    /etc/op-dbus/app.conf\n    owner: 4242\n    group: \"4343\"\n";
+                    /etc/op-dbus/app.conf\n    type: copy\n    owner: 4242\n    group: \"4343\"\n";
     let files = [("bin/app", "#!/bin/sh\n"), ("etc/app.conf", "x=1\n"), ("etc/other", "y\n")];
     let v1 = stage_dir(s.dir.path(), "app", "1.0.0", manifest, &files);
     let out = json(&ok(s.stage().args(["--json", "deploy"]).arg(s.build_export(&v1))));
@@ -54,6 +54,8 @@ fn owners_as_declared_users_created_once_and_verify_catches_a_chown() {
     assert_eq!(owner(&gen_dir.join("etc/app.conf")), (4242, 4343));
     assert_eq!(owner(&gen_dir.join("etc/other")), (0, 0));
     assert_eq!(owner(&gen_dir.join("etc")), (0, 0));
+    // A copy carries the declared owner too.
+    assert_eq!(owner(&s.root().join("etc/op-dbus/app.conf")), (4242, 4343));
     // The embedded manifest records the owners as declared.
     let m = json(&fs::read_to_string(gen_dir.join("manifest.json")).unwrap());
     assert_eq!(m["files"][0]["owner"], "op-dbus");
@@ -69,6 +71,15 @@ fn owners_as_declared_users_created_once_and_verify_catches_a_chown() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("bin/app") && text.contains("owned by 0:0"), "{text}");
     std::os::unix::fs::lchown(gen_dir.join("bin/app"), Some(uid), Some(gid)).unwrap();
+    ok(s.stage().arg("verify"));
+    std::os::unix::fs::lchown(s.root().join("etc/op-dbus/app.conf"), Some(0), Some(0)).unwrap();
+    let out = run(s.stage().args(["verify", "app"]));
+    assert_eq!(out.status.code(), Some(5), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("/etc/op-dbus/app.conf: the copy is owned by 0:0"),
+        "{out:?}"
+    );
+    std::os::unix::fs::lchown(s.root().join("etc/op-dbus/app.conf"), Some(4242), Some(4343)).unwrap();
     ok(s.stage().arg("verify"));
 
     // The next version finds the user there: not created again, not changed.

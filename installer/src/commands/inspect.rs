@@ -127,6 +127,9 @@ fn link_problems(ctx: &Ctx, state: &State, only: Option<&StageName>) -> Result<V
                     out.push(format!(
                         "{target}: the copy differs from the staged file (run `deploy` again to replace it)"
                     ));
+                } else {
+                    let staged = ctx.staging.stage_link(&p.stage).join(p.path.as_str());
+                    out.extend(crate::users::copy_owner_problem(&ctx.host, target, &staged));
                 }
             }
             Placement::CopyIfNotExists { .. } => {}
