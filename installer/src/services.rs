@@ -15,9 +15,10 @@
 //!                    stopped, restart what was restarted (on the old files again)
 //! ```
 //!
-//! Only when the root is `/` and a systemd manager runs there (`/run/systemd/system`);
-//! under another root the units are enabled and disabled in it, and a note says what to
-//! start or stop by hand.
+//! Only when the root is `/` and a systemd manager runs there (`/run/systemd/system`), or
+//! `OP_DBUS_SYSTEMCTL` names the command that reaches the root's manager; otherwise the
+//! units are enabled and disabled in the root, and a note says what to start or stop by
+//! hand.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -151,19 +152,40 @@ pub type Fingerprint = Vec<(String, Option<Digest>)>;
 /// A unit's path in the unit directory and its enablement links (with their texts).
 type Enablement = (Option<TargetPath>, Vec<(TargetPath, String)>);
 
-/// Whether the running manager of the root can be asked to start and stop units.
+/// The environment variable that says how to reach the manager of a root that is not `/`:
+/// the command (split at white space) that stands for `systemctl` there, e.g.
+/// `systemctl --machine=NAME` or `nsenter -t PID -m -p -r systemctl`.
+pub const MANAGER_ENV: &str = "OP_DBUS_SYSTEMCTL";
+
+/// The command given in [`MANAGER_ENV`], if any.
+fn manager_command() -> Option<Vec<String>> {
+    let v = std::env::var(MANAGER_ENV).ok()?;
+    let words: Vec<String> = v.split_whitespace().map(str::to_owned).collect();
+    (!words.is_empty() && words.len() <= 64 && v.len() <= 4096).then_some(words)
+}
+
+/// Whether the running manager of the root can be asked to start and stop units: the
+/// root is `/` and systemd runs there, or [`MANAGER_ENV`] says how to reach it.
 pub fn manager_running(host: &Host) -> bool {
-    host.is_real_root() && Path::new("/run/systemd/system").is_dir() && crate::checks::systemctl_path().is_some()
+    manager_command().is_some()
+        || (host.is_real_root()
+            && Path::new("/run/systemd/system").is_dir()
+            && crate::checks::systemctl_path().is_some())
 }
 
 /// `systemctl ARGS` against the running manager.
 fn systemctl(args: &[&str]) -> Result<std::process::Output> {
-    let bin = crate::checks::systemctl_path().context("systemctl is not installed")?;
-    Command::new(bin)
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .with_context(|| format!("running systemctl {}", args.join(" ")))
+    let mut cmd = match manager_command() {
+        Some(words) => {
+            let mut c = Command::new(&words[0]);
+            c.args(&words[1..]);
+            c
+        }
+        None => Command::new(crate::checks::systemctl_path().context("systemctl is not installed")?),
+    };
+    cmd.args(args).stdin(Stdio::null()).output().with_context(|| {
+        format!("running systemctl {} (${MANAGER_ENV} may say how to reach the manager)", args.join(" "))
+    })
 }
 
 fn systemctl_ok(args: &[&str]) -> Result<()> {
@@ -191,7 +213,8 @@ pub fn stop_leaving(host: &Host, changes: &UnitChanges, notes: &mut Vec<String>)
     if !run.managed {
         if !changes.stop.is_empty() {
             notes.push(format!(
-                "{} is not the running system: stop {} there by hand (systemctl stop)",
+                "{} is not the running system (and ${MANAGER_ENV} does not say how to reach its manager): stop {} \
+                 there by hand (systemctl stop)",
                 host.root.display(),
                 changes.stop.join(" ")
             ));
@@ -241,7 +264,8 @@ pub fn activate(
         }
         if !todo.is_empty() {
             notes.push(format!(
-                "{} is not the running system: {} there by hand (systemctl daemon-reload first)",
+                "{} is not the running system (and ${MANAGER_ENV} does not say how to reach its manager): {} there \
+                 by hand (systemctl daemon-reload first)",
                 host.root.display(),
                 todo.join(", ")
             ));

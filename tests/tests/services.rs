@@ -290,3 +290,32 @@ fn units_under_another_root_are_enabled_there_and_left_to_the_operator() {
     assert!(fs::symlink_metadata(&wants).is_err());
     assert!(fs::symlink_metadata(s.root().join("etc/systemd/system").join(unit)).is_err());
 }
+
+#[test]
+fn a_manager_named_by_op_dbus_systemctl_runs_units_under_another_root() {
+    let s = Scratch::trusted();
+    let sd = util::systemd::Systemd::boot(&s.root());
+    let unit = "op-dbus-opt.service";
+    let manifest = format!(
+        "files:\n  - path: bin/app\n    target: /opt/op-dbus-opt/app\n  - path: systemd/{unit}\n    target: \
+         /etc/systemd/system/{unit}\nservices: [{unit}]\n"
+    );
+    let unit_text = "[Service]\nExecStart=/opt/op-dbus-opt/app\n[Install]\nWantedBy=multi-user.target\n";
+    let dir = stage_dir(
+        s.dir.path(),
+        "opt",
+        "1.0.0",
+        &manifest,
+        &[("bin/app", "#!/bin/sh\nexec sleep 1000\n"), (&format!("systemd/{unit}"), unit_text)],
+    );
+    // The installer runs outside, on the root as a directory; the manager is reached with nsenter.
+    let manager = format!("nsenter -t {} -m -p -r systemctl", sd.pid);
+    let out = run(s.stage().env("OP_DBUS_SYSTEMCTL", &manager).arg("deploy").arg(s.build_export(&dir)));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(sd.is_active(unit), "active");
+    let out = run(s.stage().env("OP_DBUS_SYSTEMCTL", &manager).args(["verify"]));
+    assert!(out.status.success(), "{out:?}");
+    let out = run(s.stage().env("OP_DBUS_SYSTEMCTL", &manager).args(["remove", "opt"]));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_ne!(sd.is_active(unit), "active");
+}
