@@ -250,8 +250,15 @@ pub fn activate(
             let text = read_unit(&generation_dir(stage, *g).join(src.as_str()))?;
             Ok(Some(fingerprint(&config, &text, &src)))
         };
-        if print(&b[u])? != print(&a[u])? {
-            restart.push(u.clone());
+        // A generation that cannot be read is taken as changed: restarting is the safe side.
+        match (print(&b[u]), print(&a[u])) {
+            (Ok(old), Ok(new)) if old == new => {}
+            (old, new) => {
+                if let Err(e) = old.as_ref().and(new.as_ref()) {
+                    tracing::warn!(unit = %u, "restarting: cannot tell whether it changed: {e:#}");
+                }
+                restart.push(u.clone());
+            }
         }
     }
     if !run.managed {

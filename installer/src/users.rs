@@ -107,6 +107,17 @@ pub fn missing<'a>(ids: &Ids, users: &'a [UserSpec]) -> Vec<&'a UserSpec> {
         .collect()
 }
 
+/// `ids` with the `users:` it lacks as if they were there (ids unknown until created), for a
+/// dry run to judge the owners by.
+pub fn with_planned(mut ids: Ids, users: &[UserSpec]) -> Ids {
+    for u in users {
+        let group = u.group.clone().unwrap_or_else(|| u.name.clone());
+        ids.groups.entry(group).or_insert(u32::MAX - 1);
+        ids.users.entry(u.name.clone()).or_insert((u32::MAX - 1, u32::MAX - 1));
+    }
+    ids
+}
+
 /// Creates the missing `users` in the root with `systemd-sysusers`; returns a note per user
 /// created. Users already there are left exactly as they are.
 pub fn create(host: &Host, users: &[&UserSpec]) -> Result<Vec<String>> {
@@ -301,6 +312,16 @@ mod tests {
         assert_eq!(w, [(998, 997), (998, 997), (0, 33), (0, 0)]);
         let e = wanted(&c, &Ids::default()).unwrap_err();
         assert!(format!("{e:#}").contains("files[0] (app)"), "{e:#}");
+    }
+
+    #[test]
+    fn a_dry_run_judges_owners_as_if_the_users_were_there() {
+        let u: Vec<UserSpec> = vec![serde_json::from_str(r#"{"name":"new","group":"grp"}"#).unwrap()];
+        let ids = with_planned(Ids::parse(PASSWD, GROUP), &u);
+        let name = |s: &str| Principal::Name(s.into());
+        assert!(ids.of(Some(&name("new")), Some(&name("grp"))).is_ok());
+        assert_eq!(ids.of(Some(&name("op-dbus")), None).unwrap(), (998, 997), "users there keep their ids");
+        assert!(ids.of(Some(&name("ghost")), None).is_err());
     }
 
     #[test]

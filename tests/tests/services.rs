@@ -43,7 +43,11 @@ fn owners_as_declared_users_created_once_and_verify_catches_a_chown() {
                     /etc/op-dbus/app.conf\n    type: copy\n    owner: 4242\n    group: \"4343\"\n";
     let files = [("bin/app", "#!/bin/sh\n"), ("etc/app.conf", "x=1\n"), ("etc/other", "y\n")];
     let v1 = stage_dir(s.dir.path(), "app", "1.0.0", manifest, &files);
-    let out = json(&ok(s.stage().args(["--json", "deploy"]).arg(s.build_export(&v1))));
+    let export = s.build_export(&v1);
+    let plan = json(&ok(s.stage().args(["--json", "--dry-run", "deploy"]).arg(&export)));
+    assert!(plan["deployed"][0]["notes"].to_string().contains("would create system user op-dbus"), "{plan}");
+    assert!(!fs::read_to_string(s.root().join("etc/passwd")).unwrap().contains("op-dbus"), "--dry-run made the user");
+    let out = json(&ok(s.stage().args(["--json", "deploy"]).arg(&export)));
     let notes = out["deployed"][0]["notes"].to_string();
     assert!(notes.contains("created system user op-dbus"), "{notes}");
     let (uid, gid) = passwd_ids(&s.root(), "op-dbus");
@@ -95,7 +99,10 @@ fn owners_as_declared_users_created_once_and_verify_catches_a_chown() {
     // An owner the root does not know is refused before anything changes (exit 4).
     let ghost = "files:\n  - path: bin/app\n    target: /usr/local/bin/app2\n    owner: ghost\n";
     let v3 = stage_dir(s.dir.path(), "other", "1.0.0", ghost, &files);
-    let (code, err) = fails(s.stage().arg("deploy").arg(s.build_export(&v3)));
+    let v3 = s.build_export(&v3);
+    let (code, err) = fails(s.stage().args(["--dry-run", "deploy"]).arg(&v3));
+    assert_eq!(code, 4, "a dry run judges owners too: {err}");
+    let (code, err) = fails(s.stage().arg("deploy").arg(&v3));
     assert_eq!(code, 4, "{err}");
     assert!(err.contains("ghost") && err.contains("users:"), "{err}");
     assert!(!s.root().join("usr/local/bin/app2").exists());

@@ -184,6 +184,8 @@ fn deploy_one(
     let missing = crate::users::missing(&ids, &config.users);
     let (user_notes, owners) = if ctx.opts.dry_run {
         let notes = missing.iter().map(|u| format!("would create system user {}", u.name)).collect();
+        crate::users::wanted(config, &crate::users::with_planned(ids, &config.users))
+            .map_err(|e| Refused::Dependency(format!("{}: {e:#}", v.reference)))?;
         (notes, Vec::new())
     } else {
         let notes = crate::users::create(&ctx.host, &missing)?;
