@@ -100,7 +100,7 @@ pub enum Command {
         /// The deployed stage to remove.
         stage: StageName,
     },
-    /// Put back missing or changed links of a stage.
+    /// Put back missing or changed links of a stage, and its missing plugin registrations.
     FixSymlinks {
         /// The deployed stage whose links to repair.
         stage: StageName,

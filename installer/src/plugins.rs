@@ -139,6 +139,24 @@ pub fn steps(
     Ok((unregister, register))
 }
 
+/// For `fix-symlinks STAGE`: the steps that write the stage's missing registrations again,
+/// and notes about registrations someone changed (left alone).
+pub fn repair(host: &Host, stage: &StageName, st: &StageState) -> Result<(Vec<Step>, Vec<String>)> {
+    let (mut steps, mut notes) = (Vec::new(), Vec::new());
+    for reg in &st.active.activation.plugins {
+        let t = target(&reg.name)?;
+        let text = text(stage, &st.active, reg);
+        match host.state(&t)? {
+            TargetState::Missing => steps.push(Step::Register { target: t, text }),
+            _ if host.file_digest(&t)? == Some(Digest::of(text.as_bytes())) => {}
+            _ => notes.push(format!(
+                "{t} was changed by someone else; left as it is (move it away to have it written again)"
+            )),
+        }
+    }
+    Ok((steps, notes))
+}
+
 /// What `verify` finds wrong with the registrations of `stage`: a registration missing or
 /// not the one activation wrote, a plugin file that does not resolve in the root.
 pub fn problems(host: &Host, stage: &StageName, st: &StageState) -> Vec<String> {
@@ -148,12 +166,13 @@ pub fn problems(host: &Host, stage: &StageName, st: &StageState) -> Vec<String> 
         let want = Digest::of(text(stage, &st.active, reg).as_bytes());
         match host.file_digest(&t) {
             Ok(Some(d)) if d == want => {}
-            Ok(Some(_)) => {
-                out.push(format!("plugin {}: {t} was changed (redeploy the stage to write it again)", reg.name))
-            }
+            Ok(Some(_)) => out.push(format!(
+                "plugin {}: {t} was changed (move it away, then `op-dbus-stage fix-symlinks {stage}` writes it again)",
+                reg.name
+            )),
             Ok(None) => out.push(format!(
-                "plugin {}: {t} is missing (rollback and deploy again, or `op-dbus-stage deploy-plugin {} --force`)",
-                reg.name, reg.name
+                "plugin {}: {t} is missing (`op-dbus-stage fix-symlinks {stage}` writes it again)",
+                reg.name
             )),
             Err(e) => out.push(format!("plugin {}: {t}: {e}", reg.name)),
         }
