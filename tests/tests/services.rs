@@ -241,6 +241,8 @@ fn deploy_plugin_registers_update_plugin_moves_on_remove_unregisters_and_verify_
     // Again: already there, nothing done.
     let out = json(&ok(s.stage().args(["--json", "deploy-plugin", "lxc"])));
     assert_eq!(out["outcome"], "already-deployed");
+    let out = json(&ok(s.stage().args(["--json", "deploy-plugin", "lxc", "--force"])));
+    assert_eq!(out["outcome"], "already-deployed", "the newest image is the active one: {out}");
 
     // A registration removed by hand fails verify, naming it.
     fs::remove_file(&reg).unwrap();

@@ -100,6 +100,8 @@ pub fn deploy_plugin(
         (Some(s), true) => deploy(ctx, s, true)?,
         _ => deploy(ctx, &Source::Store(chosen.name.clone(), Some(chosen.version.clone())), true)?,
     };
+    // The image chosen may be the active one already (--force): then nothing changed.
+    let outcome = if deployed.deployed.is_empty() { "already-deployed" } else { outcome };
     Ok(report(outcome, Some(deployed)))
 }
 
