@@ -185,6 +185,15 @@ fn services_start_restart_on_change_roll_back_on_failure_and_stop_on_remove_unde
     let unit_text = fs::read_to_string(s.root().join("var/lib/op-dbus/staging/svc/systemd").join(unit)).unwrap();
     assert!(!unit_text.contains("ExecStartPre"), "{unit_text}");
 
+    // One whose program starts and dies at once is found by `systemctl is-active`: rolled back too.
+    let dies = "#!/bin/sh\nexit 3\n";
+    let out = deploy_inside(&s, &sd, &service_stage(&s, "1.3.1", dies, "", "n2\n"));
+    assert_eq!(out.status.code(), Some(5), "{}", String::from_utf8_lossy(&out.stderr));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(&format!("systemctl is-active {unit}")) && err.contains("failed"), "{err}");
+    assert_eq!(sd.is_active(unit), "active", "the rolled-back service is running again");
+    assert_eq!(fs::read_to_string(s.root().join("var/lib/op-dbus/staging/svc/bin/app")).unwrap(), app2);
+
     // A service that stops by hand fails verify.
     assert!(sd.systemctl(&["stop", unit]).status.success());
     let out = run(sd.stage().arg("verify"));

@@ -1,7 +1,7 @@
 //! A real systemd for tests: PID 1 of its own PID and mount namespace, over a scratch root.
 //!
 //! ```text
-//! unshare --pid --fork --mount --propagation private --kill-child sh -c BOOT
+//! setpriv --pdeathsig KILL unshare --pid --fork --mount --propagation private --kill-child sh -c BOOT
 //!   ROOT/usr            the host's /usr, bind-mounted read-only; bin, sbin, lib, lib64 link into it
 //!   ROOT/usr/local      ROOT/usr-local, writable (a stage's default targets are there)
 //!   ROOT/op-dbus-bin    the built binaries, bind-mounted read-only
@@ -69,7 +69,12 @@ impl Systemd {
         );
         std::fs::create_dir_all(root).unwrap();
         let bin_dir = bin("op-dbus-stage").parent().unwrap().to_owned();
-        let mut child = Command::new(unshare)
+        // setpriv --pdeathsig: should this test process die without dropping the value,
+        // unshare is killed, and --kill-child takes the manager with it.
+        let setpriv = require_tool("setpriv", "util-linux");
+        let mut child = Command::new(setpriv)
+            .args(["--pdeathsig", "KILL"])
+            .arg(unshare)
             .args(["--pid", "--fork", "--mount", "--propagation", "private", "--kill-child", "sh", "-c", BOOT, "sh"])
             .arg(root)
             .arg(&bin_dir)
