@@ -41,26 +41,36 @@ pub struct PluginReg {
     pub file: Option<String>,
 }
 
-/// The plugins of a (validated) stage manifest with their files.
+/// The plugins of a (validated) stage manifest with their files. One pass over the files
+/// and entries (a manifest may list thousands of plugins and a million entries).
 pub fn of(config: &StageConfig) -> Vec<PluginReg> {
-    let is_plugin_file = |path: &str, name: &str| {
-        path.strip_prefix("plugins/")
-            .is_some_and(|f| f == name || f.strip_prefix(name).is_some_and(|r| r.starts_with('.')))
-    };
+    // The plugin names a path `plugins/F` can belong to: F itself and each part of F
+    // before a '.' (`plugins/a.b.json`: `a.b.json`, `a.b`, `a`); the first path wins.
+    fn index<'a>(paths: impl Iterator<Item = (&'a str, String)>) -> BTreeMap<&'a str, String> {
+        let mut out = BTreeMap::new();
+        for (path, value) in paths {
+            let Some(f) = path.strip_prefix("plugins/").filter(|f| !f.contains('/')) else { continue };
+            out.entry(f).or_insert_with(|| value.clone());
+            for (i, _) in f.match_indices('.').filter(|(i, _)| *i > 0) {
+                out.entry(&f[..i]).or_insert_with(|| value.clone());
+            }
+        }
+        out
+    }
+    let linked = index(config.files.iter().map(|f| (f.path.as_str(), f.target.to_string())));
+    let staged = index(
+        config
+            .entries
+            .iter()
+            .filter(|e| e.kind == EntryKind::File)
+            .map(|e| (e.path.as_str(), format!("{STAGING_ABS}/{}/{}", config.name, e.path))),
+    );
     config
         .plugins
         .iter()
-        .map(|name| {
-            let linked =
-                config.files.iter().find(|f| is_plugin_file(f.path.as_str(), name)).map(|f| f.target.to_string());
-            let staged = || {
-                config
-                    .entries
-                    .iter()
-                    .find(|e| e.kind == EntryKind::File && is_plugin_file(e.path.as_str(), name))
-                    .map(|e| format!("{STAGING_ABS}/{}/{}", config.name, e.path))
-            };
-            PluginReg { name: name.clone(), file: linked.or_else(staged) }
+        .map(|name| PluginReg {
+            name: name.clone(),
+            file: linked.get(name.as_str()).or_else(|| staged.get(name.as_str())).cloned(),
         })
         .collect()
 }
@@ -236,6 +246,23 @@ mod tests {
         assert_eq!(regs[1].file.as_deref(), Some("/var/lib/op-dbus/staging/st/plugins/pcidecl.json"));
         assert_eq!(regs[2].file, None);
         assert_eq!(regs[3].file, None, "lx is not lxc.json's nor lxcx.json's plugin");
+        // Dotted names; a file in a folder below plugins/ is no plugin's.
+        let c = config("a.b, a, c", "", &["plugins/a.b.json", "plugins/c/c.json"]);
+        let regs = of(&c);
+        let files: Vec<Option<&str>> = regs.iter().map(|r| r.file.as_deref()).collect();
+        let at = Some("/var/lib/op-dbus/staging/st/plugins/a.b.json");
+        assert_eq!(files, [at, at, None]);
+    }
+
+    #[test]
+    fn many_plugins_and_entries_are_matched_in_one_pass() {
+        let names: Vec<String> = (0..4096).map(|i| format!("p{i}")).collect();
+        let paths: Vec<String> = (0..50_000).map(|i| format!("plugins/f{i}.json")).collect();
+        let refs: Vec<&str> = paths.iter().map(String::as_str).collect();
+        let c = config(&names.join(", "), "", &refs);
+        let t = std::time::Instant::now();
+        assert!(of(&c).iter().all(|r| r.file.is_none()));
+        assert!(t.elapsed() < std::time::Duration::from_secs(5), "{:?}", t.elapsed());
     }
 
     fn stage(version: &str, plugins: &[&str]) -> StageState {

@@ -91,11 +91,18 @@ impl UnitChanges {
     }
 }
 
+/// Most paths taken from one unit file.
+const MAX_RUN_PATHS: usize = 256;
+
 /// The absolute paths a unit file runs or reads its environment from: the first word of
-/// every `Exec*=` line (after the `@-:+!|` prefixes) and every `EnvironmentFile=`.
+/// every `Exec*=` line (after the `@-:+!|` prefixes) and every `EnvironmentFile=`; at most
+/// [`MAX_RUN_PATHS`].
 pub fn run_paths(unit_text: &str) -> Vec<String> {
     let mut out = Vec::new();
     for line in unit_text.lines().map(str::trim) {
+        if out.len() >= MAX_RUN_PATHS {
+            break;
+        }
         let Some((key, value)) = line.split_once('=') else { continue };
         let (key, value) = (key.trim(), value.trim());
         let word = if key.starts_with("Exec") {

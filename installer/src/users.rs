@@ -16,7 +16,8 @@ use std::process::{Command, Stdio};
 
 use anyhow::{Context, Result, bail};
 
-use formats::manifest::{Entry, FileSpec, Principal, StageConfig, UserSpec};
+use formats::manifest::{Entry, Principal, StageConfig, UserSpec};
+use formats::path::RelPath;
 
 use crate::host::Host;
 
@@ -164,20 +165,25 @@ pub fn create(host: &Host, users: &[&UserSpec]) -> Result<Vec<String>> {
 /// The uid and gid every staged entry of `config` must have, in entry order: the most
 /// specific `files:` entry with an owner or group that covers it, else root's.
 pub fn wanted(config: &StageConfig, ids: &Ids) -> Result<Vec<(u32, u32)>> {
-    let mut owned: Vec<(&FileSpec, (u32, u32))> = Vec::new();
+    let mut owned: BTreeMap<&RelPath, (u32, u32)> = BTreeMap::new();
     for (i, f) in config.files.iter().enumerate() {
         if f.owner.is_some() || f.group.is_some() {
             let ids = ids.of(f.owner.as_ref(), f.group.as_ref()).with_context(|| format!("files[{i}] ({})", f.path))?;
-            owned.push((f, ids));
+            owned.insert(&f.path, ids);
         }
     }
-    // Longest paths first: the most specific entry wins.
-    owned.sort_by_key(|(f, _)| std::cmp::Reverse(f.path.as_str().len()));
-    Ok(config
-        .entries
-        .iter()
-        .map(|e| owned.iter().find(|(f, _)| e.path.starts_with(&f.path)).map_or((0, 0), |(_, ids)| *ids))
-        .collect())
+    if owned.is_empty() {
+        return Ok(vec![(0, 0); config.entries.len()]);
+    }
+    // The entry itself, else its nearest ancestor with an owner: the most specific wins.
+    let of = |e: &Entry| -> (u32, u32) {
+        if let Some(ids) = owned.get(&e.path) {
+            return *ids;
+        }
+        let ancestors: Vec<RelPath> = e.path.ancestors().collect();
+        ancestors.iter().rev().find_map(|a| owned.get(a).copied()).unwrap_or((0, 0))
+    };
+    Ok(config.entries.iter().map(of).collect())
 }
 
 /// Gives every staged entry of the unpacked tree `dir` the owner `wanted` says (links
@@ -312,6 +318,37 @@ mod tests {
         assert_eq!(w, [(998, 997), (998, 997), (0, 33), (0, 0)]);
         let e = wanted(&c, &Ids::default()).unwrap_err();
         assert!(format!("{e:#}").contains("files[0] (app)"), "{e:#}");
+    }
+
+    #[test]
+    fn owners_of_many_entries_are_found_without_a_scan_per_entry() {
+        let mut files = String::from("version: 1.0.0\nfiles:\n");
+        for i in 0..4096 {
+            files += &format!("  - path: d{i}\n    target: /opt/d{i}\n    owner: {}\n", 1000 + i);
+        }
+        let def = formats::manifest::StageDefinition::parse(&files, Path::new("m.yaml")).unwrap();
+        let dir = |p: String| Entry {
+            path: p.parse().unwrap(),
+            kind: formats::manifest::EntryKind::Dir,
+            mode: formats::manifest::Mode::new(0o755).unwrap(),
+            size: None,
+            sha256: None,
+            link: None,
+        };
+        let mut entries = Vec::new();
+        for i in 0..4096 {
+            entries.push(dir(format!("d{i}")));
+            for j in 0..50 {
+                entries.push(dir(format!("d{i}/e{j}")));
+            }
+        }
+        entries.sort_by(|a, b| a.path.cmp(&b.path));
+        let c = StageConfig::from_definition("s".parse().unwrap(), &def, entries);
+        let t = std::time::Instant::now();
+        let w = wanted(&c, &Ids::default()).unwrap();
+        assert!(t.elapsed() < std::time::Duration::from_secs(5), "{:?}", t.elapsed());
+        let i = c.entries.iter().position(|e| e.path.as_str() == "d7/e3").unwrap();
+        assert_eq!(w[i], (1007, 0));
     }
 
     #[test]
