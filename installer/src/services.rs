@@ -61,7 +61,7 @@ pub fn units_of(state: &State) -> BTreeMap<String, (StageName, u64)> {
 pub struct UnitChanges {
     pub stop: Vec<String>,
     pub start: Vec<String>,
-    /// Kept units whose generation changed: restarted if [`changed`] says so.
+    /// Kept units whose generation changed: restarted when their [`fingerprint`] changed.
     pub kept: Vec<String>,
 }
 
@@ -92,7 +92,7 @@ impl UnitChanges {
 }
 
 /// Most paths taken from one unit file.
-const MAX_RUN_PATHS: usize = 256;
+pub const MAX_RUN_PATHS: usize = 256;
 
 /// The absolute paths a unit file runs or reads its environment from: the first word of
 /// every `Exec*=` line (after the `@-:+!|` prefixes) and every `EnvironmentFile=`; at most
