@@ -41,7 +41,7 @@ pub const UNIT_DIRS: [&str; 2] = ["/etc/systemd/system", "/usr/local/lib/systemd
 /// The largest unit file read.
 const MAX_UNIT: u64 = 1 << 20;
 /// How long a unit may stay activating or deactivating before it is judged.
-const SETTLE_MAX: Duration = Duration::from_secs(30);
+pub const SETTLE_MAX: Duration = Duration::from_secs(30);
 /// How long a started unit is given to fail before its state is read.
 const SETTLE_MIN: Duration = Duration::from_millis(500);
 
