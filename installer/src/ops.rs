@@ -115,6 +115,12 @@ impl Ctx {
         let out = match Journal::read(&self.staging)? {
             Some(j) => {
                 let o = j.recover(&self.fs(), &self.staging).context("finishing the interrupted transaction")?;
+                // Units may have been started or restarted on the files just undone.
+                if o == RecoverOutcome::RolledBack {
+                    for n in services::after_recover(&self.host, &j.before, &j.after) {
+                        eprintln!("warning: {n}");
+                    }
+                }
                 if !self.opts.quiet {
                     let what = match o {
                         RecoverOutcome::Completed => "completed",

@@ -326,6 +326,32 @@ pub fn undo_after(run: &Run) {
     }
 }
 
+/// After `recover` rolled an interrupted transaction back (the host is as `before`): the
+/// units may have been stopped, started or restarted on `after`'s files before the
+/// crash, and nothing recorded which. So, with a manager: daemon-reload, stop the units
+/// only `after` has, start those only `before` has, restart those whose generation the
+/// transaction changed (on `before`'s files again). Failures are returned as notes.
+pub fn after_recover(host: &Host, before: &State, after: &State) -> Vec<String> {
+    let changes = UnitChanges::between(before, after);
+    if !manager_running(host) || changes == UnitChanges::default() {
+        return Vec::new();
+    }
+    let mut notes = Vec::new();
+    let mut call = |args: &[&str]| {
+        if let Err(e) = systemctl_ok(args) {
+            notes.push(format!("after recovery: {e:#}"));
+        }
+    };
+    call(&["daemon-reload"]);
+    for u in &changes.start {
+        call(&["stop", u]);
+    }
+    for u in changes.stop.iter().chain(&changes.kept) {
+        call(&["restart", u]);
+    }
+    notes
+}
+
 /// `systemctl is-active UNIT` as a check: passes when the unit is active. A unit still
 /// activating is given up to [`SETTLE_MAX`] to decide.
 pub fn is_active(unit: &str) -> Result<CheckResult> {

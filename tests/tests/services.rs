@@ -338,3 +338,41 @@ fn a_manager_named_by_op_dbus_systemctl_runs_units_under_another_root() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert_ne!(sd.is_active(unit), "active");
 }
+
+/// The program line of `pid` inside the namespace (`sleep 1000`).
+fn cmdline(sd: &util::systemd::Systemd, pid: u32) -> String {
+    let out = run(sd.enter("cat").arg(format!("/proc/{pid}/cmdline")));
+    String::from_utf8_lossy(&out.stdout).replace('\0', " ").trim().to_owned()
+}
+
+#[test]
+fn a_crash_at_any_point_of_an_upgrade_leaves_the_service_running_the_recorded_version() {
+    let s = Scratch::trusted();
+    let sd = util::systemd::Systemd::boot_with_faults(&s.root());
+    let unit = "op-dbus-app.service";
+    let out = deploy_inside(&s, &sd, &service_stage(&s, "1.0.0", "#!/bin/sh\nexec sleep 1000\n", "", "n\n"));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let export = s.build_export(&service_stage(&s, "2.0.0", "#!/bin/sh\nexec sleep 2000\n", "", "n\n"));
+    fs::copy(&export, s.root().join("tmp/v2.oci.tar")).unwrap();
+    let mut points = 0;
+    for n in 1.. {
+        let out = run(sd.fault_stage().args(["deploy", "/tmp/v2.oci.tar"]).env("OP_DBUS_FAULT_AT", n.to_string()));
+        let done = out.status.success();
+        // The next command finishes the transaction (as after) or rolls it back (as before).
+        ok(sd.stage().arg("recover"));
+        let list = json(&ok(sd.stage().args(["--json", "list"])));
+        let deployed = list["stages"].as_array().unwrap().iter().find(|x| x["status"] == "deployed").unwrap().clone();
+        let want = if deployed["version"] == "2.0.0" { "sleep 2000" } else { "sleep 1000" };
+        assert_eq!(sd.is_active(unit), "active", "after a crash at point {n}");
+        assert_eq!(cmdline(&sd, sd.main_pid(unit)), want, "after a crash at point {n} ({})", deployed["version"]);
+        if done {
+            break;
+        }
+        points += 1;
+        // Back to 1.0.0 for the next point, if the crash left 2.0.0.
+        if deployed["version"] == "2.0.0" {
+            ok(sd.stage().args(["rollback", "svc"]));
+        }
+    }
+    assert!(points > 3, "the upgrade passed only {points} fault points");
+}

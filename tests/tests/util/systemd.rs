@@ -23,11 +23,17 @@ use super::{bin, is_root, require_tool, run};
 
 /// The binaries' folder inside the root.
 pub const BIN_DIR: &str = "/op-dbus-bin";
+/// The fault-injection build's folder inside the root ([`Systemd::boot_with_faults`]).
+pub const FAULT_DIR: &str = "/op-dbus-fault";
 
 const BOOT: &str = r#"
 set -eu
-R=$1 BIN=$2
+R=$1 BIN=$2 FAULT=$3
 mkdir -p "$R/usr" "$R/etc/systemd/system" "$R/proc" "$R/sys" "$R/dev" "$R/run" "$R/tmp" "$R/var" "$R/op-dbus-bin"
+if [ -n "$FAULT" ]; then
+  mkdir -p "$R/op-dbus-fault"
+  mount --bind "$FAULT" "$R/op-dbus-fault"
+fi
 mount --bind /usr "$R/usr"
 mount -o remount,bind,ro "$R/usr"
 mkdir -p "$R/usr-local"
@@ -60,6 +66,16 @@ impl Systemd {
     /// Boots a manager over `root` (created if missing) and waits until it runs. Fails with
     /// what to install when the machine cannot.
     pub fn boot(root: &Path) -> Systemd {
+        Systemd::start(root, None)
+    }
+
+    /// [`Systemd::boot`], with the fault-injection build of the installer inside too
+    /// ([`Systemd::fault_stage`]).
+    pub fn boot_with_faults(root: &Path) -> Systemd {
+        Systemd::start(root, Some(super::fault_bin().parent().unwrap().to_owned()))
+    }
+
+    fn start(root: &Path, fault_dir: Option<PathBuf>) -> Systemd {
         assert!(is_root(), "this test runs systemd in its own namespaces: run it as root (CI does)");
         let unshare = require_tool("unshare", "util-linux");
         require_tool("nsenter", "util-linux");
@@ -78,6 +94,7 @@ impl Systemd {
             .args(["--pid", "--fork", "--mount", "--propagation", "private", "--kill-child", "sh", "-c", BOOT, "sh"])
             .arg(root)
             .arg(&bin_dir)
+            .arg(fault_dir.unwrap_or_default())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -127,6 +144,13 @@ impl Systemd {
     /// `op-dbus-stage --root /` inside.
     pub fn stage(&self) -> Command {
         let mut c = self.enter(&format!("{BIN_DIR}/op-dbus-stage"));
+        c.args(["--root", "/"]);
+        c
+    }
+
+    /// The fault-injection build's `op-dbus-stage --root /` inside.
+    pub fn fault_stage(&self) -> Command {
+        let mut c = self.enter(&format!("{FAULT_DIR}/op-dbus-stage"));
         c.args(["--root", "/"]);
         c
     }
