@@ -376,3 +376,16 @@ fn a_crash_at_any_point_of_an_upgrade_leaves_the_service_running_the_recorded_ve
     }
     assert!(points > 3, "the upgrade passed only {points} fault points");
 }
+
+#[test]
+#[ignore = "a measurement: cargo test -p e2e --test services systemd_boot_time -- --ignored --nocapture"]
+fn systemd_boot_time() {
+    for _ in 0..5 {
+        let d = tempfile::tempdir().unwrap();
+        let t = std::time::Instant::now();
+        let sd = util::systemd::Systemd::boot(&d.path().join("root"));
+        let up = t.elapsed();
+        drop(sd);
+        println!("boot {:?}, boot and stop {:?}", up, t.elapsed());
+    }
+}
