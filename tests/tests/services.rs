@@ -236,6 +236,10 @@ fn deploy_plugin_registers_update_plugin_moves_on_remove_unregisters_and_verify_
 
     // From the local store: the stage that provides lxc is deployed and registered.
     ok(s.stage().arg("receive").arg(s.build_export(&plugin_stage(&s, "1.0.0"))));
+    let plan = json(&ok(s.stage().args(["--json", "--dry-run", "deploy-plugin", "lxc"])));
+    assert_eq!(plan["outcome"], "deployed", "{plan}");
+    assert!(plan["deploy"]["deployed"][0]["steps"].to_string().contains("register plugin"), "{plan}");
+    assert!(!reg.exists(), "--dry-run registered the plugin");
     let out = json(&ok(s.stage().args(["--json", "deploy-plugin", "lxc"])));
     assert_eq!(out["outcome"], "deployed", "{out}");
     assert_eq!(out["reference"], "plugs:1.0.0");
