@@ -473,7 +473,8 @@ fn check_unit(field: &str, s: &str) -> Result<(), (String, String)> {
     let ok = s.len() <= 255
         && SUFFIXES.iter().any(|x| s.len() > x.len() && s.ends_with(x))
         && s.bytes().all(|c| c.is_ascii_alphanumeric() || b"@._:-\\".contains(&c))
-        && !s.starts_with('.');
+        && !s.starts_with('.')
+        && !s.starts_with('-');
     if ok {
         Ok(())
     } else {
@@ -1151,7 +1152,7 @@ mod tests {
         assert!(parse(&unit("op-dbus.service")).is_ok());
         assert!(parse(&unit(&format!("{}.service", "u".repeat(247)))).is_ok());
         assert!(parse(&unit(&format!("{}.service", "u".repeat(248)))).is_err());
-        for bad in [".service", ".x.service", "op-dbus", "a/b.service", "op dbus.service"] {
+        for bad in [".service", ".x.service", "op-dbus", "a/b.service", "op dbus.service", "-H.service"] {
             assert!(parse(&unit(bad)).is_err(), "{bad}");
         }
         // expect_exit 0 to 255.

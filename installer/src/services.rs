@@ -229,7 +229,7 @@ pub fn stop_leaving(host: &Host, changes: &UnitChanges, notes: &mut Vec<String>)
         return Ok(run);
     }
     for u in &changes.stop {
-        systemctl_ok(&["stop", u]).with_context(|| format!("stopping {u}"))?;
+        systemctl_ok(&["stop", "--", u]).with_context(|| format!("stopping {u}"))?;
         run.stopped.push(u.clone());
     }
     Ok(run)
@@ -293,12 +293,12 @@ pub fn activate(
     for u in &changes.start {
         // Recorded first: a start that fails half-way is stopped again on undo.
         run.started.push(u.clone());
-        systemctl_ok(&["start", u])
+        systemctl_ok(&["start", "--", u])
             .map_err(|e| crate::error::VerifyFailed(format!("{e:#}; the change was rolled back")))?;
     }
     for u in &restart {
         run.restarted.push(u.clone());
-        systemctl_ok(&["restart", u])
+        systemctl_ok(&["restart", "--", u])
             .map_err(|e| crate::error::VerifyFailed(format!("{e:#}; the change was rolled back")))?;
     }
     if !run.started.is_empty() || !run.restarted.is_empty() {
@@ -310,7 +310,7 @@ pub fn activate(
 /// On failure, before the steps are undone: stops what was started.
 pub fn undo_before(run: &Run) {
     for u in run.started.iter().rev() {
-        let _ = systemctl(&["stop", u]);
+        let _ = systemctl(&["stop", "--", u]);
     }
 }
 
@@ -322,7 +322,7 @@ pub fn undo_after(run: &Run) {
     }
     let _ = systemctl(&["daemon-reload"]);
     for u in run.stopped.iter().chain(&run.restarted) {
-        let _ = systemctl(&["restart", u]);
+        let _ = systemctl(&["restart", "--", u]);
     }
 }
 
@@ -344,10 +344,10 @@ pub fn after_recover(host: &Host, before: &State, after: &State) -> Vec<String> 
     };
     call(&["daemon-reload"]);
     for u in &changes.start {
-        call(&["stop", u]);
+        call(&["stop", "--", u]);
     }
     for u in changes.stop.iter().chain(&changes.kept) {
-        call(&["restart", u]);
+        call(&["restart", "--", u]);
     }
     notes
 }
@@ -357,13 +357,13 @@ pub fn after_recover(host: &Host, before: &State, after: &State) -> Vec<String> 
 pub fn is_active(unit: &str) -> Result<CheckResult> {
     let deadline = Instant::now() + SETTLE_MAX;
     loop {
-        let out = systemctl(&["is-active", unit])?;
+        let out = systemctl(&["is-active", "--", unit])?;
         let state = String::from_utf8_lossy(&out.stdout).trim().to_owned();
         let settling = matches!(state.as_str(), "activating" | "deactivating" | "reloading" | "refreshing");
         if !settling || Instant::now() >= deadline {
             let passed = out.status.success() && state == "active";
             let mut output = state;
-            if !passed && let Ok(st) = systemctl(&["status", "--no-pager", "--lines=5", unit]) {
+            if !passed && let Ok(st) = systemctl(&["status", "--no-pager", "--lines=5", "--", unit]) {
                 output = format!("{output}\n{}", String::from_utf8_lossy(&st.stdout).trim_end());
             }
             return Ok(CheckResult {
