@@ -642,7 +642,18 @@ fn render_inspection(i: &crate::inspect::Inspection) -> String {
             formats::manifest::FileType::Copy => "copy",
             formats::manifest::FileType::CopyIfNotExists => "copy-if-not-exists",
         };
-        s += &format!("  file         {} -> {} ({kind})\n", f.path, f.target);
+        let owner = match (&f.owner, &f.group) {
+            (None, None) => String::new(),
+            (o, g) => format!(
+                ", owner {}:{}",
+                o.as_ref().map_or("root".to_owned(), ToString::to_string),
+                g.as_ref().map_or("-".to_owned(), ToString::to_string)
+            ),
+        };
+        s += &format!("  file         {} -> {} ({kind}{owner})\n", f.path, f.target);
+    }
+    for u in &m.users {
+        s += &format!("  user         {}\n", u.name);
     }
     for v in &m.services {
         s += &format!("  service      {v}\n");

@@ -44,6 +44,9 @@ fn owners_as_declared_users_created_once_and_verify_catches_a_chown() {
     let files = [("bin/app", "#!/bin/sh\n"), ("etc/app.conf", "x=1\n"), ("etc/other", "y\n")];
     let v1 = stage_dir(s.dir.path(), "app", "1.0.0", manifest, &files);
     let export = s.build_export(&v1);
+    let shown = ok(s.image().args(["inspect", "app:1.0.0"]));
+    assert!(shown.contains("(symlink, owner op-dbus:-)") && shown.contains("(copy, owner 4242:4343)"), "{shown}");
+    assert!(shown.contains("user         op-dbus"), "{shown}");
     let plan = json(&ok(s.stage().args(["--json", "--dry-run", "deploy"]).arg(&export)));
     assert!(plan["deployed"][0]["notes"].to_string().contains("would create system user op-dbus"), "{plan}");
     assert!(!fs::read_to_string(s.root().join("etc/passwd")).unwrap().contains("op-dbus"), "--dry-run made the user");
