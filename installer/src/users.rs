@@ -351,6 +351,53 @@ mod tests {
         assert_eq!(w[i], (1007, 0));
     }
 
+    /// A tree as a btrfs stream may leave it (every path owned by uid 1000) gets root's
+    /// owners, except what the manifest declares; a declared setuid mode survives the chown.
+    #[test]
+    fn own_tree_replaces_whatever_owners_the_payload_left() {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        assert!(rustix::process::geteuid().is_root(), "this test changes owners: run it as root (CI does)");
+        let def = formats::manifest::StageDefinition::parse(
+            "version: 1.0.0\nfiles:\n  - path: d/tool\n    target: /usr/local/bin/tool\n    mode: 04755\n    owner: 4242\n    \
+             group: 4343\n",
+            Path::new("m.yaml"),
+        )
+        .unwrap();
+        let t = tempfile::tempdir().unwrap();
+        std::fs::create_dir(t.path().join("d")).unwrap();
+        std::fs::write(t.path().join("d/tool"), "x").unwrap();
+        std::fs::write(t.path().join("d/other"), "y").unwrap();
+        std::os::unix::fs::symlink("tool", t.path().join("d/l")).unwrap();
+        for p in ["d", "d/tool", "d/other", "d/l"] {
+            std::os::unix::fs::lchown(t.path().join(p), Some(1000), Some(1000)).unwrap();
+        }
+        std::fs::set_permissions(t.path().join("d/tool"), std::fs::Permissions::from_mode(0o4755)).unwrap();
+        let e = |p: &str, kind, mode| Entry {
+            path: p.parse().unwrap(),
+            kind,
+            mode: formats::manifest::Mode::new(mode).unwrap(),
+            size: (kind == formats::manifest::EntryKind::File).then_some(1),
+            sha256: (kind == formats::manifest::EntryKind::File).then(|| formats::Digest::of(b"x")),
+            link: (kind == formats::manifest::EntryKind::Symlink).then(|| "tool".to_owned()),
+        };
+        use formats::manifest::EntryKind::{Dir, File, Symlink};
+        let c = StageConfig::from_definition(
+            "s".parse().unwrap(),
+            &def,
+            vec![e("d", Dir, 0o755), e("d/l", Symlink, 0o777), e("d/other", File, 0o644), e("d/tool", File, 0o4755)],
+        );
+        let w = wanted(&c, &Ids::default()).unwrap();
+        assert_eq!(problems(t.path(), &c, &w).unwrap().len(), 4, "every path is owned otherwise");
+        own_tree(t.path(), &c, &w, true).unwrap();
+        let meta = |p: &str| std::fs::symlink_metadata(t.path().join(p)).unwrap();
+        for p in ["d", "d/other", "d/l"] {
+            assert_eq!((meta(p).uid(), meta(p).gid()), (0, 0), "{p}");
+        }
+        assert_eq!((meta("d/tool").uid(), meta("d/tool").gid()), (4242, 4343));
+        assert_eq!(meta("d/tool").mode() & 0o7777, 0o4755, "the chown cleared the declared setuid bit");
+        assert!(problems(t.path(), &c, &w).unwrap().is_empty());
+    }
+
     #[test]
     fn a_dry_run_judges_owners_as_if_the_users_were_there() {
         let u: Vec<UserSpec> = vec![serde_json::from_str(r#"{"name":"new","group":"grp"}"#).unwrap()];
