@@ -162,8 +162,14 @@ pub fn create(host: &Host, users: &[&UserSpec]) -> Result<Vec<String>> {
         .collect())
 }
 
+/// Who owns what no `files:` entry gives an owner: root, that is the installer's own user
+/// (another one only where the installer runs unprivileged, on a scratch root).
+pub fn default_owner() -> (u32, u32) {
+    (rustix::process::geteuid().as_raw(), rustix::process::getegid().as_raw())
+}
+
 /// The uid and gid every staged entry of `config` must have, in entry order: the most
-/// specific `files:` entry with an owner or group that covers it, else root's.
+/// specific `files:` entry with an owner or group that covers it, else [`default_owner`].
 pub fn wanted(config: &StageConfig, ids: &Ids) -> Result<Vec<(u32, u32)>> {
     let mut owned: BTreeMap<&RelPath, (u32, u32)> = BTreeMap::new();
     for (i, f) in config.files.iter().enumerate() {
@@ -173,29 +179,32 @@ pub fn wanted(config: &StageConfig, ids: &Ids) -> Result<Vec<(u32, u32)>> {
         }
     }
     if owned.is_empty() {
-        return Ok(vec![(0, 0); config.entries.len()]);
+        return Ok(vec![default_owner(); config.entries.len()]);
     }
     // The entry itself, else its nearest ancestor with an owner: the most specific wins.
+    let default = default_owner();
     let of = |e: &Entry| -> (u32, u32) {
         if let Some(ids) = owned.get(&e.path) {
             return *ids;
         }
         let ancestors: Vec<RelPath> = e.path.ancestors().collect();
-        ancestors.iter().rev().find_map(|a| owned.get(a).copied()).unwrap_or((0, 0))
+        ancestors.iter().rev().find_map(|a| owned.get(a).copied()).unwrap_or(default)
     };
     Ok(config.entries.iter().map(of).collect())
 }
 
 /// Gives every staged entry of the unpacked tree `dir` the owner `wanted` says (links
 /// themselves, never what they point at). `all = false` touches only entries that are not
-/// root's (a tar payload is unpacked as root; a btrfs stream may carry its own owners).
+/// [`default_owner`]'s (a tar payload is unpacked by the installer; a btrfs stream may
+/// carry its own owners).
 /// Modes with setuid or setgid bits are set again after the chown, which clears them.
 pub fn own_tree(dir: &Path, config: &StageConfig, wanted: &[(u32, u32)], all: bool) -> Result<()> {
     let root =
         rustix::fs::open(dir, rustix::fs::OFlags::PATH | rustix::fs::OFlags::DIRECTORY, rustix::fs::Mode::empty())
             .with_context(|| format!("opening {}", dir.display()))?;
+    let default = default_owner();
     for (e, &(uid, gid)) in config.entries.iter().zip(wanted) {
-        if !all && (uid, gid) == (0, 0) {
+        if !all && (uid, gid) == default {
             continue;
         }
         chown_entry(&root, e, uid, gid)
