@@ -396,3 +396,32 @@ fn systemd_boot_time() {
         println!("boot {:?}, boot and stop {:?}", up, t.elapsed());
     }
 }
+
+#[test]
+fn an_unprivileged_installer_on_a_scratch_root_owns_what_it_stages() {
+    use std::os::unix::process::CommandExt;
+    assert!(is_root(), "this test switches to the user nobody: run it as root (CI does)");
+    let s = Scratch::new();
+    let root = s.path("nobody-root");
+    fs::create_dir(&root).unwrap();
+    std::os::unix::fs::chown(&root, Some(65534), Some(65534)).unwrap();
+    let nobody = |args: &[&str]| {
+        let mut c = std::process::Command::new(bin("op-dbus-stage"));
+        c.arg("--root").arg(&root).args(args).env("HOME", &root).uid(65534).gid(65534);
+        c
+    };
+    ok(&mut nobody(&["init"]));
+    ok(nobody(&["trust", "add"]).arg(s.pub_key()));
+    let dir = stage_dir(
+        s.dir.path(),
+        "app",
+        "1.0.0",
+        "files:\n  - path: bin/app\n    target: /opt/app\n",
+        &[("bin/app", "x")],
+    );
+    let export = s.build_export(&dir);
+    fs::set_permissions(&export, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    ok(nobody(&["deploy"]).arg(&export));
+    let out = run(&mut nobody(&["verify"]));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+}
