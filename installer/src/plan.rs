@@ -230,9 +230,9 @@ pub fn with_generation(
 /// (stage, generation, its temp dir name under `.tmp/`) to move into place first.
 ///
 /// ```text
-/// disable units going away | publish | unlink/stash ours that go | switch stage links |
-/// mkdir, back up what is in the way, link/copy | restore displaced originals |
-/// enable new units | rmdir directories nothing needs
+/// disable units going away, unregister plugins going away | publish | unlink/stash ours
+/// that go | switch stage links | mkdir, back up what is in the way, link/copy | restore
+/// displaced originals | register plugins | enable new units | rmdir directories nothing needs
 /// ```
 pub fn transition(
     host: &HostView,
