@@ -169,31 +169,38 @@ pub fn build(stage_dir: &Path, settings: &Settings<'_>) -> Result<Outcome> {
 /// Builds an ad-hoc stage from `files` (`SRC[:TARGET]`): a file with a target is staged at
 /// the target's path (without the leading `/`) and linked there; one without at its name.
 #[tracing::instrument(name = "create", skip_all, fields(image = %Reference::new(name.clone(), version.clone())))]
-pub fn create(name: StageName, version: Version, files: &[String], settings: &Settings<'_>) -> Result<Outcome> {
+pub fn create(
+    name: StageName,
+    version: Version,
+    files: &[String],
+    target_prefix: Option<&TargetPath>,
+    settings: &Settings<'_>,
+) -> Result<Outcome> {
     let payload = resolve_format(settings.format, None)?;
+    let listed = crate::listed::resolve(files, target_prefix)?;
     let mut tree = Tree::default();
     let mut specs = Vec::new();
-    for arg in files {
-        let (src, target) = match arg.split_once(":/") {
-            Some((s, t)) => (PathBuf::from(s), Some(format!("/{t}"))),
-            None => (PathBuf::from(arg), None),
-        };
-        let bad = |reason: String| InputError::Field { file: PathBuf::from("--files"), field: arg.clone(), reason };
-        if std::fs::symlink_metadata(&src).is_err() {
-            return Err(bad(format!("{} does not exist", src.display())).into());
+    for l in &listed {
+        if std::fs::symlink_metadata(&l.src).is_err() {
+            let reason = format!("{} does not exist", l.src.display());
+            return Err(InputError::Field { file: PathBuf::from("--files"), field: l.arg.clone(), reason }.into());
         }
-        let at = match &target {
-            Some(t) => {
-                let t = TargetPath::parse(t).map_err(|e| bad(e.to_string()))?;
-                specs.push(FileSpec { path: t.relative(), target: t.clone(), mode: None, kind: FileType::Symlink });
-                t.relative()
-            }
-            None => {
-                let base = src.file_name().and_then(|n| n.to_str()).unwrap_or_default();
-                RelPath::parse(base).map_err(|e| bad(e.to_string()))?
-            }
-        };
-        tree.add(&src, Some(&at), &|_| false)?;
+        if let Some(t) = &l.target {
+            specs.push(FileSpec {
+                path: l.at.clone(),
+                target: t.clone(),
+                mode: None,
+                kind: FileType::Symlink,
+                owner: None,
+                group: None,
+            });
+        }
+        tree.add(&l.src, Some(&l.at), &|_| false)?;
+    }
+    if let Some(note) = crate::listed::unlinked_note(&listed)
+        && !settings.quiet
+    {
+        eprintln!("{note}");
     }
     let def_text = serde_json::json!({ "version": version.to_string() }).to_string();
     let mut def = StageDefinition::parse(&def_text, Path::new("--files"))?;

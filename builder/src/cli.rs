@@ -12,6 +12,7 @@ use cli_support::{GlobalArgs, Output};
 use serde::Serialize;
 
 use formats::layout::Layout;
+use formats::path::TargetPath;
 use formats::{Reference, StageName, Version};
 use keys::simple_signing::Expires;
 use keys::{PrivateKey, PublicKey};
@@ -155,9 +156,14 @@ pub struct BuildOpts {
 pub struct CreateOpts {
     /// The stage name.
     pub name: StageName,
-    /// SRC or SRC:/TARGET; repeat or list several.
+    /// SRC or SRC:/TARGET; repeat or list several. A SRC without a target is staged at its
+    /// relative path (an absolute one, or one with `..`, by its file name) and linked nowhere,
+    /// unless --target-prefix is given. Two sources staged at one path are refused (exit 7).
     #[arg(long, required = true, num_args = 1.., value_name = "SRC[:/TARGET]")]
     pub files: Vec<String>,
+    /// Link every SRC listed without a target at DIR/ its staged path.
+    #[arg(long, value_name = "DIR")]
+    pub target_prefix: Option<TargetPath>,
     /// The stage version.
     #[arg(long = "version", default_value = "0.1.0")]
     pub stage_version: Version,
@@ -401,8 +407,9 @@ pub fn run(cli: Cli) -> Result<()> {
                 hide_key: None,
                 force: o.force,
             };
-            let outcome = crate::build::create(o.name.clone(), o.stage_version, &o.files, &settings)
-                .with_context(|| format!("creating {}", o.name))?;
+            let outcome =
+                crate::build::create(o.name.clone(), o.stage_version, &o.files, o.target_prefix.as_ref(), &settings)
+                    .with_context(|| format!("creating {}", o.name))?;
             finish_build(g, layout.as_ref(), outcome, key.as_ref(), o.expires.as_ref())
         }
         Command::Sign(o) => {
@@ -771,7 +778,18 @@ fn render_inspection(i: &crate::inspect::Inspection) -> String {
             formats::manifest::FileType::Copy => "copy",
             formats::manifest::FileType::CopyIfNotExists => "copy-if-not-exists",
         };
-        s += &format!("  file         {} -> {} ({kind})\n", f.path, f.target);
+        let owner = match (&f.owner, &f.group) {
+            (None, None) => String::new(),
+            (o, g) => format!(
+                ", owner {}:{}",
+                o.as_ref().map_or("root".to_owned(), ToString::to_string),
+                g.as_ref().map_or("-".to_owned(), ToString::to_string)
+            ),
+        };
+        s += &format!("  file         {} -> {} ({kind}{owner})\n", f.path, f.target);
+    }
+    for u in &m.users {
+        s += &format!("  user         {}\n", u.name);
     }
     for v in &m.services {
         s += &format!("  service      {v}\n");

@@ -18,6 +18,7 @@ pub mod export;
 pub mod fleet;
 pub mod hide;
 pub mod inspect;
+pub mod listed;
 pub mod progress;
 pub mod registry_cmd;
 pub mod sign;

@@ -22,6 +22,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::digest::Digest;
 use crate::names::{StageName, Version};
+pub use crate::owners::{Principal, UserSpec};
 use crate::path::{RelPath, TargetPath};
 
 /// Largest accepted `manifest.yaml`.
@@ -246,6 +247,13 @@ pub struct FileSpec {
     pub mode: Option<Mode>,
     #[serde(default, rename = "type")]
     pub kind: FileType,
+    /// The owner of the staged path (and everything under a directory): a user name or
+    /// number; default root. The payload's own uid/gid are never used.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<Principal>,
+    /// The group: a name or number; default the owner's primary group (root's without an owner).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<Principal>,
 }
 
 /// One `verify:` command.
@@ -348,6 +356,8 @@ pub struct StageDefinition {
     #[serde(default)]
     pub services: Vec<String>,
     #[serde(default)]
+    pub users: Vec<UserSpec>,
+    #[serde(default)]
     pub verify: Vec<VerifySpec>,
     #[serde(default)]
     pub build: Vec<BuildStep>,
@@ -407,6 +417,7 @@ impl StageDefinition {
             self.requires_feature.as_deref(),
             &self.files,
             &self.services,
+            &self.users,
             &self.verify,
             &self.cleanup,
         )
@@ -462,7 +473,8 @@ fn check_unit(field: &str, s: &str) -> Result<(), (String, String)> {
     let ok = s.len() <= 255
         && SUFFIXES.iter().any(|x| s.len() > x.len() && s.ends_with(x))
         && s.bytes().all(|c| c.is_ascii_alphanumeric() || b"@._:-\\".contains(&c))
-        && !s.starts_with('.');
+        && !s.starts_with('.')
+        && !s.starts_with('-');
     if ok {
         Ok(())
     } else {
@@ -483,6 +495,7 @@ fn check_common(
     requires_feature: Option<&str>,
     files: &[FileSpec],
     services: &[String],
+    users: &[UserSpec],
     verify: &[VerifySpec],
     cleanup: &[String],
 ) -> Result<(), (String, String)> {
@@ -520,6 +533,14 @@ fn check_common(
     check_list("services", services)?;
     for (i, s) in services.iter().enumerate() {
         check_unit(&format!("services[{i}]"), s)?;
+    }
+    check_list("users", users)?;
+    let mut names = BTreeSet::new();
+    for (i, u) in users.iter().enumerate() {
+        u.check().map_err(|(f, r)| (format!("users[{i}].{f}"), r))?;
+        if !names.insert(&u.name) {
+            return Err((format!("users[{i}].name"), format!("{} is listed twice", u.name)));
+        }
     }
     check_list("verify", verify)?;
     for (i, v) in verify.iter().enumerate() {
@@ -600,6 +621,10 @@ pub struct StageConfig {
     pub files: Vec<FileSpec>,
     #[serde(default)]
     pub services: Vec<String>,
+    /// System users to create if missing (absent when none, so that older images keep
+    /// their digests).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub users: Vec<UserSpec>,
     #[serde(default)]
     pub verify: Vec<VerifySpec>,
     #[serde(default)]
@@ -637,6 +662,7 @@ impl StageConfig {
             host_requirements: def.host_requirements(),
             files: def.files.clone(),
             services: def.services.clone(),
+            users: def.users.clone(),
             verify: def.verify.clone(),
             cleanup: def.cleanup.clone(),
             entries,
@@ -680,6 +706,7 @@ impl StageConfig {
             self.requires_feature.as_deref(),
             &self.files,
             &self.services,
+            &self.users,
             &self.verify,
             &self.cleanup,
         )
@@ -1037,6 +1064,55 @@ mod tests {
     }
 
     #[test]
+    fn owners_and_users_are_parsed_and_kept_in_the_config() {
+        let def = parse(
+            "version: 1.0.0\nusers:\n  - name: op-dbus\n    description: op-dbus service\nfiles:\n  - path: bin/x\n    \
+             target: /usr/local/bin/x\n    owner: op-dbus\n    group: 1000\n  - path: etc/y\n    target: /etc/op-dbus/y\n    \
+             owner: \"42\"\n",
+        )
+        .unwrap();
+        assert_eq!(def.files[0].owner, Some(Principal::Name("op-dbus".into())));
+        assert_eq!(def.files[0].group, Some(Principal::Id(1000)));
+        assert_eq!(def.files[1].owner, Some(Principal::Id(42)));
+        assert_eq!(def.files[1].group, None);
+        assert_eq!(def.users[0].name, "op-dbus");
+        let c = config_of(&def);
+        let json = String::from_utf8(c.to_bytes()).unwrap();
+        assert!(
+            json.contains(r#""owner":"op-dbus","group":1000"#) && json.contains(r#""users":[{"name":"op-dbus""#),
+            "{json}"
+        );
+        assert_eq!(StageConfig::from_bytes(c.to_bytes().as_slice()).unwrap(), c);
+        // Without owners or users the config is byte for byte what it was (image digests hold).
+        let plain =
+            config_of(&parse("version: 1.0.0\nfiles:\n  - path: bin/x\n    target: /usr/local/bin/x\n").unwrap());
+        let text = String::from_utf8(plain.to_bytes()).unwrap();
+        assert!(!text.contains("owner") && !text.contains("users"), "{text}");
+        for (bad, field) in [
+            ("files:\n  - path: x\n    target: /opt/x\n    owner: -1\n", "-1 is not a user or group number"),
+            ("files:\n  - path: x\n    target: /opt/x\n    owner: a b\n", "is not a user or group"),
+            ("files:\n  - path: x\n    target: /opt/x\n    group: [1]\n", "a user or group name, or a number"),
+            ("users:\n  - name: a\n  - name: a\n", "users[1].name"),
+            ("users:\n  - name: a\n    uid: 0\n", "users[0].uid"),
+            ("users:\n  - name: a\n    shell: /bin/sh\n", "shell"),
+        ] {
+            let e = parse(&format!("version: 1.0.0\n{bad}")).unwrap_err().to_string();
+            assert!(e.contains(field), "{bad}: {e}");
+        }
+    }
+
+    fn config_of(def: &StageDefinition) -> StageConfig {
+        let mut entries = std::collections::BTreeMap::new();
+        for f in &def.files {
+            for a in f.path.ancestors() {
+                entries.insert(a.clone(), entry(a.as_str(), EntryKind::Dir, None));
+            }
+            entries.insert(f.path.clone(), entry(f.path.as_str(), EntryKind::File, None));
+        }
+        StageConfig::from_definition("s".parse().unwrap(), def, entries.into_values().collect())
+    }
+
+    #[test]
     fn timeouts() {
         for (s, secs) in
             [("30s", 30), ("5m", 300), ("1h", 3600), ("45", 45), ("1s", 1), ("24h", 86400), ("1440m", 86400)]
@@ -1076,7 +1152,7 @@ mod tests {
         assert!(parse(&unit("op-dbus.service")).is_ok());
         assert!(parse(&unit(&format!("{}.service", "u".repeat(247)))).is_ok());
         assert!(parse(&unit(&format!("{}.service", "u".repeat(248)))).is_err());
-        for bad in [".service", ".x.service", "op-dbus", "a/b.service", "op dbus.service"] {
+        for bad in [".service", ".x.service", "op-dbus", "a/b.service", "op dbus.service", "-H.service"] {
             assert!(parse(&unit(bad)).is_err(), "{bad}");
         }
         // expect_exit 0 to 255.

@@ -151,6 +151,7 @@ pub fn systemctl(root: &Path, verb: &str, unit: &str) -> Result<()> {
         .arg("--root")
         .arg(root)
         .arg(verb)
+        .arg("--")
         .arg(unit)
         .stdin(Stdio::null())
         .output()

@@ -75,6 +75,12 @@ pub enum Command {
     DeployFromImage(DeployOpts),
     /// Verify and store images from each SOURCE without activating them.
     Receive(SourceOpts),
+    /// Deploy the stage that provides plugin NAME: its newest image in SOURCE, else in the
+    /// local store. Nothing is done when NAME is registered already, unless --force.
+    DeployPlugin(PluginOpts),
+    /// Update the stage that provides the registered plugin NAME to its newest image in
+    /// SOURCE, else in the local store, when that is newer than the active one.
+    UpdatePlugin(PluginOpts),
     /// Deployed stages and the images available in the store.
     List,
     /// What is deployed, by whom signed, unfinished transactions, broken links.
@@ -117,7 +123,7 @@ pub enum Command {
         #[arg(value_name = "STAGE")]
         stages: Vec<String>,
     },
-    /// Put back missing or changed links of a stage.
+    /// Put back missing or changed links of a stage, and its missing plugin registrations.
     FixSymlinks {
         /// The deployed stage whose links to repair (its name or a unique prefix of it).
         stage: String,
@@ -183,6 +189,31 @@ pub struct SourceOpts {
     pub source: Vec<String>,
     #[command(flatten)]
     pub registry: crate::receive::RegistryOpts,
+}
+
+/// The plugin `deploy-plugin` and `update-plugin` act for, and where its stage comes from.
+#[derive(Debug, Args)]
+pub struct PluginOpts {
+    /// The plugin (as a stage's `plugins:` names it).
+    #[arg(value_parser = parse_plugin)]
+    pub plugin: String,
+    /// Where to look for the stage that provides it (as for deploy); default: the local store.
+    pub source: Option<String>,
+    /// deploy-plugin: deploy the providing stage's newest image even when the plugin is
+    /// registered already.
+    #[arg(long)]
+    pub force: bool,
+    #[command(flatten)]
+    pub registry: crate::receive::RegistryOpts,
+}
+
+fn parse_plugin(s: &str) -> std::result::Result<String, String> {
+    let ok = !s.is_empty() && s.len() <= 128 && s.bytes().all(|c| c.is_ascii_alphanumeric() || b"._-".contains(&c));
+    if ok && s != "." && s != ".." {
+        Ok(s.to_owned())
+    } else {
+        Err(format!("{s:?} is not a plugin name (letters, digits, '.', '_', '-')"))
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -466,6 +497,16 @@ pub fn run(cli: Cli) -> Result<i32> {
             deploy(&opts, out, &o.source, Some((batch, o.with_deps)))?
         }
         Command::Receive(o) => deploy(&opts, out, &o, None)?,
+        Command::DeployPlugin(o) => plugin(&opts, out, &o, false)?,
+        Command::UpdatePlugin(o) => {
+            if o.force {
+                return Err(crate::error::Usage(
+                    "--force is for deploy-plugin; update-plugin only ever moves forward".into(),
+                )
+                .into());
+            }
+            plugin(&opts, out, &o, true)?
+        }
         Command::List => {
             let ctx = Ctx::reading(&opts)?;
             let doc = ListDoc { stages: ops::list(&ctx)? };
@@ -896,6 +937,31 @@ fn deploy(opts: &Options, out: Output, o: &SourceOpts, batch: Option<(ops::Batch
     })
 }
 
+fn plugin(opts: &Options, out: Output, o: &PluginOpts, update: bool) -> Result<()> {
+    let source = o.source.as_deref().map(|s| Source::parse_with(s, &o.registry)).transpose()?;
+    let ctx = Ctx::changing(opts)?;
+    let r = crate::commands::plugin::deploy_plugin(&ctx, &o.plugin, source.as_ref(), o.force, update)?;
+    out.emit(&r, |r| {
+        let mut s = match r.outcome {
+            "already-deployed" => format!(
+                "the plugin {} is already deployed by {} (`op-dbus-stage update-plugin {}` updates it)\n",
+                r.plugin, r.reference, r.plugin
+            ),
+            "up-to-date" => format!("the plugin {} is up to date ({})\n", r.plugin, r.reference),
+            o => format!("the plugin {}: {o} {}\n", r.plugin, r.reference),
+        };
+        if let Some(d) = &r.deploy {
+            for x in &d.deployed {
+                s += &render_report(x);
+            }
+            for k in &d.skipped {
+                s += &format!("{k}\n");
+            }
+        }
+        s
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -933,5 +999,5 @@ mod tests {
 
 #[cfg(test)]
 mod help {
-    cli_support::help_tests!(super::Cli, registry_flags_on: ["op-dbus-stage deploy", "op-dbus-stage deploy-from-image", "op-dbus-stage receive"]);
+    cli_support::help_tests!(super::Cli, registry_flags_on: ["op-dbus-stage deploy", "op-dbus-stage deploy-from-image", "op-dbus-stage deploy-plugin", "op-dbus-stage receive", "op-dbus-stage update-plugin"]);
 }

@@ -392,8 +392,28 @@ impl Host {
         fsync_dir(&from_dir)
     }
 
-    /// Copies the host file `from` to `target` with `mode`, through a temp file renamed into place.
+    /// Copies the host file `from` (a staged file) to `target` with `mode` and `from`'s
+    /// owner (a generation's files have their declared owners), through a temp file
+    /// renamed into place.
     pub fn copy_in(&self, from: &Path, target: &TargetPath, mode: u32) -> io::Result<()> {
+        let src = fs::File::open(from)?;
+        let st = rustix::fs::fstat(&src)?;
+        self.write_from(&mut &src, target, mode, Some(owner(&st)))
+    }
+
+    /// Writes `bytes` to `target` with `mode` (owned by the installer's user), through a
+    /// temp file renamed into place.
+    pub fn write_new(&self, target: &TargetPath, bytes: &[u8], mode: u32) -> io::Result<()> {
+        self.write_from(&mut &bytes[..], target, mode, None)
+    }
+
+    fn write_from(
+        &self,
+        from: &mut dyn io::Read,
+        target: &TargetPath,
+        mode: u32,
+        owned_by: Option<(rustix::fs::Uid, rustix::fs::Gid)>,
+    ) -> io::Result<()> {
         let (fd, name) = self.parent(target)?;
         let tmp = temp_name(&name, "tmp");
         let _ = rustix::fs::unlinkat(&fd, tmp.as_str(), AtFlags::empty());
@@ -404,7 +424,11 @@ impl Host {
             Mode::from_raw_mode(0o600),
         )?;
         let mut out = fs::File::from(out);
-        io::copy(&mut fs::File::open(from)?, &mut out)?;
+        io::copy(from, &mut out)?;
+        // The owner before the mode: a chown clears setuid and setgid bits.
+        if let Some((uid, gid)) = owned_by {
+            rustix::fs::fchown(&out, Some(uid), Some(gid))?;
+        }
         rustix::fs::fchmod(&out, Mode::from_raw_mode(mode))?;
         out.sync_all()?;
         rustix::fs::renameat(&fd, tmp.as_str(), &fd, name.as_str())?;

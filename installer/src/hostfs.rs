@@ -74,6 +74,8 @@ pub trait HostFs {
     fn move_in(&self, area: Kept, name: &str, target: &TargetPath) -> Result<()>;
     /// Copies the staged file `staged` (relative to the staging area) to `target` with `mode`.
     fn copy_in(&self, staged: &str, target: &TargetPath, mode: u32) -> Result<()>;
+    /// Writes `bytes` to `target` with `mode` (through a temp file renamed into place).
+    fn write_new(&self, target: &TargetPath, bytes: &[u8], mode: u32) -> Result<()>;
 
     /// Moves the unpacked tree `.tmp/<tmp>` to `.generations/<stage>/<generation>` (nothing
     /// if it is there already).
@@ -163,6 +165,10 @@ impl HostFs for RealFs<'_> {
         Ok(self.host.copy_in(&self.staging.dir.join(staged), target, mode)?)
     }
 
+    fn write_new(&self, target: &TargetPath, bytes: &[u8], mode: u32) -> Result<()> {
+        Ok(self.host.write_new(target, bytes, mode)?)
+    }
+
     fn publish_generation(&self, stage: &StageName, generation: u64, tmp: &str) -> Result<()> {
         let dest = self.staging.generation(stage, generation);
         if !dest.exists() {
@@ -242,7 +248,13 @@ impl HostFs for RealFs<'_> {
     }
 
     fn unit(&self, action: UnitAction, unit: &str) -> Result<()> {
-        crate::checks::systemctl(&self.host.root, action.verb(), unit)
+        match action {
+            UnitAction::Enable => {
+                crate::checks::systemctl(&self.host.root, action.verb(), unit)?;
+                crate::services::repoint_links(self.host, unit)
+            }
+            UnitAction::Disable => crate::services::disable(self.host, unit),
+        }
     }
 }
 

@@ -21,6 +21,7 @@ use crate::hostfs::RealFs;
 use crate::lock::Lock;
 use crate::plan::{HostView, Plan};
 use crate::receive::Trust;
+use crate::services;
 use crate::snapshot;
 use crate::state::{StageState, State};
 use crate::txn::{self, Cleanup, Journal, RecoverOutcome, Staging, Step};
@@ -120,6 +121,12 @@ impl Ctx {
             Some(j) => {
                 let o = j.recover(&self.fs(), &self.staging).context("finishing the interrupted transaction")?;
                 crate::history::record_recovered(self, &j, o);
+                // Units may have been started or restarted on the files just undone.
+                if o == RecoverOutcome::RolledBack {
+                    for n in services::after_recover(&self.host, &j.before, &j.after) {
+                        eprintln!("warning: {n}");
+                    }
+                }
                 if !self.opts.quiet {
                     let what = match o {
                         RecoverOutcome::Completed => "completed",
@@ -263,8 +270,10 @@ pub(crate) fn execute(
         kept: Vec::new(),
         pruned: Vec::new(),
     };
+    let units = services::UnitChanges::between(&before, &plan.after);
     if ctx.opts.dry_run {
         report.pruned = crate::retention::would_prune(ctx, &cleanup)?;
+        report.notes.extend(units.dry_run_notes());
         return Ok(report);
     }
     // Generations nobody references any more go at clean-up.
@@ -283,24 +292,35 @@ pub(crate) fn execute(
     let journal = Journal::of(operation, before, plan, cleanup);
     journal.write(&ctx.staging)?;
     crate::faults::point("journaled");
-    let applied = (|| -> Result<Vec<CheckResult>> {
+    // Running units: stopped before the steps, started or restarted after them (see `services`).
+    let mut run = services::Run::default();
+    let mut unit_notes = Vec::new();
+    let applied = (|run: &mut services::Run, notes: &mut Vec<String>| -> Result<Vec<CheckResult>> {
+        *run = services::stop_leaving(&ctx.host, &units, notes)?;
         for step in &journal.steps {
             tracing::debug!(step = %step.describe(), "applying");
             crate::progress::step("activate", None, &step.describe());
             txn::apply(&ctx.fs(), step).with_context(|| step.describe())?;
         }
+        let (config, dir) = (|s: &StageName, g| ctx.config_of(s, g), |s: &StageName, g| ctx.staging.generation(s, g));
+        services::activate(&config, &dir, &ctx.host, &journal.before, &journal.after, &units, run, notes)?;
         let mut results = Vec::new();
         for stage in check {
             crate::progress::step("check", Some(stage.as_str()), "running the verify commands");
             results.extend(run_checks(ctx, &journal.after, stage)?);
         }
+        results.extend(services::checks(&ctx.host, &journal.after, check)?);
         Ok(results)
-    })();
+    })(&mut run, &mut unit_notes);
+    report.notes.extend(unit_notes);
     let undo = |e: anyhow::Error| -> anyhow::Error {
-        match journal.roll_back(&ctx.fs()).and_then(|()| {
+        services::undo_before(&run);
+        let undone = journal.roll_back(&ctx.fs()).and_then(|()| {
             fs::remove_file(ctx.staging.journal_file())?;
             Ok(())
-        }) {
+        });
+        services::undo_after(&run);
+        match undone {
             Ok(()) => e,
             Err(u) => e.context(format!("and undoing it failed too ({u:#}); run `op-dbus-stage recover`")),
         }

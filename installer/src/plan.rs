@@ -231,9 +231,9 @@ pub fn with_generation(
 /// (stage, generation, its temp dir name under `.tmp/`) to move into place first.
 ///
 /// ```text
-/// disable units going away | publish | unlink/stash ours that go | switch stage links |
-/// mkdir, back up what is in the way, link/copy | restore displaced originals |
-/// enable new units | rmdir directories nothing needs
+/// disable units going away, unregister plugins going away | publish | unlink/stash ours
+/// that go | switch stage links | mkdir, back up what is in the way, link/copy | restore
+/// displaced originals | register plugins | enable new units | rmdir directories nothing needs
 /// ```
 pub fn transition(
     host: &HostView,
@@ -261,7 +261,8 @@ pub fn transition_publishing(
     }
     let freed = p.take_away(before, &wants)?;
     let (disable, enable) = p.units(&before.stages, &desired);
-    p.steps.splice(0..0, disable);
+    let (unregister, register) = crate::plugins::steps(&before.stages, &desired)?;
+    p.steps.splice(0..0, disable.into_iter().chain(unregister));
     p.switch_stage_links(&before.stages, &desired);
     let freed = p.place(&wants, freed)?;
     // Displaced originals whose target nobody wants any more come back.
@@ -270,6 +271,7 @@ pub fn transition_publishing(
             p.steps.push(Step::Restore { backup: b, target });
         }
     }
+    p.steps.extend(register);
     p.steps.extend(enable);
     p.remove_unneeded_dirs();
     Ok(Plan { steps: p.steps, after: p.after, notes: p.notes })

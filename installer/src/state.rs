@@ -48,6 +48,9 @@ pub struct Activation {
     pub services: Vec<String>,
     pub verify: Vec<VerifySpec>,
     pub dependencies: Vec<Dependency>,
+    /// Plugins registered while it is active (absent in states of earlier versions).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub plugins: Vec<crate::plugins::PluginReg>,
 }
 
 /// One `files:` entry with what the manifest promises about its staged path.
@@ -86,6 +89,7 @@ impl Activation {
             services: config.services.clone(),
             verify: config.verify.clone(),
             dependencies: config.dependencies.clone(),
+            plugins: crate::plugins::of(config),
         }
     }
 }

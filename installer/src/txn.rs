@@ -59,8 +59,12 @@ pub enum Step {
     Stash { target: TargetPath, stash: String, sha256: Digest },
     /// `systemctl --root ROOT enable UNIT`.
     EnableUnit { unit: String },
-    /// `systemctl --root ROOT disable UNIT`.
+    /// Remove the enablement links of UNIT.
     DisableUnit { unit: String },
+    /// Write a plugin registration at a free `target` (`/etc/op-dbus/plugins/NAME.toml`).
+    Register { target: TargetPath, text: String },
+    /// Remove our plugin registration at `target` (left alone when it is not `text`).
+    Unregister { target: TargetPath, text: String },
 }
 
 impl Step {
@@ -85,6 +89,8 @@ impl Step {
             Step::Stash { target, .. } => format!("remove copy {target}"),
             Step::EnableUnit { unit } => format!("enable {unit}"),
             Step::DisableUnit { unit } => format!("disable {unit}"),
+            Step::Register { target, .. } => format!("register plugin {target}"),
+            Step::Unregister { target, .. } => format!("unregister plugin {target}"),
         }
     }
 }
@@ -232,6 +238,30 @@ pub fn apply(fs: &dyn HostFs, step: &Step) -> Result<()> {
         }
         Step::EnableUnit { unit } => fs.unit(UnitAction::Enable, unit),
         Step::DisableUnit { unit } => fs.unit(UnitAction::Disable, unit),
+        Step::Register { target, text } => {
+            if fs.file_digest(target)? == Some(Digest::of(text.as_bytes())) {
+                return Ok(());
+            }
+            if fs.state(target)? != TargetState::Missing {
+                anyhow::bail!(
+                    "{target} exists and is not this stage's registration: move it away (it is not the installer's) \
+                     and run the command again"
+                );
+            }
+            if let Some(parent) = target.relative().parent() {
+                let dir = TargetPath::parse(&format!("/{parent}"))?;
+                if !fs.dir_exists(&dir)? {
+                    fs.mkdir(&dir).with_context(|| format!("creating {dir}"))?;
+                }
+            }
+            fs.write_new(target, text.as_bytes(), 0o644).with_context(|| format!("writing {target}"))
+        }
+        Step::Unregister { target, text } => {
+            if fs.file_digest(target)? != Some(Digest::of(text.as_bytes())) {
+                return Ok(());
+            }
+            fs.remove(target).with_context(|| format!("removing {target}"))
+        }
     }
 }
 
@@ -309,6 +339,19 @@ pub fn undo(fs: &dyn HostFs, step: &Step) -> Result<()> {
             Ok(())
         }
         Step::DisableUnit { unit } => fs.unit(UnitAction::Enable, unit),
+        Step::Register { target, text } => {
+            fs.remove_temp(target)?;
+            if fs.file_digest(target)? == Some(Digest::of(text.as_bytes())) {
+                fs.remove(target).with_context(|| format!("removing {target}"))?;
+            }
+            Ok(())
+        }
+        Step::Unregister { target, text } => {
+            if fs.state(target)? != TargetState::Missing {
+                return Ok(());
+            }
+            fs.write_new(target, text.as_bytes(), 0o644).with_context(|| format!("writing back {target}"))
+        }
     }
 }
 

@@ -83,6 +83,35 @@ fn forged_well_formed_image_deploys() {
     assert_eq!(run.code(), 0, "{}", run.stderr());
 }
 
+#[test]
+fn a_tar_payloads_owners_are_never_used() {
+    use std::os::unix::fs::MetadataExt;
+    let (host, key) = trusted_host();
+    let owned = |r: Raw| Raw { owner: (1000, 1001), ..r };
+    let entries = vec![owned(dir("d/")), owned(file("d/f", CONTENT)), owned(symlink("l", "d/f"))];
+    let archive = host.export(&Forge::tar(&key, &entries));
+    let run = host.deploy(&archive, &[]);
+    assert_eq!(run.code(), 0, "{}", run.stderr());
+    let staged = host.root().join("var/lib/op-dbus/staging/app");
+    for p in ["d", "d/f", "l"] {
+        let m = fs::symlink_metadata(staged.join(p)).unwrap();
+        assert_eq!((m.uid(), m.gid()), (0, 0), "{p} has the owner its tar header claims");
+    }
+    // What the signed manifest declares is what counts.
+    let host = Host::new();
+    let key = host.key("k");
+    host.trust("k");
+    let files =
+        serde_json::json!([{"path": "d/f", "target": "/usr/local/bin/hostile-f", "owner": 4242, "group": 4343}]);
+    let archive = host.export(&Forge::new(&key, &config(NAME, files, base_entries()), vec![zst(&tar_bytes(&entries))]));
+    let run = host.deploy(&archive, &[]);
+    assert_eq!(run.code(), 0, "{}", run.stderr());
+    let staged = host.root().join("var/lib/op-dbus/staging/app");
+    assert_eq!(fs::metadata(staged.join("d/f")).unwrap().uid(), 4242);
+    assert_eq!(fs::metadata(staged.join("d/f")).unwrap().gid(), 4343);
+    assert_eq!(fs::metadata(staged.join("d")).unwrap().uid(), 0);
+}
+
 // ---------------------------------------------------------------------------------------
 // Payload entries: paths
 

@@ -483,3 +483,69 @@ fn signing_adds_cosignatures_and_build_steps_run() {
     assert_eq!(code, 1);
     assert!(err.contains("build[0]") && err.contains("exit 3"), "{err}");
 }
+
+#[test]
+fn create_files_keeps_relative_paths_and_refuses_collisions() {
+    let d = tempfile::tempdir().unwrap();
+    let store = d.path().join("store");
+    for p in ["src/state/plugins/lxc.rs", "src/other/lxc.rs", "a/lxc.rs", "b/lxc.rs"] {
+        fs::create_dir_all(d.path().join(p).parent().unwrap()).unwrap();
+        fs::write(d.path().join(p), p).unwrap();
+    }
+    // Relative sources keep their paths: two lxc.rs are two entries, and the command says
+    // they are linked nowhere and how to link them.
+    let out = run(image(&store, None).current_dir(d.path()).args([
+        "--json",
+        "create",
+        "PROXMOX-DBUS_STAGE",
+        "--files",
+        "src/state/plugins/lxc.rs",
+        "src/other/lxc.rs",
+    ]));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("staged but not linked") && err.contains("--target-prefix"), "{err}");
+    let shown = json(&ok(image(&store, None).args(["--json", "inspect", "PROXMOX-DBUS_STAGE:0.1.0"])));
+    let paths: Vec<&str> =
+        shown["manifest"]["entries"].as_array().unwrap().iter().map(|e| e["path"].as_str().unwrap()).collect();
+    assert!(paths.contains(&"src/state/plugins/lxc.rs") && paths.contains(&"src/other/lxc.rs"), "{paths:?}");
+    assert_eq!(shown["manifest"]["files"].as_array().unwrap().len(), 0);
+
+    // --target-prefix links the lot.
+    let out = ok(image(&store, None).current_dir(d.path()).args([
+        "--json",
+        "--dry-run",
+        "create",
+        "PROXMOX-DBUS_STAGE",
+        "--version",
+        "0.2.0",
+        "--target-prefix",
+        "/usr/local/lib/proxmox",
+        "--files",
+        "src/state/plugins/lxc.rs",
+    ]));
+    assert!(json(&out)["entries"].as_array().unwrap().iter().any(|e| e == "src/state/plugins/lxc.rs"));
+    ok(image(&store, None).current_dir(d.path()).args([
+        "-q",
+        "create",
+        "PROXMOX-DBUS_STAGE",
+        "--version",
+        "0.2.0",
+        "--target-prefix",
+        "/usr/local/lib/proxmox",
+        "--files",
+        "src/state/plugins/lxc.rs",
+    ]));
+    let shown = json(&ok(image(&store, None).args(["--json", "inspect", "PROXMOX-DBUS_STAGE:0.2.0"])));
+    assert_eq!(shown["manifest"]["files"][0]["target"], "/usr/local/lib/proxmox/src/state/plugins/lxc.rs");
+
+    // Two sources that land on one path: exit 7, both named, nothing stored.
+    let (a, b) = (d.path().join("a/lxc.rs"), d.path().join("b/lxc.rs"));
+    let (code, err) = fails(
+        image(&store, None).args(["create", "PROXMOX-DBUS_STAGE", "--version", "0.3.0", "--files"]).arg(&a).arg(&b),
+    );
+    assert_eq!(code, 7, "{err}");
+    assert!(err.contains(&a.display().to_string()) && err.contains(&b.display().to_string()), "{err}");
+    let listed = json(&ok(image(&store, None).args(["--json", "list"])));
+    assert_eq!(listed["images"].as_array().unwrap().len(), 2, "{listed}");
+}

@@ -217,6 +217,17 @@ fn every_json_document() {
     w.doc("stage_restore", w.stage().args(["--json", "restore", &first, "--yes"]), 0);
     w.doc("stage_recover", w.stage().args(["--json", "recover"]), 0);
     w.doc("stage_trust_revoke", w.stage().args(["--json", "trust", "revoke", "0123456789abcdef"]), 0);
+    // A stage that provides a plugin, from the store.
+    let plugs = p.join("plugs-1.0.0");
+    fs::create_dir_all(plugs.join("plugins")).unwrap();
+    fs::write(plugs.join("manifest.yaml"), "name: plugs\nversion: 1.0.0\nplugins: [lxc]\n").unwrap();
+    fs::write(plugs.join("plugins/lxc.json"), "{}\n").unwrap();
+    ok(w.image().args(["-q", "build"]).arg(&plugs));
+    let plugs_tar = p.join("plugs.oci.tar");
+    ok(w.image().args(["-q", "export", "plugs:1.0.0", "--out"]).arg(&plugs_tar));
+    ok(w.stage().args(["-q", "receive"]).arg(&plugs_tar));
+    w.doc("stage_deploy_plugin", w.stage().args(["--json", "deploy-plugin", "lxc"]), 0);
+    w.doc("stage_update_plugin", w.stage().args(["--json", "update-plugin", "lxc"]), 0);
     w.doc("stage_error", w.stage().args(["--json", "remove", "nope"]), 2);
     w.doc("stage_history", w.stage().args(["--json", "history"]).env_remove("SUDO_USER"), 0);
     w.doc("stage_history_verify", w.stage().args(["--json", "history", "--verify"]), 0);

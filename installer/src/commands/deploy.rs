@@ -209,7 +209,14 @@ fn order(mut left: Vec<Image>) -> Vec<Image> {
 /// Unpacks the layers of `v` into `.tmp/<tmp_name>` (a subvolume on btrfs), checks the
 /// tree against the signed manifest, adds the manifest, and keeps the image in the store.
 /// On an error nothing is left in the temp area.
-pub(crate) fn unpack(ctx: &Ctx, store: &Layout, received: &Received, v: &Verified, tmp_name: &str) -> Result<()> {
+pub(crate) fn unpack(
+    ctx: &Ctx,
+    store: &Layout,
+    received: &Received,
+    v: &Verified,
+    tmp_name: &str,
+    owners: &[(u32, u32)],
+) -> Result<()> {
     let tmp = ctx.staging.tmp().join(tmp_name);
     crate::progress::step("unpack", Some(&v.reference), "unpacking and checking the files");
     let unpacked = (|| -> Result<()> {
@@ -254,6 +261,8 @@ pub(crate) fn unpack(ctx: &Ctx, store: &Layout, received: &Received, v: &Verifie
             formats::unpack::unpack_layers(layout, layers, config, &tmp)
                 .with_context(|| format!("unpacking {}", v.reference))?;
         }
+        // Owners from the signed manifest, never from the payload (see `users`).
+        crate::users::own_tree(&tmp, config, owners, btrfs_layers)?;
         // The signed bytes of the embedded manifest, from wherever they arrived.
         let config_digest = &c.manifest.config.digest;
         let from = temp.filter(|l| l.has_blob(config_digest)).unwrap_or(store);
@@ -282,6 +291,8 @@ fn deploy_batch(ctx: &Ctx, trust: &Trust, store: &Layout, images: &[Image], stat
     let mut planned = state.clone();
     let mut publish = Vec::new();
     let mut names = Vec::new();
+    let mut owners = Vec::new();
+    let mut user_notes = Vec::new();
     for (i, (_, v)) in images.iter().enumerate() {
         let c = v.candidate();
         let config = &c.config;
@@ -290,6 +301,23 @@ fn deploy_batch(ctx: &Ctx, trust: &Trust, store: &Layout, images: &[Image], stat
         let resolved = admit::resolutions(&ctx.host, &trust.policy, config);
         admit::policy(&trust.policy, config, &v.reference.to_string(), &v.signers, &resolved)?;
         admit::against_state(&planned, config, &v.reference.to_string(), ctx.opts.allow_downgrade)?;
+        // The stage's system users first (sysusers semantics: never undone), then its owners.
+        let ids = crate::users::Ids::read(&ctx.host)?;
+        let missing = crate::users::missing(&ids, &config.users);
+        if ctx.opts.dry_run {
+            user_notes.extend(missing.iter().map(|u| format!("would create system user {}", u.name)));
+            crate::users::wanted(config, &crate::users::with_planned(ids, &config.users))
+                .map_err(|e| Refused::Dependency(format!("{}: {e:#}", v.reference)))?;
+            owners.push(Vec::new());
+        } else {
+            let notes = crate::users::create(&ctx.host, &missing)?;
+            let ids = if notes.is_empty() { ids } else { crate::users::Ids::read(&ctx.host)? };
+            owners.push(
+                crate::users::wanted(config, &ids)
+                    .map_err(|e| Refused::Dependency(format!("{}: {e:#}", v.reference)))?,
+            );
+            user_notes.extend(notes);
+        }
         let generation = state.next_generation + i as u64;
         let new_gen = Generation {
             generation,
@@ -315,8 +343,8 @@ fn deploy_batch(ctx: &Ctx, trust: &Trust, store: &Layout, images: &[Image], stat
     };
     // Unpack into the temp area and check every file against the signed manifest.
     if !ctx.opts.dry_run {
-        for ((received, v), (_, _, tmp_name)) in images.iter().zip(&publish) {
-            if let Err(e) = unpack(ctx, store, received, v, tmp_name) {
+        for (((received, v), (_, _, tmp_name)), owners) in images.iter().zip(&publish).zip(&owners) {
+            if let Err(e) = unpack(ctx, store, received, v, tmp_name, owners) {
                 drop_tmps();
                 return Err(e);
             }
@@ -326,6 +354,7 @@ fn deploy_batch(ctx: &Ctx, trust: &Trust, store: &Layout, images: &[Image], stat
         let view = ctx.view(&state, &planned.stages);
         let mut plan = plan::transition_publishing(&view, &state, planned.stages.clone(), publish.clone())?;
         plan.after.highest = planned.highest.clone();
+        plan.notes.extend(user_notes.iter().cloned());
         let state_bytes = plan.after.to_bytes().len() as u64;
         if state_bytes > crate::state::MAX_STATE {
             return Err(Refused::Policy(format!(

@@ -1,5 +1,5 @@
 //! `fix-symlinks STAGE`: plan putting back the stage's links that are missing or wrong
-//! ([`crate::plan::fix_links`]), then apply it.
+//! ([`crate::plan::fix_links`]) and its missing plugin registrations, then apply it.
 
 use anyhow::Result;
 
@@ -19,6 +19,10 @@ pub fn fix_symlinks(ctx: &Ctx, stage: &StageName) -> Result<Report> {
     }
     let links = state.placed.iter().filter(|(_, p)| &p.stage == stage).map(|(t, _)| t);
     let view = plan::HostView::of_targets(&ctx.fs(), &state, links);
-    let plan = plan::fix_links(&view, &state, stage)?;
+    let mut plan = plan::fix_links(&view, &state, stage)?;
+    // Missing plugin registrations are written again too.
+    let (steps, notes) = crate::plugins::repair(&ctx.host, stage, &state.stages[stage])?;
+    plan.steps.extend(steps);
+    plan.notes.extend(notes);
     execute(ctx, format!("fix-symlinks {stage}"), state, plan, &[], Cleanup::default())
 }

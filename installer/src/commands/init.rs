@@ -62,6 +62,8 @@ pub fn init(opts: &Options) -> Result<InitReport> {
     let ctx = Ctx::changing_host(Host::open(&opts.root)?, opts)?;
     let store = ctx.store()?;
     let keys_dir = ctx.host.ensure_dir("etc/op-dbus/trusted-keys")?;
+    // Where activation registers plugins (see `plugins`).
+    ctx.host.ensure_dir(crate::plugins::PLUGIN_DIR.trim_start_matches('/'))?;
     let etc = ctx.host.ensure_dir(crate::host::ETC)?;
     let policy = etc.join("stage.toml");
     if !policy.exists() {

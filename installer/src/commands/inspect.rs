@@ -138,6 +138,9 @@ fn link_problems(ctx: &Ctx, state: &State, only: Option<&StageName>) -> Result<V
                     out.push(format!(
                         "{target}: the copy differs from the staged file (run `deploy` again to replace it)"
                     ));
+                } else {
+                    let staged = ctx.staging.stage_link(&p.stage).join(p.path.as_str());
+                    out.extend(crate::users::copy_owner_problem(&ctx.host, target, &staged));
                 }
             }
             Placement::CopyIfNotExists { .. } => {}
@@ -179,7 +182,7 @@ pub fn verify(ctx: &Ctx, only: Option<&StageName>) -> Result<VerifyReport> {
         }
         let health = repair::health(&ctx.staging, name, &s.active, false);
         let generation = health.problem(name, s.active.generation);
-        let links = link_problems(ctx, &state, Some(name))?;
+        let mut links = link_problems(ctx, &state, Some(name))?;
         // Without its tree (or its manifest) there is nothing to check the files against,
         // and the verify commands would run in a folder that is not there.
         if health.generation != GenerationHealth::Intact {
@@ -199,6 +202,7 @@ pub fn verify(ctx: &Ctx, only: Option<&StageName>) -> Result<VerifyReport> {
             .into_iter()
             .map(|m| format!("{}: {}", m.path, m.problem))
             .collect();
+        files.extend(crate::users::verify_generation(&ctx.host, &dir, &config)?);
         if Activation::of(&config) != s.active.activation {
             files.insert(0, "manifest.json: not the one deployed".into());
         }
@@ -212,7 +216,9 @@ pub fn verify(ctx: &Ctx, only: Option<&StageName>) -> Result<VerifyReport> {
                 )
             })
         });
-        let checks = run_checks(ctx, &state, name)?;
+        links.extend(crate::plugins::problems(&ctx.host, name, s));
+        let mut checks = run_checks(ctx, &state, name)?;
+        checks.extend(crate::services::checks(&ctx.host, &state, std::slice::from_ref(name))?);
         stages.push(StageVerify { name: name.to_string(), generation, links, files, checks });
     }
     let ok = stages.iter().all(|s| {

@@ -9,6 +9,7 @@ pub mod fix_symlinks;
 pub mod gc;
 pub mod init;
 pub mod inspect;
+pub mod plugin;
 pub mod remove;
 pub mod repair;
 pub mod restore;

@@ -263,7 +263,12 @@ pub(crate) fn rebuild(
             if !needs_tree(b) {
                 continue;
             }
-            if let Err(e) = unpack(ctx, store, received, v, &b.tmp) {
+            // The owners the stage declares (its users were created when it was deployed).
+            let owners: Result<Vec<(u32, u32)>> = crate::users::Ids::read(&ctx.host).and_then(|ids| {
+                crate::users::wanted(&v.candidate().config, &ids)
+                    .map_err(|e| crate::error::Refused::Dependency(format!("{}: {e:#}", v.reference)).into())
+            });
+            if let Err(e) = owners.and_then(|owners| unpack(ctx, store, received, v, &b.tmp, &owners)) {
                 for b in &broken {
                     let _ = crate::txn::remove_tree(&ctx.staging.tmp().join(&b.tmp));
                 }

@@ -231,6 +231,18 @@ impl HostFs for MemFs {
         Ok(())
     }
 
+    fn write_new(&self, target: &TargetPath, bytes: &[u8], mode: u32) -> Result<()> {
+        let mut w = self.world.borrow_mut();
+        if !w.parents_are_dirs(target.as_str()) {
+            bail!("{target}: a parent is not a directory");
+        }
+        if w.nodes.get(target.as_str()) == Some(&Node::Dir) {
+            bail!("{target} is a directory");
+        }
+        w.nodes.insert(target.as_str().to_owned(), Node::File { data: bytes.to_vec(), mode });
+        Ok(())
+    }
+
     fn copy_in(&self, staged: &str, target: &TargetPath, mode: u32) -> Result<()> {
         let mut w = self.world.borrow_mut();
         let Node::File { data, .. } = w.staged(staged)?.clone() else { bail!("{staged} is not a file") };

@@ -12,6 +12,7 @@ use proptest::prelude::*;
 use super::mem::{MemFs, Node, Tree, World};
 use super::{HostFs, Kept};
 use crate::plan::{HostView, ReadError, Seen, transition};
+use crate::plugins::PluginReg;
 use crate::state::{Activation, ActiveFile, Generation, Placement, StageState, State};
 use crate::txn::{self, Journal, Step};
 
@@ -77,15 +78,31 @@ fn generation(stage: &StageName, generation: u64, files: &[FileSpec], units: u8)
         });
     }
     let services = UNITS.iter().enumerate().filter(|(i, _)| units & (1 << i) != 0).map(|(_, u)| u.to_string());
+    // Plugins follow the unit bits: one of the stage's own per bit, whose registration
+    // changes with the generation, and `shared` on bit 2 (two stages with it conflict).
+    let plugins = (0..3)
+        .filter(|i| units & (1 << i) != 0)
+        .map(|i| PluginReg {
+            name: if i == 2 { "shared".into() } else { format!("{stage}-p{i}") },
+            file: Some(format!("/opt/{stage}/{generation}")),
+        })
+        .collect();
     let g = Generation {
         generation,
         digest: Digest::of(format!("{stage}{generation}").as_bytes()),
         version: "1.0.0".parse().unwrap(),
         signers: Vec::new(),
         deployed_at: String::new(),
-        activation: Activation { files: active, services: services.collect(), ..Activation::default() },
+        activation: Activation { files: active, services: services.collect(), plugins, ..Activation::default() },
     };
     (tree, g)
+}
+
+/// What `init` makes that activation relies on: the plugin registrations' folder.
+fn init_dirs(fs: &MemFs) {
+    for d in ["/etc", "/etc/op-dbus", crate::plugins::PLUGIN_DIR] {
+        fs.world.borrow_mut().nodes.insert(d.into(), Node::Dir);
+    }
 }
 
 /// The world without the temp area (undoing a publish deletes the generation; it does not
@@ -117,6 +134,7 @@ impl Model {
             tampered: BTreeSet::new(),
             n: 0,
         };
+        init_dirs(&m.fs);
         for &i in initial {
             m.operator_writes(i, 0);
         }
@@ -280,6 +298,20 @@ impl Model {
         for d in &self.state.dirs {
             let ours = self.state.placed.get(d).is_some_and(|p| p.backup.is_some());
             assert!(ours || w.nodes.get(d.as_str()) == Some(&Node::Dir), "{d}: {:?}", w.nodes.get(d.as_str()));
+        }
+        // The plugins of the active stages are registered, and only they.
+        let wanted = crate::plugins::wanted(&self.state.stages).unwrap();
+        let prefix = format!("{}/", crate::plugins::PLUGIN_DIR);
+        let registered: BTreeMap<&str, &Node> =
+            w.nodes.iter().filter(|(p, _)| p.starts_with(&prefix)).map(|(p, n)| (p.as_str(), n)).collect();
+        assert_eq!(registered.len(), wanted.len(), "{registered:#?} {wanted:#?}");
+        for (plugin, (_, text)) in &wanted {
+            let at = crate::plugins::target(plugin).unwrap();
+            assert!(
+                matches!(w.nodes.get(at.as_str()), Some(Node::File { data, .. }) if data == text.as_bytes()),
+                "{at}: {:?}",
+                w.nodes.get(at.as_str())
+            );
         }
         // The units of the active stages are enabled, and only they.
         let units: BTreeSet<String> =
@@ -457,6 +489,7 @@ fn a_link_in_the_way_of_a_parent_is_not_written_through() {
 #[test]
 fn units_are_disabled_before_links_go_and_enabled_after_they_come() {
     let fs = MemFs::new(true);
+    init_dirs(&fs);
     let (tree, generation1) = generation(&name("app"), 1, &[(4, 0, 0, 0)], 0b011);
     fs.world.borrow_mut().generations.insert((name("app"), 1), tree);
     let app = StageState { active: generation1, previous: Vec::new() };

@@ -53,6 +53,8 @@ pub struct Raw {
     pub link: Vec<u8>,
     pub data: Vec<u8>,
     pub dev: (u32, u32),
+    /// The uid and gid the header claims (the installer must never use them).
+    pub owner: (u64, u64),
 }
 
 pub fn raw(name: impl AsRef<[u8]>, kind: tar::EntryType, mode: u32, data: &[u8]) -> Raw {
@@ -64,6 +66,7 @@ pub fn raw(name: impl AsRef<[u8]>, kind: tar::EntryType, mode: u32, data: &[u8])
         link: Vec::new(),
         data: data.to_vec(),
         dev: (0, 0),
+        owner: (0, 0),
     }
 }
 
@@ -132,8 +135,8 @@ fn header_block(r: &Raw) -> [u8; 512] {
     h.set_mode(r.mode);
     h.set_size(r.size);
     h.set_mtime(0);
-    h.set_uid(0);
-    h.set_gid(0);
+    h.set_uid(r.owner.0);
+    h.set_gid(r.owner.1);
     if r.dev != (0, 0) {
         h.set_device_major(r.dev.0).unwrap();
         h.set_device_minor(r.dev.1).unwrap();
