@@ -25,6 +25,8 @@
 #   MUTANTS_JOBS           parallel mutants (default 1)
 #   MUTANTS_TIMEOUT        seconds before a test run counts as hung (default 60)
 #   MUTANTS_BUILD_TIMEOUT  seconds before a build is abandoned (default 900)
+#   MUTANTS_SINCE          a git revision: only the mutants on lines changed since it
+#                          (cargo mutants --in-diff), to re-check what a change touched
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
@@ -43,6 +45,7 @@ out_root=${MUTANTS_OUT:-$root/target/mutants/out}
 jobs=${MUTANTS_JOBS:-1}
 timeout=${MUTANTS_TIMEOUT:-60}
 build_timeout=${MUTANTS_BUILD_TIMEOUT:-900}
+since=${MUTANTS_SINCE:-}
 
 files=("$@")
 if ((${#files[@]} == 0)); then
@@ -98,10 +101,19 @@ for file in "${files[@]}"; do
 	echo "==> $file (package $pkg, tests: cargo test -p $pkg --lib)" >&2
 	# cargo-mutants exits 2 when mutants are missed and 3 on timeouts: those are results,
 	# reported in the table; anything else (a failing baseline, say) stops here.
+	diff_args=()
+	if [[ -n $since ]]; then
+		git diff "$since" -- "$file" >"$out/changed.diff"
+		if [[ ! -s $out/changed.diff ]]; then
+			echo "$file: unchanged since $since" >&2
+			continue
+		fi
+		diff_args=(--in-diff "$out/changed.diff")
+	fi
 	rc=0
 	cargo mutants --file "$file" --package "$pkg" --test-package "$pkg" \
 		--cargo-test-arg=--lib --jobs "$jobs" --timeout "$timeout" \
-		--build-timeout "$build_timeout" --output "$out" >&2 || rc=$?
+		--build-timeout "$build_timeout" --output "$out" "${diff_args[@]}" >&2 || rc=$?
 	if ((rc != 0 && rc != 2 && rc != 3)); then
 		echo "$file: cargo mutants failed (exit $rc); see $out/mutants.out" >&2
 		exit "$rc"
@@ -123,6 +135,7 @@ for file in "${files[@]}"; do
 done
 
 echo
+[[ -n $since ]] && echo "(mutants on the lines changed since $since only)"
 echo "| file | caught / viable |"
 echo "|---|---|"
 printf '%s\n' "${rows[@]}"
