@@ -844,5 +844,5 @@ mod tests {
 
 #[cfg(test)]
 mod help {
-    cli_support::help_tests!(super::Cli, registry_flags_on: ["op-dbus-image pull", "op-dbus-image push"]);
+    cli_support::help_tests!(super::Cli, registry_flags_on: ["op-dbus-image channel set", "op-dbus-image pull", "op-dbus-image push"]);
 }

@@ -303,7 +303,10 @@ fn a_channel_whose_signature_does_not_hold_is_refused_with_exit_3() {
     let good = get_manifest(&reg);
     let mut bad = good.clone();
     let sig = good["layers"][0]["annotations"]["dev.cosignproject.cosign/signature"].as_str().unwrap().to_owned();
-    let flipped = if sig.starts_with('A') { format!("B{}", &sig[1..]) } else { format!("A{}", &sig[1..]) };
+    let flipped = match sig.strip_prefix('A') {
+        Some(rest) => format!("B{rest}"),
+        None => format!("A{}", &sig[1..]),
+    };
     bad["layers"][0]["annotations"]["dev.cosignproject.cosign/signature"] = flipped.into();
     put_manifest(&reg, &bad, b.dir.path());
     let (code, err) = fails(&mut host.update(&b, &[]));
