@@ -69,10 +69,11 @@ need_cargo() {
 # The packages of the test suite: the end-to-end tests drive these tools (skopeo and
 # minisign read the exports, openssl and zstd cross-check keys and payloads, btrfs-progs
 # makes loop-mounted btrfs, docker-registry and htpasswd serve the registry tests, time
-# measures peak memory, script gives the progress test a terminal).
+# measures peak memory, script gives the progress test a terminal, curl alters a channel in
+# the registry, systemd-analyze checks the shipped units).
 need_test_tools() {
 	need_packages zstd:zstd openssl:openssl skopeo:skopeo minisign:minisign tar:tar coreutils:sha256sum \
 		btrfs-progs:mkfs.btrfs docker-registry:docker-registry apache2-utils:htpasswd time:/usr/bin/time \
-		openssh-server:sshd openssh-client:ssh iproute2:ip bsdutils:script
+		openssh-server:sshd openssh-client:ssh iproute2:ip bsdutils:script curl:curl systemd:systemd-analyze
 	need_cargo
 }
