@@ -198,6 +198,12 @@ fn update_takes_a_new_channel_version_with_its_dependency_and_then_changes_nothi
     b.publish("app", "1.1.0", "dependencies:\n  - lib >=1.0\n");
     let set = b.channel(&["app:1.1.0", "lib:1.0.0"], 100);
     assert_eq!(set["channel"]["rollout"], 100, "{set}");
+    // A dry run says what would come and changes nothing.
+    let before = host.fingerprint();
+    let r = json(&ok(&mut host.update(&b, &["--dry-run"])));
+    assert_eq!(actions(&r), ["app:update", "lib:dependency"], "{r}");
+    assert_eq!(r["dry_run"], true, "{r}");
+    assert_eq!(host.fingerprint(), before);
     let r = json(&ok(&mut host.update(&b, &[])));
     assert_eq!(actions(&r), ["app:update", "lib:dependency"], "{r}");
     assert_eq!(r["deploy"]["deployed"].as_array().unwrap().len(), 1, "one transaction: {r}");
