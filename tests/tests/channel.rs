@@ -399,3 +399,29 @@ fn shipped_systemd_units_verify() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success() && stderr.trim().is_empty(), "systemd-analyze verify: {}\n{stderr}", out.status);
 }
+
+#[test]
+fn a_channel_document_older_than_one_taken_is_refused() {
+    let reg = Registry::start();
+    let b = Builder::new(&reg);
+    b.publish("app", "1.0.0", "");
+    b.publish("app", "1.1.0", "");
+    b.channel(&["app:1.0.0"], 100);
+    let host = Host::new(&b, &machine_id(100, true));
+    ok(&mut host.update(&b, &["--all"]));
+    // 1.1.0 offered to every host, then halted (rollout 0) before this host looked.
+    b.channel(&["app:1.1.0"], 100);
+    let offered = get_manifest(&reg);
+    std::thread::sleep(Duration::from_millis(1100));
+    b.channel(&["app:1.1.0"], 0);
+    let r = json(&ok(&mut host.update(&b, &[])));
+    assert_eq!(actions(&r), ["app:outside-rollout"], "{r}");
+    // The superseded document, signed and valid, served again: refused, not taken.
+    put_manifest(&reg, &offered, b.dir.path());
+    let before = host.fingerprint();
+    let (code, err) = fails(&mut host.update(&b, &[]));
+    assert_eq!(code, 3, "{err}");
+    assert!(err.contains("older than the one this host took before"), "{err}");
+    assert_eq!(host.deployed(), ["app:1.0.0"]);
+    assert_eq!(host.fingerprint(), before);
+}

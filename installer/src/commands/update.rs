@@ -10,6 +10,7 @@
 //!   signature over the document's bytes by a trusted, unrevoked key whose scope covers
 //!   every stage it names                                  else exit 3, nothing changed
 //!   repository and channel are the ones asked             else exit 3
+//!   not created before the last document taken (channels.json) else exit 3
 //!   bucket(machine id, TAG) < rollout                     else nothing to do
 //!   for each stage: running < offered                     → REGISTRY/PREFIX/NAME@DIGEST
 //!   dependencies of those (heads only) from the channel
@@ -35,6 +36,52 @@ use crate::receive::{self, Source, TempLayout, Trust};
 
 /// Where the machine id is read, inside the root.
 pub const MACHINE_ID: &str = "etc/machine-id";
+/// Where the installer remembers, per channel, the newest document it took (inside the
+/// root; under a target no stage may write).
+pub const SEEN: &str = "var/lib/op-dbus/deployment/channels.json";
+const MAX_SEEN_BYTES: u64 = 1 << 20;
+/// Most channels remembered; past it, the one taken longest ago is forgotten.
+const MAX_SEEN: usize = 1024;
+
+/// `channels.json`: per `HOST/PREFIX:TAG`, the newest document taken.
+#[derive(Debug, Default, Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Seen {
+    channels: BTreeMap<String, SeenChannel>,
+}
+
+#[derive(Debug, Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SeenChannel {
+    created: String,
+    document_digest: Digest,
+}
+
+impl Seen {
+    fn read(ctx: &Ctx) -> Result<Seen> {
+        let shown = ctx.host.root.join(SEEN);
+        match receive::read_in_root(&ctx.host, SEEN, MAX_SEEN_BYTES)? {
+            None => Ok(Seen::default()),
+            Some(b) => serde_json::from_slice(&b).map_err(|e| {
+                Malformed(format!("{}: {e}; remove it to accept any signed channel document again", shown.display()))
+                    .into()
+            }),
+        }
+    }
+
+    fn write(&self, ctx: &Ctx) -> Result<()> {
+        let dir = ctx.host.ensure_dir(SEEN.rsplit_once('/').expect("nested").0)?;
+        let path = dir.join("channels.json");
+        let bytes = serde_json::to_vec_pretty(self).expect("serializes");
+        fsx::write_atomic(&path, &bytes).with_context(|| format!("writing {}", path.display()))
+    }
+}
+
+/// A document's `created`, as a time.
+fn created(text: &str, what: &str) -> Result<jiff::Timestamp> {
+    text.parse::<jiff::Timestamp>()
+        .map_err(|e| Malformed(format!("{what}: created {text:?} is not an RFC 3339 time: {e}")).into())
+}
 
 /// What `update` did (or, with `--dry-run`, would do).
 #[derive(Debug, Serialize)]
@@ -135,7 +182,37 @@ pub fn update(
         ))
         .into());
     }
+    // A document older than one taken before is a stale mirror or a replay: taking it
+    // could undo a halted rollout.
+    let mut seen = Seen::read(ctx)?;
+    let this = created(&doc.created, &shown)?;
+    if let Some(last) = seen.channels.get(&shown)
+        && created(&last.created, &ctx.host.root.join(SEEN).display().to_string())? > this
+    {
+        return Err(Untrusted(format!(
+            "{shown} serves a channel document created {}, older than the one this host took before (created {}, \
+             {}): a stale mirror or a replayed document; nothing was changed",
+            doc.created, last.created, last.document_digest
+        ))
+        .into());
+    }
     crate::progress::step("verify", Some(&shown), "channel document verified");
+    let remember = |seen: &mut Seen| -> Result<()> {
+        if ctx.opts.dry_run {
+            return Ok(());
+        }
+        seen.channels.insert(shown.clone(), SeenChannel { created: doc.created.clone(), document_digest });
+        while seen.channels.len() > MAX_SEEN {
+            let oldest = seen
+                .channels
+                .iter()
+                .min_by_key(|(_, c)| c.created.parse::<jiff::Timestamp>().ok())
+                .map(|(k, _)| k.clone())
+                .expect("not empty");
+            seen.channels.remove(&oldest);
+        }
+        seen.write(ctx)
+    };
 
     let bucket = match doc.rollout {
         0 | 100 => None,
@@ -173,6 +250,7 @@ pub fn update(
         dry_run: ctx.opts.dry_run,
     };
     if !stages.iter().any(|s| s.action == Action::Update) {
+        remember(&mut seen)?;
         report.stages = stages;
         return Ok(report);
     }
@@ -245,6 +323,7 @@ pub fn update(
         .map(|p| Source::Registry { reference: image_ref(p), options: Box::new(options.clone()) })
         .collect();
     report.deploy = Some(deploy::deploy(ctx, &sources, Batch::Whole, true, true)?);
+    remember(&mut seen)?;
     report.stages = std::mem::take(&mut stages);
     Ok(report)
 }
