@@ -425,3 +425,45 @@ fn a_channel_document_older_than_one_taken_is_refused() {
     assert_eq!(host.deployed(), ["app:1.0.0"]);
     assert_eq!(host.fingerprint(), before);
 }
+
+/// The service's `ExecStart=` as systemd runs it: `${VAR}` words from `Environment=` and
+/// the environment file (which wins), the binary the one just built, and `--root ROOT`.
+fn service_command(env_file: &str, root: &Path) -> Command {
+    let unit = fs::read_to_string(repo().join("dist/systemd/op-dbus-update.service")).unwrap();
+    let mut vars = std::collections::BTreeMap::new();
+    let assignments = unit
+        .lines()
+        .filter_map(|l| l.strip_prefix("Environment="))
+        .chain(env_file.lines())
+        .filter_map(|l| l.split_once('='));
+    for (k, v) in assignments {
+        vars.insert(format!("${{{k}}}"), v.to_owned());
+    }
+    let exec = unit.lines().find_map(|l| l.strip_prefix("ExecStart=")).unwrap();
+    let mut words = exec.split_whitespace().map(|w| vars.get(w).cloned().unwrap_or_else(|| w.to_owned()));
+    assert_eq!(words.next().unwrap(), "/usr/local/bin/op-dbus-stage");
+    let mut c = Command::new(bin("op-dbus-stage"));
+    c.args(words).arg("--root").arg(root).env_remove("REGISTRY_AUTH_FILE");
+    c
+}
+
+#[test]
+fn the_timer_service_command_takes_a_new_channel_version() {
+    let reg = Registry::start();
+    let b = Builder::new(&reg);
+    b.publish("app", "1.0.0", "");
+    b.channel(&["app:1.0.0"], 100);
+    let host = Host::new(&b, &machine_id(100, true));
+    ok(&mut host.update(&b, &["--all"]));
+    b.publish("app", "1.1.0", "");
+    b.channel(&["app:1.1.0"], 100);
+    // /etc/op-dbus/update.env as docs/commands.md writes it (the channel from the default).
+    let env = format!("OP_DBUS_UPDATE_FROM={}\n", b.prefix);
+    ok(&mut service_command(&env, &host.root()));
+    assert_eq!(host.deployed(), ["app:1.1.0"]);
+    assert!(linked(&host.root(), "usr/local/bin/app").contains("app 1.1.0"));
+    // The next run finds nothing newer.
+    let before = host.fingerprint();
+    ok(&mut service_command(&format!("{env}OP_DBUS_UPDATE_CHANNEL=stable\n"), &host.root()));
+    assert_eq!(host.fingerprint(), before);
+}
