@@ -71,10 +71,12 @@ need_cargo() {
 # makes loop-mounted btrfs, docker-registry and htpasswd serve the registry tests, time
 # measures peak memory, script gives the progress test a terminal, systemd runs as PID 1 of
 # a namespace for the service tests and creates users (systemd-sysusers), util-linux's
-# unshare and nsenter make and enter it, openssh-server and iproute2 make the SSH fleet).
+# unshare and nsenter make and enter it, openssh-server and iproute2 make the SSH fleet,
+# curl alters a channel in the registry, systemd-analyze checks the shipped units).
 need_test_tools() {
 	need_packages zstd:zstd openssl:openssl skopeo:skopeo minisign:minisign tar:tar coreutils:sha256sum \
 		btrfs-progs:mkfs.btrfs docker-registry:docker-registry apache2-utils:htpasswd time:/usr/bin/time \
-		openssh-server:sshd openssh-client:ssh iproute2:ip bsdutils:script systemd:systemd-sysusers util-linux:nsenter
+		openssh-server:sshd openssh-client:ssh iproute2:ip bsdutils:script systemd:systemd-sysusers \
+		util-linux:nsenter curl:curl systemd:systemd-analyze
 	need_cargo
 }

@@ -92,6 +92,9 @@ pub enum Command {
     Push(crate::registry_cmd::PushOpts),
     /// Pull an image and its signatures from an OCI registry into the store.
     Pull(crate::registry_cmd::PullOpts),
+    /// Publish which versions a registry channel offers (for `op-dbus-stage update`).
+    #[command(subcommand)]
+    Channel(crate::channel::ChannelCommand),
     /// Print a shell completion script on stdout.
     Completions {
         /// The shell.
@@ -600,6 +603,12 @@ pub fn run(cli: Cli) -> Result<()> {
                 s
             })
         }
+        Command::Channel(crate::channel::ChannelCommand::Set(o)) => {
+            let layout = open_store(g, false)?;
+            let key = require_key(g)?;
+            let set = crate::channel::set(&layout, &o, &key, g.common.dry_run)?;
+            out.emit(&set, crate::channel::render)
+        }
         Command::Pull(o) => {
             let bar = crate::progress::spinner(&format!("pulling {}", o.source), g.common.quiet);
             let p = crate::registry_cmd::pull(&g.store(), &o, g.common.dry_run);
@@ -853,5 +862,5 @@ mod tests {
 
 #[cfg(test)]
 mod help {
-    cli_support::help_tests!(super::Cli, registry_flags_on: ["op-dbus-image pull", "op-dbus-image push"]);
+    cli_support::help_tests!(super::Cli, registry_flags_on: ["op-dbus-image channel set", "op-dbus-image pull", "op-dbus-image push"]);
 }

@@ -6,6 +6,7 @@
 
 pub mod archive;
 pub mod btrfs;
+pub mod channel;
 pub mod digest;
 pub mod layout;
 pub mod manifest;

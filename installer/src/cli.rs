@@ -81,6 +81,9 @@ pub enum Command {
     /// Update the stage that provides the registered plugin NAME to its newest image in
     /// SOURCE, else in the local store, when that is newer than the active one.
     UpdatePlugin(PluginOpts),
+    /// Deploy what a signed registry channel offers in newer versions than the ones
+    /// running, as one transaction (run periodically by dist/systemd/op-dbus-update.timer).
+    Update(UpdateOpts),
     /// Deployed stages and the images available in the store.
     List,
     /// What is deployed, by whom signed, unfinished transactions, broken links.
@@ -177,6 +180,24 @@ pub struct DeployOpts {
     /// Mark the snapshots this change takes to keep (retention never prunes them).
     #[arg(long)]
     pub keep: bool,
+}
+
+/// `update`: the channel to follow.
+#[derive(Debug, Args)]
+pub struct UpdateOpts {
+    /// The registry and prefix of the channel and its images: HOST[:PORT]/PREFIX (the
+    /// channel is HOST[:PORT]/PREFIX:TAG, each image HOST[:PORT]/PREFIX/NAME).
+    #[arg(long, required = true, value_name = "REGISTRY/PREFIX")]
+    pub from: String,
+    /// The channel (a registry tag) to follow.
+    #[arg(long, default_value = "stable", value_name = "TAG")]
+    pub channel: String,
+    /// Also install the stages the channel offers that are not deployed here (by default
+    /// only deployed stages are updated, with what they need).
+    #[arg(long)]
+    pub all: bool,
+    #[command(flatten)]
+    pub registry: crate::receive::RegistryOpts,
 }
 
 /// Where `deploy` and `receive` take images from, and how to reach a registry.
@@ -507,6 +528,7 @@ pub fn run(cli: Cli) -> Result<i32> {
             }
             plugin(&opts, out, &o, true)?
         }
+        Command::Update(o) => update(&opts, out, &o)?,
         Command::List => {
             let ctx = Ctx::reading(&opts)?;
             let doc = ListDoc { stages: ops::list(&ctx)? };
@@ -916,22 +938,20 @@ fn deploy(opts: &Options, out: Output, o: &SourceOpts, batch: Option<(ops::Batch
     let (how, with_deps) = batch.unwrap_or((ops::Batch::Whole, false));
     let r = ops::deploy(&ctx, &sources, how, with_deps, activate);
     crate::progress::finish();
-    let r = r?;
-    out.emit(&r, |r| {
-        let mut s = String::new();
-        for v in &r.received {
-            s += &format!(
-                "verified {} {} signed by {}\n",
-                v.reference,
-                v.digest,
-                v.signers.iter().map(ToString::to_string).collect::<Vec<_>>().join(",")
-            );
-        }
-        for d in &r.deployed {
-            s += &render_report(d);
-        }
-        for k in &r.skipped {
-            s += &format!("{k}\n");
+    out.emit(&r?, render_deploy)
+}
+
+/// `update`: one channel, pulled and deployed (see `commands::update`).
+#[cfg(feature = "registry")]
+fn update(opts: &Options, out: Output, o: &UpdateOpts) -> Result<()> {
+    let ctx = Ctx::changing(opts)?;
+    crate::progress::start(&format!("updating from {}:{}", o.from, o.channel));
+    let r = crate::commands::update::update(&ctx, &o.from, &o.channel, o.all, &o.registry);
+    crate::progress::finish();
+    out.emit(&r?, |r| {
+        let mut s = crate::commands::update::render(r);
+        if let Some(d) = &r.deploy {
+            s += &render_deploy(d);
         }
         s
     })
@@ -951,15 +971,40 @@ fn plugin(opts: &Options, out: Output, o: &PluginOpts, update: bool) -> Result<(
             o => format!("the plugin {}: {o} {}\n", r.plugin, r.reference),
         };
         if let Some(d) = &r.deploy {
-            for x in &d.deployed {
-                s += &render_report(x);
-            }
-            for k in &d.skipped {
-                s += &format!("{k}\n");
-            }
+            s += &render_deploy(d);
         }
         s
     })
+}
+
+#[cfg(not(feature = "registry"))]
+fn update(_: &Options, _: Output, o: &UpdateOpts) -> Result<()> {
+    Err(error::Usage(format!(
+        "update --from {}: pulling from a registry needs an op-dbus-stage built with the `registry` feature (this \
+         one is not): deploy .oci.tar exports instead",
+        o.from
+    ))
+    .into())
+}
+
+/// The text of `deploy` and `receive`.
+fn render_deploy(r: &ops::DeployReport) -> String {
+    let mut s = String::new();
+    for v in &r.received {
+        s += &format!(
+            "verified {} {} signed by {}\n",
+            v.reference,
+            v.digest,
+            v.signers.iter().map(ToString::to_string).collect::<Vec<_>>().join(",")
+        );
+    }
+    for d in &r.deployed {
+        s += &render_report(d);
+    }
+    for k in &r.skipped {
+        s += &format!("{k}\n");
+    }
+    s
 }
 
 #[cfg(test)]
@@ -999,5 +1044,5 @@ mod tests {
 
 #[cfg(test)]
 mod help {
-    cli_support::help_tests!(super::Cli, registry_flags_on: ["op-dbus-stage deploy", "op-dbus-stage deploy-from-image", "op-dbus-stage deploy-plugin", "op-dbus-stage receive", "op-dbus-stage update-plugin"]);
+    cli_support::help_tests!(super::Cli, registry_flags_on: ["op-dbus-stage deploy", "op-dbus-stage deploy-from-image", "op-dbus-stage deploy-plugin", "op-dbus-stage receive", "op-dbus-stage update", "op-dbus-stage update-plugin"]);
 }

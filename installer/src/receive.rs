@@ -630,7 +630,7 @@ pub struct Stalled {
 /// A registry error as the installer reports it: corrupt or malformed bytes exit 7, a
 /// bad reference 2, anything else (unreachable, unknown tag, refused credentials) 1.
 #[cfg(feature = "registry")]
-fn registry_error(e: RegistryError, what: &str) -> anyhow::Error {
+pub(crate) fn registry_error(e: RegistryError, what: &str) -> anyhow::Error {
     let mut text = e.to_string();
     let mut cause = std::error::Error::source(&e);
     while let Some(c) = cause {

@@ -15,4 +15,6 @@ pub mod repair;
 pub mod restore;
 pub mod rollback;
 pub mod trust;
+#[cfg(feature = "registry")]
+pub mod update;
 pub mod with_deps;
