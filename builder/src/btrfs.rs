@@ -20,6 +20,7 @@ use std::process::{Command, Stdio};
 
 use anyhow::{Context, Result, bail};
 
+use formats::btrfs::{ParentTree, Uuid, forward_stream};
 use formats::digest::Digest;
 use formats::layout::Layout;
 use formats::manifest::{Entry, StageConfig};
@@ -106,29 +107,52 @@ pub fn layer(
             subvol::delete(&snaps, &config.version.to_string())?;
         }
         subvol::snapshot(&tmp, &snaps, &config.version.to_string(), true)?;
+        // The parent as the stream names it: a snapshot the builder received from the
+        // store carries the UUID of the stream it came from.
+        let parent_uuid = parent_snap.as_deref().map(|p| stream_uuid(&btrfs, p)).transpose()?;
+        let parent_tree = parent_snap.as_deref().map(ParentTree::scan).transpose()?;
         let mut cmd = Command::new(&btrfs);
+        // No `-f`: the stream goes to our pipe, never to a path that may not be one.
         cmd.args(["send", "--proto", "2", "-q"]);
         if let Some(p) = &parent_snap {
             cmd.arg("-p").arg(p);
         }
-        cmd.arg("-f").arg("/dev/stdout").arg(&snap).stdout(Stdio::piped()).stdin(Stdio::null());
+        cmd.arg(&snap).stdout(Stdio::piped()).stdin(Stdio::null());
         let mut child = cmd.spawn().context("running btrfs send")?;
         let blob = layout.blob_writer()?;
         let mut enc = zstd::stream::write::Encoder::new(blob, 3)?;
         enc.multithread(std::thread::available_parallelism().map_or(1, |n| n.get() as u32))?;
         enc.include_checksum(true)?;
-        io::copy(child.stdout.as_mut().expect("piped"), &mut enc).context("compressing the send stream")?;
+        // What is signed is checked as the installer checks it, command by command as it is
+        // compressed: an empty, cut or hostile stream is refused before anything is tagged.
+        let uuid = parent_uuid.map(|u| u.parse::<Uuid>()).transpose()?;
+        let checked = forward_stream(
+            io::BufReader::with_capacity(256 * 1024, child.stdout.take().expect("piped")),
+            uuid,
+            parent_tree.as_ref(),
+            &mut enc,
+            |_| Ok(()),
+        );
         let status = child.wait()?;
         if !status.success() {
             bail!("btrfs send of {} failed ({status}); its output is above", snap.display());
         }
+        let checked = checked.with_context(|| {
+            format!("`btrfs send` of {} wrote a stream the installer would refuse; nothing was signed", snap.display())
+        })?;
+        checked.write_end(&mut enc)?;
+        tracing::debug!(
+            commands = checked.summary.commands,
+            bytes = checked.summary.stream_bytes,
+            "send stream checked"
+        );
         let (digest, size) = enc.finish()?.finish()?;
         let mut desc = Descriptor::new(oci::BTRFS_ZSTD_MEDIA_TYPE, digest, size);
         desc.annotations.insert(ANNOTATION_UUID.into(), subvolume_uuid(&btrfs, &snap)?);
         if let (Some((r, _, pd)), Some(p)) = (parent, &parent_snap) {
             desc.annotations.insert(oci::ANNOTATION_PARENT.into(), r.to_string());
             desc.annotations.insert(oci::ANNOTATION_PARENT_DIGEST.into(), pd.to_string());
-            desc.annotations.insert(ANNOTATION_PARENT_UUID.into(), subvolume_uuid(&btrfs, p)?);
+            desc.annotations.insert(ANNOTATION_PARENT_UUID.into(), stream_uuid(&btrfs, p)?);
         }
         Ok((desc, entries))
     })();
@@ -250,13 +274,26 @@ fn which_btrfs() -> Result<PathBuf> {
 
 /// The UUID of a subvolume, as `btrfs subvolume show` prints it.
 fn subvolume_uuid(btrfs: &Path, path: &Path) -> Result<String> {
+    show_field(btrfs, path, "UUID:")?.with_context(|| format!("no UUID in `btrfs subvolume show {}`", path.display()))
+}
+
+/// The UUID a send stream names `path` by: its received UUID when it was received (the
+/// UUID of the stream it came from), its own otherwise.
+fn stream_uuid(btrfs: &Path, path: &Path) -> Result<String> {
+    match show_field(btrfs, path, "Received UUID:")? {
+        Some(u) => Ok(u),
+        None => subvolume_uuid(btrfs, path),
+    }
+}
+
+/// A UUID field of `btrfs subvolume show` (`None` when it is `-`).
+fn show_field(btrfs: &Path, path: &Path, field: &str) -> Result<Option<String>> {
     let out = Command::new(btrfs).args(["subvolume", "show"]).arg(path).stdin(Stdio::null()).output()?;
     if !out.status.success() {
         bail!("btrfs subvolume show {} failed: {}", path.display(), String::from_utf8_lossy(&out.stderr).trim());
     }
-    String::from_utf8_lossy(&out.stdout)
+    Ok(String::from_utf8_lossy(&out.stdout)
         .lines()
-        .find_map(|l| l.trim().strip_prefix("UUID:").map(|u| u.trim().to_owned()))
-        .filter(|u| u.len() == 36)
-        .with_context(|| format!("no UUID in `btrfs subvolume show {}`", path.display()))
+        .find_map(|l| l.trim().strip_prefix(field).map(|u| u.trim().to_owned()))
+        .filter(|u| u.len() == 36))
 }
