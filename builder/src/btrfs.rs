@@ -6,7 +6,15 @@
 //!   tmp-NAME-VERSION-PID        a writable subvolume: the tree being assembled
 //!                               (a snapshot of the parent's snapshot for --parent)
 //!   snapshots/NAME/VERSION      read-only snapshots the builder keeps as parents
+//!   recv-PID/                   the parent's layers received from the store, when its
+//!                               snapshot is not here (another checkout built it)
 //! ```
+//!
+//! The parent's snapshot is used when it is the one the store's parent image was sent
+//! from (its UUID, or its received UUID, is the one the parent's last layer carries);
+//! otherwise the parent's layers are received from the store into the work directory,
+//! each command checked before `btrfs receive` sees it, and that becomes the snapshot.
+//! So a `--parent` build works from any checkout of the stage folder (every CI run).
 //!
 //! The tree is written into the subvolume (hashing every file as it is copied), snapshotted
 //! read-only, and sent with `btrfs send --proto 2` (the CLI: it streams the ioctl's output
@@ -21,7 +29,7 @@ use std::process::{Command, Stdio};
 use anyhow::{Context, Result, bail};
 
 use formats::btrfs::{ParentTree, Uuid, forward_stream};
-use formats::digest::Digest;
+use formats::digest::{Digest, HashingReader};
 use formats::layout::Layout;
 use formats::manifest::{Entry, StageConfig};
 use formats::oci::{self, Descriptor};
@@ -65,7 +73,7 @@ pub fn layer(
     work: &Path,
     config: &StageConfig,
     tree: &Tree,
-    parent: Option<(&Reference, &StageConfig, &Digest)>,
+    parent: Option<(&Reference, &StageConfig, &Digest, &[Descriptor])>,
     bar: &indicatif::ProgressBar,
 ) -> Result<(Descriptor, Vec<Entry>)> {
     let probe = if work.exists() { work } else { work.parent().unwrap_or(work) };
@@ -81,15 +89,8 @@ pub fn layer(
     let tmp_name = format!("tmp-{}-{}-{}", config.name, config.version, std::process::id());
     let tmp = work.join(&tmp_name);
     let parent_snap = match parent {
-        Some((r, _, _)) => {
-            let p = snapshot_path(work, &r.name, &r.version);
-            if !p.exists() {
-                bail!(
-                    "the builder's snapshot of the parent {r} ({}) is gone; build {r} again with --format btrfs, \
-                     or build this one without --parent",
-                    p.display()
-                );
-            }
+        Some((r, _, _, layers)) => {
+            let p = parent_snapshot(layout, &btrfs, work, r, layers)?;
             subvol::snapshot(&p, work, &tmp_name, false)?;
             Some(p)
         }
@@ -99,7 +100,7 @@ pub fn layer(
         }
     };
     let result = (|| -> Result<(Descriptor, Vec<Entry>)> {
-        let entries = fill(&tmp, tree, parent.map(|(_, c, _)| c), bar)?;
+        let entries = fill(&tmp, tree, parent.map(|(_, c, _, _)| c), bar)?;
         let snaps = snapshot_dir(work, &config.name);
         fs::create_dir_all(&snaps)?;
         let snap = snapshot_path(work, &config.name, &config.version);
@@ -149,7 +150,7 @@ pub fn layer(
         let (digest, size) = enc.finish()?.finish()?;
         let mut desc = Descriptor::new(oci::BTRFS_ZSTD_MEDIA_TYPE, digest, size);
         desc.annotations.insert(ANNOTATION_UUID.into(), subvolume_uuid(&btrfs, &snap)?);
-        if let (Some((r, _, pd)), Some(p)) = (parent, &parent_snap) {
+        if let (Some((r, _, pd, _)), Some(p)) = (parent, &parent_snap) {
             desc.annotations.insert(oci::ANNOTATION_PARENT.into(), r.to_string());
             desc.annotations.insert(oci::ANNOTATION_PARENT_DIGEST.into(), pd.to_string());
             desc.annotations.insert(ANNOTATION_PARENT_UUID.into(), stream_uuid(&btrfs, p)?);
@@ -158,6 +159,128 @@ pub fn layer(
     })();
     let _ = subvol::delete(work, &tmp_name);
     result
+}
+
+/// The builder's snapshot of the parent `r` (whose payload is `layers`): the one in the
+/// work directory when it is what the store's image was sent from, else received anew
+/// from the store.
+fn parent_snapshot(
+    layout: &Layout,
+    btrfs: &Path,
+    work: &Path,
+    r: &Reference,
+    layers: &[Descriptor],
+) -> Result<PathBuf> {
+    let p = snapshot_path(work, &r.name, &r.version);
+    let want = layers.last().and_then(|l| l.annotations.get(ANNOTATION_UUID));
+    if p.exists() {
+        let have = stream_uuid(btrfs, &p)?;
+        if want == Some(&have) {
+            return Ok(p);
+        }
+        tracing::info!(
+            snapshot = %p.display(),
+            %have,
+            want = ?want,
+            "the builder's snapshot of the parent is not the one the store's image was sent from; receiving it from the store"
+        );
+    } else {
+        tracing::info!(snapshot = %p.display(), "no snapshot of the parent here; receiving its layers from the store");
+    }
+    let recv = work.join(format!("recv-{}", std::process::id()));
+    let _ = remove_received(&recv);
+    fs::create_dir_all(&recv)?;
+    let result = receive_layers(layout, btrfs, &recv, layers).with_context(|| {
+        format!("receiving the parent {r} from the store {} (its snapshot is not here)", layout.root().display())
+    });
+    let received = match result {
+        Ok(path) => path,
+        Err(e) => {
+            let _ = remove_received(&recv);
+            return Err(e);
+        }
+    };
+    let snaps = snapshot_dir(work, &r.name);
+    fs::create_dir_all(&snaps)?;
+    if p.exists() {
+        subvol::delete(&snaps, &r.version.to_string())?;
+    }
+    // A read-only subvolume cannot move to another directory; the flag alone is cleared
+    // for the move (through the ioctl: the received UUID stays).
+    subvol::set_readonly(&received, false)?;
+    fs::rename(&received, &p).with_context(|| format!("moving {} to {}", received.display(), p.display()))?;
+    subvol::set_readonly(&p, true)?;
+    remove_received(&recv)?;
+    Ok(p)
+}
+
+/// Receives `layers` (a full stream, then increments) into `recv`; returns the last
+/// subvolume. Each command is checked before `btrfs receive` gets it, each blob hashed.
+fn receive_layers(layout: &Layout, btrfs: &Path, recv: &Path, layers: &[Descriptor]) -> Result<PathBuf> {
+    let mut prev: Option<(Uuid, PathBuf)> = None;
+    for layer in layers {
+        if layer.media_type != oci::BTRFS_ZSTD_MEDIA_TYPE {
+            bail!("layer {} is a {}, not a btrfs send stream", layer.digest, layer.media_type);
+        }
+        let blob = HashingReader::new(layout.open_blob(&layer.digest)?);
+        let mut dec = zstd::stream::read::Decoder::new(blob)?;
+        let tree = prev.as_ref().map(|(_, p)| ParentTree::scan(p)).transpose()?;
+        let mut child = Command::new(btrfs)
+            .args(["receive", "-e", "-q"])
+            .arg(recv)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("running btrfs receive")?;
+        let mut stdin = io::BufWriter::with_capacity(256 * 1024, child.stdin.take().expect("piped"));
+        let checked = forward_stream(&mut dec, prev.as_ref().map(|(u, _)| *u), tree.as_ref(), &mut stdin, |_| Ok(()));
+        let digest_ok = checked.is_ok() && {
+            let mut rest = dec.finish();
+            io::copy(&mut rest, &mut io::sink())?;
+            let (digest, size, _) = rest.into_inner().finish();
+            digest == layer.digest && size == layer.size
+        };
+        let ended = match &checked {
+            Ok(c) if digest_ok => c.write_end(&mut stdin).and_then(|()| io::Write::flush(&mut stdin)).is_ok(),
+            _ => false,
+        };
+        drop(stdin);
+        if !ended {
+            let _ = child.kill();
+        }
+        let out = child.wait_with_output()?;
+        let checked = checked.with_context(|| format!("checking layer {}", layer.digest))?;
+        if !digest_ok {
+            bail!("layer {} in the store does not match its digest", layer.digest);
+        }
+        if !out.status.success() {
+            bail!("btrfs receive of layer {} failed: {}", layer.digest, String::from_utf8_lossy(&out.stderr).trim());
+        }
+        let path = recv.join(&checked.summary.name);
+        if let Some((_, old)) = prev.replace((checked.summary.uuid, path)) {
+            let name = old.file_name().and_then(|n| n.to_str()).context("subvolume name")?.to_owned();
+            subvol::delete(recv, &name)?;
+        }
+    }
+    prev.map(|(_, p)| p).context("the parent image has no payload layers")
+}
+
+/// Deletes the receive directory and the subvolumes in it.
+fn remove_received(recv: &Path) -> Result<()> {
+    for e in fs::read_dir(recv)?.flatten() {
+        let path = e.path();
+        if subvol::is_subvolume(&path).unwrap_or(false) {
+            let _ = subvol::set_readonly(&path, false);
+            subvol::delete(recv, &e.file_name().to_string_lossy())?;
+        } else if path.is_dir() {
+            fs::remove_dir_all(&path)?;
+        } else {
+            fs::remove_file(&path)?;
+        }
+    }
+    fs::remove_dir(recv)?;
+    Ok(())
 }
 
 /// Makes the subvolume at `dest` hold exactly `tree` (it starts empty, or as the parent's

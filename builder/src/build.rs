@@ -340,7 +340,7 @@ fn write_image(
             work,
             &config,
             tree,
-            parent.as_ref().map(|p| (&p.reference, &p.image.config, &p.image.digest)),
+            parent.as_ref().map(|p| (&p.reference, &p.image.config, &p.image.digest, &p.image.manifest.layers[..])),
             &bar,
         )?,
     };
