@@ -38,9 +38,9 @@ use formats::{Reference, StageName, Version};
 use crate::assemble::{Node, Tree};
 
 /// Annotation of a btrfs layer: the UUID of the subvolume its stream creates.
-pub const ANNOTATION_UUID: &str = "dev.op-dbus.stage/btrfs-uuid";
+pub const ANNOTATION_UUID: &str = oci::ANNOTATION_BTRFS_UUID;
 /// Annotation of an incremental btrfs layer: the UUID of the parent subvolume.
-pub const ANNOTATION_PARENT_UUID: &str = "dev.op-dbus.stage/btrfs-parent-uuid";
+pub const ANNOTATION_PARENT_UUID: &str = oci::ANNOTATION_BTRFS_PARENT_UUID;
 
 /// The builder's btrfs work directory for `stage_dir`.
 pub fn workdir(stage_dir: Option<&Path>) -> Option<PathBuf> {

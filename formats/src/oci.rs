@@ -41,6 +41,10 @@ pub const ANNOTATION_KEY_ID: &str = "dev.op-dbus.stage/key-id";
 /// On a delta layer: the reference and manifest digest of the image it applies on.
 pub const ANNOTATION_PARENT: &str = "dev.op-dbus.stage/parent";
 pub const ANNOTATION_PARENT_DIGEST: &str = "dev.op-dbus.stage/parent-digest";
+/// On a btrfs layer: the UUID of the subvolume its stream creates.
+pub const ANNOTATION_BTRFS_UUID: &str = "dev.op-dbus.stage/btrfs-uuid";
+/// On an incremental btrfs layer: the UUID its stream names its parent by.
+pub const ANNOTATION_BTRFS_PARENT_UUID: &str = "dev.op-dbus.stage/btrfs-parent-uuid";
 
 /// Largest accepted manifest or index.
 pub const MAX_MANIFEST_BYTES: u64 = 4 << 20;

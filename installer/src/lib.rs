@@ -18,6 +18,7 @@ pub mod commands;
 pub mod error;
 pub mod faults;
 pub mod host;
+pub mod host_parent;
 pub mod hostfs;
 pub mod lock;
 pub mod ops;

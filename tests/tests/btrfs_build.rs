@@ -144,3 +144,55 @@ fn an_incremental_btrfs_build_from_a_fresh_checkout_finds_its_parent() {
     assert_eq!(fs::read_to_string(root.join("var/lib/op-dbus/staging/app/share/note.txt")).unwrap(), "version 1.2.0\n");
     ok(stage_cmd(&root).arg("verify"));
 }
+
+/// A field of `btrfs subvolume show PATH`.
+fn show(path: &Path, field: &str) -> String {
+    let out = ok(Command::new(require_tool("btrfs", "btrfs-progs")).args(["subvolume", "show"]).arg(path));
+    out.lines()
+        .find_map(|l| l.trim().strip_prefix(field).map(|v| v.trim().to_owned()))
+        .unwrap_or_else(|| panic!("no {field} in {out}"))
+}
+
+#[test]
+fn an_incremental_image_is_received_against_the_hosts_generation() {
+    let b = LoopBtrfs::new(1024);
+    let m = &b.mnt;
+    let key = keygen(m, "k");
+    let store = m.join("store");
+    let stage = m.join("src/app");
+    let data = varied(4 << 20, 9);
+    write_stage(&stage, "1.0.0", &data);
+    ok(image(&store, Some(&key)).args(["-q", "build", "--format", "btrfs"]).arg(&stage));
+    write_stage(&stage, "1.1.0", &data);
+    ok(image(&store, Some(&key)).args(["-q", "build", "--format", "btrfs", "--parent", "app:1.0.0"]).arg(&stage));
+    let v1 = m.join("v1.oci.tar");
+    ok(image(&store, None).args(["-q", "export", "app:1.0.0", "--out"]).arg(&v1));
+    let v2 = m.join("v2.oci.tar");
+    ok(image(&store, None).args(["-q", "export", "app:1.1.0", "--out"]).arg(&v2));
+    let root = m.join("root");
+    fs::create_dir_all(&root).unwrap();
+    ok(stage_cmd(&root).arg("init"));
+    ok(stage_cmd(&root).args(["trust", "add"]).arg(m.join("k.pub")));
+    ok(stage_cmd(&root).arg("deploy").arg(&v1));
+    let g1 = fs::canonicalize(root.join("var/lib/op-dbus/staging/app")).unwrap();
+    // The whole image (both layers) arrives; only the layer above 1.0.0 is received, as a
+    // snapshot of the host's generation of 1.0.0.
+    let out = run(Command::new(bin("op-dbus-stage")).arg("--root").arg(&root).args(["-v", "deploy"]).arg(&v2));
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{log}");
+    assert!(log.contains("receiving the layers above layer 1 against the host's generation"), "{log}");
+    let g2 = fs::canonicalize(root.join("var/lib/op-dbus/staging/app")).unwrap();
+    assert_ne!(g1, g2);
+    assert_eq!(show(&g2, "Parent UUID:"), show(&g1, "UUID:"), "1.1.0 is not a snapshot of the generation of 1.0.0");
+    assert_eq!(fs::read_to_string(root.join("var/lib/op-dbus/staging/app/share/note.txt")).unwrap(), "version 1.1.0\n");
+    ok(stage_cmd(&root).arg("verify"));
+    // A host generation that was changed is not trusted as it is: the received tree is
+    // checked against the signed manifest, and the deploy refused.
+    ok(stage_cmd(&root).args(["rollback", "app"]));
+    subvol::set_readonly(&g1, false).unwrap();
+    fs::write(g1.join("share/data.bin"), "tampered\n").unwrap();
+    subvol::set_readonly(&g1, true).unwrap();
+    let (code, err) = fails(stage_cmd(&root).arg("deploy").arg(&v2));
+    assert_eq!(code, 7, "{err}");
+    assert_eq!(fs::canonicalize(root.join("var/lib/op-dbus/staging/app")).unwrap(), g1);
+}

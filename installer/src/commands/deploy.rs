@@ -88,7 +88,7 @@ fn order(received: &Received) -> Vec<&Verified> {
 /// Unpacks the layers of `v` into `.tmp/<tmp_name>` (a subvolume on btrfs), checks the
 /// tree against the signed manifest, adds the manifest, and keeps the image in the store.
 /// On an error nothing is left in the temp area.
-fn unpack(ctx: &Ctx, store: &Layout, received: &Received, v: &Verified, tmp_name: &str) -> Result<()> {
+fn unpack(ctx: &Ctx, store: &Layout, received: &Received, v: &Verified, tmp_name: &str, state: &State) -> Result<()> {
     let tmp = ctx.staging.tmp().join(tmp_name);
     let unpacked = (|| -> Result<()> {
         let (c, config) = (v.candidate(), &v.candidate().config);
@@ -108,7 +108,8 @@ fn unpack(ctx: &Ctx, store: &Layout, received: &Received, v: &Verified, tmp_name
         };
         if btrfs_layers {
             let budget = formats::unpack::Budget::of(config, layers.len());
-            crate::btrfs::stage(layout, layers, &budget, &ctx.staging.tmp(), tmp_name, on_btrfs)
+            let host = crate::host_parent::of_stage(&ctx.staging, state, &config.name);
+            crate::btrfs::stage(layout, layers, &budget, &ctx.staging.tmp(), tmp_name, on_btrfs, &host)
                 .with_context(|| format!("staging the btrfs layers of {}", v.reference))?;
             // A parent found by `btrfs receive` may be a host generation holding our
             // manifest.json (rewritten below); everything else must match exactly.
@@ -176,7 +177,7 @@ fn deploy_one(
     let tmp_name = format!("gen-{}-{name}", state.txid + 1);
     let tmp = ctx.staging.tmp().join(&tmp_name);
     if !ctx.opts.dry_run {
-        unpack(ctx, store, received, v, &tmp_name)?;
+        unpack(ctx, store, received, v, &tmp_name, &state)?;
     }
     let new_gen = Generation {
         generation,
