@@ -17,6 +17,7 @@ pub mod error;
 pub mod export;
 pub mod hide;
 pub mod inspect;
+pub mod patches;
 pub mod progress;
 pub mod registry_cmd;
 pub mod sign;

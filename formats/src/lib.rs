@@ -11,6 +11,7 @@ pub mod layout;
 pub mod manifest;
 pub mod names;
 pub mod oci;
+pub mod patch;
 pub mod path;
 pub mod payload;
 pub mod unpack;

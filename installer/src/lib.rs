@@ -27,4 +27,5 @@ pub mod receive;
 pub mod sandbox;
 pub mod snapshot;
 pub mod state;
+pub mod tar_stage;
 pub mod txn;

@@ -106,9 +106,9 @@ fn unpack(ctx: &Ctx, store: &Layout, received: &Received, v: &Verified, tmp_name
                 store
             }
         };
+        let host = crate::host_parent::of_stage(&ctx.staging, state, &config.name);
         if btrfs_layers {
             let budget = formats::unpack::Budget::of(config, layers.len());
-            let host = crate::host_parent::of_stage(&ctx.staging, state, &config.name);
             crate::btrfs::stage(layout, layers, &budget, &ctx.staging.tmp(), tmp_name, on_btrfs, &host)
                 .with_context(|| format!("staging the btrfs layers of {}", v.reference))?;
             // A parent found by `btrfs receive` may be a host generation holding our
@@ -125,12 +125,7 @@ fn unpack(ctx: &Ctx, store: &Layout, received: &Received, v: &Verified, tmp_name
                 .into());
             }
         } else {
-            if on_btrfs {
-                subvol::create(&ctx.staging.tmp(), tmp_name)?;
-            } else {
-                fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-            }
-            formats::unpack::unpack_layers(layout, layers, config, &tmp)
+            crate::tar_stage::stage(layout, layers, config, &ctx.staging.tmp(), tmp_name, on_btrfs, &host)
                 .with_context(|| format!("unpacking {}", v.reference))?;
         }
         // The signed bytes of the embedded manifest, from wherever they arrived.
