@@ -1494,6 +1494,61 @@ mod tests {
         err
     }
 
+    /// A layer holding `d/` and `d/f` as a patch of `old` into `new`.
+    fn patch_layer(old: &[u8], new: &[u8]) -> Vec<u8> {
+        let mut patch = Vec::new();
+        crate::patch::make(&mut io::Cursor::new(old), old.len() as u64, new, new.len() as u64, &mut patch).unwrap();
+        let mut w = TarZstdWriter::new(Vec::new(), 1_700_000_000, Compression { level: 3, workers: 1 }).unwrap();
+        w.add_dir(&rel("d"), m(0o755)).unwrap();
+        w.add_patch(&rel("d/f"), m(0o644), patch.len() as u64, &patch[..]).unwrap();
+        w.finish().unwrap().2
+    }
+
+    #[test]
+    fn a_patch_applies_to_the_file_below_and_only_in_a_patch_layer() {
+        let mut x = 9u64;
+        let old: Vec<u8> = (0..200_000)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        let mut new = old.clone();
+        new[5000..5100].fill(1);
+        let cfg = config(vec![dir("d", 0o755), file("d/f", 0o644, &new)], "");
+        let base = payload(&[Op::Dir("d", 0o755), Op::File("d/f", 0o644, &old)]);
+        let top = patch_layer(&old, &new);
+        let env = new_env();
+        let lower = env.layer(&base);
+        let upper = env.layout.write_blob(&top).unwrap();
+        let patch = Descriptor::new(TAR_PATCH_MEDIA_TYPE, upper, top.len() as u64);
+        unpack_layers(&env.layout, &[lower.clone(), patch.clone()], &cfg, &env.dest).unwrap();
+        assert_eq!(fs::read(env.dest.join("d/f")).unwrap(), new);
+
+        // The same entries in a plain tar+zstd layer: refused.
+        let env = new_env();
+        let err = env.unpack(&[&base, &top], &cfg).unwrap_err();
+        assert!(err.is_malformed() && err.to_string().contains("a patch is a regular file of a"), "{err}");
+        // Nothing below it: refused.
+        let env = new_env();
+        let upper = env.layout.write_blob(&top).unwrap();
+        let alone = Descriptor::new(TAR_PATCH_MEDIA_TYPE, upper, top.len() as u64);
+        let err = unpack_layers(&env.layout, &[alone], &cfg, &env.dest).unwrap_err();
+        assert!(err.is_malformed() && err.to_string().contains("holds no file there"), "{err}");
+        // Onto a tree whose file differs: the result's hash is refused.
+        let env = new_env();
+        fs::create_dir(env.dest.join("d")).unwrap();
+        let mut other = old.clone();
+        other[100_000] ^= 1;
+        fs::write(env.dest.join("d/f"), &other).unwrap();
+        env.layout.write_blob(&top).unwrap();
+        let mut u = Unpacker::over(&cfg, &env.dest, std::slice::from_ref(&patch)).unwrap();
+        let err = u.apply_next(env.layout.open_blob(&patch.digest).unwrap()).unwrap_err();
+        assert!(err.is_malformed() && err.to_string().contains("d/f"), "{err}");
+    }
+
     #[test]
     fn good_image_round_trip() {
         let env = new_env();
