@@ -24,9 +24,7 @@ use std::process::{Command, Stdio};
 
 use anyhow::{Context, Result, bail};
 
-use formats::btrfs::{
-    ParentTree, Progress, StreamSummary, Uuid, apply_to_dir, copy_tree, forward_stream, validate_stream_onto,
-};
+use formats::btrfs::{ParentTree, Progress, StreamSummary, Uuid, apply_to_dir_watched, copy_tree, forward_stream};
 use formats::digest::HashingReader;
 use formats::layout::Layout;
 use formats::oci::{self, Descriptor};
@@ -259,21 +257,22 @@ fn receive(
 fn apply(layout: &Layout, layers: &[Descriptor], budget: &Budget, spent: &mut Spent, work: &Path) -> Result<PathBuf> {
     let mut prev: Option<PathBuf> = None;
     for (i, layer) in layers.iter().enumerate() {
-        // A validating pass first, so that the budget holds before anything is written.
-        let mut dec = open(layout, layer)?;
-        let parent = prev.as_deref().map(ParentTree::scan).transpose()?;
-        let summary = validate_stream_onto(&mut dec, parent.as_ref())
-            .with_context(|| format!("validating layer {}", layer.digest))?;
-        check_digest(dec, layer)?;
-        within_budget(&summary, layer, budget, spent)?;
+        // One read: each command checked, within the budget, then applied.
         let dest = work.join(format!("layer-{i}"));
         fs::create_dir(&dest).with_context(|| format!("creating {}", dest.display()))?;
         if let Some(p) = &prev {
             copy_tree(p, &dest)?;
         }
         let mut dec = open(layout, layer)?;
-        apply_to_dir(&mut dec, &dest, prev.as_deref()).with_context(|| format!("applying layer {}", layer.digest))?;
+        let mut last = Progress::default();
+        apply_to_dir_watched(&mut dec, &dest, prev.as_deref(), |p| {
+            last = p;
+            over_budget(p, budget, spent).map_or(Ok(()), Err)
+        })
+        .with_context(|| format!("applying layer {}", layer.digest))?;
         check_digest(dec, layer)?;
+        spent.bytes = spent.bytes.saturating_add(last.bytes_stored);
+        spent.entries = spent.entries.saturating_add(last.entries_created);
         if let Some(p) = prev.replace(dest) {
             crate::txn::remove_tree(&p)?;
         }

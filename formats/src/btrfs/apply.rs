@@ -330,6 +330,19 @@ fn fallocate(f: &File, mode: u32, offset: u64, len: u64) -> io::Result<()> {
 /// Every command is checked as [`validate_stream_against`](super::validate_stream_against)
 /// checks it before it is applied; on error `dest` holds a partial tree.
 pub fn apply_to_dir<R: Read>(r: R, dest: &Path, parent: Option<&Path>) -> Result<ApplyStats, StreamError> {
+    apply_to_dir_watched(r, dest, parent, |_| Ok(()))
+}
+
+/// [`apply_to_dir`], with `watch` given what the commands checked so far store and create
+/// before each is applied (as in [`forward_stream`](super::forward_stream)): refusing
+/// (`Err(reason)`) refuses the stream at that command, before it is applied. One read of
+/// the stream, bounded as it goes.
+pub fn apply_to_dir_watched<R: Read>(
+    r: R,
+    dest: &Path,
+    parent: Option<&Path>,
+    mut watch: impl FnMut(super::Progress) -> Result<(), String>,
+) -> Result<ApplyStats, StreamError> {
     let dest_fd = open_root(dest)?;
     let (expect, tree, parent_fd) = match parent {
         None => {
@@ -356,6 +369,13 @@ pub fn apply_to_dir<R: Read>(r: R, dest: &Path, parent: Option<&Path>) -> Result
         let Some(cmd) = reader.next_command()? else { break };
         let at = At { index: reader.commands(), offset };
         checker.check(at, &cmd)?;
+        watch(checker.progress()).map_err(|reason| StreamError::Refused {
+            index: at.index,
+            offset,
+            command: cmd.name(),
+            path: String::new(),
+            reason,
+        })?;
         applier.apply(at, &cmd, checker.own_uuid())?;
     }
     checker.finish(reader.version(), reader.position())?;

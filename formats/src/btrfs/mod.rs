@@ -53,7 +53,7 @@ mod fsops;
 pub mod stream;
 pub mod validate;
 
-pub use apply::{ApplyStats, apply_to_dir, copy_tree};
+pub use apply::{ApplyStats, apply_to_dir, apply_to_dir_watched, copy_tree};
 pub use forward::{Forwarded, Progress, forward_stream};
 pub use stream::{Command, InvalidUuid, StreamPath, StreamReader, Timespec, Uuid};
 pub use validate::{ParentTree, StreamSummary, validate_stream, validate_stream_against, validate_stream_onto};
