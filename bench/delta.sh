@@ -49,7 +49,7 @@ peak_rss_mib() { awk -F': ' '/Maximum resident set size/ { printf "%.1f", $2 / 1
 # drop_tree DIR: removes DIR and the btrfs subvolumes in it (read-only ones too).
 drop_tree() {
 	[[ -e $1 ]] || return 0
-	find "$1" -xdev -depth -type d -inum 256 | while read -r s; do
+	find "$1" -depth -type d -inum 256 | while read -r s; do
 		btrfs subvolume delete -c "$s" >/dev/null 2>&1 || true
 	done
 	rm -rf "$1"

@@ -32,7 +32,7 @@
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::io::{self, Read, Write};
+use std::io::{self, Read};
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -398,7 +398,6 @@ pub fn copy_tree(from: &Path, to: &Path) -> Result<(), StreamError> {
         links: HashMap::new(),
         to: to.to_owned(),
         dst_root: dst.try_clone().map_err(|e| StreamError::Io { path: to.to_owned(), source: e })?,
-        buf: vec![0; CHUNK],
     };
     copier.dir(&src, &dst, from, None, 0)?;
     copy_meta(&src, &dst, None).map_err(|e| StreamError::Io { path: to.to_owned(), source: e })?;
@@ -410,7 +409,6 @@ struct Copier {
     links: HashMap<(u64, u64), RelPath>,
     to: PathBuf,
     dst_root: OwnedFd,
-    buf: Vec<u8>,
 }
 
 impl Copier {
@@ -478,13 +476,9 @@ impl Copier {
                     .map_err(|e| err(e.into()))?;
                     let mut s_file = File::from(s_fd);
                     let mut d_file = File::from(d_fd);
-                    loop {
-                        let n = s_file.read(&mut self.buf).map_err(|e| io_err(&child_src, e))?;
-                        if n == 0 {
-                            break;
-                        }
-                        d_file.write_all(&self.buf[..n]).map_err(err)?;
-                    }
+                    // std's copy between files is copy_file_range: extents shared on
+                    // btrfs and XFS, an in-kernel copy elsewhere.
+                    io::copy(&mut s_file, &mut d_file).map_err(err)?;
                     copy_meta(&s_file, &d_file, None).map_err(err)?;
                 }
                 FileType::Symlink => {
