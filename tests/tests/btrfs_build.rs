@@ -196,3 +196,28 @@ fn an_incremental_image_is_received_against_the_hosts_generation() {
     assert_eq!(code, 7, "{err}");
     assert_eq!(fs::canonicalize(root.join("var/lib/op-dbus/staging/app")).unwrap(), g1);
 }
+
+#[test]
+fn a_snapshot_another_store_left_is_not_taken_for_the_parent() {
+    let b = LoopBtrfs::new(1024);
+    let m = &b.mnt;
+    let key = keygen(m, "k");
+    let (store_a, store_b) = (m.join("store-a"), m.join("store-b"));
+    let stage = m.join("ci/app");
+    let data = varied(2 << 20, 13);
+    write_stage(&stage, "1.0.0", &data);
+    ok(image(&store_a, Some(&key)).args(["-q", "build", "--format", "btrfs"]).arg(&stage));
+    // The same folder built into another store: the kept snapshot of 1.0.0 is now that one.
+    ok(image(&store_b, Some(&key)).args(["-q", "build", "--format", "btrfs"]).arg(&stage));
+    write_stage(&stage, "1.1.0", &data);
+    ok(image(&store_a, Some(&key)).args(["-q", "build", "--format", "btrfs", "--parent", "app:1.0.0"]).arg(&stage));
+    // Store A's 1.1.0 is an increment on store A's 1.0.0: the whole chain deploys.
+    let v2 = m.join("v2.oci.tar");
+    ok(image(&store_a, None).args(["-q", "export", "app:1.1.0", "--out"]).arg(&v2));
+    let root = m.join("root");
+    fs::create_dir_all(&root).unwrap();
+    ok(stage_cmd(&root).arg("init"));
+    ok(stage_cmd(&root).args(["trust", "add"]).arg(m.join("k.pub")));
+    ok(stage_cmd(&root).arg("deploy").arg(&v2));
+    assert_eq!(fs::read_to_string(root.join("var/lib/op-dbus/staging/app/share/note.txt")).unwrap(), "version 1.1.0\n");
+}
