@@ -6,7 +6,15 @@
 //!   tmp-NAME-VERSION-PID        a writable subvolume: the tree being assembled
 //!                               (a snapshot of the parent's snapshot for --parent)
 //!   snapshots/NAME/VERSION      read-only snapshots the builder keeps as parents
+//!   recv-PID/                   the parent's layers received from the store, when its
+//!                               snapshot is not here (another checkout built it)
 //! ```
+//!
+//! The parent's snapshot is used when it is the one the store's parent image was sent
+//! from (its UUID, or its received UUID, is the one the parent's last layer carries);
+//! otherwise the parent's layers are received from the store into the work directory,
+//! each command checked before `btrfs receive` sees it, and that becomes the snapshot.
+//! So a `--parent` build works from any checkout of the stage folder (every CI run).
 //!
 //! The tree is written into the subvolume (hashing every file as it is copied), snapshotted
 //! read-only, and sent with `btrfs send --proto 2` (the CLI: it streams the ioctl's output
@@ -20,7 +28,8 @@ use std::process::{Command, Stdio};
 
 use anyhow::{Context, Result, bail};
 
-use formats::digest::Digest;
+use formats::btrfs::{ParentTree, Uuid, forward_stream};
+use formats::digest::{Digest, HashingReader};
 use formats::layout::Layout;
 use formats::manifest::{Entry, StageConfig};
 use formats::oci::{self, Descriptor};
@@ -29,9 +38,9 @@ use formats::{Reference, StageName, Version};
 use crate::assemble::{Node, Tree};
 
 /// Annotation of a btrfs layer: the UUID of the subvolume its stream creates.
-pub const ANNOTATION_UUID: &str = "dev.op-dbus.stage/btrfs-uuid";
+pub const ANNOTATION_UUID: &str = oci::ANNOTATION_BTRFS_UUID;
 /// Annotation of an incremental btrfs layer: the UUID of the parent subvolume.
-pub const ANNOTATION_PARENT_UUID: &str = "dev.op-dbus.stage/btrfs-parent-uuid";
+pub const ANNOTATION_PARENT_UUID: &str = oci::ANNOTATION_BTRFS_PARENT_UUID;
 
 /// The builder's btrfs work directory for `stage_dir`.
 pub fn workdir(stage_dir: Option<&Path>) -> Option<PathBuf> {
@@ -64,7 +73,7 @@ pub fn layer(
     work: &Path,
     config: &StageConfig,
     tree: &Tree,
-    parent: Option<(&Reference, &StageConfig, &Digest)>,
+    parent: Option<(&Reference, &StageConfig, &Digest, &[Descriptor])>,
     bar: &indicatif::ProgressBar,
 ) -> Result<(Descriptor, Vec<Entry>)> {
     let probe = if work.exists() { work } else { work.parent().unwrap_or(work) };
@@ -80,15 +89,8 @@ pub fn layer(
     let tmp_name = format!("tmp-{}-{}-{}", config.name, config.version, std::process::id());
     let tmp = work.join(&tmp_name);
     let parent_snap = match parent {
-        Some((r, _, _)) => {
-            let p = snapshot_path(work, &r.name, &r.version);
-            if !p.exists() {
-                bail!(
-                    "the builder's snapshot of the parent {r} ({}) is gone; build {r} again with --format btrfs, \
-                     or build this one without --parent",
-                    p.display()
-                );
-            }
+        Some((r, _, _, layers)) => {
+            let p = parent_snapshot(layout, &btrfs, work, r, layers)?;
             subvol::snapshot(&p, work, &tmp_name, false)?;
             Some(p)
         }
@@ -98,7 +100,7 @@ pub fn layer(
         }
     };
     let result = (|| -> Result<(Descriptor, Vec<Entry>)> {
-        let entries = fill(&tmp, tree, parent.map(|(_, c, _)| c), bar)?;
+        let entries = fill(&tmp, tree, parent.map(|(_, c, _, _)| c), bar)?;
         let snaps = snapshot_dir(work, &config.name);
         fs::create_dir_all(&snaps)?;
         let snap = snapshot_path(work, &config.name, &config.version);
@@ -106,34 +108,179 @@ pub fn layer(
             subvol::delete(&snaps, &config.version.to_string())?;
         }
         subvol::snapshot(&tmp, &snaps, &config.version.to_string(), true)?;
+        // The parent as the stream names it: a snapshot the builder received from the
+        // store carries the UUID of the stream it came from.
+        let parent_uuid = parent_snap.as_deref().map(|p| stream_uuid(&btrfs, p)).transpose()?;
+        let parent_tree = parent_snap.as_deref().map(ParentTree::scan).transpose()?;
         let mut cmd = Command::new(&btrfs);
+        // No `-f`: the stream goes to our pipe, never to a path that may not be one.
         cmd.args(["send", "--proto", "2", "-q"]);
         if let Some(p) = &parent_snap {
             cmd.arg("-p").arg(p);
         }
-        cmd.arg("-f").arg("/dev/stdout").arg(&snap).stdout(Stdio::piped()).stdin(Stdio::null());
+        cmd.arg(&snap).stdout(Stdio::piped()).stdin(Stdio::null());
         let mut child = cmd.spawn().context("running btrfs send")?;
         let blob = layout.blob_writer()?;
         let mut enc = zstd::stream::write::Encoder::new(blob, 3)?;
         enc.multithread(std::thread::available_parallelism().map_or(1, |n| n.get() as u32))?;
         enc.include_checksum(true)?;
-        io::copy(child.stdout.as_mut().expect("piped"), &mut enc).context("compressing the send stream")?;
+        // What is signed is checked as the installer checks it, command by command as it is
+        // compressed: an empty, cut or hostile stream is refused before anything is tagged.
+        let uuid = parent_uuid.map(|u| u.parse::<Uuid>()).transpose()?;
+        let checked = forward_stream(
+            io::BufReader::with_capacity(256 * 1024, child.stdout.take().expect("piped")),
+            uuid,
+            parent_tree.as_ref(),
+            &mut enc,
+            |_| Ok(()),
+        );
         let status = child.wait()?;
         if !status.success() {
             bail!("btrfs send of {} failed ({status}); its output is above", snap.display());
         }
+        let checked = checked.with_context(|| {
+            format!("`btrfs send` of {} wrote a stream the installer would refuse; nothing was signed", snap.display())
+        })?;
+        checked.write_end(&mut enc)?;
+        tracing::debug!(
+            commands = checked.summary.commands,
+            bytes = checked.summary.stream_bytes,
+            "send stream checked"
+        );
         let (digest, size) = enc.finish()?.finish()?;
         let mut desc = Descriptor::new(oci::BTRFS_ZSTD_MEDIA_TYPE, digest, size);
         desc.annotations.insert(ANNOTATION_UUID.into(), subvolume_uuid(&btrfs, &snap)?);
-        if let (Some((r, _, pd)), Some(p)) = (parent, &parent_snap) {
+        if let (Some((r, _, pd, _)), Some(p)) = (parent, &parent_snap) {
             desc.annotations.insert(oci::ANNOTATION_PARENT.into(), r.to_string());
             desc.annotations.insert(oci::ANNOTATION_PARENT_DIGEST.into(), pd.to_string());
-            desc.annotations.insert(ANNOTATION_PARENT_UUID.into(), subvolume_uuid(&btrfs, p)?);
+            desc.annotations.insert(ANNOTATION_PARENT_UUID.into(), stream_uuid(&btrfs, p)?);
         }
         Ok((desc, entries))
     })();
     let _ = subvol::delete(work, &tmp_name);
     result
+}
+
+/// The builder's snapshot of the parent `r` (whose payload is `layers`): the one in the
+/// work directory when it is what the store's image was sent from, else received anew
+/// from the store.
+fn parent_snapshot(
+    layout: &Layout,
+    btrfs: &Path,
+    work: &Path,
+    r: &Reference,
+    layers: &[Descriptor],
+) -> Result<PathBuf> {
+    let p = snapshot_path(work, &r.name, &r.version);
+    let want = layers.last().and_then(|l| l.annotations.get(ANNOTATION_UUID));
+    if p.exists() {
+        let have = stream_uuid(btrfs, &p)?;
+        if want == Some(&have) {
+            return Ok(p);
+        }
+        tracing::info!(
+            snapshot = %p.display(),
+            %have,
+            want = ?want,
+            "the builder's snapshot of the parent is not the one the store's image was sent from; receiving it from the store"
+        );
+    } else {
+        tracing::info!(snapshot = %p.display(), "no snapshot of the parent here; receiving its layers from the store");
+    }
+    let recv = work.join(format!("recv-{}", std::process::id()));
+    let _ = remove_received(&recv);
+    fs::create_dir_all(&recv)?;
+    let result = receive_layers(layout, btrfs, &recv, layers).with_context(|| {
+        format!("receiving the parent {r} from the store {} (its snapshot is not here)", layout.root().display())
+    });
+    let received = match result {
+        Ok(path) => path,
+        Err(e) => {
+            let _ = remove_received(&recv);
+            return Err(e);
+        }
+    };
+    let snaps = snapshot_dir(work, &r.name);
+    fs::create_dir_all(&snaps)?;
+    if p.exists() {
+        subvol::delete(&snaps, &r.version.to_string())?;
+    }
+    // A read-only subvolume cannot move to another directory; the flag alone is cleared
+    // for the move (through the ioctl: the received UUID stays).
+    subvol::set_readonly(&received, false)?;
+    fs::rename(&received, &p).with_context(|| format!("moving {} to {}", received.display(), p.display()))?;
+    subvol::set_readonly(&p, true)?;
+    remove_received(&recv)?;
+    Ok(p)
+}
+
+/// Receives `layers` (a full stream, then increments) into `recv`; returns the last
+/// subvolume. Each command is checked before `btrfs receive` gets it, each blob hashed.
+fn receive_layers(layout: &Layout, btrfs: &Path, recv: &Path, layers: &[Descriptor]) -> Result<PathBuf> {
+    let mut prev: Option<(Uuid, PathBuf)> = None;
+    for layer in layers {
+        if layer.media_type != oci::BTRFS_ZSTD_MEDIA_TYPE {
+            bail!("layer {} is a {}, not a btrfs send stream", layer.digest, layer.media_type);
+        }
+        let blob = HashingReader::new(layout.open_blob(&layer.digest)?);
+        let mut dec = zstd::stream::read::Decoder::new(blob)?;
+        let tree = prev.as_ref().map(|(_, p)| ParentTree::scan(p)).transpose()?;
+        let mut child = Command::new(btrfs)
+            .args(["receive", "-e", "-q"])
+            .arg(recv)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("running btrfs receive")?;
+        let mut stdin = io::BufWriter::with_capacity(256 * 1024, child.stdin.take().expect("piped"));
+        let checked = forward_stream(&mut dec, prev.as_ref().map(|(u, _)| *u), tree.as_ref(), &mut stdin, |_| Ok(()));
+        let digest_ok = checked.is_ok() && {
+            let mut rest = dec.finish();
+            io::copy(&mut rest, &mut io::sink())?;
+            let (digest, size, _) = rest.into_inner().finish();
+            digest == layer.digest && size == layer.size
+        };
+        let ended = match &checked {
+            Ok(c) if digest_ok => c.write_end(&mut stdin).and_then(|()| io::Write::flush(&mut stdin)).is_ok(),
+            _ => false,
+        };
+        drop(stdin);
+        if !ended {
+            let _ = child.kill();
+        }
+        let out = child.wait_with_output()?;
+        let checked = checked.with_context(|| format!("checking layer {}", layer.digest))?;
+        if !digest_ok {
+            bail!("layer {} in the store does not match its digest", layer.digest);
+        }
+        if !out.status.success() {
+            bail!("btrfs receive of layer {} failed: {}", layer.digest, String::from_utf8_lossy(&out.stderr).trim());
+        }
+        let path = recv.join(&checked.summary.name);
+        if let Some((_, old)) = prev.replace((checked.summary.uuid, path)) {
+            let name = old.file_name().and_then(|n| n.to_str()).context("subvolume name")?.to_owned();
+            subvol::delete(recv, &name)?;
+        }
+    }
+    prev.map(|(_, p)| p).context("the parent image has no payload layers")
+}
+
+/// Deletes the receive directory and the subvolumes in it.
+fn remove_received(recv: &Path) -> Result<()> {
+    for e in fs::read_dir(recv)?.flatten() {
+        let path = e.path();
+        if subvol::is_subvolume(&path).unwrap_or(false) {
+            let _ = subvol::set_readonly(&path, false);
+            subvol::delete(recv, &e.file_name().to_string_lossy())?;
+        } else if path.is_dir() {
+            fs::remove_dir_all(&path)?;
+        } else {
+            fs::remove_file(&path)?;
+        }
+    }
+    fs::remove_dir(recv)?;
+    Ok(())
 }
 
 /// Makes the subvolume at `dest` hold exactly `tree` (it starts empty, or as the parent's
@@ -250,13 +397,26 @@ fn which_btrfs() -> Result<PathBuf> {
 
 /// The UUID of a subvolume, as `btrfs subvolume show` prints it.
 fn subvolume_uuid(btrfs: &Path, path: &Path) -> Result<String> {
+    show_field(btrfs, path, "UUID:")?.with_context(|| format!("no UUID in `btrfs subvolume show {}`", path.display()))
+}
+
+/// The UUID a send stream names `path` by: its received UUID when it was received (the
+/// UUID of the stream it came from), its own otherwise.
+fn stream_uuid(btrfs: &Path, path: &Path) -> Result<String> {
+    match show_field(btrfs, path, "Received UUID:")? {
+        Some(u) => Ok(u),
+        None => subvolume_uuid(btrfs, path),
+    }
+}
+
+/// A UUID field of `btrfs subvolume show` (`None` when it is `-`).
+fn show_field(btrfs: &Path, path: &Path, field: &str) -> Result<Option<String>> {
     let out = Command::new(btrfs).args(["subvolume", "show"]).arg(path).stdin(Stdio::null()).output()?;
     if !out.status.success() {
         bail!("btrfs subvolume show {} failed: {}", path.display(), String::from_utf8_lossy(&out.stderr).trim());
     }
-    String::from_utf8_lossy(&out.stdout)
+    Ok(String::from_utf8_lossy(&out.stdout)
         .lines()
-        .find_map(|l| l.trim().strip_prefix("UUID:").map(|u| u.trim().to_owned()))
-        .filter(|u| u.len() == 36)
-        .with_context(|| format!("no UUID in `btrfs subvolume show {}`", path.display()))
+        .find_map(|l| l.trim().strip_prefix(field).map(|u| u.trim().to_owned()))
+        .filter(|u| u.len() == 36))
 }

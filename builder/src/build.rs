@@ -331,8 +331,10 @@ fn write_image(
         Payload::Tar => oci::TAR_ZSTD_MEDIA_TYPE,
         Payload::Btrfs(_) => oci::BTRFS_ZSTD_MEDIA_TYPE,
     };
+    let same_format =
+        |m: &str| m == want_media || (want_media == oci::TAR_ZSTD_MEDIA_TYPE && m == oci::TAR_PATCH_MEDIA_TYPE);
     if let Some(p) = &parent
-        && p.image.manifest.layers.iter().any(|l| l.media_type != want_media)
+        && p.image.manifest.layers.iter().any(|l| !same_format(&l.media_type))
     {
         bail!(
             "the parent image {} has payload layers of another format than {want_media};              build with the parent's --format, or without --parent",
@@ -347,7 +349,7 @@ fn write_image(
             work,
             &config,
             tree,
-            parent.as_ref().map(|p| (&p.reference, &p.image.config, &p.image.digest)),
+            parent.as_ref().map(|p| (&p.reference, &p.image.config, &p.image.digest, &p.image.manifest.layers[..])),
             &bar,
         )?,
     };
@@ -409,6 +411,7 @@ fn tar_layer(
         TarZstdWriter::new(blob, mtime, Compression::default()).context("starting the zstd compressor")?;
     let mut entries = Vec::with_capacity(tree.nodes.len());
     let open = |from: &Path| File::open(from).with_context(|| format!("reading {}", from.display()));
+    let mut patched = 0;
     match parent {
         None => {
             // Small files are read ahead by a second thread (their syscalls overlap the
@@ -465,12 +468,15 @@ fn tar_layer(
                 };
                 entries.push(entry(path, node, sha256));
             }
-            write_delta(&mut payload, &parent.image.config, &entries, tree)?;
+            let mut files =
+                crate::patches::ParentFiles::new(layout, &parent.image.config, &parent.image.manifest.layers);
+            patched = write_delta(&mut payload, &parent.image.config, &entries, tree, &mut files)?;
         }
     }
     let (layer_digest, layer_size, blob) = payload.finish().context("finishing the payload")?;
     blob.finish()?;
-    let mut layer = Descriptor::new(oci::TAR_ZSTD_MEDIA_TYPE, layer_digest, layer_size);
+    let media_type = if patched > 0 { oci::TAR_PATCH_MEDIA_TYPE } else { oci::TAR_ZSTD_MEDIA_TYPE };
+    let mut layer = Descriptor::new(media_type, layer_digest, layer_size);
     if let Some(p) = parent {
         layer.annotations.insert(oci::ANNOTATION_PARENT.into(), p.reference.to_string());
         layer.annotations.insert(oci::ANNOTATION_PARENT_DIGEST.into(), p.image.digest.to_string());
@@ -497,13 +503,17 @@ pub(crate) fn entry(path: &RelPath, node: &Node, sha256: Option<Digest>) -> Entr
 }
 
 /// Writes what changed from `parent` to `entries`: whiteouts for paths that disappeared or
-/// changed type (topmost only), then every new or changed entry, in path order.
+/// changed type (topmost only), then every new or changed entry, in path order: a changed
+/// file as a patch against the parent's version when that is smaller. Returns how many
+/// files are patches.
 fn write_delta<W: Write>(
     payload: &mut TarZstdWriter<W>,
     parent: &StageConfig,
     entries: &[Entry],
     tree: &Tree,
-) -> Result<()> {
+    files: &mut crate::patches::ParentFiles<'_>,
+) -> Result<usize> {
+    let mut patched = 0;
     let new: BTreeMap<&RelPath, &Entry> = entries.iter().map(|e| (&e.path, e)).collect();
     let mut gone: Vec<&RelPath> = Vec::new();
     for old in &parent.entries {
@@ -529,7 +539,18 @@ fn write_delta<W: Write>(
         match node {
             Node::Dir { .. } => payload.add_dir(&e.path, e.mode)?,
             Node::Symlink { link } => payload.add_symlink(&e.path, link)?,
-            Node::File { from, .. } => {
+            Node::File { from, size, .. } => {
+                if old.is_some_and(|o| o.kind == e.kind)
+                    && let Some(patch) = files.patch(&e.path, from, *size)?
+                {
+                    // The patch hashed the file as it read it.
+                    if Some(patch.sha256) != e.sha256 {
+                        bail!("{} changed while building; build again", from.display());
+                    }
+                    payload.add_patch(&e.path, e.mode, patch.len, patch.file)?;
+                    patched += 1;
+                    continue;
+                }
                 let f = File::open(from).with_context(|| format!("reading {}", from.display()))?;
                 let d = payload.add_file(&e.path, e.mode, e.size.unwrap_or(0), f)?;
                 if Some(d) != e.sha256 {
@@ -538,5 +559,5 @@ fn write_delta<W: Write>(
             }
         }
     }
-    Ok(())
+    Ok(patched)
 }

@@ -140,7 +140,9 @@ pub struct BuildOpts {
     /// on btrfs and tar otherwise.
     #[arg(long, value_enum, default_value = "auto")]
     pub format: Format,
-    /// Build a delta layer on top of this image (NAME:VERSION) of the store.
+    /// Build a delta layer on top of this image (NAME:VERSION) of the store. tar: a changed
+    /// file is carried as a patch against the parent's version when that is smaller
+    /// (a tar-patch+zstd layer); btrfs: an incremental send stream.
     #[arg(long)]
     pub parent: Option<Reference>,
     /// Signature expiry (RFC 3339, e.g. 2027-01-31T00:00:00Z).

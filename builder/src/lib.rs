@@ -20,6 +20,7 @@ pub mod fleet;
 pub mod hide;
 pub mod inspect;
 pub mod listed;
+pub mod patches;
 pub mod progress;
 pub mod registry_cmd;
 pub mod sign;

@@ -13,6 +13,7 @@ pub mod manifest;
 pub mod names;
 pub mod oci;
 pub mod owners;
+pub mod patch;
 pub mod path;
 pub mod payload;
 pub mod unpack;

@@ -25,6 +25,9 @@ pub const MANIFEST_MEDIA_TYPE: &str = "application/vnd.oci.image.manifest.v1+jso
 pub const INDEX_MEDIA_TYPE: &str = "application/vnd.oci.image.index.v1+json";
 pub const STAGE_ARTIFACT_TYPE: &str = "application/vnd.op-dbus.stage.v1";
 pub const TAR_ZSTD_MEDIA_TYPE: &str = "application/vnd.op-dbus.stage.payload.v1.tar+zstd";
+/// A tar+zstd delta layer whose files may be patches against the parent's versions
+/// (`formats::patch`).
+pub const TAR_PATCH_MEDIA_TYPE: &str = "application/vnd.op-dbus.stage.payload.v1.tar-patch+zstd";
 pub const BTRFS_ZSTD_MEDIA_TYPE: &str = "application/vnd.op-dbus.stage.payload.v1.btrfs-send+zstd";
 pub const SIMPLE_SIGNING_MEDIA_TYPE: &str = "application/vnd.dev.cosign.simplesigning.v1+json";
 pub const EMPTY_MEDIA_TYPE: &str = "application/vnd.oci.empty.v1+json";
@@ -41,6 +44,10 @@ pub const ANNOTATION_KEY_ID: &str = "dev.op-dbus.stage/key-id";
 /// On a delta layer: the reference and manifest digest of the image it applies on.
 pub const ANNOTATION_PARENT: &str = "dev.op-dbus.stage/parent";
 pub const ANNOTATION_PARENT_DIGEST: &str = "dev.op-dbus.stage/parent-digest";
+/// On a btrfs layer: the UUID of the subvolume its stream creates.
+pub const ANNOTATION_BTRFS_UUID: &str = "dev.op-dbus.stage/btrfs-uuid";
+/// On an incremental btrfs layer: the UUID its stream names its parent by.
+pub const ANNOTATION_BTRFS_PARENT_UUID: &str = "dev.op-dbus.stage/btrfs-parent-uuid";
 
 /// Largest accepted manifest or index.
 pub const MAX_MANIFEST_BYTES: u64 = 4 << 20;
@@ -200,7 +207,7 @@ impl ImageManifest {
             return Err(invalid("no payload layer".into()));
         }
         for l in &m.layers {
-            if l.media_type != TAR_ZSTD_MEDIA_TYPE && l.media_type != BTRFS_ZSTD_MEDIA_TYPE {
+            if ![TAR_ZSTD_MEDIA_TYPE, TAR_PATCH_MEDIA_TYPE, BTRFS_ZSTD_MEDIA_TYPE].contains(&l.media_type.as_str()) {
                 return Err(invalid(format!("layer {} has unknown mediaType {:?}", l.digest, l.media_type)));
             }
         }

@@ -97,6 +97,28 @@ impl<W: Write> TarZstdWriter<W> {
         Ok(digest)
     }
 
+    /// Appends a file carried as a patch against the parent's version of it
+    /// ([`crate::patch`]): a pax record marks it, and its data is the `patch_len` bytes
+    /// of `patch`. Only in a `tar-patch+zstd` layer.
+    pub fn add_patch<R: Read>(&mut self, path: &RelPath, mode: Mode, patch_len: u64, patch: R) -> io::Result<()> {
+        let body = format!("{}={}\n", crate::patch::PAX_KEY, crate::patch::PAX_VALUE);
+        // A pax record is "LEN KEY=VALUE\n", LEN counting itself.
+        let mut len = body.len() + 2;
+        while format!("{len} {body}").len() != len {
+            len += 1;
+        }
+        let record = format!("{len} {body}");
+        let mut x = self.header(tar::EntryType::XHeader, Mode::new(0o644).expect("valid"), record.len() as u64);
+        self.tar.append_data(&mut x, "././@PaxHeader", record.as_bytes())?;
+        let mut h = self.header(tar::EntryType::Regular, mode, patch_len);
+        let mut reader = patch.take(patch_len);
+        self.tar.append_data(&mut h, path.as_str(), &mut reader)?;
+        if reader.limit() != 0 {
+            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, format!("{path}: the patch is cut short")));
+        }
+        Ok(())
+    }
+
     pub fn add_symlink(&mut self, path: &RelPath, link: &str) -> io::Result<()> {
         let mut h = self.header(tar::EntryType::Symlink, Mode::new(0o777).expect("valid"), 0);
         self.tar.append_link(&mut h, path.as_str(), link)

@@ -96,7 +96,7 @@ use serde::Serialize;
 use crate::digest::{Digest, Hasher, sha256_reader};
 use crate::layout::{Layout, LayoutError};
 use crate::manifest::{ConfigError, EntryKind, Mode, StageConfig};
-use crate::oci::{Descriptor, TAR_ZSTD_MEDIA_TYPE};
+use crate::oci::{Descriptor, TAR_PATCH_MEDIA_TYPE, TAR_ZSTD_MEDIA_TYPE};
 use crate::path::{MAX_DEPTH, MAX_PATH, RelPath, confine_link};
 use crate::payload::WHITEOUT_PREFIX;
 
@@ -171,7 +171,9 @@ pub enum UnpackError {
     /// The embedded stage manifest is not valid (exit 7).
     #[error(transparent)]
     Config(#[from] ConfigError),
-    #[error("layer {layer} has media type {media_type:?}; only {TAR_ZSTD_MEDIA_TYPE} payloads are unpacked here")]
+    #[error(
+        "layer {layer} has media type {media_type:?}; only {TAR_ZSTD_MEDIA_TYPE} and {TAR_PATCH_MEDIA_TYPE} payloads are unpacked here"
+    )]
     UnsupportedLayer { layer: Digest, media_type: String },
     #[error("{path} is not an empty directory; unpack into a new generation directory")]
     NotEmpty { path: PathBuf },
@@ -271,6 +273,8 @@ pub struct Unpacker<'a> {
     /// The directory the last entry went into: entries come sorted, so most share it.
     /// Dropped whenever a directory is removed.
     parent_cache: RefCell<Option<(String, Rc<OwnedFd>)>>,
+    /// `dest` started as the tree below the first layer (see [`Unpacker::over`]).
+    over: bool,
 }
 
 impl fmt::Debug for Unpacker<'_> {
@@ -335,6 +339,8 @@ struct Extensions {
     pax_path: Option<Vec<u8>>,
     pax_link: Option<Vec<u8>>,
     pax_size: Option<u64>,
+    /// The entry's data is a patch against the file below it ([`crate::patch`]).
+    patch: bool,
     pending: bool,
 }
 
@@ -348,6 +354,8 @@ struct LayerState {
     max_file_size: u64,
     /// Paths written by this layer.
     seen: BTreeSet<String>,
+    /// A `tar-patch+zstd` layer: its files may be patches.
+    patches: bool,
     buf: Vec<u8>,
     /// Content bytes and entries this layer wrote.
     bytes: u64,
@@ -418,15 +426,35 @@ impl<'a> Unpacker<'a> {
     /// Prepares to unpack `layers` into `dest`, an existing empty directory. Checks the
     /// config and the layers' media types before anything is read.
     pub fn new(config: &'a StageConfig, dest: &Path, layers: &[Descriptor]) -> Result<Self, UnpackError> {
-        config.validate()?;
-        for l in layers {
-            if l.media_type != TAR_ZSTD_MEDIA_TYPE {
-                return Err(UnpackError::UnsupportedLayer { layer: l.digest, media_type: l.media_type.clone() });
-            }
-        }
         let root = open_root(dest)?;
         if !list_dir(&root).map_err(|e| io_error(dest.to_owned(), e))?.is_empty() {
             return Err(UnpackError::NotEmpty { path: dest.to_owned() });
+        }
+        Self::start(config, dest, root, layers, false)
+    }
+
+    /// Prepares to unpack `layers`, the top layers of an image, into `dest`, which holds
+    /// the tree of the image below them (a copy of the host's generation of that image):
+    /// what they replace, white out or patch is what `dest` holds. [`Unpacker::finish`]
+    /// checks the whole tree, so whatever `dest` held that the signed manifest does not
+    /// promise is refused.
+    pub fn over(config: &'a StageConfig, dest: &Path, layers: &[Descriptor]) -> Result<Self, UnpackError> {
+        let root = open_root(dest)?;
+        Self::start(config, dest, root, layers, true)
+    }
+
+    fn start(
+        config: &'a StageConfig,
+        dest: &Path,
+        root: OwnedFd,
+        layers: &[Descriptor],
+        over: bool,
+    ) -> Result<Self, UnpackError> {
+        config.validate()?;
+        for l in layers {
+            if l.media_type != TAR_ZSTD_MEDIA_TYPE && l.media_type != TAR_PATCH_MEDIA_TYPE {
+                return Err(UnpackError::UnsupportedLayer { layer: l.digest, media_type: l.media_type.clone() });
+            }
         }
         let max_file_size = config.entries.iter().filter_map(|e| e.size).max().unwrap_or(0);
         let budget = Budget::of(config, layers.len());
@@ -442,6 +470,7 @@ impl<'a> Unpacker<'a> {
             dirs: BTreeMap::new(),
             stats: UnpackStats::default(),
             parent_cache: RefCell::new(None),
+            over,
         })
     }
 
@@ -471,9 +500,10 @@ impl<'a> Unpacker<'a> {
         let mut state = LayerState {
             digest: layer.digest,
             last,
-            first: self.next == 1,
+            first: self.next == 1 && !self.over,
             max_file_size,
             seen: BTreeSet::new(),
+            patches: layer.media_type == TAR_PATCH_MEDIA_TYPE,
             buf: vec![0; CHUNK],
             bytes: 0,
             entries: 0,
@@ -596,7 +626,7 @@ impl<'a> Unpacker<'a> {
                 }
                 tar::EntryType::XHeader => {
                     let data = bounded(&mut entry, "pax header", MAX_PAX)?;
-                    if ext.pax_path.is_some() || ext.pax_link.is_some() || ext.pax_size.is_some() {
+                    if ext.pax_path.is_some() || ext.pax_link.is_some() || ext.pax_size.is_some() || ext.patch {
                         return Err(refuse("pax header", "two pax headers describe one entry".into()));
                     }
                     parse_pax(&data, &mut ext).map_err(|r| refuse("pax header", r))?;
@@ -628,7 +658,7 @@ impl<'a> Unpacker<'a> {
         ext: Extensions,
         state: &mut LayerState,
     ) -> Result<(), Fail> {
-        let header = entry.header();
+        let header = entry.header().clone();
         let raw_path = match ext.pax_path.or(ext.long_name) {
             Some(p) => p,
             None => header.path_bytes().into_owned(),
@@ -661,6 +691,28 @@ impl<'a> Unpacker<'a> {
         if ext.pax_size.is_some_and(|s| s != size) {
             return Err(refuse(format!("its pax size differs from its header size ({size})")));
         }
+        // A patch: the header's size is the patch's; the file's is in the patch header.
+        let (size, patch) = if ext.patch {
+            if kind != EntryKind::File || !state.patches {
+                return Err(refuse(format!(
+                    "a patch is a regular file of a {TAR_PATCH_MEDIA_TYPE} layer, not a {} of a {} layer",
+                    kind_name(kind),
+                    if state.patches { TAR_PATCH_MEDIA_TYPE } else { TAR_ZSTD_MEDIA_TYPE }
+                )));
+            }
+            if size < crate::patch::HEADER {
+                return Err(refuse(format!("a patch of {size} bytes, shorter than its header")));
+            }
+            let mut h = [0u8; crate::patch::HEADER as usize];
+            entry.read_exact(&mut h).map_err(Fail::Read)?;
+            let (old_size, new_size) = crate::patch::parse_header(&h).map_err(|e| refuse(e.to_string()))?;
+            if size > crate::patch::max_patch_len(new_size) {
+                return Err(refuse(format!("a patch of {size} bytes for a file of {new_size} bytes")));
+            }
+            (new_size, Some((size - crate::patch::HEADER, old_size)))
+        } else {
+            (size, None)
+        };
         state.entries += 1;
         if state.entries > self.budget.layer_entries || self.stats.entries >= self.budget.image_entries {
             return Err(refuse(format!(
@@ -769,6 +821,10 @@ impl<'a> Unpacker<'a> {
             DirFail::Refused(r) => refuse(r),
             DirFail::Disk(e) => Fail::Disk(e),
         })?;
+        let reference = match patch {
+            Some(_) => Some(self.reference(&parent, &path, state)?),
+            None => None,
+        };
         let dir_kept = self.clear(&parent, &path, kind, state)?;
         let name = cstr(path.file_name());
         let disk = |e: rustix::io::Errno| Fail::Disk(io_error(self.dest_path.join(path.as_str()), e));
@@ -793,7 +849,19 @@ impl<'a> Unpacker<'a> {
                 rustix::fs::symlinkat(link.as_deref().unwrap_or_default(), &parent, &name).map_err(disk)?;
             }
             EntryKind::File => {
-                let digest = self.write_file(&parent, &name, &path, mode, size, entry, state)?;
+                let digest = match (patch, reference) {
+                    (Some((body, old_size)), Some(reference)) => self.write_patched(
+                        &parent,
+                        &name,
+                        &path,
+                        mode,
+                        size,
+                        (body, old_size, reference),
+                        entry,
+                        state,
+                    )?,
+                    _ => self.write_file(&parent, &name, &path, mode, size, entry, state)?,
+                };
                 if state.last {
                     let expected = signed.and_then(|e| e.sha256);
                     if expected != Some(digest) {
@@ -853,6 +921,77 @@ impl<'a> Unpacker<'a> {
         }
         file.set_permissions(std::fs::Permissions::from_mode(mode.bits())).map_err(disk)?;
         let digest = hasher.finish();
+        self.written.insert(path.as_str().to_owned(), (digest, size));
+        self.stats.files += 1;
+        self.stats.bytes += size;
+        Ok(digest)
+    }
+
+    /// The file a patch at `path` applies to: the one the tree below holds there, a
+    /// regular file (opened without following a symlink).
+    fn reference(&self, parent: &OwnedFd, path: &RelPath, state: &LayerState) -> Result<File, Fail> {
+        let name = cstr(path.file_name());
+        match rustix::fs::openat(
+            parent,
+            &name,
+            OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            rustix::fs::Mode::empty(),
+        ) {
+            Ok(fd) => {
+                let st =
+                    rustix::fs::fstat(&fd).map_err(|e| Fail::Disk(io_error(self.dest_path.join(path.as_str()), e)))?;
+                if FileType::from_raw_mode(st.st_mode) != FileType::RegularFile {
+                    return Err(self.unsafe_(
+                        state,
+                        path,
+                        "is a patch, but what the tree below holds there is not a file",
+                    ));
+                }
+                Ok(File::from(fd))
+            }
+            Err(rustix::io::Errno::NOENT | rustix::io::Errno::LOOP | rustix::io::Errno::NOTDIR) => Err(self.unsafe_(
+                state,
+                path,
+                "is a patch against the parent's version of the file, but the tree below holds no file there",
+            )),
+            Err(e) => Err(Fail::Disk(io_error(self.dest_path.join(path.as_str()), e))),
+        }
+    }
+
+    /// Writes the file a patch makes from `reference` (see [`crate::patch`]); hashed as written.
+    #[allow(clippy::too_many_arguments)]
+    fn write_patched<R: Read>(
+        &mut self,
+        parent: &OwnedFd,
+        name: &CStr,
+        path: &RelPath,
+        mode: Mode,
+        size: u64,
+        (body, old_size, mut reference): (u64, u64, File),
+        entry: &mut tar::Entry<'_, R>,
+        state: &mut LayerState,
+    ) -> Result<Digest, Fail> {
+        let full = self.dest_path.join(path.as_str());
+        let fd = rustix::fs::openat(
+            parent,
+            name,
+            OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            rustix::fs::Mode::from_raw_mode(0o600),
+        )
+        .map_err(|e| Fail::Disk(io_error(full.clone(), e)))?;
+        let mut out = io::BufWriter::with_capacity(CHUNK, File::from(fd));
+        let applied = crate::patch::apply_body(entry, body, old_size, &mut reference, size, &mut out);
+        let (digest, _) = applied.map_err(|e| match e {
+            crate::patch::PatchError::Malformed(r) => self.unsafe_(state, path, &r),
+            e @ crate::patch::PatchError::Reference { .. } => {
+                Fail::Content(UnpackError::Mismatch { path: path.to_string(), reason: e.to_string() })
+            }
+            crate::patch::PatchError::Io(e) if e.kind() == io::ErrorKind::UnexpectedEof => Fail::Read(e),
+            crate::patch::PatchError::Io(e) => Fail::Disk(io_error(full.clone(), e)),
+        })?;
+        let file = out.into_inner().map_err(|e| Fail::Disk(io_error(full.clone(), e.into_error())))?;
+        file.set_permissions(std::fs::Permissions::from_mode(mode.bits()))
+            .map_err(|e| Fail::Disk(io_error(full, e)))?;
         self.written.insert(path.as_str().to_owned(), (digest, size));
         self.stats.files += 1;
         self.stats.bytes += size;
@@ -979,6 +1118,12 @@ fn parse_pax(data: &[u8], ext: &mut Extensions) -> Result<(), String> {
             b"size" => {
                 let v = rec.value().ok().and_then(|v| v.parse::<u64>().ok());
                 ext.pax_size = Some(v.ok_or("malformed pax size")?);
+            }
+            k if k == crate::patch::PAX_KEY.as_bytes() => {
+                if rec.value_bytes() != crate::patch::PAX_VALUE.as_bytes() {
+                    return Err(format!("unknown patch format {:?}", String::from_utf8_lossy(rec.value_bytes())));
+                }
+                ext.patch = true;
             }
             k if k.starts_with(b"GNU.sparse.") => return Err("describes a GNU sparse file".into()),
             _ => {}
@@ -1347,6 +1492,61 @@ mod tests {
         assert!(err.to_string().contains(expect), "expected {expect:?} in: {err}");
         env.assert_contained();
         err
+    }
+
+    /// A layer holding `d/` and `d/f` as a patch of `old` into `new`.
+    fn patch_layer(old: &[u8], new: &[u8]) -> Vec<u8> {
+        let mut patch = Vec::new();
+        crate::patch::make(&mut io::Cursor::new(old), old.len() as u64, new, new.len() as u64, &mut patch).unwrap();
+        let mut w = TarZstdWriter::new(Vec::new(), 1_700_000_000, Compression { level: 3, workers: 1 }).unwrap();
+        w.add_dir(&rel("d"), m(0o755)).unwrap();
+        w.add_patch(&rel("d/f"), m(0o644), patch.len() as u64, &patch[..]).unwrap();
+        w.finish().unwrap().2
+    }
+
+    #[test]
+    fn a_patch_applies_to_the_file_below_and_only_in_a_patch_layer() {
+        let mut x = 9u64;
+        let old: Vec<u8> = (0..200_000)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        let mut new = old.clone();
+        new[5000..5100].fill(1);
+        let cfg = config(vec![dir("d", 0o755), file("d/f", 0o644, &new)], "");
+        let base = payload(&[Op::Dir("d", 0o755), Op::File("d/f", 0o644, &old)]);
+        let top = patch_layer(&old, &new);
+        let env = new_env();
+        let lower = env.layer(&base);
+        let upper = env.layout.write_blob(&top).unwrap();
+        let patch = Descriptor::new(TAR_PATCH_MEDIA_TYPE, upper, top.len() as u64);
+        unpack_layers(&env.layout, &[lower.clone(), patch.clone()], &cfg, &env.dest).unwrap();
+        assert_eq!(fs::read(env.dest.join("d/f")).unwrap(), new);
+
+        // The same entries in a plain tar+zstd layer: refused.
+        let env = new_env();
+        let err = env.unpack(&[&base, &top], &cfg).unwrap_err();
+        assert!(err.is_malformed() && err.to_string().contains("a patch is a regular file of a"), "{err}");
+        // Nothing below it: refused.
+        let env = new_env();
+        let upper = env.layout.write_blob(&top).unwrap();
+        let alone = Descriptor::new(TAR_PATCH_MEDIA_TYPE, upper, top.len() as u64);
+        let err = unpack_layers(&env.layout, &[alone], &cfg, &env.dest).unwrap_err();
+        assert!(err.is_malformed() && err.to_string().contains("holds no file there"), "{err}");
+        // Onto a tree whose file differs: the result's hash is refused.
+        let env = new_env();
+        fs::create_dir(env.dest.join("d")).unwrap();
+        let mut other = old.clone();
+        other[100_000] ^= 1;
+        fs::write(env.dest.join("d/f"), &other).unwrap();
+        env.layout.write_blob(&top).unwrap();
+        let mut u = Unpacker::over(&cfg, &env.dest, std::slice::from_ref(&patch)).unwrap();
+        let err = u.apply_next(env.layout.open_blob(&patch.digest).unwrap()).unwrap_err();
+        assert!(err.is_malformed() && err.to_string().contains("d/f"), "{err}");
     }
 
     #[test]

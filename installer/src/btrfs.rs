@@ -1,10 +1,14 @@
 //! Staging btrfs send-stream layers.
 //!
-//! Every layer is validated command by command before a byte reaches the kernel
+//! Every command of every layer is validated before a byte of it reaches the kernel
 //! (`formats::btrfs`), its compressed bytes hashed against the signed digest. On a btrfs
-//! staging area the validated streams are then received with `btrfs receive` (in
-//! order: the full stream, then each incremental one against the subvolume before it);
-//! elsewhere they are applied in userspace onto plain directories.
+//! staging area each command goes to `btrfs receive` as soon as it is validated, in one
+//! read of the layer (`formats::btrfs::forward_stream`); the stream's END only once the
+//! whole stream passed and the blob matched its digest, and a receive of a refused
+//! stream is stopped and what it made removed. An incremental image whose parent image
+//! is one of this stage's generations on the host is received against that generation:
+//! only the layers above it are received, not the whole chain. Off btrfs the streams are
+//! applied in userspace onto plain directories.
 //!
 //! ```text
 //! .tmp/recv-<gen>/<subvolume>      btrfs: what `btrfs receive` created, layer by layer
@@ -20,16 +24,14 @@ use std::process::{Command, Stdio};
 
 use anyhow::{Context, Result, bail};
 
-use formats::btrfs::{
-    ParentTree, StreamSummary, Uuid, apply_to_dir, copy_tree, validate_stream, validate_stream_against,
-    validate_stream_onto,
-};
+use formats::btrfs::{ParentTree, Progress, StreamSummary, Uuid, apply_to_dir_watched, copy_tree, forward_stream};
 use formats::digest::HashingReader;
 use formats::layout::Layout;
-use formats::oci::Descriptor;
+use formats::oci::{self, Descriptor};
 use formats::unpack::Budget;
 
 use crate::error::Malformed;
+use crate::host_parent::HostGeneration;
 
 type LayerReader = zstd::stream::read::Decoder<'static, BufReader<HashingReader<File>>>;
 
@@ -61,6 +63,10 @@ fn check_digest(dec: LayerReader, layer: &Descriptor) -> Result<()> {
 /// payloads): the bytes it makes the receiver store (written, cloned, reserved) and the
 /// entries it creates, per layer and over all layers, checked on the validating pass
 /// before a byte of it is received or applied.
+///
+/// `host` lists this stage's generations on the host (image digest and directory): on
+/// btrfs, the layers above one of them are received against it (see the module
+/// documentation).
 pub fn stage(
     layout: &Layout,
     layers: &[Descriptor],
@@ -68,6 +74,7 @@ pub fn stage(
     tmp: &Path,
     dest: &str,
     on_btrfs: bool,
+    host: &[HostGeneration],
 ) -> Result<PathBuf> {
     let _span = tracing::info_span!("stage payload", dest, layers = layers.len(), on_btrfs).entered();
     tracing::debug!(
@@ -78,7 +85,7 @@ pub fn stage(
     fs::create_dir_all(&work).with_context(|| format!("creating {}", work.display()))?;
     let mut spent = Spent::default();
     let result = if on_btrfs {
-        receive(layout, layers, budget, &mut spent, &work)
+        receive(layout, layers, budget, &mut spent, &work, host)
     } else {
         apply(layout, layers, budget, &mut spent, &work)
     };
@@ -115,44 +122,91 @@ struct Spent {
 
 /// Checks a validated stream against the budget (exit 7 when over).
 fn within_budget(summary: &StreamSummary, layer: &Descriptor, budget: &Budget, spent: &mut Spent) -> Result<()> {
-    let (bytes, entries) = (summary.bytes_stored(), summary.entries_created());
-    spent.bytes = spent.bytes.saturating_add(bytes);
-    spent.entries = spent.entries.saturating_add(entries);
-    let checks = [
-        ("store", "bytes", bytes, spent.bytes, budget.layer_bytes, budget.image_bytes),
-        ("create", "entries", entries, spent.entries, budget.layer_entries, budget.image_entries),
-    ];
-    for (verb, unit, this, all, per_layer, per_image) in checks {
-        if this > per_layer || all > per_image {
-            return Err(Malformed(format!(
-                "layer {} would {verb} {this} {unit} ({all} in all layers so far), more than the signed manifest \
-                 allows ({per_layer} per layer, {per_image} per image)",
-                layer.digest
-            ))
-            .into());
-        }
+    let progress = Progress { bytes_stored: summary.bytes_stored(), entries_created: summary.entries_created() };
+    if let Some(reason) = over_budget(progress, budget, spent) {
+        return Err(Malformed(format!("layer {} {reason}", layer.digest)).into());
     }
+    spent.bytes = spent.bytes.saturating_add(progress.bytes_stored);
+    spent.entries = spent.entries.saturating_add(progress.entries_created);
     Ok(())
 }
 
-fn receive(layout: &Layout, layers: &[Descriptor], budget: &Budget, spent: &mut Spent, work: &Path) -> Result<PathBuf> {
+/// Why a layer that has stored and created `this` so far, over `spent` by the layers
+/// before it, is over the budget; `None` when it is not.
+fn over_budget(this: Progress, budget: &Budget, spent: &Spent) -> Option<String> {
+    let checks = [
+        ("store", "bytes", this.bytes_stored, spent.bytes, budget.layer_bytes, budget.image_bytes),
+        ("create", "entries", this.entries_created, spent.entries, budget.layer_entries, budget.image_entries),
+    ];
+    for (verb, unit, this, before, per_layer, per_image) in checks {
+        let all = before.saturating_add(this);
+        if this > per_layer || all > per_image {
+            return Some(format!(
+                "would {verb} {this} {unit} ({all} in all layers so far), more than the signed manifest \
+                 allows ({per_layer} per layer, {per_image} per image)"
+            ));
+        }
+    }
+    None
+}
+
+/// Where to start receiving `layers` on the host: the index of the first layer to
+/// receive, and the generation it is received against (its stream's parent UUID and
+/// directory). The topmost layer whose parent image is a generation on the host that
+/// carries the received UUID the layer names as its parent.
+fn start_on_host(btrfs: &Path, layers: &[Descriptor], host: &[HostGeneration]) -> Option<(usize, Uuid, PathBuf)> {
+    for (i, layer) in layers.iter().enumerate().skip(1).rev() {
+        let Some(parent_digest) = layer.annotations.get(oci::ANNOTATION_PARENT_DIGEST) else { continue };
+        let Some(parent_uuid) = layer.annotations.get(oci::ANNOTATION_BTRFS_PARENT_UUID) else { continue };
+        for g in host.iter().filter(|g| g.digest.to_string() == *parent_digest) {
+            match received_uuid(btrfs, &g.dir) {
+                Ok(Some(u)) if u == *parent_uuid => {
+                    tracing::info!(
+                        generation = %g.dir.display(),
+                        "receiving the layers above layer {i} against the host's generation of the parent image"
+                    );
+                    return Some((i, u.parse().ok()?, g.dir.clone()));
+                }
+                other => tracing::debug!(generation = %g.dir.display(), ?other, "not the layer's parent"),
+            }
+        }
+    }
+    None
+}
+
+/// The received UUID of the subvolume at `path` (`None` when it was not received).
+fn received_uuid(btrfs: &Path, path: &Path) -> Result<Option<String>> {
+    let out = Command::new(btrfs).args(["subvolume", "show"]).arg(path).stdin(Stdio::null()).output()?;
+    if !out.status.success() {
+        bail!("btrfs subvolume show {} failed: {}", path.display(), String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Received UUID:").map(|u| u.trim().to_owned()))
+        .filter(|u| u.len() == 36))
+}
+
+fn receive(
+    layout: &Layout,
+    layers: &[Descriptor],
+    budget: &Budget,
+    spent: &mut Spent,
+    work: &Path,
+    host: &[HostGeneration],
+) -> Result<PathBuf> {
     let btrfs = ["/usr/bin/btrfs", "/bin/btrfs", "/usr/sbin/btrfs", "/sbin/btrfs"]
         .into_iter()
         .map(PathBuf::from)
         .find(|p| p.exists())
         .context("`btrfs` is not installed: apt-get install btrfs-progs")?;
-    let mut prev: Option<(Uuid, PathBuf)> = None;
-    for layer in layers {
-        // 1. Validate the whole stream (against the parent's tree on disk) and its digest.
+    // (the parent's UUID, its directory, whether it is ours to delete once used)
+    let (first, mut prev): (usize, Option<(Uuid, PathBuf, bool)>) = match start_on_host(&btrfs, layers, host) {
+        Some((i, uuid, dir)) => (i, Some((uuid, dir, false))),
+        None => (0, None),
+    };
+    for layer in &layers[first..] {
         let mut dec = open(layout, layer)?;
-        let summary = match &prev {
-            None => validate_stream(&mut dec, None),
-            Some((uuid, dir)) => validate_stream_against(&mut dec, *uuid, &ParentTree::scan(dir)?),
-        }
-        .with_context(|| format!("validating layer {}", layer.digest))?;
-        check_digest(dec, layer)?;
-        within_budget(&summary, layer, budget, spent)?;
-        // 2. Only then let the kernel receive it.
+        let tree = prev.as_ref().map(|(_, dir, _)| ParentTree::scan(dir)).transpose()?;
         let mut child = Command::new(&btrfs)
             .args(["receive", "-e", "-q"])
             .arg(work)
@@ -161,43 +215,64 @@ fn receive(layout: &Layout, layers: &[Descriptor], budget: &Budget, spent: &mut 
             .stderr(Stdio::piped())
             .spawn()
             .context("running btrfs receive")?;
-        let mut dec = open(layout, layer)?;
-        let copied = io::copy(&mut dec, child.stdin.as_mut().expect("piped"));
-        drop(child.stdin.take());
+        let mut stdin = io::BufWriter::with_capacity(256 * 1024, child.stdin.take().expect("piped"));
+        // Each command is validated (against the parent's tree on disk) and within the
+        // budget before it is written to the receive; END only after the digest check.
+        let checked = forward_stream(&mut dec, prev.as_ref().map(|(u, _, _)| *u), tree.as_ref(), &mut stdin, |p| {
+            over_budget(p, budget, spent).map_or(Ok(()), Err)
+        });
+        let digest = match &checked {
+            Ok(_) => check_digest(dec, layer),
+            Err(_) => Ok(()),
+        };
+        let ended = match (&checked, &digest) {
+            (Ok(c), Ok(())) => c.write_end(&mut stdin).and_then(|()| io::Write::flush(&mut stdin)).is_ok(),
+            _ => false,
+        };
+        drop(stdin);
+        if !ended {
+            // What it received of a refused stream is removed with the work directory.
+            let _ = child.kill();
+        }
         let out = child.wait_with_output()?;
-        copied.context("feeding btrfs receive")?;
-        check_digest(dec, layer)?;
+        let checked = checked.with_context(|| format!("validating layer {}", layer.digest))?;
+        digest?;
         if !out.status.success() {
             bail!("btrfs receive of layer {} failed: {}", layer.digest, String::from_utf8_lossy(&out.stderr).trim());
         }
-        let path = work.join(&summary.name);
-        if let Some((_, old)) = prev.replace((summary.uuid, path)) {
+        within_budget(&checked.summary, layer, budget, spent)?;
+        let path = work.join(&checked.summary.name);
+        if let Some((_, old, true)) = prev.replace((checked.summary.uuid, path, true)) {
             // The layer below is no longer needed once the next one is received.
             let name = old.file_name().and_then(|n| n.to_str()).context("subvolume name")?.to_owned();
             subvol::delete(work, &name)?;
         }
     }
-    prev.map(|(_, p)| p).context("an image without payload layers")
+    match prev {
+        Some((_, p, true)) => Ok(p),
+        _ => bail!("an image without payload layers above the host's generation"),
+    }
 }
 
 fn apply(layout: &Layout, layers: &[Descriptor], budget: &Budget, spent: &mut Spent, work: &Path) -> Result<PathBuf> {
     let mut prev: Option<PathBuf> = None;
     for (i, layer) in layers.iter().enumerate() {
-        // A validating pass first, so that the budget holds before anything is written.
-        let mut dec = open(layout, layer)?;
-        let parent = prev.as_deref().map(ParentTree::scan).transpose()?;
-        let summary = validate_stream_onto(&mut dec, parent.as_ref())
-            .with_context(|| format!("validating layer {}", layer.digest))?;
-        check_digest(dec, layer)?;
-        within_budget(&summary, layer, budget, spent)?;
+        // One read: each command checked, within the budget, then applied.
         let dest = work.join(format!("layer-{i}"));
         fs::create_dir(&dest).with_context(|| format!("creating {}", dest.display()))?;
         if let Some(p) = &prev {
             copy_tree(p, &dest)?;
         }
         let mut dec = open(layout, layer)?;
-        apply_to_dir(&mut dec, &dest, prev.as_deref()).with_context(|| format!("applying layer {}", layer.digest))?;
+        let mut last = Progress::default();
+        apply_to_dir_watched(&mut dec, &dest, prev.as_deref(), |p| {
+            last = p;
+            over_budget(p, budget, spent).map_or(Ok(()), Err)
+        })
+        .with_context(|| format!("applying layer {}", layer.digest))?;
         check_digest(dec, layer)?;
+        spent.bytes = spent.bytes.saturating_add(last.bytes_stored);
+        spent.entries = spent.entries.saturating_add(last.entries_created);
         if let Some(p) = prev.replace(dest) {
             crate::txn::remove_tree(&p)?;
         }

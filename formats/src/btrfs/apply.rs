@@ -32,7 +32,7 @@
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::io::{self, Read, Write};
+use std::io::{self, Read};
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -330,6 +330,19 @@ fn fallocate(f: &File, mode: u32, offset: u64, len: u64) -> io::Result<()> {
 /// Every command is checked as [`validate_stream_against`](super::validate_stream_against)
 /// checks it before it is applied; on error `dest` holds a partial tree.
 pub fn apply_to_dir<R: Read>(r: R, dest: &Path, parent: Option<&Path>) -> Result<ApplyStats, StreamError> {
+    apply_to_dir_watched(r, dest, parent, |_| Ok(()))
+}
+
+/// [`apply_to_dir`], with `watch` given what the commands checked so far store and create
+/// before each is applied (as in [`forward_stream`](super::forward_stream)): refusing
+/// (`Err(reason)`) refuses the stream at that command, before it is applied. One read of
+/// the stream, bounded as it goes.
+pub fn apply_to_dir_watched<R: Read>(
+    r: R,
+    dest: &Path,
+    parent: Option<&Path>,
+    mut watch: impl FnMut(super::Progress) -> Result<(), String>,
+) -> Result<ApplyStats, StreamError> {
     let dest_fd = open_root(dest)?;
     let (expect, tree, parent_fd) = match parent {
         None => {
@@ -356,6 +369,13 @@ pub fn apply_to_dir<R: Read>(r: R, dest: &Path, parent: Option<&Path>) -> Result
         let Some(cmd) = reader.next_command()? else { break };
         let at = At { index: reader.commands(), offset };
         checker.check(at, &cmd)?;
+        watch(checker.progress()).map_err(|reason| StreamError::Refused {
+            index: at.index,
+            offset,
+            command: cmd.name(),
+            path: String::new(),
+            reason,
+        })?;
         applier.apply(at, &cmd, checker.own_uuid())?;
     }
     checker.finish(reader.version(), reader.position())?;
@@ -378,7 +398,6 @@ pub fn copy_tree(from: &Path, to: &Path) -> Result<(), StreamError> {
         links: HashMap::new(),
         to: to.to_owned(),
         dst_root: dst.try_clone().map_err(|e| StreamError::Io { path: to.to_owned(), source: e })?,
-        buf: vec![0; CHUNK],
     };
     copier.dir(&src, &dst, from, None, 0)?;
     copy_meta(&src, &dst, None).map_err(|e| StreamError::Io { path: to.to_owned(), source: e })?;
@@ -390,7 +409,6 @@ struct Copier {
     links: HashMap<(u64, u64), RelPath>,
     to: PathBuf,
     dst_root: OwnedFd,
-    buf: Vec<u8>,
 }
 
 impl Copier {
@@ -458,13 +476,9 @@ impl Copier {
                     .map_err(|e| err(e.into()))?;
                     let mut s_file = File::from(s_fd);
                     let mut d_file = File::from(d_fd);
-                    loop {
-                        let n = s_file.read(&mut self.buf).map_err(|e| io_err(&child_src, e))?;
-                        if n == 0 {
-                            break;
-                        }
-                        d_file.write_all(&self.buf[..n]).map_err(err)?;
-                    }
+                    // std's copy between files is copy_file_range: extents shared on
+                    // btrfs and XFS, an in-kernel copy elsewhere.
+                    io::copy(&mut s_file, &mut d_file).map_err(err)?;
                     copy_meta(&s_file, &d_file, None).map_err(err)?;
                 }
                 FileType::Symlink => {

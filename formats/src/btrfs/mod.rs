@@ -48,11 +48,13 @@ use std::path::PathBuf;
 
 pub mod apply;
 mod crc;
+pub mod forward;
 mod fsops;
 pub mod stream;
 pub mod validate;
 
-pub use apply::{ApplyStats, apply_to_dir, copy_tree};
+pub use apply::{ApplyStats, apply_to_dir, apply_to_dir_watched, copy_tree};
+pub use forward::{Forwarded, Progress, forward_stream};
 pub use stream::{Command, InvalidUuid, StreamPath, StreamReader, Timespec, Uuid};
 pub use validate::{ParentTree, StreamSummary, validate_stream, validate_stream_against, validate_stream_onto};
 
@@ -87,6 +89,8 @@ pub enum StreamError {
     NotEmpty { path: PathBuf },
     #[error("{path}: {source}")]
     Io { path: PathBuf, source: io::Error },
+    #[error("handing the checked stream on: {source}")]
+    Forward { source: io::Error },
 }
 
 fn refusal(path: &str, reason: &str) -> String {
@@ -110,7 +114,8 @@ impl StreamError {
             | StreamError::Apply { .. }
             | StreamError::NoSpace { .. }
             | StreamError::NotEmpty { .. }
-            | StreamError::Io { .. } => false,
+            | StreamError::Io { .. }
+            | StreamError::Forward { .. } => false,
         }
     }
 }

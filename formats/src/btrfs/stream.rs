@@ -652,6 +652,9 @@ pub struct StreamReader<R> {
     /// Commands read so far.
     index: u64,
     buf: Vec<u8>,
+    /// The stream header and the last command's header as read (checksum included).
+    stream_header: [u8; 17],
+    raw_header: [u8; COMMAND_HEADER],
     state: State,
 }
 
@@ -708,6 +711,8 @@ impl<R: Read> StreamReader<R> {
             offset: header.len() as u64,
             index: 0,
             buf: Vec::new(),
+            stream_header: header,
+            raw_header: [0; COMMAND_HEADER],
             state: State::Reading,
         })
     }
@@ -729,6 +734,18 @@ impl<R: Read> StreamReader<R> {
 
     pub fn into_inner(self) -> R {
         self.inner
+    }
+
+    /// The stream header's 17 bytes, as read.
+    pub fn raw_stream_header(&self) -> &[u8] {
+        &self.stream_header
+    }
+
+    /// The bytes of the command [`next_command`](Self::next_command) last returned, exactly
+    /// as they were read: its header (checksum included) and its body. What a forwarder
+    /// hands on once the command was checked.
+    pub fn raw_command(&self) -> [&[u8]; 2] {
+        [&self.raw_header, &self.buf]
     }
 
     /// The next command; `Ok(None)` after END once the end of the input was seen.
@@ -764,6 +781,7 @@ impl<R: Read> StreamReader<R> {
         let len = u32::from_le_bytes(header[..4].try_into().expect("4 bytes")) as usize;
         let cmd = u16::from_le_bytes(header[4..6].try_into().expect("2 bytes"));
         let stored = u32::from_le_bytes(header[6..].try_into().expect("4 bytes"));
+        self.raw_header = header;
         let name = command_name(cmd);
         if len.saturating_add(COMMAND_HEADER) > self.max_command {
             return Err(StreamError::Malformed {

@@ -318,6 +318,18 @@ impl Checker {
         self.start.as_ref().map(|s| s.uuid)
     }
 
+    /// What the commands checked so far store and create.
+    pub(crate) fn progress(&self) -> super::forward::Progress {
+        let entries = ["mkfile", "mkdir", "mknod", "mkfifo", "mksock", "symlink", "link"]
+            .iter()
+            .filter_map(|k| self.counts.get(*k))
+            .fold(0u64, |a, b| a.saturating_add(*b));
+        super::forward::Progress {
+            bytes_stored: self.bytes_written.saturating_add(self.bytes_cloned).saturating_add(self.bytes_allocated),
+            entries_created: entries,
+        }
+    }
+
     /// The summary, once END was checked.
     pub(crate) fn finish(&self, version: u32, stream_bytes: u64) -> Result<StreamSummary, StreamError> {
         let start = self

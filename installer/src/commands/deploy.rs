@@ -216,6 +216,7 @@ pub(crate) fn unpack(
     v: &Verified,
     tmp_name: &str,
     owners: &[(u32, u32)],
+    state: &State,
 ) -> Result<()> {
     let tmp = ctx.staging.tmp().join(tmp_name);
     crate::progress::step("unpack", Some(&v.reference), "unpacking and checking the files");
@@ -235,9 +236,10 @@ pub(crate) fn unpack(
                 store
             }
         };
+        let host = crate::host_parent::of_stage(&ctx.staging, state, &config.name);
         if btrfs_layers {
             let budget = formats::unpack::Budget::of(config, layers.len());
-            crate::btrfs::stage(layout, layers, &budget, &ctx.staging.tmp(), tmp_name, on_btrfs)
+            crate::btrfs::stage(layout, layers, &budget, &ctx.staging.tmp(), tmp_name, on_btrfs, &host)
                 .with_context(|| format!("staging the btrfs layers of {}", v.reference))?;
             // A parent found by `btrfs receive` may be a host generation holding our
             // manifest.json (rewritten below); everything else must match exactly.
@@ -253,12 +255,7 @@ pub(crate) fn unpack(
                 .into());
             }
         } else {
-            if on_btrfs {
-                subvol::create(&ctx.staging.tmp(), tmp_name)?;
-            } else {
-                fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-            }
-            formats::unpack::unpack_layers(layout, layers, config, &tmp)
+            crate::tar_stage::stage(layout, layers, config, &ctx.staging.tmp(), tmp_name, on_btrfs, &host)
                 .with_context(|| format!("unpacking {}", v.reference))?;
         }
         // Owners from the signed manifest, never from the payload (see `users`).
@@ -344,7 +341,7 @@ fn deploy_batch(ctx: &Ctx, trust: &Trust, store: &Layout, images: &[Image], stat
     // Unpack into the temp area and check every file against the signed manifest.
     if !ctx.opts.dry_run {
         for (((received, v), (_, _, tmp_name)), owners) in images.iter().zip(&publish).zip(&owners) {
-            if let Err(e) = unpack(ctx, store, received, v, tmp_name, owners) {
+            if let Err(e) = unpack(ctx, store, received, v, tmp_name, owners, &state) {
                 drop_tmps();
                 return Err(e);
             }

@@ -268,7 +268,7 @@ pub(crate) fn rebuild(
                 crate::users::wanted(&v.candidate().config, &ids)
                     .map_err(|e| crate::error::Refused::Dependency(format!("{}: {e:#}", v.reference)).into())
             });
-            if let Err(e) = owners.and_then(|owners| unpack(ctx, store, received, v, &b.tmp, &owners)) {
+            if let Err(e) = owners.and_then(|owners| unpack(ctx, store, received, v, &b.tmp, &owners, &state)) {
                 for b in &broken {
                     let _ = crate::txn::remove_tree(&ctx.staging.tmp().join(&b.tmp));
                 }
