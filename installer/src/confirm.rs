@@ -172,7 +172,7 @@ fn lock_file(staging: &Staging) -> PathBuf {
 }
 
 fn log_file(staging: &Staging) -> PathBuf {
-    staging.dir.join("confirm.log")
+    staging.dir.join(".confirm.log")
 }
 
 /// The pending change, if any.
@@ -276,7 +276,7 @@ pub fn arm(ctx: &Ctx, operation: &str, snapshot: &str, timeout: u64) -> Result<C
 }
 
 /// Starts `confirm-wait TOKEN` detached (it makes its own session), its output appended to
-/// `confirm.log`; returns once it holds `confirm.lock`.
+/// `.confirm.log`; returns once it holds `confirm.lock`.
 fn spawn_waiter(ctx: &Ctx, token: &str) -> Result<u32> {
     let exe = std::env::current_exe().context("finding the installer's own executable")?;
     let log_path = log_file(&ctx.staging);
