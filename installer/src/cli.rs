@@ -709,6 +709,18 @@ fn render_status(st: &ops::Status, root: &Path) -> String {
     for b in &st.broken_links {
         s += &format!("broken: {b}\n");
     }
+    if let Some(a) = &st.awaiting_confirmation {
+        let c = &a.confirmation;
+        s += &format!(
+            "awaiting confirmation: `{}` until {} (`op-dbus-stage confirm {}` keeps it); ",
+            c.operation, c.deadline, c.token
+        );
+        s += &if a.waiter_running {
+            format!("without it the host goes back to {}\n", c.snapshot)
+        } else {
+            with_root(&format!("its waiter is gone: `op-dbus-stage recover` goes back to {}\n", c.snapshot), root)
+        };
+    }
     for x in st.stages.iter().filter(|x| x.problem.is_some()) {
         s += &with_root(&format!("{}: {}\n", x.name, x.problem.as_deref().unwrap_or_default()), root);
     }

@@ -85,6 +85,22 @@ fn rfc3339(secs: u64) -> String {
         .unwrap_or_else(|_| secs.to_string())
 }
 
+/// `status`: the change awaiting its confirmation, and whether its waiter still runs.
+#[derive(Debug, Clone, Serialize)]
+pub struct Awaiting {
+    #[serde(flatten)]
+    pub confirmation: Confirmation,
+    /// false: the host restarted or the waiter was stopped; the next `recover` (or changing
+    /// command) rolls the change back.
+    pub waiter_running: bool,
+}
+
+/// The change awaiting its confirmation, for `status` (creates nothing).
+pub fn awaiting(staging: &Staging) -> Result<Option<Awaiting>> {
+    let Some(p) = read(staging)? else { return Ok(None) };
+    Ok(Some(Awaiting { confirmation: Confirmation::from(&p), waiter_running: waiter_alive(staging)? }))
+}
+
 /// What to do about a pending change.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Due {
@@ -199,12 +215,12 @@ fn write(staging: &Staging, p: &Pending) -> Result<()> {
 /// Whether a waiter holds `confirm.lock` (the lock goes with its process).
 pub fn waiter_alive(staging: &Staging) -> Result<bool> {
     let p = lock_file(staging);
-    let f = fs::File::options()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&p)
-        .with_context(|| format!("opening {}", p.display()))?;
+    // The waiter makes the file: without it, nobody waits (and a reader creates nothing).
+    let f = match fs::File::options().write(true).open(&p) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(e).with_context(|| format!("opening {}", p.display())),
+    };
     match f.try_lock() {
         Ok(()) => Ok(false),
         Err(std::fs::TryLockError::WouldBlock) => Ok(true),

@@ -318,9 +318,18 @@ fn a_host_cut_off_after_activation_rolls_itself_back_a_confirmed_one_stays_and_a
     let session = stat.rsplit(')').next().unwrap().split_whitespace().nth(3).unwrap();
     assert_eq!(session, pid.to_string(), "{stat}");
     assert_eq!(app_says(fleet.root(1)), "two");
+    let status = json(&ok(&mut remote(&fleet, 1, &["--json", "status"])));
+    assert_eq!(status["awaiting_confirmation"]["waiter_running"], true, "{status:#}");
+    assert_eq!(status["awaiting_confirmation"]["operation"], "deploy app:1.1.0", "{status:#}");
+    // No other deploy while one awaits its confirmation.
+    let (code, err) = fails(remote(&fleet, 1, &["deploy", "-"]).stdin(fs::File::open(&export).unwrap()));
+    assert_eq!(code, 4, "{err}");
+    assert!(err.contains("awaits its confirmation"), "{err}");
     ok(std::process::Command::new("kill").args(["-9", &pid.to_string()]));
     eventually("the waiter is gone", || !std::path::Path::new(&format!("/proc/{pid}")).exists());
     assert_eq!(app_says(fleet.root(1)), "two", "nothing rolls back without a recovery");
+    let status = json(&ok(&mut remote(&fleet, 1, &["--json", "status"])));
+    assert_eq!(status["awaiting_confirmation"]["waiter_running"], false, "{status:#}");
     let doc = json(&ok(&mut remote(&fleet, 1, &["--json", "recover"])));
     assert_eq!(doc["unconfirmed"], "deploy app:1.1.0", "{doc:#}");
     assert_eq!(app_says(fleet.root(1)), "one");
