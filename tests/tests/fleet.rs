@@ -322,8 +322,9 @@ fn a_host_cut_off_after_activation_rolls_itself_back_a_confirmed_one_stays_and_a
     assert_eq!(status["awaiting_confirmation"]["waiter_running"], true, "{status:#}");
     assert_eq!(status["awaiting_confirmation"]["operation"], "deploy app:1.1.0", "{status:#}");
     // No other deploy while one awaits its confirmation.
-    let (code, err) = fails(remote(&fleet, 1, &["deploy", "-"]).stdin(fs::File::open(&export).unwrap()));
-    assert_eq!(code, 4, "{err}");
+    let again = remote(&fleet, 1, &["deploy", "-"]).stdin(fs::File::open(&export).unwrap()).output().unwrap();
+    let err = String::from_utf8_lossy(&again.stderr);
+    assert_eq!(again.status.code(), Some(4), "{err}");
     assert!(err.contains("awaits its confirmation"), "{err}");
     ok(std::process::Command::new("kill").args(["-9", &pid.to_string()]));
     eventually("the waiter is gone", || !std::path::Path::new(&format!("/proc/{pid}")).exists());
