@@ -276,7 +276,7 @@ fn a_host_cut_off_after_activation_rolls_itself_back_a_confirmed_one_stays_and_a
 
     // h0 confirms over a new connection and keeps 1.1.0; h2 is cut off right after it
     // activated: no confirmation reaches it, and past the timeout it goes back by itself.
-    let out = run(&mut deploy(&["app:1.1.0", "--on", "h0,h2", "--confirm-timeout", "4", "--connect-timeout", "1"]));
+    let out = run(&mut deploy(&["app:1.1.0", "--on", "h0,h2", "--confirm-timeout", "8", "--connect-timeout", "1"]));
     let report = json(&String::from_utf8_lossy(&out.stdout));
     assert_eq!(out.status.code(), Some(1), "{report:#}\n{}", String::from_utf8_lossy(&out.stderr));
     let (h0, h2) = (&report["hosts"][0], &report["hosts"][1]);
@@ -288,7 +288,7 @@ fn a_host_cut_off_after_activation_rolls_itself_back_a_confirmed_one_stays_and_a
     eventually("h2's confirm.json gone", || !fleet.root(2).join("var/lib/op-dbus/staging/confirm.json").exists());
     let ops = history_ops(&fleet, 2);
     assert!(
-        ops.last().unwrap().starts_with("roll back unconfirmed `deploy app:1.1.0` (no confirmation within 4 s)"),
+        ops.last().unwrap().starts_with("roll back unconfirmed `deploy app:1.1.0` (no confirmation within 8 s)"),
         "{ops:#?}"
     );
     let list = json(&ok(&mut local(&fleet, 2, &["--json", "list"])));
