@@ -262,6 +262,12 @@ pub struct DeployOpts {
     /// Send every layer, even those the host has.
     #[arg(long)]
     pub full: bool,
+    /// How long each host waits, after activating, for the confirmation this tool sends over
+    /// a new ssh connection; without it the host rolls itself back. 0: no confirmation (for
+    /// installers without `confirm`).
+    #[arg(long, default_value_t = 30, value_name = "SECONDS",
+          value_parser = clap::value_parser!(u64).range(0..=86_400))]
+    pub confirm_timeout: u64,
     /// An ssh config file (ssh -F).
     #[arg(long, value_name = "FILE")]
     pub ssh_config: Option<PathBuf>,
@@ -523,6 +529,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 max_failures: o.max_failures,
                 full: o.full,
                 quiet: g.common.quiet,
+                confirm_timeout: std::time::Duration::from_secs(o.confirm_timeout),
             };
             let report = crate::fleet::deploy(&layout, &images, &targets, &settings)?;
             out.emit(&report, crate::fleet::FleetReport::render)?;

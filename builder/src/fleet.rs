@@ -225,6 +225,9 @@ pub struct Options {
     pub max_failures: Option<usize>,
     pub full: bool,
     pub quiet: bool,
+    /// How long the host waits for the confirmation before it rolls back by itself
+    /// (`--confirm-timeout`; zero: no confirmation).
+    pub confirm_timeout: Duration,
 }
 
 /// What happened on one host.
@@ -234,6 +237,12 @@ pub struct HostReport {
     pub address: String,
     /// `deployed`, `failed` or `skipped`.
     pub status: &'static str,
+    /// With `--confirm-timeout`: `confirmed` (the change stays), `unconfirmed` (no
+    /// confirmation reached the host in time: it rolls itself back) or `refused` (the host
+    /// answered that it could not take it: too late, or nothing awaited it); absent when
+    /// nothing awaited a confirmation (nothing changed, or `--confirm-timeout 0`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub confirmation: Option<&'static str>,
     /// The installer's exit code on the last attempt (255: ssh could not connect).
     pub exit: Option<i32>,
     pub attempts: u32,
@@ -414,8 +423,14 @@ impl<W: Write> Write for Meter<W> {
 
 /// Streams `plan` into `deploy -` on the host; the stall and activation deadlines apply.
 fn send(t: &Target, s: &Options, layout: &Layout, plan: &ExportPlan, bar: &ProgressBar) -> Result<(Remote, u64)> {
+    let timeout = s.confirm_timeout.as_secs().to_string();
+    let args: Vec<&str> = if s.confirm_timeout.is_zero() {
+        vec!["--json", "deploy", "-"]
+    } else {
+        vec!["--json", "deploy", "--confirm-timeout", &timeout, "-"]
+    };
     let mut child = t
-        .ssh(s, &["--json", "deploy", "-"])
+        .ssh(s, &args)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -497,6 +512,7 @@ fn deploy_host(
         host: t.name.clone(),
         address: t.address.clone(),
         status: "failed",
+        confirmation: None,
         exit: None,
         attempts: 0,
         bytes_sent: 0,
@@ -546,6 +562,15 @@ fn deploy_host(
                         r.status = "deployed";
                         r.error = None;
                         r.report = serde_json::from_slice(&remote.stdout).ok();
+                        let token = r
+                            .report
+                            .as_ref()
+                            .and_then(|v| v.pointer("/confirmation/token"))
+                            .and_then(|v| v.as_str())
+                            .map(str::to_owned);
+                        if let Some(token) = token {
+                            confirm_host(t, s, &token, &mut r, bar);
+                        }
                         break;
                     }
                     // A thin archive the host could not complete (its store lost a layer
@@ -574,6 +599,48 @@ fn deploy_host(
     bar.set_message(if r.status == "deployed" { "deployed".to_owned() } else { "failed".to_owned() });
     bar.finish();
     r
+}
+
+/// Confirms the deploy on the host over a new connection (`confirm TOKEN`), retrying a
+/// failed connection until the host's confirmation timeout has passed. Without a
+/// confirmation the host rolls itself back: the host failed.
+fn confirm_host(t: &Target, s: &Options, token: &str, r: &mut HostReport, bar: &ProgressBar) {
+    bar.set_message("confirming");
+    // The host's clock started when it armed the waiter, a moment before its report came.
+    let deadline = Instant::now() + s.confirm_timeout;
+    let mut last = String::new();
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            break;
+        }
+        match run_remote(t, s, &["--json", "confirm", token], left) {
+            Ok(remote) if remote.code == Some(0) => {
+                r.confirmation = Some("confirmed");
+                return;
+            }
+            Ok(remote) if matches!(remote.code, Some(SSH_FAILED) | None) => {
+                last = if remote.code.is_none() { "no answer".to_owned() } else { remote.message() };
+                r.exit = remote.code.or(Some(SSH_FAILED));
+            }
+            Ok(remote) => {
+                r.status = "failed";
+                r.confirmation = Some("refused");
+                r.exit = remote.code;
+                r.error = Some(format!("the confirmation was refused: {}", remote.message()));
+                return;
+            }
+            Err(e) => last = format!("{e:#}"),
+        }
+        std::thread::sleep(Duration::from_secs(1).min(deadline.saturating_duration_since(Instant::now())));
+    }
+    r.status = "failed";
+    r.confirmation = Some("unconfirmed");
+    r.error = Some(format!(
+        "deployed, but no confirmation reached it within {} s (--confirm-timeout; last: {last}): it rolls itself \
+         back to the state before",
+        s.confirm_timeout.as_secs()
+    ));
 }
 
 /// Deploys `images` to `targets`: the canary wave first, then the rest, `limit` at a time.
@@ -639,6 +706,7 @@ pub fn deploy(layout: &Layout, images: &[Reference], targets: &[Target], s: &Opt
                     host: t.name.clone(),
                     address: t.address.clone(),
                     status: "skipped",
+                    confirmation: None,
                     exit: None,
                     attempts: 0,
                     bytes_sent: 0,
@@ -688,7 +756,11 @@ impl FleetReport {
             .map(|h| {
                 vec![
                     h.host.clone(),
-                    h.status.to_owned(),
+                    match h.confirmation {
+                        Some(c) if h.status != "deployed" => format!("{} ({c})", h.status),
+                        Some(c) => c.to_owned(),
+                        None => h.status.to_owned(),
+                    },
                     cli_support::human_bytes(h.bytes_sent),
                     cli_support::human_bytes(h.bytes_full),
                     format!("{:.1}s", h.seconds),
@@ -789,6 +861,7 @@ installer = "/usr/local/bin/op-dbus-stage"
             max_failures: None,
             full: false,
             quiet: true,
+            confirm_timeout: Duration::ZERO,
         };
         let args: Vec<String> = t.ssh(&s, &["list"]).get_args().map(|a| a.to_string_lossy().into_owned()).collect();
         let n = args.len();

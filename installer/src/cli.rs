@@ -137,8 +137,21 @@ pub enum Command {
         #[arg(long, default_value_t = 2, value_name = "N")]
         keep: usize,
     },
-    /// Finish an interrupted transaction (every changing command does this first).
+    /// Finish an interrupted transaction, and roll back a deploy that awaited its
+    /// confirmation when nothing waits for it any more (every changing command does this first).
     Recover,
+    /// Keep a deploy made with --confirm-timeout: its waiter ends, the host stays as it is.
+    Confirm {
+        /// The token the deploy reported (`confirmation.token` of `deploy --json`).
+        token: String,
+    },
+    /// Waits for the confirmation of a deploy, and rolls it back at the deadline: the
+    /// installer's own helper (see `confirm`).
+    #[command(name = crate::confirm::WAITER, hide = true)]
+    ConfirmWait {
+        /// The token of the deploy it waits for.
+        token: String,
+    },
     /// Print a shell completion script on stdout.
     Completions {
         /// The shell.
@@ -180,6 +193,12 @@ pub struct DeployOpts {
     /// Mark the snapshots this change takes to keep (retention never prunes them).
     #[arg(long)]
     pub keep: bool,
+    /// After activating, wait this long for `op-dbus-stage confirm TOKEN` (sent over a new
+    /// connection); without it the host goes back to the state before the deploy by itself.
+    /// 0: no confirmation (the default).
+    #[arg(long, default_value_t = 0, value_name = "SECONDS",
+          value_parser = clap::value_parser!(u64).range(0..=crate::confirm::MAX_TIMEOUT))]
+    pub confirm_timeout: u64,
 }
 
 /// `update`: the channel to follow.
@@ -407,6 +426,10 @@ pub struct SnapshotsDoc {
 pub struct RecoverDoc {
     /// What recovery did: `completed`, `rolled-back`, or null when nothing was pending.
     pub recovered: Option<crate::txn::RecoverOutcome>,
+    /// The deploy rolled back because it awaited a confirmation nothing waited for any more
+    /// (the host restarted): its operation. Absent when there was none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub unconfirmed: Option<String>,
 }
 
 fn outcome_text(o: crate::txn::RecoverOutcome) -> &'static str {
@@ -515,9 +538,9 @@ pub fn run(cli: Cli) -> Result<i32> {
         }
         Command::Deploy(o) | Command::DeployFromImage(o) => {
             let batch = if o.each { ops::Batch::Each } else { ops::Batch::Whole };
-            deploy(&opts, out, &o.source, Some((batch, o.with_deps)))?
+            deploy(&opts, out, &o.source, Some((batch, o.with_deps)), o.confirm_timeout)?
         }
-        Command::Receive(o) => deploy(&opts, out, &o, None)?,
+        Command::Receive(o) => deploy(&opts, out, &o, None, 0)?,
         Command::DeployPlugin(o) => plugin(&opts, out, &o, false)?,
         Command::UpdatePlugin(o) => {
             if o.force {
@@ -644,13 +667,32 @@ pub fn run(cli: Cli) -> Result<i32> {
         Command::Recover => {
             let ctx = Ctx::changing(&opts)?;
             // With --dry-run nothing is recovered: `recovered` is what recovery would do.
-            let doc = RecoverDoc { recovered: ctx.recovered };
+            let doc = RecoverDoc { recovered: ctx.recovered, unconfirmed: ctx.unconfirmed.clone() };
             let would = if opts.dry_run { "would have " } else { "" };
-            out.emit(&doc, |d| match d.recovered {
-                Some(o) => format!("{would}recovered the interrupted transaction: {}\n", outcome_text(o)),
-                None => "nothing to recover\n".into(),
+            out.emit(&doc, |d| {
+                let mut s = match d.recovered {
+                    Some(o) => format!("{would}recovered the interrupted transaction: {}\n", outcome_text(o)),
+                    None if d.unconfirmed.is_none() => "nothing to recover\n".into(),
+                    None => String::new(),
+                };
+                if let Some(op) = &d.unconfirmed {
+                    s += &format!("{would}rolled back `{op}`: it was never confirmed\n");
+                }
+                s
             })?;
         }
+        Command::Confirm { token } => {
+            let ctx = Ctx::changing_confirming(&opts)?;
+            let r = crate::confirm::confirm(&ctx, &token)?;
+            out.emit(&r, |r| {
+                format!(
+                    "{}confirmed `{}`: it stays\n",
+                    if r.dry_run { "would have " } else { "" },
+                    r.confirmed.operation
+                )
+            })?;
+        }
+        Command::ConfirmWait { token } => crate::confirm::wait(&opts, &token)?,
     }
     Ok(error::OK)
 }
@@ -729,6 +771,18 @@ fn render_status(st: &ops::Status, root: &Path) -> String {
     }
     for b in &st.broken_links {
         s += &format!("broken: {b}\n");
+    }
+    if let Some(a) = &st.awaiting_confirmation {
+        let c = &a.confirmation;
+        s += &format!(
+            "awaiting confirmation: `{}` until {} (`op-dbus-stage confirm {}` keeps it); ",
+            c.operation, c.deadline, c.token
+        );
+        s += &if a.waiter_running {
+            format!("without it the host goes back to {}\n", c.snapshot)
+        } else {
+            with_root(&format!("its waiter is gone: `op-dbus-stage recover` goes back to {}\n", c.snapshot), root)
+        };
     }
     for x in st.stages.iter().filter(|x| x.problem.is_some()) {
         s += &with_root(&format!("{}: {}\n", x.name, x.problem.as_deref().unwrap_or_default()), root);
@@ -917,9 +971,15 @@ fn confirm_restore(ctx: &Ctx, snapshot: &str, yes: bool) -> Result<()> {
         .into())
 }
 
-/// `deploy` (with how to apply several images, and whether to add their dependencies) and
-/// `receive` (`batch` none).
-fn deploy(opts: &Options, out: Output, o: &SourceOpts, batch: Option<(ops::Batch, bool)>) -> Result<()> {
+/// `deploy` (with how to apply several images, whether to add their dependencies, and how
+/// long to wait for a confirmation: 0 none) and `receive` (`batch` none).
+fn deploy(
+    opts: &Options,
+    out: Output,
+    o: &SourceOpts,
+    batch: Option<(ops::Batch, bool)>,
+    confirm_timeout: u64,
+) -> Result<()> {
     let activate = batch.is_some();
     if o.source.iter().filter(|s| *s == "-").count() > 1 {
         return Err(error::Usage("stdin (`-`) can be read once: name it as one SOURCE only".into()).into());
@@ -934,11 +994,31 @@ fn deploy(opts: &Options, out: Output, o: &SourceOpts, batch: Option<(ops::Batch
     }
     let sources = o.source.iter().map(|s| Source::parse_with(s, &o.registry)).collect::<Result<Vec<_>>>()?;
     let ctx = Ctx::changing(opts)?;
+    if activate {
+        crate::confirm::refuse_if_pending(&ctx)?;
+    }
     crate::progress::start(&format!("{} {}", if activate { "deploying" } else { "receiving" }, o.source.join(" ")));
     let (how, with_deps) = batch.unwrap_or((ops::Batch::Whole, false));
     let r = ops::deploy(&ctx, &sources, how, with_deps, activate);
     crate::progress::finish();
-    out.emit(&r?, render_deploy)
+    let mut r = r?;
+    if confirm_timeout > 0
+        && !opts.dry_run
+        && let Some(snapshot) = crate::confirm::pre_snapshot(&r.deployed)
+    {
+        let operation = r.deployed.iter().map(|d| d.operation.as_str()).collect::<Vec<_>>().join("; ");
+        r.confirmation = Some(crate::confirm::arm(&ctx, &operation, snapshot, confirm_timeout)?);
+    }
+    out.emit(&r, |r| {
+        let mut s = render_deploy(r);
+        if let Some(c) = &r.confirmation {
+            s += &format!(
+                "awaiting confirmation until {}: `op-dbus-stage confirm {}` keeps it, else the host goes back to {}\n",
+                c.deadline, c.token, c.snapshot
+            );
+        }
+        s
+    })
 }
 
 /// `update`: one channel, pulled and deployed (see `commands::update`).

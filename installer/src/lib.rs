@@ -15,6 +15,7 @@ pub mod btrfs;
 pub mod checks;
 pub mod cli;
 pub mod commands;
+pub mod confirm;
 pub mod error;
 pub mod faults;
 pub mod history;

@@ -64,12 +64,23 @@ pub struct Ctx {
     _lock: Option<Lock>,
     /// What recovery did before this command, if anything.
     pub recovered: Option<RecoverOutcome>,
+    /// The change recovery rolled back because nobody waited for its confirmation any more
+    /// (see [`crate::confirm`]).
+    pub unconfirmed: Option<String>,
 }
 
 impl Ctx {
     /// Opens the host for a command that changes it: takes the lock and finishes any
     /// interrupted transaction first.
     pub fn changing(opts: &Options) -> Result<Ctx> {
+        let mut ctx = Ctx::changing_confirming(opts)?;
+        ctx.unconfirmed = crate::confirm::recover(&ctx)?;
+        Ok(ctx)
+    }
+
+    /// [`Ctx::changing`] without rolling back a change whose confirmation nobody waits for:
+    /// for `confirm` itself (a confirmation that arrives in time keeps the change).
+    pub fn changing_confirming(opts: &Options) -> Result<Ctx> {
         let host = open_initialised(opts)?;
         Ctx::changing_host(host, opts)
     }
@@ -78,7 +89,7 @@ impl Ctx {
         let staging = Staging { dir: host.staging().context("creating the staging area")? };
         staging.create_dirs()?;
         let lock = Lock::take(&staging.lock_file(), opts.lock_timeout)?;
-        let mut ctx = Ctx { host, staging, opts: opts.clone(), _lock: Some(lock), recovered: None };
+        let mut ctx = Ctx { host, staging, opts: opts.clone(), _lock: Some(lock), recovered: None, unconfirmed: None };
         // A dry run changes nothing, an interrupted transaction included: it says what
         // recovery would do, and plans from state.json, which is what recovery leaves.
         ctx.recovered = if opts.dry_run { ctx.pending_outcome()? } else { ctx.recover_pending()? };
@@ -89,7 +100,7 @@ impl Ctx {
     pub fn reading(opts: &Options) -> Result<Ctx> {
         let host = open_initialised(opts)?;
         let dir = host.staging_if_exists()?.unwrap_or_else(|| host.root.join(crate::host::STAGING));
-        Ok(Ctx { host, staging: Staging { dir }, opts: opts.clone(), _lock: None, recovered: None })
+        Ok(Ctx { host, staging: Staging { dir }, opts: opts.clone(), _lock: None, recovered: None, unconfirmed: None })
     }
 
     /// What recovery would do, without doing it.

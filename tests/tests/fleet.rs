@@ -204,3 +204,139 @@ fn image_deploy_reaches_ten_hosts_sends_only_what_they_lack_retries_a_cut_link_a
         assert_eq!(app_says(fleet.root(i)), "two");
     }
 }
+
+/// `op-dbus-stage --root ROOT ARGS...` run here, on host `i`'s root.
+fn local(fleet: &Fleet, i: usize, args: &[&str]) -> std::process::Command {
+    let mut c = std::process::Command::new(bin("op-dbus-stage"));
+    c.arg("--root").arg(fleet.root(i)).args(args);
+    c
+}
+
+fn history_ops(fleet: &Fleet, i: usize) -> Vec<String> {
+    json(&ok(&mut local(fleet, i, &["--json", "history"])))["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["operation"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+/// Waits up to 30 s for `cond`.
+fn eventually(what: &str, cond: impl Fn() -> bool) {
+    let start = Instant::now();
+    while !cond() {
+        assert!(start.elapsed() < Duration::from_secs(30), "still not so after 30 s: {what}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn a_host_cut_off_after_activation_rolls_itself_back_a_confirmed_one_stays_and_a_restart_rolls_back_at_recover() {
+    let s = Scratch::trusted();
+    let mut data = vec![0u8; 64 << 10];
+    fs::File::open("/dev/urandom").unwrap().read_exact(&mut data).unwrap();
+    s.build(&app(&s, "1.0.0", "one", &data));
+    ok(s.image().args(["-q", "build", "--parent", "app:1.0.0"]).arg(app(&s, "1.1.0", "two", &data)));
+    let fleet = Fleet::new(3);
+    // Host 2's installer is cut off by the network when the confirmation arrives: the
+    // confirming connection takes its link down (as `set_link` does) and never answers.
+    let wrapper = s.path("cut-at-confirm.sh");
+    fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\ncase \" $* \" in *\" confirm \"*) {}; exec sleep 20;; esac\nexec {} \"$@\"\n",
+            fleet.link_down_command(2),
+            bin("op-dbus-stage").display()
+        ),
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(&wrapper, fs::Permissions::from_mode(0o755)).unwrap();
+    let mut inventory = format!("[defaults]\ninstaller = {:?}\n", bin("op-dbus-stage").display().to_string());
+    for (i, h) in fleet.hosts.iter().enumerate() {
+        ok(&mut local(&fleet, i, &["init"]));
+        ok(local(&fleet, i, &["trust", "add"]).arg(s.pub_key()));
+        inventory +=
+            &format!("\n[hosts.{}]\naddress = {:?}\nroot = {:?}\n", h.name, h.addr, h.root.display().to_string());
+        if i == 2 {
+            inventory += &format!("installer = {:?}\n", wrapper.display().to_string());
+        }
+    }
+    let inv = s.path("inventory.toml");
+    fs::write(&inv, inventory).unwrap();
+    let deploy = |args: &[&str]| {
+        let mut c = fleet.client(bin("op-dbus-image"));
+        c.arg("--store").arg(s.store()).args(["--json", "deploy", "--inventory"]).arg(&inv);
+        c.arg("--ssh-config").arg(&fleet.ssh_config).args(args);
+        c
+    };
+    let report = json(&ok(&mut deploy(&["app:1.0.0", "--on", "h0,h1,h2", "--confirm-timeout", "0"])));
+    assert_eq!(report["deployed"], 3, "{report:#}");
+    assert!(report["hosts"][0].get("confirmation").is_none(), "{report:#}");
+
+    // h0 confirms over a new connection and keeps 1.1.0; h2 is cut off right after it
+    // activated: no confirmation reaches it, and past the timeout it goes back by itself.
+    let out = run(&mut deploy(&["app:1.1.0", "--on", "h0,h2", "--confirm-timeout", "8", "--connect-timeout", "1"]));
+    let report = json(&String::from_utf8_lossy(&out.stdout));
+    assert_eq!(out.status.code(), Some(1), "{report:#}\n{}", String::from_utf8_lossy(&out.stderr));
+    let (h0, h2) = (&report["hosts"][0], &report["hosts"][1]);
+    assert_eq!((h0["status"].as_str(), h0["confirmation"].as_str()), (Some("deployed"), Some("confirmed")), "{h0:#}");
+    assert_eq!((h2["status"].as_str(), h2["confirmation"].as_str()), (Some("failed"), Some("unconfirmed")), "{h2:#}");
+    assert!(h2["error"].as_str().unwrap().contains("rolls itself back"), "{h2:#}");
+    assert!(h2["report"]["confirmation"]["token"].is_string(), "the host reported its pending confirmation: {h2:#}");
+    eventually("h2 rolled back to 1.0.0", || app_says(fleet.root(2)) == "one");
+    eventually("h2's confirm.json gone", || !fleet.root(2).join("var/lib/op-dbus/staging/confirm.json").exists());
+    let ops = history_ops(&fleet, 2);
+    assert!(
+        ops.last().unwrap().starts_with("roll back unconfirmed `deploy app:1.1.0` (no confirmation within 8 s)"),
+        "{ops:#?}"
+    );
+    let list = json(&ok(&mut local(&fleet, 2, &["--json", "list"])));
+    let active: Vec<_> = list["stages"].as_array().unwrap().iter().filter(|s| s["status"] == "deployed").collect();
+    assert_eq!(active.len(), 1, "{list:#}");
+    assert_eq!(active[0]["version"], "1.0.0", "{list:#}");
+    // The confirmed host keeps the new version past the timeout.
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(app_says(fleet.root(0)), "two");
+    assert!(history_ops(&fleet, 0).iter().any(|o| o == "confirm deploy app:1.1.0"), "{:#?}", history_ops(&fleet, 0));
+    assert!(!fleet.root(0).join("var/lib/op-dbus/staging/confirm.json").exists());
+    fleet.set_link(2, true);
+
+    // h1: deployed with a confirmation over ssh; the waiter outlives the ssh session, then
+    // dies as in a restart before the confirmation came: `recover` rolls the host back.
+    let export = s.export(&["app:1.1.0"], "app-1.1.0.oci.tar");
+    let out = remote(&fleet, 1, &["--json", "deploy", "--confirm-timeout", "600", "-"])
+        .stdin(fs::File::open(&export).unwrap())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let doc = json(&String::from_utf8_lossy(&out.stdout));
+    let pid = doc["confirmation"]["waiter"].as_u64().expect("the waiter's pid");
+    std::thread::sleep(Duration::from_millis(500));
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).expect("the waiter outlives the ssh session");
+    // Field 6 (after the command's parenthesis): the session; it leads its own.
+    let session = stat.rsplit(')').next().unwrap().split_whitespace().nth(3).unwrap();
+    assert_eq!(session, pid.to_string(), "{stat}");
+    assert_eq!(app_says(fleet.root(1)), "two");
+    let status = json(&ok(&mut remote(&fleet, 1, &["--json", "status"])));
+    assert_eq!(status["awaiting_confirmation"]["waiter_running"], true, "{status:#}");
+    assert_eq!(status["awaiting_confirmation"]["operation"], "deploy app:1.1.0", "{status:#}");
+    // No other deploy while one awaits its confirmation.
+    let again = remote(&fleet, 1, &["deploy", "-"]).stdin(fs::File::open(&export).unwrap()).output().unwrap();
+    let err = String::from_utf8_lossy(&again.stderr);
+    assert_eq!(again.status.code(), Some(4), "{err}");
+    assert!(err.contains("awaits its confirmation"), "{err}");
+    ok(std::process::Command::new("kill").args(["-9", &pid.to_string()]));
+    eventually("the waiter is gone", || !std::path::Path::new(&format!("/proc/{pid}")).exists());
+    assert_eq!(app_says(fleet.root(1)), "two", "nothing rolls back without a recovery");
+    let status = json(&ok(&mut remote(&fleet, 1, &["--json", "status"])));
+    assert_eq!(status["awaiting_confirmation"]["waiter_running"], false, "{status:#}");
+    let doc = json(&ok(&mut remote(&fleet, 1, &["--json", "recover"])));
+    assert_eq!(doc["unconfirmed"], "deploy app:1.1.0", "{doc:#}");
+    assert_eq!(app_says(fleet.root(1)), "one");
+    assert!(history_ops(&fleet, 1).last().unwrap().starts_with("roll back unconfirmed `deploy app:1.1.0`"));
+    // The token is spent.
+    let token = json(&String::from_utf8_lossy(&out.stdout))["confirmation"]["token"].as_str().unwrap().to_owned();
+    let (code, err) = fails(&mut remote(&fleet, 1, &["confirm", &token]));
+    assert_eq!(code, 2, "{err}");
+}

@@ -29,6 +29,9 @@ pub struct DeployReport {
     pub received: Vec<Verified>,
     pub deployed: Vec<Report>,
     pub skipped: Vec<String>,
+    /// `--confirm-timeout`: the change awaits `confirm TOKEN` (see `crate::confirm`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub confirmation: Option<crate::confirm::Confirmation>,
 }
 
 /// How `deploy` applies several images.
@@ -61,6 +64,7 @@ pub fn deploy(ctx: &Ctx, sources: &[Source], batch: Batch, with_deps: bool, acti
         received: all.iter().flat_map(|r| r.images.iter().cloned()).collect(),
         deployed: Vec::new(),
         skipped: Vec::new(),
+        confirmation: None,
     };
     if !activate {
         if !ctx.opts.dry_run {

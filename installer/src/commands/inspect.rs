@@ -73,6 +73,9 @@ pub struct Status {
     pub stages: Vec<StageStatus>,
     pub unfinished_transaction: Option<String>,
     pub broken_links: Vec<String>,
+    /// A deploy awaiting its confirmation (`deploy --confirm-timeout`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub awaiting_confirmation: Option<crate::confirm::Awaiting>,
 }
 
 #[derive(Debug, Serialize)]
@@ -111,6 +114,7 @@ pub fn status(ctx: &Ctx) -> Result<Status> {
             .collect(),
         unfinished_transaction: unfinished,
         broken_links: link_problems(ctx, &state, None)?,
+        awaiting_confirmation: crate::confirm::awaiting(&ctx.staging)?,
     })
 }
 

@@ -15,6 +15,11 @@ use crate::txn::Cleanup;
 /// `restore SNAPSHOT` (and `rollback --snapshot`): the whole host back to a snapshot.
 #[tracing::instrument(name = "restore", skip(ctx), fields(dry_run = ctx.opts.dry_run))]
 pub fn restore(ctx: &Ctx, name: &str) -> Result<Report> {
+    restore_as(ctx, name, format!("restore {name}"))
+}
+
+/// [`restore`], recorded in history as `operation` (a rollback for want of a confirmation).
+pub(crate) fn restore_as(ctx: &Ctx, name: &str, operation: String) -> Result<Report> {
     let state = ctx.state()?;
     let snap = snapshot::read(&ctx.staging, name)?;
     for (s, g) in snap.generations() {
@@ -43,5 +48,5 @@ pub fn restore(ctx: &Ctx, name: &str) -> Result<Report> {
         snapshots: vec![(snapshot::name(&ctx.staging, "pre", "restore"), state.clone())],
         drop_generations: Vec::new(),
     };
-    execute(ctx, format!("restore {name}"), state, plan, &changed, cleanup)
+    execute(ctx, operation, state, plan, &changed, cleanup)
 }

@@ -187,6 +187,17 @@ impl Fleet {
         ip(&["-n", &self.bridge_ns, "link", "set", &self.hosts[i].bridge_if, if up { "up" } else { "down" }]);
     }
 
+    /// The shell command that takes host `i`'s link down as [`Fleet::set_link`] does: for a
+    /// script that runs on the host and cuts it off at a moment of its choosing.
+    pub fn link_down_command(&self, i: usize) -> String {
+        format!(
+            "{} -n {} link set {} down",
+            require_tool("ip", "iproute2").display(),
+            self.bridge_ns,
+            self.hosts[i].bridge_if
+        )
+    }
+
     /// Limits what reaches host `i` to `rate` (`tc` notation, `256kbit`; `None` lifts the
     /// limit): a token bucket on the bridge side of its link. (This machine's kernel has no
     /// `netem`; a token bucket and a link taken down are the faults it can make.)
