@@ -8,61 +8,13 @@
 mod util;
 
 use std::fs;
-use std::net::{TcpListener, TcpStream};
+
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
+use util::registry::Registry;
 use util::*;
-
-/// `docker-registry serve` on 127.0.0.1:<free port>, storage in a temp dir; killed on drop.
-struct Registry {
-    _dir: tempfile::TempDir,
-    child: Child,
-    port: u16,
-}
-
-impl Registry {
-    fn start() -> Registry {
-        let bin = require_tool("docker-registry", "docker-registry");
-        let dir = tempfile::tempdir().unwrap();
-        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let config = format!(
-            "version: 0.1\nlog:\n  level: error\n  accesslog:\n    disabled: true\nstorage:\n  filesystem:\n    \
-             rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{port}\n",
-            dir.path().join("data").display()
-        );
-        let config_path = dir.path().join("config.yml");
-        fs::write(&config_path, config).unwrap();
-        let log = fs::File::create(dir.path().join("registry.log")).unwrap();
-        let child = Command::new(bin)
-            .arg("serve")
-            .arg(&config_path)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        let r = Registry { _dir: dir, child, port };
-        let start = Instant::now();
-        while TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(start.elapsed() < Duration::from_secs(20), "docker-registry did not listen on 127.0.0.1:{port}");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        r
-    }
-
-    fn host(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
-    }
-}
-
-impl Drop for Registry {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 /// The build machine (store and key) and the registry prefix it publishes to.
 struct Builder {
@@ -178,7 +130,7 @@ fn actions(report: &serde_json::Value) -> Vec<String> {
 
 #[test]
 fn update_takes_a_new_channel_version_with_its_dependency_and_then_changes_nothing() {
-    let reg = Registry::start();
+    let reg = Registry::start(None);
     let b = Builder::new(&reg);
     b.publish("app", "1.0.0", "");
     b.channel(&["app:1.0.0"], 100);
@@ -228,7 +180,7 @@ fn update_takes_a_new_channel_version_with_its_dependency_and_then_changes_nothi
 
 #[test]
 fn rollout_reaches_the_same_subset_of_hosts_and_grows_from_it() {
-    let reg = Registry::start();
+    let reg = Registry::start(None);
     let b = Builder::new(&reg);
     b.publish("app", "1.0.0", "");
     b.channel(&["app:1.0.0"], 100);
@@ -295,7 +247,7 @@ fn put_manifest(reg: &Registry, manifest: &serde_json::Value, dir: &Path) {
 
 #[test]
 fn a_channel_whose_signature_does_not_hold_is_refused_with_exit_3() {
-    let reg = Registry::start();
+    let reg = Registry::start(None);
     let b = Builder::new(&reg);
     b.publish("app", "1.0.0", "");
     b.publish("app", "1.1.0", "");
@@ -358,7 +310,7 @@ fn a_channel_whose_signature_does_not_hold_is_refused_with_exit_3() {
 
 #[test]
 fn channel_set_refuses_an_image_not_in_the_registry() {
-    let reg = Registry::start();
+    let reg = Registry::start(None);
     let b = Builder::new(&reg);
     b.publish("app", "1.0.0", "");
     let src = b.dir.path().join("src-app-1.0.0");
@@ -402,7 +354,7 @@ fn shipped_systemd_units_verify() {
 
 #[test]
 fn a_channel_document_older_than_one_taken_is_refused() {
-    let reg = Registry::start();
+    let reg = Registry::start(None);
     let b = Builder::new(&reg);
     b.publish("app", "1.0.0", "");
     b.publish("app", "1.1.0", "");
@@ -449,7 +401,7 @@ fn service_command(env_file: &str, root: &Path) -> Command {
 
 #[test]
 fn the_timer_service_command_takes_a_new_channel_version() {
-    let reg = Registry::start();
+    let reg = Registry::start(None);
     let b = Builder::new(&reg);
     b.publish("app", "1.0.0", "");
     b.channel(&["app:1.0.0"], 100);

@@ -10,72 +10,12 @@ use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use util::registry::{Registry, free_port};
 use util::*;
-
-/// A free TCP port on 127.0.0.1 (bound, then released).
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-/// `docker-registry serve` on 127.0.0.1:<free port>, storage in a temp dir; killed on drop.
-struct Registry {
-    _dir: tempfile::TempDir,
-    child: Child,
-    port: u16,
-}
-
-impl Registry {
-    fn start(htpasswd: Option<(&str, &str)>) -> Registry {
-        let bin = require_tool("docker-registry", "docker-registry");
-        let dir = tempfile::tempdir().unwrap();
-        let port = free_port();
-        let mut config = format!(
-            "version: 0.1\nlog:\n  level: error\n  accesslog:\n    disabled: true\nstorage:\n  filesystem:\n    rootdirectory: {}\n\
-             http:\n  addr: 127.0.0.1:{port}\n",
-            dir.path().join("data").display()
-        );
-        if let Some((user, pass)) = htpasswd {
-            let htpasswd = require_tool("htpasswd", "apache2-utils");
-            let entry = ok(Command::new(htpasswd).args(["-Bbn", user, pass]));
-            let file = dir.path().join("htpasswd");
-            fs::write(&file, entry.trim()).unwrap();
-            config += &format!("auth:\n  htpasswd:\n    realm: op-dbus-test\n    path: {}\n", file.display());
-        }
-        let config_path = dir.path().join("config.yml");
-        fs::write(&config_path, config).unwrap();
-        let log = fs::File::create(dir.path().join("registry.log")).unwrap();
-        let child = Command::new(bin)
-            .arg("serve")
-            .arg(&config_path)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        let r = Registry { _dir: dir, child, port };
-        let start = Instant::now();
-        while TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(start.elapsed() < Duration::from_secs(20), "docker-registry did not listen on 127.0.0.1:{port}");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        r
-    }
-
-    fn host(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
-    }
-}
-
-impl Drop for Registry {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 /// What the proxy does to the response of one blob.
 #[derive(Clone, Copy)]

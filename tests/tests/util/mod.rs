@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod fleet;
+pub mod registry;
 
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
