@@ -260,6 +260,26 @@ pub struct HostReport {
     pub error: Option<String>,
 }
 
+impl HostReport {
+    /// Nothing done yet on `t`.
+    fn new(t: &Target, status: &'static str, bytes_full: u64) -> HostReport {
+        HostReport {
+            host: t.name.clone(),
+            address: t.address.clone(),
+            status,
+            confirmation: None,
+            exit: None,
+            attempts: 0,
+            bytes_sent: 0,
+            bytes_full,
+            layers_skipped: 0,
+            seconds: 0.0,
+            report: None,
+            error: None,
+        }
+    }
+}
+
 /// `deploy --json`.
 #[derive(Debug, Serialize)]
 pub struct FleetReport {
@@ -508,20 +528,7 @@ fn deploy_host(
 ) -> HostReport {
     let started = Instant::now();
     let bytes_full: u64 = full.blobs.iter().map(|d| d.size).sum();
-    let mut r = HostReport {
-        host: t.name.clone(),
-        address: t.address.clone(),
-        status: "failed",
-        confirmation: None,
-        exit: None,
-        attempts: 0,
-        bytes_sent: 0,
-        bytes_full,
-        layers_skipped: 0,
-        seconds: 0.0,
-        report: None,
-        error: None,
-    };
+    let mut r = HostReport::new(t, "failed", bytes_full);
     let mut thin_refused = false;
     let query_timeout = s.connect_timeout + Duration::from_secs(60);
     loop {
@@ -702,24 +709,8 @@ pub fn deploy(layout: &Layout, images: &[Reference], targets: &[Target], s: &Opt
             slot.into_inner().ok().flatten().unwrap_or_else(|| {
                 bar.set_message("skipped");
                 bar.finish();
-                HostReport {
-                    host: t.name.clone(),
-                    address: t.address.clone(),
-                    status: "skipped",
-                    confirmation: None,
-                    exit: None,
-                    attempts: 0,
-                    bytes_sent: 0,
-                    bytes_full,
-                    layers_skipped: 0,
-                    seconds: 0.0,
-                    report: None,
-                    error: Some(if canary > 0 {
-                        "not started: the canary wave failed".into()
-                    } else {
-                        "not started: --max-failures reached".into()
-                    }),
-                }
+                let why = if canary > 0 { "the canary wave failed" } else { "--max-failures reached" };
+                HostReport { error: Some(format!("not started: {why}")), ..HostReport::new(t, "skipped", bytes_full) }
             })
         })
         .collect();
