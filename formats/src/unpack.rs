@@ -1550,6 +1550,54 @@ mod tests {
     }
 
     #[test]
+    fn a_patch_never_applies_through_a_link_below_and_is_bounded_at_its_header() {
+        let old: Vec<u8> = (0..50_000u32).map(|i| (i * 31 % 253) as u8).collect();
+        let mut new = old.clone();
+        new[100..200].fill(7);
+        let env = new_env();
+        let patch_desc = |env: &Env, top: &[u8]| {
+            let d = env.layout.write_blob(top).unwrap();
+            Descriptor::new(TAR_PATCH_MEDIA_TYPE, d, top.len() as u64)
+        };
+        // Below, d/f is a link to d/g, which holds the old bytes: the patch must not read
+        // through it (the link could lead anywhere a lower layer pointed it).
+        let cfg = config(vec![dir("d", 0o755), file("d/f", 0o644, &new), file("d/g", 0o644, &old)], "");
+        let base = payload(&[Op::Dir("d", 0o755), Op::Link("d/f", "g"), Op::File("d/g", 0o644, &old)]);
+        let (lower, upper) = (env.layer(&base), patch_desc(&env, &patch_layer(&old, &new)));
+        let err = unpack_layers(&env.layout, &[lower, upper], &cfg, &env.dest).unwrap_err();
+        assert!(err.is_malformed() && err.to_string().contains("holds no file there"), "{err}");
+
+        // A patch to an empty file is its header alone, the least a patch may be.
+        let env = new_env();
+        let cfg = config(vec![dir("d", 0o755), file("d/f", 0o644, b"")], "");
+        let mut header_only = Vec::new();
+        crate::patch::make(&mut io::Cursor::new(&old), old.len() as u64, &b""[..], 0, &mut header_only).unwrap();
+        assert_eq!(header_only.len() as u64, crate::patch::HEADER);
+        let top = {
+            let mut w = TarZstdWriter::new(Vec::new(), 1_700_000_000, Compression { level: 3, workers: 1 }).unwrap();
+            w.add_dir(&rel("d"), m(0o755)).unwrap();
+            w.add_patch(&rel("d/f"), m(0o644), header_only.len() as u64, &header_only[..]).unwrap();
+            w.finish().unwrap().2
+        };
+        let base = payload(&[Op::Dir("d", 0o755), Op::File("d/f", 0o644, &old)]);
+        let (lower, upper) = (env.layer(&base), patch_desc(&env, &top));
+        unpack_layers(&env.layout, &[lower, upper], &cfg, &env.dest).unwrap();
+        assert_eq!(fs::read(env.dest.join("d/f")).unwrap(), b"");
+
+        // One byte short of a header: refused at the header, as such.
+        let env = new_env();
+        let top = {
+            let mut w = TarZstdWriter::new(Vec::new(), 1_700_000_000, Compression { level: 3, workers: 1 }).unwrap();
+            w.add_dir(&rel("d"), m(0o755)).unwrap();
+            w.add_patch(&rel("d/f"), m(0o644), crate::patch::HEADER - 1, &header_only[1..]).unwrap();
+            w.finish().unwrap().2
+        };
+        let (lower, upper) = (env.layer(&base), patch_desc(&env, &top));
+        let err = unpack_layers(&env.layout, &[lower, upper], &cfg, &env.dest).unwrap_err();
+        assert!(err.is_malformed() && err.to_string().contains("shorter than its header"), "{err}");
+    }
+
+    #[test]
     fn good_image_round_trip() {
         let env = new_env();
         let big: Vec<u8> = (0..300_000u32).map(|i| (i * 7 % 251) as u8).collect();
