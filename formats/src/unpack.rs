@@ -1567,6 +1567,37 @@ mod tests {
         let err = unpack_layers(&env.layout, &[lower, upper], &cfg, &env.dest).unwrap_err();
         assert!(err.is_malformed() && err.to_string().contains("holds no file there"), "{err}");
 
+        // Without the link, it applies, and counts as one more file written.
+        let env = new_env();
+        let cfg = config(vec![dir("d", 0o755), file("d/f", 0o644, &new)], "");
+        let base = payload(&[Op::Dir("d", 0o755), Op::File("d/f", 0o644, &old)]);
+        let mut patch = Vec::new();
+        crate::patch::make(&mut io::Cursor::new(&old), old.len() as u64, &new[..], new.len() as u64, &mut patch)
+            .unwrap();
+        let patch_of = |bytes: &[u8]| {
+            let mut w = TarZstdWriter::new(Vec::new(), 1_700_000_000, Compression { level: 3, workers: 1 }).unwrap();
+            w.add_dir(&rel("d"), m(0o755)).unwrap();
+            w.add_patch(&rel("d/f"), m(0o644), bytes.len() as u64, bytes).unwrap();
+            w.finish().unwrap().2
+        };
+        let (lower, upper) = (env.layer(&base), patch_desc(&env, &patch_of(&patch)));
+        let stats = unpack_layers(&env.layout, &[lower, upper], &cfg, &env.dest).unwrap();
+        assert_eq!((stats.files, stats.bytes), (2, (old.len() + new.len()) as u64));
+        // A patch whose frames stop short (a consistent entry, a cut patch): the layer is
+        // corrupt, not the disk.
+        let env = new_env();
+        let cut = &patch[..patch.len() - 10];
+        let (lower, upper) = (env.layer(&base), patch_desc(&env, &patch_of(cut)));
+        let err = unpack_layers(&env.layout, &[lower, upper], &cfg, &env.dest).unwrap_err();
+        assert!(err.is_malformed(), "{err}");
+        // A layer cut inside the patch (its descriptor names the cut bytes): the stream ends
+        // early, which is the layer's fault, not the disk's.
+        let env = new_env();
+        let whole = patch_of(&patch);
+        let (lower, upper) = (env.layer(&base), patch_desc(&env, &whole[..whole.len() * 3 / 5]));
+        let err = unpack_layers(&env.layout, &[lower, upper], &cfg, &env.dest).unwrap_err();
+        assert!(err.is_malformed(), "{err}");
+
         // A patch to an empty file is its header alone, the least a patch may be.
         let env = new_env();
         let cfg = config(vec![dir("d", 0o755), file("d/f", 0o644, b"")], "");
