@@ -60,7 +60,13 @@ pub struct Systemd {
     /// The manager's PID as the host sees it.
     pub pid: u32,
     unshare: Child,
+    /// One manager at a time in this process: the managers share the host's cgroup tree
+    /// (`/sys` is the host's), so two of them would create, and fight over, the same
+    /// `system.slice/UNIT` cgroups (a unit then fails with 219/CGROUP).
+    _one_at_a_time: std::sync::MutexGuard<'static, ()>,
 }
+
+static ONE_MANAGER: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 impl Systemd {
     /// Boots a manager over `root` (created if missing) and waits until it runs. Fails with
@@ -83,6 +89,8 @@ impl Systemd {
             Path::new("/lib/systemd/systemd").is_file() && Path::new("/usr/bin/systemctl").is_file(),
             "this test needs a real systemd (it runs one as PID 1 of a namespace): apt-get install systemd"
         );
+        // A test that failed while holding it poisons nothing the next one relies on.
+        let one_at_a_time = ONE_MANAGER.lock().unwrap_or_else(|e| e.into_inner());
         std::fs::create_dir_all(root).unwrap();
         let bin_dir = bin("op-dbus-stage").parent().unwrap().to_owned();
         // setpriv --pdeathsig: should this test process die without dropping the value,
@@ -121,7 +129,7 @@ impl Systemd {
             assert!(Instant::now() < deadline, "systemd did not start within 20 s");
             std::thread::sleep(Duration::from_millis(20));
         };
-        let sd = Systemd { root: root.to_owned(), pid, unshare: child };
+        let sd = Systemd { root: root.to_owned(), pid, unshare: child, _one_at_a_time: one_at_a_time };
         loop {
             let out = run(sd.enter("systemctl").args(["is-system-running"]));
             let state = String::from_utf8_lossy(&out.stdout).trim().to_owned();
