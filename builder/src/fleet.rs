@@ -248,6 +248,8 @@ pub struct HostReport {
     pub attempts: u32,
     /// Archive bytes sent, over every attempt.
     pub bytes_sent: u64,
+    /// Archive bytes sent on the last attempt: after a cut, what the resumed transfer sent.
+    pub bytes_last_attempt: u64,
     /// The size of the full archive (what a plain export would send).
     pub bytes_full: u64,
     /// Payload layers left out because the host had them (last attempt).
@@ -271,6 +273,7 @@ impl HostReport {
             exit: None,
             attempts: 0,
             bytes_sent: 0,
+            bytes_last_attempt: 0,
             bytes_full,
             layers_skipped: 0,
             seconds: 0.0,
@@ -396,26 +399,20 @@ fn run_remote(t: &Target, s: &Options, args: &[&str], timeout: Duration) -> Resu
     })
 }
 
-/// The payload layers of the images the host's `list --json` names that this store has
-/// under the same digest.
-fn layers_on_host(layout: &Layout, list: &serde_json::Value) -> BTreeSet<Digest> {
+/// The payload layers of `tags`, the blobs a host may have already.
+fn payload_layers(layout: &Layout, tags: &[String]) -> Result<BTreeSet<Digest>> {
     let mut out = BTreeSet::new();
-    for st in list.get("stages").and_then(|s| s.as_array()).into_iter().flatten() {
-        let (Some(name), Some(version), Some(digest)) = (
-            st.get("name").and_then(|v| v.as_str()),
-            st.get("version").and_then(|v| v.as_str()),
-            st.get("digest").and_then(|v| v.as_str()),
-        ) else {
-            continue;
-        };
-        let Ok(r) = format!("{name}:{version}").parse::<Reference>() else { continue };
-        if let Ok(img) = StoredImage::load(layout, &r)
-            && img.digest.to_string() == digest
-        {
-            out.extend(img.manifest.layers.iter().map(|l| l.digest));
-        }
+    for t in tags {
+        let r: Reference = t.parse()?;
+        out.extend(StoredImage::load(layout, &r)?.manifest.layers.iter().map(|l| l.digest));
     }
-    out
+    Ok(out)
+}
+
+/// The blobs of `wanted` that `op-dbus-stage have --json` says the host has.
+fn had(doc: &serde_json::Value, wanted: &BTreeSet<Digest>) -> BTreeSet<Digest> {
+    let listed = doc.get("have").and_then(|h| h.as_array()).into_iter().flatten();
+    listed.filter_map(|d| d.as_str()?.parse::<Digest>().ok()).filter(|d| wanted.contains(d)).collect()
 }
 
 /// Counts what goes through, for the progress line and the stall watchdog.
@@ -444,11 +441,14 @@ impl<W: Write> Write for Meter<W> {
 /// Streams `plan` into `deploy -` on the host; the stall and activation deadlines apply.
 fn send(t: &Target, s: &Options, layout: &Layout, plan: &ExportPlan, bar: &ProgressBar) -> Result<(Remote, u64)> {
     let timeout = s.confirm_timeout.as_secs().to_string();
-    let args: Vec<&str> = if s.confirm_timeout.is_zero() {
-        vec!["--json", "deploy", "-"]
-    } else {
-        vec!["--json", "deploy", "--confirm-timeout", &timeout, "-"]
-    };
+    // The host gives up on a silent stream sooner than this side does: by the time a retry
+    // asks what it has, it has kept what arrived and let go of its lock.
+    let stall = (s.stall_timeout.as_secs() / 2).max(1).to_string();
+    let mut args: Vec<&str> = vec!["--json", "--stall-timeout", &stall, "deploy"];
+    if !s.confirm_timeout.is_zero() {
+        args.extend(["--confirm-timeout", &timeout]);
+    }
+    args.push("-");
     let mut child = t
         .ssh(s, &args)
         .stdin(Stdio::piped())
@@ -542,18 +542,23 @@ fn deploy_host(
             let mut exclude = BTreeSet::new();
             if !s.full && !thin_refused {
                 bar.set_message("asking what it has");
-                let list = run_remote(t, s, &["--json", "list"], query_timeout)?;
-                if list.code != Some(0) {
-                    return Ok(list);
+                let layers = payload_layers(layout, tags)?;
+                let digests: Vec<String> = layers.iter().map(ToString::to_string).collect();
+                let mut args = vec!["--json", "have"];
+                args.extend(digests.iter().map(String::as_str));
+                let have = run_remote(t, s, &args, query_timeout)?;
+                if have.code != Some(0) {
+                    return Ok(have);
                 }
-                let doc: serde_json::Value = serde_json::from_slice(&list.stdout).unwrap_or_default();
-                exclude = layers_on_host(layout, &doc);
+                let doc: serde_json::Value = serde_json::from_slice(&have.stdout).unwrap_or_default();
+                exclude = had(&doc, &layers);
             }
             let plan = if exclude.is_empty() { None } else { Some(ExportPlan::new(layout, tags, &exclude)?) };
             let plan = plan.as_ref().unwrap_or(full);
             r.layers_skipped = plan.omitted.len();
             let (remote, sent) = send(t, s, layout, plan, bar)?;
             r.bytes_sent += sent;
+            r.bytes_last_attempt = sent;
             Ok(remote)
         })();
         match outcome {
@@ -588,6 +593,11 @@ fn deploy_host(
                     }
                     Some(SSH_FAILED) | None if r.attempts <= s.retries => {
                         r.error = Some(format!("connection failed: {}", remote.message()));
+                    }
+                    // The host gave up on a stream that stopped (the link went away on the
+                    // way): what arrived whole stays there, and the next attempt asks.
+                    Some(1) if r.attempts <= s.retries && remote.message().contains("(--stall-timeout)") => {
+                        r.error = Some(remote.message());
                     }
                     _ => {
                         let m = remote.message();

@@ -86,6 +86,13 @@ pub enum Command {
     Update(UpdateOpts),
     /// Deployed stages and the images available in the store.
     List,
+    /// Which of the blobs DIGEST... this host's image store has (what a sender that resumes
+    /// a cut transfer need not send again).
+    Have {
+        /// Blob digests (sha256:HEX).
+        #[arg(required = true, value_name = "DIGEST")]
+        digests: Vec<formats::Digest>,
+    },
     /// What is deployed, by whom signed, unfinished transactions, broken links.
     Status,
     /// Check generations, links, staged files against their signed hashes, and verify commands.
@@ -397,6 +404,12 @@ fn render_report(r: &ops::Report) -> String {
     s
 }
 
+/// `have --json`.
+#[derive(Debug, Serialize)]
+pub struct HaveDoc {
+    pub have: Vec<formats::Digest>,
+}
+
 /// `list --json`.
 #[derive(Debug, Serialize)]
 pub struct ListDoc {
@@ -552,6 +565,11 @@ pub fn run(cli: Cli) -> Result<i32> {
             plugin(&opts, out, &o, true)?
         }
         Command::Update(o) => update(&opts, out, &o)?,
+        Command::Have { digests } => {
+            let ctx = Ctx::reading(&opts)?;
+            let doc = HaveDoc { have: ops::have(&ctx, &digests)? };
+            out.emit(&doc, |d| d.have.iter().map(|x| format!("{x}\n")).collect())?;
+        }
         Command::List => {
             let ctx = Ctx::reading(&opts)?;
             let doc = ListDoc { stages: ops::list(&ctx)? };

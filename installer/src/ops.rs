@@ -31,7 +31,9 @@ pub use crate::commands::feature::{FeatureChanged, set_feature};
 pub use crate::commands::fix_symlinks::fix_symlinks;
 pub use crate::commands::gc::gc;
 pub use crate::commands::init::{DEFAULT_POLICY, InitReport, init};
-pub use crate::commands::inspect::{Listed, StageStatus, StageVerify, Status, VerifyReport, list, status, verify};
+pub use crate::commands::inspect::{
+    Listed, StageStatus, StageVerify, Status, VerifyReport, have, list, status, verify,
+};
 pub use crate::commands::remove::remove;
 pub use crate::commands::repair::repair;
 pub use crate::commands::restore::restore;

@@ -529,6 +529,9 @@ pub fn receive(
                     BlobEvent::Stored { digest } => gate.stored(&digest, index, layout),
                 })
                 .map_err(|e| {
+                    // A cut stream: what arrived whole of verified images stays for a
+                    // sender that resumes (see `keep_arrived_layers`).
+                    keep_arrived_layers(&temp.layout, &gate.verified, store);
                     if stalled.stalled.load(std::sync::atomic::Ordering::Relaxed) {
                         anyhow::Error::new(Stalled { what: what.clone(), secs: stall.as_secs() })
                     } else {
@@ -615,12 +618,12 @@ pub fn receive(
     }
 }
 
-/// A source that sent nothing for `--stall-timeout`: abandoned, nothing stored or
-/// activated (exit 1).
+/// A source that sent nothing for `--stall-timeout`: abandoned, nothing activated, no
+/// image stored (the signed layers that arrived whole are kept for a retry) (exit 1).
 #[derive(Debug, thiserror::Error)]
 #[error(
     "{what} stalled: nothing arrived for {secs} s (--stall-timeout); the source was abandoned and nothing was \
-     stored or activated"
+     activated or stored as an image (signed layers that arrived whole are kept for a retry)"
 )]
 pub struct Stalled {
     pub what: String,
@@ -920,6 +923,26 @@ fn finish(
         images.push(v);
     }
     Ok(Received { images, temp: Some(temp), index })
+}
+
+/// After an archive that ended early (a cut connection, a stall): the payload layers of
+/// images whose signatures were verified, that arrived whole (a blob is renamed into the
+/// layout only once its digest checked), are linked into the store, so that a sender that
+/// asks `have` need not send them again. Nothing unverified is kept; the store's clean-up
+/// takes them like any unreferenced blob after the next change.
+fn keep_arrived_layers(temp: &Layout, verified: &BTreeMap<String, Verified>, store: &Layout) {
+    for v in verified.values() {
+        for l in &v.candidate().manifest.layers {
+            if !temp.has_blob(&l.digest) || store.has_blob(&l.digest) {
+                continue;
+            }
+            let (from, to) = (temp.blob_path(&l.digest), store.blob_path(&l.digest));
+            // A link is atomic: the store never holds part of a blob under its digest.
+            if let Err(e) = to.parent().map_or(Ok(()), fs::create_dir_all).and_then(|()| fs::hard_link(&from, &to)) {
+                tracing::debug!("keeping {} for a resumed transfer: {e}", l.digest);
+            }
+        }
+    }
 }
 
 /// Every payload layer must be in one of `layouts`; a thin export needs its parent's.

@@ -340,3 +340,90 @@ fn a_host_cut_off_after_activation_rolls_itself_back_a_confirmed_one_stays_and_a
     let (code, err) = fails(&mut remote(&fleet, 1, &["confirm", &token]));
     assert_eq!(code, 2, "{err}");
 }
+
+#[test]
+fn a_transfer_cut_mid_way_resumes_with_what_arrived() {
+    let s = Scratch::trusted();
+    // Four layers of 192 KiB of random bytes each: 1.0.0 and three updates on it.
+    for (i, version) in ["1.0.0", "1.1.0", "1.2.0", "1.3.0"].iter().enumerate() {
+        let files: Vec<(String, String)> = (0..=i).map(|j| (format!("share/d{j}"), String::new())).collect();
+        let refs: Vec<(&str, &str)> = [("bin/app", "#!/bin/sh\n")]
+            .into_iter()
+            .chain(files.iter().map(|(a, b)| (a.as_str(), b.as_str())))
+            .collect();
+        let dir = stage_dir(s.dir.path(), "app", version, APP, &refs);
+        for j in 0..=i {
+            let mut data = vec![0u8; 192 << 10];
+            // The same bytes for the same file in every version: only the new one changes.
+            let mut x = 0x9e37_79b9_7f4a_7c15u64 ^ j as u64;
+            for b in data.iter_mut() {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                *b = x as u8;
+            }
+            fs::write(dir.join(format!("share/d{j}")), data).unwrap();
+        }
+        let mut build = s.image();
+        build.args(["-q", "build"]);
+        if i > 0 {
+            build.args(["--parent", &format!("app:{}", ["1.0.0", "1.1.0", "1.2.0"][i - 1])]);
+        }
+        ok(build.arg(&dir));
+    }
+    let fleet = Fleet::new(1);
+    let root = fleet.root(0);
+    ok(std::process::Command::new(bin("op-dbus-stage")).arg("--root").arg(root).arg("init"));
+    ok(std::process::Command::new(bin("op-dbus-stage"))
+        .arg("--root")
+        .arg(root)
+        .args(["trust", "add"])
+        .arg(s.pub_key()));
+    // About 8 s for the whole archive; the link goes down once the host has received some
+    // 480 KB (two of the four layers and a part of the third), for 2 s.
+    fleet.rate(0, Some("800kbit"));
+    let mut c = fleet.client(bin("op-dbus-image"));
+    c.arg("--store").arg(s.store()).args(["--json", "deploy", "app:1.3.0", "--on", "h0", "--ssh-config"]);
+    c.arg(&fleet.ssh_config).args(["--stall-timeout", "2", "--connect-timeout", "2", "--retries", "6"]);
+    c.args(["--confirm-timeout", "0"]);
+    let inventory = s.path("inventory.toml");
+    fs::write(
+        &inventory,
+        format!(
+            "[hosts.h0]\naddress = {:?}\nroot = {:?}\ninstaller = {:?}\n",
+            fleet.hosts[0].addr,
+            root.display().to_string(),
+            bin("op-dbus-stage").display().to_string()
+        ),
+    )
+    .unwrap();
+    c.arg("--inventory").arg(&inventory);
+    let child = c.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let (before, _) = fleet.bytes(0);
+    let waiting = std::time::Instant::now();
+    while fleet.bytes(0).0 < before + 480_000 {
+        assert!(waiting.elapsed() < Duration::from_secs(60), "the transfer does not progress");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    fleet.set_link(0, false);
+    std::thread::sleep(Duration::from_secs(2));
+    fleet.rate(0, None);
+    fleet.set_link(0, true);
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let report = json(&String::from_utf8_lossy(&out.stdout));
+    let h = &report["hosts"][0];
+    assert_eq!(h["status"], "deployed", "{h:#}");
+    assert!(h["attempts"].as_u64().unwrap() >= 2, "{h:#}");
+    // The host had nothing before: what it skipped on the last attempt arrived on the first,
+    // and the resumed transfer sent well under the whole archive.
+    assert!(h["layers_skipped"].as_u64().unwrap() >= 2, "{h:#}");
+    let (last, full) = (h["bytes_last_attempt"].as_u64().unwrap(), h["bytes_full"].as_u64().unwrap());
+    assert!(last * 10 < full * 6, "the resumed transfer sent {last} bytes of an archive of {full}");
+    let list =
+        json(&ok(std::process::Command::new(bin("op-dbus-stage")).arg("--root").arg(root).args(["--json", "list"])));
+    assert_eq!(list["stages"][0]["version"], "1.3.0", "{list}");
+    let verify =
+        json(&ok(std::process::Command::new(bin("op-dbus-stage")).arg("--root").arg(root).args(["--json", "verify"])));
+    assert_eq!(verify["ok"], true, "{verify}");
+}

@@ -30,6 +30,15 @@ pub struct Listed {
     pub problem: Option<String>,
 }
 
+/// Which of `digests` the image store has.
+pub fn have(ctx: &Ctx, digests: &[formats::Digest]) -> Result<Vec<formats::Digest>> {
+    let Ok(p) = ctx.host.resolve(STORE) else { return Ok(Vec::new()) };
+    let Ok(store) = Layout::open(&p) else { return Ok(Vec::new()) };
+    let mut out: Vec<formats::Digest> = digests.iter().copied().filter(|d| store.has_blob(d)).collect();
+    out.dedup();
+    Ok(out)
+}
+
 pub fn list(ctx: &Ctx) -> Result<Vec<Listed>> {
     let state = ctx.state()?;
     let mut out: Vec<Listed> = state
