@@ -529,10 +529,11 @@ pub fn receive(
                     BlobEvent::Stored { digest } => gate.stored(&digest, index, layout),
                 })
                 .map_err(|e| {
-                    // A cut stream: what arrived whole of verified images stays for a
-                    // sender that resumes (see `keep_arrived_layers`).
-                    keep_arrived_layers(&temp.layout, &gate.verified, store);
                     if stalled.stalled.load(std::sync::atomic::Ordering::Relaxed) {
+                        // A stream that stopped (a link gone on the way): what arrived whole
+                        // of verified images stays for a sender that resumes. An archive
+                        // refused for what it holds, or cut short, leaves nothing.
+                        keep_arrived_layers(&temp.layout, &gate.verified, store);
                         anyhow::Error::new(Stalled { what: what.clone(), secs: stall.as_secs() })
                     } else {
                         e
@@ -925,7 +926,7 @@ fn finish(
     Ok(Received { images, temp: Some(temp), index })
 }
 
-/// After an archive that ended early (a cut connection, a stall): the payload layers of
+/// After an archive that stalled (its sender's link went away): the payload layers of
 /// images whose signatures were verified, that arrived whole (a blob is renamed into the
 /// layout only once its digest checked), are linked into the store, so that a sender that
 /// asks `have` need not send them again. Nothing unverified is kept; the store's clean-up
