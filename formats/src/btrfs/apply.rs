@@ -368,14 +368,7 @@ pub fn apply_to_dir_watched<R: Read>(
         let offset = reader.position();
         let Some(cmd) = reader.next_command()? else { break };
         let at = At { index: reader.commands(), offset };
-        checker.check(at, &cmd)?;
-        watch(checker.progress()).map_err(|reason| StreamError::Refused {
-            index: at.index,
-            offset,
-            command: cmd.name(),
-            path: String::new(),
-            reason,
-        })?;
+        checker.check_watched(at, &cmd, &mut watch)?;
         applier.apply(at, &cmd, checker.own_uuid())?;
     }
     checker.finish(reader.version(), reader.position())?;

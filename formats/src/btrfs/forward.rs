@@ -74,14 +74,7 @@ pub fn forward_stream<R: Read, W: Write>(
         let offset = reader.position();
         let Some(cmd) = reader.next_command()? else { break };
         let at = At { index: reader.commands(), offset };
-        checker.check(at, &cmd)?;
-        watch(checker.progress()).map_err(|reason| StreamError::Refused {
-            index: at.index,
-            offset,
-            command: cmd.name(),
-            path: String::new(),
-            reason,
-        })?;
+        checker.check_watched(at, &cmd, &mut watch)?;
         let [header, body] = reader.raw_command();
         if cmd == Command::End {
             let summary = checker.finish(reader.version(), reader.position())?;

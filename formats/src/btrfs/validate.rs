@@ -353,6 +353,25 @@ impl Checker {
         })
     }
 
+    /// [`Checker::check`], then `watch` is shown what the stream stores and creates so far;
+    /// its refusal (`Err(reason)`) refuses the stream at this command (the budget of an
+    /// unpack, as the forwarder and the applier enforce it).
+    pub(crate) fn check_watched(
+        &mut self,
+        at: At,
+        cmd: &Command,
+        watch: &mut impl FnMut(super::forward::Progress) -> Result<(), String>,
+    ) -> Result<(), StreamError> {
+        self.check(at, cmd)?;
+        watch(self.progress()).map_err(|reason| StreamError::Refused {
+            index: at.index,
+            offset: at.offset,
+            command: cmd.name(),
+            path: String::new(),
+            reason,
+        })
+    }
+
     /// Checks one command and applies it to the model.
     pub(crate) fn check(&mut self, at: At, cmd: &Command) -> Result<(), StreamError> {
         let refuse = |path: &dyn std::fmt::Display, reason: String| StreamError::Refused {
