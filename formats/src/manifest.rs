@@ -353,6 +353,10 @@ pub struct StageDefinition {
     pub dependencies: Vec<String>,
     #[serde(default)]
     pub files: Vec<FileSpec>,
+    /// Paths the service writes (files or directories on the host, not staged): kept
+    /// across upgrades and saved by `op-dbus-stage backup create`.
+    #[serde(default)]
+    pub data: Vec<TargetPath>,
     #[serde(default)]
     pub services: Vec<String>,
     #[serde(default)]
@@ -422,6 +426,7 @@ impl StageDefinition {
             &self.cleanup,
         )
         .map_err(|(f, r)| invalid(f, r))?;
+        check_data(&self.data, &self.files).map_err(|(f, r)| invalid(f, r))?;
         check_list("dependencies", &self.dependencies).map_err(|(f, r)| invalid(f, r))?;
         check_list("build", &self.build).map_err(|(f, r)| invalid(f, r))?;
         check_list("sources", &self.sources).map_err(|(f, r)| invalid(f, r))?;
@@ -464,6 +469,23 @@ fn check_text(field: &str, s: &str) -> Result<(), (String, String)> {
 fn check_list<T>(field: &str, v: &[T]) -> Result<(), (String, String)> {
     if v.len() > MAX_LIST {
         return Err((field.to_owned(), format!("more than {MAX_LIST} entries")));
+    }
+    Ok(())
+}
+
+/// `data:` paths: each once, none inside another (one would be saved twice), none at or
+/// inside a `files:` target (what the stage places is not the service's data; a data
+/// directory may hold a placed file).
+fn check_data(data: &[TargetPath], files: &[FileSpec]) -> Result<(), (String, String)> {
+    check_list("data", data)?;
+    for (i, d) in data.iter().enumerate() {
+        if let Some(o) = data[..i].iter().find(|o| d.is_under(o) || o.is_under(d)) {
+            let reason = if o == d { format!("{d} is listed twice") } else { format!("{d} and {o} nest") };
+            return Err((format!("data[{i}]"), reason));
+        }
+        if let Some(f) = files.iter().find(|f| d.is_under(&f.target)) {
+            return Err((format!("data[{i}]"), format!("{d} lies at or inside the target {} of files:", f.target)));
+        }
     }
     Ok(())
 }
@@ -619,6 +641,9 @@ pub struct StageConfig {
     pub host_requirements: Vec<String>,
     #[serde(default)]
     pub files: Vec<FileSpec>,
+    /// The service's data paths (absent when none, so that older images keep their digests).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub data: Vec<TargetPath>,
     #[serde(default)]
     pub services: Vec<String>,
     /// System users to create if missing (absent when none, so that older images keep
@@ -661,6 +686,7 @@ impl StageConfig {
             dependencies: def.stage_dependencies(),
             host_requirements: def.host_requirements(),
             files: def.files.clone(),
+            data: def.data.clone(),
             services: def.services.clone(),
             users: def.users.clone(),
             verify: def.verify.clone(),
@@ -711,6 +737,7 @@ impl StageConfig {
             &self.cleanup,
         )
         .map_err(|(f, r)| invalid(f, r))?;
+        check_data(&self.data, &self.files).map_err(|(f, r)| invalid(f, r))?;
         check_list("dependencies", &self.dependencies).map_err(|(f, r)| invalid(f, r))?;
         check_list("host_requirements", &self.host_requirements).map_err(|(f, r)| invalid(f, r))?;
         for (i, d) in self.dependencies.iter().enumerate() {
@@ -915,6 +942,28 @@ mod tests {
         assert!(e.contains("timeout"), "{e}");
         assert!(parse("version: [1\n").is_err());
         assert!(parse("version: 1.0.0\nversion: 1.0.1\n").is_err());
+    }
+
+    #[test]
+    fn data_paths_are_absolute_apart_and_not_placed_files() {
+        let files = "files:\n  - path: etc/x.conf\n    target: /etc/op-dbus/x.conf\n";
+        let def = parse(&format!("version: 1.0.0\n{files}data:\n  - /var/lib/op-dbus/app\n  - /etc/op-dbus/app.d\n"))
+            .unwrap();
+        assert_eq!(def.data.len(), 2);
+        // Absent from the embedded manifest when empty: older images keep their digests.
+        let c = StageConfig::from_definition("s".parse().unwrap(), &parse("version: 1.0.0\n").unwrap(), Vec::new());
+        assert!(!String::from_utf8(c.to_bytes()).unwrap().contains("data"));
+        for (bad, says) in [
+            ("data:\n  - var/lib/x\n", "not absolute"),
+            ("data:\n  - /var/lib/../../etc/shadow\n", ".."),
+            ("data:\n  - /var/lib/op-dbus/a\n  - /var/lib/op-dbus/a\n", "twice"),
+            ("data:\n  - /var/lib/op-dbus/a\n  - /var/lib/op-dbus/a/b\n", "nest"),
+            ("data:\n  - /etc/op-dbus/x.conf\n", "files:"),
+            ("data:\n  - /etc/op-dbus/x.conf/y\n", "files:"),
+        ] {
+            let e = parse(&format!("version: 1.0.0\n{files}{bad}")).unwrap_err().to_string();
+            assert!(e.contains(says), "{bad}: {e}");
+        }
     }
 
     #[test]

@@ -32,15 +32,21 @@ pub type Resolutions = BTreeMap<TargetPath, Resolved>;
 /// refused before their resolution matters).
 pub fn resolutions(host: &Host, policy: &Policy, config: &StageConfig) -> Resolutions {
     let mut out = Resolutions::new();
-    for f in config.files.iter().filter(|f| policy.target_allowed(&f.target)) {
-        let r = match host.resolve_target(&f.target) {
+    for t in targets(config).filter(|(t, _)| policy.target_allowed(t)).map(|(t, _)| t) {
+        let r = match host.resolve_target(t) {
             Ok(t) => Resolved::At(t),
             Err(e) if e.get_ref().is_some_and(|x| x.is::<UnsafeLink>()) => Resolved::Unsafe(e.to_string()),
             Err(e) => Resolved::Failed(ReadError { kind: e.kind(), message: e.to_string() }),
         };
-        out.insert(f.target.clone(), r);
+        out.insert(t.clone(), r);
     }
     out
+}
+
+/// The paths of a stage the policy judges: its `files:` targets, then its `data:` paths
+/// (which a backup saves and a restore writes), each with the word messages name it by.
+fn targets(config: &StageConfig) -> impl Iterator<Item = (&TargetPath, &'static str)> {
+    config.files.iter().map(|f| (&f.target, "target")).chain(config.data.iter().map(|d| (d, "data path")))
 }
 
 /// What the host's policy asks of a stage before it may be active: every target under the
@@ -78,36 +84,35 @@ pub fn policy(
         ))
         .into())
     };
-    for f in &config.files {
-        if !policy.target_allowed(&f.target) {
+    for (target, noun) in targets(config) {
+        if !policy.target_allowed(target) {
             return Err(Refused::Policy(format!(
-                "{what}: target {} is outside the allowed prefixes ({}); a trusted key is not a licence to write there. \
-                 Allow the prefix in /etc/op-dbus/stage.toml (allowed_prefixes) if this is intended",
-                f.target,
+                "{what}: {noun} {target} is outside the allowed prefixes ({}); a trusted key is not a licence to write \
+                 there. Allow the prefix in /etc/op-dbus/stage.toml (allowed_prefixes) if this is intended",
                 prefixes()
             ))
             .into());
         }
-        let resolved = match resolved.get(&f.target) {
+        let resolved = match resolved.get(target) {
             Some(Resolved::At(t)) => t,
             Some(Resolved::Unsafe(e)) => {
-                return Err(Refused::Policy(format!("{what}: target {}: {e}", f.target)).into());
+                return Err(Refused::Policy(format!("{what}: {noun} {target}: {e}")).into());
             }
             Some(Resolved::Failed(e)) => {
                 return Err(anyhow::Error::new(std::io::Error::new(e.kind, e.message.clone()))
-                    .context(format!("{what}: resolving target {}", f.target)));
+                    .context(format!("{what}: resolving {noun} {target}")));
             }
-            None => anyhow::bail!("{what}: target {} was not resolved before admission", f.target),
+            None => anyhow::bail!("{what}: {noun} {target} was not resolved before admission"),
         };
-        narrowed(&f.target)?;
-        if *resolved != f.target {
+        narrowed(target)?;
+        if resolved != target {
             narrowed(resolved)?;
         }
         if !policy.target_allowed(resolved) {
             return Err(Refused::Policy(format!(
-                "{what}: target {} resolves to {resolved} on this host (through symlinks), which is outside the allowed \
-                 prefixes ({}); allow that prefix in /etc/op-dbus/stage.toml (allowed_prefixes) if this is intended",
-                f.target,
+                "{what}: {noun} {target} resolves to {resolved} on this host (through symlinks), which is outside the \
+                 allowed prefixes ({}); allow that prefix in /etc/op-dbus/stage.toml (allowed_prefixes) if this is \
+                 intended",
                 prefixes()
             ))
             .into());
@@ -223,6 +228,28 @@ mod tests {
         let c = config(&["/etc/passwd"], None);
         let e = refused(policy(&p, &c, "app 1.0.0", &signer(), &Resolutions::new()));
         assert!(e.contains("outside the allowed prefixes"), "{e}");
+    }
+
+    #[test]
+    fn data_paths_are_judged_like_targets() {
+        let p = policy_of("allowed_prefixes = [\"/opt\", \"/var/lib/op-dbus\"]\n");
+        let mut c = config(&["/opt/app/tool"], None);
+        c.data = vec!["/var/lib/op-dbus/app".parse().unwrap()];
+        let fine = at(&[("/opt/app/tool", "/opt/app/tool"), ("/var/lib/op-dbus/app", "/var/lib/op-dbus/app")]);
+        policy(&p, &c, "app", &signer(), &fine).unwrap();
+        // The installer's own areas are reserved: a backup must not carry them back.
+        c.data = vec!["/var/lib/op-dbus/staging".parse().unwrap()];
+        let e = refused(policy(&p, &c, "app", &signer(), &fine));
+        assert!(e.contains("data path /var/lib/op-dbus/staging is outside"), "{e}");
+        c.data = vec!["/var/lib/op-dbus/app".parse().unwrap()];
+        let e = refused(policy(
+            &p,
+            &c,
+            "app",
+            &signer(),
+            &at(&[("/opt/app/tool", "/opt/app/tool"), ("/var/lib/op-dbus/app", "/etc")]),
+        ));
+        assert!(e.contains("data path /var/lib/op-dbus/app resolves to /etc"), "{e}");
     }
 
     #[test]

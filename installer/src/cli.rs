@@ -113,6 +113,10 @@ pub enum Command {
         #[arg(long)]
         verify: bool,
     },
+    /// Save the stages' data and copied files (their edited configs) in an archive, list,
+    /// check, restore and prune such backups.
+    #[command(subcommand)]
+    Backup(BackupCommand),
     /// Return the whole host to a snapshot.
     Restore {
         /// The snapshot's name, as `snapshots` lists it.
@@ -200,6 +204,10 @@ pub struct DeployOpts {
     /// Mark the snapshots this change takes to keep (retention never prunes them).
     #[arg(long)]
     pub keep: bool,
+    /// First take a backup (as `backup create`, without secrets) of the stages being
+    /// deployed that are deployed already.
+    #[arg(long)]
+    pub backup: bool,
     /// After activating, wait this long for `op-dbus-stage confirm TOKEN` (sent over a new
     /// connection); without it the host goes back to the state before the deploy by itself.
     /// 0: no confirmation (the default).
@@ -280,6 +288,64 @@ pub enum SnapshotsCommand {
         #[arg(required = true)]
         names: Vec<String>,
     },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BackupCommand {
+    /// Save the data paths and the copy / copy-if-not-exists targets of STAGE... (default:
+    /// every deployed stage) as they are now, in /var/lib/op-dbus/backups.
+    Create(BackupCreateOpts),
+    /// The backups, oldest first: time, stages, size.
+    List,
+    /// What a backup holds: its time, host, stages and every saved path.
+    Info {
+        /// The backup's name, as `backup list` shows it.
+        name: String,
+    },
+    /// Check a backup: the archive against what was written and every entry's sha256
+    /// against its manifest (exit 5 when something does not match).
+    Verify {
+        /// The backup's name.
+        name: String,
+        /// The age identity to decrypt an encrypted backup with (default:
+        /// /etc/op-dbus/host.age when there is one; without one only the archive file is
+        /// checked).
+        #[arg(long, value_name = "FILE")]
+        identity: Option<PathBuf>,
+    },
+    /// Put every path a backup saved back as it was saved, as one transaction. Paths
+    /// changed after the backup are refused (exit 4) unless --force.
+    Restore {
+        /// The backup's name.
+        name: String,
+        /// Overwrite paths that were changed after the backup too.
+        #[arg(long)]
+        force: bool,
+        /// The age identity to decrypt an encrypted backup with (default:
+        /// /etc/op-dbus/host.age).
+        #[arg(long, value_name = "FILE")]
+        identity: Option<PathBuf>,
+    },
+    /// Apply the retention policy ([backups] keep in stage.toml): delete all but the newest.
+    Prune,
+}
+
+/// `backup create`.
+#[derive(Debug, Args)]
+pub struct BackupCreateOpts {
+    /// The deployed stages to back up (their names or unique prefixes).
+    #[arg(value_name = "STAGE")]
+    pub stages: Vec<String>,
+    /// Save the stages' secret targets too; needs a recipient (secrets never go in clear).
+    #[arg(long)]
+    pub include_secrets: bool,
+    /// Encrypt the backup to this age recipient (age1...); repeat for more. Stock
+    /// `age -d -i IDENTITY` decrypts it.
+    #[arg(long, value_name = "AGE1...")]
+    pub recipient: Vec<String>,
+    /// Encrypt to the recipients listed in FILE (one age1... per line, # comments).
+    #[arg(long, value_name = "FILE")]
+    pub recipients_file: Vec<PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -464,6 +530,7 @@ pub fn run(cli: Cli) -> Result<i32> {
         allow_expired: g.allow_expired,
         keep: 2,
         keep_snapshots: matches!(&cli.command, Command::Deploy(o) | Command::DeployFromImage(o) if o.keep),
+        backup_first: matches!(&cli.command, Command::Deploy(o) | Command::DeployFromImage(o) if o.backup),
         stall_timeout: Duration::from_secs(g.stall_timeout),
     };
     crate::progress::init(g.progress, g.common.quiet);
@@ -655,6 +722,7 @@ pub fn run(cli: Cli) -> Result<i32> {
                 return Ok(error::VERIFY_FAILED);
             }
         }
+        Command::Backup(b) => return backup_command(&opts, out, b),
         Command::Restore { snapshot, yes } => {
             let ctx = Ctx::changing(&opts)?;
             confirm_restore(&ctx, &snapshot, yes)?;
@@ -989,6 +1057,141 @@ fn confirm_restore(ctx: &Ctx, snapshot: &str, yes: bool) -> Result<()> {
         .into())
 }
 
+/// `backup ...`; returns the exit code.
+fn backup_command(opts: &Options, out: Output, b: BackupCommand) -> Result<i32> {
+    use crate::commands::backup as cmd;
+    match b {
+        BackupCommand::Create(o) => {
+            let ctx = Ctx::changing(opts)?;
+            let stages = o.stages.iter().map(|s| crate::names::deployed(&ctx, s)).collect::<Result<Vec<_>>>()?;
+            let c = cmd::CreateOpts {
+                include_secrets: o.include_secrets,
+                recipients: o.recipient,
+                recipients_files: o.recipients_file,
+            };
+            let r = cmd::create(&ctx, &stages, &c)?;
+            out.emit(&r, render_backup_created)?;
+        }
+        BackupCommand::List => {
+            let ctx = Ctx::reading(opts)?;
+            out.emit(&cmd::list(&ctx.host)?, render_backup_list)?;
+        }
+        BackupCommand::Info { name } => {
+            let ctx = Ctx::reading(opts)?;
+            let (_, s) = crate::backup::find(&ctx.host, &name)?;
+            out.emit(&s, render_backup_info)?;
+        }
+        BackupCommand::Verify { name, identity } => {
+            let ctx = Ctx::reading(opts)?;
+            let r = cmd::verify(&ctx.host, &name, identity.as_deref())?;
+            out.emit(&r, |r| {
+                let mut s = String::new();
+                for p in &r.problems {
+                    s += &format!("{p}\n");
+                }
+                if !r.entries_checked {
+                    s += "the archive is encrypted and no identity was given (--identity FILE): only the archive file \
+                          was checked\n";
+                }
+                s + &if r.ok {
+                    format!("backup {} is intact ({} entries)\n", r.name, r.entries)
+                } else {
+                    format!("backup {} is NOT intact\n", r.name)
+                }
+            })?;
+            if !r.ok {
+                return Ok(error::VERIFY_FAILED);
+            }
+        }
+        BackupCommand::Restore { name, force, identity } => {
+            let ctx = Ctx::changing(opts)?;
+            let r = cmd::restore(&ctx, &name, force, identity.as_deref())?;
+            out.emit(&r, render_report)?;
+        }
+        BackupCommand::Prune => {
+            let ctx = Ctx::changing(opts)?;
+            let r = cmd::prune(&ctx)?;
+            out.emit(&r, |r| {
+                let would = if r.dry_run { "would " } else { "" };
+                if r.pruned.is_empty() {
+                    return format!("nothing to prune ([backups] keep = {})\n", r.keep);
+                }
+                r.pruned.iter().map(|n| format!("{would}remove backup {n}\n")).collect()
+            })?;
+        }
+    }
+    Ok(error::OK)
+}
+
+fn render_backup_created(r: &crate::commands::backup::Created) -> String {
+    let mut s = format!(
+        "{} {} ({} entries, {}{}{})\n",
+        if r.dry_run { "would write backup" } else { "wrote backup" },
+        r.name,
+        r.entries,
+        cli_support::human_bytes(r.bytes),
+        if r.encrypted { ", encrypted" } else { "" },
+        if r.secrets { ", with secrets" } else { "" },
+    );
+    if let Some(a) = &r.archive {
+        s += &format!("  {}\n", a.display());
+    }
+    for n in &r.notes {
+        s += &format!("  note: {n}\n");
+    }
+    s
+}
+
+fn render_backup_list(d: &crate::commands::backup::Listed) -> String {
+    if d.backups.is_empty() {
+        return "no backups\n".into();
+    }
+    let rows: Vec<Vec<String>> = d
+        .backups
+        .iter()
+        .map(|b| {
+            vec![
+                b.name.clone(),
+                b.created.clone(),
+                cli_support::human_bytes(b.archive_bytes),
+                if b.encrypted { "yes".into() } else { "-".into() },
+                b.stages.iter().map(|s| format!("{} {}", s.name, s.version)).collect::<Vec<_>>().join(", "),
+            ]
+        })
+        .collect();
+    cli_support::table(&["NAME", "CREATED", "SIZE", "ENCRYPTED", "STAGES"], &rows, &[2])
+}
+
+fn render_backup_info(s: &crate::backup::Summary) -> String {
+    let m = &s.manifest;
+    let out = format!(
+        "backup {}\ncreated {}\nhost {}\nstages {}\narchive {} ({}, sha256 {})\nencrypted {}\nsecrets {}\n",
+        m.name,
+        m.created,
+        m.host,
+        m.stages.iter().map(|s| format!("{} {}", s.name, s.version)).collect::<Vec<_>>().join(", "),
+        s.archive,
+        cli_support::human_bytes(s.archive_bytes),
+        s.archive_sha256,
+        if s.encrypted { format!("yes, to {}", s.recipients.join(", ")) } else { "no".into() },
+        if m.secrets { "yes" } else { "no" },
+    );
+    let rows: Vec<Vec<String>> = m
+        .items
+        .iter()
+        .map(|i| {
+            vec![
+                i.path.to_string(),
+                i.kind.noun().to_owned(),
+                i.stage.to_string(),
+                format!("{}:{} {}", i.uid, i.gid, i.mode),
+                i.size.map(cli_support::human_bytes).unwrap_or_else(|| "-".into()),
+            ]
+        })
+        .collect();
+    out + &cli_support::table(&["PATH", "TYPE", "STAGE", "OWNER MODE", "SIZE"], &rows, &[4])
+}
+
 /// `deploy` (with how to apply several images, whether to add their dependencies, and how
 /// long to wait for a confirmation: 0 none) and `receive` (`batch` none).
 fn deploy(
@@ -1087,7 +1290,7 @@ fn update(_: &Options, _: Output, o: &UpdateOpts) -> Result<()> {
 
 /// The text of `deploy` and `receive`.
 fn render_deploy(r: &ops::DeployReport) -> String {
-    let mut s = String::new();
+    let mut s = r.backup.as_ref().map(render_backup_created).unwrap_or_default();
     for v in &r.received {
         s += &format!(
             "verified {} {} signed by {}\n",

@@ -287,6 +287,33 @@ impl Host {
         })
     }
 
+    /// What is at `target` (the last component not followed) with its metadata, and the
+    /// directory that holds it, reached as [`Host::walk`] does: for reading what is there
+    /// without following a link out of the root. `None` when nothing is there.
+    pub fn lstat(&self, target: &TargetPath) -> io::Result<Option<(OwnedFd, String, rustix::fs::Stat)>> {
+        let (fd, name) = match self.parent(target) {
+            Ok(x) => x,
+            Err(e) if e.kind() == io::ErrorKind::NotFound || e.raw_os_error() == Some(20) => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        match rustix::fs::statat(&fd, name.as_str(), AtFlags::SYMLINK_NOFOLLOW) {
+            Ok(st) => Ok(Some((fd, name, st))),
+            Err(rustix::io::Errno::NOENT) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Gives the directory or file at `target` (not followed) an owner, a group and a mode.
+    pub fn set_owner_mode(&self, target: &TargetPath, uid: u32, gid: u32, mode: u32) -> io::Result<()> {
+        let (fd, name) = self.parent(target)?;
+        let f =
+            rustix::fs::openat(&fd, name.as_str(), OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC, Mode::empty())?;
+        // The owner before the mode: a chown clears setuid and setgid bits.
+        rustix::fs::fchown(&f, Some(rustix::fs::Uid::from_raw(uid)), Some(rustix::fs::Gid::from_raw(gid)))?;
+        rustix::fs::fchmod(&f, Mode::from_raw_mode(mode))?;
+        Ok(())
+    }
+
     /// The sha256 of the regular file at `target`, if there is one.
     pub fn file_digest(&self, target: &TargetPath) -> io::Result<Option<Digest>> {
         if self.state(target)? != TargetState::File {

@@ -11,6 +11,7 @@
 //! ```
 
 pub mod admit;
+pub mod backup;
 pub mod btrfs;
 pub mod checks;
 pub mod cli;

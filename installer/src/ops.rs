@@ -53,6 +53,8 @@ pub struct Options {
     pub keep: usize,
     /// Mark the snapshots this change takes to keep (`--keep`): retention never prunes them.
     pub keep_snapshots: bool,
+    /// Take a backup of the deployed stages a deploy changes first (`deploy --backup`).
+    pub backup_first: bool,
     /// How long a source may send nothing before it is abandoned (`--stall-timeout`).
     pub stall_timeout: Duration,
 }

@@ -96,13 +96,15 @@ pub const DEFAULT_ALLOWED_PREFIXES: [&str; 6] =
     ["/usr/local", "/opt", "/etc/op-dbus", "/etc/systemd/system", "/var/www", "/var/lib/op-dbus"];
 
 /// Targets no stage may place anything at or under, whatever `allowed_prefixes` says: the
-/// trust store, the policy itself, and the installer's staging area, image store and audit trail.
-pub const RESERVED_TARGETS: [&str; 5] = [
+/// trust store, the policy itself, and the installer's staging area, image store, audit trail
+/// and backups.
+pub const RESERVED_TARGETS: [&str; 6] = [
     "/etc/op-dbus/trusted-keys",
     DEFAULT_PATH,
     "/var/lib/op-dbus/staging",
     "/var/lib/op-dbus/deployment",
     "/var/lib/op-dbus/history",
+    "/var/lib/op-dbus/backups",
 ];
 
 /// The user verify commands run as when no `[verify_users]` glob matches the stage.
@@ -123,6 +125,10 @@ pub const MAX_GLOB: usize = 128;
 pub const DEFAULT_SNAPSHOT_KEEP: usize = 10;
 /// The largest `[snapshots] keep`.
 pub const MAX_SNAPSHOT_KEEP: usize = 10_000;
+/// How many of the newest backups `backup prune` keeps when `[backups] keep` is not set.
+pub const DEFAULT_BACKUP_KEEP: usize = 7;
+/// The largest `[backups] keep`.
+pub const MAX_BACKUP_KEEP: usize = 10_000;
 
 /// Why a policy file or an edit of it was refused. Each names the file, the line when
 /// known, the setting and what to write instead.
@@ -216,6 +222,8 @@ pub struct Policy {
     verify_users: Vec<(String, VerifyUser)>,
     /// `[snapshots] keep`: how many of the newest snapshots retention keeps.
     snapshot_keep: usize,
+    /// `[backups] keep`: how many of the newest backups `backup prune` keeps.
+    backup_keep: usize,
 }
 
 impl Default for Policy {
@@ -232,6 +240,7 @@ impl Default for Policy {
             thresholds: Vec::new(),
             verify_users: Vec::new(),
             snapshot_keep: DEFAULT_SNAPSHOT_KEEP,
+            backup_keep: DEFAULT_BACKUP_KEEP,
         }
     }
 }
@@ -254,9 +263,10 @@ struct RawPolicy {
     #[serde(default)]
     verify_users: BTreeMap<String, Spanned<String>>,
     snapshots: Option<RawSnapshots>,
+    backups: Option<RawSnapshots>,
 }
 
-/// `[snapshots]`: the retention policy of the installer's snapshots.
+/// `[snapshots]` and `[backups]`: the retention policy of the installer's snapshots and backups.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawSnapshots {
@@ -470,6 +480,18 @@ impl Policy {
             })?;
         }
 
+        if let Some(keep) = raw.backups.and_then(|s| s.keep) {
+            let n = *keep.get_ref();
+            policy.backup_keep = usize::try_from(n).ok().filter(|n| *n <= MAX_BACKUP_KEEP).ok_or_else(|| {
+                src.invalid(
+                    keep.span(),
+                    "backups.keep",
+                    n.to_string(),
+                    format!("is out of range: give a number of backups from 0 to {MAX_BACKUP_KEEP}"),
+                )
+            })?;
+        }
+
         Ok(policy)
     }
 
@@ -489,6 +511,11 @@ impl Policy {
     /// pre-snapshot of the running set and snapshots marked to keep are kept besides.
     pub fn snapshot_keep(&self) -> usize {
         self.snapshot_keep
+    }
+
+    /// How many of the newest backups `backup prune` keeps (`[backups] keep`).
+    pub fn backup_keep(&self) -> usize {
+        self.backup_keep
     }
 
     /// Whether `feature` is enabled on this host.
@@ -818,6 +845,12 @@ signatures = 2
         assert_eq!(parse("").unwrap().snapshot_keep(), DEFAULT_SNAPSHOT_KEEP);
         assert_eq!(parse("[snapshots]\nkeep = 3\n").unwrap().snapshot_keep(), 3);
         assert_eq!(parse("[snapshots]\n").unwrap().snapshot_keep(), DEFAULT_SNAPSHOT_KEEP);
+        assert_eq!(parse("").unwrap().backup_keep(), DEFAULT_BACKUP_KEEP);
+        assert_eq!(parse("[backups]\nkeep = 2\n").unwrap().backup_keep(), 2);
+        for bad in ["[backups]\nkeep = -1\n", "[backups]\nkeep = 10001\n", "[backups]\nkept = 3\n"] {
+            let e = parse(bad).unwrap_err().to_string();
+            assert!(e.contains("keep") && e.contains(":2"), "{bad}: {e}");
+        }
         for bad in ["[snapshots]\nkeep = -1\n", "[snapshots]\nkeep = 10001\n", "[snapshots]\nkept = 3\n"] {
             let e = parse(bad).unwrap_err().to_string();
             assert!(e.contains("keep") && e.contains(":2"), "{bad}: {e}");

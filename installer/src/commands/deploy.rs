@@ -32,6 +32,9 @@ pub struct DeployReport {
     /// `--confirm-timeout`: the change awaits `confirm TOKEN` (see `crate::confirm`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub confirmation: Option<crate::confirm::Confirmation>,
+    /// `--backup`: the backup taken first (absent when no stage being deployed was deployed).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub backup: Option<crate::commands::backup::Created>,
 }
 
 /// How `deploy` applies several images.
@@ -65,6 +68,7 @@ pub fn deploy(ctx: &Ctx, sources: &[Source], batch: Batch, with_deps: bool, acti
         deployed: Vec::new(),
         skipped: Vec::new(),
         confirmation: None,
+        backup: None,
     };
     if !activate {
         if !ctx.opts.dry_run {
@@ -79,6 +83,23 @@ pub fn deploy(ctx: &Ctx, sources: &[Source], batch: Batch, with_deps: bool, acti
     let images: Vec<Image> =
         all.iter().flat_map(|r| r.images.iter().map(move |v| (r, v))).filter(|(_, v)| seen.insert(v.digest)).collect();
     let images = order(images);
+    if ctx.opts.backup_first {
+        // The deployed stages this deploy changes, as they are before it.
+        let state = ctx.state()?;
+        let changed: Vec<StageName> = images
+            .iter()
+            .map(|(_, v)| (&v.candidate().config.name, v.digest))
+            .filter(|(n, d)| state.stages.get(*n).is_some_and(|s| s.active.digest != *d))
+            .map(|(n, _)| n.clone())
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        if !changed.is_empty() {
+            let b = crate::commands::backup::create(ctx, &changed, &Default::default())
+                .context("taking the backup --backup asks for first; nothing was deployed")?;
+            report.backup = Some(b);
+        }
+    }
     if batch == Batch::Whole {
         twice(&images)?;
         let state = ctx.state()?;

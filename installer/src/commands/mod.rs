@@ -3,6 +3,7 @@
 //! `crate::ops::execute` as one journaled transaction; `--dry-run` reports the same plan
 //! and changes nothing.
 
+pub mod backup;
 pub mod deploy;
 pub mod feature;
 pub mod fix_symlinks;

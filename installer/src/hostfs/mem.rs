@@ -98,6 +98,10 @@ impl World {
 
     /// The staged file `.generations/<stage>/<generation>/<path>`.
     fn staged(&self, staged: &str) -> Result<&Node> {
+        // A file extracted into the temp area (`backup restore`).
+        if let Some((tmp, path)) = staged.strip_prefix(".tmp/").and_then(|r| r.split_once('/')) {
+            return self.tmp.get(tmp).and_then(|t| t.get(path)).ok_or_else(|| anyhow!("{staged} is not there"));
+        }
         let mut parts = staged.splitn(4, '/');
         let (Some(".generations"), Some(stage), Some(generation), Some(path)) =
             (parts.next(), parts.next(), parts.next(), parts.next())
