@@ -614,13 +614,16 @@ fn source_noun(s: Source) -> &'static str {
 // ---------------------------------------------------------------------------------------
 // Reading
 
+/// An entry of an archive as read: type, size and sha256 (files), link text (symlinks).
+pub type Found = (EntryKind, Option<u64>, Option<Digest>, Option<String>);
+
 /// What reading an archive found.
 #[derive(Debug, Default)]
 pub struct Checked {
     /// The manifest inside, when it was read.
     pub manifest: Option<Manifest>,
     /// Entries found, by path: type, size, sha256 (files), link text.
-    pub found: BTreeMap<TargetPath, (EntryKind, Option<u64>, Option<Digest>, Option<String>)>,
+    pub found: BTreeMap<TargetPath, Found>,
     /// The archive file's sha256 and size.
     pub archive: Option<(Digest, u64)>,
     /// What does not match or could not be read.

@@ -288,7 +288,7 @@ impl Host {
     }
 
     /// What is at `target` (the last component not followed) with its metadata, and the
-    /// directory that holds it, reached as [`Host::walk`] does: for reading what is there
+    /// directory that holds it, reached as `Host::walk` does: for reading what is there
     /// without following a link out of the root. `None` when nothing is there.
     pub fn lstat(&self, target: &TargetPath) -> io::Result<Option<(OwnedFd, String, rustix::fs::Stat)>> {
         let (fd, name) = match self.parent(target) {
