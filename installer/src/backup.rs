@@ -115,9 +115,10 @@ pub struct Manifest {
     pub items: Vec<Item>,
 }
 
-/// `<NAME>.json`: the manifest and what the archive file is.
+/// `<NAME>.json`: the manifest and what the archive file is. (Not `deny_unknown_fields`:
+/// serde does not support it with `flatten`; the summary is checked against the manifest
+/// inside the archive instead.)
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct Summary {
     #[serde(flatten)]
     pub manifest: Manifest,
@@ -166,6 +167,15 @@ impl Manifest {
             };
             if !fits || it.mtime_nsec >= 1_000_000_000 {
                 return Err(format!("entry {}: its fields do not fit a {}", it.path, it.kind.noun()));
+            }
+        }
+        // Nothing is saved through a link (a data directory's links are saved, never
+        // followed): an entry below a saved link would be written through it on restore.
+        let links: std::collections::BTreeSet<&TargetPath> =
+            self.items.iter().filter(|i| i.kind == EntryKind::Symlink).map(|i| &i.path).collect();
+        for it in &self.items {
+            if let Some(l) = crate::plan::ancestors(&it.path).iter().find(|a| links.contains(a)) {
+                return Err(format!("entry {} lies below the saved link {l}", it.path));
             }
         }
         Ok(())
@@ -889,6 +899,10 @@ mod tests {
         m.items[2].link = Some(String::new());
         assert!(m.validate().is_err());
         m.items[2].link = Some("x".into());
+        // An entry below a saved link would be written through it.
+        m.items.push(item("/opt/a/l/passwd", EntryKind::File));
+        assert!(m.validate().unwrap_err().contains("below the saved link /opt/a/l"));
+        m.items.pop();
         m.schema_version = 2;
         assert!(m.validate().is_err());
     }

@@ -285,3 +285,45 @@ fn a_data_path_outside_the_allowed_prefixes_is_refused_at_deploy() {
     assert_eq!(code, 4, "{err}");
     assert!(err.contains("data path /etc/ssh is outside the allowed prefixes"), "{err}");
 }
+
+/// `backup restore` stopped at every fault point of the installer (a build with the
+/// `fault-injection` feature): `recover` then leaves the saved paths exactly as before the
+/// restore or exactly as restored, with no journal left and the history intact.
+#[test]
+fn a_restore_stopped_at_any_point_recovers_to_before_or_after() {
+    let fault = fault_bin();
+    let s = deployed();
+    let saved_then = saved(&s.root());
+    let name = create(&s, &[]);
+    fs::write(s.root().join(DATA).join("db"), b"changed").unwrap();
+    fs::remove_file(s.root().join(DATA).join("sub/state")).unwrap();
+    fs::write(s.root().join(CONF), "changed\n").unwrap();
+    let changed = saved(&s.root());
+    let attempt = s.path("attempt");
+    let mut points = 0;
+    for n in 1.. {
+        let _ = fs::remove_dir_all(&attempt);
+        ok(Command::new("cp").arg("-a").arg(s.root()).arg(&attempt));
+        let out = run(Command::new(&fault)
+            .arg("--root")
+            .arg(&attempt)
+            .args(["-q", "backup", "restore", &name, "--force"])
+            .env("OP_DBUS_FAULT_AT", n.to_string()));
+        if out.status.success() {
+            assert_eq!(saved(&attempt), saved_then);
+            break;
+        }
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(out.status.signal(), Some(6), "point {n}: {}", String::from_utf8_lossy(&out.stderr));
+        points += 1;
+        ok(Command::new(bin("op-dbus-stage")).arg("--root").arg(&attempt).args(["-q", "recover"]));
+        let seen = saved(&attempt);
+        assert!(seen == changed || seen == saved_then, "point {n}: neither before nor after: {seen:?}");
+        assert!(!attempt.join("var/lib/op-dbus/staging/journal/tx.json").exists(), "point {n}: journal left");
+        let tmp: Vec<_> = fs::read_dir(attempt.join("var/lib/op-dbus/staging/.tmp")).unwrap().flatten().collect();
+        assert!(tmp.is_empty(), "point {n}: extracted files left: {tmp:?}");
+        ok(Command::new(bin("op-dbus-stage")).arg("--root").arg(&attempt).args(["history", "--verify"]));
+        assert!(n < 200, "more than 200 fault points?");
+    }
+    assert!(points >= 5, "only {points} fault points");
+}

@@ -578,11 +578,15 @@ pub fn restore(ctx: &Ctx, name: &str, force: bool, identity: Option<&Path>) -> R
                 ))
                 .into());
             }
-            for t in crate::plan::ancestors(&it.path).into_iter().chain([it.path.clone()]) {
+            // A parent reached through a link root owns is the directory it leads to (the
+            // policy judged where the path resolves, above).
+            for t in crate::plan::ancestors(&it.path) {
                 if let std::collections::btree_map::Entry::Vacant(v) = now.entry(t.clone()) {
-                    v.insert(current(&ctx.host, &t)?);
+                    let dir = ctx.host.dir_exists(&t).with_context(|| format!("reading {t}"))?;
+                    v.insert(if dir { Current::Dir } else { current(&ctx.host, &t)? });
                 }
             }
+            now.insert(it.path.clone(), current(&ctx.host, &it.path)?);
         }
         let links: BTreeSet<TargetPath> = state
             .placed
