@@ -145,6 +145,11 @@ fn a_backup_with_secrets_is_refused_without_a_recipient() {
     assert!(left.is_empty(), "nothing written: {left:?}");
     let (code, err) = fails(s.stage().args(["backup", "create", "--recipient", "age1notakey"]));
     assert_eq!(code, 2, "{err}");
+    // A dry run reads what it would save and writes nothing.
+    let d = json(&ok(s.stage().args(["--json", "--dry-run", "backup", "create"])));
+    assert_eq!((d["dry_run"].as_bool(), d["entries"].as_u64()), (Some(true), Some(6)), "{d}");
+    let left: Vec<_> = fs::read_dir(backups_dir(&s)).map(|d| d.flatten().collect()).unwrap_or_default();
+    assert!(left.is_empty(), "nothing written: {left:?}");
 }
 
 fn age_identity(s: &Scratch) -> (PathBuf, String) {
