@@ -332,3 +332,33 @@ fn a_restore_stopped_at_any_point_recovers_to_before_or_after() {
     }
     assert!(points >= 5, "only {points} fault points");
 }
+
+/// A link inside a data directory is saved as a link: what it points at (outside the root
+/// here) is never read into the backup.
+#[test]
+fn links_in_data_are_saved_as_links_never_followed() {
+    let s = deployed();
+    let outside = s.path("outside");
+    fs::create_dir_all(&outside).unwrap();
+    fs::write(outside.join("secret"), "TOPSECRET-OUTSIDE-THE-ROOT\n").unwrap();
+    std::os::unix::fs::symlink(outside.join("secret"), s.root().join(DATA).join("leak")).unwrap();
+    std::os::unix::fs::symlink(&outside, s.root().join(DATA).join("leakdir")).unwrap();
+    let name = create(&s, &[]);
+    let info = json(&ok(s.stage().args(["--json", "backup", "info", &name])));
+    let kinds: Vec<(String, String)> = info["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| (i["path"].as_str().unwrap().to_owned(), i["type"].as_str().unwrap().to_owned()))
+        .collect();
+    for l in ["leak", "leakdir"] {
+        assert!(kinds.contains(&(format!("/{DATA}/{l}"), "symlink".into())), "{kinds:?}");
+    }
+    assert!(!kinds.iter().any(|(p, _)| p.contains("leakdir/")), "{kinds:?}");
+    let out = s.path("x");
+    fs::create_dir_all(&out).unwrap();
+    let archive = backups_dir(&s).join(format!("{name}.tar.zst"));
+    ok(Command::new(require_tool("tar", "tar")).arg("--zstd").arg("-xf").arg(&archive).arg("-C").arg(&out));
+    let all = tree(&out);
+    assert!(!all.values().any(|v| v.contains("TOPSECRET")), "{all:?}");
+}
