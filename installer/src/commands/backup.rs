@@ -113,6 +113,9 @@ pub fn create(ctx: &Ctx, stages: &[StageName], o: &CreateOpts) -> Result<Created
     let stages: Vec<StageName> =
         if stages.is_empty() { state.stages.keys().cloned().collect() } else { stages.to_vec() };
     let mut notes = Vec::new();
+    if stages.is_empty() {
+        notes.push("no stage is deployed: the backup holds nothing".into());
+    }
     let wanted = wanted(ctx, &state, &stages, o.include_secrets, &mut notes)?;
     let host_name = host_name(&ctx.host);
     let manifest = Manifest {
