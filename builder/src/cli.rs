@@ -791,11 +791,7 @@ fn render_inspection(i: &crate::inspect::Inspection) -> String {
         s += "\n";
     }
     for f in &m.files {
-        let kind = match f.kind {
-            formats::manifest::FileType::Symlink => "symlink",
-            formats::manifest::FileType::Copy => "copy",
-            formats::manifest::FileType::CopyIfNotExists => "copy-if-not-exists",
-        };
+        let kind = f.kind.as_str();
         let owner = match (&f.owner, &f.group) {
             (None, None) => String::new(),
             (o, g) => format!(
