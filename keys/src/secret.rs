@@ -31,7 +31,8 @@ use std::io::Write;
 use std::str::FromStr;
 
 use age::secrecy::ExposeSecret;
-use ed25519_dalek::pkcs8::spki::der::zeroize::Zeroizing;
+/// Bytes wiped when dropped (plaintexts and identities are held in these).
+pub use ed25519_dalek::pkcs8::spki::der::zeroize::Zeroizing;
 
 /// The largest secret, ciphertext or plaintext, that is encrypted or decrypted.
 pub const MAX_SECRET: u64 = 4 << 20;
