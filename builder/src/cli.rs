@@ -95,6 +95,9 @@ pub enum Command {
     /// Publish which versions a registry channel offers (for `op-dbus-stage update`).
     #[command(subcommand)]
     Channel(crate::channel::ChannelCommand),
+    /// Encrypt, remove and list a stage folder's secrets (`type: secret` files).
+    #[command(subcommand)]
+    Secret(SecretCommand),
     /// Print a shell completion script on stdout.
     Completions {
         /// The shell.
@@ -106,6 +109,39 @@ pub enum Command {
     Man {
         /// The folder to write NAME.1 files into (created if missing).
         dir: PathBuf,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SecretCommand {
+    /// Encrypt a secret to the stage's `recipients:` into the file of its `files:` entry PATH.
+    ///
+    /// The plaintext is read from standard input (or --file), never from an argument, and
+    /// is not written anywhere: only the age ciphertext goes into the stage folder, replacing
+    /// what was there. PATH must be the `path:` of a `type: secret` entry of manifest.yaml
+    /// (by convention secrets/NAME.age).
+    Add {
+        /// A folder holding manifest.yaml.
+        stage_dir: PathBuf,
+        /// The `path:` of the `type: secret` entry.
+        path: String,
+        /// Read the plaintext from FILE instead of standard input.
+        #[arg(long, value_name = "FILE")]
+        file: Option<PathBuf>,
+    },
+    /// Delete the encrypted file of the secret PATH (remove its `files:` entry from
+    /// manifest.yaml too, or the next build fails).
+    Rm {
+        /// A folder holding manifest.yaml.
+        stage_dir: PathBuf,
+        /// The `path:` of the `type: secret` entry.
+        path: String,
+    },
+    /// The secrets of a stage folder: target, mode, owner, and whether each is encrypted to
+    /// every recipient the stage lists.
+    List {
+        /// A folder holding manifest.yaml.
+        stage_dir: PathBuf,
     },
 }
 
@@ -391,6 +427,7 @@ pub fn run(cli: Cli) -> Result<()> {
     let out = Output::new(&g.common);
     match cli.command {
         Command::Key(k) => key_command(g, k),
+        Command::Secret(s) => secret_command(g, s),
         Command::Build(o) => {
             // Read before any build step runs; the steps never see it (see `hide`).
             let key = if o.no_sign { None } else { load_key(g)? };
@@ -698,6 +735,58 @@ fn finish_build(
                     s += &format!("  signed by {k}\n");
                 }
                 s
+            })
+        }
+    }
+}
+
+fn secret_command(g: &GlobalOpts, s: SecretCommand) -> Result<()> {
+    let output = Output::new(&g.common);
+    let rel = |p: &str| -> Result<formats::path::RelPath> {
+        p.parse()
+            .map_err(|e| cli_support::exit::Usage(format!("{p:?} is not a path inside a stage folder: {e}")).into())
+    };
+    let verb = |dry: bool, did: &str, would: &str| if dry { would.to_owned() } else { did.to_owned() };
+    match s {
+        SecretCommand::Add { stage_dir, path, file } => {
+            let path = rel(&path)?;
+            let plaintext = crate::secrets::read_plaintext(file.as_deref())?;
+            let r = crate::secrets::add(&stage_dir, &path, &plaintext, g.common.dry_run)?;
+            output.emit(&r, |r| {
+                format!(
+                    "{} {} ({} bytes) for {} recipient(s)\n",
+                    verb(r.dry_run, "encrypted to", "would encrypt to"),
+                    r.file.display(),
+                    r.bytes.unwrap_or(0),
+                    r.recipients.len()
+                )
+            })
+        }
+        SecretCommand::Rm { stage_dir, path } => {
+            let r = crate::secrets::rm(&stage_dir, &rel(&path)?, g.common.dry_run)?;
+            output.emit(&r, |r| format!("{} {}\n", verb(r.dry_run, "removed", "would remove"), r.file.display()))
+        }
+        SecretCommand::List { stage_dir } => {
+            let doc = crate::secrets::list(&stage_dir)?;
+            output.emit(&doc, |d| {
+                if d.secrets.is_empty() {
+                    return "no secrets (no `type: secret` files in manifest.yaml)\n".into();
+                }
+                let rows: Vec<Vec<String>> = d
+                    .secrets
+                    .iter()
+                    .map(|x| {
+                        vec![
+                            x.path.clone(),
+                            x.target.clone(),
+                            x.mode.clone(),
+                            x.owner.clone().unwrap_or_else(|| "root".into()),
+                            x.encrypted_to.map_or("-".into(), |n| n.to_string()),
+                            x.problem.clone().unwrap_or_else(|| "ok".into()),
+                        ]
+                    })
+                    .collect();
+                cli_support::table(&["PATH", "TARGET", "MODE", "OWNER", "RECIPIENTS", "STATUS"], &rows, &[])
             })
         }
     }
