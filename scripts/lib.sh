@@ -72,11 +72,12 @@ need_cargo() {
 # measures peak memory, script gives the progress test a terminal, systemd runs as PID 1 of
 # a namespace for the service tests and creates users (systemd-sysusers), util-linux's
 # unshare and nsenter make and enter it, openssh-server and iproute2 make the SSH fleet,
-# curl alters a channel in the registry, systemd-analyze checks the shipped units).
+# curl alters a channel in the registry, systemd-analyze checks the shipped units, age
+# decrypts and encrypts secrets as the stock tool does).
 need_test_tools() {
 	need_packages zstd:zstd openssl:openssl skopeo:skopeo minisign:minisign tar:tar coreutils:sha256sum \
 		btrfs-progs:mkfs.btrfs docker-registry:docker-registry apache2-utils:htpasswd time:/usr/bin/time \
 		openssh-server:sshd openssh-client:ssh iproute2:ip bsdutils:script systemd:systemd-sysusers \
-		util-linux:nsenter curl:curl systemd:systemd-analyze
+		util-linux:nsenter curl:curl systemd:systemd-analyze age:age
 	need_cargo
 }
