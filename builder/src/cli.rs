@@ -754,10 +754,9 @@ fn secret_command(g: &GlobalOpts, s: SecretCommand) -> Result<()> {
             let r = crate::secrets::add(&stage_dir, &path, &plaintext, g.common.dry_run)?;
             output.emit(&r, |r| {
                 format!(
-                    "{} {} ({} bytes) for {} recipient(s)\n",
+                    "{} {} for {} recipient(s)\n",
                     verb(r.dry_run, "encrypted to", "would encrypt to"),
                     r.file.display(),
-                    r.bytes.unwrap_or(0),
                     r.recipients.len()
                 )
             })

@@ -125,9 +125,6 @@ pub struct Changed {
     /// The recipients it was encrypted to (`add`).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub recipients: Vec<String>,
-    /// The ciphertext's size in bytes (`add`).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub bytes: Option<u64>,
     pub dry_run: bool,
 }
 
@@ -232,7 +229,6 @@ pub fn add(stage_dir: &Path, path: &RelPath, plaintext: &[u8], dry_run: bool) ->
         file,
         path: path.to_string(),
         recipients: recipients.iter().map(ToString::to_string).collect(),
-        bytes: Some(ciphertext.len() as u64),
         dry_run,
     })
 }
@@ -251,7 +247,7 @@ pub fn rm(stage_dir: &Path, path: &RelPath, dry_run: bool) -> Result<Changed> {
         fsx::sync_dir(fsx::parent_dir(&file))
             .with_context(|| format!("syncing {}", fsx::parent_dir(&file).display()))?;
     }
-    Ok(Changed { file, path: path.to_string(), recipients: Vec::new(), bytes: None, dry_run })
+    Ok(Changed { file, path: path.to_string(), recipients: Vec::new(), dry_run })
 }
 
 /// `secret list`.
