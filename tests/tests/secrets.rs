@@ -304,3 +304,37 @@ fn rollback_and_remove_of_a_stage_with_a_secret_restore_what_was_at_the_target()
     assert_eq!(mode_owner(&target).0, 0o640);
     clean("after the removal");
 }
+
+#[test]
+fn a_failed_verify_undoes_the_secret_and_puts_back_what_was_there() {
+    let s = Scratch::trusted();
+    let r = s.recipient();
+    let target = s.root().join(TARGET);
+    std::fs::create_dir_all(target.parent().unwrap()).unwrap();
+    std::fs::write(&target, "the operator's own token").unwrap();
+    let failing = |version: &str, plain: &str| {
+        let dir = secret_stage(&s, version, &[&r], "");
+        let manifest = dir.join("manifest.yaml");
+        let text = std::fs::read_to_string(&manifest).unwrap() + "verify:\n  - command: \"false\"\n";
+        std::fs::write(&manifest, text).unwrap();
+        secret_add(&s, &dir, plain);
+        s.export(&[&s.build(&dir)], &format!("app-{version}.oci.tar"))
+    };
+    // A first deploy that fails: the operator's file comes back.
+    let (code, err) = fails(s.stage().arg("deploy").arg(failing("0.9.0", "never-kept-0a0b0c")));
+    assert_eq!(code, 5, "{err}");
+    assert_eq!(std::fs::read_to_string(&target).unwrap(), "the operator's own token");
+    // An upgrade that fails: the secret before it is decrypted back.
+    let dir = secret_stage(&s, "1.0.0", &[&r], "");
+    secret_add(&s, &dir, "kept-1a2b3c");
+    ok(s.stage().args(["-q", "deploy"]).arg(s.export(&[&s.build(&dir)], "app-1.0.0.oci.tar")));
+    let (code, err) = fails(s.stage().arg("deploy").arg(failing("1.1.0", "never-kept-4d5e6f")));
+    assert_eq!(code, 5, "{err}");
+    assert_eq!(std::fs::read_to_string(&target).unwrap(), "kept-1a2b3c");
+    assert_eq!(mode_owner(&target), (0o600, 4242, 4343));
+    ok(s.stage().arg("verify"));
+    for plain in ["never-kept-0a0b0c", "never-kept-4d5e6f", "kept-1a2b3c"] {
+        let leaks = files_holding(&s.root(), plain, Some(&target));
+        assert!(leaks.is_empty(), "{plain} is in {leaks:?}");
+    }
+}
