@@ -246,7 +246,6 @@ pub fn stage_tree(stage_dir: &Path, manifest: &Path, def: &StageDefinition) -> R
         tree.add(&from, Some(&s.to), &|_| false)?;
     }
     tree.apply_file_specs(&def.files, manifest, stage_dir)?;
-    crate::secrets::check(&tree, manifest, def)?;
     Ok(tree)
 }
 

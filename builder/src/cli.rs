@@ -128,6 +128,10 @@ pub enum SecretCommand {
         /// Read the plaintext from FILE instead of standard input.
         #[arg(long, value_name = "FILE")]
         file: Option<PathBuf>,
+        /// The fleet inventory, for `recipients:` entries of the form @TAG (the `recipient`
+        /// of every host with that tag).
+        #[arg(long, value_name = "FILE")]
+        inventory: Option<PathBuf>,
     },
     /// Delete the encrypted file of the secret PATH (remove its `files:` entry from
     /// manifest.yaml too, or the next build fails).
@@ -142,6 +146,10 @@ pub enum SecretCommand {
     List {
         /// A folder holding manifest.yaml.
         stage_dir: PathBuf,
+        /// The fleet inventory, for `recipients:` entries of the form @TAG (the `recipient`
+        /// of every host with that tag).
+        #[arg(long, value_name = "FILE")]
+        inventory: Option<PathBuf>,
     },
 }
 
@@ -191,6 +199,10 @@ pub struct BuildOpts {
     /// Replace NAME:VERSION if the store has it (versions are otherwise immutable).
     #[arg(long)]
     pub force: bool,
+    /// The fleet inventory, for `recipients:` entries of the form @TAG (the `recipient` of
+    /// every host with that tag).
+    #[arg(long, value_name = "FILE")]
+    pub inventory: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -432,6 +444,7 @@ pub fn run(cli: Cli) -> Result<()> {
             // Read before any build step runs; the steps never see it (see `hide`).
             let key = if o.no_sign { None } else { load_key(g)? };
             let layout = if g.common.dry_run { None } else { Some(open_store(g, true)?) };
+            let inventory = o.inventory.as_deref().map(crate::fleet::Inventory::read).transpose()?;
             let settings = Settings {
                 layout: layout.as_ref(),
                 format: o.format,
@@ -439,6 +452,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 quiet: g.common.quiet,
                 hide_key: g.key.clone(),
                 force: o.force,
+                inventory: inventory.as_ref(),
             };
             let outcome = crate::build::build(&o.stage_dir, &settings)
                 .with_context(|| format!("building {}", o.stage_dir.display()))?;
@@ -454,6 +468,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 quiet: g.common.quiet,
                 hide_key: None,
                 force: o.force,
+                inventory: None,
             };
             let outcome =
                 crate::build::create(o.name.clone(), o.stage_version, &o.files, o.target_prefix.as_ref(), &settings)
@@ -748,10 +763,11 @@ fn secret_command(g: &GlobalOpts, s: SecretCommand) -> Result<()> {
     };
     let verb = |dry: bool, did: &str, would: &str| if dry { would.to_owned() } else { did.to_owned() };
     match s {
-        SecretCommand::Add { stage_dir, path, file } => {
+        SecretCommand::Add { stage_dir, path, file, inventory } => {
             let path = rel(&path)?;
+            let inventory = inventory.as_deref().map(crate::fleet::Inventory::read).transpose()?;
             let plaintext = crate::secrets::read_plaintext(file.as_deref())?;
-            let r = crate::secrets::add(&stage_dir, &path, &plaintext, g.common.dry_run)?;
+            let r = crate::secrets::add(&stage_dir, &path, &plaintext, inventory.as_ref(), g.common.dry_run)?;
             output.emit(&r, |r| {
                 format!(
                     "{} {} for {} recipient(s)\n",
@@ -765,8 +781,9 @@ fn secret_command(g: &GlobalOpts, s: SecretCommand) -> Result<()> {
             let r = crate::secrets::rm(&stage_dir, &rel(&path)?, g.common.dry_run)?;
             output.emit(&r, |r| format!("{} {}\n", verb(r.dry_run, "removed", "would remove"), r.file.display()))
         }
-        SecretCommand::List { stage_dir } => {
-            let doc = crate::secrets::list(&stage_dir)?;
+        SecretCommand::List { stage_dir, inventory } => {
+            let inventory = inventory.as_deref().map(crate::fleet::Inventory::read).transpose()?;
+            let doc = crate::secrets::list(&stage_dir, inventory.as_ref())?;
             output.emit(&doc, |d| {
                 if d.secrets.is_empty() {
                     return "no secrets (no `type: secret` files in manifest.yaml)\n".into();

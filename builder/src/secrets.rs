@@ -30,20 +30,32 @@ use keys::secret::{MAX_SECRET, Recipient, Zeroizing};
 
 use crate::assemble::{Node, Tree};
 use crate::error::InputError;
+use crate::fleet::Inventory;
 
-/// The stage's recipients, parsed (the manifest checked their form already).
-fn recipients(def: &StageDefinition, manifest: &Path) -> Result<Vec<Recipient>, InputError> {
-    def.recipients
-        .iter()
-        .enumerate()
-        .map(|(i, r)| {
-            r.parse().map_err(|e: keys::secret::SecretError| InputError::Field {
-                file: manifest.to_owned(),
-                field: format!("recipients[{i}]"),
-                reason: e.to_string(),
-            })
-        })
-        .collect()
+/// The stage's recipients, parsed, each `@TAG` replaced by the recipients of the
+/// inventory's hosts with that tag (without repeats).
+fn recipients(def: &StageDefinition, manifest: &Path, inventory: Option<&Inventory>) -> Result<Vec<Recipient>> {
+    let mut out: Vec<Recipient> = Vec::new();
+    for (i, r) in def.recipients.iter().enumerate() {
+        let field =
+            |reason: String| InputError::Field { file: manifest.to_owned(), field: format!("recipients[{i}]"), reason };
+        let texts = match (r.strip_prefix('@'), inventory) {
+            (None, _) => vec![r.clone()],
+            (Some(tag), Some(inv)) => inv.recipients_tagged(tag).with_context(|| format!("recipients[{i}] ({r})"))?,
+            (Some(_), None) => {
+                return Err(
+                    field(format!("{r} names inventory hosts: give the inventory with --inventory FILE")).into()
+                );
+            }
+        };
+        for t in texts {
+            let parsed: Recipient = t.parse().map_err(|e: keys::secret::SecretError| field(e.to_string()))?;
+            if !out.contains(&parsed) {
+                out.push(parsed);
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// Why the bytes of the secret `f` cannot go into an image, if they cannot.
@@ -59,21 +71,25 @@ fn refusal(bytes: &[u8], f: &FileSpec, recipients: usize) -> Option<String> {
     }
 }
 
-/// Checks every secret of the assembled `tree` (see the module docs).
-pub fn check(tree: &Tree, manifest: &Path, def: &StageDefinition) -> Result<(), InputError> {
-    let recipients = recipients(def, manifest)?;
+/// Checks every secret of the assembled `tree` (see the module docs); `@TAG` recipients are
+/// resolved in `inventory`.
+pub fn check(tree: &Tree, manifest: &Path, def: &StageDefinition, inventory: Option<&Inventory>) -> Result<()> {
+    if !def.files.iter().any(|f| f.kind == FileType::Secret) {
+        return Ok(());
+    }
+    let recipients = recipients(def, manifest, inventory)?;
     for (i, f) in def.files.iter().enumerate().filter(|(_, f)| f.kind == FileType::Secret) {
         let field =
             |reason: String| InputError::Field { file: manifest.to_owned(), field: format!("files[{i}].path"), reason };
         let Some(Node::File { from, size, .. }) = tree.nodes.get(&f.path) else {
-            return Err(field(format!("{} is not a regular file; a secret is an age file", f.path)));
+            return Err(field(format!("{} is not a regular file; a secret is an age file", f.path)).into());
         };
         if *size > MAX_SECRET {
-            return Err(field(format!("{} is larger than {MAX_SECRET} bytes, too large for a secret", f.path)));
+            return Err(field(format!("{} is larger than {MAX_SECRET} bytes, too large for a secret", f.path)).into());
         }
         let bytes = read_bounded(from).map_err(|e| field(format!("{}: {e:#}", from.display())))?;
         if let Some(why) = refusal(&bytes, f, recipients.len()) {
-            return Err(field(why));
+            return Err(field(why).into());
         }
     }
     Ok(())
@@ -206,10 +222,16 @@ pub fn read_plaintext(file: Option<&Path>) -> Result<Zeroizing<Vec<u8>>> {
 }
 
 /// `secret add`: encrypts `plaintext` to the stage's recipients into the file of `path`.
-pub fn add(stage_dir: &Path, path: &RelPath, plaintext: &[u8], dry_run: bool) -> Result<Changed> {
+pub fn add(
+    stage_dir: &Path,
+    path: &RelPath,
+    plaintext: &[u8],
+    inventory: Option<&Inventory>,
+    dry_run: bool,
+) -> Result<Changed> {
     let (manifest, def) = read_definition(stage_dir)?;
     entry(&def, &manifest, path)?;
-    let recipients = recipients(&def, &manifest)?;
+    let recipients = recipients(&def, &manifest, inventory)?;
     if recipients.is_empty() {
         return Err(InputError::Field {
             file: manifest,
@@ -251,9 +273,9 @@ pub fn rm(stage_dir: &Path, path: &RelPath, dry_run: bool) -> Result<Changed> {
 }
 
 /// `secret list`.
-pub fn list(stage_dir: &Path) -> Result<ListDoc> {
+pub fn list(stage_dir: &Path, inventory: Option<&Inventory>) -> Result<ListDoc> {
     let (manifest, def) = read_definition(stage_dir)?;
-    let count = recipients(&def, &manifest)?.len();
+    let count = recipients(&def, &manifest, inventory)?.len();
     let mut secrets = Vec::new();
     for f in def.files.iter().filter(|f| f.kind == FileType::Secret) {
         let file = file_of(stage_dir, &f.path, false);
@@ -305,27 +327,72 @@ mod tests {
         let (a, b) = (HostIdentity::generate(), HostIdentity::generate());
         let d = stage(&[a.recipient(), b.recipient()]);
         let p: RelPath = "secrets/t.age".parse().unwrap();
-        let l = list(d.path()).unwrap();
+        let l = list(d.path(), None).unwrap();
         assert!(!l.secrets[0].present && l.secrets[0].problem.is_some());
         assert_eq!(l.secrets[0].mode, "0600");
         // A dry run writes nothing.
-        add(d.path(), &p, b"hunter2-plaintext", true).unwrap();
+        add(d.path(), &p, b"hunter2-plaintext", None, true).unwrap();
         assert!(!d.path().join("secrets").exists());
-        let c = add(d.path(), &p, b"hunter2-plaintext", false).unwrap();
+        let c = add(d.path(), &p, b"hunter2-plaintext", None, false).unwrap();
         let written = std::fs::read(&c.file).unwrap();
         assert!(!written.windows(8).any(|w| w == b"hunter2-"));
         assert_eq!(&a.decrypt(&written).unwrap()[..], b"hunter2-plaintext");
         assert_eq!(&b.decrypt(&written).unwrap()[..], b"hunter2-plaintext");
-        let l = list(d.path()).unwrap();
+        let l = list(d.path(), None).unwrap();
         assert_eq!((l.secrets[0].present, l.secrets[0].encrypted_to, &l.secrets[0].problem), (true, Some(2), &None));
         // Only entries of `type: secret`.
-        let e = add(d.path(), &"plain".parse().unwrap(), b"x", false).unwrap_err();
+        let e = add(d.path(), &"plain".parse().unwrap(), b"x", None, false).unwrap_err();
         assert!(e.to_string().contains("not `type: secret`"), "{e}");
-        let e = add(d.path(), &"nope".parse().unwrap(), b"x", false).unwrap_err();
+        let e = add(d.path(), &"nope".parse().unwrap(), b"x", None, false).unwrap_err();
         assert!(e.to_string().contains("no `files:` entry"), "{e}");
         rm(d.path(), &p, false).unwrap();
         assert!(!c.file.exists());
         assert!(rm(d.path(), &p, false).is_err());
+    }
+
+    #[test]
+    fn recipients_by_inventory_tag() {
+        let (a, b, c) = (HostIdentity::generate(), HostIdentity::generate(), HostIdentity::generate());
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(
+            d.path().join("manifest.yaml"),
+            format!(
+                "version: 1.0.0\nrecipients: [\"@web\", {}]\nfiles:\n  - path: s.age\n    target: /etc/op-dbus/s\n    \
+                 type: secret\n",
+                c.recipient()
+            ),
+        )
+        .unwrap();
+        let inv_file = d.path().join("inventory.toml");
+        let write_inv = |extra: &str| {
+            std::fs::write(
+                &inv_file,
+                format!(
+                    "[hosts.w1]\ntags = [\"web\"]\nrecipient = \"{}\"\n[hosts.w2]\ntags = [\"web\"]\nrecipient = \"{}\"\n\
+                     [hosts.db]\ntags = [\"db\"]\n{extra}",
+                    a.recipient(),
+                    b.recipient()
+                ),
+            )
+            .unwrap();
+            Inventory::read(&inv_file)
+        };
+        let inv = write_inv("").unwrap();
+        let p: RelPath = "s.age".parse().unwrap();
+        let e = add(d.path(), &p, b"tagged", None, false).unwrap_err();
+        assert!(format!("{e:#}").contains("--inventory"), "{e:#}");
+        let r = add(d.path(), &p, b"tagged", Some(&inv), false).unwrap();
+        assert_eq!(r.recipients.len(), 3);
+        let ct = std::fs::read(d.path().join("s.age")).unwrap();
+        for id in [&a, &b, &c] {
+            assert_eq!(&id.decrypt(&ct).unwrap()[..], b"tagged");
+        }
+        assert_eq!(list(d.path(), Some(&inv)).unwrap().secrets[0].encrypted_to, Some(3));
+        // A tagged host without a recipient, and a bad recipient, are refused.
+        let untagged = "[hosts.w3]\ntags = [\"web\"]\n";
+        let e = add(d.path(), &p, b"x", Some(&write_inv(untagged).unwrap()), false).unwrap_err();
+        assert!(format!("{e:#}").contains("no `recipient`"), "{e:#}");
+        assert!(write_inv("[hosts.x]\nrecipient = \"age1nope\"\n").is_err());
     }
 
     #[test]
@@ -334,7 +401,7 @@ mod tests {
         let d = stage(&[a.recipient()]);
         let out = tempfile::tempdir().unwrap();
         std::os::unix::fs::symlink(out.path(), d.path().join("secrets")).unwrap();
-        let e = add(d.path(), &"secrets/t.age".parse().unwrap(), b"x", false).unwrap_err();
+        let e = add(d.path(), &"secrets/t.age".parse().unwrap(), b"x", None, false).unwrap_err();
         assert!(format!("{e:#}").contains("not a directory"), "{e:#}");
         assert!(std::fs::read_dir(out.path()).unwrap().next().is_none());
     }
@@ -349,7 +416,8 @@ mod tests {
         let def = StageDefinition::read(&manifest).unwrap();
         let tree_with = |bytes: &[u8]| {
             std::fs::write(d.path().join("secrets/t.age"), bytes).unwrap();
-            crate::assemble::stage_tree(d.path(), &manifest, &def)
+            let tree = crate::assemble::stage_tree(d.path(), &manifest, &def)?;
+            check(&tree, &manifest, &def, None).map(|()| tree)
         };
         let e = tree_with(b"API_TOKEN=plaintext\n").unwrap_err().to_string();
         assert!(e.contains("files[0].path") && e.contains("not an age file"), "{e}");

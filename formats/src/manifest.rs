@@ -370,7 +370,8 @@ pub struct StageDefinition {
     #[serde(default)]
     pub cleanup: Vec<String>,
     /// The age X25519 recipients (`age1...`, what `op-dbus-stage identity` prints) of the
-    /// hosts that may decrypt this stage's `type: secret` files. Used by the builder only.
+    /// hosts that may decrypt this stage's `type: secret` files, or `@TAG`: every host of
+    /// the builder's inventory with that tag. Used by the builder only.
     #[serde(default)]
     pub recipients: Vec<String>,
 }
@@ -494,16 +495,19 @@ fn check_text(field: &str, s: &str) -> Result<(), (String, String)> {
 }
 
 /// An age X25519 recipient as text: `age1` and 58 bech32 characters (the key itself is
-/// checked where it is used).
+/// checked where it is used), or `@TAG` (an inventory tag).
 fn check_recipient(field: &str, s: &str) -> Result<(), (String, String)> {
     const BECH32: &[u8] = b"qpzry9x8gf2tvdw0s3jn54khce6mua7l";
+    if let Some(tag) = s.strip_prefix('@') {
+        return check_word(field, tag);
+    }
     let ok = s.len() == 62 && s.starts_with("age1") && s.as_bytes()[4..].iter().all(|c| BECH32.contains(c));
     if ok {
         Ok(())
     } else {
         Err((
             field.to_owned(),
-            format!("{s:?} is not an age X25519 recipient (age1... as `op-dbus-stage identity` prints)"),
+            format!("{s:?} is not an age X25519 recipient (age1... as `op-dbus-stage identity` prints) or @TAG"),
         ))
     }
 }
@@ -1160,6 +1164,9 @@ mod tests {
         assert_eq!(def.files[0].kind.as_str(), "secret");
         assert_eq!(def.files[0].secret_mode().bits(), 0o600);
         assert_eq!(def.recipients, [r]);
+        // An inventory tag stands for the recipients of its hosts (resolved by the builder).
+        assert!(parse(&format!("version: 1.0.0\nrecipients: [\"@web\"]\n{secret}")).is_ok());
+        assert!(parse(&format!("version: 1.0.0\nrecipients: [\"@a b\"]\n{secret}")).is_err());
         // Without recipients, or with one that is not an age recipient: refused.
         let e = parse(&format!("version: 1.0.0\n{secret}")).unwrap_err().to_string();
         assert!(e.contains("files[0].type") && e.contains("recipients"), "{e}");
