@@ -338,3 +338,50 @@ fn a_failed_verify_undoes_the_secret_and_puts_back_what_was_there() {
         assert!(leaks.is_empty(), "{plain} is in {leaks:?}");
     }
 }
+
+#[test]
+fn recipients_by_inventory_tag_let_every_tagged_host_decrypt() {
+    let s = Scratch::trusted();
+    let web1 = s.recipient();
+    let other = Scratch::trusted();
+    let web2 = other.recipient();
+    let inventory = s.path("fleet.toml");
+    std::fs::write(
+        &inventory,
+        format!(
+            "[hosts.web1]\ntags = [\"web\"]\nrecipient = \"{web1}\"\n[hosts.web2]\ntags = [\"web\"]\nrecipient = \
+             \"{web2}\"\n"
+        ),
+    )
+    .unwrap();
+    let dir = secret_stage(&s, "1.0.0", &["\"@web\""], "");
+    // Without the inventory the tag cannot be resolved (exit 7).
+    let mut add = s.image();
+    add.args(["secret", "add"]).arg(&dir).arg("secrets/token.age").arg("--file").arg(&inventory);
+    let (code, err) = fails(&mut add);
+    assert_eq!(code, 7, "{err}");
+    assert!(err.contains("--inventory"), "{err}");
+    let plain = s.path("token.txt");
+    std::fs::write(&plain, TOKEN).unwrap();
+    let added = json(&ok(s
+        .image()
+        .args(["--json", "secret", "add"])
+        .arg(&dir)
+        .arg("secrets/token.age")
+        .arg("--file")
+        .arg(&plain)
+        .arg("--inventory")
+        .arg(&inventory)));
+    assert_eq!(added["recipients"].as_array().unwrap().len(), 2, "{added}");
+    let (code, err) = fails(s.image().arg("build").arg(&dir));
+    assert_eq!(code, 7, "{err}");
+    let built = json(&ok(s.image().args(["--json", "-q", "build"]).arg(&dir).arg("--inventory").arg(&inventory)));
+    let export = s.export(&[built["reference"].as_str().unwrap()], "app.oci.tar");
+    // One image, both hosts of the tag (the other host trusts the same key).
+    std::fs::copy(s.pub_key(), other.path("builder.pub")).unwrap();
+    ok(other.stage().args(["trust", "add"]).arg(other.path("builder.pub")));
+    for host in [&s, &other] {
+        ok(host.stage().args(["-q", "deploy"]).arg(&export));
+        assert_eq!(std::fs::read_to_string(host.root().join(TARGET)).unwrap(), TOKEN);
+    }
+}
