@@ -73,7 +73,7 @@ need_cargo() {
 # a namespace for the service tests and creates users (systemd-sysusers), util-linux's
 # unshare and nsenter make and enter it, openssh-server and iproute2 make the SSH fleet,
 # curl alters a channel in the registry, systemd-analyze checks the shipped units, age
-# decrypts an encrypted backup as an operator would).
+# decrypts and encrypts secrets as the stock tool does, and decrypts an encrypted backup).
 need_test_tools() {
 	need_packages zstd:zstd openssl:openssl skopeo:skopeo minisign:minisign tar:tar coreutils:sha256sum \
 		btrfs-progs:mkfs.btrfs docker-registry:docker-registry apache2-utils:htpasswd time:/usr/bin/time \

@@ -179,7 +179,9 @@ impl Tree {
                     reason: format!("{} does not exist in the stage folder {}", f.path, stage_dir.display()),
                 });
             };
-            if let Some(declared) = f.mode {
+            // A secret's ciphertext is staged with its target's mode: 0600 unless declared.
+            let declared = if f.kind == formats::manifest::FileType::Secret { Some(f.secret_mode()) } else { f.mode };
+            if let Some(declared) = declared {
                 match node {
                     Node::Dir { mode } | Node::File { mode, .. } => *mode = declared,
                     Node::Symlink { .. } => {

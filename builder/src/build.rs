@@ -47,6 +47,8 @@ pub struct Settings<'a> {
     pub hide_key: Option<PathBuf>,
     /// Replace NAME:VERSION when the store has it (versions are immutable otherwise).
     pub force: bool,
+    /// Where a stage's `recipients: ["@TAG"]` are looked up (`build --inventory`).
+    pub inventory: Option<&'a crate::fleet::Inventory>,
 }
 
 /// The payload format a build ends up with.
@@ -145,6 +147,7 @@ pub fn build(stage_dir: &Path, settings: &Settings<'_>) -> Result<Outcome> {
     let Some(layout) = settings.layout else {
         tracing::debug!("a dry run: the tree is assembled, nothing is written");
         let tree = assemble::stage_tree(stage_dir, &manifest, &def)?;
+        crate::secrets::check(&tree, &manifest, &def, settings.inventory)?;
         return Ok(Outcome::Planned(Plan {
             reference: Reference::new(name, def.version.clone()).to_string(),
             build_steps: def.build.iter().map(|b| b.run.clone()).collect(),
@@ -161,6 +164,7 @@ pub fn build(stage_dir: &Path, settings: &Settings<'_>) -> Result<Outcome> {
     }
     run_build_steps(stage_dir, &manifest, &def, settings.quiet)?;
     let tree = assemble::stage_tree(stage_dir, &manifest, &def)?;
+    crate::secrets::check(&tree, &manifest, &def, settings.inventory)?;
     let config = StageConfig::from_definition(name, &def, Vec::new());
     let built = write_image(layout, config, &tree, settings, &payload)?;
     drop_old_signatures(layout, replaced, &built).map(|()| Outcome::Built(built))

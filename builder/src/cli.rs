@@ -95,6 +95,9 @@ pub enum Command {
     /// Publish which versions a registry channel offers (for `op-dbus-stage update`).
     #[command(subcommand)]
     Channel(crate::channel::ChannelCommand),
+    /// Encrypt, remove and list a stage folder's secrets (`type: secret` files).
+    #[command(subcommand)]
+    Secret(SecretCommand),
     /// Print a shell completion script on stdout.
     Completions {
         /// The shell.
@@ -106,6 +109,47 @@ pub enum Command {
     Man {
         /// The folder to write NAME.1 files into (created if missing).
         dir: PathBuf,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SecretCommand {
+    /// Encrypt a secret to the stage's `recipients:` into the file of its `files:` entry PATH.
+    ///
+    /// The plaintext is read from standard input (or --file), never from an argument, and
+    /// is not written anywhere: only the age ciphertext goes into the stage folder, replacing
+    /// what was there. PATH must be the `path:` of a `type: secret` entry of manifest.yaml
+    /// (by convention secrets/NAME.age).
+    Add {
+        /// A folder holding manifest.yaml.
+        stage_dir: PathBuf,
+        /// The `path:` of the `type: secret` entry.
+        path: String,
+        /// Read the plaintext from FILE instead of standard input.
+        #[arg(long, value_name = "FILE")]
+        file: Option<PathBuf>,
+        /// The fleet inventory, for `recipients:` entries of the form @TAG (the `recipient`
+        /// of every host with that tag).
+        #[arg(long, value_name = "FILE")]
+        inventory: Option<PathBuf>,
+    },
+    /// Delete the encrypted file of the secret PATH (remove its `files:` entry from
+    /// manifest.yaml too, or the next build fails).
+    Rm {
+        /// A folder holding manifest.yaml.
+        stage_dir: PathBuf,
+        /// The `path:` of the `type: secret` entry.
+        path: String,
+    },
+    /// The secrets of a stage folder: target, mode, owner, and whether each is encrypted to
+    /// every recipient the stage lists.
+    List {
+        /// A folder holding manifest.yaml.
+        stage_dir: PathBuf,
+        /// The fleet inventory, for `recipients:` entries of the form @TAG (the `recipient`
+        /// of every host with that tag).
+        #[arg(long, value_name = "FILE")]
+        inventory: Option<PathBuf>,
     },
 }
 
@@ -155,6 +199,10 @@ pub struct BuildOpts {
     /// Replace NAME:VERSION if the store has it (versions are otherwise immutable).
     #[arg(long)]
     pub force: bool,
+    /// The fleet inventory, for `recipients:` entries of the form @TAG (the `recipient` of
+    /// every host with that tag).
+    #[arg(long, value_name = "FILE")]
+    pub inventory: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -391,10 +439,12 @@ pub fn run(cli: Cli) -> Result<()> {
     let out = Output::new(&g.common);
     match cli.command {
         Command::Key(k) => key_command(g, k),
+        Command::Secret(s) => secret_command(g, s),
         Command::Build(o) => {
             // Read before any build step runs; the steps never see it (see `hide`).
             let key = if o.no_sign { None } else { load_key(g)? };
             let layout = if g.common.dry_run { None } else { Some(open_store(g, true)?) };
+            let inventory = o.inventory.as_deref().map(crate::fleet::Inventory::read).transpose()?;
             let settings = Settings {
                 layout: layout.as_ref(),
                 format: o.format,
@@ -402,6 +452,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 quiet: g.common.quiet,
                 hide_key: g.key.clone(),
                 force: o.force,
+                inventory: inventory.as_ref(),
             };
             let outcome = crate::build::build(&o.stage_dir, &settings)
                 .with_context(|| format!("building {}", o.stage_dir.display()))?;
@@ -417,6 +468,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 quiet: g.common.quiet,
                 hide_key: None,
                 force: o.force,
+                inventory: None,
             };
             let outcome =
                 crate::build::create(o.name.clone(), o.stage_version, &o.files, o.target_prefix.as_ref(), &settings)
@@ -703,6 +755,59 @@ fn finish_build(
     }
 }
 
+fn secret_command(g: &GlobalOpts, s: SecretCommand) -> Result<()> {
+    let output = Output::new(&g.common);
+    let rel = |p: &str| -> Result<formats::path::RelPath> {
+        p.parse()
+            .map_err(|e| cli_support::exit::Usage(format!("{p:?} is not a path inside a stage folder: {e}")).into())
+    };
+    let verb = |dry: bool, did: &str, would: &str| if dry { would.to_owned() } else { did.to_owned() };
+    match s {
+        SecretCommand::Add { stage_dir, path, file, inventory } => {
+            let path = rel(&path)?;
+            let inventory = inventory.as_deref().map(crate::fleet::Inventory::read).transpose()?;
+            let plaintext = crate::secrets::read_plaintext(file.as_deref())?;
+            let r = crate::secrets::add(&stage_dir, &path, &plaintext, inventory.as_ref(), g.common.dry_run)?;
+            output.emit(&r, |r| {
+                format!(
+                    "{} {} for {} recipient(s)\n",
+                    verb(r.dry_run, "encrypted to", "would encrypt to"),
+                    r.file.display(),
+                    r.recipients.len()
+                )
+            })
+        }
+        SecretCommand::Rm { stage_dir, path } => {
+            let r = crate::secrets::rm(&stage_dir, &rel(&path)?, g.common.dry_run)?;
+            output.emit(&r, |r| format!("{} {}\n", verb(r.dry_run, "removed", "would remove"), r.file.display()))
+        }
+        SecretCommand::List { stage_dir, inventory } => {
+            let inventory = inventory.as_deref().map(crate::fleet::Inventory::read).transpose()?;
+            let doc = crate::secrets::list(&stage_dir, inventory.as_ref())?;
+            output.emit(&doc, |d| {
+                if d.secrets.is_empty() {
+                    return "no secrets (no `type: secret` files in manifest.yaml)\n".into();
+                }
+                let rows: Vec<Vec<String>> = d
+                    .secrets
+                    .iter()
+                    .map(|x| {
+                        vec![
+                            x.path.clone(),
+                            x.target.clone(),
+                            x.mode.clone(),
+                            x.owner.clone().unwrap_or_else(|| "root".into()),
+                            x.encrypted_to.map_or("-".into(), |n| n.to_string()),
+                            x.problem.clone().unwrap_or_else(|| "ok".into()),
+                        ]
+                    })
+                    .collect();
+                cli_support::table(&["PATH", "TARGET", "MODE", "OWNER", "RECIPIENTS", "STATUS"], &rows, &[])
+            })
+        }
+    }
+}
+
 fn key_command(g: &GlobalOpts, k: KeyCommand) -> Result<()> {
     let output = Output::new(&g.common);
     match k {
@@ -791,11 +896,7 @@ fn render_inspection(i: &crate::inspect::Inspection) -> String {
         s += "\n";
     }
     for f in &m.files {
-        let kind = match f.kind {
-            formats::manifest::FileType::Symlink => "symlink",
-            formats::manifest::FileType::Copy => "copy",
-            formats::manifest::FileType::CopyIfNotExists => "copy-if-not-exists",
-        };
+        let kind = f.kind.as_str();
         let owner = match (&f.owner, &f.group) {
             (None, None) => String::new(),
             (o, g) => format!(

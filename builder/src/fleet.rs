@@ -81,6 +81,9 @@ pub struct HostEntry {
     /// Extra `-o OPTION=VALUE` for ssh.
     #[serde(default)]
     pub ssh_options: Vec<String>,
+    /// The host's age recipient (`op-dbus-stage identity`): a stage whose `recipients:`
+    /// names `@TAG` encrypts its secrets to every host with that tag.
+    pub recipient: Option<String>,
 }
 
 impl Inventory {
@@ -100,9 +103,9 @@ impl Inventory {
         }
         let inv: Inventory = toml::from_str(&text)
             .map_err(|e| cli_support::exit::Malformed(format!("the inventory {}: {e}", path.display())))?;
-        if inv.defaults.address.is_some() || !inv.defaults.tags.is_empty() {
+        if inv.defaults.address.is_some() || !inv.defaults.tags.is_empty() || inv.defaults.recipient.is_some() {
             return Err(cli_support::exit::Malformed(format!(
-                "the inventory {}: [defaults] cannot give an address or tags (they are each host's own)",
+                "the inventory {}: [defaults] cannot give an address, tags or a recipient (they are each host's own)",
                 path.display()
             ))
             .into());
@@ -116,8 +119,35 @@ impl Inventory {
             if let Some(a) = &h.address {
                 check_word(a, &format!("{what}: address"))?;
             }
+            if let Some(r) = &h.recipient {
+                r.parse::<keys::secret::Recipient>()
+                    .map_err(|e| cli_support::exit::Malformed(format!("{what}: recipient: {e}")))?;
+            }
         }
         Ok(inv)
+    }
+
+    /// The recipients of the hosts with `tag` (a stage's `recipients: ["@TAG"]`): every
+    /// such host must have one.
+    pub fn recipients_tagged(&self, tag: &str) -> Result<Vec<String>> {
+        let hosts: Vec<_> = self.hosts.iter().filter(|(_, h)| h.tags.iter().any(|t| t == tag)).collect();
+        if hosts.is_empty() {
+            return Err(
+                cli_support::exit::Usage(format!("no host of the inventory has the tag {tag:?} (@{tag})")).into()
+            );
+        }
+        hosts
+            .into_iter()
+            .map(|(name, h)| {
+                h.recipient.clone().ok_or_else(|| {
+                    cli_support::exit::Usage(format!(
+                        "host {name:?} of the inventory has the tag {tag:?} but no `recipient` (its `op-dbus-stage \
+                         identity`)"
+                    ))
+                    .into()
+                })
+            })
+            .collect()
     }
 
     /// The hosts `--on` names: inventory names, `@TAG`s, or ssh destinations as they are.

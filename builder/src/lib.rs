@@ -23,4 +23,5 @@ pub mod listed;
 pub mod patches;
 pub mod progress;
 pub mod registry_cmd;
+pub mod secrets;
 pub mod sign;

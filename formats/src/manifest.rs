@@ -224,6 +224,9 @@ pub enum FileType {
     Copy,
     /// The target is copied only when nothing is there: never overwrites the operator's config.
     CopyIfNotExists,
+    /// The staged file is an age-encrypted secret: activation decrypts it with the host's
+    /// identity into the target (mode 0600 unless declared), replaced on every activation.
+    Secret,
 }
 
 impl FileType {
@@ -233,6 +236,7 @@ impl FileType {
             FileType::Symlink => "symlink",
             FileType::Copy => "copy",
             FileType::CopyIfNotExists => "copy-if-not-exists",
+            FileType::Secret => "secret",
         }
     }
 }
@@ -369,6 +373,21 @@ pub struct StageDefinition {
     pub sources: Vec<SourceSpec>,
     #[serde(default)]
     pub cleanup: Vec<String>,
+    /// The age X25519 recipients (`age1...`, what `op-dbus-stage identity` prints) of the
+    /// hosts that may decrypt this stage's `type: secret` files, or `@TAG`: every host of
+    /// the builder's inventory with that tag. Used by the builder only.
+    #[serde(default)]
+    pub recipients: Vec<String>,
+}
+
+/// The mode of a secret's target when its entry declares none.
+pub const SECRET_MODE: Mode = Mode(0o600);
+
+impl FileSpec {
+    /// The mode a `type: secret` target gets: the declared one, or 0600.
+    pub fn secret_mode(&self) -> Mode {
+        self.mode.unwrap_or(SECRET_MODE)
+    }
 }
 
 impl StageDefinition {
@@ -430,6 +449,20 @@ impl StageDefinition {
         check_list("dependencies", &self.dependencies).map_err(|(f, r)| invalid(f, r))?;
         check_list("build", &self.build).map_err(|(f, r)| invalid(f, r))?;
         check_list("sources", &self.sources).map_err(|(f, r)| invalid(f, r))?;
+        check_list("recipients", &self.recipients).map_err(|(f, r)| invalid(f, r))?;
+        for (i, r) in self.recipients.iter().enumerate() {
+            check_recipient(&format!("recipients[{i}]"), r).map_err(|(f, r)| invalid(f, r))?;
+        }
+        if self.recipients.is_empty()
+            && let Some(i) = self.files.iter().position(|f| f.kind == FileType::Secret)
+        {
+            return Err(invalid(
+                format!("files[{i}].type"),
+                "a stage with `type: secret` files lists the hosts that may read them in `recipients:` (age1... as \
+                 `op-dbus-stage identity` prints)"
+                    .into(),
+            ));
+        }
         for (i, d) in self.dependencies.iter().enumerate() {
             check_text(&format!("dependencies[{i}]"), d).map_err(|(f, r)| invalid(f, r))?;
         }
@@ -464,6 +497,24 @@ fn check_text(field: &str, s: &str) -> Result<(), (String, String)> {
         return Err((field.to_owned(), "has a NUL byte".into()));
     }
     Ok(())
+}
+
+/// An age X25519 recipient as text: `age1` and 58 bech32 characters (the key itself is
+/// checked where it is used), or `@TAG` (an inventory tag).
+fn check_recipient(field: &str, s: &str) -> Result<(), (String, String)> {
+    const BECH32: &[u8] = b"qpzry9x8gf2tvdw0s3jn54khce6mua7l";
+    if let Some(tag) = s.strip_prefix('@') {
+        return check_word(field, tag);
+    }
+    let ok = s.len() == 62 && s.starts_with("age1") && s.as_bytes()[4..].iter().all(|c| BECH32.contains(c));
+    if ok {
+        Ok(())
+    } else {
+        Err((
+            field.to_owned(),
+            format!("{s:?} is not an age X25519 recipient (age1... as `op-dbus-stage identity` prints) or @TAG"),
+        ))
+    }
 }
 
 fn check_list<T>(field: &str, v: &[T]) -> Result<(), (String, String)> {
@@ -784,7 +835,9 @@ impl StageConfig {
                 return Err(invalid(format!("files[{i}].path"), format!("{} is not staged in the image", f.path)));
             };
             // A copy is of a regular file: a staged link or directory cannot be copied.
-            if matches!(f.kind, FileType::Copy | FileType::CopyIfNotExists) && e.kind != EntryKind::File {
+            if matches!(f.kind, FileType::Copy | FileType::CopyIfNotExists | FileType::Secret)
+                && e.kind != EntryKind::File
+            {
                 return Err(invalid(
                     format!("files[{i}].path"),
                     format!(
@@ -1148,6 +1201,42 @@ mod tests {
             let e = parse(&format!("version: 1.0.0\n{bad}")).unwrap_err().to_string();
             assert!(e.contains(field), "{bad}: {e}");
         }
+    }
+
+    #[test]
+    fn secrets_name_their_recipients() {
+        let r = "age1ql3z7hjy54pw3hyww5ayyfg7zqgvc7w3j2elw8zmrj2kg5sfn9aqmcac8p";
+        let secret =
+            "files:\n  - path: secrets/token.age\n    target: /etc/op-dbus/token\n    type: secret\n    owner: 42\n";
+        let def = parse(&format!("version: 1.0.0\nrecipients: [{r}]\n{secret}")).unwrap();
+        assert_eq!(def.files[0].kind, FileType::Secret);
+        assert_eq!(def.files[0].kind.as_str(), "secret");
+        assert_eq!(def.files[0].secret_mode().bits(), 0o600);
+        assert_eq!(def.recipients, [r]);
+        // An inventory tag stands for the recipients of its hosts (resolved by the builder).
+        assert!(parse(&format!("version: 1.0.0\nrecipients: [\"@web\"]\n{secret}")).is_ok());
+        assert!(parse(&format!("version: 1.0.0\nrecipients: [\"@a b\"]\n{secret}")).is_err());
+        // Without recipients, or with one that is not an age recipient: refused.
+        let e = parse(&format!("version: 1.0.0\n{secret}")).unwrap_err().to_string();
+        assert!(e.contains("files[0].type") && e.contains("recipients"), "{e}");
+        for bad in ["age1", "AGE1QL3Z7HJY54PW3HYWW5AYYFG7ZQGVC7W3J2ELW8ZMRJ2KG5SFN9AQMCAC8P", &r.replace('q', "b")] {
+            let e = parse(&format!("version: 1.0.0\nrecipients: [\"{bad}\"]\n{secret}")).unwrap_err().to_string();
+            assert!(e.contains("recipients[0]"), "{bad}: {e}");
+        }
+        // A secret is a staged regular file, like a copy.
+        use EntryKind::*;
+        let c = config(
+            &format!("recipients: [{r}]\n{secret}"),
+            vec![entry("secrets", Dir, None), entry("secrets/token.age", Dir, None)],
+        );
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("type: secret") && e.contains("directory"), "{e}");
+        let c = config(
+            &format!("recipients: [{r}]\n{secret}"),
+            vec![entry("secrets", Dir, None), entry("secrets/token.age", File, None)],
+        );
+        c.validate().unwrap();
+        assert!(String::from_utf8(c.to_bytes()).unwrap().contains(r#""type":"secret""#));
     }
 
     fn config_of(def: &StageDefinition) -> StageConfig {

@@ -61,8 +61,14 @@ pub struct GlobalOpts {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Create the root if needed, the staging area, the store and the trust store.
+    /// Create the root if needed, the staging area, the store, the trust store and the host's
+    /// age identity.
     Init,
+    /// Print this host's age recipient (age1...), for the `recipients:` of stages with secrets.
+    ///
+    /// The recipient is the public half of /etc/op-dbus/host.age, the identity `init` creates
+    /// (mode 0600, root); activation decrypts `type: secret` files with it.
+    Identity,
     /// Manage the keys this host trusts.
     #[command(subcommand)]
     Trust(TrustCommand),
@@ -470,6 +476,15 @@ fn render_report(r: &ops::Report) -> String {
     s
 }
 
+/// `identity --json`.
+#[derive(Debug, Serialize)]
+pub struct IdentityDoc {
+    /// The host's age X25519 recipient (`age1...`).
+    pub recipient: String,
+    /// The identity file it is the public half of.
+    pub identity: PathBuf,
+}
+
 /// `have --json`.
 #[derive(Debug, Serialize)]
 pub struct HaveDoc {
@@ -554,6 +569,15 @@ pub fn run(cli: Cli) -> Result<i32> {
         Command::Init => {
             let r = ops::init(&opts)?;
             out.emit(&r, |r| render_init(r, opts.dry_run))?;
+        }
+        Command::Identity => {
+            let host = crate::host::Host::open(&opts.root)?;
+            let id = crate::identity::load(&host)?;
+            let doc = IdentityDoc {
+                recipient: id.recipient().to_string(),
+                identity: opts.root.join(crate::identity::IDENTITY),
+            };
+            out.emit(&doc, |d| format!("{}\n", d.recipient))?;
         }
         Command::Trust(TrustCommand::Add { file, scope, replace }) => {
             let ctx = Ctx::changing(&opts)?;
@@ -655,6 +679,15 @@ pub fn run(cli: Cli) -> Result<i32> {
             bar.finish_and_clear();
             let r = r?;
             out.emit(&r, render_verify)?;
+            if !r.not_for_this_host.is_empty() {
+                if !opts.quiet && !g.common.json {
+                    eprintln!(
+                        "op-dbus-stage: error: this host is not a recipient of the secret(s) {}",
+                        r.not_for_this_host.join(", ")
+                    );
+                }
+                return Ok(error::TRUST);
+            }
             if !r.ok {
                 return Ok(error::VERIFY_FAILED);
             }
@@ -785,12 +818,14 @@ pub fn run(cli: Cli) -> Result<i32> {
 
 fn render_init(r: &ops::InitReport, dry_run: bool) -> String {
     format!(
-        "{}staging {}\nstore {}\ntrusted keys {}\npolicy {}\nbackend {}\n",
+        "{}staging {}\nstore {}\ntrusted keys {}\npolicy {}\nidentity {}{}\nbackend {}\n",
         if dry_run { "would create\n" } else { "" },
         r.staging.display(),
         r.store.display(),
         r.trusted_keys.display(),
         r.policy.display(),
+        r.identity.display(),
+        r.recipient.as_ref().map(|x| format!(" ({x})")).unwrap_or_default(),
         r.backend
     )
 }
@@ -888,6 +923,9 @@ fn render_verify(r: &ops::VerifyReport) -> String {
         }
         for f in &st.files {
             s += &format!("  file: {f}\n");
+        }
+        for x in &st.secrets {
+            s += &format!("  secret: {x}\n");
         }
         for c in &st.checks {
             s += &format!("  verify `{}`: {}\n", c.command, if c.passed { "ok" } else { "FAILED" });

@@ -325,6 +325,21 @@ impl Host {
         Ok(Some(sha256_reader(fs::File::from(f))?.0))
     }
 
+    /// The bytes of the regular file at `target`, if there is one and it holds at most
+    /// `limit` bytes (`Some(None)` when it holds more).
+    pub fn read_file(&self, target: &TargetPath, limit: u64) -> io::Result<Option<Option<Vec<u8>>>> {
+        use io::Read;
+        if self.state(target)? != TargetState::File {
+            return Ok(None);
+        }
+        let (fd, name) = self.parent(target)?;
+        let f =
+            rustix::fs::openat(&fd, name.as_str(), OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC, Mode::empty())?;
+        let mut buf = Vec::new();
+        fs::File::from(f).take(limit + 1).read_to_end(&mut buf)?;
+        Ok(Some((buf.len() as u64 <= limit).then_some(buf)))
+    }
+
     /// Whether the directory `dir` exists (resolved in the root, see `Host::walk`).
     pub fn dir_exists(&self, dir: &TargetPath) -> io::Result<bool> {
         match self.walk(dir.relative().components()) {
@@ -426,6 +441,14 @@ impl Host {
         let src = fs::File::open(from)?;
         let st = rustix::fs::fstat(&src)?;
         self.write_from(&mut &src, target, mode, Some(owner(&st)))
+    }
+
+    /// Writes `bytes` (a decrypted secret) to `target` with `mode` and the owner of the host
+    /// file `like` (the staged ciphertext, which has the declared owner), through a temp
+    /// file of mode 0600 renamed into place.
+    pub fn write_owned_like(&self, like: &Path, bytes: &[u8], target: &TargetPath, mode: u32) -> io::Result<()> {
+        let st = rustix::fs::stat(like)?;
+        self.write_from(&mut &bytes[..], target, mode, Some(owner(&st)))
     }
 
     /// Writes `bytes` to `target` with `mode` (owned by the installer's user), through a

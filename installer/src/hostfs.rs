@@ -76,6 +76,12 @@ pub trait HostFs {
     fn copy_in(&self, staged: &str, target: &TargetPath, mode: u32) -> Result<()>;
     /// Writes `bytes` to `target` with `mode` (through a temp file renamed into place).
     fn write_new(&self, target: &TargetPath, bytes: &[u8], mode: u32) -> Result<()>;
+    /// Whether `target` is a regular file holding what the staged age file `staged`
+    /// decrypts to with the host identity (a secret of ours, unchanged).
+    fn secret_at(&self, target: &TargetPath, staged: &str) -> Result<bool>;
+    /// Decrypts the staged age file `staged` with the host identity into `target` with
+    /// `mode` and the staged file's owner (through a temp file renamed into place).
+    fn decrypt_in(&self, staged: &str, target: &TargetPath, mode: u32) -> Result<()>;
 
     /// Moves the unpacked tree `.tmp/<tmp>` to `.generations/<stage>/<generation>` (nothing
     /// if it is there already).
@@ -167,6 +173,25 @@ impl HostFs for RealFs<'_> {
 
     fn write_new(&self, target: &TargetPath, bytes: &[u8], mode: u32) -> Result<()> {
         Ok(self.host.write_new(target, bytes, mode)?)
+    }
+
+    fn secret_at(&self, target: &TargetPath, staged: &str) -> Result<bool> {
+        let Some(Some(held)) = self.host.read_file(target, keys::secret::MAX_SECRET)? else { return Ok(false) };
+        let from = self.staging.dir.join(staged);
+        // Not staged (a step undone before its generation was published): nothing at the
+        // target can be what it decrypts to.
+        if from.symlink_metadata().is_err() {
+            return Ok(false);
+        }
+        let plain = crate::secrets::decrypt_staged(self.host, &from)?;
+        let held = keys::secret::Zeroizing::new(held);
+        Ok(held[..] == plain[..])
+    }
+
+    fn decrypt_in(&self, staged: &str, target: &TargetPath, mode: u32) -> Result<()> {
+        let from = self.staging.dir.join(staged);
+        let plain = crate::secrets::decrypt_staged(self.host, &from)?;
+        Ok(self.host.write_owned_like(&from, &plain, target, mode)?)
     }
 
     fn publish_generation(&self, stage: &StageName, generation: u64, tmp: &str) -> Result<()> {

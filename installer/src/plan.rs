@@ -90,7 +90,7 @@ fn keeps(p: &Placed, w: &Want) -> bool {
         && p.how.kind() == w.kind
         && match w.kind {
             FileType::Symlink | FileType::CopyIfNotExists => true,
-            FileType::Copy => p.how.digest() == w.sha256,
+            FileType::Copy | FileType::Secret => p.how.digest() == w.sha256,
         }
 }
 
@@ -117,7 +117,9 @@ impl ReadError {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Seen {
     pub state: Result<TargetState, ReadError>,
-    /// The content of a regular file (read only where a copy of ours was placed).
+    /// The content of a regular file (read only where a copy of ours was placed). Where a
+    /// secret of ours was placed: the digest of its ciphertext when the target still holds
+    /// what that decrypts to, else none (the plaintext is never digested).
     pub digest: Result<Option<Digest>, ReadError>,
 }
 
@@ -159,9 +161,15 @@ impl HostView {
                 continue;
             }
             let state = fs.state(target).map_err(|e| ReadError::of(&e));
-            let copied = before.placed.get(target).is_some_and(|p| p.how.digest().is_some());
-            let digest = match &state {
-                Ok(TargetState::File) if copied => fs.file_digest(target).map_err(|e| ReadError::of(&e)),
+            let placed = before.placed.get(target);
+            let copied = placed.is_some_and(|p| p.how.digest().is_some());
+            let digest = match (&state, placed.map(|p| &p.how)) {
+                (Ok(TargetState::File), Some(Placement::Secret { sha256 })) => match secret_source(before, target) {
+                    Some(from) => fs.secret_at(target, &from).map(|ours| ours.then_some(*sha256)),
+                    None => Ok(None),
+                }
+                .map_err(|e| ReadError::of(&e)),
+                (Ok(TargetState::File), _) if copied => fs.file_digest(target).map_err(|e| ReadError::of(&e)),
                 _ => Ok(None),
             };
             view.targets.insert(target.clone(), Seen { state, digest });
@@ -198,6 +206,23 @@ impl HostView {
             None => Err(anyhow::anyhow!("{dir} was not looked at before planning")),
         }
     }
+}
+
+/// The staged ciphertext (relative to the staging area) of the secret `before` placed at
+/// `target`: in the active generation of its stage, which holds that very ciphertext (a
+/// new ciphertext replaces the placement, see `keeps`).
+pub fn secret_source(before: &State, target: &TargetPath) -> Option<String> {
+    let p = before.placed.get(target)?;
+    let generation = before.stages.get(&p.stage)?.active.generation;
+    Some(format!(".generations/{}/{generation}/{}", p.stage, p.path))
+}
+
+/// The mode the secret `before` placed at `target` was given.
+fn secret_mode(before: &State, target: &TargetPath) -> u32 {
+    let active = before.placed.get(target).and_then(|p| before.stages.get(&p.stage));
+    active
+        .and_then(|s| s.active.activation.files.iter().find(|f| &f.target == target))
+        .map_or(formats::manifest::SECRET_MODE.bits(), |f| f.mode)
 }
 
 /// The directories above `target`, outermost first.
@@ -342,6 +367,22 @@ impl<'a> Planner<'a> {
                         }
                     }
                 }
+                // Removed, never stashed: the plaintext stays out of the journal. Undone by
+                // decrypting the ciphertext again (its generation outlives the transaction).
+                Placement::Secret { sha256 } => match (self.host.file_digest(target)?, secret_source(before, target)) {
+                    (Some(d), Some(from)) if d == *sha256 => {
+                        let mode = secret_mode(before, target);
+                        self.steps.push(Step::Unsecret { target: target.clone(), from, sha256: *sha256, mode });
+                        true
+                    }
+                    (None, _) if self.host.state(target)? == TargetState::Missing => true,
+                    _ => {
+                        self.notes.push(format!(
+                            "{target} no longer holds the secret that was decrypted there; kept as the operator's"
+                        ));
+                        false
+                    }
+                },
             };
             if removed {
                 freed.insert(target.clone(), p.backup.clone());
@@ -442,12 +483,12 @@ impl<'a> Planner<'a> {
             ))
             .into());
         };
-        self.steps.push(Step::Copy {
-            target: target.clone(),
-            from: format!(".generations/{}/{}/{}", w.stage, w.generation, w.path),
-            sha256,
-            mode: w.mode,
-        });
+        let from = format!(".generations/{}/{}/{}", w.stage, w.generation, w.path);
+        if w.kind == FileType::Secret {
+            self.steps.push(Step::Secret { target: target.clone(), from, sha256, mode: w.mode });
+            return Ok(Placement::Secret { sha256 });
+        }
+        self.steps.push(Step::Copy { target: target.clone(), from, sha256, mode: w.mode });
         Ok(if w.kind == FileType::CopyIfNotExists {
             Placement::CopyIfNotExists { sha256 }
         } else {

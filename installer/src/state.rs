@@ -82,7 +82,9 @@ impl Activation {
                         kind: f.kind,
                         entry: e.kind,
                         sha256: e.sha256,
-                        mode: e.mode.bits(),
+                        // A secret's target: the declared mode, else 0600 (never the
+                        // mode the ciphertext was staged with).
+                        mode: if f.kind == FileType::Secret { f.secret_mode().bits() } else { e.mode.bits() },
                     }
                 })
                 .collect(),
@@ -125,6 +127,9 @@ pub enum Placement {
     Copy { sha256: Digest },
     /// A copy made where nothing was, with this content.
     CopyIfNotExists { sha256: Digest },
+    /// A secret decrypted from the staged age file with this digest (of the ciphertext:
+    /// nothing about the plaintext is recorded).
+    Secret { sha256: Digest },
 }
 
 impl Placement {
@@ -134,6 +139,7 @@ impl Placement {
             Placement::Symlink { .. } => FileType::Symlink,
             Placement::Copy { .. } => FileType::Copy,
             Placement::CopyIfNotExists { .. } => FileType::CopyIfNotExists,
+            Placement::Secret { .. } => FileType::Secret,
         }
     }
 
@@ -141,7 +147,9 @@ impl Placement {
     pub fn digest(&self) -> Option<Digest> {
         match self {
             Placement::Symlink { .. } => None,
-            Placement::Copy { sha256 } | Placement::CopyIfNotExists { sha256 } => Some(*sha256),
+            Placement::Copy { sha256 } | Placement::CopyIfNotExists { sha256 } | Placement::Secret { sha256 } => {
+                Some(*sha256)
+            }
         }
     }
 }
@@ -172,6 +180,7 @@ impl TryFrom<PlacedRecord> for Placed {
             (FileType::Symlink, Some(link), None) => Placement::Symlink { link },
             (FileType::Copy, None, Some(sha256)) => Placement::Copy { sha256 },
             (FileType::CopyIfNotExists, None, Some(sha256)) => Placement::CopyIfNotExists { sha256 },
+            (FileType::Secret, None, Some(sha256)) => Placement::Secret { sha256 },
             (FileType::Symlink, ..) => return Err(format!("the link placed for {} has no `link` alone", r.path)),
             _ => return Err(format!("the copy placed for {} has no `sha256` alone", r.path)),
         };
@@ -184,7 +193,9 @@ impl From<Placed> for PlacedRecord {
         let kind = p.how.kind();
         let (link, sha256) = match p.how {
             Placement::Symlink { link } => (Some(link), None),
-            Placement::Copy { sha256 } | Placement::CopyIfNotExists { sha256 } => (None, Some(sha256)),
+            Placement::Copy { sha256 } | Placement::CopyIfNotExists { sha256 } | Placement::Secret { sha256 } => {
+                (None, Some(sha256))
+            }
         };
         PlacedRecord { stage: p.stage, path: p.path, kind, link, sha256, backup: p.backup }
     }

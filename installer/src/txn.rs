@@ -57,6 +57,12 @@ pub enum Step {
     Copy { target: TargetPath, from: String, sha256: Digest, mode: u32 },
     /// Move our copy at `target` to `journal/stash/<stash>` (deleted at clean-up).
     Stash { target: TargetPath, stash: String, sha256: Digest },
+    /// Decrypt the staged age file `from` (ciphertext digest `sha256`) with the host
+    /// identity into a free `target`, with `mode` and the staged file's owner.
+    Secret { target: TargetPath, from: String, sha256: Digest, mode: u32 },
+    /// Remove our decrypted secret at `target` (what `from` decrypts to). Nothing is
+    /// stashed: undoing decrypts `from` again, with `mode`.
+    Unsecret { target: TargetPath, from: String, sha256: Digest, mode: u32 },
     /// `systemctl --root ROOT enable UNIT`.
     EnableUnit { unit: String },
     /// Remove the enablement links of UNIT.
@@ -87,6 +93,8 @@ impl Step {
             Step::Unlink { target, text } => format!("unlink {target} (-> {text})"),
             Step::Copy { target, from, .. } => format!("copy {from} to {target}"),
             Step::Stash { target, .. } => format!("remove copy {target}"),
+            Step::Secret { target, from, .. } => format!("decrypt {from} to {target}"),
+            Step::Unsecret { target, .. } => format!("remove secret {target}"),
             Step::EnableUnit { unit } => format!("enable {unit}"),
             Step::DisableUnit { unit } => format!("disable {unit}"),
             Step::Register { target, .. } => format!("register plugin {target}"),
@@ -236,6 +244,23 @@ pub fn apply(fs: &dyn HostFs, step: &Step) -> Result<()> {
             }
             fs.move_out(target, Kept::Stash, stash).with_context(|| format!("removing {target}"))
         }
+        Step::Secret { target, from, mode, .. } => {
+            if fs.state(target)? == TargetState::Missing {
+                return fs
+                    .decrypt_in(from, target, *mode)
+                    .with_context(|| format!("decrypting the secret to {target}"));
+            }
+            if fs.secret_at(target, from)? {
+                return Ok(());
+            }
+            anyhow::bail!("{target} appeared while deploying; nothing was changed: run the command again")
+        }
+        Step::Unsecret { target, from, .. } => {
+            if fs.state(target)? == TargetState::File && fs.secret_at(target, from)? {
+                fs.remove(target).with_context(|| format!("removing {target}"))?;
+            }
+            Ok(())
+        }
         Step::EnableUnit { unit } => fs.unit(UnitAction::Enable, unit),
         Step::DisableUnit { unit } => fs.unit(UnitAction::Disable, unit),
         Step::Register { target, text } => {
@@ -332,6 +357,19 @@ pub fn undo(fs: &dyn HostFs, step: &Step) -> Result<()> {
                 return Ok(());
             }
             fs.move_in(Kept::Stash, stash, target).with_context(|| format!("putting back {target}"))
+        }
+        Step::Secret { target, from, .. } => {
+            fs.remove_temp(target)?;
+            if fs.state(target)? == TargetState::File && fs.secret_at(target, from)? {
+                fs.remove(target).with_context(|| format!("removing {target}"))?;
+            }
+            Ok(())
+        }
+        Step::Unsecret { target, from, mode, .. } => {
+            if fs.state(target)? != TargetState::Missing {
+                return Ok(());
+            }
+            fs.decrypt_in(from, target, *mode).with_context(|| format!("decrypting the secret back to {target}"))
         }
         // A unit whose file is already gone cannot be enabled either: nothing to undo then.
         Step::EnableUnit { unit } => {

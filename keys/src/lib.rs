@@ -50,6 +50,7 @@ pub mod minisign;
 pub mod policy;
 pub mod private_key;
 pub mod public_key;
+pub mod secret;
 pub mod simple_signing;
 #[cfg(test)]
 mod testutil;

@@ -37,7 +37,27 @@ fn redact(text: &str, tmp: &Path, key_ids: &[String]) -> String {
         }
     }
     out.push_str(rest);
-    redact_times(&redact_hashes(&out))
+    redact_times(&redact_hashes(&redact_recipients(&out)))
+}
+
+/// An age recipient (`age1` and 58 bech32 characters) becomes `[RECIPIENT]`.
+fn redact_recipients(s: &str) -> String {
+    let mut out = String::new();
+    let mut rest = s;
+    while let Some(i) = rest.find("age1") {
+        let (head, tail) = rest.split_at(i);
+        out.push_str(head);
+        let key = tail.get(4..62).filter(|k| k.bytes().all(|b| b"qpzry9x8gf2tvdw0s3jn54khce6mua7l".contains(&b)));
+        if key.is_some() {
+            out.push_str("[RECIPIENT]");
+            rest = &tail[62..];
+        } else {
+            out.push_str("age1");
+            rest = &tail[4..];
+        }
+    }
+    out.push_str(rest);
+    out
 }
 
 /// A quoted string of 64 hex digits (a hash of the history chain) becomes `"[HASH]"`.
@@ -185,6 +205,37 @@ fn every_json_document() {
     // op-dbus-stage
     w.doc("stage_init_dry_run", w.stage().args(["--json", "--dry-run", "init"]), 0);
     w.doc("stage_init", w.stage().args(["--json", "init"]), 0);
+    w.doc("stage_identity", w.stage().args(["--json", "identity"]), 0);
+    // A stage folder with a secret for this host.
+    let recipient = ok(w.stage().arg("identity")).trim().to_owned();
+    let vault = p.join("vault");
+    fs::create_dir_all(&vault).unwrap();
+    fs::write(
+        vault.join("manifest.yaml"),
+        format!(
+            "version: 1.0.0\nrecipients: [{recipient}]\nfiles:\n  - path: secrets/token.age\n    target: \
+             /etc/op-dbus/token\n    type: secret\n    owner: 4242\n"
+        ),
+    )
+    .unwrap();
+    fs::write(p.join("token.txt"), "not-in-any-document").unwrap();
+    let add = |dry: bool| {
+        let mut c = w.image();
+        c.arg("--json");
+        if dry {
+            c.arg("--dry-run");
+        }
+        c.args(["secret", "add"]).arg(&vault).arg("secrets/token.age").arg("--file").arg(p.join("token.txt"));
+        c
+    };
+    w.doc("image_secret_add_dry_run", &mut add(true), 0);
+    w.doc("image_secret_add", &mut add(false), 0);
+    w.doc("image_secret_list", w.image().args(["--json", "secret", "list"]).arg(&vault), 0);
+    w.doc(
+        "image_secret_rm_dry_run",
+        w.image().args(["--json", "--dry-run", "secret", "rm"]).arg(&vault).arg("secrets/token.age"),
+        0,
+    );
     w.doc("stage_trust_add", w.stage().args(["--json", "trust", "add"]).arg(p.join("signing.key.pub")), 0);
     w.doc("stage_trust_list", w.stage().args(["--json", "trust", "list"]), 0);
     w.doc("stage_feature_enable", w.stage().args(["--json", "feature", "enable", "lab"]), 0);

@@ -366,7 +366,11 @@ fn deploy_batch(ctx: &Ctx, trust: &Trust, store: &Layout, images: &[Image], stat
     // Unpack into the temp area and check every file against the signed manifest.
     if !ctx.opts.dry_run {
         for (((received, v), (_, _, tmp_name)), owners) in images.iter().zip(&publish).zip(&owners) {
-            if let Err(e) = unpack(ctx, store, received, v, tmp_name, owners, &state) {
+            // A secret this host cannot decrypt refuses the deploy before anything changes.
+            let checked = unpack(ctx, store, received, v, tmp_name, owners, &state).and_then(|()| {
+                crate::secrets::check_unpacked(&ctx.host, &ctx.staging.tmp().join(tmp_name), &v.candidate().config)
+            });
+            if let Err(e) = checked {
                 drop_tmps();
                 return Err(e);
             }

@@ -19,6 +19,11 @@ pub struct InitReport {
     pub store: PathBuf,
     pub trusted_keys: PathBuf,
     pub policy: PathBuf,
+    /// The host's age identity (`/etc/op-dbus/host.age`), made when missing.
+    pub identity: PathBuf,
+    /// Its public recipient (`age1...`); absent in a dry run that would create it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub recipient: Option<String>,
     pub backend: &'static str,
 }
 
@@ -47,6 +52,8 @@ fn plan(root: &Path) -> Result<InitReport> {
         store: root.join(STORE),
         trusted_keys: root.join("etc/op-dbus/trusted-keys"),
         policy: root.join("etc/op-dbus/stage.toml"),
+        identity: root.join(crate::identity::IDENTITY),
+        recipient: None,
         backend,
         root,
     })
@@ -72,6 +79,8 @@ pub fn init(opts: &Options) -> Result<InitReport> {
     if !ctx.staging.state_file().exists() {
         State::new().write(&ctx.staging.state_file())?;
     }
+    let (identity, _) = crate::identity::create_if_missing(&ctx.host)?;
+    let recipient = crate::identity::load(&ctx.host)?.recipient().to_string();
     // The paths as they resolved inside the root (links in the root are followed there).
     Ok(InitReport {
         root: ctx.host.root.clone(),
@@ -79,6 +88,8 @@ pub fn init(opts: &Options) -> Result<InitReport> {
         store: store.root().to_owned(),
         trusted_keys: keys_dir,
         policy,
+        identity,
+        recipient: Some(recipient),
         backend: crate::host::backend(&ctx.staging.dir),
     })
 }

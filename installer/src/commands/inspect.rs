@@ -156,7 +156,8 @@ fn link_problems(ctx: &Ctx, state: &State, only: Option<&StageName>) -> Result<V
                     out.extend(crate::users::copy_owner_problem(&ctx.host, target, &staged));
                 }
             }
-            Placement::CopyIfNotExists { .. } => {}
+            // Checked with the host identity by `secrets::verify_stage`.
+            Placement::CopyIfNotExists { .. } | Placement::Secret { .. } => {}
         }
     }
     Ok(out)
@@ -167,6 +168,10 @@ fn link_problems(ctx: &Ctx, state: &State, only: Option<&StageName>) -> Result<V
 pub struct VerifyReport {
     pub stages: Vec<StageVerify>,
     pub ok: bool,
+    /// `STAGE: PATH` of each secret this host is not a recipient of: `verify` exits 3
+    /// (absent when none).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub not_for_this_host: Vec<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -177,6 +182,10 @@ pub struct StageVerify {
     pub generation: Option<String>,
     pub links: Vec<String>,
     pub files: Vec<String>,
+    /// Secrets whose target is missing, changed, of another mode or owner, or whose
+    /// ciphertext does not decrypt with the host identity (absent when none).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub secrets: Vec<String>,
     pub checks: Vec<CheckResult>,
 }
 
@@ -189,6 +198,7 @@ pub fn verify(ctx: &Ctx, only: Option<&StageName>) -> Result<VerifyReport> {
         return Err(Usage(format!("{s} is not deployed (see `op-dbus-stage list`)")).into());
     }
     let mut stages = Vec::new();
+    let mut not_for_this_host = Vec::new();
     for (name, s) in &state.stages {
         if only.is_some_and(|o| o != name) {
             continue;
@@ -204,6 +214,7 @@ pub fn verify(ctx: &Ctx, only: Option<&StageName>) -> Result<VerifyReport> {
                 generation,
                 links,
                 files: Vec::new(),
+                secrets: Vec::new(),
                 checks: Vec::new(),
             });
             continue;
@@ -230,12 +241,18 @@ pub fn verify(ctx: &Ctx, only: Option<&StageName>) -> Result<VerifyReport> {
             })
         });
         links.extend(crate::plugins::problems(&ctx.host, name, s));
+        let found = crate::secrets::verify_stage(&ctx.host, &dir, name, s, &state);
+        not_for_this_host.extend(found.not_for_this_host);
         let mut checks = run_checks(ctx, &state, name)?;
         checks.extend(crate::services::checks(&ctx.host, &state, std::slice::from_ref(name))?);
-        stages.push(StageVerify { name: name.to_string(), generation, links, files, checks });
+        stages.push(StageVerify { name: name.to_string(), generation, links, files, secrets: found.problems, checks });
     }
     let ok = stages.iter().all(|s| {
-        s.generation.is_none() && s.links.is_empty() && s.files.is_empty() && s.checks.iter().all(|c| c.passed)
+        s.generation.is_none()
+            && s.links.is_empty()
+            && s.files.is_empty()
+            && s.secrets.is_empty()
+            && s.checks.iter().all(|c| c.passed)
     });
-    Ok(VerifyReport { stages, ok })
+    Ok(VerifyReport { stages, ok, not_for_this_host })
 }

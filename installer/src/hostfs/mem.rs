@@ -247,6 +247,18 @@ impl HostFs for MemFs {
         Ok(())
     }
 
+    /// Decryption is modelled as a copy: the staged file's bytes are the "plaintext".
+    fn secret_at(&self, target: &TargetPath, staged: &str) -> Result<bool> {
+        let w = self.world.borrow();
+        // Not staged (yet, or any more): nothing at the target can be what it decrypts to.
+        let Ok(Node::File { data, .. }) = w.staged(staged) else { return Ok(false) };
+        Ok(matches!(w.node(target.as_str()), Some(Node::File { data: held, .. }) if held == data))
+    }
+
+    fn decrypt_in(&self, staged: &str, target: &TargetPath, mode: u32) -> Result<()> {
+        self.copy_in(staged, target, mode)
+    }
+
     fn copy_in(&self, staged: &str, target: &TargetPath, mode: u32) -> Result<()> {
         let mut w = self.world.borrow_mut();
         let Node::File { data, .. } = w.staged(staged)?.clone() else { bail!("{staged} is not a file") };

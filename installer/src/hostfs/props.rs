@@ -40,7 +40,7 @@ fn name(s: &str) -> StageName {
     s.parse().unwrap()
 }
 
-/// One file of a generation: target, how placed (0 link, 1 copy, 2 copy-if-not-exists),
+/// One file of a generation: target, how placed (0 link, 1 copy, 2 copy-if-not-exists, 3 secret),
 /// staged kind (0/1 file, 2 directory, 3 link) and content.
 type FileSpec = (usize, u8, u8, u8);
 
@@ -67,7 +67,7 @@ fn generation(stage: &StageName, generation: u64, files: &[FileSpec], units: u8)
                 (EntryKind::Symlink, None)
             }
         };
-        let kind = [FileType::Symlink, FileType::Copy, FileType::CopyIfNotExists][how as usize % 3];
+        let kind = [FileType::Symlink, FileType::Copy, FileType::CopyIfNotExists, FileType::Secret][how as usize % 4];
         active.push(ActiveFile {
             path: path.parse().unwrap(),
             target: t(TARGETS[target % TARGETS.len()]),
@@ -280,7 +280,8 @@ impl Model {
                 Placement::Symlink { link } => {
                     assert_eq!(w.nodes.get(target.as_str()), Some(&Node::Link(link.clone())), "{target}")
                 }
-                Placement::Copy { sha256 } | Placement::CopyIfNotExists { sha256 } => {
+                // The in-memory host models decryption as a copy of the staged bytes.
+                Placement::Copy { sha256 } | Placement::CopyIfNotExists { sha256 } | Placement::Secret { sha256 } => {
                     assert_eq!(self.fs.file_digest(target).unwrap(), Some(*sha256), "{target}")
                 }
             }
@@ -337,7 +338,7 @@ enum Op {
 }
 
 fn op() -> impl Strategy<Value = Op> {
-    let file = (0..TARGETS.len(), 0..3u8, 0..4u8, any::<u8>());
+    let file = (0..TARGETS.len(), 0..4u8, 0..4u8, any::<u8>());
     prop_oneof![
         4 => (0..3usize, prop::collection::vec(file, 0..4), 0..8u8, any::<usize>())
             .prop_map(|(stage, files, units, k)| Op::Deploy { stage, files, units, k }),

@@ -58,6 +58,11 @@ impl Registry {
         r
     }
 
+    /// The registry's storage directory (what it keeps of everything pushed).
+    pub fn storage(&self) -> std::path::PathBuf {
+        self._dir.path().join("data")
+    }
+
     pub fn host(&self) -> String {
         format!("127.0.0.1:{}", self.port)
     }
