@@ -363,7 +363,7 @@ impl std::fmt::Debug for Identities {
 
 /// The identity file given, else the host's (ROOT/etc/op-dbus/host.age) when it exists.
 /// A private key readable by group or others is refused (exit 3), as a signing key is.
-pub fn identities(host: &Host, given: Option<&Path>) -> Result<Option<Identities>> {
+pub fn identities(host: &Host, given: Option<&Path>, recipients: &[String]) -> Result<Option<Identities>> {
     let file = match given {
         Some(p) => p.to_owned(),
         None => match host.resolve(HOST_IDENTITY) {
@@ -372,6 +372,11 @@ pub fn identities(host: &Host, given: Option<&Path>) -> Result<Option<Identities
             Err(e) => return Err(e).with_context(|| format!("opening /{HOST_IDENTITY}")),
         },
     };
+    if given.is_none() && !host_is_recipient(&file, recipients) {
+        // The host's own identity is the default only for a backup made to it: one made to
+        // another key is read with `--identity`, never tried with the host's.
+        return Ok(None);
+    }
     let meta = fs::metadata(&file).with_context(|| format!("reading {}", file.display()))?;
     if std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o077 != 0 {
         return Err(Untrusted(format!(
@@ -388,6 +393,15 @@ pub fn identities(host: &Host, given: Option<&Path>) -> Result<Option<Identities
         return Err(bad(&"it holds no identity").into());
     }
     Ok(Some(Identities { file, list }))
+}
+
+/// Whether the host identity in `file` is one of `recipients` (false when it cannot be read:
+/// [`identities`] then says nothing of it, as if it were not there).
+fn host_is_recipient(file: &Path, recipients: &[String]) -> bool {
+    read_key_file(file)
+        .ok()
+        .and_then(|text| keys::secret::HostIdentity::parse(text.as_bytes()).ok())
+        .is_some_and(|id| recipients.iter().any(|r| r == id.recipient().as_str()))
 }
 
 // ---------------------------------------------------------------------------------------

@@ -313,9 +313,9 @@ pub enum BackupCommand {
     Verify {
         /// The backup's name.
         name: String,
-        /// The age identity to decrypt an encrypted backup with (default:
-        /// /etc/op-dbus/host.age when there is one; without one only the archive file is
-        /// checked).
+        /// The age identity to decrypt an encrypted backup with (default: the host's,
+        /// /etc/op-dbus/host.age, when the backup is encrypted to it; without one only the
+        /// archive file is checked).
         #[arg(long, value_name = "FILE")]
         identity: Option<PathBuf>,
     },
@@ -327,8 +327,8 @@ pub enum BackupCommand {
         /// Overwrite paths that were changed after the backup too.
         #[arg(long)]
         force: bool,
-        /// The age identity to decrypt an encrypted backup with (default:
-        /// /etc/op-dbus/host.age).
+        /// The age identity to decrypt an encrypted backup with (default: the host's,
+        /// /etc/op-dbus/host.age, when the backup is encrypted to it).
         #[arg(long, value_name = "FILE")]
         identity: Option<PathBuf>,
     },

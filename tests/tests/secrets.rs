@@ -385,3 +385,36 @@ fn recipients_by_inventory_tag_let_every_tagged_host_decrypt() {
         assert_eq!(std::fs::read_to_string(host.root().join(TARGET)).unwrap(), TOKEN);
     }
 }
+
+#[test]
+fn a_backup_leaves_secrets_out_unless_asked_and_then_holds_them_only_encrypted() {
+    let s = Scratch::trusted();
+    let r = s.recipient();
+    let dir = secret_stage(&s, "1.0.0", &[&r], "");
+    secret_add(&s, &dir, TOKEN);
+    ok(s.stage().args(["-q", "deploy"]).arg(s.export(&[&s.build(&dir)], "app.oci.tar")));
+    let target = s.root().join(TARGET);
+    let backups = s.root().join("var/lib/op-dbus/backups");
+
+    // By default the secret is left out, and said so; the plain copy beside it is saved.
+    let plain = json(&ok(s.stage().args(["--json", "backup", "create"])));
+    assert!(plain["notes"].to_string().contains("--include-secrets"), "{plain}");
+    assert!(!files_holding(&backups, CONTROL, None).is_empty(), "the copy is saved");
+    assert!(files_holding(&backups, TOKEN, None).is_empty(), "no plaintext in a backup");
+    // Asked for, it needs a recipient; with the host's own, the archive is age ciphertext.
+    let (code, err) = fails(s.stage().args(["backup", "create", "--include-secrets"]));
+    assert_eq!(code, 2, "{err}");
+    let sealed = json(&ok(s.stage().args(["--json", "backup", "create", "--include-secrets", "--recipient", &r])));
+    let name = sealed["name"].as_str().unwrap();
+    let leaks = files_holding(&s.root(), TOKEN, Some(&target));
+    assert!(leaks.is_empty(), "the plaintext is in {leaks:?}");
+    // Lost and restored with the host's identity (the default): content, mode and owner.
+    std::fs::write(&target, "overwritten").unwrap();
+    std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o644)).unwrap();
+    ok(s.stage().args(["-q", "backup", "restore", name, "--force"]));
+    assert_eq!(std::fs::read_to_string(&target).unwrap(), TOKEN);
+    assert_eq!(mode_owner(&target), (0o600, 4242, 4343));
+    let leaks = files_holding(&s.root(), TOKEN, Some(&target));
+    assert!(leaks.is_empty(), "after the restore the plaintext is in {leaks:?}");
+    ok(s.stage().arg("verify"));
+}

@@ -293,7 +293,7 @@ pub struct Verified {
 /// every entry's type, size and sha256 against the manifest.
 pub fn verify(host: &Host, name: &str, identity: Option<&Path>) -> Result<Verified> {
     let (dir, s) = backup::find(host, name)?;
-    let ids = if s.encrypted { backup::identities(host, identity)? } else { None };
+    let ids = if s.encrypted { backup::identities(host, identity, &s.recipients)? } else { None };
     let r = backup::read(&dir, &s, ids.as_ref(), |_, _| Ok(()))?;
     let archive_intact = r.archive.is_some_and(|(d, n)| d == s.archive_sha256 && n == s.archive_bytes);
     let entries_checked = !s.encrypted || ids.is_some();
@@ -522,12 +522,13 @@ fn current(host: &Host, target: &TargetPath) -> Result<Current> {
 pub fn restore(ctx: &Ctx, name: &str, force: bool, identity: Option<&Path>) -> Result<Report> {
     let (dir, s) = backup::find(&ctx.host, name)?;
     let ids = if s.encrypted {
-        let ids = backup::identities(&ctx.host, identity)?;
+        let ids = backup::identities(&ctx.host, identity, &s.recipients)?;
         if ids.is_none() {
             return Err(Usage(format!(
-                "backup {name} is encrypted: give the identity it was encrypted to with --identity FILE (/{} is not \
-                 there)",
-                backup::HOST_IDENTITY
+                "backup {name} is encrypted: give the identity it was encrypted to with --identity FILE (the host's \
+                 own, /{}, is not among its recipients: {})",
+                backup::HOST_IDENTITY,
+                s.recipients.join(", ")
             ))
             .into());
         }
