@@ -437,7 +437,7 @@ fn tar_layer(
         (written, check)
     });
     // A write refused because the check had stopped: the check says why.
-    let (check, (layer_digest, layer_size, blob, patched)) = match (check?, written) {
+    let (check, (blob, patched)) = match (check?, written) {
         (Err(e), Ok(_)) => return Err(anyhow::Error::new(e).context(refused())),
         (Err(e), Err(w)) if crate::check::is_stopped(&w) => return Err(anyhow::Error::new(e).context(refused())),
         (_, Err(w)) => return Err(w),
@@ -454,7 +454,7 @@ fn tar_layer(
     if summary.patches != patched as u64 {
         bail!("{}: the layer holds {} patches, the builder wrote {patched}", refused(), summary.patches);
     }
-    blob.finish()?;
+    let (layer_digest, layer_size) = blob.finish()?;
     let media_type = if patched > 0 { oci::TAR_PATCH_MEDIA_TYPE } else { oci::TAR_ZSTD_MEDIA_TYPE };
     let mut layer = Descriptor::new(media_type, layer_digest, layer_size);
     if let Some(p) = parent {
@@ -464,9 +464,9 @@ fn tar_layer(
     Ok((layer, signed.entries))
 }
 
-/// Writes the layer's tar stream through zstd into a new blob (not yet stored), a copy of
-/// it to `check`; returns the layer's digest and size, the blob, and how many files are
-/// patches.
+/// Writes the layer's tar stream through zstd into a new blob (not yet stored: it hashes
+/// what it is given, the layer's digest), a copy of it to `check`; returns the blob and
+/// how many files are patches.
 fn write_tar(
     layout: &Layout,
     tree: &Tree,
@@ -475,9 +475,9 @@ fn write_tar(
     mtime: u64,
     check: crate::check::Writer,
     bar: &indicatif::ProgressBar,
-) -> Result<(Digest, u64, formats::layout::BlobWriter, usize)> {
+) -> Result<(formats::layout::BlobWriter, usize)> {
     let blob = layout.blob_writer()?;
-    let mut payload = TarZstdWriter::with_copy(blob, mtime, Compression::default(), Some(Box::new(check)))
+    let mut payload = TarZstdWriter::into_hashing(blob, mtime, Compression::default(), Some(Box::new(check)))
         .context("starting the zstd compressor")?;
     let mut patched = 0;
     match parent {
@@ -488,47 +488,86 @@ fn write_tar(
             patched = write_delta(&mut payload, &parent.image.config, entries, tree, &mut files)?;
         }
     }
-    let (layer_digest, layer_size, blob) = payload.finish().context("finishing the payload")?;
-    Ok((layer_digest, layer_size, blob, patched))
+    let blob = payload.finish_into().context("finishing the payload")?;
+    Ok((blob, patched))
 }
 
 /// Files up to this size are read ahead by a second thread.
 const PREFETCH_MAX: u64 = 256 * 1024;
-/// How many read-ahead files may wait (at most 16 MiB).
-const PREFETCH_FILES: usize = 64;
+/// Read-ahead files go in batches of up to this many bytes (one more file may overflow it)
+/// and files: one hand-over per batch, not per file.
+const BATCH_BYTES: usize = 1 << 20;
+const BATCH_FILES: usize = 256;
+/// Batches that may wait: at most 3 x (1 MiB + 256 KiB) read ahead.
+const BATCHES: usize = 3;
+
+/// Small files read ahead: their contents back to back in `data`, each file's range or
+/// its read error in `files`, in tree order.
+#[derive(Default)]
+struct Batch {
+    data: Vec<u8>,
+    files: Vec<std::io::Result<std::ops::Range<usize>>>,
+}
+
+/// Reads the small files of `tree`, in order, in batches to `tx`; buffers come back on `free`.
+fn read_ahead(tree: &Tree, tx: std::sync::mpsc::SyncSender<Batch>, free: std::sync::mpsc::Receiver<Batch>) {
+    use std::io::Read;
+    let mut batch = Batch::default();
+    for node in tree.nodes.values() {
+        let Node::File { from, size, .. } = node else { continue };
+        if *size > PREFETCH_MAX {
+            continue;
+        }
+        let start = batch.data.len();
+        let read = File::open(from).and_then(|f| {
+            // One byte more than expected shows a file that grew; the writer takes `size`.
+            batch.data.reserve(*size as usize + 1);
+            f.take(*size + 1).read_to_end(&mut batch.data)
+        });
+        batch.files.push(read.map(|_| start..batch.data.len()));
+        if batch.data.len() >= BATCH_BYTES || batch.files.len() >= BATCH_FILES {
+            let mut next = free.try_recv().unwrap_or_default();
+            next.data.clear();
+            next.files.clear();
+            if tx.send(std::mem::replace(&mut batch, next)).is_err() {
+                return;
+            }
+        }
+    }
+    if !batch.files.is_empty() {
+        let _ = tx.send(batch);
+    }
+}
 
 /// Writes every node of `tree`, in path order.
 fn write_full<W: Write>(payload: &mut TarZstdWriter<W>, tree: &Tree, bar: &indicatif::ProgressBar) -> Result<()> {
     let open = |from: &Path| File::open(from).with_context(|| format!("reading {}", from.display()));
     // Small files are read ahead by a second thread (their syscalls overlap the
-    // compression here); larger ones stream from this thread. At most PREFETCH_FILES of
-    // at most PREFETCH_MAX bytes are in flight: memory stays bounded.
+    // compression here), in batches; larger ones stream from this thread. At most
+    // BATCHES batches are in flight: memory stays bounded.
     std::thread::scope(|scope| -> Result<()> {
-        let (tx, rx) = std::sync::mpsc::sync_channel::<std::io::Result<Vec<u8>>>(PREFETCH_FILES);
-        scope.spawn(move || {
-            for node in tree.nodes.values() {
-                if let Node::File { from, size, .. } = node
-                    && *size <= PREFETCH_MAX
-                {
-                    let read = std::fs::read(from);
-                    if tx.send(read).is_err() {
-                        return;
-                    }
-                }
-            }
-        });
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Batch>(BATCHES);
+        let (free_tx, free_rx) = std::sync::mpsc::sync_channel::<Batch>(BATCHES + 2);
+        scope.spawn(move || read_ahead(tree, tx, free_rx));
+        let mut batch = Batch::default();
+        let mut next = 0;
         for (path, node) in &tree.nodes {
             match node {
                 Node::Dir { mode } => payload.add_dir(path, *mode)?,
                 Node::Symlink { link } => payload.add_symlink(path, link)?,
                 &Node::File { mode, ref from, size } => {
                     let added = if size <= PREFETCH_MAX {
-                        let bytes = rx
-                            .recv()
-                            .context("the read-ahead thread stopped")?
-                            .with_context(|| format!("reading {}", from.display()))?;
-                        bar.inc(bytes.len() as u64);
-                        payload.add_file_data(path, mode, size, &bytes[..])
+                        if next == batch.files.len() {
+                            let used =
+                                std::mem::replace(&mut batch, rx.recv().context("the read-ahead thread stopped")?);
+                            let _ = free_tx.try_send(used);
+                            next = 0;
+                        }
+                        let range = std::mem::replace(&mut batch.files[next], Ok(0..0));
+                        next += 1;
+                        let range = range.with_context(|| format!("reading {}", from.display()))?;
+                        bar.inc(range.len() as u64);
+                        payload.add_file_data(path, mode, size, &batch.data[range])
                     } else {
                         payload.add_file_data(path, mode, size, bar.wrap_read(open(from)?))
                     };
