@@ -421,6 +421,8 @@ fn tar_layer(
     }
     let mut expected = config.clone();
     expected.entries = entries;
+    // The delta writer compares what it writes with the entries as the check runs.
+    let delta_entries = parent.map(|_| expected.entries.clone()).unwrap_or_default();
     let below = parent.map_or(&[][..], |p| &p.image.config.entries[..]);
     let layers = parent.map_or(0, |p| p.image.manifest.layers.len()) + 1;
     let reference = Reference::new(config.name.clone(), config.version.clone());
@@ -428,11 +430,11 @@ fn tar_layer(
 
     let (written, check) = std::thread::scope(|scope| {
         let (to_check, from_payload) = crate::check::pipe();
-        let checker = scope.spawn(|| {
-            let mut check = LayerCheck::new(&expected, below, layers, parent.is_some());
+        let checker = scope.spawn(move || {
+            let mut check = LayerCheck::new(expected, below, layers, parent.is_some());
             check.read(from_payload).map(|()| check)
         });
-        let written = write_tar(layout, tree, parent, &expected.entries, mtime, to_check, bar);
+        let written = write_tar(layout, tree, parent, &delta_entries, mtime, to_check, bar);
         let check = checker.join().map_err(|_| anyhow::anyhow!("the check of the layer panicked"));
         (written, check)
     });
@@ -444,13 +446,7 @@ fn tar_layer(
         (Ok(check), Ok(w)) => (check, w),
     };
     // A full image signs the hashes of the files as the layer holds them.
-    let mut signed = expected.clone();
-    for e in &mut signed.entries {
-        if e.kind == formats::manifest::EntryKind::File && e.sha256.is_none() {
-            e.sha256 = check.sha256(&e.path);
-        }
-    }
-    let summary = check.finish(&signed).with_context(refused)?;
+    let (signed, summary) = check.finish().with_context(refused)?;
     if summary.patches != patched as u64 {
         bail!("{}: the layer holds {} patches, the builder wrote {patched}", refused(), summary.patches);
     }

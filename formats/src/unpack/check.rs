@@ -75,8 +75,6 @@ impl Node {
 /// What a checked layer held.
 #[derive(Debug, Clone, Default)]
 pub struct LayerSummary {
-    /// The sha256 of every file the layer holds whole, by path: hashed from the tar stream.
-    pub sha256: BTreeMap<RelPath, Digest>,
     /// Files carried as patches.
     pub patches: u64,
     /// Entries, whiteouts included.
@@ -85,8 +83,8 @@ pub struct LayerSummary {
 
 /// Checks the top layer of an image (the only one for a full image) as the installer
 /// unpacks it; see the module's documentation.
-pub struct LayerCheck<'a> {
-    config: &'a StageConfig,
+pub struct LayerCheck {
+    config: StageConfig,
     budget: Budget,
     layers: usize,
     state: LayerState,
@@ -100,23 +98,24 @@ pub struct LayerCheck<'a> {
     out: LayerSummary,
 }
 
-impl std::fmt::Debug for LayerCheck<'_> {
+impl std::fmt::Debug for LayerCheck {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("LayerCheck").field("stage", &self.config.name).field("entries", &self.entries).finish()
     }
 }
 
-impl<'a> LayerCheck<'a> {
-    /// Checks a layer against `config`, the manifest to be signed (its files' sha256 may
-    /// still be missing: [`LayerCheck::finish`] compares them), on top of `below`, the
-    /// entries of the tree the layers below make (none for a full image). `layers` is the
-    /// image's layer count, this one included; `patches`: a `tar-patch+zstd` layer.
-    pub fn new(config: &'a StageConfig, below: &[Entry], layers: usize, patches: bool) -> LayerCheck<'a> {
+impl LayerCheck {
+    /// Checks a layer against `config`, the manifest to be signed (a file's sha256 may be
+    /// missing: [`LayerCheck::finish`] fills it in as the layer holds it), on top of
+    /// `below`, the entries of the tree the layers below make (none for a full image).
+    /// `layers` is the image's layer count, this one included; `patches`: a
+    /// `tar-patch+zstd` layer.
+    pub fn new(config: StageConfig, below: &[Entry], layers: usize, patches: bool) -> LayerCheck {
         let max_file_size = config.entries.iter().filter_map(|e| e.size).max().unwrap_or(0);
         let below_bytes = below.iter().filter_map(|e| e.size).fold(0u64, u64::saturating_add);
         LayerCheck {
+            budget: Budget::of(&config, layers),
             config,
-            budget: Budget::of(config, layers),
             layers,
             state: LayerState {
                 digest: Digest::of(b""),
@@ -158,7 +157,7 @@ impl<'a> LayerCheck<'a> {
 
     fn entry<R: Read>(&mut self, entry: &mut tar::Entry<'_, R>, ext: Extensions) -> Result<(), Fail> {
         let rules = Rules {
-            config: self.config,
+            config: &self.config,
             budget: self.budget,
             layers: self.layers,
             entries: self.below_entries.saturating_add(self.entries),
@@ -178,6 +177,7 @@ impl<'a> LayerCheck<'a> {
             }
             Step::Entry(c) => c,
         };
+        let signed = signed.and_then(|e| e.sha256);
         self.parent_dir(&path).map_err(|r| refuse_shown(&shown, r))?;
         let reference = match patch {
             Some((_, old_size)) => match self.tree.get(path.as_str()) {
@@ -231,15 +231,11 @@ impl<'a> LayerCheck<'a> {
                             }));
                         }
                         self.out.patches += 1;
-                        signed.and_then(|e| e.sha256)
+                        signed
                     }
-                    _ => {
-                        let d = self.hash_file(entry, &path, size)?;
-                        self.out.sha256.insert(path.clone(), d);
-                        Some(d)
-                    }
+                    _ => Some(self.hash_file(entry, &path, size)?),
                 };
-                if let (Some(want), Some(got)) = (signed.and_then(|e| e.sha256), sha256)
+                if let (Some(want), Some(got)) = (signed, sha256)
                     && want != got
                 {
                     return Err(Fail::Content(UnpackError::Mismatch {
@@ -253,11 +249,6 @@ impl<'a> LayerCheck<'a> {
         };
         self.tree.insert(path.as_str().to_owned(), node);
         Ok(())
-    }
-
-    /// The sha256 of the file at `path` as the layer holds it whole (not as a patch).
-    pub fn sha256(&self, path: &RelPath) -> Option<Digest> {
-        self.out.sha256.get(path).copied()
     }
 
     /// Reads exactly `size` bytes of a file's data, hashing them.
@@ -311,10 +302,17 @@ impl<'a> LayerCheck<'a> {
         super::forget(&mut self.tree, path);
     }
 
-    /// Compares the tree the layer makes with `config`, the manifest to be signed (now
-    /// with every file's sha256), exactly as the unpacker does at the end: kind, mode,
-    /// size, sha256, link text, nothing missing, nothing extra. Returns what the layer held.
-    pub fn finish(self, config: &StageConfig) -> Result<LayerSummary, CheckError> {
+    /// Fills in the sha256 the manifest lacks with the file's as the layer holds it, then
+    /// compares the tree the layer makes with the manifest exactly as the unpacker does at
+    /// the end: kind, mode, size, sha256, link text, nothing missing, nothing extra.
+    /// Returns the manifest to sign and what the layer held.
+    pub fn finish(mut self) -> Result<(StageConfig, LayerSummary), CheckError> {
+        for e in &mut self.config.entries {
+            if e.kind == EntryKind::File && e.sha256.is_none() {
+                e.sha256 = self.tree.get(e.path.as_str()).and_then(|n| n.sha256);
+            }
+        }
+        let config = &self.config;
         let signed: BTreeMap<&str, &Entry> = config.entries.iter().map(|e| (e.path.as_str(), e)).collect();
         let mut problems = Vec::new();
         for (path, node) in &self.tree {
@@ -334,7 +332,7 @@ impl<'a> LayerCheck<'a> {
         }
         let n = problems.len();
         match problems.into_iter().next() {
-            None => Ok(self.out),
+            None => Ok((self.config, self.out)),
             Some(mut first) => {
                 if n > 1 {
                     first.reason = format!("{} (and {} more differences)", first.reason, n - 1);
@@ -413,9 +411,9 @@ mod tests {
     }
 
     fn check(config: &StageConfig, below: &[Entry], tar: &[u8]) -> Result<LayerSummary, CheckError> {
-        let mut c = LayerCheck::new(config, below, if below.is_empty() { 1 } else { 2 }, false);
+        let mut c = LayerCheck::new(config.clone(), below, if below.is_empty() { 1 } else { 2 }, false);
         c.read(tar)?;
-        c.finish(config)
+        c.finish().map(|(_, s)| s)
     }
 
     fn full() -> (StageConfig, Vec<u8>) {
@@ -427,11 +425,15 @@ mod tests {
     #[test]
     fn a_layer_the_installer_takes_passes_with_its_files_hashed_from_the_stream() {
         let (c, t) = full();
-        let mut lc = LayerCheck::new(&c, &[], 1, false);
+        let mut unhashed = c.clone();
+        for e in &mut unhashed.entries {
+            e.sha256 = None;
+        }
+        let mut lc = LayerCheck::new(unhashed, &[], 1, false);
         lc.read(&t[..]).unwrap();
-        assert_eq!(lc.sha256(&rel("bin/a")), Some(Digest::of(b"hello")));
-        let s = lc.finish(&c).unwrap();
-        assert_eq!((s.entries, s.patches, s.sha256.len()), (3, 0, 2));
+        let (signed, s) = lc.finish().unwrap();
+        assert_eq!(signed, c, "the hashes filled in are the files' as the layer holds them");
+        assert_eq!((s.entries, s.patches), (3, 0));
     }
 
     #[test]
