@@ -494,8 +494,8 @@ const PREFETCH_MAX: u64 = 256 * 1024;
 /// and files: one hand-over per batch, not per file.
 const BATCH_BYTES: usize = 1 << 20;
 const BATCH_FILES: usize = 256;
-/// Batches that may wait: at most 3 x (1 MiB + 256 KiB) read ahead.
-const BATCHES: usize = 3;
+/// Batches that may wait: at most 2 x (1 MiB + 256 KiB) read ahead.
+const BATCHES: usize = 2;
 
 /// Small files read ahead: their contents back to back in `data`, each file's range or
 /// its read error in `files`, in tree order.

@@ -8,7 +8,7 @@ use std::io::{self, Read, Write};
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 
 /// Pieces in flight (each at most the payload writer's 1 MiB buffer).
-pub const PIECES: usize = 4;
+pub const PIECES: usize = 2;
 
 /// The message a write gets when the checking side has stopped (it refused the layer).
 const STOPPED: &str = "the check of the layer stopped";

@@ -834,7 +834,7 @@ impl<'a> Unpacker<'a> {
     /// Applies the whiteout entry `wh` (`DIR/.wh.NAME`): removes `target`, `DIR/NAME`
     /// ([`whiteout_target`]).
     fn whiteout(&mut self, wh: &RelPath, target: &RelPath, state: &LayerState) -> Result<(), Fail> {
-        let parent = self.open_parent(&target).map_err(|f| match f {
+        let parent = self.open_parent(target).map_err(|f| match f {
             DirFail::Refused(_) => self.unsafe_(state, wh, &format!("whites out {target}, which is not present")),
             DirFail::Disk(e) => Fail::Disk(e),
         })?;
