@@ -8,6 +8,7 @@
 #   installer: op-dbus-stage deploy FILE (validate, then btrfs receive, then check every file)
 #              vs  zstd -d < LAYER | btrfs receive DIR
 #   incremental: the layer size for a 1% change against the full one
+#   and the builder's peak RSS (GNU time; apt-get install time)
 #
 # environment: OP_DBUS_BIN (default target/release), BENCH_MIB (corpus size, default 512),
 #              BENCH_RUNS (default 3)
@@ -47,7 +48,7 @@ done
 export OP_DBUS_SIGNING_KEY=$mnt/key
 sync
 
-build_base=() build_ours=() recv_base=() recv_ours=()
+build_base=() build_ours=() recv_base=() recv_ours=() build_peak=0
 for ((r = 1; r <= runs; r++)); do
 	# Baseline: the same tree into a subvolume, read-only snapshot, send | zstd.
 	btrfs subvolume create "$mnt/base" >/dev/null
@@ -63,9 +64,11 @@ for ((r = 1; r <= runs; r++)); do
 	rm -rf "$OP_DBUS_STORE"
 	sync
 	t0=$(now_ns)
-	"$image" -q build --format btrfs "$src" >/dev/null
+	/usr/bin/time -f %M -o "$work/rss" "$image" -q build --format btrfs "$src" >/dev/null
 	t1=$(now_ns)
 	build_ours+=("$(seconds "$t0" "$t1")")
+	rss=$(tail -n 1 "$work/rss")
+	if ((rss > build_peak)); then build_peak=$rss; fi
 	# Receive: baseline btrfs receive of the same layer; ours a full deploy.
 	layer=$("$image" --json inspect app:1.0.0 | python3 -c 'import json,sys; print(json.load(sys.stdin)["layers"][0]["digest"].split(":")[1])')
 	mkdir -p "$mnt/recv"
@@ -103,5 +106,6 @@ rb=$(median "${recv_base[@]}") ro=$(median "${recv_ours[@]}")
 echo "btrfs images vs btrfs send / receive alone ($mib MiB corpus, median of $runs runs)"
 printf '%-40s %10s %10s %7s\n' measure baseline_s ours_s ratio
 printf '%-40s %10s %10s %7s\n' "build (cp+snapshot+send|zstd)" "$bb" "$bo" "$(awk -v a="$bb" -v b="$bo" 'BEGIN { printf "%.2f", b / a }')"
+echo "builder peak RSS: $((build_peak / 1024)) MiB"
 printf '%-40s %10s %10s %7s\n' "deploy (zstd -d | btrfs receive)" "$rb" "$ro" "$(awk -v a="$rb" -v b="$ro" 'BEGIN { printf "%.2f", b / a }')"
 echo "incremental layer for a 1% change: $incr bytes of $full ($(awk -v a="$full" -v b="$incr" 'BEGIN { printf "%.1f%%", 100 * b / a }')); file size $size"

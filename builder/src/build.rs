@@ -20,6 +20,7 @@ use formats::manifest::{CONFIG_MEDIA_TYPE, Entry, FileSpec, FileType, StageConfi
 use formats::oci::{self, Descriptor, ImageManifest};
 use formats::path::{RelPath, TargetPath};
 use formats::payload::{Compression, TarZstdWriter};
+use formats::unpack::check::LayerCheck;
 use formats::{Digest, Reference, StageName, Version};
 
 use crate::assemble::{self, Node, Tree};
@@ -347,7 +348,7 @@ fn write_image(
     }
     let bar = crate::progress::bytes(tree.content_bytes(), &format!("building {reference}"), settings.quiet);
     let (layer, entries) = match payload {
-        Payload::Tar => tar_layer(layout, tree, parent.as_ref(), mtime, &bar)?,
+        Payload::Tar => tar_layer(layout, &config, tree, parent.as_ref(), mtime, &bar)?,
         Payload::Btrfs(work) => crate::btrfs::layer(
             layout,
             work,
@@ -397,95 +398,185 @@ fn write_image(
     })
 }
 
-/// Files up to this size are read ahead by a second thread.
-const PREFETCH_MAX: u64 = 256 * 1024;
-/// How many read-ahead files may wait (at most 16 MiB).
-const PREFETCH_FILES: usize = 64;
-
 /// The tar+zstd layer of `tree` (a delta on `parent`'s when given) and the signed entries.
+///
+/// The tar stream is checked as the installer unpacks it, in a second thread as it is
+/// compressed (`LayerCheck`, through [`crate::check::pipe`]): a layer it would refuse is
+/// refused here, before its blob is stored and anything tagged or signed. The check hashes
+/// every file from the stream: those are the sha256 the manifest signs.
 fn tar_layer(
     layout: &Layout,
+    config: &StageConfig,
     tree: &Tree,
     parent: Option<&Parent>,
     mtime: u64,
     bar: &indicatif::ProgressBar,
 ) -> Result<(Descriptor, Vec<Entry>)> {
-    let blob = layout.blob_writer()?;
-    let mut payload =
-        TarZstdWriter::new(blob, mtime, Compression::default()).context("starting the zstd compressor")?;
-    let mut entries = Vec::with_capacity(tree.nodes.len());
     let open = |from: &Path| File::open(from).with_context(|| format!("reading {}", from.display()));
-    let mut patched = 0;
-    match parent {
-        None => {
-            // Small files are read ahead by a second thread (their syscalls overlap the
-            // hashing and compression here); larger ones stream from this thread. At most
-            // PREFETCH_FILES of at most PREFETCH_MAX bytes are in flight: memory stays bounded.
-            std::thread::scope(|scope| -> Result<()> {
-                let (tx, rx) = std::sync::mpsc::sync_channel::<std::io::Result<Vec<u8>>>(PREFETCH_FILES);
-                scope.spawn(move || {
-                    for node in tree.nodes.values() {
-                        if let Node::File { from, size, .. } = node
-                            && *size <= PREFETCH_MAX
-                        {
-                            let read = std::fs::read(from);
-                            if tx.send(read).is_err() {
-                                return;
-                            }
-                        }
-                    }
-                });
-                for (path, node) in &tree.nodes {
-                    let sha256 = match node {
-                        Node::Dir { mode } => {
-                            payload.add_dir(path, *mode)?;
-                            None
-                        }
-                        Node::Symlink { link } => {
-                            payload.add_symlink(path, link)?;
-                            None
-                        }
-                        &Node::File { mode, ref from, size } => {
-                            let added = if size <= PREFETCH_MAX {
-                                let bytes = rx
-                                    .recv()
-                                    .context("the read-ahead thread stopped")?
-                                    .with_context(|| format!("reading {}", from.display()))?;
-                                bar.inc(bytes.len() as u64);
-                                payload.add_file(path, mode, size, &bytes[..])
-                            } else {
-                                payload.add_file(path, mode, size, bar.wrap_read(open(from)?))
-                            };
-                            Some(added.with_context(|| format!("adding {}", from.display()))?)
-                        }
-                    };
-                    entries.push(entry(path, node, sha256));
-                }
-                Ok(())
-            })?;
-        }
-        Some(parent) => {
-            for (path, node) in &tree.nodes {
-                let sha256 = match node {
-                    Node::File { from, .. } => Some(sha256_reader(bar.wrap_read(open(from)?))?.0),
-                    Node::Dir { .. } | Node::Symlink { .. } => None,
-                };
-                entries.push(entry(path, node, sha256));
-            }
-            let mut files =
-                crate::patches::ParentFiles::new(layout, &parent.image.config, &parent.image.manifest.layers);
-            patched = write_delta(&mut payload, &parent.image.config, &entries, tree, &mut files)?;
-        }
+    // What will be signed. A delta hashes the tree first (to find what changed); a full
+    // image's files are hashed from the layer by the check.
+    let mut entries = Vec::with_capacity(tree.nodes.len());
+    for (path, node) in &tree.nodes {
+        let sha256 = match node {
+            Node::File { from, .. } if parent.is_some() => Some(sha256_reader(bar.wrap_read(open(from)?))?.0),
+            _ => None,
+        };
+        entries.push(entry(path, node, sha256));
     }
-    let (layer_digest, layer_size, blob) = payload.finish().context("finishing the payload")?;
-    blob.finish()?;
+    let mut expected = config.clone();
+    expected.entries = entries;
+    // The delta writer compares what it writes with the entries as the check runs.
+    let delta_entries = parent.map(|_| expected.entries.clone()).unwrap_or_default();
+    let below = parent.map_or(&[][..], |p| &p.image.config.entries[..]);
+    let layers = parent.map_or(0, |p| p.image.manifest.layers.len()) + 1;
+    let reference = Reference::new(config.name.clone(), config.version.clone());
+    let refused = || format!("the tar layer of {reference} would be refused by the installer; nothing was signed");
+
+    let (written, check) = std::thread::scope(|scope| {
+        let (to_check, from_payload) = crate::check::pipe();
+        let checker = scope.spawn(move || {
+            let mut check = LayerCheck::new(expected, below, layers, parent.is_some());
+            check.read(from_payload).map(|()| check)
+        });
+        let written = write_tar(layout, tree, parent, &delta_entries, mtime, to_check, bar);
+        let check = checker.join().map_err(|_| anyhow::anyhow!("the check of the layer panicked"));
+        (written, check)
+    });
+    // A write refused because the check had stopped: the check says why.
+    let (check, (blob, patched)) = match (check?, written) {
+        (Err(e), Ok(_)) => return Err(anyhow::Error::new(e).context(refused())),
+        (Err(e), Err(w)) if crate::check::is_stopped(&w) => return Err(anyhow::Error::new(e).context(refused())),
+        (_, Err(w)) => return Err(w),
+        (Ok(check), Ok(w)) => (check, w),
+    };
+    // A full image signs the hashes of the files as the layer holds them.
+    let (signed, summary) = check.finish().with_context(refused)?;
+    if summary.patches != patched as u64 {
+        bail!("{}: the layer holds {} patches, the builder wrote {patched}", refused(), summary.patches);
+    }
+    let (layer_digest, layer_size) = blob.finish()?;
     let media_type = if patched > 0 { oci::TAR_PATCH_MEDIA_TYPE } else { oci::TAR_ZSTD_MEDIA_TYPE };
     let mut layer = Descriptor::new(media_type, layer_digest, layer_size);
     if let Some(p) = parent {
         layer.annotations.insert(oci::ANNOTATION_PARENT.into(), p.reference.to_string());
         layer.annotations.insert(oci::ANNOTATION_PARENT_DIGEST.into(), p.image.digest.to_string());
     }
-    Ok((layer, entries))
+    Ok((layer, signed.entries))
+}
+
+/// Writes the layer's tar stream through zstd into a new blob (not yet stored: it hashes
+/// what it is given, the layer's digest), a copy of it to `check`; returns the blob and
+/// how many files are patches.
+fn write_tar(
+    layout: &Layout,
+    tree: &Tree,
+    parent: Option<&Parent>,
+    entries: &[Entry],
+    mtime: u64,
+    check: crate::check::Writer,
+    bar: &indicatif::ProgressBar,
+) -> Result<(formats::layout::BlobWriter, usize)> {
+    let blob = layout.blob_writer()?;
+    let mut payload = TarZstdWriter::into_hashing(blob, mtime, Compression::default(), Some(Box::new(check)))
+        .context("starting the zstd compressor")?;
+    let mut patched = 0;
+    match parent {
+        None => write_full(&mut payload, tree, bar)?,
+        Some(parent) => {
+            let mut files =
+                crate::patches::ParentFiles::new(layout, &parent.image.config, &parent.image.manifest.layers);
+            patched = write_delta(&mut payload, &parent.image.config, entries, tree, &mut files)?;
+        }
+    }
+    let blob = payload.finish_into().context("finishing the payload")?;
+    Ok((blob, patched))
+}
+
+/// Files up to this size are read ahead by a second thread.
+const PREFETCH_MAX: u64 = 256 * 1024;
+/// Read-ahead files go in batches of up to this many bytes (one more file may overflow it)
+/// and files: one hand-over per batch, not per file.
+const BATCH_BYTES: usize = 1 << 20;
+const BATCH_FILES: usize = 256;
+/// Batches that may wait: at most 2 x (1 MiB + 256 KiB) read ahead.
+const BATCHES: usize = 2;
+
+/// Small files read ahead: their contents back to back in `data`, each file's range or
+/// its read error in `files`, in tree order.
+#[derive(Default)]
+struct Batch {
+    data: Vec<u8>,
+    files: Vec<std::io::Result<std::ops::Range<usize>>>,
+}
+
+/// Reads the small files of `tree`, in order, in batches to `tx`; buffers come back on `free`.
+fn read_ahead(tree: &Tree, tx: std::sync::mpsc::SyncSender<Batch>, free: std::sync::mpsc::Receiver<Batch>) {
+    use std::io::Read;
+    let mut batch = Batch::default();
+    for node in tree.nodes.values() {
+        let Node::File { from, size, .. } = node else { continue };
+        if *size > PREFETCH_MAX {
+            continue;
+        }
+        let start = batch.data.len();
+        let read = File::open(from).and_then(|f| {
+            // One byte more than expected shows a file that grew; the writer takes `size`.
+            batch.data.reserve(*size as usize + 1);
+            f.take(*size + 1).read_to_end(&mut batch.data)
+        });
+        batch.files.push(read.map(|_| start..batch.data.len()));
+        if batch.data.len() >= BATCH_BYTES || batch.files.len() >= BATCH_FILES {
+            let mut next = free.try_recv().unwrap_or_default();
+            next.data.clear();
+            next.files.clear();
+            if tx.send(std::mem::replace(&mut batch, next)).is_err() {
+                return;
+            }
+        }
+    }
+    if !batch.files.is_empty() {
+        let _ = tx.send(batch);
+    }
+}
+
+/// Writes every node of `tree`, in path order.
+fn write_full<W: Write>(payload: &mut TarZstdWriter<W>, tree: &Tree, bar: &indicatif::ProgressBar) -> Result<()> {
+    let open = |from: &Path| File::open(from).with_context(|| format!("reading {}", from.display()));
+    // Small files are read ahead by a second thread (their syscalls overlap the
+    // compression here), in batches; larger ones stream from this thread. At most
+    // BATCHES batches are in flight: memory stays bounded.
+    std::thread::scope(|scope| -> Result<()> {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Batch>(BATCHES);
+        let (free_tx, free_rx) = std::sync::mpsc::sync_channel::<Batch>(BATCHES + 2);
+        scope.spawn(move || read_ahead(tree, tx, free_rx));
+        let mut batch = Batch::default();
+        let mut next = 0;
+        for (path, node) in &tree.nodes {
+            match node {
+                Node::Dir { mode } => payload.add_dir(path, *mode)?,
+                Node::Symlink { link } => payload.add_symlink(path, link)?,
+                &Node::File { mode, ref from, size } => {
+                    let added = if size <= PREFETCH_MAX {
+                        if next == batch.files.len() {
+                            let used =
+                                std::mem::replace(&mut batch, rx.recv().context("the read-ahead thread stopped")?);
+                            let _ = free_tx.try_send(used);
+                            next = 0;
+                        }
+                        let range = std::mem::replace(&mut batch.files[next], Ok(0..0));
+                        next += 1;
+                        let range = range.with_context(|| format!("reading {}", from.display()))?;
+                        bar.inc(range.len() as u64);
+                        payload.add_file_data(path, mode, size, &batch.data[range])
+                    } else {
+                        payload.add_file_data(path, mode, size, bar.wrap_read(open(from)?))
+                    };
+                    added.with_context(|| format!("adding {}", from.display()))?;
+                }
+            }
+        }
+        Ok(())
+    })
 }
 
 /// The signed entry of a tree node.

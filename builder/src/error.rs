@@ -30,6 +30,7 @@ pub fn classify(err: &anyhow::Error) -> cli_support::ExitCode {
         if let Some(f) = c.downcast_ref::<crate::fleet::FleetFailed>() {
             return Some(f.code);
         }
-        c.is::<InputError>().then_some(cli_support::ExitCode::Malformed)
+        (c.is::<InputError>() || c.is::<formats::unpack::check::CheckError>())
+            .then_some(cli_support::ExitCode::Malformed)
     })
 }

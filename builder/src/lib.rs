@@ -12,6 +12,7 @@ pub mod assemble;
 pub mod btrfs;
 pub mod build;
 pub mod channel;
+pub mod check;
 pub mod cli;
 pub mod deps;
 pub mod error;

@@ -22,8 +22,55 @@ pub const WHITEOUT_PREFIX: &str = ".wh.";
 pub struct TarZstdWriter<W: Write> {
     /// The BufWriter makes `io::copy` read files in 1 MiB pieces straight into its
     /// buffer (std's BufWriter specialisation) and feed zstd in 1 MiB pieces.
-    tar: tar::Builder<io::BufWriter<zstd::stream::write::Encoder<'static, HashingWriter<W>>>>,
+    tar: tar::Builder<io::BufWriter<Tee<zstd::stream::write::Encoder<'static, Output<W>>>>>,
     mtime: u64,
+}
+
+/// The compressed bytes' way out: hashed here, or as they are when `W` hashes them itself
+/// (a store's blob writer), so that they are not hashed twice.
+enum Output<W: Write> {
+    Hashed(HashingWriter<W>),
+    Plain(W),
+}
+
+impl<W: Write> Write for Output<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Output::Hashed(w) => w.write(buf),
+            Output::Plain(w) => w.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Output::Hashed(w) => w.flush(),
+            Output::Plain(w) => w.flush(),
+        }
+    }
+}
+
+/// The tar stream's way out: into zstd, and each piece also to `copy` when there is one.
+struct Tee<Z: Write> {
+    zstd: Z,
+    copy: Option<Box<dyn Write>>,
+}
+
+impl<Z: Write> Write for Tee<Z> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.zstd.write(buf)?;
+        if let Some(c) = &mut self.copy {
+            c.write_all(&buf[..n])?;
+        }
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.zstd.flush()?;
+        match &mut self.copy {
+            Some(c) => c.flush(),
+            None => Ok(()),
+        }
+    }
 }
 
 impl<W: Write> std::fmt::Debug for TarZstdWriter<W> {
@@ -49,17 +96,35 @@ impl Default for Compression {
 impl<W: Write> TarZstdWriter<W> {
     /// Starts a payload; every entry gets modification time `mtime`.
     pub fn new(out: W, mtime: u64, compression: Compression) -> io::Result<Self> {
+        Self::start(Output::Hashed(HashingWriter::new(out)), mtime, compression, None)
+    }
+
+    /// Like [`TarZstdWriter::new`] for an `out` that hashes what it is given (a store's
+    /// blob writer): the compressed bytes are not hashed here, and [`TarZstdWriter::finish_into`]
+    /// ends the payload. With `copy`, the tar stream is also written there, uncompressed, as
+    /// it is compressed (the builder checks it there); `copy` is dropped when the archive
+    /// ends, before the zstd frame does.
+    pub fn into_hashing(
+        out: W,
+        mtime: u64,
+        compression: Compression,
+        copy: Option<Box<dyn Write>>,
+    ) -> io::Result<Self> {
+        Self::start(Output::Plain(out), mtime, compression, copy)
+    }
+
+    fn start(out: Output<W>, mtime: u64, compression: Compression, copy: Option<Box<dyn Write>>) -> io::Result<Self> {
         let workers = match compression.workers {
             0 => std::thread::available_parallelism().map_or(1, |n| n.get() as u32),
             n => n,
         };
-        let mut enc = zstd::stream::write::Encoder::new(HashingWriter::new(out), compression.level)?;
+        let mut enc = zstd::stream::write::Encoder::new(out, compression.level)?;
         enc.multithread(workers.max(1))?;
         // Smaller jobs than zstd's default (4 windows, 8 MiB at level 3): the buffers of
         // the jobs in flight are most of the builder's memory. Fixed, so output stays the same.
         enc.set_parameter(zstd::stream::raw::CParameter::JobSize(JOB_SIZE))?;
         enc.include_checksum(true)?;
-        let mut tar = tar::Builder::new(io::BufWriter::with_capacity(1 << 20, enc));
+        let mut tar = tar::Builder::new(io::BufWriter::with_capacity(1 << 20, Tee { zstd: enc, copy }));
         tar.mode(tar::HeaderMode::Deterministic);
         tar.follow_symlinks(false);
         Ok(TarZstdWriter { tar, mtime })
@@ -95,6 +160,24 @@ impl<W: Write> TarZstdWriter<W> {
             ));
         }
         Ok(digest)
+    }
+
+    /// Appends a file of exactly `size` bytes read from `content`, without hashing it (for
+    /// a caller that hashes the tar stream, such as the builder's check of it).
+    pub fn add_file_data<R: Read>(&mut self, path: &RelPath, mode: Mode, size: u64, content: R) -> io::Result<()> {
+        let mut h = self.header(tar::EntryType::Regular, mode, size);
+        let mut reader = content.take(size);
+        self.tar.append_data(&mut h, path.as_str(), &mut reader)?;
+        if reader.limit() != 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                format!(
+                    "{path}: expected {size} bytes but read {}; did the file change while building?",
+                    size - reader.limit()
+                ),
+            ));
+        }
+        Ok(())
     }
 
     /// Appends a file carried as a patch against the parent's version of it
@@ -137,9 +220,27 @@ impl<W: Write> TarZstdWriter<W> {
 
     /// Ends the archive and the zstd frame; returns the compressed digest and size.
     pub fn finish(self) -> io::Result<(Digest, u64, W)> {
-        let enc = self.tar.into_inner()?.into_inner().map_err(|e| e.into_error())?;
-        let hashing = enc.finish()?;
-        Ok(hashing.finish())
+        match self.end()? {
+            Output::Hashed(hashing) => Ok(hashing.finish()),
+            Output::Plain(_) => Err(io::Error::other("this payload's output is not hashed here: use finish_into")),
+        }
+    }
+
+    /// Ends the archive and the zstd frame of a payload started with
+    /// [`TarZstdWriter::into_hashing`]; returns `out`, which hashed the compressed bytes.
+    pub fn finish_into(self) -> io::Result<W> {
+        match self.end()? {
+            Output::Hashed(hashing) => Ok(hashing.finish().2),
+            Output::Plain(out) => Ok(out),
+        }
+    }
+
+    fn end(self) -> io::Result<Output<W>> {
+        let mut tee = self.tar.into_inner()?.into_inner().map_err(|e| e.into_error())?;
+        if let Some(mut c) = tee.copy.take() {
+            c.flush()?;
+        }
+        tee.zstd.finish()
     }
 }
 

@@ -100,6 +100,8 @@ use crate::oci::{Descriptor, TAR_PATCH_MEDIA_TYPE, TAR_ZSTD_MEDIA_TYPE};
 use crate::path::{MAX_DEPTH, MAX_PATH, RelPath, confine_link};
 use crate::payload::WHITEOUT_PREFIX;
 
+pub mod check;
+
 /// Largest accepted pax extension header (local or global).
 const MAX_PAX: u64 = 64 << 10;
 /// Most decompressed bytes accepted after the end-of-archive marker (tar padding).
@@ -588,68 +590,7 @@ impl<'a> Unpacker<'a> {
     }
 
     fn read_entries<R: Read>(&mut self, archive: &mut tar::Archive<R>, state: &mut LayerState) -> Result<(), Fail> {
-        let mut entries = archive.entries().map_err(Fail::Read)?.raw(true);
-        let mut ext = Extensions::default();
-        let mut index = 0u64;
-        let layer = state.digest;
-        for entry in entries.by_ref() {
-            let mut entry = entry.map_err(Fail::Read)?;
-            index += 1;
-            let kind = entry.header().entry_type();
-            let refuse = |what: &str, reason: String| {
-                Fail::Content(UnpackError::Unsafe { layer, entry: format!("#{index} ({what})"), reason })
-            };
-            let bounded = |entry: &mut tar::Entry<'_, R>, what: &str, max: u64| -> Result<Vec<u8>, Fail> {
-                let size = entry.size();
-                if size > max {
-                    return Err(refuse(what, format!("header of {size} bytes (at most {max})")));
-                }
-                let data = read_up_to(entry, size).map_err(Fail::Read)?;
-                if data.len() as u64 != size {
-                    return Err(refuse(what, "the archive ends inside it".into()));
-                }
-                Ok(data)
-            };
-            match kind {
-                tar::EntryType::GNULongName | tar::EntryType::GNULongLink => {
-                    let what = if kind == tar::EntryType::GNULongName { "GNU long name" } else { "GNU long link" };
-                    let mut data = bounded(&mut entry, what, MAX_PATH as u64 + 1)?;
-                    if data.last() == Some(&0) {
-                        data.pop();
-                    }
-                    let slot =
-                        if kind == tar::EntryType::GNULongName { &mut ext.long_name } else { &mut ext.long_link };
-                    if slot.replace(data).is_some() {
-                        return Err(refuse(what, "two such headers describe one entry".into()));
-                    }
-                    ext.pending = true;
-                }
-                tar::EntryType::XHeader => {
-                    let data = bounded(&mut entry, "pax header", MAX_PAX)?;
-                    if ext.pax_path.is_some() || ext.pax_link.is_some() || ext.pax_size.is_some() || ext.patch {
-                        return Err(refuse("pax header", "two pax headers describe one entry".into()));
-                    }
-                    parse_pax(&data, &mut ext).map_err(|r| refuse("pax header", r))?;
-                    ext.pending = true;
-                }
-                tar::EntryType::XGlobalHeader => {
-                    // Global records (comments, defaults) change nothing checked here.
-                    bounded(&mut entry, "pax global header", MAX_PAX)?;
-                }
-                _ => {
-                    let ext = std::mem::take(&mut ext);
-                    self.apply_entry(&mut entry, ext, state)?;
-                }
-            }
-        }
-        if ext.pending {
-            return Err(Fail::Content(UnpackError::Unsafe {
-                layer: state.digest,
-                entry: format!("#{index}"),
-                reason: "extension header at the end of the archive, describing no entry".into(),
-            }));
-        }
-        Ok(())
+        read_entries(archive, state.digest, |entry, ext| self.apply_entry(entry, ext, state))
     }
 
     fn apply_entry<R: Read>(
@@ -658,164 +599,23 @@ impl<'a> Unpacker<'a> {
         ext: Extensions,
         state: &mut LayerState,
     ) -> Result<(), Fail> {
-        let header = entry.header().clone();
-        let raw_path = match ext.pax_path.or(ext.long_name) {
-            Some(p) => p,
-            None => header.path_bytes().into_owned(),
+        let rules = Rules {
+            config: self.config,
+            budget: self.budget,
+            layers: self.layers.len(),
+            entries: self.stats.entries,
+            bytes: self.stats.bytes,
         };
-        let shown = String::from_utf8_lossy(&raw_path).into_owned();
+        let Checked { path, shown, kind, mode, size, link, patch, signed } =
+            match check_entry(&rules, entry, ext, state)? {
+                Step::Whiteout { entry, target } => {
+                    self.stats.entries += 1;
+                    return self.whiteout(&entry, &target, state);
+                }
+                Step::Entry(c) => c,
+            };
         let layer = state.digest;
         let refuse = |reason: String| Fail::Content(UnpackError::Unsafe { layer, entry: shown.clone(), reason });
-
-        let kind = match header.entry_type() {
-            tar::EntryType::Regular => EntryKind::File,
-            tar::EntryType::Directory => EntryKind::Dir,
-            tar::EntryType::Symlink => EntryKind::Symlink,
-            other => {
-                let what = match other {
-                    tar::EntryType::Link => {
-                        let target = header.link_name_bytes().unwrap_or_default();
-                        format!("hard link to {:?}", String::from_utf8_lossy(&target))
-                    }
-                    tar::EntryType::Char => "character device".into(),
-                    tar::EntryType::Block => "block device".into(),
-                    tar::EntryType::Fifo => "FIFO".into(),
-                    tar::EntryType::GNUSparse => "GNU sparse file".into(),
-                    other => format!("entry of type {:?}", other.as_byte() as char),
-                };
-                return Err(refuse(format!("is a {what}; only regular files, directories and symlinks are staged")));
-            }
-        };
-        let path = entry_path(&raw_path, kind == EntryKind::Dir).map_err(&refuse)?;
-        let size = entry.size();
-        if ext.pax_size.is_some_and(|s| s != size) {
-            return Err(refuse(format!("its pax size differs from its header size ({size})")));
-        }
-        // A patch: the header's size is the patch's; the file's is in the patch header.
-        let (size, patch) = if ext.patch {
-            if kind != EntryKind::File || !state.patches {
-                return Err(refuse(format!(
-                    "a patch is a regular file of a {TAR_PATCH_MEDIA_TYPE} layer, not a {} of a {} layer",
-                    kind_name(kind),
-                    if state.patches { TAR_PATCH_MEDIA_TYPE } else { TAR_ZSTD_MEDIA_TYPE }
-                )));
-            }
-            if size < crate::patch::HEADER {
-                return Err(refuse(format!("a patch of {size} bytes, shorter than its header")));
-            }
-            let mut h = [0u8; crate::patch::HEADER as usize];
-            entry.read_exact(&mut h).map_err(Fail::Read)?;
-            let (old_size, new_size) = crate::patch::parse_header(&h).map_err(|e| refuse(e.to_string()))?;
-            if size > crate::patch::max_patch_len(new_size) {
-                return Err(refuse(format!("a patch of {size} bytes for a file of {new_size} bytes")));
-            }
-            (new_size, Some((size - crate::patch::HEADER, old_size)))
-        } else {
-            (size, None)
-        };
-        state.entries += 1;
-        if state.entries > self.budget.layer_entries || self.stats.entries >= self.budget.image_entries {
-            return Err(refuse(format!(
-                "more entries than the signed manifest allows: at most {} in a layer and {} across all {} \
-                 layers (the {} it declares, times the layers, plus {SLACK_ENTRIES})",
-                self.budget.layer_entries,
-                self.budget.image_entries,
-                self.layers.len(),
-                self.config.entries.len()
-            )));
-        }
-        let bits = header.mode().map_err(|e| refuse(format!("unreadable mode: {e}")))?;
-        let mode = Mode::new(bits).ok_or_else(|| refuse(format!("mode {bits:o} has bits beyond 07777")))?;
-
-        if path.file_name().starts_with(WHITEOUT_PREFIX) {
-            if kind != EntryKind::File || size != 0 {
-                return Err(refuse("a whiteout must be an empty regular file".into()));
-            }
-            state.seen.insert(path.as_str().to_owned());
-            self.stats.entries += 1;
-            return self.whiteout(&path, state);
-        }
-
-        if !state.seen.insert(path.as_str().to_owned()) {
-            return Err(refuse("appears twice in this layer".into()));
-        }
-        let link = match kind {
-            EntryKind::Symlink => {
-                let raw = match ext.pax_link.or(ext.long_link) {
-                    Some(l) => l,
-                    None => header.link_name_bytes().map(|l| l.into_owned()).unwrap_or_default(),
-                };
-                if raw.contains(&0) {
-                    return Err(refuse("its link text has a NUL byte".into()));
-                }
-                let text = String::from_utf8(raw).map_err(|_| refuse("its link text is not UTF-8".into()))?;
-                confine_link(&path, &text).map_err(|e| refuse(e.to_string()))?;
-                Some(text)
-            }
-            _ => None,
-        };
-        if kind != EntryKind::File && size != 0 {
-            return Err(refuse(format!("a {} carrying {size} data bytes", kind_name(kind))));
-        }
-        if mode.is_special() && !self.config.files.iter().any(|f| f.path == path && f.mode == Some(mode)) {
-            return Err(refuse(format!("mode {mode} has setuid, setgid or sticky bits the manifest does not declare")));
-        }
-        if kind == EntryKind::File && size > state.max_file_size {
-            return Err(refuse(if state.last {
-                format!(
-                    "declares {size} bytes, more than the largest file of the signed manifest ({} bytes)",
-                    state.max_file_size
-                )
-            } else {
-                format!(
-                    "declares {size} bytes, more than the largest file of the signed manifest and {LOWER_LAYER_RATIO} times its layer's size ({} bytes)",
-                    state.max_file_size
-                )
-            }));
-        }
-        if kind == EntryKind::File
-            && (state.bytes.saturating_add(size) > self.budget.layer_bytes
-                || self.stats.bytes.saturating_add(size) > self.budget.image_bytes)
-        {
-            return Err(refuse(format!(
-                "more content bytes than the signed manifest allows: at most {} in a layer and {} across all \
-                 {} layers (the sum of the sizes it declares, times the layers, plus {SLACK_BYTES})",
-                self.budget.layer_bytes,
-                self.budget.image_bytes,
-                self.layers.len()
-            )));
-        }
-        state.bytes += size;
-        let config = self.config;
-        let signed = config.entry(&path);
-        if state.last {
-            let Some(e) = signed else {
-                return Err(refuse("is not in the signed manifest".into()));
-            };
-            if e.kind != kind {
-                return Err(refuse(format!(
-                    "is a {} but the signed manifest has a {}",
-                    kind_name(kind),
-                    kind_name(e.kind)
-                )));
-            }
-            if e.mode != mode {
-                return Err(refuse(format!("has mode {mode} but the signed manifest says {}", e.mode)));
-            }
-            if kind == EntryKind::File && e.size != Some(size) {
-                return Err(refuse(format!(
-                    "declares {size} bytes but the signed manifest says {}",
-                    e.size.unwrap_or_default()
-                )));
-            }
-            if kind == EntryKind::Symlink && e.link != link {
-                return Err(refuse(format!(
-                    "links to {:?} but the signed manifest says {:?}",
-                    link.unwrap_or_default(),
-                    e.link.as_deref().unwrap_or_default()
-                )));
-            }
-        }
 
         let parent = self.open_parent(&path).map_err(|f| match f {
             DirFail::Refused(r) => refuse(r),
@@ -1031,25 +831,10 @@ impl<'a> Unpacker<'a> {
         Ok(false)
     }
 
-    /// Applies the whiteout entry `wh` (`DIR/.wh.NAME`): removes `DIR/NAME`.
-    fn whiteout(&mut self, wh: &RelPath, state: &LayerState) -> Result<(), Fail> {
-        let name = &wh.file_name()[WHITEOUT_PREFIX.len()..];
-        if name.starts_with(WHITEOUT_PREFIX) {
-            return Err(self.unsafe_(state, wh, "opaque and nested whiteouts are not used in op-dbus payloads"));
-        }
-        let target = match wh.parent() {
-            Some(p) => p.join(name),
-            None => RelPath::parse(name),
-        }
-        .map_err(|e| self.unsafe_(state, wh, &format!("bad whiteout name: {e}")))?;
-        if holds_under(&state.seen, target.as_str()) {
-            return Err(self.unsafe_(
-                state,
-                wh,
-                &format!("whites out {target}, which this layer wrote: a whiteout removes only what layers below hold"),
-            ));
-        }
-        let parent = self.open_parent(&target).map_err(|f| match f {
+    /// Applies the whiteout entry `wh` (`DIR/.wh.NAME`): removes `target`, `DIR/NAME`
+    /// ([`whiteout_target`]).
+    fn whiteout(&mut self, wh: &RelPath, target: &RelPath, state: &LayerState) -> Result<(), Fail> {
+        let parent = self.open_parent(target).map_err(|f| match f {
             DirFail::Refused(_) => self.unsafe_(state, wh, &format!("whites out {target}, which is not present")),
             DirFail::Disk(e) => Fail::Disk(e),
         })?;
@@ -1104,6 +889,304 @@ impl<'a> Unpacker<'a> {
             fsx::BeneathError::Io { at, source } => DirFail::Disk(io_error(self.dest_path.join(at), source)),
         })
     }
+}
+
+/// What the unpacker's rules need besides the layer: the signed manifest, its budget, and
+/// what the layers before this one applied.
+struct Rules<'c> {
+    config: &'c StageConfig,
+    budget: Budget,
+    /// The image's layer count.
+    layers: usize,
+    /// Entries and content bytes the image's layers applied before this entry.
+    entries: u64,
+    bytes: u64,
+}
+
+/// A tar entry that passed the checks that need no tree: what to do with it.
+enum Step<'c> {
+    /// A whiteout `entry` removing `target`.
+    Whiteout {
+        entry: RelPath,
+        target: RelPath,
+    },
+    Entry(Checked<'c>),
+}
+
+/// An entry that passed [`check_entry`].
+struct Checked<'c> {
+    path: RelPath,
+    /// The name as the archive spells it, for messages.
+    shown: String,
+    kind: EntryKind,
+    mode: Mode,
+    /// The file's size (for a patch, the size of the file it makes).
+    size: u64,
+    link: Option<String>,
+    /// A patch: its body's length and the size of the file it applies to; the patch
+    /// header has been read from the entry.
+    patch: Option<(u64, u64)>,
+    /// The signed entry at this path.
+    signed: Option<&'c crate::manifest::Entry>,
+}
+
+/// Every check of an entry that needs no tree (see the module's table): its name, type,
+/// size, mode, link text, budgets, and, in the last layer, the signed manifest. Counts the
+/// entry and its bytes in `state`. The unpacker and [`check::LayerCheck`] share it.
+fn check_entry<'c, R: Read>(
+    rules: &Rules<'c>,
+    entry: &mut tar::Entry<'_, R>,
+    ext: Extensions,
+    state: &mut LayerState,
+) -> Result<Step<'c>, Fail> {
+    let header = entry.header().clone();
+    let raw_path = match ext.pax_path.or(ext.long_name) {
+        Some(p) => p,
+        None => header.path_bytes().into_owned(),
+    };
+    let shown = String::from_utf8_lossy(&raw_path).into_owned();
+    let layer = state.digest;
+    let refuse = |reason: String| Fail::Content(UnpackError::Unsafe { layer, entry: shown.clone(), reason });
+
+    let kind = match header.entry_type() {
+        tar::EntryType::Regular => EntryKind::File,
+        tar::EntryType::Directory => EntryKind::Dir,
+        tar::EntryType::Symlink => EntryKind::Symlink,
+        other => {
+            let what = match other {
+                tar::EntryType::Link => {
+                    let target = header.link_name_bytes().unwrap_or_default();
+                    format!("hard link to {:?}", String::from_utf8_lossy(&target))
+                }
+                tar::EntryType::Char => "character device".into(),
+                tar::EntryType::Block => "block device".into(),
+                tar::EntryType::Fifo => "FIFO".into(),
+                tar::EntryType::GNUSparse => "GNU sparse file".into(),
+                other => format!("entry of type {:?}", other.as_byte() as char),
+            };
+            return Err(refuse(format!("is a {what}; only regular files, directories and symlinks are staged")));
+        }
+    };
+    let path = entry_path(&raw_path, kind == EntryKind::Dir).map_err(&refuse)?;
+    let size = entry.size();
+    if ext.pax_size.is_some_and(|s| s != size) {
+        return Err(refuse(format!("its pax size differs from its header size ({size})")));
+    }
+    // A patch: the header's size is the patch's; the file's is in the patch header.
+    let (size, patch) = if ext.patch {
+        if kind != EntryKind::File || !state.patches {
+            return Err(refuse(format!(
+                "a patch is a regular file of a {TAR_PATCH_MEDIA_TYPE} layer, not a {} of a {} layer",
+                kind_name(kind),
+                if state.patches { TAR_PATCH_MEDIA_TYPE } else { TAR_ZSTD_MEDIA_TYPE }
+            )));
+        }
+        if size < crate::patch::HEADER {
+            return Err(refuse(format!("a patch of {size} bytes, shorter than its header")));
+        }
+        let mut h = [0u8; crate::patch::HEADER as usize];
+        entry.read_exact(&mut h).map_err(Fail::Read)?;
+        let (old_size, new_size) = crate::patch::parse_header(&h).map_err(|e| refuse(e.to_string()))?;
+        if size > crate::patch::max_patch_len(new_size) {
+            return Err(refuse(format!("a patch of {size} bytes for a file of {new_size} bytes")));
+        }
+        (new_size, Some((size - crate::patch::HEADER, old_size)))
+    } else {
+        (size, None)
+    };
+    state.entries += 1;
+    if state.entries > rules.budget.layer_entries || rules.entries >= rules.budget.image_entries {
+        return Err(refuse(format!(
+            "more entries than the signed manifest allows: at most {} in a layer and {} across all {} \
+             layers (the {} it declares, times the layers, plus {SLACK_ENTRIES})",
+            rules.budget.layer_entries,
+            rules.budget.image_entries,
+            rules.layers,
+            rules.config.entries.len()
+        )));
+    }
+    let bits = header.mode().map_err(|e| refuse(format!("unreadable mode: {e}")))?;
+    let mode = Mode::new(bits).ok_or_else(|| refuse(format!("mode {bits:o} has bits beyond 07777")))?;
+
+    if path.file_name().starts_with(WHITEOUT_PREFIX) {
+        if kind != EntryKind::File || size != 0 {
+            return Err(refuse("a whiteout must be an empty regular file".into()));
+        }
+        state.seen.insert(path.as_str().to_owned());
+        let target = whiteout_target(&path, state)?;
+        return Ok(Step::Whiteout { entry: path, target });
+    }
+
+    if !state.seen.insert(path.as_str().to_owned()) {
+        return Err(refuse("appears twice in this layer".into()));
+    }
+    let link = match kind {
+        EntryKind::Symlink => {
+            let raw = match ext.pax_link.or(ext.long_link) {
+                Some(l) => l,
+                None => header.link_name_bytes().map(|l| l.into_owned()).unwrap_or_default(),
+            };
+            if raw.contains(&0) {
+                return Err(refuse("its link text has a NUL byte".into()));
+            }
+            let text = String::from_utf8(raw).map_err(|_| refuse("its link text is not UTF-8".into()))?;
+            confine_link(&path, &text).map_err(|e| refuse(e.to_string()))?;
+            Some(text)
+        }
+        _ => None,
+    };
+    if kind != EntryKind::File && size != 0 {
+        return Err(refuse(format!("a {} carrying {size} data bytes", kind_name(kind))));
+    }
+    if mode.is_special() && !rules.config.files.iter().any(|f| f.path == path && f.mode == Some(mode)) {
+        return Err(refuse(format!("mode {mode} has setuid, setgid or sticky bits the manifest does not declare")));
+    }
+    if kind == EntryKind::File && size > state.max_file_size {
+        return Err(refuse(if state.last {
+            format!(
+                "declares {size} bytes, more than the largest file of the signed manifest ({} bytes)",
+                state.max_file_size
+            )
+        } else {
+            format!(
+                "declares {size} bytes, more than the largest file of the signed manifest and {LOWER_LAYER_RATIO} times its layer's size ({} bytes)",
+                state.max_file_size
+            )
+        }));
+    }
+    if kind == EntryKind::File
+        && (state.bytes.saturating_add(size) > rules.budget.layer_bytes
+            || rules.bytes.saturating_add(size) > rules.budget.image_bytes)
+    {
+        return Err(refuse(format!(
+            "more content bytes than the signed manifest allows: at most {} in a layer and {} across all \
+             {} layers (the sum of the sizes it declares, times the layers, plus {SLACK_BYTES})",
+            rules.budget.layer_bytes, rules.budget.image_bytes, rules.layers
+        )));
+    }
+    state.bytes += size;
+    let signed = rules.config.entry(&path);
+    if state.last {
+        let Some(e) = signed else {
+            return Err(refuse("is not in the signed manifest".into()));
+        };
+        if e.kind != kind {
+            return Err(refuse(format!(
+                "is a {} but the signed manifest has a {}",
+                kind_name(kind),
+                kind_name(e.kind)
+            )));
+        }
+        if e.mode != mode {
+            return Err(refuse(format!("has mode {mode} but the signed manifest says {}", e.mode)));
+        }
+        if kind == EntryKind::File && e.size != Some(size) {
+            return Err(refuse(format!(
+                "declares {size} bytes but the signed manifest says {}",
+                e.size.unwrap_or_default()
+            )));
+        }
+        if kind == EntryKind::Symlink && e.link != link {
+            return Err(refuse(format!(
+                "links to {:?} but the signed manifest says {:?}",
+                link.unwrap_or_default(),
+                e.link.as_deref().unwrap_or_default()
+            )));
+        }
+    }
+    Ok(Step::Entry(Checked { path, shown, kind, mode, size, link, patch, signed }))
+}
+
+/// The path the whiteout `wh` (`DIR/.wh.NAME`) removes, `DIR/NAME`: never a nested or
+/// opaque whiteout, never a path this layer wrote.
+fn whiteout_target(wh: &RelPath, state: &LayerState) -> Result<RelPath, Fail> {
+    let refuse =
+        |reason: String| Fail::Content(UnpackError::Unsafe { layer: state.digest, entry: wh.to_string(), reason });
+    let name = &wh.file_name()[WHITEOUT_PREFIX.len()..];
+    if name.starts_with(WHITEOUT_PREFIX) {
+        return Err(refuse("opaque and nested whiteouts are not used in op-dbus payloads".into()));
+    }
+    let target = match wh.parent() {
+        Some(p) => p.join(name),
+        None => RelPath::parse(name),
+    }
+    .map_err(|e| refuse(format!("bad whiteout name: {e}")))?;
+    if holds_under(&state.seen, target.as_str()) {
+        return Err(refuse(format!(
+            "whites out {target}, which this layer wrote: a whiteout removes only what layers below hold"
+        )));
+    }
+    Ok(target)
+}
+
+/// Splits a layer's decompressed tar stream into entries: extension headers (GNU long
+/// names and links, pax records) are read here, bounded, and handed to `apply` with the
+/// entry they describe. The unpacker and [`check::LayerCheck`] share it.
+fn read_entries<R: Read>(
+    archive: &mut tar::Archive<R>,
+    layer: Digest,
+    mut apply: impl FnMut(&mut tar::Entry<'_, R>, Extensions) -> Result<(), Fail>,
+) -> Result<(), Fail> {
+    let mut entries = archive.entries().map_err(Fail::Read)?.raw(true);
+    let mut ext = Extensions::default();
+    let mut index = 0u64;
+    for entry in entries.by_ref() {
+        let mut entry = entry.map_err(Fail::Read)?;
+        index += 1;
+        let kind = entry.header().entry_type();
+        let refuse = |what: &str, reason: String| {
+            Fail::Content(UnpackError::Unsafe { layer, entry: format!("#{index} ({what})"), reason })
+        };
+        let bounded = |entry: &mut tar::Entry<'_, R>, what: &str, max: u64| -> Result<Vec<u8>, Fail> {
+            let size = entry.size();
+            if size > max {
+                return Err(refuse(what, format!("header of {size} bytes (at most {max})")));
+            }
+            let data = read_up_to(entry, size).map_err(Fail::Read)?;
+            if data.len() as u64 != size {
+                return Err(refuse(what, "the archive ends inside it".into()));
+            }
+            Ok(data)
+        };
+        match kind {
+            tar::EntryType::GNULongName | tar::EntryType::GNULongLink => {
+                let what = if kind == tar::EntryType::GNULongName { "GNU long name" } else { "GNU long link" };
+                let mut data = bounded(&mut entry, what, MAX_PATH as u64 + 1)?;
+                if data.last() == Some(&0) {
+                    data.pop();
+                }
+                let slot = if kind == tar::EntryType::GNULongName { &mut ext.long_name } else { &mut ext.long_link };
+                if slot.replace(data).is_some() {
+                    return Err(refuse(what, "two such headers describe one entry".into()));
+                }
+                ext.pending = true;
+            }
+            tar::EntryType::XHeader => {
+                let data = bounded(&mut entry, "pax header", MAX_PAX)?;
+                if ext.pax_path.is_some() || ext.pax_link.is_some() || ext.pax_size.is_some() || ext.patch {
+                    return Err(refuse("pax header", "two pax headers describe one entry".into()));
+                }
+                parse_pax(&data, &mut ext).map_err(|r| refuse("pax header", r))?;
+                ext.pending = true;
+            }
+            tar::EntryType::XGlobalHeader => {
+                // Global records (comments, defaults) change nothing checked here.
+                bounded(&mut entry, "pax global header", MAX_PAX)?;
+            }
+            _ => {
+                let ext = std::mem::take(&mut ext);
+                apply(&mut entry, ext)?;
+            }
+        }
+    }
+    if ext.pending {
+        return Err(Fail::Content(UnpackError::Unsafe {
+            layer,
+            entry: format!("#{index}"),
+            reason: "extension header at the end of the archive, describing no entry".into(),
+        }));
+    }
+    Ok(())
 }
 
 /// Parses a local pax header into `ext`: `path`, `linkpath` and `size` are used, sparse

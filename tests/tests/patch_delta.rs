@@ -160,3 +160,29 @@ fn a_patch_against_a_tampered_parent_file_is_refused() {
         assert!(left.is_empty(), "{what}: left in .tmp: {left:?}");
     }
 }
+
+/// The builder checks the tar layer it signs as the installer unpacks it: app:1.1.0 drops
+/// a 66 MiB file of 1.0.0, so a delta on 1.0.0 would make the installer write more bytes
+/// (the parent's layer below) than the signed manifest of 1.1.0 allows an image (its sizes
+/// times its layers, plus 64 MiB). The builder refuses it (exit 7): nothing is tagged or
+/// signed. Built whole, 1.1.0 is signed.
+#[test]
+fn the_builder_refuses_to_sign_a_tar_layer_the_installer_would_refuse() {
+    let s = Scratch::trusted();
+    let stage = s.path("src/app");
+    write_stage(&stage, "1.0.0", &[("lib/big.bin", &[]), ("lib/version", b"1\n")]);
+    // Sparse: 66 MiB of zeros, cheap to write, read and compress.
+    fs::File::options().write(true).open(stage.join("lib/big.bin")).unwrap().set_len(66 << 20).unwrap();
+    ok(s.image().args(["-q", "build", "--format", "tar"]).arg(&stage));
+    let blobs = || fs::read_dir(s.store().join("blobs/sha256")).unwrap().count();
+    let before = blobs();
+    write_stage(&stage, "1.1.0", &[("lib/version", b"2\n")]);
+    let (code, err) = fails(s.image().args(["-q", "build", "--format", "tar", "--parent", "app:1.0.0"]).arg(&stage));
+    assert_eq!(code, 7, "{err}");
+    assert!(err.contains("would be refused by the installer") && err.contains("nothing was signed"), "{err}");
+    assert!(err.contains("more content bytes than the signed manifest allows"), "{err}");
+    let listed = ok(s.image().args(["--json", "list"]));
+    assert!(!listed.contains("1.1.0"), "the store has the refused image: {listed}");
+    assert_eq!(blobs(), before, "the refused layer's blob was kept");
+    ok(s.image().args(["-q", "build", "--format", "tar"]).arg(&stage));
+}
