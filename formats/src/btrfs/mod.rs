@@ -47,6 +47,7 @@ use std::io;
 use std::path::PathBuf;
 
 pub mod apply;
+mod contents;
 mod crc;
 pub mod forward;
 mod fsops;
@@ -54,9 +55,11 @@ pub mod stream;
 pub mod validate;
 
 pub use apply::{ApplyStats, apply_to_dir, apply_to_dir_watched, copy_tree};
-pub use forward::{Forwarded, Progress, forward_stream};
+pub use forward::{Forwarded, Progress, forward_stream, forward_stream_hashing};
 pub use stream::{Command, InvalidUuid, StreamPath, StreamReader, Timespec, Uuid};
-pub use validate::{ParentTree, StreamSummary, validate_stream, validate_stream_against, validate_stream_onto};
+pub use validate::{
+    FileDigests, ParentTree, StreamSummary, validate_stream, validate_stream_against, validate_stream_onto,
+};
 
 /// Why a stream was refused or could not be applied.
 #[derive(Debug, thiserror::Error)]
