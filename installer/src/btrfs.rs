@@ -30,8 +30,7 @@ use std::process::{Command, Stdio};
 use anyhow::{Context, Result, bail};
 
 use formats::btrfs::{
-    FileDigests, ParentTree, Progress, StreamSummary, Uuid, apply_to_dir_watched, copy_tree, forward_stream,
-    forward_stream_hashing,
+    FileDigests, Progress, ReceiveError, Receiver, StreamSummary, Uuid, apply_to_dir_watched, copy_tree,
 };
 use formats::digest::HashingReader;
 use formats::layout::Layout;
@@ -41,9 +40,6 @@ use formats::unpack::Budget;
 
 use crate::error::Malformed;
 use crate::host_parent::HostGeneration;
-
-/// The size asked for the pipe to `btrfs receive` (the default `fs.pipe-max-size`).
-const PIPE_SIZE: usize = 1 << 20;
 
 type LayerReader = zstd::stream::read::Decoder<'static, BufReader<HashingReader<File>>>;
 
@@ -247,58 +243,23 @@ fn receive(
     };
     let mut hashed = FileDigests::new();
     for (i, layer) in layers.iter().enumerate().skip(first) {
-        let mut dec = open(layout, layer)?;
-        let tree = prev.as_ref().map(|(_, dir, _)| ParentTree::scan(dir)).transpose()?;
-        let mut child = Command::new(&btrfs)
-            .args(["receive", "-e", "-q"])
-            .arg(work)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .context("running btrfs receive")?;
-        let stdin = child.stdin.take().expect("piped");
-        // A deeper pipe than the 64 KiB default: fewer stalls and switches between this
-        // process and the receive (data commands are 128 KiB).
-        if let Err(e) = rustix::pipe::fcntl_setpipe_size(&stdin, PIPE_SIZE) {
-            tracing::debug!("the pipe to btrfs receive keeps its size: {e}");
-        }
-        // Small commands are gathered; a data command (larger than the buffer) goes to the
-        // pipe in one vectored write, without a copy here.
-        let mut stdin = io::BufWriter::with_capacity(64 * 1024, stdin);
         // Each command is validated (against the parent's tree on disk) and within the
         // budget before it is written to the receive; END only after the digest check.
         // The files of the last layer's tree are hashed as they pass (those of the layers
-        // below are checked through it, or read back).
-        let parent_uuid = prev.as_ref().map(|(u, _, _)| *u);
-        let watch = |p| over_budget(p, budget, spent).map_or(Ok(()), Err);
-        let checked = if i + 1 == layers.len() {
-            forward_stream_hashing(&mut dec, parent_uuid, tree.as_ref(), &mut stdin, watch)
-        } else {
-            forward_stream(&mut dec, parent_uuid, tree.as_ref(), &mut stdin, watch)
+        // below are checked through it, or read back). What it received of a refused
+        // stream is removed with the work directory.
+        let receiver = Receiver {
+            btrfs: &btrfs,
+            into: work,
+            parent: prev.as_ref().map(|(u, dir, _)| (*u, dir.as_path())),
+            hash_files: i + 1 == layers.len(),
         };
-        let digest = match &checked {
-            Ok(_) => check_digest(dec, layer),
-            Err(_) => Ok(()),
-        };
-        let ended = match (&checked, &digest) {
-            (Ok(c), Ok(())) => c.write_end(&mut stdin).and_then(|()| io::Write::flush(&mut stdin)).is_ok(),
-            _ => false,
-        };
-        drop(stdin);
-        if !ended {
-            // What it received of a refused stream is removed with the work directory.
-            let _ = child.kill();
-        }
-        let out = child.wait_with_output()?;
-        let checked = checked.with_context(|| format!("validating layer {}", layer.digest))?;
-        digest?;
-        if !out.status.success() {
-            bail!("btrfs receive of layer {} failed: {}", layer.digest, String::from_utf8_lossy(&out.stderr).trim());
-        }
+        let checked = receiver
+            .receive(layout, layer, |p| over_budget(p, budget, spent).map_or(Ok(()), Err))
+            .map_err(receive_error)?;
         within_budget(&checked.summary, layer, budget, spent)?;
+        let path = receiver.received(&checked);
         hashed = checked.files;
-        let path = work.join(&checked.summary.name);
         if let Some((_, old, true)) = prev.replace((checked.summary.uuid, path, true)) {
             // The layer below is no longer needed once the next one is received.
             let name = old.file_name().and_then(|n| n.to_str()).context("subvolume name")?.to_owned();
@@ -308,6 +269,19 @@ fn receive(
     match prev {
         Some((_, p, true)) => Ok((p, hashed)),
         _ => bail!("an image without payload layers above the host's generation"),
+    }
+}
+
+/// A failed receive as the installer reports it: a refused stream keeps its
+/// [`formats::btrfs::StreamError`] (exit 7 when it is about the stream), a corrupt blob is
+/// malformed input.
+fn receive_error(e: ReceiveError) -> anyhow::Error {
+    match e {
+        ReceiveError::Stream { digest, source } => {
+            anyhow::Error::new(source).context(format!("validating layer {digest}"))
+        }
+        e @ ReceiveError::Digest { .. } => Malformed(e.to_string()).into(),
+        e => e.into(),
     }
 }
 
