@@ -11,7 +11,7 @@
 //! A refused stream, a blob that does not match its digest, or a failed receive stops the
 //! receive; what it made of the subvolume is the caller's to delete.
 
-use std::io::{self, BufReader, Write};
+use std::io::{self, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
@@ -77,12 +77,24 @@ impl Receiver<'_> {
         layer: &Descriptor,
         watch: impl FnMut(Progress) -> Result<(), String>,
     ) -> Result<Forwarded, ReceiveError> {
-        let io_err = |what: String| move |source| ReceiveError::Io { what, source };
         let blob = layout.open_blob(&layer.digest).map_err(|e| ReceiveError::Io {
             what: format!("opening layer {}", layer.digest),
             source: io::Error::other(e),
         })?;
-        // The whole blob is hashed (a longer file fails the digest check at the end).
+        self.receive_blob(blob, layer, watch)
+    }
+
+    /// [`Receiver::receive`] of the compressed bytes `blob` reads (the layer's blob, or an
+    /// archive's entry as it arrives): the whole of what `blob` yields is hashed and must
+    /// be `layer`'s digest and size.
+    pub fn receive_blob<R: Read>(
+        &self,
+        blob: R,
+        layer: &Descriptor,
+        watch: impl FnMut(Progress) -> Result<(), String>,
+    ) -> Result<Forwarded, ReceiveError> {
+        let io_err = |what: String| move |source| ReceiveError::Io { what, source };
+        // The whole blob is hashed (a longer one fails the digest check at the end).
         let mut dec = zstd::stream::read::Decoder::new(HashingReader::new(blob))
             .map_err(io_err(format!("decompressing layer {}", layer.digest)))?;
         let tree = self
@@ -143,10 +155,11 @@ impl Receiver<'_> {
     }
 }
 
-type LayerReader = zstd::stream::read::Decoder<'static, BufReader<HashingReader<std::fs::File>>>;
-
 /// Reads what the decoder left of the compressed blob and checks its digest and size.
-fn check_digest(dec: LayerReader, layer: &Descriptor) -> Result<(), ReceiveError> {
+fn check_digest<R: Read>(
+    dec: zstd::stream::read::Decoder<'static, BufReader<HashingReader<R>>>,
+    layer: &Descriptor,
+) -> Result<(), ReceiveError> {
     let mut rest = dec.finish();
     io::copy(&mut rest, &mut io::sink())
         .map_err(|source| ReceiveError::Io { what: format!("reading layer {}", layer.digest), source })?;
