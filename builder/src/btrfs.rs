@@ -28,8 +28,8 @@ use std::process::{Command, Stdio};
 
 use anyhow::{Context, Result, bail};
 
-use formats::btrfs::{ParentTree, Uuid, forward_stream};
-use formats::digest::{Digest, HashingReader};
+use formats::btrfs::{ParentTree, Receiver, Uuid, forward_stream};
+use formats::digest::Digest;
 use formats::layout::Layout;
 use formats::manifest::{Entry, StageConfig};
 use formats::oci::{self, Descriptor};
@@ -234,42 +234,10 @@ fn receive_layers(layout: &Layout, btrfs: &Path, recv: &Path, layers: &[Descript
         if layer.media_type != oci::BTRFS_ZSTD_MEDIA_TYPE {
             bail!("layer {} is a {}, not a btrfs send stream", layer.digest, layer.media_type);
         }
-        let blob = HashingReader::new(layout.open_blob(&layer.digest)?);
-        let mut dec = zstd::stream::read::Decoder::new(blob)?;
-        let tree = prev.as_ref().map(|(_, p)| ParentTree::scan(p)).transpose()?;
-        let mut child = Command::new(btrfs)
-            .args(["receive", "-e", "-q"])
-            .arg(recv)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .context("running btrfs receive")?;
-        let mut stdin = io::BufWriter::with_capacity(256 * 1024, child.stdin.take().expect("piped"));
-        let checked = forward_stream(&mut dec, prev.as_ref().map(|(u, _)| *u), tree.as_ref(), &mut stdin, |_| Ok(()));
-        let digest_ok = checked.is_ok() && {
-            let mut rest = dec.finish();
-            io::copy(&mut rest, &mut io::sink())?;
-            let (digest, size, _) = rest.into_inner().finish();
-            digest == layer.digest && size == layer.size
-        };
-        let ended = match &checked {
-            Ok(c) if digest_ok => c.write_end(&mut stdin).and_then(|()| io::Write::flush(&mut stdin)).is_ok(),
-            _ => false,
-        };
-        drop(stdin);
-        if !ended {
-            let _ = child.kill();
-        }
-        let out = child.wait_with_output()?;
-        let checked = checked.with_context(|| format!("checking layer {}", layer.digest))?;
-        if !digest_ok {
-            bail!("layer {} in the store does not match its digest", layer.digest);
-        }
-        if !out.status.success() {
-            bail!("btrfs receive of layer {} failed: {}", layer.digest, String::from_utf8_lossy(&out.stderr).trim());
-        }
-        let path = recv.join(&checked.summary.name);
+        let receiver =
+            Receiver { btrfs, into: recv, parent: prev.as_ref().map(|(u, p)| (*u, p.as_path())), hash_files: false };
+        let checked = receiver.receive(layout, layer, |_| Ok(()))?;
+        let path = receiver.received(&checked);
         if let Some((_, old)) = prev.replace((checked.summary.uuid, path)) {
             let name = old.file_name().and_then(|n| n.to_str()).context("subvolume name")?.to_owned();
             subvol::delete(recv, &name)?;

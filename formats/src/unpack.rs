@@ -245,8 +245,20 @@ pub fn check_tree(dest: &Path, config: &StageConfig) -> Result<Vec<Mismatch>, Un
 /// Like [`check_tree`], skipping the top-level names in `ignore` (such as a
 /// `manifest.json` kept beside the staged files).
 pub fn check_tree_ignoring(dest: &Path, config: &StageConfig, ignore: &[&str]) -> Result<Vec<Mismatch>, UnpackError> {
+    check_tree_known(dest, config, ignore, &BTreeMap::new())
+}
+
+/// Like [`check_tree_ignoring`], taking the digest of each file in `known` (path →
+/// sha256 and length, hashed as it was written) instead of reading it, when the file on
+/// disk has that length. Every other file is read and hashed.
+pub fn check_tree_known(
+    dest: &Path,
+    config: &StageConfig,
+    ignore: &[&str],
+    known: &BTreeMap<String, (Digest, u64)>,
+) -> Result<Vec<Mismatch>, UnpackError> {
     let root = open_root(dest)?;
-    compare_tree(&root, dest, config, ignore, &BTreeMap::new())
+    compare_tree(&root, dest, config, ignore, known)
 }
 
 fn open_root(dest: &Path) -> Result<OwnedFd, UnpackError> {

@@ -10,6 +10,11 @@
 //! only the layers above it are received, not the whole chain. Off btrfs the streams are
 //! applied in userspace onto plain directories.
 //!
+//! The result is then compared with the signed manifest. The last stream's files that it
+//! writes in order from their creation are hashed as the stream passes
+//! (`formats::btrfs::forward_stream_hashing`); only the others (cloned into, written out
+//! of order, a parent generation's) are read back from the received subvolume.
+//!
 //! ```text
 //! .tmp/recv-<gen>/<subvolume>      btrfs: what `btrfs receive` created, layer by layer
 //! .tmp/work-<gen>-<i>/             directories: layer i applied on a copy of layer i-1
@@ -24,9 +29,12 @@ use std::process::{Command, Stdio};
 
 use anyhow::{Context, Result, bail};
 
-use formats::btrfs::{ParentTree, Progress, StreamSummary, Uuid, apply_to_dir_watched, copy_tree, forward_stream};
+use formats::btrfs::{
+    FileDigests, Progress, ReceiveError, Receiver, StreamSummary, Uuid, apply_to_dir_watched, copy_tree,
+};
 use formats::digest::HashingReader;
 use formats::layout::Layout;
+use formats::manifest::{EntryKind, StageConfig};
 use formats::oci::{self, Descriptor};
 use formats::unpack::Budget;
 
@@ -57,10 +65,10 @@ fn check_digest(dec: LayerReader, layer: &Descriptor) -> Result<()> {
 }
 
 /// Stages `layers` (btrfs send streams, full first) as `tmp/<dest>`: a subvolume when
-/// `on_btrfs`, a directory otherwise. The caller checks the result against the manifest.
+/// `on_btrfs`, a directory otherwise, and checks the result against the signed `config`
+/// (a difference is exit 7; `tmp/<dest>` is then the caller's to remove).
 ///
-/// Each stream is bounded by what the signed manifest declares (`budget`, as for tar
-/// payloads): the bytes it makes the receiver store (written, cloned, reserved) and the
+/// Each stream is bounded by what the signed manifest declares (as for tar payloads): the bytes it makes the receiver store (written, cloned, reserved) and the
 /// entries it creates, per layer and over all layers, checked on the validating pass
 /// before a byte of it is received or applied.
 ///
@@ -70,7 +78,7 @@ fn check_digest(dec: LayerReader, layer: &Descriptor) -> Result<()> {
 pub fn stage(
     layout: &Layout,
     layers: &[Descriptor],
-    budget: &Budget,
+    config: &StageConfig,
     tmp: &Path,
     dest: &str,
     on_btrfs: bool,
@@ -83,13 +91,14 @@ pub fn stage(
     let work = tmp.join(format!("recv-{dest}"));
     let _ = crate::txn::remove_tree(&work);
     fs::create_dir_all(&work).with_context(|| format!("creating {}", work.display()))?;
+    let budget = Budget::of(config, layers.len());
     let mut spent = Spent::default();
     let result = if on_btrfs {
-        receive(layout, layers, budget, &mut spent, &work, host)
+        receive(layout, layers, &budget, &mut spent, &work, host)
     } else {
-        apply(layout, layers, budget, &mut spent, &work)
+        apply(layout, layers, &budget, &mut spent, &work).map(|p| (p, FileDigests::new()))
     };
-    let final_path = match result {
+    let (final_path, hashed) = match result {
         Ok(p) => p,
         Err(e) => {
             let _ = remove_work(&work);
@@ -103,7 +112,35 @@ pub fn stage(
     }
     fs::rename(&final_path, &target).with_context(|| format!("moving {} into place", final_path.display()))?;
     remove_work(&work)?;
+    check_received(&target, config, &hashed)?;
     Ok(target)
+}
+
+/// Compares the tree at `target` with the signed manifest (exit 7 when it differs), taking
+/// the files in `hashed` (hashed from the stream as they were received) without reading
+/// them. A parent found by `btrfs receive` may be a host generation holding our
+/// manifest.json (rewritten by the caller); everything else must match exactly.
+fn check_received(target: &Path, config: &StageConfig, hashed: &FileDigests) -> Result<()> {
+    let files = config.entries.iter().filter(|e| e.kind == EntryKind::File);
+    let read_back = files.filter(|e| !hashed.contains_key(e.path.as_str())).count();
+    tracing::info!(
+        hashed = hashed.len(),
+        read_back,
+        "checking the received tree against the signed manifest: {} files hashed as they were received, {read_back} \
+         read back",
+        hashed.len()
+    );
+    let mismatches = formats::unpack::check_tree_known(target, config, &["manifest.json"], hashed)?;
+    if let Some(m) = mismatches.first() {
+        return Err(Malformed(format!(
+            "the received tree differs from the signed manifest: {}: {} ({} difference(s))",
+            m.path,
+            m.problem,
+            mismatches.len()
+        ))
+        .into());
+    }
+    Ok(())
 }
 
 fn remove_work(work: &Path) -> Result<()> {
@@ -193,7 +230,7 @@ fn receive(
     spent: &mut Spent,
     work: &Path,
     host: &[HostGeneration],
-) -> Result<PathBuf> {
+) -> Result<(PathBuf, FileDigests)> {
     let btrfs = ["/usr/bin/btrfs", "/bin/btrfs", "/usr/sbin/btrfs", "/sbin/btrfs"]
         .into_iter()
         .map(PathBuf::from)
@@ -204,44 +241,25 @@ fn receive(
         Some((i, uuid, dir)) => (i, Some((uuid, dir, false))),
         None => (0, None),
     };
-    for layer in &layers[first..] {
-        let mut dec = open(layout, layer)?;
-        let tree = prev.as_ref().map(|(_, dir, _)| ParentTree::scan(dir)).transpose()?;
-        let mut child = Command::new(&btrfs)
-            .args(["receive", "-e", "-q"])
-            .arg(work)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .context("running btrfs receive")?;
-        let mut stdin = io::BufWriter::with_capacity(256 * 1024, child.stdin.take().expect("piped"));
+    let mut hashed = FileDigests::new();
+    for (i, layer) in layers.iter().enumerate().skip(first) {
         // Each command is validated (against the parent's tree on disk) and within the
         // budget before it is written to the receive; END only after the digest check.
-        let checked = forward_stream(&mut dec, prev.as_ref().map(|(u, _, _)| *u), tree.as_ref(), &mut stdin, |p| {
-            over_budget(p, budget, spent).map_or(Ok(()), Err)
-        });
-        let digest = match &checked {
-            Ok(_) => check_digest(dec, layer),
-            Err(_) => Ok(()),
+        // The files of the last layer's tree are hashed as they pass (those of the layers
+        // below are checked through it, or read back). What it received of a refused
+        // stream is removed with the work directory.
+        let receiver = Receiver {
+            btrfs: &btrfs,
+            into: work,
+            parent: prev.as_ref().map(|(u, dir, _)| (*u, dir.as_path())),
+            hash_files: i + 1 == layers.len(),
         };
-        let ended = match (&checked, &digest) {
-            (Ok(c), Ok(())) => c.write_end(&mut stdin).and_then(|()| io::Write::flush(&mut stdin)).is_ok(),
-            _ => false,
-        };
-        drop(stdin);
-        if !ended {
-            // What it received of a refused stream is removed with the work directory.
-            let _ = child.kill();
-        }
-        let out = child.wait_with_output()?;
-        let checked = checked.with_context(|| format!("validating layer {}", layer.digest))?;
-        digest?;
-        if !out.status.success() {
-            bail!("btrfs receive of layer {} failed: {}", layer.digest, String::from_utf8_lossy(&out.stderr).trim());
-        }
+        let checked = receiver
+            .receive(layout, layer, |p| over_budget(p, budget, spent).map_or(Ok(()), Err))
+            .map_err(receive_error)?;
         within_budget(&checked.summary, layer, budget, spent)?;
-        let path = work.join(&checked.summary.name);
+        let path = receiver.received(&checked);
+        hashed = checked.files;
         if let Some((_, old, true)) = prev.replace((checked.summary.uuid, path, true)) {
             // The layer below is no longer needed once the next one is received.
             let name = old.file_name().and_then(|n| n.to_str()).context("subvolume name")?.to_owned();
@@ -249,8 +267,21 @@ fn receive(
         }
     }
     match prev {
-        Some((_, p, true)) => Ok(p),
+        Some((_, p, true)) => Ok((p, hashed)),
         _ => bail!("an image without payload layers above the host's generation"),
+    }
+}
+
+/// A failed receive as the installer reports it: a refused stream keeps its
+/// [`formats::btrfs::StreamError`] (exit 7 when it is about the stream), a corrupt blob is
+/// malformed input.
+fn receive_error(e: ReceiveError) -> anyhow::Error {
+    match e {
+        ReceiveError::Stream { digest, source } => {
+            anyhow::Error::new(source).context(format!("validating layer {digest}"))
+        }
+        e @ ReceiveError::Digest { .. } => Malformed(e.to_string()).into(),
+        e => e.into(),
     }
 }
 

@@ -53,9 +53,12 @@ const C_END: u16 = 21;
 const A_UUID: u16 = 1;
 const A_PATH: u16 = 15;
 const A_PATH_TO: u16 = 16;
+const A_FILE_OFFSET: u16 = 18;
 const A_DATA: u16 = 19;
 const A_CLONE_UUID: u16 = 20;
 const A_CLONE_PATH: u16 = 22;
+const A_CLONE_OFFSET: u16 = 23;
+const A_CLONE_LEN: u16 = 24;
 
 /// One attribute: its type and where its data lies in the stream.
 #[derive(Debug, Clone)]
@@ -174,6 +177,28 @@ fn replace_attr(stream: &[u8], c: &Cmd, ty: u16, new: &[u8]) -> Vec<u8> {
     let m = again.iter().find(|x| x.off == c.off).unwrap();
     assert_eq!(m.crc, command_crc(&s, m));
     s
+}
+
+/// Command `c` of `stream` made again with the attributes in `new` in place of its own
+/// (any length), in its order, with its checksum: a protocol 2 command.
+fn remade(stream: &[u8], c: &Cmd, new: &[(u16, &[u8])]) -> Vec<u8> {
+    let mut body = Vec::new();
+    for a in &c.attrs {
+        let data = new.iter().find(|(ty, _)| *ty == a.ty).map_or(&stream[a.off..a.off + a.len], |(_, d)| *d);
+        body.extend_from_slice(&a.ty.to_le_bytes());
+        if a.ty != A_DATA {
+            body.extend_from_slice(&u16::try_from(data.len()).unwrap().to_le_bytes());
+        }
+        body.extend_from_slice(data);
+    }
+    let mut out = Vec::new();
+    out.extend_from_slice(&u32::try_from(body.len()).unwrap().to_le_bytes());
+    out.extend_from_slice(&c.kind.to_le_bytes());
+    out.extend_from_slice(&[0; 4]);
+    out.extend_from_slice(&body);
+    let crc = crc32c(crc32c(0, &out[..CMD_HEADER]), &body);
+    out[6..10].copy_from_slice(&crc.to_le_bytes());
+    out
 }
 
 fn attr_str(s: &[u8], c: &Cmd, ty: u16) -> String {
@@ -527,6 +552,29 @@ fn btrfs_loop_root_hostile_send_streams_are_refused_on_btrfs_and_directory_roots
         repeated_clones.extend_from_slice(clone_bytes);
     }
     repeated_clones.extend_from_slice(&stream[end_off(&cmds)..]);
+    // 8. Content that differs from the signed sha256 of its file, which the installer
+    // hashes from the stream as the WRITEs pass: one byte of the largest WRITE (of `big`).
+    assert_eq!(attr_str(&stream, w, A_PATH), "big", "the largest WRITE is one of big's");
+    let mut flipped = stream.clone();
+    flipped[w.attr(A_DATA).off + w.attr(A_DATA).len / 2] ^= 0xff;
+    fix_crc(&mut flipped, w);
+    // 9. ... and content that a CLONE changes after the WRITEs made it as signed: 4 KiB of
+    // `big` taken from another place of `big2` (a copy of `big`) before END. The hash of
+    // `big` from its WRITEs matches the manifest; the installer must read the file back.
+    let mut clone_over = stream[..end_off(&cmds)].to_vec();
+    clone_over.extend(remade(
+        &stream,
+        clone,
+        &[
+            (A_FILE_OFFSET, &0u64.to_le_bytes()),
+            (A_CLONE_LEN, &4096u64.to_le_bytes()),
+            (A_PATH, b"big"),
+            (A_CLONE_PATH, b"big2"),
+            (A_CLONE_OFFSET, &8192u64.to_le_bytes()),
+        ],
+    ));
+    clone_over.extend_from_slice(&stream[end_off(&cmds)..]);
+    assert_eq!(commands(&clone_over).len(), cmds.len() + 1);
 
     let mut failures = Vec::new();
     let mut report = Vec::new();
@@ -576,6 +624,16 @@ fn btrfs_loop_root_hostile_send_streams_are_refused_on_btrfs_and_directory_roots
                 "80 MiB of CLONEs behind a 2 MiB manifest",
                 repeated_clones.clone(),
                 &["would store", "more than the signed manifest allows"],
+            ),
+            case(
+                "a WRITE whose data differs from the signed sha256",
+                flipped.clone(),
+                &["differs from the signed manifest", "big: content hashes to"],
+            ),
+            case(
+                "a CLONE over a file after its WRITEs",
+                clone_over.clone(),
+                &["differs from the signed manifest", "big: content hashes to"],
             ),
         ];
         let pristine_dir = tempfile::tempdir().unwrap();

@@ -72,7 +72,7 @@ fn scan_dir(dir: &OwnedFd, path: &Path, depth: usize, entries: &mut usize, max: 
                     .map_err(|e| io_err(&child_path, e.into()))?;
                 scan_dir(&fd, &child_path, depth + 1, entries, max)?
             }
-            FileType::RegularFile => Node::File,
+            FileType::RegularFile => Node::File(0),
             FileType::Symlink => {
                 let text = rustix::fs::readlinkat(dir, &name, Vec::new()).map_err(|e| io_err(&child_path, e.into()))?;
                 let text = text

@@ -21,6 +21,9 @@
 //! * [`apply_to_dir`] applies a stream to a directory without the kernel's receive,
 //!   running the same checks first for every command; [`copy_tree`] prepares the parent
 //!   copy an incremental stream is applied onto. See [`apply`].
+//! * [`forward_stream`] hands each command on as soon as it is checked (one read);
+//!   [`Receiver`] receives a stored layer that way with `btrfs receive`, hashing each
+//!   file from the stream when asked. See [`forward`] and [`receive`].
 //!
 //! Encoded (compressed) writes (`btrfs send --compressed-data`) and fs-verity (protocol 3)
 //! are refused: op-dbus payloads are sent with `btrfs send --proto 2` alone.
@@ -47,16 +50,21 @@ use std::io;
 use std::path::PathBuf;
 
 pub mod apply;
+mod contents;
 mod crc;
 pub mod forward;
 mod fsops;
+pub mod receive;
 pub mod stream;
 pub mod validate;
 
 pub use apply::{ApplyStats, apply_to_dir, apply_to_dir_watched, copy_tree};
-pub use forward::{Forwarded, Progress, forward_stream};
+pub use forward::{Forwarded, Progress, forward_stream, forward_stream_hashing};
+pub use receive::{ReceiveError, Receiver};
 pub use stream::{Command, InvalidUuid, StreamPath, StreamReader, Timespec, Uuid};
-pub use validate::{ParentTree, StreamSummary, validate_stream, validate_stream_against, validate_stream_onto};
+pub use validate::{
+    FileDigests, ParentTree, StreamSummary, validate_stream, validate_stream_against, validate_stream_onto,
+};
 
 /// Why a stream was refused or could not be applied.
 #[derive(Debug, thiserror::Error)]

@@ -796,8 +796,12 @@ impl<R: Read> StreamReader<R> {
                 ),
             });
         }
-        self.buf.clear();
-        self.buf.resize(len, 0);
+        // Only what grows is zeroed: read_full overwrites the rest or fails.
+        if self.buf.len() > len {
+            self.buf.truncate(len);
+        } else {
+            self.buf.resize(len, 0);
+        }
         let got = read_full(&mut self.inner, &mut self.buf)
             .map_err(|e| StreamError::Read { offset: at.offset + COMMAND_HEADER as u64, source: e })?;
         if got < len {

@@ -46,6 +46,7 @@ use std::path::Path;
 use serde::Serialize;
 
 use super::StreamError;
+use super::contents::{Contents, FileId};
 use super::fsops;
 use super::stream::{At, Command, StreamPath, StreamReader, Uuid};
 use crate::path::{RelPath, confine_link};
@@ -57,6 +58,10 @@ pub const MAX_TREE_ENTRIES: usize = 1 << 20;
 
 const FALLOC_FL_KEEP_SIZE: u32 = 1;
 const FALLOC_FL_PUNCH_HOLE: u32 = 2;
+
+/// The sha256 and length of files of a received tree, by path (see
+/// [`Forwarded::files`](super::Forwarded::files)).
+pub type FileDigests = BTreeMap<String, (crate::Digest, u64)>;
 
 /// What a stream was found to be.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -109,7 +114,8 @@ pub(crate) enum Node {
         children: BTreeMap<String, Node>,
         complete: bool,
     },
-    File,
+    /// A regular file: which one, to follow its content (see [`FileId`]).
+    File(FileId),
     Symlink(String),
     /// A device node, FIFO or socket of the parent tree.
     Special,
@@ -125,7 +131,7 @@ impl Node {
     fn kind(&self) -> &'static str {
         match self {
             Node::Dir { .. } => "directory",
-            Node::File => "regular file",
+            Node::File(_) => "regular file",
             Node::Symlink(_) => "symlink",
             Node::Special => "special file",
             Node::Unknown => "entry of the parent",
@@ -288,11 +294,15 @@ pub(crate) struct Checker {
     bytes_written: u64,
     bytes_cloned: u64,
     bytes_allocated: u64,
+    /// The last [`FileId`] given to a file the stream created.
+    last_file: FileId,
+    /// The content of the files the stream creates, when asked for ([`Checker::hashing`]).
+    contents: Option<Contents>,
 }
 
 impl Drop for Checker {
     fn drop(&mut self) {
-        drop_iteratively(std::mem::replace(&mut self.tree, Node::File));
+        drop_iteratively(std::mem::replace(&mut self.tree, Node::File(0)));
     }
 }
 
@@ -310,7 +320,43 @@ impl Checker {
             bytes_written: 0,
             bytes_cloned: 0,
             bytes_allocated: 0,
+            last_file: 0,
+            contents: None,
         }
+    }
+
+    /// Also hashes the content of each file the stream creates as its writes pass (see
+    /// [`contents`](super::contents)): [`Checker::file_digests`] gives them at the end.
+    pub(crate) fn hashing(mut self) -> Checker {
+        self.contents = Some(Contents::default());
+        self
+    }
+
+    /// The sha256 and length of every file of the final tree whose content the stream
+    /// wrote in order from its creation, by path (hard links under each of their paths);
+    /// empty unless [`Checker::hashing`]. Files missing here must be read to be checked.
+    pub(crate) fn file_digests(&mut self) -> FileDigests {
+        let mut out = FileDigests::new();
+        let Some(contents) = &mut self.contents else { return out };
+        contents.finish();
+        let mut stack: Vec<(String, &Node)> = vec![(String::new(), &self.tree)];
+        while let Some((path, node)) = stack.pop() {
+            match node {
+                Node::Dir { children, .. } => {
+                    for (name, child) in children {
+                        let p = if path.is_empty() { name.clone() } else { format!("{path}/{name}") };
+                        stack.push((p, child));
+                    }
+                }
+                Node::File(id) => {
+                    if let Some(d) = contents.digest(*id) {
+                        out.insert(path, d);
+                    }
+                }
+                _ => {}
+            }
+        }
+        out
     }
 
     /// The UUID of the stream's own subvolume, once its first command was checked.
@@ -408,7 +454,10 @@ impl Checker {
                 self.begin(path, *uuid, *ctransid, Some((*clone_uuid, *clone_ctransid)))
                     .map_err(|r| refuse(path, r))?;
             }
-            Command::Mkfile { path, .. } => self.create(path, Node::File).map_err(|r| refuse(path, r))?,
+            Command::Mkfile { path, .. } => {
+                let id = self.new_file();
+                self.create(path, Node::File(id)).map_err(|r| refuse(path, r))?;
+            }
             Command::Mkdir { path, .. } => self.create(path, Node::dir(true)).map_err(|r| refuse(path, r))?,
             Command::Mknod { path, mode, rdev, .. } => {
                 return Err(refuse(
@@ -432,7 +481,7 @@ impl Checker {
                 let node = match lookup(&self.tree, target)
                     .map_err(|r| refuse(path, format!("link target {target}: {r}")))?
                 {
-                    Found::Node(n @ (Node::File | Node::Symlink(_) | Node::Special)) => n.clone(),
+                    Found::Node(n @ (Node::File(_) | Node::Symlink(_) | Node::Special)) => n.clone(),
                     Found::Node(Node::Unknown) | Found::Unknown => Node::Unknown,
                     Found::Node(n) => {
                         return Err(refuse(path, format!("hard link to {target}, a {}", n.kind())));
@@ -449,19 +498,26 @@ impl Checker {
             }
             Command::Write { path, offset, data } => {
                 bounds(path, *offset, data.len() as u64)?;
-                self.file(path).map_err(|r| refuse(path, r))?;
+                let id = self.file(path).map_err(|r| refuse(path, r))?;
+                if let Some(c) = &mut self.contents {
+                    c.write(id, *offset, data);
+                }
                 self.bytes_written = self.bytes_written.saturating_add(data.len() as u64);
             }
             Command::Clone { path, offset, len, clone_uuid, clone_path, clone_offset, .. } => {
                 bounds(path, *offset, *len)?;
                 bounds(clone_path, *clone_offset, *len)?;
-                self.file(path).map_err(|r| refuse(path, r))?;
+                let id = self.file(path).map_err(|r| refuse(path, r))?;
                 self.clone_source(*clone_uuid, clone_path).map_err(|r| refuse(path, r))?;
+                self.spoil(id);
                 self.bytes_cloned = self.bytes_cloned.saturating_add(*len);
             }
             Command::Truncate { path, size } => {
                 bounds(path, *size, 0)?;
-                self.file(path).map_err(|r| refuse(path, r))?;
+                let id = self.file(path).map_err(|r| refuse(path, r))?;
+                if let Some(c) = &mut self.contents {
+                    c.truncate(id, *size);
+                }
             }
             Command::Chmod { path, mode } => {
                 if *mode > 0o7777 {
@@ -474,7 +530,8 @@ impl Checker {
             }
             Command::UpdateExtent { path, offset, len } => {
                 bounds(path, *offset, *len)?;
-                self.file(path).map_err(|r| refuse(path, r))?;
+                let id = self.file(path).map_err(|r| refuse(path, r))?;
+                self.spoil(id);
             }
             Command::Fallocate { path, mode, offset, len } => {
                 let ok =
@@ -486,7 +543,8 @@ impl Checker {
                     ));
                 }
                 bounds(path, *offset, *len)?;
-                self.file(path).map_err(|r| refuse(path, r))?;
+                let id = self.file(path).map_err(|r| refuse(path, r))?;
+                self.spoil(id);
                 if *mode & FALLOC_FL_PUNCH_HOLE == 0 {
                     self.bytes_allocated = self.bytes_allocated.saturating_add(*len);
                 }
@@ -642,19 +700,39 @@ impl Checker {
         }
     }
 
-    /// Checks that `path` is a regular file (or unknown).
-    fn file(&self, path: &RelPath) -> Result<(), String> {
+    /// Checks that `path` is a regular file (or unknown); which one (0 when unknown or not
+    /// created by the stream).
+    fn file(&self, path: &RelPath) -> Result<FileId, String> {
         file_in(&self.tree, path)
+    }
+
+    /// Numbers a file the stream creates (0, not followed, once the numbers run out).
+    fn new_file(&mut self) -> FileId {
+        let Some(id) = self.last_file.checked_add(1) else { return 0 };
+        self.last_file = id;
+        if let Some(c) = &mut self.contents {
+            c.created(id);
+        }
+        id
+    }
+
+    /// The content of file `id` is no longer followed.
+    fn spoil(&mut self, id: FileId) {
+        if let Some(c) = &mut self.contents {
+            c.spoil(id);
+        }
     }
 
     fn clone_source(&self, uuid: Uuid, path: &RelPath) -> Result<(), String> {
         let start = self.start.as_ref().expect("checked before");
         if uuid == start.uuid {
-            return file_in(&self.tree, path).map_err(|r| format!("clone source {path}: {r}"));
+            return file_in(&self.tree, path).map(drop).map_err(|r| format!("clone source {path}: {r}"));
         }
         match start.parent {
             Some((p, _)) if p == uuid => match &self.parent_tree {
-                Some(t) => file_in(&t.root, path).map_err(|r| format!("clone source {path} in the parent: {r}")),
+                Some(t) => {
+                    file_in(&t.root, path).map(drop).map_err(|r| format!("clone source {path} in the parent: {r}"))
+                }
                 None => Ok(()),
             },
             Some((p, _)) => Err(format!(
@@ -696,9 +774,10 @@ enum Follow {
     No,
 }
 
-fn file_in(root: &Node, path: &RelPath) -> Result<(), String> {
+fn file_in(root: &Node, path: &RelPath) -> Result<FileId, String> {
     match lookup(root, path)? {
-        Found::Node(Node::File | Node::Unknown) | Found::Unknown => Ok(()),
+        Found::Node(Node::File(id)) => Ok(*id),
+        Found::Node(Node::Unknown) | Found::Unknown => Ok(0),
         Found::Node(n) => Err(format!("is a {}, not a regular file", n.kind())),
         Found::Absent => Err("is not present".into()),
     }

@@ -15,7 +15,7 @@ use formats::manifest::MAX_CONFIG_BYTES;
 
 use crate::admit;
 use crate::commands::{repair, with_deps};
-use crate::error::{Malformed, Refused, Usage};
+use crate::error::{Refused, Usage};
 use crate::ops::{Ctx, Report, execute, now};
 use crate::plan;
 use crate::receive::{self, Received, Source, Trust, Verified};
@@ -263,22 +263,9 @@ pub(crate) fn unpack(
         };
         let host = crate::host_parent::of_stage(&ctx.staging, state, &config.name);
         if btrfs_layers {
-            let budget = formats::unpack::Budget::of(config, layers.len());
-            crate::btrfs::stage(layout, layers, &budget, &ctx.staging.tmp(), tmp_name, on_btrfs, &host)
+            // Checked against the signed manifest there.
+            crate::btrfs::stage(layout, layers, config, &ctx.staging.tmp(), tmp_name, on_btrfs, &host)
                 .with_context(|| format!("staging the btrfs layers of {}", v.reference))?;
-            // A parent found by `btrfs receive` may be a host generation holding our
-            // manifest.json (rewritten below); everything else must match exactly.
-            let mismatches = formats::unpack::check_tree_ignoring(&tmp, config, &["manifest.json"])?;
-            if let Some(m) = mismatches.first() {
-                return Err(Malformed(format!(
-                    "{}: the received tree differs from the signed manifest: {}: {} ({} difference(s))",
-                    v.reference,
-                    m.path,
-                    m.problem,
-                    mismatches.len()
-                ))
-                .into());
-            }
         } else {
             crate::tar_stage::stage(layout, layers, config, &ctx.staging.tmp(), tmp_name, on_btrfs, &host)
                 .with_context(|| format!("unpacking {}", v.reference))?;
