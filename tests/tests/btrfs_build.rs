@@ -28,18 +28,6 @@ fn write_stage(dir: &Path, version: &str, data: &[u8]) {
     .unwrap();
 }
 
-fn varied(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x % 251) as u8
-        })
-        .collect()
-}
-
 /// `op-dbus-image ARGS` in a private mount namespace where `btrfs` is `wrapper` (a shell
 /// script given the real btrfs as $REAL_BTRFS): how a test makes `btrfs send` misbehave.
 fn image_with_btrfs(store: &Path, key: &Path, dir: &Path, wrapper: &str) -> Command {
@@ -71,7 +59,7 @@ fn the_builder_refuses_to_sign_an_empty_or_cut_btrfs_stream() {
     let key = keygen(m, "k");
     let store = m.join("store");
     let stage = m.join("src/app");
-    write_stage(&stage, "1.0.0", &varied(1 << 20, 3));
+    write_stage(&stage, "1.0.0", &util::varied(1 << 20, 3));
     let cases = [
         ("empty", "[ \"$1\" = send ] && exit 0\nexec $REAL_BTRFS \"$@\""),
         ("cut", "[ \"$1\" = send ] || exec $REAL_BTRFS \"$@\"\n$REAL_BTRFS \"$@\" | head -c 300000\nexit 0"),
@@ -94,7 +82,7 @@ fn an_incremental_btrfs_build_from_a_fresh_checkout_finds_its_parent() {
     let m = &b.mnt;
     let key = keygen(m, "k");
     let store = m.join("store");
-    let data = varied(4 << 20, 5);
+    let data = util::varied(4 << 20, 5);
     // 1.0.0 is built in one checkout (its snapshot is kept beside it) ...
     let first = m.join("ci-1/app");
     write_stage(&first, "1.0.0", &data);
@@ -160,7 +148,7 @@ fn an_incremental_image_is_received_against_the_hosts_generation() {
     let key = keygen(m, "k");
     let store = m.join("store");
     let stage = m.join("src/app");
-    let data = varied(4 << 20, 9);
+    let data = util::varied(4 << 20, 9);
     write_stage(&stage, "1.0.0", &data);
     ok(image(&store, Some(&key)).args(["-q", "build", "--format", "btrfs"]).arg(&stage));
     write_stage(&stage, "1.1.0", &data);
@@ -204,7 +192,7 @@ fn a_snapshot_another_store_left_is_not_taken_for_the_parent() {
     let key = keygen(m, "k");
     let (store_a, store_b) = (m.join("store-a"), m.join("store-b"));
     let stage = m.join("ci/app");
-    let data = varied(2 << 20, 13);
+    let data = util::varied(2 << 20, 13);
     write_stage(&stage, "1.0.0", &data);
     ok(image(&store_a, Some(&key)).args(["-q", "build", "--format", "btrfs"]).arg(&stage));
     // The same folder built into another store: the kept snapshot of 1.0.0 is now that one.

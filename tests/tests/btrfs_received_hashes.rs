@@ -32,18 +32,6 @@ fn write_stage(dir: &Path, version: &str, data: &[u8]) {
     .unwrap();
 }
 
-fn varied(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x % 251) as u8
-        })
-        .collect()
-}
-
 /// The installer's count of files hashed from the stream and read back, from its `-v` log.
 fn counts(log: &str) -> (u64, u64) {
     let line = log
@@ -64,12 +52,12 @@ fn btrfs_loop_root_received_files_are_hashed_from_the_stream_and_partial_writes_
     let key = keygen(m, "k");
     let store = m.join("store");
     let stage = m.join("src/app");
-    let mut data = varied(4 << 20, 5);
+    let mut data = util::varied(4 << 20, 5);
     write_stage(&stage, "1.0.0", &data);
     ok(image(&store, Some(&key)).args(["-q", "build", "--format", "btrfs"]).arg(&stage));
     // 1.1.0 changes one 128 KiB block of data.bin (sent as a WRITE into the parent's file)
     // and note.txt (as long as before: written in place too).
-    data[1 << 20..(1 << 20) + (128 << 10)].copy_from_slice(&varied(128 << 10, 6));
+    data[1 << 20..(1 << 20) + (128 << 10)].copy_from_slice(&util::varied(128 << 10, 6));
     write_stage(&stage, "1.1.0", &data);
     ok(image(&store, Some(&key)).args(["-q", "build", "--format", "btrfs", "--parent", "app:1.0.0"]).arg(&stage));
     let v1 = m.join("v1.oci.tar");

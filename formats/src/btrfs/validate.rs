@@ -339,21 +339,11 @@ impl Checker {
         let mut out = FileDigests::new();
         let Some(contents) = &mut self.contents else { return out };
         contents.finish();
-        let mut stack: Vec<(String, &Node)> = vec![(String::new(), &self.tree)];
-        while let Some((path, node)) = stack.pop() {
-            match node {
-                Node::Dir { children, .. } => {
-                    for (name, child) in children {
-                        let p = if path.is_empty() { name.clone() } else { format!("{path}/{name}") };
-                        stack.push((p, child));
-                    }
-                }
-                Node::File(id) => {
-                    if let Some(d) = contents.digest(*id) {
-                        out.insert(path, d);
-                    }
-                }
-                _ => {}
+        for (path, node) in self.tree.walk() {
+            if let Node::File(id) = node
+                && let Some(d) = contents.digest(*id)
+            {
+                out.insert(path, d);
             }
         }
         out
@@ -748,23 +738,31 @@ impl Checker {
 
     /// Every symlink of the final tree must stay inside the subvolume.
     fn check_links(&self) -> Result<(), (String, String)> {
-        let mut stack: Vec<(String, &Node)> = vec![(String::new(), &self.tree)];
-        while let Some((path, node)) = stack.pop() {
-            match node {
-                Node::Dir { children, .. } => {
-                    for (name, child) in children {
-                        let p = if path.is_empty() { name.clone() } else { format!("{path}/{name}") };
-                        stack.push((p, child));
-                    }
-                }
-                Node::Symlink(target) => {
-                    let rel = RelPath::parse(&path).map_err(|e| (path.clone(), e.to_string()))?;
-                    confine_link(&rel, target).map_err(|e| (path.clone(), e.to_string()))?;
-                }
-                _ => {}
+        for (path, node) in self.tree.walk() {
+            if let Node::Symlink(target) = node {
+                let rel = RelPath::parse(&path).map_err(|e| (path.clone(), e.to_string()))?;
+                confine_link(&rel, target).map_err(|e| (path.clone(), e.to_string()))?;
             }
         }
         Ok(())
+    }
+}
+
+impl Node {
+    /// Every node below this one (not itself), each with its path from here, parents first.
+    fn walk(&self) -> Vec<(String, &Node)> {
+        let mut out = Vec::new();
+        let mut stack: Vec<(String, &Node)> = vec![(String::new(), self)];
+        while let Some((path, node)) = stack.pop() {
+            if let Node::Dir { children, .. } = node {
+                for (name, child) in children {
+                    let p = if path.is_empty() { name.clone() } else { format!("{path}/{name}") };
+                    stack.push((p.clone(), child));
+                    out.push((p, child));
+                }
+            }
+        }
+        out
     }
 }
 

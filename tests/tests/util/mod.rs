@@ -294,3 +294,17 @@ pub fn deployed_names(list: &serde_json::Value) -> Vec<String> {
         .filter_map(|x| x["name"].as_str().map(str::to_owned))
         .collect()
 }
+
+/// `len` bytes that zstd cannot shrink much and that differ for each seed (xorshift, mod 251
+/// so that no period of 256 lines up with blocks).
+pub fn varied(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x % 251) as u8
+        })
+        .collect()
+}
