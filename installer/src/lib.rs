@@ -34,6 +34,7 @@ pub mod sandbox;
 pub mod services;
 pub mod snapshot;
 pub mod state;
+pub mod stream;
 pub mod tar_stage;
 pub mod txn;
 pub mod users;
