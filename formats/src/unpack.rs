@@ -275,6 +275,9 @@ pub struct Unpacker<'a> {
     parent_cache: RefCell<Option<(String, Rc<OwnedFd>)>>,
     /// `dest` started as the tree below the first layer (see [`Unpacker::over`]).
     over: bool,
+    /// The tree `dest` was copied from, leaving out files the layers replace (see
+    /// [`Unpacker::over_base`]): patches of those apply to its files.
+    base: Option<OwnedFd>,
 }
 
 impl fmt::Debug for Unpacker<'_> {
@@ -443,6 +446,25 @@ impl<'a> Unpacker<'a> {
         Self::start(config, dest, root, layers, true)
     }
 
+    /// Like [`Unpacker::over`], where `dest` is a copy of the tree `base` without the files
+    /// the layers replace, and `known` the digest and size of each file copied (hashed as
+    /// it was copied, so not read again): a patch to a file `dest` lacks applies to
+    /// `base`'s file, and a whiteout of a file only `base` holds removes nothing. The
+    /// result is checked as for [`Unpacker::over`].
+    pub fn over_base(
+        config: &'a StageConfig,
+        dest: &Path,
+        layers: &[Descriptor],
+        base: &Path,
+        known: BTreeMap<String, (Digest, u64)>,
+    ) -> Result<Self, UnpackError> {
+        let root = open_root(dest)?;
+        let mut unpacker = Self::start(config, dest, root, layers, true)?;
+        unpacker.base = Some(open_root(base)?);
+        unpacker.written = known;
+        Ok(unpacker)
+    }
+
     fn start(
         config: &'a StageConfig,
         dest: &Path,
@@ -471,6 +493,7 @@ impl<'a> Unpacker<'a> {
             stats: UnpackStats::default(),
             parent_cache: RefCell::new(None),
             over,
+            base: None,
         })
     }
 
@@ -949,6 +972,19 @@ impl<'a> Unpacker<'a> {
                 }
                 Ok(File::from(fd))
             }
+            Err(rustix::io::Errno::NOENT) if self.in_base(path).is_some() => {
+                let fd = self.in_base(path).expect("checked");
+                let st =
+                    rustix::fs::fstat(&fd).map_err(|e| Fail::Disk(io_error(self.dest_path.join(path.as_str()), e)))?;
+                if FileType::from_raw_mode(st.st_mode) != FileType::RegularFile {
+                    return Err(self.unsafe_(
+                        state,
+                        path,
+                        "is a patch, but what the tree below holds there is not a file",
+                    ));
+                }
+                Ok(File::from(fd))
+            }
             Err(rustix::io::Errno::NOENT | rustix::io::Errno::LOOP | rustix::io::Errno::NOTDIR) => Err(self.unsafe_(
                 state,
                 path,
@@ -956,6 +992,23 @@ impl<'a> Unpacker<'a> {
             )),
             Err(e) => Err(Fail::Disk(io_error(self.dest_path.join(path.as_str()), e))),
         }
+    }
+
+    /// `path` in the base tree (see [`Unpacker::over_base`]), opened read-only without
+    /// following a symlink in it or on the way.
+    fn in_base(&self, path: &RelPath) -> Option<OwnedFd> {
+        let base = self.base.as_ref()?;
+        let dir = match path.parent() {
+            Some(p) => fsx::open_beneath(base, p.components()).ok()?,
+            None => base.try_clone().ok()?,
+        };
+        rustix::fs::openat(
+            &dir,
+            cstr(path.file_name()).as_c_str(),
+            OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NONBLOCK | OFlags::NOCTTY,
+            rustix::fs::Mode::empty(),
+        )
+        .ok()
     }
 
     /// Writes the file a patch makes from `reference` (see [`crate::patch`]); hashed as written.
@@ -1057,6 +1110,8 @@ impl<'a> Unpacker<'a> {
         let full = self.dest_path.join(target.as_str());
         let st = match rustix::fs::statat(&parent, &cname, AtFlags::SYMLINK_NOFOLLOW) {
             Ok(st) => st,
+            // A file left out of the copy of the base: nothing to remove.
+            Err(rustix::io::Errno::NOENT) if self.in_base(&target).is_some() => return Ok(()),
             Err(rustix::io::Errno::NOENT) => {
                 return Err(self.unsafe_(state, wh, &format!("whites out {target}, which is not present")));
             }
