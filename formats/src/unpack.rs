@@ -1604,6 +1604,55 @@ mod tests {
         assert!(err.is_malformed() && err.to_string().contains("d/f"), "{err}");
     }
 
+    /// Over a copy that left out the file a patch replaces: the patch reads the base's
+    /// file, copied files known by their hash are not read again (a wrong known hash is
+    /// refused though the file on disk is right, which shows it is not re-read), and a
+    /// base file that differs is refused by the result's hash.
+    #[test]
+    fn a_patch_over_a_partial_copy_reads_the_base_and_known_files_are_not_reread() {
+        let mut x = 7u64;
+        let old: Vec<u8> = (0..80_000)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        let mut new = old.clone();
+        new[300..400].fill(3);
+        let cfg = config(vec![dir("d", 0o755), file("d/f", 0o644, &new), file("d/g", 0o644, b"same")], "");
+        let top = patch_layer(&old, &new);
+        let setup = |base_f: &[u8], known_g: Digest| {
+            let env = new_env();
+            let base = env.base.join("gen");
+            fs::create_dir_all(base.join("d")).unwrap();
+            fs::write(base.join("d/f"), base_f).unwrap();
+            fs::write(base.join("d/g"), b"same").unwrap();
+            fs::create_dir(env.dest.join("d")).unwrap();
+            fs::set_permissions(env.dest.join("d"), fs::Permissions::from_mode(0o755)).unwrap();
+            fs::write(env.dest.join("d/g"), b"same").unwrap();
+            fs::set_permissions(env.dest.join("d/g"), fs::Permissions::from_mode(0o644)).unwrap();
+            let d = env.layout.write_blob(&top).unwrap();
+            let patch = Descriptor::new(TAR_PATCH_MEDIA_TYPE, d, top.len() as u64);
+            let known = BTreeMap::from([("d/g".to_owned(), (known_g, 4))]);
+            let mut u = Unpacker::over_base(&cfg, &env.dest, std::slice::from_ref(&patch), &base, known).unwrap();
+            let r = u.apply_next(env.layout.open_blob(&patch.digest).unwrap()).and_then(|()| u.finish().map(|_| ()));
+            (env, r)
+        };
+        let (env, r) = setup(&old, Digest::of(b"same"));
+        r.unwrap();
+        assert_eq!(fs::read(env.dest.join("d/f")).unwrap(), new);
+        let (_, r) = setup(&old, Digest::of(b"other"));
+        let err = r.unwrap_err();
+        assert!(err.is_malformed() && err.to_string().contains("d/g"), "{err}");
+        let mut tampered = old.clone();
+        tampered[50_000] ^= 1;
+        let (_, r) = setup(&tampered, Digest::of(b"same"));
+        let err = r.unwrap_err();
+        assert!(err.is_malformed() && err.to_string().contains("d/f"), "{err}");
+    }
+
     #[test]
     fn a_patch_never_applies_through_a_link_below_and_is_bounded_at_its_header() {
         let old: Vec<u8> = (0..50_000u32).map(|i| (i * 31 % 253) as u8).collect();
