@@ -91,31 +91,12 @@ impl Streamer {
         }
         let tree = target.tmp.join(format!("stream-{}", &v.digest.hex()[..16]));
         let (tx, rx) = sync_channel(CHANNEL_CHUNKS);
-        let (config, store, on_btrfs, dir) = (c.config.clone(), store.clone(), target.on_btrfs, tree.clone());
+        let (config, on_btrfs, dir) = (c.config.clone(), target.on_btrfs, tree.clone());
+        let mut readers = LayerReaders { store: store.clone(), layers: layers.clone(), in_store, rx, next: 0 };
         crate::progress::step("unpack", Some(&v.reference), "unpacking the layers while they arrive");
         let thread = std::thread::Builder::new()
             .name("unpack".into())
-            .spawn(move || -> Result<()> {
-                let _ = crate::txn::remove_tree(&dir);
-                let parent = dir.parent().context("a temp tree has a parent")?;
-                std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
-                if on_btrfs {
-                    let name = dir.file_name().and_then(|n| n.to_str()).context("tree name")?;
-                    subvol::create(parent, name)?;
-                } else {
-                    std::fs::create_dir(&dir).with_context(|| format!("creating {}", dir.display()))?;
-                }
-                let mut unpacker = Unpacker::new(&config, &dir, &layers)?;
-                for (layer, in_store) in layers.iter().zip(in_store) {
-                    if in_store {
-                        unpacker.apply_next(store.open_blob(&layer.digest)?)?;
-                    } else {
-                        unpacker.apply_next(ChannelReader { rx: &rx, chunk: Vec::new(), pos: 0, ended: false })?;
-                    }
-                }
-                unpacker.finish()?;
-                Ok(())
-            })
+            .spawn(move || unpack_tar(&config, &layers, &dir, on_btrfs, &mut readers))
             .ok()?;
         Some(Streamer {
             image: v.digest,
@@ -230,6 +211,64 @@ impl Drop for Streamed {
     fn drop(&mut self) {
         // Removed unless it was taken (and renamed away): a refused or unused tree.
         let _ = crate::txn::remove_tree(&self.tree);
+    }
+}
+
+/// Unpacks tar+zstd `layers` into the new directory (a subvolume `on_btrfs`) `dir`.
+fn unpack_tar(
+    config: &formats::manifest::StageConfig,
+    layers: &[Descriptor],
+    dir: &std::path::Path,
+    on_btrfs: bool,
+    readers: &mut LayerReaders,
+) -> Result<()> {
+    let _ = crate::txn::remove_tree(dir);
+    let parent = dir.parent().context("a temp tree has a parent")?;
+    std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+    if on_btrfs {
+        let name = dir.file_name().and_then(|n| n.to_str()).context("tree name")?;
+        subvol::create(parent, name)?;
+    } else {
+        std::fs::create_dir(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let mut unpacker = Unpacker::new(config, dir, layers)?;
+    while let Some((_, reader)) = readers.next_layer()? {
+        unpacker.apply_next(reader)?;
+    }
+    unpacker.finish()?;
+    Ok(())
+}
+
+/// The layers of an image in order, as an unpacker reads them: each from the store, or
+/// from the source as it arrives (its end only once its blob's digest matched). What the
+/// unpack thread of a payload type is given (tar+zstd today; a btrfs receiver reading
+/// `impl Read` per layer can take the same).
+pub struct LayerReaders {
+    store: Layout,
+    layers: Vec<Descriptor>,
+    in_store: Vec<bool>,
+    rx: Receiver<Msg>,
+    next: usize,
+}
+
+impl std::fmt::Debug for LayerReaders {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LayerReaders").field("layers", &self.layers.len()).field("next", &self.next).finish()
+    }
+}
+
+impl LayerReaders {
+    /// The next layer and a reader of its blob's bytes; `None` after the last.
+    pub fn next_layer(&mut self) -> Result<Option<(Descriptor, Box<dyn Read + '_>)>> {
+        let Some(layer) = self.layers.get(self.next).cloned() else { return Ok(None) };
+        let in_store = self.in_store[self.next];
+        self.next += 1;
+        let reader: Box<dyn Read + '_> = if in_store {
+            Box::new(self.store.open_blob(&layer.digest)?)
+        } else {
+            Box::new(ChannelReader { rx: &self.rx, chunk: Vec::new(), pos: 0, ended: false })
+        };
+        Ok(Some((layer, reader)))
     }
 }
 

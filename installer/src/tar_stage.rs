@@ -2,7 +2,12 @@
 //! (`tar-patch+zstd`, see `docs/formats.md`) whose parent image is one of the stage's
 //! generations on the host, only the layers above that generation applied onto a copy of
 //! it (a writable snapshot on btrfs): the patches apply to the host's files, and nothing
-//! below is unpacked again.
+//! below is unpacked again. The copy (off btrfs) leaves out the files whose signed sha256
+//! differs from the generation's (the layers write them; their patches read the
+//! generation's file) and hashes every file it copies, so that no file is read twice.
+//!
+//! An image of an archive or a layout directory is usually unpacked while it arrives
+//! (see [`crate::stream`]); this module unpacks the others from the received layout.
 //!
 //! Either way the unpacker checks the whole result against the signed manifest (every
 //! file's sha256, every mode, nothing missing, nothing extra), so a host generation that
