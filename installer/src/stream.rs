@@ -6,7 +6,7 @@
 //! archive ─► blob header ─► signatures verified? layer of the image, next in order?
 //!                │ yes: tee
 //!                ├──────────► received layout (hashed, kept only when its digest matched)
-//!                └──────────► channel (bounded) ─► unpack thread ─► staging .tmp/stream-<hex>/
+//!                └──────────► channel (bounded) ─► unpack thread ─► staging .tmp/stream-<hex>-<n>/
 //!                                                  (Unpacker: hashes the blob and every file
 //!                                                   as written, checks the whole tree)
 //! ```
@@ -89,7 +89,10 @@ impl Streamer {
         if expect.is_empty() {
             return None;
         }
-        let tree = target.tmp.join(format!("stream-{}", &v.digest.hex()[..16]));
+        // One tree per receive (two sources may hold the same image).
+        static TREES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = TREES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let tree = target.tmp.join(format!("stream-{}-{n}", &v.digest.hex()[..16]));
         let (tx, rx) = sync_channel(CHANNEL_CHUNKS);
         let (config, on_btrfs, dir) = (c.config.clone(), target.on_btrfs, tree.clone());
         let mut readers = LayerReaders { store: store.clone(), layers: layers.clone(), in_store, rx, next: 0 };
