@@ -223,6 +223,22 @@ where
     Ok(index.ok_or(ArchiveError::Missing("index.json"))?)
 }
 
+/// Like [`io::copy`], in chunks of 128 KiB (a tee hands each chunk on whole).
+pub fn copy_chunked<R: Read + ?Sized, W: Write + ?Sized>(r: &mut R, w: &mut W) -> io::Result<u64> {
+    let mut buf = vec![0; 128 << 10];
+    let mut total = 0;
+    loop {
+        let n = match r.read(&mut buf) {
+            Ok(0) => return Ok(total),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        w.write_all(&buf[..n])?;
+        total += n as u64;
+    }
+}
+
 /// Writes to `first`, and to `second` until it fails.
 pub struct TeeWriter<'a, W> {
     pub first: &'a mut W,
@@ -304,8 +320,8 @@ fn import_entry<R: Read>(
         ArchivePath::Blob(digest) => {
             let mut w = layout.blob_writer()?;
             let n = match tee {
-                Some(tee) => io::copy(entry, &mut TeeWriter { first: &mut w, second: Some(tee) })?,
-                None => io::copy(entry, &mut w)?,
+                Some(tee) => copy_chunked(entry, &mut TeeWriter { first: &mut w, second: Some(tee) })?,
+                None => copy_chunked(entry, &mut w)?,
             };
             if n != size {
                 return Err(ArchiveError::Io(io::Error::new(

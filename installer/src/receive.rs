@@ -586,9 +586,10 @@ pub fn receive(
                 let mut w = temp.layout.blob_writer()?;
                 let mut from = src.open_blob(d)?.take(max.saturating_add(1));
                 let n = match tee {
-                    Some(tee) => {
-                        io::copy(&mut from, &mut formats::archive::TeeWriter { first: &mut w, second: Some(tee) })
-                    }
+                    Some(tee) => formats::archive::copy_chunked(
+                        &mut from,
+                        &mut formats::archive::TeeWriter { first: &mut w, second: Some(tee) },
+                    ),
                     None => io::copy(&mut from, &mut w),
                 }
                 .with_context(|| format!("copying blob {d} from {}", dir.display()))?;
