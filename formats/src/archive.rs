@@ -372,6 +372,37 @@ mod tests {
         assert!(matches!(import(&bad[..], &layout), Err(ArchiveError::Layout(LayoutError::DigestMismatch { .. }))));
         assert!(!layout.has_blob(&Digest::of(b"evil")));
         let odd = mk("etc/passwd", b"x");
+        // A tee gets the blob's bytes as they are stored; a blob that does not match its
+        // digest is refused all the same, and its Stored event never comes.
+        #[derive(Clone, Default)]
+        struct Sink(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+        impl Write for Sink {
+            fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> io::Result<()> {
+                Ok(())
+            }
+        }
+        let teed = |archive: &[u8]| {
+            let (sink, mut stored) = (Sink::default(), 0);
+            let r = import_with(archive, &layout, |e, _, _| -> Result<Tee, ArchiveError> {
+                match e {
+                    BlobEvent::Header { .. } => Ok(Some(Box::new(sink.clone()))),
+                    BlobEvent::Stored { .. } => {
+                        stored += 1;
+                        Ok(None)
+                    }
+                }
+            });
+            let bytes = sink.0.lock().unwrap().clone();
+            (r.is_ok(), bytes, stored)
+        };
+        let tee_ok = mk(&format!("blobs/sha256/{}", Digest::of(b"tee me").hex()), b"tee me");
+        assert_eq!(teed(&tee_ok), (true, b"tee me".to_vec(), 1));
+        let tee_bad = mk(&format!("blobs/sha256/{}", Digest::of(b"tee me too").hex()), b"evil bytes");
+        assert_eq!(teed(&tee_bad), (false, b"evil bytes".to_vec(), 0));
         assert!(matches!(import(&odd[..], &layout), Err(ArchiveError::UnexpectedEntry(_))));
     }
 }
