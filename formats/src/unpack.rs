@@ -365,10 +365,13 @@ struct LayerState {
     entries: u64,
 }
 
-/// The compressed bytes of a layer, hashed as they pass; remembers a read failure.
+/// The compressed bytes of a layer, hashed as they pass (unless the reader checks the
+/// digest itself, `hash` false: then counted); remembers a read failure.
 struct Source<R> {
     inner: io::Take<R>,
     hasher: Hasher,
+    hash: bool,
+    count: u64,
     error: Option<io::Error>,
 }
 
@@ -377,7 +380,10 @@ impl<R: Read> Read for Source<R> {
         loop {
             match self.inner.read(buf) {
                 Ok(n) => {
-                    self.hasher.update(&buf[..n]);
+                    if self.hash {
+                        self.hasher.update(&buf[..n]);
+                    }
+                    self.count += n as u64;
                     return Ok(n);
                 }
                 // A signal, not a fault of the layer: the decoder above would pass it on as
@@ -502,6 +508,19 @@ impl<'a> Unpacker<'a> {
     /// the rest of the blob is still read (not unpacked), so that a corrupt or tampered
     /// blob is reported as [`UnpackError::LayerDigest`] rather than by its symptom.
     pub fn apply_next<R: Read>(&mut self, compressed: R) -> Result<(), UnpackError> {
+        self.apply(compressed, true)
+    }
+
+    /// Like [`Unpacker::apply_next`], from a reader that itself checks the blob's digest:
+    /// one that reaches its end only once the bytes it gave hashed to the descriptor's
+    /// digest, and fails otherwise (a layer teed from an archive as it is stored, whose
+    /// end is signalled only after the stored blob matched). The bytes are not hashed a
+    /// second time here; their count is still checked against the descriptor's size.
+    pub fn apply_next_digest_checked<R: Read>(&mut self, compressed: R) -> Result<(), UnpackError> {
+        self.apply(compressed, false)
+    }
+
+    fn apply<R: Read>(&mut self, compressed: R, hash: bool) -> Result<(), UnpackError> {
         let Some(layer) = self.layers.get(self.next).cloned() else {
             return Err(UnpackError::Io {
                 path: self.dest_path.clone(),
@@ -509,8 +528,13 @@ impl<'a> Unpacker<'a> {
             });
         };
         self.next += 1;
-        let source =
-            Source { inner: compressed.take(layer.size.saturating_add(1)), hasher: Hasher::new(), error: None };
+        let source = Source {
+            inner: compressed.take(layer.size.saturating_add(1)),
+            hasher: Hasher::new(),
+            hash,
+            count: 0,
+            error: None,
+        };
         let decoder = zstd::stream::read::Decoder::new(source)
             .map_err(|e| UnpackError::Read { layer: layer.digest, source: e })?;
         let mut archive = tar::Archive::new(decoder);
@@ -557,8 +581,8 @@ impl<'a> Unpacker<'a> {
         if let Err(e) = drained {
             return Err(UnpackError::Read { layer: layer.digest, source: e });
         }
-        let actual_size = source.hasher.len();
-        let actual = source.hasher.finish();
+        let actual_size = source.count;
+        let actual = if hash { source.hasher.finish() } else { layer.digest };
         if actual != layer.digest || actual_size != layer.size {
             return Err(UnpackError::LayerDigest {
                 layer: layer.digest,
@@ -2225,6 +2249,16 @@ mod tests {
         let env = new_env();
         let mut u = Unpacker::new(&cfg, &env.dest, std::slice::from_ref(&right)).unwrap();
         u.apply_next(&blob[..]).unwrap();
+        u.finish().unwrap();
+        // From a reader that checks the digest itself: the size is still checked.
+        let longer = Descriptor::new(TAR_ZSTD_MEDIA_TYPE, right.digest, blob.len() as u64 + 1);
+        let env = new_env();
+        let mut u = Unpacker::new(&cfg, &env.dest, std::slice::from_ref(&longer)).unwrap();
+        let err = u.apply_next_digest_checked(&blob[..]).unwrap_err();
+        assert!(matches!(err, UnpackError::LayerDigest { .. }), "{err}");
+        let env = new_env();
+        let mut u = Unpacker::new(&cfg, &env.dest, std::slice::from_ref(&right)).unwrap();
+        u.apply_next_digest_checked(&blob[..]).unwrap();
         u.finish().unwrap();
     }
 

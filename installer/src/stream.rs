@@ -235,8 +235,13 @@ fn unpack_tar(
         std::fs::create_dir(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
     let mut unpacker = Unpacker::new(config, dir, layers)?;
-    while let Some((_, reader)) = readers.next_layer()? {
-        unpacker.apply_next(reader)?;
+    while let Some((_, reader, from_source)) = readers.next_layer()? {
+        if from_source {
+            // Its end comes only after the stored blob matched its digest.
+            unpacker.apply_next_digest_checked(reader)?;
+        } else {
+            unpacker.apply_next(reader)?;
+        }
     }
     unpacker.finish()?;
     Ok(())
@@ -261,8 +266,10 @@ impl std::fmt::Debug for LayerReaders {
 }
 
 impl LayerReaders {
-    /// The next layer and a reader of its blob's bytes; `None` after the last.
-    pub fn next_layer(&mut self) -> Result<Option<(Descriptor, Box<dyn Read + '_>)>> {
+    /// The next layer, a reader of its blob's bytes, and whether it comes from the source
+    /// (then the reader ends only once the stored blob matched the layer's digest: a
+    /// digest mismatch is an error of the reader); `None` after the last.
+    pub fn next_layer(&mut self) -> Result<Option<(Descriptor, Box<dyn Read + '_>, bool)>> {
         let Some(layer) = self.layers.get(self.next).cloned() else { return Ok(None) };
         let in_store = self.in_store[self.next];
         self.next += 1;
@@ -271,7 +278,7 @@ impl LayerReaders {
         } else {
             Box::new(ChannelReader { rx: &self.rx, chunk: Vec::new(), pos: 0, ended: false })
         };
-        Ok(Some((layer, reader)))
+        Ok(Some((layer, reader, !in_store)))
     }
 }
 
