@@ -247,6 +247,10 @@ fn unpack_tar(
     Ok(())
 }
 
+/// A layer, a reader of its blob, and whether it comes from the source (see
+/// [`LayerReaders::next_layer`]).
+pub type NextLayer<'a> = (Descriptor, Box<dyn Read + 'a>, bool);
+
 /// The layers of an image in order, as an unpacker reads them: each from the store, or
 /// from the source as it arrives (its end only once its blob's digest matched). What the
 /// unpack thread of a payload type is given (tar+zstd today; a btrfs receiver reading
@@ -269,7 +273,7 @@ impl LayerReaders {
     /// The next layer, a reader of its blob's bytes, and whether it comes from the source
     /// (then the reader ends only once the stored blob matched the layer's digest: a
     /// digest mismatch is an error of the reader); `None` after the last.
-    pub fn next_layer(&mut self) -> Result<Option<(Descriptor, Box<dyn Read + '_>, bool)>> {
+    pub fn next_layer(&mut self) -> Result<Option<NextLayer<'_>>> {
         let Some(layer) = self.layers.get(self.next).cloned() else { return Ok(None) };
         let in_store = self.in_store[self.next];
         self.next += 1;
