@@ -8,7 +8,13 @@
 #                      built with `cargo build --release --bins` if missing)
 #   BENCH_FILES        files in the large stage (default 40000)
 #   BENCH_RUNS         timed runs per command, the median is reported (default 3)
-#   BENCH_TMPDIR       parent of the temporary directory (default /var/tmp)
+#   BENCH_TMPDIR       parent of the temporary directory (default /var/tmp; a tmpfs such
+#                      as /dev/shm measures the CPU side alone)
+#   BENCH_STAGE        a stage folder to deploy instead of the generated BENCH_FILES-file
+#                      stage, e.g. the 1 GiB corpus of `bench/build.sh --corpus-only DIR`
+#                      (DIR/bench-mixed); the switch rows are then left out
+#   BENCH_SWITCH       0: leave out the switch rows (default 1)
+# The peak RSS of each deploy comes from /usr/bin/time -v (package `time`).
 set -euo pipefail
 
 repo=$(cd "$(dirname "$0")/.." && pwd)
@@ -20,6 +26,9 @@ if [[ ! -x $bin/op-dbus-stage || ! -x $bin/op-dbus-image ]]; then
 fi
 image=$bin/op-dbus-image
 stage=$bin/op-dbus-stage
+[[ -x /usr/bin/time ]] || { echo "bench: /usr/bin/time is missing: apt-get install -y time" >&2; exit 1; }
+switch=${BENCH_SWITCH:-1}
+[[ -z ${BENCH_STAGE:-} ]] || switch=0
 work=$(mktemp -d "${BENCH_TMPDIR:-/var/tmp}/op-dbus-deploy-bench.XXXXXX")
 trap 'rm -rf "$work"' EXIT
 export SOURCE_DATE_EPOCH=1700000000 OP_DBUS_STORE=$work/store
@@ -54,18 +63,27 @@ PY
 "$image" key generate --out "$work/key" >/dev/null
 export OP_DBUS_SIGNING_KEY=$work/key
 
-echo "bench: generating a $files-file stage (two versions) and a 10-file stage" >&2
-make_stage "$work/big1" big 1.0.0 "$files"
-make_stage "$work/big2" big 1.0.1 "$files"
-make_stage "$work/small1" small 1.0.0 10
-make_stage "$work/small2" small 1.0.1 10
-for s in big1 big2 small1 small2; do
-	"$image" -q build "$work/$s" >/dev/null
-done
-for ref in big:1.0.0 big:1.0.1 small:1.0.0 small:1.0.1; do
-	"$image" -q export "$ref" --out "$work/${ref/:/-}.oci.tar"
-done
-layer=$("$image" --json inspect big:1.0.0 | python3 -c 'import json,sys; print(json.load(sys.stdin)["layers"][0]["digest"].split(":")[1])')
+if [[ -n ${BENCH_STAGE:-} ]]; then
+	echo "bench: building $BENCH_STAGE" >&2
+	ref=$("$image" --json build "$BENCH_STAGE" | python3 -c 'import json,sys; d=json.load(sys.stdin); print(d["reference"])')
+	"$image" -q export "$ref" --out "$work/big-1.0.0.oci.tar"
+	what="deploy $(basename "$BENCH_STAGE")"
+else
+	echo "bench: generating a $files-file stage (two versions) and a 10-file stage" >&2
+	make_stage "$work/big1" big 1.0.0 "$files"
+	make_stage "$work/big2" big 1.0.1 "$files"
+	make_stage "$work/small1" small 1.0.0 10
+	make_stage "$work/small2" small 1.0.1 10
+	for s in big1 big2 small1 small2; do
+		"$image" -q build "$work/$s" >/dev/null
+	done
+	for ref in big:1.0.0 big:1.0.1 small:1.0.0 small:1.0.1; do
+		"$image" -q export "$ref" --out "$work/${ref/:/-}.oci.tar"
+	done
+	ref=big:1.0.0
+	what="deploy $files files"
+fi
+layer=$("$image" --json inspect "$ref" | python3 -c 'import json,sys; print(json.load(sys.stdin)["layers"][0]["digest"].split(":")[1])')
 
 new_root() { # -> path of an initialised root trusting the key
 	local r
@@ -75,7 +93,7 @@ new_root() { # -> path of an initialised root trusting the key
 	echo "$r"
 }
 
-base_times=() deploy_times=()
+base_times=() deploy_times=() rss=()
 for ((i = 1; i <= runs; i++)); do
 	out=$(mktemp -d "$work/x.XXXXXX")
 	sync # start both from a clean page cache: no other dirty data in the timed syncs
@@ -88,10 +106,11 @@ for ((i = 1; i <= runs; i++)); do
 	r=$(new_root)
 	sync
 	t0=$(now_ns)
-	"$stage" --root "$r" -q deploy "$work/big-1.0.0.oci.tar" >/dev/null
+	/usr/bin/time -v -o "$work/time.log" "$stage" --root "$r" -q deploy "$work/big-1.0.0.oci.tar" >/dev/null
 	t1=$(now_ns)
 	deploy_times+=("$(seconds "$t0" "$t1")")
-	echo "bench: deploy run $i: baseline ${base_times[-1]}s, op-dbus-stage ${deploy_times[-1]}s" >&2
+	rss+=("$(awk -F': ' '/Maximum resident set size/ { printf "%.1f", $2 / 1024 }' "$work/time.log")")
+	echo "bench: deploy run $i: baseline ${base_times[-1]}s, op-dbus-stage ${deploy_times[-1]}s, peak RSS ${rss[-1]} MiB" >&2
 	rm -rf "$r"
 done
 
@@ -115,12 +134,17 @@ switch_time() { # NAME
 	rm -rf "$r"
 	median "${times[@]}"
 }
-big_switch=$(switch_time big)
-small_switch=$(switch_time small)
+if ((switch)); then
+	big_switch=$(switch_time big)
+	small_switch=$(switch_time small)
+fi
 
 b=$(median "${base_times[@]}")
 d=$(median "${deploy_times[@]}")
 echo "op-dbus-stage deploy vs zstd -d | tar -x; sync -f (median of $runs runs)"
 printf '%-28s %10s %10s %7s\n' measure baseline_s ours_s ratio
-printf '%-28s %10s %10s %7s\n' "deploy $files files" "$b" "$d" "$(awk -v a="$b" -v c="$d" 'BEGIN { printf "%.2f", c / a }')"
-printf '%-28s %10s %10s %7s\n' "switch: 10-file vs $files" "$small_switch" "$big_switch" "$(awk -v a="$small_switch" -v c="$big_switch" 'BEGIN { printf "%.2f", c / a }')"
+printf '%-28s %10s %10s %7s\n' "$what" "$b" "$d" "$(awk -v a="$b" -v c="$d" 'BEGIN { printf "%.2f", c / a }')"
+if ((switch)); then
+	printf '%-28s %10s %10s %7s\n' "switch: 10-file vs $files" "$small_switch" "$big_switch" "$(awk -v a="$small_switch" -v c="$big_switch" 'BEGIN { printf "%.2f", c / a }')"
+fi
+echo "deploy peak RSS (MiB, max of $runs runs): $(printf '%s\n' "${rss[@]}" | sort -g | tail -1)"

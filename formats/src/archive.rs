@@ -172,8 +172,14 @@ fn append<W: Write>(tar: &mut tar::Builder<W>, name: &str, bytes: &[u8]) -> io::
 /// checked, every blob hashed while it is written and refused on mismatch. Returns the
 /// archive's index (its tags are not added to `layout`: the caller decides).
 pub fn import<R: Read>(reader: R, layout: &Layout) -> Result<ImageIndex, ArchiveError> {
-    import_with(reader, layout, |_, _, _| Ok(()))
+    import_with(reader, layout, |_, _, _| Ok(None))
 }
+
+/// Where a caller of [`import_with`] wants a blob's bytes to go as well, as they are read
+/// and written to the layout (a layer unpacked while it is stored: one read of it). A
+/// write error of the tee stops the copy to it, not the import; the blob's digest is
+/// checked as for any blob ([`BlobEvent::Stored`] comes only after it matched).
+pub type Tee = Option<Box<dyn Write>>;
 
 /// What [`import_with`] tells its caller about a blob.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -186,12 +192,14 @@ pub enum BlobEvent {
 
 /// Like [`import`], calling `on_blob` before and after every blob with the index (once
 /// it has arrived) and the layout, so that a caller can check signatures as soon as their
-/// blobs are in, and refuse a blob by its header before any byte of it is read.
+/// blobs are in, and refuse a blob by its header before any byte of it is read. What
+/// `on_blob` returns for a [`BlobEvent::Header`] is the blob's [`Tee`] (ignored for
+/// [`BlobEvent::Stored`]).
 pub fn import_with<R, E, F>(reader: R, layout: &Layout, mut on_blob: F) -> Result<ImageIndex, E>
 where
     R: Read,
     E: From<ArchiveError>,
-    F: FnMut(BlobEvent, Option<&ImageIndex>, &Layout) -> Result<(), E>,
+    F: FnMut(BlobEvent, Option<&ImageIndex>, &Layout) -> Result<Tee, E>,
 {
     let mut ar = tar::Archive::new(reader);
     let mut index: Option<ImageIndex> = None;
@@ -200,10 +208,12 @@ where
     for entry in ar.entries().map_err(ArchiveError::from)? {
         let mut entry = entry.map_err(ArchiveError::from)?;
         let name = String::from_utf8_lossy(&entry.path_bytes()).into_owned();
+        let mut tee = None;
         if let Some(ArchivePath::Blob(digest)) = classify(&name) {
-            on_blob(BlobEvent::Header { digest, size: entry.size() }, index.as_ref(), layout)?;
+            tee = on_blob(BlobEvent::Header { digest, size: entry.size() }, index.as_ref(), layout)?;
         }
-        if let Some(digest) = import_entry(&mut entry, &name, layout, &mut seen, &mut index, &mut saw_layout)? {
+        let (seen, saw_layout) = (&mut seen, &mut saw_layout);
+        if let Some(digest) = import_entry(&mut entry, &name, layout, tee, (seen, &mut index, saw_layout))? {
             on_blob(BlobEvent::Stored { digest }, index.as_ref(), layout)?;
         }
     }
@@ -211,6 +221,49 @@ where
         return Err(ArchiveError::Missing("oci-layout").into());
     }
     Ok(index.ok_or(ArchiveError::Missing("index.json"))?)
+}
+
+/// Like [`io::copy`], in chunks of 128 KiB (a tee hands each chunk on whole).
+pub fn copy_chunked<R: Read + ?Sized, W: Write + ?Sized>(r: &mut R, w: &mut W) -> io::Result<u64> {
+    let mut buf = vec![0; 128 << 10];
+    let mut total = 0;
+    loop {
+        let n = match r.read(&mut buf) {
+            Ok(0) => return Ok(total),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        w.write_all(&buf[..n])?;
+        total += n as u64;
+    }
+}
+
+/// Writes to `first`, and to `second` until it fails.
+pub struct TeeWriter<'a, W> {
+    pub first: &'a mut W,
+    pub second: Tee,
+}
+
+impl<W> std::fmt::Debug for TeeWriter<'_, W> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TeeWriter").field("second", &self.second.is_some()).finish_non_exhaustive()
+    }
+}
+
+impl<W: Write> Write for TeeWriter<'_, W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.first.write(buf)?;
+        if let Some(second) = &mut self.second
+            && second.write_all(&buf[..n]).is_err()
+        {
+            self.second = None;
+        }
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.first.flush()
+    }
 }
 
 /// The only `oci-layout` accepted.
@@ -221,9 +274,8 @@ fn import_entry<R: Read>(
     entry: &mut tar::Entry<'_, R>,
     name: &str,
     layout: &Layout,
-    seen: &mut BTreeSet<String>,
-    index: &mut Option<ImageIndex>,
-    saw_layout: &mut bool,
+    tee: Tee,
+    (seen, index, saw_layout): (&mut BTreeSet<String>, &mut Option<ImageIndex>, &mut bool),
 ) -> Result<Option<Digest>, ArchiveError> {
     let kind = classify(name).ok_or_else(|| ArchiveError::UnexpectedEntry(name.to_owned()))?;
     let et = entry.header().entry_type();
@@ -267,7 +319,10 @@ fn import_entry<R: Read>(
         }
         ArchivePath::Blob(digest) => {
             let mut w = layout.blob_writer()?;
-            let n = io::copy(entry, &mut w)?;
+            let n = match tee {
+                Some(tee) => copy_chunked(entry, &mut TeeWriter { first: &mut w, second: Some(tee) })?,
+                None => copy_chunked(entry, &mut w)?,
+            };
             if n != size {
                 return Err(ArchiveError::Io(io::Error::new(
                     io::ErrorKind::UnexpectedEof,
@@ -317,6 +372,37 @@ mod tests {
         assert!(matches!(import(&bad[..], &layout), Err(ArchiveError::Layout(LayoutError::DigestMismatch { .. }))));
         assert!(!layout.has_blob(&Digest::of(b"evil")));
         let odd = mk("etc/passwd", b"x");
+        // A tee gets the blob's bytes as they are stored; a blob that does not match its
+        // digest is refused all the same, and its Stored event never comes.
+        #[derive(Clone, Default)]
+        struct Sink(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+        impl Write for Sink {
+            fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> io::Result<()> {
+                Ok(())
+            }
+        }
+        let teed = |archive: &[u8]| {
+            let (sink, mut stored) = (Sink::default(), 0);
+            let r = import_with(archive, &layout, |e, _, _| -> Result<Tee, ArchiveError> {
+                match e {
+                    BlobEvent::Header { .. } => Ok(Some(Box::new(sink.clone()))),
+                    BlobEvent::Stored { .. } => {
+                        stored += 1;
+                        Ok(None)
+                    }
+                }
+            });
+            let bytes = sink.0.lock().unwrap().clone();
+            (r.is_ok(), bytes, stored)
+        };
+        let tee_ok = mk(&format!("blobs/sha256/{}", Digest::of(b"tee me").hex()), b"tee me");
+        assert_eq!(teed(&tee_ok), (true, b"tee me".to_vec(), 1));
+        let tee_bad = mk(&format!("blobs/sha256/{}", Digest::of(b"tee me too").hex()), b"evil bytes");
+        assert_eq!(teed(&tee_bad), (false, b"evil bytes".to_vec(), 0));
         assert!(matches!(import(&odd[..], &layout), Err(ArchiveError::UnexpectedEntry(_))));
     }
 }

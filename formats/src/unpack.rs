@@ -289,6 +289,9 @@ pub struct Unpacker<'a> {
     parent_cache: RefCell<Option<(String, Rc<OwnedFd>)>>,
     /// `dest` started as the tree below the first layer (see [`Unpacker::over`]).
     over: bool,
+    /// The tree `dest` was copied from, leaving out files the layers replace (see
+    /// [`Unpacker::over_base`]): patches of those apply to its files.
+    base: Option<OwnedFd>,
 }
 
 impl fmt::Debug for Unpacker<'_> {
@@ -376,10 +379,13 @@ struct LayerState {
     entries: u64,
 }
 
-/// The compressed bytes of a layer, hashed as they pass; remembers a read failure.
+/// The compressed bytes of a layer, hashed as they pass (unless the reader checks the
+/// digest itself, `hash` false: then counted); remembers a read failure.
 struct Source<R> {
     inner: io::Take<R>,
     hasher: Hasher,
+    hash: bool,
+    count: u64,
     error: Option<io::Error>,
 }
 
@@ -388,7 +394,10 @@ impl<R: Read> Read for Source<R> {
         loop {
             match self.inner.read(buf) {
                 Ok(n) => {
-                    self.hasher.update(&buf[..n]);
+                    if self.hash {
+                        self.hasher.update(&buf[..n]);
+                    }
+                    self.count += n as u64;
                     return Ok(n);
                 }
                 // A signal, not a fault of the layer: the decoder above would pass it on as
@@ -457,6 +466,25 @@ impl<'a> Unpacker<'a> {
         Self::start(config, dest, root, layers, true)
     }
 
+    /// Like [`Unpacker::over`], where `dest` is a copy of the tree `base` without the files
+    /// the layers replace, and `known` the digest and size of each file copied (hashed as
+    /// it was copied, so not read again): a patch to a file `dest` lacks applies to
+    /// `base`'s file, and a whiteout of a file only `base` holds removes nothing. The
+    /// result is checked as for [`Unpacker::over`].
+    pub fn over_base(
+        config: &'a StageConfig,
+        dest: &Path,
+        layers: &[Descriptor],
+        base: &Path,
+        known: BTreeMap<String, (Digest, u64)>,
+    ) -> Result<Self, UnpackError> {
+        let root = open_root(dest)?;
+        let mut unpacker = Self::start(config, dest, root, layers, true)?;
+        unpacker.base = Some(open_root(base)?);
+        unpacker.written = known;
+        Ok(unpacker)
+    }
+
     fn start(
         config: &'a StageConfig,
         dest: &Path,
@@ -485,6 +513,7 @@ impl<'a> Unpacker<'a> {
             stats: UnpackStats::default(),
             parent_cache: RefCell::new(None),
             over,
+            base: None,
         })
     }
 
@@ -493,6 +522,19 @@ impl<'a> Unpacker<'a> {
     /// the rest of the blob is still read (not unpacked), so that a corrupt or tampered
     /// blob is reported as [`UnpackError::LayerDigest`] rather than by its symptom.
     pub fn apply_next<R: Read>(&mut self, compressed: R) -> Result<(), UnpackError> {
+        self.apply(compressed, true)
+    }
+
+    /// Like [`Unpacker::apply_next`], from a reader that itself checks the blob's digest:
+    /// one that reaches its end only once the bytes it gave hashed to the descriptor's
+    /// digest, and fails otherwise (a layer teed from an archive as it is stored, whose
+    /// end is signalled only after the stored blob matched). The bytes are not hashed a
+    /// second time here; their count is still checked against the descriptor's size.
+    pub fn apply_next_digest_checked<R: Read>(&mut self, compressed: R) -> Result<(), UnpackError> {
+        self.apply(compressed, false)
+    }
+
+    fn apply<R: Read>(&mut self, compressed: R, hash: bool) -> Result<(), UnpackError> {
         let Some(layer) = self.layers.get(self.next).cloned() else {
             return Err(UnpackError::Io {
                 path: self.dest_path.clone(),
@@ -500,8 +542,13 @@ impl<'a> Unpacker<'a> {
             });
         };
         self.next += 1;
-        let source =
-            Source { inner: compressed.take(layer.size.saturating_add(1)), hasher: Hasher::new(), error: None };
+        let source = Source {
+            inner: compressed.take(layer.size.saturating_add(1)),
+            hasher: Hasher::new(),
+            hash,
+            count: 0,
+            error: None,
+        };
         let decoder = zstd::stream::read::Decoder::new(source)
             .map_err(|e| UnpackError::Read { layer: layer.digest, source: e })?;
         let mut archive = tar::Archive::new(decoder);
@@ -548,8 +595,8 @@ impl<'a> Unpacker<'a> {
         if let Err(e) = drained {
             return Err(UnpackError::Read { layer: layer.digest, source: e });
         }
-        let actual_size = source.hasher.len();
-        let actual = source.hasher.finish();
+        let actual_size = source.count;
+        let actual = if hash { source.hasher.finish() } else { layer.digest };
         if actual != layer.digest || actual_size != layer.size {
             return Err(UnpackError::LayerDigest {
                 layer: layer.digest,
@@ -761,6 +808,19 @@ impl<'a> Unpacker<'a> {
                 }
                 Ok(File::from(fd))
             }
+            Err(rustix::io::Errno::NOENT) if self.in_base(path).is_some() => {
+                let fd = self.in_base(path).expect("checked");
+                let st =
+                    rustix::fs::fstat(&fd).map_err(|e| Fail::Disk(io_error(self.dest_path.join(path.as_str()), e)))?;
+                if FileType::from_raw_mode(st.st_mode) != FileType::RegularFile {
+                    return Err(self.unsafe_(
+                        state,
+                        path,
+                        "is a patch, but what the tree below holds there is not a file",
+                    ));
+                }
+                Ok(File::from(fd))
+            }
             Err(rustix::io::Errno::NOENT | rustix::io::Errno::LOOP | rustix::io::Errno::NOTDIR) => Err(self.unsafe_(
                 state,
                 path,
@@ -768,6 +828,23 @@ impl<'a> Unpacker<'a> {
             )),
             Err(e) => Err(Fail::Disk(io_error(self.dest_path.join(path.as_str()), e))),
         }
+    }
+
+    /// `path` in the base tree (see [`Unpacker::over_base`]), opened read-only without
+    /// following a symlink in it or on the way.
+    fn in_base(&self, path: &RelPath) -> Option<OwnedFd> {
+        let base = self.base.as_ref()?;
+        let dir = match path.parent() {
+            Some(p) => fsx::open_beneath(base, p.components()).ok()?,
+            None => base.try_clone().ok()?,
+        };
+        rustix::fs::openat(
+            &dir,
+            cstr(path.file_name()).as_c_str(),
+            OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NONBLOCK | OFlags::NOCTTY,
+            rustix::fs::Mode::empty(),
+        )
+        .ok()
     }
 
     /// Writes the file a patch makes from `reference` (see [`crate::patch`]); hashed as written.
@@ -854,6 +931,8 @@ impl<'a> Unpacker<'a> {
         let full = self.dest_path.join(target.as_str());
         let st = match rustix::fs::statat(&parent, &cname, AtFlags::SYMLINK_NOFOLLOW) {
             Ok(st) => st,
+            // A file left out of the copy of the base: nothing to remove.
+            Err(rustix::io::Errno::NOENT) if self.in_base(&target).is_some() => return Ok(()),
             Err(rustix::io::Errno::NOENT) => {
                 return Err(self.unsafe_(state, wh, &format!("whites out {target}, which is not present")));
             }
@@ -1644,6 +1723,55 @@ mod tests {
         assert!(err.is_malformed() && err.to_string().contains("d/f"), "{err}");
     }
 
+    /// Over a copy that left out the file a patch replaces: the patch reads the base's
+    /// file, copied files known by their hash are not read again (a wrong known hash is
+    /// refused though the file on disk is right, which shows it is not re-read), and a
+    /// base file that differs is refused by the result's hash.
+    #[test]
+    fn a_patch_over_a_partial_copy_reads_the_base_and_known_files_are_not_reread() {
+        let mut x = 7u64;
+        let old: Vec<u8> = (0..80_000)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        let mut new = old.clone();
+        new[300..400].fill(3);
+        let cfg = config(vec![dir("d", 0o755), file("d/f", 0o644, &new), file("d/g", 0o644, b"same")], "");
+        let top = patch_layer(&old, &new);
+        let setup = |base_f: &[u8], known_g: Digest| {
+            let env = new_env();
+            let base = env.base.join("gen");
+            fs::create_dir_all(base.join("d")).unwrap();
+            fs::write(base.join("d/f"), base_f).unwrap();
+            fs::write(base.join("d/g"), b"same").unwrap();
+            fs::create_dir(env.dest.join("d")).unwrap();
+            fs::set_permissions(env.dest.join("d"), fs::Permissions::from_mode(0o755)).unwrap();
+            fs::write(env.dest.join("d/g"), b"same").unwrap();
+            fs::set_permissions(env.dest.join("d/g"), fs::Permissions::from_mode(0o644)).unwrap();
+            let d = env.layout.write_blob(&top).unwrap();
+            let patch = Descriptor::new(TAR_PATCH_MEDIA_TYPE, d, top.len() as u64);
+            let known = BTreeMap::from([("d/g".to_owned(), (known_g, 4))]);
+            let mut u = Unpacker::over_base(&cfg, &env.dest, std::slice::from_ref(&patch), &base, known).unwrap();
+            let r = u.apply_next(env.layout.open_blob(&patch.digest).unwrap()).and_then(|()| u.finish().map(|_| ()));
+            (env, r)
+        };
+        let (env, r) = setup(&old, Digest::of(b"same"));
+        r.unwrap();
+        assert_eq!(fs::read(env.dest.join("d/f")).unwrap(), new);
+        let (_, r) = setup(&old, Digest::of(b"other"));
+        let err = r.unwrap_err();
+        assert!(err.is_malformed() && err.to_string().contains("d/g"), "{err}");
+        let mut tampered = old.clone();
+        tampered[50_000] ^= 1;
+        let (_, r) = setup(&tampered, Digest::of(b"same"));
+        let err = r.unwrap_err();
+        assert!(err.is_malformed() && err.to_string().contains("d/f"), "{err}");
+    }
+
     #[test]
     fn a_patch_never_applies_through_a_link_below_and_is_bounded_at_its_header() {
         let old: Vec<u8> = (0..50_000u32).map(|i| (i * 31 % 253) as u8).collect();
@@ -2216,6 +2344,16 @@ mod tests {
         let env = new_env();
         let mut u = Unpacker::new(&cfg, &env.dest, std::slice::from_ref(&right)).unwrap();
         u.apply_next(&blob[..]).unwrap();
+        u.finish().unwrap();
+        // From a reader that checks the digest itself: the size is still checked.
+        let longer = Descriptor::new(TAR_ZSTD_MEDIA_TYPE, right.digest, blob.len() as u64 + 1);
+        let env = new_env();
+        let mut u = Unpacker::new(&cfg, &env.dest, std::slice::from_ref(&longer)).unwrap();
+        let err = u.apply_next_digest_checked(&blob[..]).unwrap_err();
+        assert!(matches!(err, UnpackError::LayerDigest { .. }), "{err}");
+        let env = new_env();
+        let mut u = Unpacker::new(&cfg, &env.dest, std::slice::from_ref(&right)).unwrap();
+        u.apply_next_digest_checked(&blob[..]).unwrap();
         u.finish().unwrap();
     }
 

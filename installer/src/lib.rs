@@ -37,6 +37,7 @@ pub mod secrets;
 pub mod services;
 pub mod snapshot;
 pub mod state;
+pub mod stream;
 pub mod tar_stage;
 pub mod txn;
 pub mod users;

@@ -39,6 +39,7 @@ use registry::{Access, ClientOptions, Credentials, RegistryError, RegistryRef};
 
 use crate::error::{Malformed, Refused, Untrusted, Usage};
 use crate::host::Host;
+use crate::stream::{self, Streamed, Streamer};
 
 /// Where images come from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -474,18 +475,29 @@ pub struct Received {
     pub images: Vec<Verified>,
     pub temp: Option<TempLayout>,
     pub index: ImageIndex,
+    /// Images unpacked while they arrived (see [`crate::stream`]).
+    pub streamed: Vec<Streamed>,
+}
+
+impl Received {
+    /// The tree of image `digest` unpacked while it arrived (or why it was refused), once.
+    pub fn take_streamed(&self, digest: &Digest) -> Option<Result<PathBuf>> {
+        self.streamed.iter().find(|s| s.image == *digest)?.take()
+    }
 }
 
 /// Receives `source` into a temporary layout (or reads it from `store`) and verifies
-/// every image in it. Blobs a thin export leaves out are taken from `store`.
+/// every image in it. Blobs a thin export leaves out are taken from `store`. With
+/// `unpack`, the image of an archive or a layout directory is unpacked into its staging
+/// area while its layers are received (see [`crate::stream`]).
 #[tracing::instrument(name = "receive", skip_all, fields(source = ?source))]
 pub fn receive(
     source: &Source,
     tmp: &Path,
     store: &Layout,
     trust: &Trust,
-    allow_expired: bool,
-    stall: std::time::Duration,
+    (allow_expired, stall): (bool, std::time::Duration),
+    unpack: Option<&stream::Target>,
 ) -> Result<Received> {
     tracing::info!("receiving");
     match source {
@@ -504,7 +516,7 @@ pub fn receive(
                 .ok_or_else(|| Malformed(format!("image {tag} of the local store misses blobs")))?;
             check_blobs(&[store], &c)?;
             let v = verify(c, trust, allow_expired)?;
-            Ok(Received { images: vec![v], temp: None, index })
+            Ok(Received { images: vec![v], temp: None, index, streamed: Vec::new() })
         }
         Source::Archive(_) | Source::Stdin => {
             let temp = TempLayout::new(tmp)?;
@@ -522,11 +534,19 @@ pub fn receive(
                 Source::Archive(p) => p.display().to_string(),
                 _ => "stdin".to_owned(),
             };
-            let mut gate = Gate::new(trust, allow_expired);
+            let mut gate = Gate::new(trust, allow_expired, unpack, store);
             let index =
                 formats::archive::import_with(reader, &temp.layout, |event, index, layout: &Layout| match event {
-                    BlobEvent::Header { digest, size } => gate.header(&digest, size, index, layout),
-                    BlobEvent::Stored { digest } => gate.stored(&digest, index, layout),
+                    BlobEvent::Header { digest, size } => {
+                        gate.header(&digest, size, index, layout)?;
+                        Ok(gate.streamer.as_mut().and_then(|s| s.tee(&digest, size)))
+                    }
+                    BlobEvent::Stored { digest } => {
+                        if let Some(s) = gate.streamer.as_mut() {
+                            s.stored(&digest);
+                        }
+                        gate.stored(&digest, index, layout).map(|()| None)
+                    }
                 })
                 .map_err(|e| {
                     if stalled.stalled.load(std::sync::atomic::Ordering::Relaxed) {
@@ -541,7 +561,8 @@ pub fn receive(
                 })
                 .with_context(|| format!("reading the oci-archive {what}"))?;
             crate::progress::bytes(started, stalled.bytes.load(std::sync::atomic::Ordering::Relaxed), true);
-            finish(temp, index, gate.verified, store, trust, allow_expired)
+            let streamed = gate.streamer.take().and_then(Streamer::finish).into_iter().collect();
+            finish(temp, index, gate.verified, store, trust, allow_expired, streamed)
         }
         #[cfg(feature = "registry")]
         Source::Registry { reference, options } => {
@@ -558,13 +579,20 @@ pub fn receive(
             // read no further than its cap, hashed; payload layers only once the image's
             // signatures are verified, and no further than their signed size.
             let mut copied = BTreeSet::new();
-            let mut copy = |d: &Digest, max: u64| -> Result<()> {
+            let mut copy = |d: &Digest, max: u64, tee: formats::archive::Tee| -> Result<()> {
                 if !copied.insert(*d) || !src.has_blob(d) {
                     return Ok(());
                 }
                 let mut w = temp.layout.blob_writer()?;
-                let n = io::copy(&mut src.open_blob(d)?.take(max.saturating_add(1)), &mut w)
-                    .with_context(|| format!("copying blob {d} from {}", dir.display()))?;
+                let mut from = src.open_blob(d)?.take(max.saturating_add(1));
+                let n = match tee {
+                    Some(tee) => formats::archive::copy_chunked(
+                        &mut from,
+                        &mut formats::archive::TeeWriter { first: &mut w, second: Some(tee) },
+                    ),
+                    None => io::copy(&mut from, &mut w),
+                }
+                .with_context(|| format!("copying blob {d} from {}", dir.display()))?;
                 if n > max {
                     return Err(Malformed(format!(
                         "{}: blob {d} is larger than the {max} bytes allowed for it before its signature is checked",
@@ -576,27 +604,29 @@ pub fn receive(
                 Ok(())
             };
             let mut verified = BTreeMap::new();
+            let mut streamed = Vec::new();
+            let single = image_tags(&index).len() == 1;
             for tag in image_tags(&index) {
                 let d = index.find(&tag).ok_or_else(|| Malformed(format!("the index has no tag {tag}")))?.clone();
-                copy(&d.digest, MAX_MANIFEST_BYTES)?;
+                copy(&d.digest, MAX_MANIFEST_BYTES, None)?;
                 let sig_tag = tag.split_once(':').map(|(n, _)| format!("{n}:{}", d.digest.signature_tag()));
                 if let Some(sd) = sig_tag.and_then(|t| index.find(&t).cloned()) {
-                    copy(&sd.digest, MAX_MANIFEST_BYTES)?;
+                    copy(&sd.digest, MAX_MANIFEST_BYTES, None)?;
                     if temp.layout.has_blob(&sd.digest)
                         && let Ok(sm) =
                             ImageManifest::from_bytes(&temp.layout.read_blob(&sd.digest, MAX_MANIFEST_BYTES)?)
                     {
                         for l in &sm.layers {
-                            copy(&l.digest, keys::simple_signing::MAX_PAYLOAD as u64)?;
+                            copy(&l.digest, keys::simple_signing::MAX_PAYLOAD as u64, None)?;
                         }
-                        copy(&sm.config.digest, keys::simple_signing::MAX_PAYLOAD as u64)?;
+                        copy(&sm.config.digest, keys::simple_signing::MAX_PAYLOAD as u64, None)?;
                     }
                 }
                 if temp.layout.has_blob(&d.digest)
                     && let Ok(m) =
                         ImageManifest::stage_from_bytes(&temp.layout.read_blob(&d.digest, MAX_MANIFEST_BYTES)?)
                 {
-                    copy(&m.config.digest, MAX_CONFIG_BYTES)?;
+                    copy(&m.config.digest, MAX_CONFIG_BYTES, None)?;
                 }
                 let c = match candidate_or_missing(&temp.layout, &index, &tag)? {
                     Ok(c) => c,
@@ -609,12 +639,18 @@ pub fn receive(
                     }
                 };
                 let v = verify(c, trust, allow_expired)?;
+                let mut streamer = unpack.filter(|_| single).and_then(|t| Streamer::start(t, &v, store));
                 for l in &v.candidate().manifest.layers {
-                    copy(&l.digest, l.size)?;
+                    let tee = streamer.as_mut().and_then(|s| s.tee(&l.digest, l.size));
+                    copy(&l.digest, l.size, tee)?;
+                    if let Some(s) = streamer.as_mut() {
+                        s.stored(&l.digest);
+                    }
                 }
+                streamed.extend(streamer.and_then(Streamer::finish));
                 verified.insert(tag.clone(), v);
             }
-            finish(temp, index, verified, store, trust, allow_expired)
+            finish(temp, index, verified, store, trust, allow_expired, streamed)
         }
     }
 }
@@ -694,7 +730,7 @@ fn receive_registry(
         stats.blobs_present,
         stats.resumed
     );
-    finish(temp, index, BTreeMap::from([(tag, v)]), store, trust, allow_expired)
+    finish(temp, index, BTreeMap::from([(tag, v)]), store, trust, allow_expired, Vec::new())
 }
 
 #[cfg(feature = "registry")]
@@ -749,6 +785,10 @@ fn check_index_size(index: &ImageIndex) -> Result<()> {
 struct Gate<'a> {
     trust: &'a Trust,
     allow_expired: bool,
+    /// Where to unpack the image while it arrives, and the store its other layers are in.
+    unpack: Option<&'a stream::Target>,
+    store: &'a Layout,
+    streamer: Option<Streamer>,
     verified: BTreeMap<String, Verified>,
     /// Image tags not verified yet, by the digest of the blob each waits for; `None` until
     /// the index has arrived.
@@ -764,10 +804,13 @@ struct Gate<'a> {
 }
 
 impl<'a> Gate<'a> {
-    fn new(trust: &'a Trust, allow_expired: bool) -> Self {
+    fn new(trust: &'a Trust, allow_expired: bool, unpack: Option<&'a stream::Target>, store: &'a Layout) -> Self {
         Gate {
             trust,
             allow_expired,
+            unpack,
+            store,
+            streamer: None,
             verified: BTreeMap::new(),
             waiting: None,
             tags: 0,
@@ -887,6 +930,13 @@ impl<'a> Gate<'a> {
                         self.unauthenticated_bytes -= size;
                     }
                 }
+                // An archive of one image: its layers come in order, unpacked as they arrive.
+                if self.tags == 1
+                    && self.streamer.is_none()
+                    && let Some(t) = self.unpack
+                {
+                    self.streamer = Streamer::start(t, &v, self.store);
+                }
                 self.verified.insert(tag.to_owned(), v);
             }
         }
@@ -901,6 +951,7 @@ fn finish(
     store: &Layout,
     trust: &Trust,
     allow_expired: bool,
+    streamed: Vec<Streamed>,
 ) -> Result<Received> {
     let tags = image_tags(&index);
     if tags.is_empty() {
@@ -923,7 +974,7 @@ fn finish(
         link_from_store(&temp.layout, store, v.candidate())?;
         images.push(v);
     }
-    Ok(Received { images, temp: Some(temp), index })
+    Ok(Received { images, temp: Some(temp), index, streamed })
 }
 
 /// After an archive that stalled (its sender's link went away): the payload layers of

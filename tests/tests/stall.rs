@@ -186,3 +186,55 @@ fn a_terminal_shows_the_progress_line() {
     assert!(!text.contains("\"event\""), "JSON events only when asked for: {text}");
     assert_eq!(deployed_names(&json(&ok(s.stage().args(["--json", "list"])))), ["app"]);
 }
+
+/// One read of the payload: a deploy unpacks the layer while the archive arrives on
+/// stdin. With the end of the archive held back, the image's file is already being
+/// written in the staging temp area (before the change, the layer was stored whole and
+/// only then read again to unpack it); once the rest arrives the deploy succeeds and
+/// leaves nothing in the temp area.
+#[test]
+fn a_deploy_unpacks_the_layer_while_the_archive_arrives() {
+    let s = Scratch::trusted();
+    let archive = std::fs::read(big_app(&s)).unwrap();
+    let mut child = s
+        .stage()
+        .args(["--stall-timeout", "30", "-q", "deploy", "-"])
+        .stdin(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let held_back = 64 << 10;
+    stdin.write_all(&archive[..archive.len() - held_back]).unwrap();
+    stdin.flush().unwrap();
+    let tmp = s.root().join("var/lib/op-dbus/staging/.tmp");
+    let started = Instant::now();
+    let written = loop {
+        let found = std::fs::read_dir(&tmp)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with("stream-"))
+            .find_map(|e| std::fs::metadata(e.path().join("bin/app")).ok());
+        if let Some(m) = found.filter(|m| m.len() > 0) {
+            break m.len();
+        }
+        if let Some(st) = child.try_wait().unwrap() {
+            panic!("the deploy ended ({st}) before the archive was whole");
+        }
+        if started.elapsed() > Duration::from_secs(20) {
+            let _ = child.kill();
+            panic!("nothing of the layer was unpacked while the archive arrived (staging .tmp: {:?})", tree(&tmp));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(child.try_wait().unwrap().is_none(), "still waiting for the end of the archive");
+    stdin.write_all(&archive[archive.len() - held_back..]).unwrap();
+    drop(stdin);
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(written > 0);
+    assert_eq!(deployed_names(&json(&ok(s.stage().args(["--json", "list"])))), ["app"]);
+    ok(s.stage().args(["-q", "verify"]));
+    assert_eq!(std::fs::read_dir(&tmp).unwrap().count(), 0, "nothing left in the temp area");
+}

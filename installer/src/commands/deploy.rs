@@ -56,9 +56,17 @@ pub fn deploy(ctx: &Ctx, sources: &[Source], batch: Batch, with_deps: bool, acti
     // Received blobs wait in the store's own temp area, so that storing them is a rename
     // (on btrfs the staging subvolume is another filesystem for rename).
     let recv_tmp = store.root().join(".tmp");
+    // A deploy unpacks each image while it arrives (one read of each payload); the tree
+    // waits in the staging temp area until the image is admitted.
+    let target = (activate && !ctx.opts.dry_run).then(|| crate::stream::Target {
+        tmp: ctx.staging.tmp(),
+        on_btrfs: crate::host::backend(&ctx.staging.dir) == "btrfs",
+        skip: ctx.state().map(|s| s.stages.values().map(|s| s.active.digest).collect()).unwrap_or_default(),
+    });
     let mut all = Vec::new();
+    let how = (ctx.opts.allow_expired, ctx.opts.stall_timeout);
     for source in sources {
-        all.push(receive::receive(source, &recv_tmp, &store, &trust, ctx.opts.allow_expired, ctx.opts.stall_timeout)?);
+        all.push(receive::receive(source, &recv_tmp, &store, &trust, how, target.as_ref())?);
     }
     if with_deps && activate {
         add_dependencies(ctx, &store, &trust, &mut all, &recv_tmp)?;
@@ -187,7 +195,8 @@ fn add_dependencies(
         }
         for r in add {
             let source = Source::Store(r.name, Some(r.version));
-            all.push(receive::receive(&source, tmp, store, trust, ctx.opts.allow_expired, ctx.opts.stall_timeout)?);
+            let how = (ctx.opts.allow_expired, ctx.opts.stall_timeout);
+            all.push(receive::receive(&source, tmp, store, trust, how, None)?);
         }
     }
 }
@@ -266,6 +275,10 @@ pub(crate) fn unpack(
             // Checked against the signed manifest there.
             crate::btrfs::stage(layout, layers, config, &ctx.staging.tmp(), tmp_name, on_btrfs, &host)
                 .with_context(|| format!("staging the btrfs layers of {}", v.reference))?;
+        } else if let Some(streamed) = received.take_streamed(&v.digest) {
+            // Unpacked and checked while it arrived: moved into place.
+            let tree = streamed.with_context(|| format!("unpacking {}", v.reference))?;
+            fs::rename(&tree, &tmp).with_context(|| format!("moving {} to {}", tree.display(), tmp.display()))?;
         } else {
             crate::tar_stage::stage(layout, layers, config, &ctx.staging.tmp(), tmp_name, on_btrfs, &host)
                 .with_context(|| format!("unpacking {}", v.reference))?;

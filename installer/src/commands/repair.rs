@@ -225,7 +225,8 @@ pub fn repair(ctx: &Ctx, stages: &[StageName]) -> Result<Report> {
         ))
         .into());
     }
-    let received = Received { images: images.iter().map(|(v, _)| v.clone()).collect(), temp: None, index };
+    let received =
+        Received { images: images.iter().map(|(v, _)| v.clone()).collect(), temp: None, index, streamed: Vec::new() };
     let items: Vec<(&Received, &Verified, Health)> =
         received.images.iter().zip(images).map(|(v, (_, h))| (&received, v, h)).collect();
     rebuild(ctx, &store, state, items)

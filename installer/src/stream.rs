@@ -1,0 +1,333 @@
+//! One read of each payload on deploy: a tar+zstd layer that arrives in an archive (a file
+//! or stdin) or a layout directory is unpacked while it is written to the received layout,
+//! instead of being stored first and read again.
+//!
+//! ```text
+//! archive ─► blob header ─► signatures verified? layer of the image, next in order?
+//!                │ yes: tee
+//!                ├──────────► received layout (hashed, kept only when its digest matched)
+//!                └──────────► channel (bounded) ─► unpack thread ─► staging .tmp/stream-<hex>-<n>/
+//!                                                  (Unpacker: hashes the blob and every file
+//!                                                   as written, checks the whole tree)
+//! ```
+//!
+//! Only an image whose signatures were verified is unpacked, only into the staging temp
+//! area: nothing is activated, published or stored before the deploy decides, and the
+//! deploy takes the tree (a rename) only when the unpacker accepted every layer, each
+//! layer's digest and every file's signed sha256. A tree nobody took is removed. An image
+//! whose layers do not arrive in order (another image's layers between them, a layer
+//! missing) is unpacked as before, from the received layout, once it is complete.
+
+use std::collections::{BTreeSet, VecDeque};
+use std::io::{self, Read, Write};
+use std::path::PathBuf;
+use std::sync::Mutex;
+use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
+use std::thread::JoinHandle;
+
+use anyhow::{Context, Result};
+
+use formats::Digest;
+use formats::layout::Layout;
+use formats::oci::{Descriptor, TAR_ZSTD_MEDIA_TYPE};
+use formats::unpack::Unpacker;
+
+use crate::receive::Verified;
+
+/// Chunks in flight between the receiver and the unpack thread (at most 128 KiB each:
+/// what one read of the archive's tar entry gives).
+const CHANNEL_CHUNKS: usize = 32;
+
+/// Where a deploy wants the images it receives unpacked while they arrive.
+#[derive(Debug, Clone)]
+pub struct Target {
+    /// The staging temp area (the trees are renamed from there into generations).
+    pub tmp: PathBuf,
+    pub on_btrfs: bool,
+    /// Images not to unpack (already active on the host).
+    pub skip: BTreeSet<Digest>,
+}
+
+enum Msg {
+    Data(Vec<u8>),
+    /// The layer being sent is complete and its digest matched.
+    End,
+}
+
+/// An image being unpacked while its layers arrive.
+pub struct Streamer {
+    image: Digest,
+    /// The layers still to come from the source, in order, with their sizes.
+    expect: VecDeque<(Digest, u64)>,
+    /// The layer being teed.
+    teeing: Option<Digest>,
+    /// The layers did not arrive as expected: the image is unpacked the ordinary way.
+    broken: bool,
+    tx: Option<SyncSender<Msg>>,
+    thread: Option<JoinHandle<Result<()>>>,
+    tree: PathBuf,
+    /// The tree was handed over as a [`Streamed`].
+    handed: bool,
+}
+
+impl Streamer {
+    /// Starts unpacking `v` (verified) when `target` wants it, all its layers are tar+zstd
+    /// and some of them are not in `store` (those are read from it, the others from the
+    /// source as they arrive).
+    pub fn start(target: &Target, v: &Verified, store: &Layout) -> Option<Streamer> {
+        let c = v.candidate();
+        let layers: Vec<Descriptor> = c.manifest.layers.clone();
+        if target.skip.contains(&v.digest)
+            || layers.is_empty()
+            || layers.iter().any(|l| l.media_type != TAR_ZSTD_MEDIA_TYPE)
+        {
+            return None;
+        }
+        let in_store: Vec<bool> = layers.iter().map(|l| store.has_blob(&l.digest)).collect();
+        let expect: VecDeque<(Digest, u64)> =
+            layers.iter().zip(&in_store).filter(|(_, s)| !**s).map(|(l, _)| (l.digest, l.size)).collect();
+        if expect.is_empty() {
+            return None;
+        }
+        // One tree per receive (two sources may hold the same image).
+        static TREES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = TREES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let tree = target.tmp.join(format!("stream-{}-{n}", &v.digest.hex()[..16]));
+        let (tx, rx) = sync_channel(CHANNEL_CHUNKS);
+        let (config, on_btrfs, dir) = (c.config.clone(), target.on_btrfs, tree.clone());
+        let mut readers = LayerReaders { store: store.clone(), layers: layers.clone(), in_store, rx, next: 0 };
+        crate::progress::step("unpack", Some(&v.reference), "unpacking the layers while they arrive");
+        let thread = std::thread::Builder::new()
+            .name("unpack".into())
+            .spawn(move || unpack_tar(&config, &layers, &dir, on_btrfs, &mut readers))
+            .ok()?;
+        Some(Streamer {
+            image: v.digest,
+            expect,
+            teeing: None,
+            broken: false,
+            tx: Some(tx),
+            thread: Some(thread),
+            tree,
+            handed: false,
+        })
+    }
+
+    /// A blob's header arrived: a writer for its bytes when it is the next layer expected.
+    /// A layer of the image that comes out of order gives up streaming the image.
+    pub fn tee(&mut self, digest: &Digest, size: u64) -> formats::archive::Tee {
+        if self.broken || self.teeing.is_some() {
+            return None;
+        }
+        match self.expect.front() {
+            Some(&(d, s)) if d == *digest && s == size => {
+                self.expect.pop_front();
+                self.teeing = Some(d);
+                let tx = self.tx.clone()?;
+                Some(Box::new(ChannelWriter { tx }))
+            }
+            _ => {
+                if self.expect.iter().any(|(d, _)| d == digest) {
+                    tracing::debug!("layer {digest} arrived out of order: the image is unpacked once received");
+                    self.stop();
+                }
+                None
+            }
+        }
+    }
+
+    /// A blob was stored, its digest checked: the unpacker may finish the layer.
+    pub fn stored(&mut self, digest: &Digest) {
+        if self.teeing == Some(*digest) {
+            self.teeing = None;
+            if let Some(tx) = &self.tx {
+                // The unpacker may have stopped already (its error is kept).
+                let _ = tx.send(Msg::End);
+            }
+        }
+    }
+
+    fn stop(&mut self) {
+        self.broken = true;
+        self.tx = None;
+    }
+
+    /// The source was read to its end: waits for the unpacker. `None` when the image's
+    /// layers did not all arrive in order (it is unpacked from the received layout).
+    pub fn finish(mut self) -> Option<Streamed> {
+        if !self.expect.is_empty() || self.teeing.is_some() {
+            self.stop();
+        }
+        self.tx = None;
+        let result = match self.thread.take()?.join() {
+            Ok(r) => r,
+            Err(_) => Err(anyhow::anyhow!("the unpack thread panicked")),
+        };
+        if self.broken {
+            return None;
+        }
+        self.handed = true;
+        Some(Streamed { image: self.image, tree: self.tree.clone(), result: Mutex::new(Some(result)) })
+    }
+}
+
+impl std::fmt::Debug for Streamer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Streamer")
+            .field("image", &self.image)
+            .field("expect", &self.expect)
+            .field("broken", &self.broken)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for Streamer {
+    fn drop(&mut self) {
+        self.tx = None;
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        // A tree handed over is removed by its Streamed when nobody takes it.
+        if !self.handed {
+            let _ = crate::txn::remove_tree(&self.tree);
+        }
+    }
+}
+
+/// An image unpacked while it arrived: its tree in the staging temp area, or why not.
+#[derive(Debug)]
+pub struct Streamed {
+    pub image: Digest,
+    tree: PathBuf,
+    result: Mutex<Option<Result<()>>>,
+}
+
+impl Streamed {
+    /// Takes the tree: its path, or the unpacker's error. `None` the second time.
+    pub fn take(&self) -> Option<Result<PathBuf>> {
+        let r = self.result.lock().ok()?.take()?;
+        Some(r.map(|()| self.tree.clone()))
+    }
+}
+
+impl Drop for Streamed {
+    fn drop(&mut self) {
+        // Removed unless it was taken (and renamed away): a refused or unused tree.
+        let _ = crate::txn::remove_tree(&self.tree);
+    }
+}
+
+/// Unpacks tar+zstd `layers` into the new directory (a subvolume `on_btrfs`) `dir`.
+fn unpack_tar(
+    config: &formats::manifest::StageConfig,
+    layers: &[Descriptor],
+    dir: &std::path::Path,
+    on_btrfs: bool,
+    readers: &mut LayerReaders,
+) -> Result<()> {
+    let _ = crate::txn::remove_tree(dir);
+    let parent = dir.parent().context("a temp tree has a parent")?;
+    std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+    if on_btrfs {
+        let name = dir.file_name().and_then(|n| n.to_str()).context("tree name")?;
+        subvol::create(parent, name)?;
+    } else {
+        std::fs::create_dir(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let mut unpacker = Unpacker::new(config, dir, layers)?;
+    while let Some((_, reader, from_source)) = readers.next_layer()? {
+        if from_source {
+            // Its end comes only after the stored blob matched its digest.
+            unpacker.apply_next_digest_checked(reader)?;
+        } else {
+            unpacker.apply_next(reader)?;
+        }
+    }
+    unpacker.finish()?;
+    Ok(())
+}
+
+/// A layer, a reader of its blob, and whether it comes from the source (see
+/// [`LayerReaders::next_layer`]).
+pub type NextLayer<'a> = (Descriptor, Box<dyn Read + 'a>, bool);
+
+/// The layers of an image in order, as an unpacker reads them: each from the store, or
+/// from the source as it arrives (its end only once its blob's digest matched). What the
+/// unpack thread of a payload type is given (tar+zstd today; a btrfs receiver reading
+/// `impl Read` per layer can take the same).
+pub struct LayerReaders {
+    store: Layout,
+    layers: Vec<Descriptor>,
+    in_store: Vec<bool>,
+    rx: Receiver<Msg>,
+    next: usize,
+}
+
+impl std::fmt::Debug for LayerReaders {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LayerReaders").field("layers", &self.layers.len()).field("next", &self.next).finish()
+    }
+}
+
+impl LayerReaders {
+    /// The next layer, a reader of its blob's bytes, and whether it comes from the source
+    /// (then the reader ends only once the stored blob matched the layer's digest: a
+    /// digest mismatch is an error of the reader); `None` after the last.
+    pub fn next_layer(&mut self) -> Result<Option<NextLayer<'_>>> {
+        let Some(layer) = self.layers.get(self.next).cloned() else { return Ok(None) };
+        let in_store = self.in_store[self.next];
+        self.next += 1;
+        let reader: Box<dyn Read + '_> = if in_store {
+            Box::new(self.store.open_blob(&layer.digest)?)
+        } else {
+            Box::new(ChannelReader { rx: &self.rx, chunk: Vec::new(), pos: 0, ended: false })
+        };
+        Ok(Some((layer, reader, !in_store)))
+    }
+}
+
+struct ChannelWriter {
+    tx: SyncSender<Msg>,
+}
+
+impl Write for ChannelWriter {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.tx.send(Msg::Data(buf.to_vec())).map_err(|_| io::Error::other("the unpacker stopped"))?;
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// One layer's bytes from the channel; its end only once the receiver stored the blob.
+struct ChannelReader<'a> {
+    rx: &'a Receiver<Msg>,
+    chunk: Vec<u8>,
+    pos: usize,
+    ended: bool,
+}
+
+impl Read for ChannelReader<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        while self.pos == self.chunk.len() {
+            if self.ended {
+                return Ok(0);
+            }
+            match self.rx.recv() {
+                Ok(Msg::Data(d)) => (self.chunk, self.pos) = (d, 0),
+                Ok(Msg::End) => self.ended = true,
+                Err(_) => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "the source stopped before this layer was received whole",
+                    ));
+                }
+            }
+        }
+        let n = buf.len().min(self.chunk.len() - self.pos);
+        buf[..n].copy_from_slice(&self.chunk[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(n)
+    }
+}
