@@ -932,7 +932,7 @@ impl<'a> Unpacker<'a> {
         let st = match rustix::fs::statat(&parent, &cname, AtFlags::SYMLINK_NOFOLLOW) {
             Ok(st) => st,
             // A file left out of the copy of the base: nothing to remove.
-            Err(rustix::io::Errno::NOENT) if self.in_base(&target).is_some() => return Ok(()),
+            Err(rustix::io::Errno::NOENT) if self.in_base(target).is_some() => return Ok(()),
             Err(rustix::io::Errno::NOENT) => {
                 return Err(self.unsafe_(state, wh, &format!("whites out {target}, which is not present")));
             }
