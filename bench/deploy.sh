@@ -124,6 +124,9 @@ switch_time() { # NAME
 	mapfile -t posts < <("$stage" --root "$r" --json snapshots |
 		python3 -c 'import json,sys; [print(s["name"]) for s in json.load(sys.stdin)["snapshots"] if s["name"].startswith("post-")]')
 	a=${posts[0]} b=${posts[1]}
+	# Each restore takes a pre-restore snapshot: without the mark, retention ([snapshots]
+	# keep) would prune the two being switched between after a few runs.
+	"$stage" --root "$r" -q snapshots keep "$a" "$b" >/dev/null
 	for ((i = 1; i <= runs; i++)); do
 		t0=$(now_ns)
 		"$stage" --root "$r" -q restore "$a" >/dev/null

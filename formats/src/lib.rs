@@ -7,6 +7,7 @@
 pub mod archive;
 pub mod btrfs;
 pub mod channel;
+pub mod decode;
 pub mod digest;
 pub mod layout;
 pub mod manifest;

@@ -521,7 +521,7 @@ impl<'a> Unpacker<'a> {
     /// and checked against the descriptor's digest and size. When the content is refused,
     /// the rest of the blob is still read (not unpacked), so that a corrupt or tampered
     /// blob is reported as [`UnpackError::LayerDigest`] rather than by its symptom.
-    pub fn apply_next<R: Read>(&mut self, compressed: R) -> Result<(), UnpackError> {
+    pub fn apply_next<R: Read + Send>(&mut self, compressed: R) -> Result<(), UnpackError> {
         self.apply(compressed, true)
     }
 
@@ -530,11 +530,11 @@ impl<'a> Unpacker<'a> {
     /// digest, and fails otherwise (a layer teed from an archive as it is stored, whose
     /// end is signalled only after the stored blob matched). The bytes are not hashed a
     /// second time here; their count is still checked against the descriptor's size.
-    pub fn apply_next_digest_checked<R: Read>(&mut self, compressed: R) -> Result<(), UnpackError> {
+    pub fn apply_next_digest_checked<R: Read + Send>(&mut self, compressed: R) -> Result<(), UnpackError> {
         self.apply(compressed, false)
     }
 
-    fn apply<R: Read>(&mut self, compressed: R, hash: bool) -> Result<(), UnpackError> {
+    fn apply<R: Read + Send>(&mut self, compressed: R, hash: bool) -> Result<(), UnpackError> {
         let Some(layer) = self.layers.get(self.next).cloned() else {
             return Err(UnpackError::Io {
                 path: self.dest_path.clone(),
@@ -549,9 +549,6 @@ impl<'a> Unpacker<'a> {
             count: 0,
             error: None,
         };
-        let decoder = zstd::stream::read::Decoder::new(source)
-            .map_err(|e| UnpackError::Read { layer: layer.digest, source: e })?;
-        let mut archive = tar::Archive::new(decoder);
         let last = self.next == self.layers.len();
         let max_file_size = if last {
             self.max_file_size
@@ -569,24 +566,29 @@ impl<'a> Unpacker<'a> {
             bytes: 0,
             entries: 0,
         };
-        let mut result = self.read_entries(&mut archive, &mut state);
-        let mut decoder = archive.into_inner();
-        if result.is_ok() {
-            // Tar padding after the end-of-archive marker, and the zstd checksum.
-            result = match io::copy(&mut (&mut decoder).take(MAX_TRAILING + 1), &mut io::sink()) {
-                Ok(n) if n > MAX_TRAILING => Err(Fail::Content(UnpackError::Corrupt {
-                    layer: layer.digest,
-                    reason: format!("more than {MAX_TRAILING} bytes follow the end of the tar archive"),
-                })),
-                Ok(_) => Ok(()),
-                Err(e) => Err(Fail::Read(e)),
-            };
-        }
+        // Decompressed by a second thread while the entries before are hashed and written.
+        let (result, mut rest) = crate::decode::decompressed(source, |decoder| {
+            let mut archive = tar::Archive::new(decoder);
+            let result = self.read_entries(&mut archive, &mut state);
+            let decoder = archive.into_inner();
+            match result {
+                // Tar padding after the end-of-archive marker, and the zstd checksum.
+                Ok(()) => match io::copy(&mut decoder.take(MAX_TRAILING + 1), &mut io::sink()) {
+                    Ok(n) if n > MAX_TRAILING => Err(Fail::Content(UnpackError::Corrupt {
+                        layer: layer.digest,
+                        reason: format!("more than {MAX_TRAILING} bytes follow the end of the tar archive"),
+                    })),
+                    Ok(_) => Ok(()),
+                    Err(e) => Err(Fail::Read(e)),
+                },
+                failed => failed,
+            }
+        })
+        .map_err(|e| UnpackError::Read { layer: layer.digest, source: e })?;
         if let Err(Fail::Disk(e)) = result {
             return Err(e);
         }
         // Read the blob to its end: its digest decides whether it is what was signed.
-        let mut rest = decoder.finish();
         let drained = io::copy(&mut rest, &mut io::sink());
         let source = rest.into_inner();
         if let Some(e) = source.error {

@@ -249,7 +249,7 @@ fn unpack_tar(
 
 /// A layer, a reader of its blob, and whether it comes from the source (see
 /// [`LayerReaders::next_layer`]).
-pub type NextLayer<'a> = (Descriptor, Box<dyn Read + 'a>, bool);
+pub type NextLayer<'a> = (Descriptor, Box<dyn Read + Send + 'a>, bool);
 
 /// The layers of an image in order, as an unpacker reads them: each from the store, or
 /// from the source as it arrives (its end only once its blob's digest matched). What the
@@ -277,10 +277,10 @@ impl LayerReaders {
         let Some(layer) = self.layers.get(self.next).cloned() else { return Ok(None) };
         let in_store = self.in_store[self.next];
         self.next += 1;
-        let reader: Box<dyn Read + '_> = if in_store {
+        let reader: Box<dyn Read + Send + '_> = if in_store {
             Box::new(self.store.open_blob(&layer.digest)?)
         } else {
-            Box::new(ChannelReader { rx: &self.rx, chunk: Vec::new(), pos: 0, ended: false })
+            Box::new(ChannelReader { rx: &mut self.rx, chunk: Vec::new(), pos: 0, ended: false })
         };
         Ok(Some((layer, reader, !in_store)))
     }
@@ -302,7 +302,7 @@ impl Write for ChannelWriter {
 
 /// One layer's bytes from the channel; its end only once the receiver stored the blob.
 struct ChannelReader<'a> {
-    rx: &'a Receiver<Msg>,
+    rx: &'a mut Receiver<Msg>,
     chunk: Vec<u8>,
     pos: usize,
     ended: bool,

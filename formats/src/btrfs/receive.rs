@@ -87,16 +87,13 @@ impl Receiver<'_> {
     /// [`Receiver::receive`] of the compressed bytes `blob` reads (the layer's blob, or an
     /// archive's entry as it arrives): the whole of what `blob` yields is hashed and must
     /// be `layer`'s digest and size.
-    pub fn receive_blob<R: Read>(
+    pub fn receive_blob<R: Read + Send>(
         &self,
         blob: R,
         layer: &Descriptor,
         watch: impl FnMut(Progress) -> Result<(), String>,
     ) -> Result<Forwarded, ReceiveError> {
         let io_err = |what: String| move |source| ReceiveError::Io { what, source };
-        // The whole blob is hashed (a longer one fails the digest check at the end).
-        let mut dec = zstd::stream::read::Decoder::new(HashingReader::new(blob))
-            .map_err(io_err(format!("decompressing layer {}", layer.digest)))?;
         let tree = self
             .parent
             .map(|(_, p)| ParentTree::scan(p))
@@ -119,14 +116,28 @@ impl Receiver<'_> {
         // Each command is checked (against the parent's tree on disk) and passed by `watch`
         // before it is written to the receive; END only after the digest check.
         let parent_uuid = self.parent.map(|(u, _)| u);
-        let checked = if self.hash_files {
-            forward_stream_hashing(&mut dec, parent_uuid, tree.as_ref(), &mut stdin, watch)
-        } else {
-            forward_stream(&mut dec, parent_uuid, tree.as_ref(), &mut stdin, watch)
-        };
-        let digest = match &checked {
-            Ok(_) => check_digest(dec, layer),
-            Err(_) => Ok(()),
+        // The whole blob is hashed (a longer one fails the digest check at the end); it is
+        // decompressed by a second thread while the commands before are checked and sent.
+        let decoded = crate::decode::decompressed(HashingReader::new(blob), |dec| {
+            if self.hash_files {
+                forward_stream_hashing(dec, parent_uuid, tree.as_ref(), &mut stdin, watch)
+            } else {
+                forward_stream(dec, parent_uuid, tree.as_ref(), &mut stdin, watch)
+            }
+        });
+        let (checked, digest) = match decoded {
+            Ok((checked, rest)) => {
+                let digest = match &checked {
+                    Ok(_) => check_digest(rest, layer),
+                    Err(_) => Ok(()),
+                };
+                (checked, digest)
+            }
+            Err(e) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(io_err(format!("decompressing layer {}", layer.digest))(e));
+            }
         };
         let ended = match (&checked, &digest) {
             (Ok(c), Ok(())) => c.write_end(&mut stdin).and_then(|()| stdin.flush()).is_ok(),
@@ -156,11 +167,7 @@ impl Receiver<'_> {
 }
 
 /// Reads what the decoder left of the compressed blob and checks its digest and size.
-fn check_digest<R: Read>(
-    dec: zstd::stream::read::Decoder<'static, BufReader<HashingReader<R>>>,
-    layer: &Descriptor,
-) -> Result<(), ReceiveError> {
-    let mut rest = dec.finish();
+fn check_digest<R: Read>(mut rest: BufReader<HashingReader<R>>, layer: &Descriptor) -> Result<(), ReceiveError> {
     io::copy(&mut rest, &mut io::sink())
         .map_err(|source| ReceiveError::Io { what: format!("reading layer {}", layer.digest), source })?;
     let (actual, size, _) = rest.into_inner().finish();
