@@ -113,6 +113,13 @@ pub fn stage(
     fs::rename(&final_path, &target).with_context(|| format!("moving {} into place", final_path.display()))?;
     remove_work(&work)?;
     check_received(&target, config, &hashed)?;
+    if on_btrfs {
+        // `btrfs receive` leaves what it wrote in the page cache: durable before the
+        // generation is published, as a tar layer is (one syncfs; the directory root's
+        // applier does its own).
+        let dir = fs::File::open(&target).with_context(|| format!("opening {}", target.display()))?;
+        rustix::fs::syncfs(&dir).with_context(|| format!("syncing {}", target.display()))?;
+    }
     Ok(target)
 }
 
