@@ -51,7 +51,7 @@ where
 
 /// Reads until `buf` is full, the stream ends or fails (fewer, larger hand-overs),
 /// retrying signals: how much was read, and the error that stopped it.
-fn read_some(r: &mut impl Read, buf: &mut [u8]) -> (usize, Option<io::Error>) {
+pub(crate) fn read_some(r: &mut impl Read, buf: &mut [u8]) -> (usize, Option<io::Error>) {
     let mut n = 0;
     while n < buf.len() {
         match r.read(&mut buf[n..]) {
