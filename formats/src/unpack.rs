@@ -1494,6 +1494,18 @@ mod tests {
         s.parse().unwrap()
     }
 
+    /// `len` bytes of xorshift noise from `seed` (zstd cannot shrink them).
+    fn noise(len: usize, mut x: u64) -> Vec<u8> {
+        (0..len)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect()
+    }
+
     fn m(bits: u32) -> Mode {
         Mode::new(bits).unwrap()
     }
@@ -1682,15 +1694,7 @@ mod tests {
 
     #[test]
     fn a_patch_applies_to_the_file_below_and_only_in_a_patch_layer() {
-        let mut x = 9u64;
-        let old: Vec<u8> = (0..200_000)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect();
+        let old = noise(200_000, 9);
         let mut new = old.clone();
         new[5000..5100].fill(1);
         let cfg = config(vec![dir("d", 0o755), file("d/f", 0o644, &new)], "");
@@ -1731,15 +1735,7 @@ mod tests {
     /// base file that differs is refused by the result's hash.
     #[test]
     fn a_patch_over_a_partial_copy_reads_the_base_and_known_files_are_not_reread() {
-        let mut x = 7u64;
-        let old: Vec<u8> = (0..80_000)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect();
+        let old = noise(80_000, 7);
         let mut new = old.clone();
         new[300..400].fill(3);
         let cfg = config(vec![dir("d", 0o755), file("d/f", 0o644, &new), file("d/g", 0o644, b"same")], "");
