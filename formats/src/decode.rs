@@ -22,9 +22,12 @@ where
     let mut decoder = zstd::stream::read::Decoder::new(source)?;
     std::thread::scope(|scope| {
         let (tx, rx) = mpsc::sync_channel::<io::Result<Vec<u8>>>(IN_FLIGHT);
+        // Pieces read go back to be filled again (no allocation, no page faults per piece).
+        let (spare_tx, spare) = mpsc::channel::<Vec<u8>>();
         let worker = scope.spawn(move || {
             loop {
-                let mut piece = vec![0; PIECE];
+                let mut piece = spare.try_recv().unwrap_or_default();
+                piece.resize(PIECE, 0);
                 let (n, error) = read_some(&mut decoder, &mut piece);
                 piece.truncate(n);
                 let more = n > 0 && error.is_none();
@@ -40,7 +43,7 @@ where
             }
             decoder.finish()
         });
-        let mut reader = Pieces { rx, piece: Vec::new(), at: 0, end: None };
+        let mut reader = Pieces { rx, spare: spare_tx, piece: Vec::new(), at: 0, end: None };
         let out = consume(&mut reader);
         // The worker's next hand-over fails: it stops and gives the source back.
         drop(reader);
@@ -67,6 +70,7 @@ pub(crate) fn read_some(r: &mut impl Read, buf: &mut [u8]) -> (usize, Option<io:
 /// The reading end: the pieces in order, then the end or the error that ended them.
 struct Pieces {
     rx: mpsc::Receiver<io::Result<Vec<u8>>>,
+    spare: mpsc::Sender<Vec<u8>>,
     piece: Vec<u8>,
     at: usize,
     /// Once ended: `None` inside for a clean end, else the error's kind and text (given
@@ -91,7 +95,11 @@ impl Read for Pieces {
             match self.rx.recv() {
                 Ok(Ok(piece)) if piece.is_empty() => self.end = Some(None),
                 Ok(Ok(piece)) => {
-                    self.piece = piece;
+                    let spent = std::mem::replace(&mut self.piece, piece);
+                    if spent.len() == PIECE {
+                        // The worker may have stopped: the piece is then dropped.
+                        let _ = self.spare.send(spent);
+                    }
                     self.at = 0;
                 }
                 Ok(Err(e)) => self.end = Some(Some((e.kind(), e.to_string()))),

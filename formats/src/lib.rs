@@ -9,6 +9,7 @@ pub mod btrfs;
 pub mod channel;
 pub mod decode;
 pub mod digest;
+mod hash_thread;
 pub mod layout;
 pub mod manifest;
 pub mod names;

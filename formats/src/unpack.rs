@@ -41,7 +41,8 @@
 //!   parents    opened from dest one component at a time, O_DIRECTORY|O_NOFOLLOW: a
 //!              write through a symlink fails by construction
 //!   files      openat O_CREAT|O_EXCL|O_NOFOLLOW (what was there is removed first),
-//!              exactly `size` bytes hashed as written, fchmod
+//!              exactly `size` bytes hashed as written (a file larger than one read by
+//!              a hash thread, checked at the end of the layer), fchmod
 //!   dirs       mkdirat 0700, exact modes applied at the end (deepest first); one syncfs
 //!   links      symlinkat
 //!
@@ -80,7 +81,7 @@
 //! ```
 
 use std::cell::RefCell;
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::ffi::{CStr, CString};
 use std::fmt;
 use std::fs::File;
@@ -94,6 +95,7 @@ use rustix::fs::{AtFlags, FileType, OFlags};
 use serde::Serialize;
 
 use crate::digest::{Digest, Hasher, sha256_reader};
+use crate::hash_thread::HashThread;
 use crate::layout::{Layout, LayoutError};
 use crate::manifest::{ConfigError, EntryKind, Mode, StageConfig};
 use crate::oci::{Descriptor, TAR_PATCH_MEDIA_TYPE, TAR_ZSTD_MEDIA_TYPE};
@@ -292,6 +294,20 @@ pub struct Unpacker<'a> {
     /// The tree `dest` was copied from, leaving out files the layers replace (see
     /// [`Unpacker::over_base`]): patches of those apply to its files.
     base: Option<OwnedFd>,
+    /// Hashes files larger than one read while they are written (started at the first).
+    hash_thread: Option<HashThread>,
+    /// Files whose digest the hash thread has yet to give, in the order they were written.
+    pending: VecDeque<Pending>,
+}
+
+/// A file written whose digest is still being computed by the hash thread.
+#[derive(Debug)]
+struct Pending {
+    path: String,
+    size: u64,
+    /// The signed sha256 it must have (`Some` in the last layer: `Some(None)` when the
+    /// manifest gives none).
+    expected: Option<Option<Digest>>,
 }
 
 impl fmt::Debug for Unpacker<'_> {
@@ -412,6 +428,30 @@ impl<R: Read> Read for Source<R> {
     }
 }
 
+/// One read of an entry's content into `buf`, retrying signals.
+fn read_chunk(entry: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
+    loop {
+        match entry.read(buf) {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            r => return r,
+        }
+    }
+}
+
+/// `Ok` unless `expected` holds a signed sha256 (or its absence) other than `digest`.
+fn check_digest(path: &str, digest: Digest, expected: Option<Option<Digest>>) -> Result<(), Fail> {
+    match expected {
+        Some(expected) if expected != Some(digest) => Err(Fail::Content(UnpackError::Mismatch {
+            path: path.to_owned(),
+            reason: format!(
+                "its content hashes to {digest}, the signed manifest says {}",
+                expected.map_or_else(|| "nothing".into(), |d| d.to_string())
+            ),
+        })),
+        _ => Ok(()),
+    }
+}
+
 fn read_up_to<R: Read>(mut r: R, max: u64) -> io::Result<Vec<u8>> {
     let mut v = Vec::new();
     (&mut r).take(max).read_to_end(&mut v)?;
@@ -514,6 +554,8 @@ impl<'a> Unpacker<'a> {
             parent_cache: RefCell::new(None),
             over,
             base: None,
+            hash_thread: None,
+            pending: VecDeque::new(),
         })
     }
 
@@ -651,7 +693,22 @@ impl<'a> Unpacker<'a> {
     }
 
     fn read_entries<R: Read>(&mut self, archive: &mut tar::Archive<R>, state: &mut LayerState) -> Result<(), Fail> {
-        read_entries(archive, state.digest, |entry, ext| self.apply_entry(entry, ext, state))
+        read_entries(archive, state.digest, |entry, ext| self.apply_entry(entry, ext, state))?;
+        self.settle()
+    }
+
+    /// Waits for the digests of the files still being hashed: records them as written and
+    /// checks them against the signed ones. Called at the end of a layer and before a path
+    /// is forgotten (so that a digest never lands after its file was removed).
+    fn settle(&mut self) -> Result<(), Fail> {
+        while let Some(p) = self.pending.pop_front() {
+            let digest = self.hash_thread.as_mut().and_then(HashThread::next_digest).ok_or_else(|| {
+                Fail::Disk(io_error(self.dest_path.join(&p.path), io::Error::other("the hashing thread stopped")))
+            })?;
+            self.written.insert(p.path.clone(), (digest, p.size));
+            check_digest(&p.path, digest, p.expected)?;
+        }
+        Ok(())
     }
 
     fn apply_entry<R: Read>(
@@ -711,7 +768,7 @@ impl<'a> Unpacker<'a> {
             }
             EntryKind::File => {
                 let digest = match (patch, reference) {
-                    (Some((body, old_size)), Some(reference)) => self.write_patched(
+                    (Some((body, old_size)), Some(reference)) => Some(self.write_patched(
                         &parent,
                         &name,
                         &path,
@@ -720,20 +777,13 @@ impl<'a> Unpacker<'a> {
                         (body, old_size, reference),
                         entry,
                         state,
-                    )?,
+                    )?),
                     _ => self.write_file(&parent, &name, &path, mode, size, entry, state)?,
                 };
-                if state.last {
-                    let expected = signed.and_then(|e| e.sha256);
-                    if expected != Some(digest) {
-                        return Err(Fail::Content(UnpackError::Mismatch {
-                            path: path.to_string(),
-                            reason: format!(
-                                "its content hashes to {digest}, the signed manifest says {}",
-                                expected.map_or_else(|| "nothing".into(), |d| d.to_string())
-                            ),
-                        }));
-                    }
+                let expected = state.last.then(|| signed.and_then(|e| e.sha256));
+                match digest {
+                    Some(digest) => check_digest(path.as_str(), digest, expected)?,
+                    None => self.pending.push_back(Pending { path: path.as_str().to_owned(), size, expected }),
                 }
             }
         }
@@ -750,7 +800,7 @@ impl<'a> Unpacker<'a> {
         size: u64,
         entry: &mut tar::Entry<'_, R>,
         state: &mut LayerState,
-    ) -> Result<Digest, Fail> {
+    ) -> Result<Option<Digest>, Fail> {
         let full = self.dest_path.join(path.as_str());
         let disk = |e: io::Error| Fail::Disk(io_error(full.clone(), e));
         let fd = rustix::fs::openat(
@@ -761,31 +811,58 @@ impl<'a> Unpacker<'a> {
         )
         .map_err(|e| disk(e.into()))?;
         let mut file = File::from(fd);
+        // One read's worth or less: hashed here; larger: by the hash thread, as written.
+        if size > CHUNK as u64 && self.hash_thread.is_none() {
+            self.hash_thread = HashThread::start(CHUNK);
+        }
+        let threaded = size > CHUNK as u64 && self.hash_thread.is_some();
         let mut hasher = Hasher::new();
         let mut left = size;
         while left > 0 {
-            let want = left.min(state.buf.len() as u64) as usize;
-            let n = match entry.read(&mut state.buf[..want]) {
-                Ok(0) => {
-                    return Err(Fail::Content(UnpackError::Corrupt {
-                        layer: state.digest,
-                        reason: format!("the archive ends inside {path}: {} of {size} bytes", size - left),
-                    }));
-                }
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(Fail::Read(e)),
+            let want = left.min(CHUNK as u64) as usize;
+            let mut buf = match (threaded, self.hash_thread.as_mut()) {
+                (true, Some(h)) => h.buffer(),
+                _ => std::mem::take(&mut state.buf),
             };
-            hasher.update(&state.buf[..n]);
-            file.write_all(&state.buf[..n]).map_err(disk)?;
+            let read = read_chunk(entry, &mut buf[..want]);
+            let n = match read {
+                Ok(0) => Err(Fail::Content(UnpackError::Corrupt {
+                    layer: state.digest,
+                    reason: format!("the archive ends inside {path}: {} of {size} bytes", size - left),
+                })),
+                Ok(n) => file.write_all(&buf[..n]).map(|()| n).map_err(disk),
+                Err(e) => Err(Fail::Read(e)),
+            };
+            let n = match (threaded, self.hash_thread.as_mut()) {
+                (true, Some(h)) => {
+                    let sent = h.data(buf, *n.as_ref().unwrap_or(&0));
+                    let n = n?;
+                    if !sent {
+                        return Err(disk(io::Error::other("the hashing thread stopped")));
+                    }
+                    n
+                }
+                _ => {
+                    state.buf = buf;
+                    let n = n?;
+                    hasher.update(&state.buf[..n]);
+                    n
+                }
+            };
             left -= n as u64;
         }
         file.set_permissions(std::fs::Permissions::from_mode(mode.bits())).map_err(disk)?;
-        let digest = hasher.finish();
-        self.written.insert(path.as_str().to_owned(), (digest, size));
         self.stats.files += 1;
         self.stats.bytes += size;
-        Ok(digest)
+        if let (true, Some(h)) = (threaded, self.hash_thread.as_mut()) {
+            if !h.end() {
+                return Err(disk(io::Error::other("the hashing thread stopped")));
+            }
+            return Ok(None);
+        }
+        let digest = hasher.finish();
+        self.written.insert(path.as_str().to_owned(), (digest, size));
+        Ok(Some(digest))
     }
 
     /// The file a patch at `path` applies to: the one the tree below holds there, a
@@ -917,6 +994,7 @@ impl<'a> Unpacker<'a> {
         } else {
             rustix::fs::unlinkat(parent, &name, AtFlags::empty()).map_err(|e| Fail::Disk(io_error(full, e)))?;
         }
+        self.settle()?;
         forget(&mut self.written, path.as_str());
         forget(&mut self.dirs, path.as_str());
         Ok(false)
@@ -946,6 +1024,7 @@ impl<'a> Unpacker<'a> {
         } else {
             rustix::fs::unlinkat(&parent, &cname, AtFlags::empty()).map_err(|e| Fail::Disk(io_error(full, e)))?;
         }
+        self.settle()?;
         forget(&mut self.written, target.as_str());
         forget(&mut self.dirs, target.as_str());
         Ok(())
@@ -1890,6 +1969,36 @@ mod tests {
         assert_eq!(fs::read(d.join(&long)).unwrap(), b"long");
         assert_eq!(check_tree(d, &cfg).unwrap(), []);
         env.assert_contained();
+    }
+
+    #[test]
+    fn files_hashed_by_the_hash_thread_are_checked_like_the_others() {
+        // Larger than one read: hashed by the hash thread, checked at the end of the layer.
+        let big = noise(3 * CHUNK + 17, 1);
+        let other = noise(CHUNK + 1, 2);
+        let blob = payload(&[Op::File("a", 0o644, &big), Op::File("b", 0o644, &other), Op::File("c", 0o644, b"c")]);
+        let good = config(vec![file("a", 0o644, &big), file("b", 0o644, &other), file("c", 0o644, b"c")], "");
+        let env = new_env();
+        env.unpack(&[&blob], &good).unwrap();
+        assert_eq!(fs::read(env.dest.join("a")).unwrap(), big);
+        assert_eq!(check_tree(&env.dest, &good).unwrap(), []);
+
+        // The second large file is not what was signed: named, whatever came after it.
+        let mut forged = other.clone();
+        forged[CHUNK] ^= 1;
+        let cfg = config(vec![file("a", 0o644, &big), file("b", 0o644, &forged), file("c", 0o644, b"c")], "");
+        let err = new_env().unpack(&[&blob], &cfg).unwrap_err();
+        assert!(matches!(&err, UnpackError::Mismatch { path, .. } if path == "b"), "{err}");
+
+        // A large file of a lower layer, replaced and whited out by the next one: the
+        // digests still pending are settled before the paths are forgotten.
+        let base = payload(&[Op::File("a", 0o644, &big), Op::File("b", 0o644, &other)]);
+        let delta = payload(&[Op::Whiteout("b"), Op::File("a", 0o644, &other)]);
+        let cfg = config(vec![file("a", 0o644, &other)], "");
+        let env = new_env();
+        env.unpack(&[&base, &delta], &cfg).unwrap();
+        assert_eq!(fs::read(env.dest.join("a")).unwrap(), other);
+        assert!(!env.dest.join("b").exists());
     }
 
     #[test]
