@@ -8,7 +8,9 @@
 //! stream is stopped and what it made removed. An incremental image whose parent image
 //! is one of this stage's generations on the host is received against that generation:
 //! only the layers above it are received, not the whole chain. Off btrfs the streams are
-//! applied in userspace onto plain directories.
+//! applied in userspace onto plain directories. The layers are read from the store, or
+//! from a deploy's source as they arrive ([`Layers::Arriving`], see `crate::stream`):
+//! then each is read once, teed into the store as it is received.
 //!
 //! The result is then compared with the signed manifest. The last stream's files that it
 //! writes in order from their creation are hashed as the stream passes
@@ -22,8 +24,8 @@
 //!                                  the signed manifest like any generation
 //! ```
 
-use std::fs::{self, File};
-use std::io::{self, BufReader};
+use std::fs;
+use std::io::{self, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
@@ -40,17 +42,56 @@ use formats::unpack::Budget;
 
 use crate::error::Malformed;
 use crate::host_parent::HostGeneration;
+use crate::stream::LayerReaders;
 
-type LayerReader = zstd::stream::read::Decoder<'static, BufReader<HashingReader<File>>>;
+/// Where the layers' blobs come from: the store (or a received layout), or the source of
+/// a deploy as they arrive ([`LayerReaders`], in order: see `stream`).
+#[derive(Debug)]
+pub enum Layers<'a> {
+    Stored(&'a Layout),
+    Arriving(&'a mut LayerReaders),
+}
 
-fn open(layout: &Layout, layer: &Descriptor) -> Result<LayerReader> {
-    let f = layout.open_blob(&layer.digest)?;
+/// A reader of one layer's blob, and whether it checks the blob's digest itself.
+type Blob<'a> = (Box<dyn Read + Send + 'a>, bool);
+
+impl Layers<'_> {
+    /// The blob of `layers[i]`; layers are asked for in order, each once. Those the caller
+    /// does not need are passed to [`Layers::skip`].
+    fn open(&mut self, layer: &Descriptor) -> Result<Blob<'_>> {
+        match self {
+            Layers::Stored(layout) => Ok((Box::new(layout.open_blob(&layer.digest)?), false)),
+            Layers::Arriving(readers) => {
+                let (l, reader, checked) = readers.next_layer()?.context("more layers than the image has")?;
+                if l.digest != layer.digest {
+                    bail!("layer {} arrived where {} was expected", l.digest, layer.digest);
+                }
+                Ok((reader, checked))
+            }
+        }
+    }
+
+    /// Passes over a layer that is not needed (below the host's generation): one that
+    /// arrives is still read to its end, which it reaches only once its digest matched.
+    fn skip(&mut self, layer: &Descriptor) -> Result<()> {
+        if let Layers::Arriving(_) = self {
+            let (mut reader, _) = self.open(layer)?;
+            io::copy(&mut reader, &mut io::sink()).with_context(|| format!("reading layer {}", layer.digest))?;
+        }
+        Ok(())
+    }
+}
+
+type LayerReader<'a> = zstd::stream::read::Decoder<'static, BufReader<HashingReader<Box<dyn Read + Send + 'a>>>>;
+
+fn open<'s>(source: &'s mut Layers<'_>, layer: &Descriptor) -> Result<LayerReader<'s>> {
+    let (f, _) = source.open(layer)?;
     // The whole blob is hashed (a longer file fails the digest check at the end).
     Ok(zstd::stream::read::Decoder::new(HashingReader::new(f))?)
 }
 
 /// Reads what the decoder left of the compressed blob and checks its digest and size.
-fn check_digest(dec: LayerReader, layer: &Descriptor) -> Result<()> {
+fn check_digest(dec: LayerReader<'_>, layer: &Descriptor) -> Result<()> {
     let mut rest = dec.finish();
     io::copy(&mut rest, &mut io::sink())?;
     let (digest, size, _) = rest.into_inner().finish();
@@ -76,7 +117,7 @@ fn check_digest(dec: LayerReader, layer: &Descriptor) -> Result<()> {
 /// btrfs, the layers above one of them are received against it (see the module
 /// documentation).
 pub fn stage(
-    layout: &Layout,
+    source: Layers<'_>,
     layers: &[Descriptor],
     config: &StageConfig,
     tmp: &Path,
@@ -94,9 +135,9 @@ pub fn stage(
     let budget = Budget::of(config, layers.len());
     let mut spent = Spent::default();
     let result = if on_btrfs {
-        receive(layout, layers, &budget, &mut spent, &work, host)
+        receive(source, layers, &budget, &mut spent, &work, host)
     } else {
-        apply(layout, layers, &budget, &mut spent, &work).map(|p| (p, FileDigests::new()))
+        apply(source, layers, &budget, &mut spent, &work).map(|p| (p, FileDigests::new()))
     };
     let (final_path, hashed) = match result {
         Ok(p) => p,
@@ -231,7 +272,7 @@ fn received_uuid(btrfs: &Path, path: &Path) -> Result<Option<String>> {
 }
 
 fn receive(
-    layout: &Layout,
+    mut source: Layers<'_>,
     layers: &[Descriptor],
     budget: &Budget,
     spent: &mut Spent,
@@ -249,6 +290,9 @@ fn receive(
         None => (0, None),
     };
     let mut hashed = FileDigests::new();
+    for layer in &layers[..first] {
+        source.skip(layer)?;
+    }
     for (i, layer) in layers.iter().enumerate().skip(first) {
         // Each command is validated (against the parent's tree on disk) and within the
         // budget before it is written to the receive; END only after the digest check.
@@ -261,9 +305,12 @@ fn receive(
             parent: prev.as_ref().map(|(u, dir, _)| (*u, dir.as_path())),
             hash_files: i + 1 == layers.len(),
         };
-        let checked = receiver
-            .receive(layout, layer, |p| over_budget(p, budget, spent).map_or(Ok(()), Err))
-            .map_err(receive_error)?;
+        let watch = |p| over_budget(p, budget, spent).map_or(Ok(()), Err);
+        let checked = match source.open(layer)? {
+            (blob, true) => receiver.receive_digest_checked(blob, layer, watch),
+            (blob, false) => receiver.receive_blob(blob, layer, watch),
+        }
+        .map_err(receive_error)?;
         within_budget(&checked.summary, layer, budget, spent)?;
         let path = receiver.received(&checked);
         hashed = checked.files;
@@ -292,7 +339,13 @@ fn receive_error(e: ReceiveError) -> anyhow::Error {
     }
 }
 
-fn apply(layout: &Layout, layers: &[Descriptor], budget: &Budget, spent: &mut Spent, work: &Path) -> Result<PathBuf> {
+fn apply(
+    mut source: Layers<'_>,
+    layers: &[Descriptor],
+    budget: &Budget,
+    spent: &mut Spent,
+    work: &Path,
+) -> Result<PathBuf> {
     let mut prev: Option<PathBuf> = None;
     for (i, layer) in layers.iter().enumerate() {
         // One read: each command checked, within the budget, then applied.
@@ -301,7 +354,7 @@ fn apply(layout: &Layout, layers: &[Descriptor], budget: &Budget, spent: &mut Sp
         if let Some(p) = &prev {
             copy_tree(p, &dest)?;
         }
-        let mut dec = open(layout, layer)?;
+        let mut dec = open(&mut source, layer)?;
         let mut last = Progress::default();
         apply_to_dir_watched(&mut dec, &dest, prev.as_deref(), |p| {
             last = p;

@@ -1,14 +1,17 @@
-//! One read of each payload on deploy: a tar+zstd layer that arrives in an archive (a file
-//! or stdin) or a layout directory is unpacked while it is written to the received layout,
-//! instead of being stored first and read again.
+//! One read of each payload on deploy: a tar+zstd or btrfs layer that arrives in an archive
+//! (a file or stdin) or a layout directory is unpacked (or received by `btrfs receive`)
+//! while it is written to the received layout, instead of being stored first and read
+//! again.
 //!
 //! ```text
 //! archive ─► blob header ─► signatures verified? layer of the image, next in order?
 //!                │ yes: tee
 //!                ├──────────► received layout (hashed, kept only when its digest matched)
 //!                └──────────► channel (bounded) ─► unpack thread ─► staging .tmp/stream-<hex>-<n>/
-//!                                                  (Unpacker: hashes the blob and every file
-//!                                                   as written, checks the whole tree)
+//!                                                  (tar: Unpacker, every file hashed as
+//!                                                   written; btrfs: crate::btrfs::stage,
+//!                                                   each command checked, then received;
+//!                                                   the whole tree checked)
 //! ```
 //!
 //! Only an image whose signatures were verified is unpacked, only into the staging temp
@@ -18,7 +21,7 @@
 //! whose layers do not arrive in order (another image's layers between them, a layer
 //! missing) is unpacked as before, from the received layout, once it is complete.
 
-use std::collections::{BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::io::{self, Read, Write};
 use std::path::PathBuf;
 use std::sync::Mutex;
@@ -28,10 +31,12 @@ use std::thread::JoinHandle;
 use anyhow::{Context, Result};
 
 use formats::Digest;
+use formats::StageName;
 use formats::layout::Layout;
-use formats::oci::{Descriptor, TAR_ZSTD_MEDIA_TYPE};
+use formats::oci::{BTRFS_ZSTD_MEDIA_TYPE, Descriptor, TAR_ZSTD_MEDIA_TYPE};
 use formats::unpack::Unpacker;
 
+use crate::host_parent::HostGeneration;
 use crate::receive::Verified;
 
 /// Chunks in flight between the receiver and the unpack thread (at most 128 KiB each:
@@ -46,6 +51,16 @@ pub struct Target {
     pub on_btrfs: bool,
     /// Images not to unpack (already active on the host).
     pub skip: BTreeSet<Digest>,
+    /// Each deployed stage's generations on the host, which an incremental btrfs image is
+    /// received against (see `host_parent`).
+    pub host: BTreeMap<StageName, Vec<HostGeneration>>,
+}
+
+/// The payload type of an image whose layers can be unpacked as they arrive.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Payload {
+    TarZstd,
+    Btrfs,
 }
 
 enum Msg {
@@ -77,10 +92,15 @@ impl Streamer {
     pub fn start(target: &Target, v: &Verified, store: &Layout) -> Option<Streamer> {
         let c = v.candidate();
         let layers: Vec<Descriptor> = c.manifest.layers.clone();
-        if target.skip.contains(&v.digest)
-            || layers.is_empty()
-            || layers.iter().any(|l| l.media_type != TAR_ZSTD_MEDIA_TYPE)
-        {
+        let all = |media_type: &str| layers.iter().all(|l| l.media_type == media_type);
+        let payload = if all(TAR_ZSTD_MEDIA_TYPE) {
+            Payload::TarZstd
+        } else if all(BTRFS_ZSTD_MEDIA_TYPE) {
+            Payload::Btrfs
+        } else {
+            return None;
+        };
+        if target.skip.contains(&v.digest) || layers.is_empty() {
             return None;
         }
         let in_store: Vec<bool> = layers.iter().map(|l| store.has_blob(&l.digest)).collect();
@@ -95,11 +115,15 @@ impl Streamer {
         let tree = target.tmp.join(format!("stream-{}-{n}", &v.digest.hex()[..16]));
         let (tx, rx) = sync_channel(CHANNEL_CHUNKS);
         let (config, on_btrfs, dir) = (c.config.clone(), target.on_btrfs, tree.clone());
+        let host = target.host.get(&config.name).cloned().unwrap_or_default();
         let mut readers = LayerReaders { store: store.clone(), layers: layers.clone(), in_store, rx, next: 0 };
         crate::progress::step("unpack", Some(&v.reference), "unpacking the layers while they arrive");
         let thread = std::thread::Builder::new()
             .name("unpack".into())
-            .spawn(move || unpack_tar(&config, &layers, &dir, on_btrfs, &mut readers))
+            .spawn(move || match payload {
+                Payload::TarZstd => unpack_tar(&config, &layers, &dir, on_btrfs, &mut readers),
+                Payload::Btrfs => receive_btrfs(&config, &layers, &dir, on_btrfs, &host, &mut readers),
+            })
             .ok()?;
         Some(Streamer {
             image: v.digest,
@@ -244,6 +268,25 @@ fn unpack_tar(
         }
     }
     unpacker.finish()?;
+    Ok(())
+}
+
+/// Receives btrfs `layers` (incremental ones against the host's generation of their
+/// parent, as a deploy from the store does) into `dir`, checked against the signed
+/// manifest (see `crate::btrfs::stage`).
+fn receive_btrfs(
+    config: &formats::manifest::StageConfig,
+    layers: &[Descriptor],
+    dir: &std::path::Path,
+    on_btrfs: bool,
+    host: &[HostGeneration],
+    readers: &mut LayerReaders,
+) -> Result<()> {
+    let _ = crate::txn::remove_tree(dir);
+    let tmp = dir.parent().context("a temp tree has a parent")?;
+    std::fs::create_dir_all(tmp).with_context(|| format!("creating {}", tmp.display()))?;
+    let name = dir.file_name().and_then(|n| n.to_str()).context("tree name")?;
+    crate::btrfs::stage(crate::btrfs::Layers::Arriving(readers), layers, config, tmp, name, on_btrfs, host)?;
     Ok(())
 }
 

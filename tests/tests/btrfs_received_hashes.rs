@@ -109,3 +109,93 @@ fn btrfs_loop_root_received_files_are_hashed_from_the_stream_and_partial_writes_
     let changed: Vec<_> = after.iter().filter(|(k, v)| before.get(*k) != Some(*v)).map(|(k, _)| k).collect();
     assert!(changed.is_empty() && after.len() == before.len(), "the refused deploy changed {changed:?}");
 }
+
+/// Every file under `dir` (not following links), with its length.
+fn files_under(dir: &Path) -> Vec<(std::path::PathBuf, u64)> {
+    let mut out = Vec::new();
+    for e in fs::read_dir(dir).into_iter().flatten().flatten() {
+        let Ok(m) = e.path().symlink_metadata() else { continue };
+        if m.is_dir() {
+            out.extend(files_under(&e.path()));
+        } else if m.is_file() {
+            out.push((e.path(), m.len()));
+        }
+    }
+    out
+}
+
+/// A btrfs image deployed from an archive arriving on stdin is received while it arrives
+/// (one read of the layer: before, the layer was stored whole, then read again for
+/// `btrfs receive`): with the end of the archive held back, `btrfs receive` has already
+/// written the image's file in the staging temp area. The increment is received the same
+/// way against the host's generation.
+#[test]
+fn btrfs_loop_root_a_deploy_receives_the_stream_while_the_archive_arrives() {
+    use std::io::Write;
+    use std::process::Stdio;
+    use std::time::{Duration, Instant};
+
+    let b = LoopBtrfs::new(1024);
+    let m = &b.mnt;
+    let key = keygen(m, "k");
+    let store = m.join("store");
+    let stage = m.join("src/app");
+    let data1 = util::varied(4 << 20, 7);
+    write_stage(&stage, "1.0.0", &data1);
+    ok(image(&store, Some(&key)).args(["-q", "build", "--format", "btrfs"]).arg(&stage));
+    let mut data2 = data1.clone();
+    // (Large enough for the increment's stream to reach `btrfs receive` with the end of
+    // the archive held back: the decoder hands on 256 KiB at a time.)
+    data2[1 << 20..3 << 20].copy_from_slice(&util::varied(2 << 20, 8));
+    write_stage(&stage, "1.1.0", &data2);
+    ok(image(&store, Some(&key)).args(["-q", "build", "--format", "btrfs", "--parent", "app:1.0.0"]).arg(&stage));
+    let root = m.join("root");
+    fs::create_dir_all(&root).unwrap();
+    ok(stage_cmd(&root).args(["-q", "init"]));
+    ok(stage_cmd(&root).args(["-q", "trust", "add"]).arg(m.join("k.pub")));
+    let tmp = root.join("var/lib/op-dbus/staging/.tmp");
+
+    for (reference, archive, data) in [("app:1.0.0", "v1.oci.tar", &data1), ("app:1.1.0", "v2.oci.tar", &data2)] {
+        let path = m.join(archive);
+        ok(image(&store, None).args(["-q", "export", reference, "--out"]).arg(&path));
+        let bytes = fs::read(&path).unwrap();
+        let mut child = stage_cmd(&root)
+            .args(["--stall-timeout", "30", "-v", "deploy", "-"])
+            .stdin(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut stdin = child.stdin.take().unwrap();
+        let held_back = 64 << 10;
+        stdin.write_all(&bytes[..bytes.len() - held_back]).unwrap();
+        stdin.flush().unwrap();
+        let started = Instant::now();
+        loop {
+            let received = files_under(&tmp).into_iter().any(|(p, len)| p.ends_with("share/data.bin") && len > 0);
+            if received {
+                break;
+            }
+            if let Some(st) = child.try_wait().unwrap() {
+                panic!("{reference}: the deploy ended ({st}) before the archive was whole");
+            }
+            if started.elapsed() > Duration::from_secs(20) {
+                let _ = child.kill();
+                panic!("{reference}: nothing was received while the archive arrived: {:?}", files_under(&tmp));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(child.try_wait().unwrap().is_none(), "{reference}: still waiting for the end of the archive");
+        stdin.write_all(&bytes[bytes.len() - held_back..]).unwrap();
+        drop(stdin);
+        let out = child.wait_with_output().unwrap();
+        let log = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{reference}: {log}");
+        if reference == "app:1.1.0" {
+            assert!(log.contains("receiving the layers above layer 1 against the host's generation"), "{log}");
+        }
+        let staged = root.join("var/lib/op-dbus/staging/app/share/data.bin");
+        assert!(fs::read(&staged).unwrap() == *data, "{reference}: the staged data.bin differs");
+        ok(stage_cmd(&root).arg("verify"));
+        assert_eq!(fs::read_dir(&tmp).unwrap().count(), 0, "{reference}: nothing left in the temp area");
+    }
+}

@@ -19,7 +19,7 @@ use super::StreamError;
 use super::forward::{Forwarded, Progress, forward_stream, forward_stream_hashing};
 use super::stream::Uuid;
 use super::validate::ParentTree;
-use crate::digest::{Digest, HashingReader};
+use crate::digest::{Digest, Hasher};
 use crate::layout::Layout;
 use crate::oci::Descriptor;
 
@@ -93,6 +93,28 @@ impl Receiver<'_> {
         layer: &Descriptor,
         watch: impl FnMut(Progress) -> Result<(), String>,
     ) -> Result<Forwarded, ReceiveError> {
+        self.receive_from(Blob { inner: blob, hasher: Some(Hasher::new()), count: 0 }, layer, watch)
+    }
+
+    /// [`Receiver::receive_blob`] from a reader that checks the blob's digest itself: it
+    /// reaches its end only once the bytes it gave hashed to `layer`'s digest, and fails
+    /// otherwise (a layer teed from an archive as it is stored). The bytes are not hashed
+    /// a second time here; their count is still checked against the layer's size.
+    pub fn receive_digest_checked<R: Read + Send>(
+        &self,
+        blob: R,
+        layer: &Descriptor,
+        watch: impl FnMut(Progress) -> Result<(), String>,
+    ) -> Result<Forwarded, ReceiveError> {
+        self.receive_from(Blob { inner: blob, hasher: None, count: 0 }, layer, watch)
+    }
+
+    fn receive_from<R: Read + Send>(
+        &self,
+        blob: Blob<R>,
+        layer: &Descriptor,
+        watch: impl FnMut(Progress) -> Result<(), String>,
+    ) -> Result<Forwarded, ReceiveError> {
         let io_err = |what: String| move |source| ReceiveError::Io { what, source };
         let tree = self
             .parent
@@ -118,7 +140,7 @@ impl Receiver<'_> {
         let parent_uuid = self.parent.map(|(u, _)| u);
         // The whole blob is hashed (a longer one fails the digest check at the end); it is
         // decompressed by a second thread while the commands before are checked and sent.
-        let decoded = crate::decode::decompressed(HashingReader::new(blob), |dec| {
+        let decoded = crate::decode::decompressed(blob, |dec| {
             if self.hash_files {
                 forward_stream_hashing(dec, parent_uuid, tree.as_ref(), &mut stdin, watch)
             } else {
@@ -166,11 +188,33 @@ impl Receiver<'_> {
     }
 }
 
+/// The compressed bytes of a layer: counted, and hashed unless the reader checks the
+/// digest itself.
+struct Blob<R> {
+    inner: R,
+    hasher: Option<Hasher>,
+    count: u64,
+}
+
+impl<R: Read> Read for Blob<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        if let Some(h) = &mut self.hasher {
+            h.update(&buf[..n]);
+        }
+        self.count += n as u64;
+        Ok(n)
+    }
+}
+
 /// Reads what the decoder left of the compressed blob and checks its digest and size.
-fn check_digest<R: Read>(mut rest: BufReader<HashingReader<R>>, layer: &Descriptor) -> Result<(), ReceiveError> {
+fn check_digest<R: Read>(mut rest: BufReader<Blob<R>>, layer: &Descriptor) -> Result<(), ReceiveError> {
     io::copy(&mut rest, &mut io::sink())
         .map_err(|source| ReceiveError::Io { what: format!("reading layer {}", layer.digest), source })?;
-    let (actual, size, _) = rest.into_inner().finish();
+    let blob = rest.into_inner();
+    let size = blob.count;
+    // Without a hasher, the reader ended only once the digest matched.
+    let actual = blob.hasher.map_or(layer.digest, Hasher::finish);
     if actual != layer.digest || size != layer.size {
         return Err(ReceiveError::Digest { digest: layer.digest, actual, size, expected_size: layer.size });
     }

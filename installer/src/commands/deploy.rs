@@ -58,10 +58,18 @@ pub fn deploy(ctx: &Ctx, sources: &[Source], batch: Batch, with_deps: bool, acti
     let recv_tmp = store.root().join(".tmp");
     // A deploy unpacks each image while it arrives (one read of each payload); the tree
     // waits in the staging temp area until the image is admitted.
-    let target = (activate && !ctx.opts.dry_run).then(|| crate::stream::Target {
-        tmp: ctx.staging.tmp(),
-        on_btrfs: crate::host::backend(&ctx.staging.dir) == "btrfs",
-        skip: ctx.state().map(|s| s.stages.values().map(|s| s.active.digest).collect()).unwrap_or_default(),
+    let target = (activate && !ctx.opts.dry_run).then(|| {
+        let state = ctx.state().unwrap_or_default();
+        crate::stream::Target {
+            tmp: ctx.staging.tmp(),
+            on_btrfs: crate::host::backend(&ctx.staging.dir) == "btrfs",
+            skip: state.stages.values().map(|s| s.active.digest).collect(),
+            host: state
+                .stages
+                .keys()
+                .map(|name| (name.clone(), crate::host_parent::of_stage(&ctx.staging, &state, name)))
+                .collect(),
+        }
     });
     let mut all = Vec::new();
     let how = (ctx.opts.allow_expired, ctx.opts.stall_timeout);
@@ -271,14 +279,16 @@ pub(crate) fn unpack(
             }
         };
         let host = crate::host_parent::of_stage(&ctx.staging, state, &config.name);
-        if btrfs_layers {
-            // Checked against the signed manifest there.
-            crate::btrfs::stage(layout, layers, config, &ctx.staging.tmp(), tmp_name, on_btrfs, &host)
-                .with_context(|| format!("staging the btrfs layers of {}", v.reference))?;
-        } else if let Some(streamed) = received.take_streamed(&v.digest) {
-            // Unpacked and checked while it arrived: moved into place.
-            let tree = streamed.with_context(|| format!("unpacking {}", v.reference))?;
+        if let Some(streamed) = received.take_streamed(&v.digest) {
+            // Unpacked (or received) and checked while it arrived: moved into place.
+            let what = if btrfs_layers { "staging the btrfs layers of" } else { "unpacking" };
+            let tree = streamed.with_context(|| format!("{what} {}", v.reference))?;
             fs::rename(&tree, &tmp).with_context(|| format!("moving {} to {}", tree.display(), tmp.display()))?;
+        } else if btrfs_layers {
+            // Checked against the signed manifest there.
+            let layers_from = crate::btrfs::Layers::Stored(layout);
+            crate::btrfs::stage(layers_from, layers, config, &ctx.staging.tmp(), tmp_name, on_btrfs, &host)
+                .with_context(|| format!("staging the btrfs layers of {}", v.reference))?;
         } else {
             crate::tar_stage::stage(layout, layers, config, &ctx.staging.tmp(), tmp_name, on_btrfs, &host)
                 .with_context(|| format!("unpacking {}", v.reference))?;
