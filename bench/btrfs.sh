@@ -11,7 +11,8 @@
 #   and the builder's peak RSS (GNU time; apt-get install time)
 #
 # environment: OP_DBUS_BIN (default target/release), BENCH_MIB (corpus size, default 512),
-#              BENCH_RUNS (default 3)
+#              BENCH_RUNS (default 3), BENCH_TMPDIR (where the loop image lives, default
+#              /var/tmp; a tmpfs such as /dev/shm takes the disk's writeback noise out)
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 bin=${OP_DBUS_BIN:-$repo/target/release}
@@ -19,7 +20,7 @@ mib=${BENCH_MIB:-512}
 runs=${BENCH_RUNS:-3}
 [[ $(id -u) == 0 ]] || { echo "bench/btrfs.sh mounts a loop btrfs: run it as root" >&2; exit 1; }
 [[ -x $bin/op-dbus-image && -x $bin/op-dbus-stage ]] || (cd "$repo" && cargo build --release --bins --locked)
-work=$(mktemp -d /var/tmp/op-dbus-btrfs-bench.XXXXXX)
+work=$(mktemp -d "${BENCH_TMPDIR:-/var/tmp}/op-dbus-btrfs-bench.XXXXXX")
 mnt=$work/mnt
 cleanup() { umount "$mnt" 2>/dev/null || umount -l "$mnt" 2>/dev/null || true; rm -rf "$work"; }
 trap cleanup EXIT
