@@ -5,12 +5,16 @@
 #
 #   builder:   op-dbus-image build --format btrfs DIR
 #              vs  cp -a DIR into a new subvolume; snapshot -r; btrfs send --proto 2 | zstd -T0 -3 > FILE
-#   installer: op-dbus-stage deploy FILE (validate, then btrfs receive, then check every file)
-#              vs  zstd -d < LAYER | btrfs receive DIR
+#   installer: op-dbus-stage deploy FILE (each command validated, then received; every
+#              file checked) vs  zstd -d < LAYER | btrfs receive DIR, each on a new loop
+#              btrfs and followed by sync -f
 #   incremental: the layer size for a 1% change against the full one
 #   and the builder's peak RSS (GNU time; apt-get install time)
 #
 # environment: OP_DBUS_BIN (default target/release), BENCH_MIB (corpus size, default 512),
+#              BENCH_STAGE (a stage folder to use instead of the generated corpus, e.g. the
+#              1 GiB corpus of `bench/build.sh --corpus-only DIR`, DIR/bench-mixed; the
+#              incremental row is then left out),
 #              BENCH_RUNS (default 3), BENCH_TMPDIR (where the loop image lives, default
 #              /var/tmp; a tmpfs such as /dev/shm takes the disk's writeback noise out)
 set -euo pipefail
@@ -18,6 +22,7 @@ repo=$(cd "$(dirname "$0")/.." && pwd)
 bin=${OP_DBUS_BIN:-$repo/target/release}
 mib=${BENCH_MIB:-512}
 runs=${BENCH_RUNS:-3}
+[[ -z ${BENCH_STAGE:-} ]] || mib=$(du -sm "$BENCH_STAGE" | cut -f1)
 [[ $(id -u) == 0 ]] || { echo "bench/btrfs.sh mounts a loop btrfs: run it as root" >&2; exit 1; }
 [[ -x $bin/op-dbus-image && -x $bin/op-dbus-stage ]] || (cd "$repo" && cargo build --release --bins --locked)
 work=$(mktemp -d "${BENCH_TMPDIR:-/var/tmp}/op-dbus-btrfs-bench.XXXXXX")
@@ -36,15 +41,21 @@ seconds() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.3f", (b - a) / 1e9 }'; }
 median() { printf '%s\n' "$@" | sort -g | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }'; }
 
 src=$mnt/src/app
-mkdir -p "$src/data"
-printf 'name: app\nversion: 1.0.0\nfiles:\n  - path: data\n    target: /opt/app/data\n' >"$src/manifest.yaml"
-echo "bench: generating a $mib MiB corpus on the loop btrfs" >&2
-# (The generators die of SIGPIPE when head has enough: not an error here.)
-for i in $(seq 1 8); do
-	{ openssl enc -aes-256-ctr -nosalt -pass "pass:seed$i" -in /dev/zero 2>/dev/null || true; } |
-		head -c $((mib * 1024 * 1024 / 16)) >"$src/data/random$i.bin"
-	{ seq 1 100000000 || true; } | head -c $((mib * 1024 * 1024 / 16)) >"$src/data/text$i.txt"
-done
+if [[ -n ${BENCH_STAGE:-} ]]; then
+	echo "bench: copying $BENCH_STAGE onto the loop btrfs" >&2
+	mkdir -p "$mnt/src"
+	cp -a "$BENCH_STAGE" "$src"
+else
+	mkdir -p "$src/data"
+	printf 'name: app\nversion: 1.0.0\nfiles:\n  - path: data\n    target: /opt/app/data\n' >"$src/manifest.yaml"
+	echo "bench: generating a $mib MiB corpus on the loop btrfs" >&2
+	# (The generators die of SIGPIPE when head has enough: not an error here.)
+	for i in $(seq 1 8); do
+		{ openssl enc -aes-256-ctr -nosalt -pass "pass:seed$i" -in /dev/zero 2>/dev/null || true; } |
+			head -c $((mib * 1024 * 1024 / 16)) >"$src/data/random$i.bin"
+		{ seq 1 100000000 || true; } | head -c $((mib * 1024 * 1024 / 16)) >"$src/data/text$i.txt"
+	done
+fi
 "$image" key generate --out "$mnt/key" >/dev/null
 export OP_DBUS_SIGNING_KEY=$mnt/key
 sync
@@ -55,7 +66,7 @@ for ((r = 1; r <= runs; r++)); do
 	btrfs subvolume create "$mnt/base" >/dev/null
 	sync
 	t0=$(now_ns)
-	cp -a "$src/data" "$mnt/base/"
+	cp -a "$src/." "$mnt/base/"
 	btrfs subvolume snapshot -r "$mnt/base" "$mnt/base.ro" >/dev/null
 	btrfs send -q --proto 2 "$mnt/base.ro" | zstd -T0 -3 -q >"$mnt/base.stream.zst"
 	sync -f "$mnt/base.stream.zst"
@@ -65,42 +76,72 @@ for ((r = 1; r <= runs; r++)); do
 	rm -rf "$OP_DBUS_STORE"
 	sync
 	t0=$(now_ns)
-	/usr/bin/time -f %M -o "$work/rss" "$image" -q build --format btrfs "$src" >/dev/null
+	/usr/bin/time -f %M -o "$work/rss" "$image" --json build --format btrfs "$src" >"$work/build.json"
 	t1=$(now_ns)
 	build_ours+=("$(seconds "$t0" "$t1")")
 	rss=$(tail -n 1 "$work/rss")
 	if ((rss > build_peak)); then build_peak=$rss; fi
-	# Receive: baseline btrfs receive of the same layer; ours a full deploy.
-	layer=$("$image" --json inspect app:1.0.0 | python3 -c 'import json,sys; print(json.load(sys.stdin)["layers"][0]["digest"].split(":")[1])')
-	mkdir -p "$mnt/recv"
-	sync
-	t0=$(now_ns)
-	zstd -dc -q "$OP_DBUS_STORE/blobs/sha256/$layer" | btrfs receive -q -e "$mnt/recv" >/dev/null
-	sync -f "$mnt/recv"
-	t1=$(now_ns)
-	recv_base+=("$(seconds "$t0" "$t1")")
-	for s in "$mnt"/recv/*; do btrfs subvolume delete -c "$s" >/dev/null; done
-	"$image" -q export app:1.0.0 --out "$mnt/app.oci.tar" >/dev/null
-	root=$mnt/root$r
-	mkdir -p "$root"
-	"$stage" --root "$root" -q init >/dev/null
-	"$stage" --root "$root" -q trust add "$mnt/key.pub" >/dev/null
-	sync
-	t0=$(now_ns)
-	"$stage" --root "$root" -q deploy "$mnt/app.oci.tar" >/dev/null
-	t1=$(now_ns)
-	recv_ours+=("$(seconds "$t0" "$t1")")
-	echo "bench: run $r: build ${build_base[-1]} vs ${build_ours[-1]}; receive ${recv_base[-1]} vs ${recv_ours[-1]}" >&2
+	echo "bench: run $r: build ${build_base[-1]} vs ${build_ours[-1]}" >&2
 done
 
 # Incremental: change 1% of one file in place and build against the parent.
-f=$src/data/random1.bin
-size=$(stat -c %s "$f")
-dd if=/dev/urandom of="$f" bs=1M count=$((mib / 100 + 1)) seek=1 conv=notrunc status=none
-sed -i 's/version: 1.0.0/version: 1.0.1/' "$src/manifest.yaml"
-"$image" -q build --format btrfs --parent app:1.0.0 "$src" >/dev/null
-sizes=$("$image" --json inspect app:1.0.1 | python3 -c 'import json,sys; print(" ".join(str(l["size"]) for l in json.load(sys.stdin)["layers"]))')
-read -r full incr <<<"$sizes"
+if [[ -z ${BENCH_STAGE:-} ]]; then
+	f=$src/data/random1.bin
+	size=$(stat -c %s "$f")
+	dd if=/dev/urandom of="$f" bs=1M count=$((mib / 100 + 1)) seek=1 conv=notrunc status=none
+	sed -i 's/version: 1.0.0/version: 1.0.1/' "$src/manifest.yaml"
+	"$image" -q build --format btrfs --parent app:1.0.0 "$src" >/dev/null
+	sizes=$("$image" --json inspect app:1.0.1 | python3 -c 'import json,sys; print(" ".join(str(l["size"]) for l in json.load(sys.stdin)["layers"]))')
+	read -r full incr <<<"$sizes"
+fi
+
+# Receive: the baseline `zstd -d | btrfs receive` of the image's layer against a full
+# deploy of its archive, each onto a new loop btrfs of its own (the same size, made the
+# same way) with the layer or archive read from outside it, each followed by `sync -f`:
+# a filesystem reused across runs times the cleaner's work on the previous run's
+# subvolumes, not the receive.
+ref=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["reference"])' "$work/build.json")
+layer=$("$image" --json inspect "$ref" | python3 -c 'import json,sys; print(json.load(sys.stdin)["layers"][0]["digest"].split(":")[1])')
+"$image" -q export "$ref" --out "$work/app.oci.tar" >/dev/null
+cp "$OP_DBUS_STORE/blobs/sha256/$layer" "$work/layer.zst"
+cp "$mnt/key.pub" "$work/key.pub"
+# The build's filesystem is not needed any more: its memory (on a tmpfs) is given back.
+umount "$mnt"
+rm -f "$work/fs.img"
+rmnt=$work/rmnt
+mkdir "$rmnt"
+fresh_fs() {
+	umount "$rmnt" 2>/dev/null || true
+	rm -f "$work/recv.img"
+	truncate -s $((mib * 4 + 2048))M "$work/recv.img"
+	mkfs.btrfs -q "$work/recv.img" >/dev/null
+	mount -o loop "$work/recv.img" "$rmnt"
+}
+cleanup() { umount "$rmnt" 2>/dev/null || true; umount "$mnt" 2>/dev/null || umount -l "$mnt" 2>/dev/null || true; rm -rf "$work"; }
+for ((r = 1; r <= runs; r++)); do
+	fresh_fs
+	mkdir "$rmnt/recv"
+	sync
+	t0=$(now_ns)
+	zstd -dc -q "$work/layer.zst" | btrfs receive -q -e "$rmnt/recv" >/dev/null
+	sync -f "$rmnt/recv"
+	t1=$(now_ns)
+	recv_base+=("$(seconds "$t0" "$t1")")
+	fresh_fs
+	root=$rmnt/root
+	mkdir -p "$root"
+	"$stage" --root "$root" -q init >/dev/null
+	"$stage" --root "$root" -q trust add "$work/key.pub" >/dev/null
+	sync
+	t0=$(now_ns)
+	"$stage" --root "$root" -q deploy "$work/app.oci.tar" >/dev/null
+	sync -f "$root"
+	t1=$(now_ns)
+	recv_ours+=("$(seconds "$t0" "$t1")")
+	echo "bench: run $r: receive ${recv_base[-1]} vs ${recv_ours[-1]}" >&2
+done
+umount "$rmnt"
+rm -f "$work/recv.img"
 
 bb=$(median "${build_base[@]}") bo=$(median "${build_ours[@]}")
 rb=$(median "${recv_base[@]}") ro=$(median "${recv_ours[@]}")
@@ -109,4 +150,6 @@ printf '%-40s %10s %10s %7s\n' measure baseline_s ours_s ratio
 printf '%-40s %10s %10s %7s\n' "build (cp+snapshot+send|zstd)" "$bb" "$bo" "$(awk -v a="$bb" -v b="$bo" 'BEGIN { printf "%.2f", b / a }')"
 echo "builder peak RSS: $((build_peak / 1024)) MiB"
 printf '%-40s %10s %10s %7s\n' "deploy (zstd -d | btrfs receive)" "$rb" "$ro" "$(awk -v a="$rb" -v b="$ro" 'BEGIN { printf "%.2f", b / a }')"
-echo "incremental layer for a 1% change: $incr bytes of $full ($(awk -v a="$full" -v b="$incr" 'BEGIN { printf "%.1f%%", 100 * b / a }')); file size $size"
+if [[ -z ${BENCH_STAGE:-} ]]; then
+	echo "incremental layer for a 1% change: $incr bytes of $full ($(awk -v a="$full" -v b="$incr" 'BEGIN { printf "%.1f%%", 100 * b / a }')); file size $size"
+fi
