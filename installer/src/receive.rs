@@ -35,6 +35,8 @@ use keys::policy::Policy;
 use keys::trust::{Identity, SignatureLayer, TrustedKey};
 
 #[cfg(feature = "registry")]
+use registry::transfer::LayerEvent;
+#[cfg(feature = "registry")]
 use registry::{Access, ClientOptions, Credentials, RegistryError, RegistryRef};
 
 use crate::error::{Malformed, Refused, Untrusted, Usage};
@@ -488,8 +490,8 @@ impl Received {
 
 /// Receives `source` into a temporary layout (or reads it from `store`) and verifies
 /// every image in it. Blobs a thin export leaves out are taken from `store`. With
-/// `unpack`, the image of an archive or a layout directory is unpacked into its staging
-/// area while its layers are received (see [`crate::stream`]).
+/// `unpack`, the image of an archive, a layout directory or a registry is unpacked into
+/// its staging area while its layers are received (see [`crate::stream`]).
 #[tracing::instrument(name = "receive", skip_all, fields(source = ?source))]
 pub fn receive(
     source: &Source,
@@ -568,7 +570,7 @@ pub fn receive(
         Source::Registry { reference, options } => {
             let mut options = options.clone();
             options.limits.stall = stall;
-            receive_registry(reference, &options, tmp, store, trust, allow_expired)
+            receive_registry(reference, &options, tmp, store, trust, allow_expired, unpack)
         }
         Source::Layout(dir) => {
             let src = Layout::open(dir).with_context(|| format!("{} is not an OCI layout", dir.display()))?;
@@ -696,6 +698,7 @@ fn receive_registry(
     store: &Layout,
     trust: &Trust,
     allow_expired: bool,
+    unpack: Option<&stream::Target>,
 ) -> Result<Received> {
     let what = reference.to_string();
     let client =
@@ -719,10 +722,25 @@ fn receive_registry(
     let v = verify_as(c, trust, allow_expired, Identity::Repository(&repository))
         .with_context(|| format!("{what} (as {tag})"))?;
     check_tag(reference, &head.config.name, &head.config.version)?;
-    let stats = registry::transfer::fetch_layers(&client, reference, &head.manifest.layers, &temp.layout, |d| {
-        store.has_blob(d)
-    })
+    // Unpacked while its layers arrive, as from an archive (see `stream`).
+    let mut streamer = unpack.and_then(|t| Streamer::start(t, &v, store));
+    let stats = registry::transfer::fetch_layers_teed(
+        &client,
+        reference,
+        &head.manifest.layers,
+        &temp.layout,
+        |d| store.has_blob(d),
+        |event| match (event, streamer.as_mut()) {
+            (LayerEvent::Fetching(l), Some(s)) => s.tee(&l.digest, l.size),
+            (LayerEvent::Stored(d), Some(s)) => {
+                s.stored(d);
+                None
+            }
+            (_, None) => None,
+        },
+    )
     .map_err(|e| registry_error(e, &what))?;
+    let streamed = streamer.and_then(Streamer::finish).into_iter().collect();
     tracing::info!(
         "{what}: fetched {} blob(s), {} bytes; {} layer(s) already in the store; {} resumed",
         stats.blobs_fetched + head.stats.blobs_fetched,
@@ -730,7 +748,7 @@ fn receive_registry(
         stats.blobs_present,
         stats.resumed
     );
-    finish(temp, index, BTreeMap::from([(tag, v)]), store, trust, allow_expired, Vec::new())
+    finish(temp, index, BTreeMap::from([(tag, v)]), store, trust, allow_expired, streamed)
 }
 
 #[cfg(feature = "registry")]

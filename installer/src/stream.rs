@@ -1,5 +1,5 @@
 //! One read of each payload on deploy: a tar+zstd or btrfs layer that arrives in an archive
-//! (a file or stdin) or a layout directory is unpacked (or received by `btrfs receive`)
+//! (a file or stdin), a layout directory or from a registry is unpacked (or received by `btrfs receive`)
 //! while it is written to the received layout, instead of being stored first and read
 //! again.
 //!
@@ -24,8 +24,9 @@
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::io::{self, Read, Write};
 use std::path::PathBuf;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use anyhow::{Context, Result};
@@ -74,8 +75,8 @@ pub struct Streamer {
     image: Digest,
     /// The layers still to come from the source, in order, with their sizes.
     expect: VecDeque<(Digest, u64)>,
-    /// The layer being teed.
-    teeing: Option<Digest>,
+    /// The layer being teed, its size, and the bytes the tee has had so far.
+    teeing: Option<(Digest, u64, Arc<AtomicU64>)>,
     /// The layers did not arrive as expected: the image is unpacked the ordinary way.
     broken: bool,
     tx: Option<SyncSender<Msg>>,
@@ -146,9 +147,10 @@ impl Streamer {
         match self.expect.front() {
             Some(&(d, s)) if d == *digest && s == size => {
                 self.expect.pop_front();
-                self.teeing = Some(d);
+                let sent = Arc::new(AtomicU64::new(0));
+                self.teeing = Some((d, s, sent.clone()));
                 let tx = self.tx.clone()?;
-                Some(Box::new(ChannelWriter { tx }))
+                Some(Box::new(ChannelWriter { tx, sent }))
             }
             _ => {
                 if self.expect.iter().any(|(d, _)| d == digest) {
@@ -161,13 +163,23 @@ impl Streamer {
     }
 
     /// A blob was stored, its digest checked: the unpacker may finish the layer.
+    /// A tee that was dropped before the end (a source that sent the blob again from its
+    /// start, a registry ignoring the range of a resume) has had fewer bytes than the
+    /// blob: the image is then unpacked the ordinary way, from the stored blob.
     pub fn stored(&mut self, digest: &Digest) {
-        if self.teeing == Some(*digest) {
-            self.teeing = None;
-            if let Some(tx) = &self.tx {
-                // The unpacker may have stopped already (its error is kept).
-                let _ = tx.send(Msg::End);
+        match self.teeing.take() {
+            Some((d, size, sent)) if d == *digest => {
+                if sent.load(Ordering::SeqCst) != size {
+                    tracing::debug!(
+                        "layer {digest} did not reach the unpacker whole: the image is unpacked once received"
+                    );
+                    self.stop();
+                } else if let Some(tx) = &self.tx {
+                    // The unpacker may have stopped already (its error is kept).
+                    let _ = tx.send(Msg::End);
+                }
             }
+            other => self.teeing = other,
         }
     }
 
@@ -331,11 +343,14 @@ impl LayerReaders {
 
 struct ChannelWriter {
     tx: SyncSender<Msg>,
+    /// Bytes handed on (see [`Streamer::stored`]).
+    sent: Arc<AtomicU64>,
 }
 
 impl Write for ChannelWriter {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         self.tx.send(Msg::Data(buf.to_vec())).map_err(|_| io::Error::other("the unpacker stopped"))?;
+        self.sent.fetch_add(buf.len() as u64, Ordering::SeqCst);
         Ok(buf.len())
     }
     fn flush(&mut self) -> io::Result<()> {

@@ -841,6 +841,22 @@ impl Client {
         layout: &Layout,
         max: u64,
     ) -> Result<BlobFetch, RegistryError> {
+        self.fetch_blob_teed(repo, desc, layout, max, None)
+    }
+
+    /// [`Client::fetch_blob`], handing each chunk to `tee` as well, in order, as it is
+    /// stored. A tee that fails, or a fetch that has to start over (a registry that ignored
+    /// the range of a resume), stops the copy to the tee (it is dropped), not the fetch;
+    /// a resume goes on from the byte it stopped at. Whether the bytes were the blob is
+    /// decided when it is stored (its digest), after the last chunk went to the tee.
+    pub fn fetch_blob_teed(
+        &self,
+        repo: &str,
+        desc: &Descriptor,
+        layout: &Layout,
+        max: u64,
+        mut tee: formats::archive::Tee,
+    ) -> Result<BlobFetch, RegistryError> {
         let what = format!("blob {} of {}/{repo}", desc.digest, self.host);
         let layout_err = |source| RegistryError::Layout { what: what.clone(), source };
         if desc.size > max {
@@ -871,6 +887,8 @@ impl Client {
                     w = layout.blob_writer().map_err(layout_err)?;
                     written = 0;
                     out.restarted += 1;
+                    // The tee has had the bytes before: it cannot take them again.
+                    tee = None;
                 }
                 200 => {}
                 206 if written > 0 => {
@@ -927,6 +945,9 @@ impl Client {
                     what: format!("storing {what} in {}", layout.root().display()),
                     source: e,
                 })?;
+                if tee.as_mut().is_some_and(|t| t.write_all(&buf[..n]).is_err()) {
+                    tee = None;
+                }
                 written += n as u64;
             };
             if written == desc.size {

@@ -236,6 +236,29 @@ pub fn fetch_layers(
     layout: &Layout,
     have: impl Fn(&Digest) -> bool,
 ) -> Result<FetchStats, RegistryError> {
+    fetch_layers_teed(client, src, layers, layout, have, |_| None)
+}
+
+/// What [`fetch_layers_teed`] tells its caller about each layer it fetches, in order.
+#[derive(Debug, Clone, Copy)]
+pub enum LayerEvent<'a> {
+    /// The layer's bytes are about to be fetched: a second writer for them, or none.
+    Fetching(&'a Descriptor),
+    /// The layer was stored: its digest and size matched.
+    Stored(&'a Digest),
+}
+
+/// [`fetch_layers`], each fetched layer's bytes also handed to the writer `on_layer`
+/// returns for its [`LayerEvent::Fetching`] (see [`Client::fetch_blob_teed`]) as they
+/// are stored; [`LayerEvent::Stored`] follows once the layer matched its digest.
+pub fn fetch_layers_teed(
+    client: &Client,
+    src: &RegistryRef,
+    layers: &[Descriptor],
+    layout: &Layout,
+    have: impl Fn(&Digest) -> bool,
+    mut on_layer: impl FnMut(LayerEvent<'_>) -> formats::archive::Tee,
+) -> Result<FetchStats, RegistryError> {
     let mut stats = FetchStats::default();
     let mut seen = BTreeSet::new();
     for l in layers.iter().filter(|l| seen.insert(l.digest)) {
@@ -244,7 +267,9 @@ pub fn fetch_layers(
             stats.bytes_present += l.size;
             continue;
         }
-        let f = client.fetch_blob(&src.repository, l, layout, u64::MAX)?;
+        let tee = on_layer(LayerEvent::Fetching(l));
+        let f = client.fetch_blob_teed(&src.repository, l, layout, u64::MAX, tee)?;
+        on_layer(LayerEvent::Stored(&l.digest));
         stats.blobs_fetched += 1;
         stats.bytes_fetched += f.bytes;
         stats.resumed += f.resumed;

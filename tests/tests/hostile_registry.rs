@@ -516,3 +516,80 @@ fn a_registry_that_stops_mid_blob_is_abandoned_after_the_stall_timeout() {
     let ran = run_for(s.stage().args(["--lock-timeout", "1", "-q", "gc"]), "", Duration::from_secs(20));
     assert_eq!(ran.code, Some(0), "{}", ran.stderr);
 }
+
+/// A deploy from a registry unpacks the payload layer while it arrives (one read of it:
+/// before, the layer was stored whole, then read again to unpack it): with the second
+/// half of the layer held back by the registry, the image's file is already being written
+/// in the staging temp area; once the rest arrives the deploy succeeds and leaves nothing
+/// in the temp area.
+#[test]
+fn a_registry_deploy_unpacks_the_layer_while_it_arrives() {
+    let s = Scratch::new();
+    // 1.0.1: a 2 MiB program, so that half its layer decompresses to more than one piece.
+    let src = s.path("src");
+    fs::write(src.join("bin/app"), util::varied(2 << 20, 11)).unwrap();
+    let manifest = fs::read_to_string(src.join("manifest.yaml")).unwrap().replace("1.0.0", "1.0.1");
+    fs::write(src.join("manifest.yaml"), manifest).unwrap();
+    ok(s.image().args(["-q", "build", "--format", "tar"]).arg(&src));
+    let content = s.content();
+    let release = Arc::new(AtomicUsize::new(0));
+    let held = release.clone();
+    let registry = Server::start(move |req, conn, _| match req.path.split_once("/blobs/") {
+        // The payload layer: headers and half its bytes, then the rest once released.
+        Some((_, d)) if content.blobs.get(d).is_some_and(|b| b.len() > 1 << 20) && req.method == "GET" => {
+            let body = &content.blobs[d];
+            let head = format!(
+                "HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Type: application/octet-stream\r\nContent-Length: {}\r\n\r\n",
+                body.len()
+            );
+            let _ = conn.write_all(head.as_bytes());
+            let _ = conn.write_all(&body[..body.len() / 2]);
+            let _ = conn.flush();
+            let waited = Instant::now();
+            while held.load(Ordering::SeqCst) == 0 && waited.elapsed() < Duration::from_secs(30) {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = conn.write_all(&body[body.len() / 2..]);
+        }
+        _ => {
+            content.serve(req, conn);
+        }
+    });
+    let mut child = s
+        .stage()
+        .args(["--stall-timeout", "60", "-q", "deploy", &format!("{}/op-dbus/app:1.0.1", registry.host())])
+        .stdin(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let tmp = s.path("root/var/lib/op-dbus/staging/.tmp");
+    let started = Instant::now();
+    loop {
+        let found = fs::read_dir(&tmp)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with("stream-"))
+            .find_map(|e| fs::metadata(e.path().join("bin/app")).ok());
+        if found.is_some_and(|m| m.len() > 0) {
+            break;
+        }
+        if let Some(st) = child.try_wait().unwrap() {
+            panic!("the deploy ended ({st}) before the layer was whole");
+        }
+        if started.elapsed() > Duration::from_secs(20) {
+            release.store(1, Ordering::SeqCst);
+            let _ = child.kill();
+            panic!("nothing of the layer was unpacked while it arrived");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(child.try_wait().unwrap().is_none(), "still waiting for the rest of the layer");
+    release.store(1, Ordering::SeqCst);
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let staged = s.path("root/var/lib/op-dbus/staging/app/bin/app");
+    assert!(fs::read(&staged).unwrap() == util::varied(2 << 20, 11), "the staged program differs");
+    ok(s.stage().args(["-q", "verify"]));
+    assert_eq!(fs::read_dir(&tmp).unwrap().count(), 0, "nothing left in the temp area");
+}

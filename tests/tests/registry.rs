@@ -25,6 +25,9 @@ enum Fault {
     Corrupt,
     /// Send half of the body, then close (the first time only).
     CutOnce,
+    /// [`Fault::CutOnce`], and the resume's range is dropped on the way to the registry:
+    /// its answer is the whole blob again (200), as from a registry that ignores ranges.
+    CutOnceIgnoreRange,
 }
 
 /// A tiny HTTP proxy on 127.0.0.1 in front of a registry: one request per connection,
@@ -91,6 +94,9 @@ fn serve_one(
         .map(str::to_owned)
         .collect();
     let range = headers.iter().find(|h| h.to_ascii_lowercase().starts_with("range:")).cloned();
+    if matches!(fault, Fault::CutOnceIgnoreRange) && blob.is_some_and(|b| request_line.contains(b)) {
+        headers.retain(|h| !h.to_ascii_lowercase().starts_with("range:"));
+    }
     log.lock()
         .unwrap()
         .push(format!("{request_line}{}", range.as_ref().map(|r| format!(" [{r}]")).unwrap_or_default()));
@@ -115,7 +121,7 @@ fn serve_one(
             let last = response.len() - 1;
             response[last] ^= 0x01;
         }
-        Fault::CutOnce if is_target && range.is_none() && !*cut_done.lock().unwrap() => {
+        Fault::CutOnce | Fault::CutOnceIgnoreRange if is_target && range.is_none() && !*cut_done.lock().unwrap() => {
             *cut_done.lock().unwrap() = true;
             let half = body_at + (response.len() - body_at) / 2;
             client.write_all(&response[..half])?;
@@ -326,6 +332,29 @@ fn registry_deploy_fetches_only_missing_blobs_and_resumes_a_cut_download() {
     assert!(reqs.iter().any(|r| r.contains(&format!("/blobs/{}", l2[1]))), "{reqs:#?}");
     assert_eq!(s.deployed(), ["app:1.1.0"]);
     ok(s.stage().arg("verify"));
+}
+
+/// A deploy unpacks a registry's layer while it arrives; when the registry answers a
+/// resume with the whole blob again (it ignored the range), the bytes already unpacked
+/// cannot be taken twice: that tree is dropped and the image is unpacked from the layer
+/// once it is stored. Deployed, nothing left in the temp area.
+#[test]
+fn registry_deploy_of_a_layer_sent_again_from_its_start_unpacks_it_once_stored() {
+    let reg = Registry::start(None);
+    let s = Scratch::new();
+    let v1 = stage_dir(s.dir.path(), "app", "1.0.0", "", 600_000);
+    s.build(&v1, &[]);
+    ok(s.image().args(["push", "app:1.0.0", &format!("{}/op-dbus/app", reg.host())]));
+    let l1 = layer_digests(&s.store(), "app:1.0.0");
+    let proxy = Proxy::start(reg.port, Some(hex(&l1[0])), Fault::CutOnceIgnoreRange);
+    let out = run(s.stage().args(["-v", "deploy", &format!("{}/op-dbus/app:1.0.0", proxy.host())]));
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{log}");
+    assert!(log.contains("the registry ignored the range; starting over"), "{log}");
+    assert_eq!(s.deployed(), ["app:1.0.0"]);
+    ok(s.stage().arg("verify"));
+    let tmp = s.root().join("var/lib/op-dbus/staging/.tmp");
+    assert_eq!(fs::read_dir(&tmp).map(|d| d.count()).unwrap_or(0), 0, "nothing left in the temp area");
 }
 
 #[test]
