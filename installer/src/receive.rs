@@ -541,10 +541,11 @@ pub fn receive(
                 formats::archive::import_with(reader, &temp.layout, |event, index, layout: &Layout| match event {
                     BlobEvent::Header { digest, size } => {
                         gate.header(&digest, size, index, layout)?;
-                        Ok(gate.streamer.as_mut().and_then(|s| s.tee(&digest, size)))
+                        // The first image that expects this layer next gets it.
+                        Ok(gate.streamers.iter_mut().find_map(|s| s.tee(&digest, size)))
                     }
                     BlobEvent::Stored { digest } => {
-                        if let Some(s) = gate.streamer.as_mut() {
+                        for s in &mut gate.streamers {
                             s.stored(&digest);
                         }
                         gate.stored(&digest, index, layout).map(|()| None)
@@ -563,7 +564,7 @@ pub fn receive(
                 })
                 .with_context(|| format!("reading the oci-archive {what}"))?;
             crate::progress::bytes(started, stalled.bytes.load(std::sync::atomic::Ordering::Relaxed), true);
-            let streamed = gate.streamer.take().and_then(Streamer::finish).into_iter().collect();
+            let streamed = std::mem::take(&mut gate.streamers).into_iter().filter_map(Streamer::finish).collect();
             finish(temp, index, gate.verified, store, trust, allow_expired, streamed)
         }
         #[cfg(feature = "registry")]
@@ -607,7 +608,6 @@ pub fn receive(
             };
             let mut verified = BTreeMap::new();
             let mut streamed = Vec::new();
-            let single = image_tags(&index).len() == 1;
             for tag in image_tags(&index) {
                 let d = index.find(&tag).ok_or_else(|| Malformed(format!("the index has no tag {tag}")))?.clone();
                 copy(&d.digest, MAX_MANIFEST_BYTES, None)?;
@@ -641,7 +641,8 @@ pub fn receive(
                     }
                 };
                 let v = verify(c, trust, allow_expired)?;
-                let mut streamer = unpack.filter(|_| single).and_then(|t| Streamer::start(t, &v, store));
+                // Each image's layers are copied together, so one unpacks at a time.
+                let mut streamer = unpack.and_then(|t| Streamer::start(t, &v, store));
                 for l in &v.candidate().manifest.layers {
                     let tee = streamer.as_mut().and_then(|s| s.tee(&l.digest, l.size));
                     copy(&l.digest, l.size, tee)?;
@@ -806,7 +807,9 @@ struct Gate<'a> {
     /// Where to unpack the image while it arrives, and the store its other layers are in.
     unpack: Option<&'a stream::Target>,
     store: &'a Layout,
-    streamer: Option<Streamer>,
+    /// The images being unpacked while their layers arrive (at most
+    /// [`stream::MAX_UNPACKING`] at a time).
+    streamers: Vec<Streamer>,
     verified: BTreeMap<String, Verified>,
     /// Image tags not verified yet, by the digest of the blob each waits for; `None` until
     /// the index has arrived.
@@ -828,7 +831,7 @@ impl<'a> Gate<'a> {
             allow_expired,
             unpack,
             store,
-            streamer: None,
+            streamers: Vec::new(),
             verified: BTreeMap::new(),
             waiting: None,
             tags: 0,
@@ -948,12 +951,13 @@ impl<'a> Gate<'a> {
                         self.unauthenticated_bytes -= size;
                     }
                 }
-                // An archive of one image: its layers come in order, unpacked as they arrive.
-                if self.tags == 1
-                    && self.streamer.is_none()
+                // Its layers are unpacked as they arrive (a layer that comes out of order, or
+                // that another image took, makes it unpacked once received instead).
+                let unpacking = self.streamers.iter().filter(|s| s.is_unpacking()).count();
+                if unpacking < stream::MAX_UNPACKING
                     && let Some(t) = self.unpack
                 {
-                    self.streamer = Streamer::start(t, &v, self.store);
+                    self.streamers.extend(Streamer::start(t, &v, self.store));
                 }
                 self.verified.insert(tag.to_owned(), v);
             }

@@ -18,8 +18,11 @@
 //! area: nothing is activated, published or stored before the deploy decides, and the
 //! deploy takes the tree (a rename) only when the unpacker accepted every layer, each
 //! layer's digest and every file's signed sha256. A tree nobody took is removed. An image
-//! whose layers do not arrive in order (another image's layers between them, a layer
-//! missing) is unpacked as before, from the received layout, once it is complete.
+//! whose layers do not arrive in order (one of its layers out of place or missing, a layer
+//! it shares with an image that took it first, a layer that did not reach the unpacker
+//! whole) is unpacked as before, from the received layout, once it is complete. The
+//! images of an archive of several are unpacked side by side, up to [`MAX_UNPACKING`] at
+//! a time; each blob goes to the first image that expects it next.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::io::{self, Read, Write};
@@ -43,6 +46,10 @@ use crate::receive::Verified;
 /// Chunks in flight between the receiver and the unpack thread (at most 128 KiB each:
 /// what one read of the archive's tar entry gives).
 const CHANNEL_CHUNKS: usize = 32;
+
+/// Most images of one source unpacked at the same time while they arrive (each has a
+/// thread and up to 4 MiB in flight); the others are unpacked once received.
+pub const MAX_UNPACKING: usize = 4;
 
 /// Where a deploy wants the images it receives unpacked while they arrive.
 #[derive(Debug, Clone)]
@@ -181,6 +188,11 @@ impl Streamer {
             }
             other => self.teeing = other,
         }
+    }
+
+    /// Whether its unpack thread is still at work (or waiting for layers).
+    pub fn is_unpacking(&self) -> bool {
+        self.thread.as_ref().is_some_and(|t| !t.is_finished())
     }
 
     fn stop(&mut self) {

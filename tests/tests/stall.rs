@@ -238,3 +238,70 @@ fn a_deploy_unpacks_the_layer_while_the_archive_arrives() {
     ok(s.stage().args(["-q", "verify"]));
     assert_eq!(std::fs::read_dir(&tmp).unwrap().count(), 0, "nothing left in the temp area");
 }
+
+/// The images of an archive of several are unpacked side by side while the archive
+/// arrives: with its end held back, both images' trees are in the staging temp area with
+/// their files (before, an archive of several images was stored whole, then unpacked).
+#[test]
+fn a_deploy_unpacks_every_image_of_an_archive_while_it_arrives() {
+    let s = Scratch::trusted();
+    let noise = |seed: u64| {
+        let mut x = seed;
+        let mut text = String::with_capacity(2 << 20);
+        while text.len() < 2 << 20 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            text.push_str(&format!("{x:016x}"));
+        }
+        text
+    };
+    let (a, b) = (noise(3), noise(5));
+    let app = stage_dir(&s.path("src"), "app", "1.0.0", "", &[("bin/app", a.as_str())]);
+    let tool = stage_dir(&s.path("src"), "tool", "1.0.0", "", &[("bin/tool", b.as_str())]);
+    let (ra, rb) = (s.build(&app), s.build(&tool));
+    let archive = std::fs::read(s.export(&[&ra, &rb], "both.oci.tar")).unwrap();
+    let mut child = s
+        .stage()
+        .args(["--stall-timeout", "30", "-q", "deploy", "-"])
+        .stdin(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let held_back = 64 << 10;
+    stdin.write_all(&archive[..archive.len() - held_back]).unwrap();
+    stdin.flush().unwrap();
+    let tmp = s.root().join("var/lib/op-dbus/staging/.tmp");
+    let started = Instant::now();
+    loop {
+        let unpacked: Vec<_> = std::fs::read_dir(&tmp)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with("stream-"))
+            .filter(|e| {
+                ["bin/app", "bin/tool"].iter().any(|f| std::fs::metadata(e.path().join(f)).is_ok_and(|m| m.len() > 0))
+            })
+            .collect();
+        if unpacked.len() == 2 {
+            break;
+        }
+        if let Some(st) = child.try_wait().unwrap() {
+            panic!("the deploy ended ({st}) before the archive was whole");
+        }
+        if started.elapsed() > Duration::from_secs(20) {
+            let _ = child.kill();
+            panic!("not both images were unpacked while the archive arrived (staging .tmp: {:?})", tree(&tmp));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(child.try_wait().unwrap().is_none(), "still waiting for the end of the archive");
+    stdin.write_all(&archive[archive.len() - held_back..]).unwrap();
+    drop(stdin);
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(deployed_names(&json(&ok(s.stage().args(["--json", "list"])))), ["app", "tool"]);
+    ok(s.stage().args(["-q", "verify"]));
+    assert_eq!(std::fs::read_dir(&tmp).unwrap().count(), 0, "nothing left in the temp area");
+}
