@@ -14,7 +14,11 @@
 #   deploy   op-dbus-stage deploy of the thin update onto a root holding the parent, on
 #            the loop btrfs and on a directory root (BENCH_TMPDIR), against
 #            `zstd -d --patch-from` of the 8 patches into new files (+ sync), interleaved,
-#            median of BENCH_RUNS; peak RSS of build and deploy from /usr/bin/time -v
+#            median of BENCH_RUNS; peak RSS of build and deploy from /usr/bin/time -v.
+#            Before each timed command 1 GiB is written to BENCH_TMPDIR and removed: on
+#            a virtual machine, memory the guest never touched is slow to fill the first
+#            time (256 MiB into a new file: 0.49 s, then 0.07 s), and only the command
+#            that needed fresh pages paid for it (the deploy, whose old generation stays)
 #
 # environment: OP_DBUS_BIN (default target/release, built if missing), BENCH_MIB,
 #              BENCH_RUNS (default 3), BENCH_TMPDIR (default /var/tmp)
@@ -53,6 +57,12 @@ drop_tree() {
 		btrfs subvolume delete -c "$s" >/dev/null 2>&1 || true
 	done
 	rm -rf "$1"
+}
+# warm: every timed command starts with freed page-cache pages to reuse (see above).
+warm() {
+	dd if=/dev/zero of="$work/warm" bs=4M count=256 status=none
+	rm -f "$work/warm"
+	sync
 }
 layer_size() { "$image" --json inspect "$1" | python3 -c 'import json,sys; print(json.load(sys.stdin)["layers"][-1]["size"])'; }
 
@@ -142,6 +152,7 @@ deploy_on() { # ROOT: a root holding app:1.0.0; prints the time of deploying the
 	"$stage" --root "$root" -q trust add "$mnt/key.pub" >/dev/null
 	"$stage" --root "$root" -q deploy "$mnt/v1.oci.tar" >/dev/null
 	sync
+	warm
 	t0=$(now_ns)
 	/usr/bin/time -v "$stage" --root "$root" -q deploy "$mnt/v2-thin.oci.tar" >/dev/null 2>"$work/deploy.time"
 	t1=$(now_ns)
@@ -153,6 +164,7 @@ for ((r = 1; r <= runs; r++)); do
 	rm -rf "$work/applied"
 	mkdir -p "$work/applied"
 	sync
+	warm
 	t0=$(now_ns)
 	for f in "$v1"/lib/*.so; do
 		n=$(basename "$f")
