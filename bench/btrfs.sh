@@ -29,10 +29,6 @@ work=$(mktemp -d "${BENCH_TMPDIR:-/var/tmp}/op-dbus-btrfs-bench.XXXXXX")
 mnt=$work/mnt
 cleanup() { umount "$mnt" 2>/dev/null || umount -l "$mnt" 2>/dev/null || true; rm -rf "$work"; }
 trap cleanup EXIT
-truncate -s $((mib * 16 + 2048))M "$work/fs.img"
-mkfs.btrfs -q "$work/fs.img" >/dev/null
-mkdir "$mnt"
-mount -o loop "$work/fs.img" "$mnt"
 export SOURCE_DATE_EPOCH=1700000000 OP_DBUS_STORE=$mnt/store
 image=$bin/op-dbus-image
 stage=$bin/op-dbus-stage
@@ -40,29 +36,45 @@ now_ns() { date +%s%N; }
 seconds() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.3f", (b - a) / 1e9 }'; }
 median() { printf '%s\n' "$@" | sort -g | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }'; }
 
-src=$mnt/src/app
+# The corpus waits outside the loop filesystems; each timed build gets a new one.
+corpus=$work/corpus/app
 if [[ -n ${BENCH_STAGE:-} ]]; then
-	echo "bench: copying $BENCH_STAGE onto the loop btrfs" >&2
-	mkdir -p "$mnt/src"
-	cp -a "$BENCH_STAGE" "$src"
+	echo "bench: copying $BENCH_STAGE" >&2
+	mkdir -p "$work/corpus"
+	cp -a "$BENCH_STAGE" "$corpus"
 else
-	mkdir -p "$src/data"
-	printf 'name: app\nversion: 1.0.0\nfiles:\n  - path: data\n    target: /opt/app/data\n' >"$src/manifest.yaml"
-	echo "bench: generating a $mib MiB corpus on the loop btrfs" >&2
+	mkdir -p "$corpus/data"
+	printf 'name: app\nversion: 1.0.0\nfiles:\n  - path: data\n    target: /opt/app/data\n' >"$corpus/manifest.yaml"
+	echo "bench: generating a $mib MiB corpus" >&2
 	# (The generators die of SIGPIPE when head has enough: not an error here.)
 	for i in $(seq 1 8); do
 		{ openssl enc -aes-256-ctr -nosalt -pass "pass:seed$i" -in /dev/zero 2>/dev/null || true; } |
-			head -c $((mib * 1024 * 1024 / 16)) >"$src/data/random$i.bin"
-		{ seq 1 100000000 || true; } | head -c $((mib * 1024 * 1024 / 16)) >"$src/data/text$i.txt"
+			head -c $((mib * 1024 * 1024 / 16)) >"$corpus/data/random$i.bin"
+		{ seq 1 100000000 || true; } | head -c $((mib * 1024 * 1024 / 16)) >"$corpus/data/text$i.txt"
 	done
 fi
-"$image" key generate --out "$mnt/key" >/dev/null
-export OP_DBUS_SIGNING_KEY=$mnt/key
-sync
+"$image" key generate --out "$work/key" >/dev/null
+export OP_DBUS_SIGNING_KEY=$work/key
+mkdir "$mnt"
+src=$mnt/src/app
+# build_fs: a new loop btrfs at $mnt holding a copy of the corpus at $src (not timed).
+# A filesystem reused across runs would time the cleaner's work on the previous run's
+# subvolumes and snapshots, not the build.
+build_fs() {
+	umount "$mnt" 2>/dev/null || true
+	rm -f "$work/fs.img"
+	truncate -s $((mib * 16 + 2048))M "$work/fs.img"
+	mkfs.btrfs -q "$work/fs.img" >/dev/null
+	mount -o loop "$work/fs.img" "$mnt"
+	mkdir -p "$mnt/src"
+	cp -a "$corpus" "$src"
+	sync
+}
 
 build_base=() build_ours=() recv_base=() recv_ours=() build_peak=0
 for ((r = 1; r <= runs; r++)); do
 	# Baseline: the same tree into a subvolume, read-only snapshot, send | zstd.
+	build_fs
 	btrfs subvolume create "$mnt/base" >/dev/null
 	sync
 	t0=$(now_ns)
@@ -72,9 +84,7 @@ for ((r = 1; r <= runs; r++)); do
 	sync -f "$mnt/base.stream.zst"
 	t1=$(now_ns)
 	build_base+=("$(seconds "$t0" "$t1")")
-	btrfs subvolume delete -c "$mnt/base" "$mnt/base.ro" >/dev/null
-	rm -rf "$OP_DBUS_STORE"
-	sync
+	build_fs
 	t0=$(now_ns)
 	/usr/bin/time -f %M -o "$work/rss" "$image" --json build --format btrfs "$src" >"$work/build.json"
 	t1=$(now_ns)
@@ -104,7 +114,6 @@ ref=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["reference
 layer=$("$image" --json inspect "$ref" | python3 -c 'import json,sys; print(json.load(sys.stdin)["layers"][0]["digest"].split(":")[1])')
 "$image" -q export "$ref" --out "$work/app.oci.tar" >/dev/null
 cp "$OP_DBUS_STORE/blobs/sha256/$layer" "$work/layer.zst"
-cp "$mnt/key.pub" "$work/key.pub"
 # The build's filesystem is not needed any more: its memory (on a tmpfs) is given back.
 umount "$mnt"
 rm -f "$work/fs.img"
