@@ -57,15 +57,19 @@ fi
 export OP_DBUS_SIGNING_KEY=$work/key
 mkdir "$mnt"
 src=$mnt/src/app
+# new_fs IMAGE MNT MIB: a new loop btrfs of MIB MiB (sparse) mounted at MNT, replacing
+# what was there. A filesystem reused across runs would time the cleaner's work on the
+# previous run's subvolumes and snapshots, not the command.
+new_fs() {
+	umount "$2" 2>/dev/null || true
+	rm -f "$1"
+	truncate -s "$3M" "$1"
+	mkfs.btrfs -q "$1" >/dev/null
+	mount -o loop "$1" "$2"
+}
 # build_fs: a new loop btrfs at $mnt holding a copy of the corpus at $src (not timed).
-# A filesystem reused across runs would time the cleaner's work on the previous run's
-# subvolumes and snapshots, not the build.
 build_fs() {
-	umount "$mnt" 2>/dev/null || true
-	rm -f "$work/fs.img"
-	truncate -s $((mib * 16 + 2048))M "$work/fs.img"
-	mkfs.btrfs -q "$work/fs.img" >/dev/null
-	mount -o loop "$work/fs.img" "$mnt"
+	new_fs "$work/fs.img" "$mnt" $((mib * 16 + 2048))
 	mkdir -p "$mnt/src"
 	cp -a "$corpus" "$src"
 	sync
@@ -119,13 +123,7 @@ umount "$mnt"
 rm -f "$work/fs.img"
 rmnt=$work/rmnt
 mkdir "$rmnt"
-fresh_fs() {
-	umount "$rmnt" 2>/dev/null || true
-	rm -f "$work/recv.img"
-	truncate -s $((mib * 4 + 2048))M "$work/recv.img"
-	mkfs.btrfs -q "$work/recv.img" >/dev/null
-	mount -o loop "$work/recv.img" "$rmnt"
-}
+fresh_fs() { new_fs "$work/recv.img" "$rmnt" $((mib * 4 + 2048)); }
 cleanup() { umount "$rmnt" 2>/dev/null || true; umount "$mnt" 2>/dev/null || umount -l "$mnt" 2>/dev/null || true; rm -rf "$work"; }
 for ((r = 1; r <= runs; r++)); do
 	fresh_fs

@@ -131,10 +131,6 @@ fn files_under(dir: &Path) -> Vec<(std::path::PathBuf, u64)> {
 /// way against the host's generation.
 #[test]
 fn btrfs_loop_root_a_deploy_receives_the_stream_while_the_archive_arrives() {
-    use std::io::Write;
-    use std::process::Stdio;
-    use std::time::{Duration, Instant};
-
     let b = LoopBtrfs::new(1024);
     let m = &b.mnt;
     let key = keygen(m, "k");
@@ -159,35 +155,13 @@ fn btrfs_loop_root_a_deploy_receives_the_stream_while_the_archive_arrives() {
         let path = m.join(archive);
         ok(image(&store, None).args(["-q", "export", reference, "--out"]).arg(&path));
         let bytes = fs::read(&path).unwrap();
-        let mut child = stage_cmd(&root)
-            .args(["--stall-timeout", "30", "-v", "deploy", "-"])
-            .stdin(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut stdin = child.stdin.take().unwrap();
-        let held_back = 64 << 10;
-        stdin.write_all(&bytes[..bytes.len() - held_back]).unwrap();
-        stdin.flush().unwrap();
-        let started = Instant::now();
-        loop {
-            let received = files_under(&tmp).into_iter().any(|(p, len)| p.ends_with("share/data.bin") && len > 0);
-            if received {
-                break;
-            }
-            if let Some(st) = child.try_wait().unwrap() {
-                panic!("{reference}: the deploy ended ({st}) before the archive was whole");
-            }
-            if started.elapsed() > Duration::from_secs(20) {
-                let _ = child.kill();
-                panic!("{reference}: nothing was received while the archive arrived: {:?}", files_under(&tmp));
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        assert!(child.try_wait().unwrap().is_none(), "{reference}: still waiting for the end of the archive");
-        stdin.write_all(&bytes[bytes.len() - held_back..]).unwrap();
-        drop(stdin);
-        let out = child.wait_with_output().unwrap();
+        let out = deploy_held_back(
+            stage_cmd(&root).args(["--stall-timeout", "30", "-v", "deploy", "-"]),
+            &bytes,
+            64 << 10,
+            reference,
+            || files_under(&tmp).into_iter().any(|(p, len)| p.ends_with("share/data.bin") && len > 0),
+        );
         let log = String::from_utf8_lossy(&out.stderr);
         assert!(out.status.success(), "{reference}: {log}");
         if reference == "app:1.1.0" {

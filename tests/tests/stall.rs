@@ -196,44 +196,15 @@ fn a_terminal_shows_the_progress_line() {
 fn a_deploy_unpacks_the_layer_while_the_archive_arrives() {
     let s = Scratch::trusted();
     let archive = std::fs::read(big_app(&s)).unwrap();
-    let mut child = s
-        .stage()
-        .args(["--stall-timeout", "30", "-q", "deploy", "-"])
-        .stdin(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stdin = child.stdin.take().unwrap();
-    let held_back = 64 << 10;
-    stdin.write_all(&archive[..archive.len() - held_back]).unwrap();
-    stdin.flush().unwrap();
     let tmp = s.root().join("var/lib/op-dbus/staging/.tmp");
-    let started = Instant::now();
-    let written = loop {
-        let found = std::fs::read_dir(&tmp)
-            .into_iter()
-            .flatten()
-            .flatten()
-            .filter(|e| e.file_name().to_string_lossy().starts_with("stream-"))
-            .find_map(|e| std::fs::metadata(e.path().join("bin/app")).ok());
-        if let Some(m) = found.filter(|m| m.len() > 0) {
-            break m.len();
-        }
-        if let Some(st) = child.try_wait().unwrap() {
-            panic!("the deploy ended ({st}) before the archive was whole");
-        }
-        if started.elapsed() > Duration::from_secs(20) {
-            let _ = child.kill();
-            panic!("nothing of the layer was unpacked while the archive arrived (staging .tmp: {:?})", tree(&tmp));
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    assert!(child.try_wait().unwrap().is_none(), "still waiting for the end of the archive");
-    stdin.write_all(&archive[archive.len() - held_back..]).unwrap();
-    drop(stdin);
-    let out = child.wait_with_output().unwrap();
+    let out = deploy_held_back(
+        s.stage().args(["--stall-timeout", "30", "-q", "deploy", "-"]),
+        &archive,
+        64 << 10,
+        "app",
+        || streamed_trees(&tmp, &["bin/app"]) == 1,
+    );
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert!(written > 0);
     assert_eq!(deployed_names(&json(&ok(s.stage().args(["--json", "list"])))), ["app"]);
     ok(s.stage().args(["-q", "verify"]));
     assert_eq!(std::fs::read_dir(&tmp).unwrap().count(), 0, "nothing left in the temp area");
@@ -261,45 +232,14 @@ fn a_deploy_unpacks_every_image_of_an_archive_while_it_arrives() {
     let tool = stage_dir(&s.path("src"), "tool", "1.0.0", "", &[("bin/tool", b.as_str())]);
     let (ra, rb) = (s.build(&app), s.build(&tool));
     let archive = std::fs::read(s.export(&[&ra, &rb], "both.oci.tar")).unwrap();
-    let mut child = s
-        .stage()
-        .args(["--stall-timeout", "30", "-q", "deploy", "-"])
-        .stdin(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stdin = child.stdin.take().unwrap();
-    let held_back = 64 << 10;
-    stdin.write_all(&archive[..archive.len() - held_back]).unwrap();
-    stdin.flush().unwrap();
     let tmp = s.root().join("var/lib/op-dbus/staging/.tmp");
-    let started = Instant::now();
-    loop {
-        let unpacked: Vec<_> = std::fs::read_dir(&tmp)
-            .into_iter()
-            .flatten()
-            .flatten()
-            .filter(|e| e.file_name().to_string_lossy().starts_with("stream-"))
-            .filter(|e| {
-                ["bin/app", "bin/tool"].iter().any(|f| std::fs::metadata(e.path().join(f)).is_ok_and(|m| m.len() > 0))
-            })
-            .collect();
-        if unpacked.len() == 2 {
-            break;
-        }
-        if let Some(st) = child.try_wait().unwrap() {
-            panic!("the deploy ended ({st}) before the archive was whole");
-        }
-        if started.elapsed() > Duration::from_secs(20) {
-            let _ = child.kill();
-            panic!("not both images were unpacked while the archive arrived (staging .tmp: {:?})", tree(&tmp));
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    assert!(child.try_wait().unwrap().is_none(), "still waiting for the end of the archive");
-    stdin.write_all(&archive[archive.len() - held_back..]).unwrap();
-    drop(stdin);
-    let out = child.wait_with_output().unwrap();
+    let out = deploy_held_back(
+        s.stage().args(["--stall-timeout", "30", "-q", "deploy", "-"]),
+        &archive,
+        64 << 10,
+        "app and tool",
+        || streamed_trees(&tmp, &["bin/app", "bin/tool"]) == 2,
+    );
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(deployed_names(&json(&ok(s.stage().args(["--json", "list"])))), ["app", "tool"]);
     ok(s.stage().args(["-q", "verify"]));

@@ -308,3 +308,49 @@ pub fn varied(len: usize, seed: u64) -> Vec<u8> {
         })
         .collect()
 }
+
+/// Runs `cmd` (a `deploy -`) with `archive` on its stdin, all but its last `held_back`
+/// bytes first: waits until `arrived()` holds while the command still waits for the rest
+/// (it fails the test, naming `what`, when the command ends first or 20 s pass), then
+/// sends the rest and returns the command's output.
+pub fn deploy_held_back(
+    cmd: &mut Command,
+    archive: &[u8],
+    held_back: usize,
+    what: &str,
+    arrived: impl Fn() -> bool,
+) -> Output {
+    use std::io::Write;
+    use std::time::{Duration, Instant};
+    let mut child = cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(&archive[..archive.len() - held_back]).unwrap();
+    stdin.flush().unwrap();
+    let started = Instant::now();
+    while !arrived() {
+        if let Some(st) = child.try_wait().unwrap() {
+            panic!("{what}: the deploy ended ({st}) before the archive was whole");
+        }
+        if started.elapsed() > Duration::from_secs(20) {
+            let _ = child.kill();
+            panic!("{what}: not unpacked while the archive arrived");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(child.try_wait().unwrap().is_none(), "{what}: still waiting for the end of the archive");
+    stdin.write_all(&archive[archive.len() - held_back..]).unwrap();
+    drop(stdin);
+    child.wait_with_output().unwrap()
+}
+
+/// The `stream-*` trees in the staging temp area `tmp` that hold a non-empty file at one
+/// of `files` (relative paths).
+pub fn streamed_trees(tmp: &Path, files: &[&str]) -> usize {
+    std::fs::read_dir(tmp)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("stream-"))
+        .filter(|e| files.iter().any(|f| std::fs::metadata(e.path().join(f)).is_ok_and(|m| m.len() > 0)))
+        .count()
+}
