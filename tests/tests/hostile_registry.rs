@@ -128,6 +128,17 @@ fn trickle(conn: &mut TcpStream, content_type: &str, body: &[u8], pause: Duratio
     }
 }
 
+/// A 200 response announcing all of `body`, and the first half of it.
+fn send_half(conn: &mut TcpStream, body: &[u8]) {
+    let head = format!(
+        "HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Type: application/octet-stream\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    let _ = conn.write_all(head.as_bytes());
+    let _ = conn.write_all(&body[..body.len() / 2]);
+    let _ = conn.flush();
+}
+
 /// The manifests (by tag) and blobs (by digest) of a local OCI layout.
 #[derive(Clone)]
 struct Content {
@@ -492,13 +503,7 @@ fn a_registry_that_stops_mid_blob_is_abandoned_after_the_stall_timeout() {
         // The payload layer: headers and half its bytes, then silence with the connection open.
         Some((_, d)) if content.blobs.get(d).is_some_and(|b| b.len() > 200) && req.method == "GET" => {
             let body = &content.blobs[d];
-            let head = format!(
-                "HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Type: application/octet-stream\r\nContent-Length: {}\r\n\r\n",
-                body.len()
-            );
-            let _ = conn.write_all(head.as_bytes());
-            let _ = conn.write_all(&body[..body.len() / 2]);
-            let _ = conn.flush();
+            send_half(conn, body);
             std::thread::sleep(Duration::from_secs(30));
         }
         _ => {
@@ -538,13 +543,7 @@ fn a_registry_deploy_unpacks_the_layer_while_it_arrives() {
         // The payload layer: headers and half its bytes, then the rest once released.
         Some((_, d)) if content.blobs.get(d).is_some_and(|b| b.len() > 1 << 20) && req.method == "GET" => {
             let body = &content.blobs[d];
-            let head = format!(
-                "HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Type: application/octet-stream\r\nContent-Length: {}\r\n\r\n",
-                body.len()
-            );
-            let _ = conn.write_all(head.as_bytes());
-            let _ = conn.write_all(&body[..body.len() / 2]);
-            let _ = conn.flush();
+            send_half(conn, body);
             let waited = Instant::now();
             while held.load(Ordering::SeqCst) == 0 && waited.elapsed() < Duration::from_secs(30) {
                 std::thread::sleep(Duration::from_millis(20));

@@ -10,16 +10,22 @@ use std::time::{Duration, Instant};
 
 use util::*;
 
-/// An archive of `app` with a 2 MiB payload (so that half of it ends inside the layer).
-fn big_app(s: &Scratch) -> std::path::PathBuf {
-    let mut x: u64 = 0x2545_F491_4F6C_DD1D;
-    let mut payload = String::with_capacity(2 << 20);
-    while payload.len() < 2 << 20 {
+/// 2 MiB of hex text from `seed` (compresses to about half).
+fn hex_noise(seed: u64) -> String {
+    let mut x = seed;
+    let mut text = String::with_capacity(2 << 20);
+    while text.len() < 2 << 20 {
         x ^= x << 13;
         x ^= x >> 7;
         x ^= x << 17;
-        payload.push_str(&format!("{x:016x}"));
+        text.push_str(&format!("{x:016x}"));
     }
+    text
+}
+
+/// An archive of `app` with a 2 MiB payload (so that half of it ends inside the layer).
+fn big_app(s: &Scratch) -> std::path::PathBuf {
+    let payload = hex_noise(0x2545_F491_4F6C_DD1D);
     let extra = "files:\n  - path: bin/app\n    target: /usr/local/bin/app\nverify:\n  - command: test -f bin/app\n";
     let d = stage_dir(&s.path("src"), "app", "1.0.0", extra, &[("bin/app", &payload)]);
     let r = s.build(&d);
@@ -216,18 +222,7 @@ fn a_deploy_unpacks_the_layer_while_the_archive_arrives() {
 #[test]
 fn a_deploy_unpacks_every_image_of_an_archive_while_it_arrives() {
     let s = Scratch::trusted();
-    let noise = |seed: u64| {
-        let mut x = seed;
-        let mut text = String::with_capacity(2 << 20);
-        while text.len() < 2 << 20 {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            text.push_str(&format!("{x:016x}"));
-        }
-        text
-    };
-    let (a, b) = (noise(3), noise(5));
+    let (a, b) = (hex_noise(3), hex_noise(5));
     let app = stage_dir(&s.path("src"), "app", "1.0.0", "", &[("bin/app", a.as_str())]);
     let tool = stage_dir(&s.path("src"), "tool", "1.0.0", "", &[("bin/tool", b.as_str())]);
     let (ra, rb) = (s.build(&app), s.build(&tool));
