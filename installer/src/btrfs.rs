@@ -52,7 +52,8 @@ pub enum Layers<'a> {
     Arriving(&'a mut LayerReaders),
 }
 
-/// A reader of one layer's blob, and whether it checks the blob's digest itself.
+/// A reader of one layer's blob, and whether it arrives from the source (such a reader
+/// checks the blob's digest itself).
 type Blob<'a> = (Box<dyn Read + Send + 'a>, bool);
 
 impl Layers<'_> {
@@ -72,11 +73,14 @@ impl Layers<'_> {
     }
 
     /// Passes over a layer that is not needed (below the host's generation): one that
-    /// arrives is still read to its end, which it reaches only once its digest matched.
+    /// arrives is still read to its end, which it reaches only once its digest matched;
+    /// one in the store is not read.
     fn skip(&mut self, layer: &Descriptor) -> Result<()> {
         if let Layers::Arriving(_) = self {
-            let (mut reader, _) = self.open(layer)?;
-            io::copy(&mut reader, &mut io::sink()).with_context(|| format!("reading layer {}", layer.digest))?;
+            let (mut reader, arriving) = self.open(layer)?;
+            if arriving {
+                io::copy(&mut reader, &mut io::sink()).with_context(|| format!("reading layer {}", layer.digest))?;
+            }
         }
         Ok(())
     }
