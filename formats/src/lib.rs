@@ -22,3 +22,18 @@ pub mod unpack;
 
 pub use digest::Digest;
 pub use names::{Reference, StageName, Version};
+
+#[cfg(test)]
+pub(crate) mod test_data {
+    /// `len` bytes of xorshift noise from `seed` (zstd cannot shrink them).
+    pub(crate) fn noise(len: usize, mut x: u64) -> Vec<u8> {
+        (0..len)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect()
+    }
+}

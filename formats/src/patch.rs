@@ -257,18 +257,8 @@ pub fn apply_body<P: Read, O: Read + Seek, W: Write>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_data::noise as varied;
     use std::io::Cursor;
-
-    fn varied(len: usize, mut x: u64) -> Vec<u8> {
-        (0..len)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect()
-    }
 
     fn roundtrip(old: &[u8], new: &[u8]) -> Vec<u8> {
         let mut patch = Vec::new();

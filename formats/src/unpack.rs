@@ -815,17 +815,17 @@ impl<'a> Unpacker<'a> {
         if size > CHUNK as u64 && self.hash_thread.is_none() {
             self.hash_thread = HashThread::start(CHUNK);
         }
-        let threaded = size > CHUNK as u64 && self.hash_thread.is_some();
+        let mut thread = self.hash_thread.as_mut().filter(|_| size > CHUNK as u64);
+        let stopped = || disk(io::Error::other("the hashing thread stopped"));
         let mut hasher = Hasher::new();
         let mut left = size;
         while left > 0 {
             let want = left.min(CHUNK as u64) as usize;
-            let mut buf = match (threaded, self.hash_thread.as_mut()) {
-                (true, Some(h)) => h.buffer(),
-                _ => std::mem::take(&mut state.buf),
+            let mut buf = match &mut thread {
+                Some(h) => h.buffer(),
+                None => std::mem::take(&mut state.buf),
             };
-            let read = read_chunk(entry, &mut buf[..want]);
-            let n = match read {
+            let n = match read_chunk(entry, &mut buf[..want]) {
                 Ok(0) => Err(Fail::Content(UnpackError::Corrupt {
                     layer: state.digest,
                     reason: format!("the archive ends inside {path}: {} of {size} bytes", size - left),
@@ -833,16 +833,16 @@ impl<'a> Unpacker<'a> {
                 Ok(n) => file.write_all(&buf[..n]).map(|()| n).map_err(disk),
                 Err(e) => Err(Fail::Read(e)),
             };
-            let n = match (threaded, self.hash_thread.as_mut()) {
-                (true, Some(h)) => {
-                    let sent = h.data(buf, *n.as_ref().unwrap_or(&0));
+            // (After an error the unpacker is dropped: a buffer lost here is not missed.)
+            let n = match &mut thread {
+                Some(h) => {
                     let n = n?;
-                    if !sent {
-                        return Err(disk(io::Error::other("the hashing thread stopped")));
+                    if !h.data(buf, n) {
+                        return Err(stopped());
                     }
                     n
                 }
-                _ => {
+                None => {
                     state.buf = buf;
                     let n = n?;
                     hasher.update(&state.buf[..n]);
@@ -854,11 +854,9 @@ impl<'a> Unpacker<'a> {
         file.set_permissions(std::fs::Permissions::from_mode(mode.bits())).map_err(disk)?;
         self.stats.files += 1;
         self.stats.bytes += size;
-        if let (true, Some(h)) = (threaded, self.hash_thread.as_mut()) {
-            if !h.end() {
-                return Err(disk(io::Error::other("the hashing thread stopped")));
-            }
-            return Ok(None);
+        if let Some(h) = thread {
+            // Its digest is settled with the others (see `settle`).
+            return if h.end() { Ok(None) } else { Err(stopped()) };
         }
         let digest = hasher.finish();
         self.written.insert(path.as_str().to_owned(), (digest, size));
@@ -869,37 +867,21 @@ impl<'a> Unpacker<'a> {
     /// regular file (opened without following a symlink).
     fn reference(&self, parent: &OwnedFd, path: &RelPath, state: &LayerState) -> Result<File, Fail> {
         let name = cstr(path.file_name());
+        let regular = |fd: OwnedFd| {
+            let st = rustix::fs::fstat(&fd).map_err(|e| Fail::Disk(io_error(self.dest_path.join(path.as_str()), e)))?;
+            if FileType::from_raw_mode(st.st_mode) != FileType::RegularFile {
+                return Err(self.unsafe_(state, path, "is a patch, but what the tree below holds there is not a file"));
+            }
+            Ok(File::from(fd))
+        };
         match rustix::fs::openat(
             parent,
             &name,
             OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
             rustix::fs::Mode::empty(),
         ) {
-            Ok(fd) => {
-                let st =
-                    rustix::fs::fstat(&fd).map_err(|e| Fail::Disk(io_error(self.dest_path.join(path.as_str()), e)))?;
-                if FileType::from_raw_mode(st.st_mode) != FileType::RegularFile {
-                    return Err(self.unsafe_(
-                        state,
-                        path,
-                        "is a patch, but what the tree below holds there is not a file",
-                    ));
-                }
-                Ok(File::from(fd))
-            }
-            Err(rustix::io::Errno::NOENT) if self.in_base(path).is_some() => {
-                let fd = self.in_base(path).expect("checked");
-                let st =
-                    rustix::fs::fstat(&fd).map_err(|e| Fail::Disk(io_error(self.dest_path.join(path.as_str()), e)))?;
-                if FileType::from_raw_mode(st.st_mode) != FileType::RegularFile {
-                    return Err(self.unsafe_(
-                        state,
-                        path,
-                        "is a patch, but what the tree below holds there is not a file",
-                    ));
-                }
-                Ok(File::from(fd))
-            }
+            Ok(fd) => regular(fd),
+            Err(rustix::io::Errno::NOENT) if let Some(fd) = self.in_base(path) => regular(fd),
             Err(rustix::io::Errno::NOENT | rustix::io::Errno::LOOP | rustix::io::Errno::NOTDIR) => Err(self.unsafe_(
                 state,
                 path,
@@ -1568,21 +1550,10 @@ mod tests {
     use crate::manifest::{Entry, StageDefinition};
     use crate::oci::BTRFS_ZSTD_MEDIA_TYPE;
     use crate::payload::{Compression, TarZstdWriter};
+    use crate::test_data::noise;
 
     fn rel(s: &str) -> RelPath {
         s.parse().unwrap()
-    }
-
-    /// `len` bytes of xorshift noise from `seed` (zstd cannot shrink them).
-    fn noise(len: usize, mut x: u64) -> Vec<u8> {
-        (0..len)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect()
     }
 
     fn m(bits: u32) -> Mode {

@@ -94,9 +94,9 @@ pub struct Streamer {
 }
 
 impl Streamer {
-    /// Starts unpacking `v` (verified) when `target` wants it, all its layers are tar+zstd
-    /// and some of them are not in `store` (those are read from it, the others from the
-    /// source as they arrive).
+    /// Starts unpacking `v` (verified) when `target` wants it, its layers are all tar+zstd
+    /// or all btrfs streams, and some of them are not in `store` (those in it are read
+    /// from it, the others from the source as they arrive).
     pub fn start(target: &Target, v: &Verified, store: &Layout) -> Option<Streamer> {
         let c = v.candidate();
         let layers: Vec<Descriptor> = c.manifest.layers.clone();

@@ -12,17 +12,6 @@ use util::*;
 
 const PATCH_MEDIA: &str = "application/vnd.op-dbus.stage.payload.v1.tar-patch+zstd";
 
-fn varied(len: usize, mut x: u64) -> Vec<u8> {
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
-
 fn write_stage(dir: &Path, version: &str, files: &[(&str, &[u8])]) {
     let _ = fs::remove_dir_all(dir);
     for (p, data) in files {
