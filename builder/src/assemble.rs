@@ -83,6 +83,7 @@ impl Tree {
         self.nodes.values().map(Node::size).sum()
     }
 
+    /// Inserts `path`, with its missing ancestors as directories.
     fn insert(&mut self, path: RelPath, node: Node, origin: &Path) -> Result<(), InputError> {
         for a in path.ancestors() {
             match self.nodes.get(&a) {
@@ -98,15 +99,28 @@ impl Tree {
                 }
             }
         }
-        if let Some(old) = self.nodes.get(&path)
-            && (old.kind() == EntryKind::Dir) != (node.kind() == EntryKind::Dir)
-        {
-            return Err(InputError::Path {
-                path: origin.to_owned(),
-                reason: format!("{path} is staged twice, once as a directory and once not"),
-            });
+        self.insert_below_dir(path, node, origin)
+    }
+
+    /// Inserts `path` whose parent is known to be a staged directory (one a walk has just
+    /// inserted): its ancestors are not looked up again.
+    fn insert_below_dir(&mut self, path: RelPath, node: Node, origin: &Path) -> Result<(), InputError> {
+        use std::collections::btree_map::Entry;
+        let is_dir = node.kind() == EntryKind::Dir;
+        match self.nodes.entry(path) {
+            Entry::Vacant(v) => {
+                v.insert(node);
+            }
+            Entry::Occupied(o) if (o.get().kind() == EntryKind::Dir) != is_dir => {
+                return Err(InputError::Path {
+                    path: origin.to_owned(),
+                    reason: format!("{} is staged twice, once as a directory and once not", o.key()),
+                });
+            }
+            Entry::Occupied(mut o) => {
+                o.insert(node);
+            }
         }
-        self.nodes.insert(path, node);
         if self.nodes.len() > MAX_ENTRIES {
             return Err(InputError::Path {
                 path: origin.to_owned(),
@@ -126,6 +140,7 @@ impl Tree {
     ) -> Result<(), InputError> {
         let walker = walkdir::WalkDir::new(fs_path).follow_links(false).follow_root_links(true).sort_by_file_name();
         let mut it = walker.into_iter();
+        let mut root_is_dir = true;
         while let Some(entry) = it.next() {
             let entry = entry.map_err(|e| InputError::Path {
                 path: e.path().unwrap_or(fs_path).to_owned(),
@@ -158,8 +173,19 @@ impl Tree {
                     ),
                 });
             }
-            let node = node_for(entry.path(), &path)?;
-            self.insert(path, node, entry.path())?;
+            // Below the walk's root, the walk has yielded each directory before what it
+            // holds, and knows a directory from its listing: no lstat for it. A root that
+            // is a link (followed by the walk) is not a directory: below it, `insert` refuses.
+            if entry.depth() == 0 || !root_is_dir {
+                let node = node_for(entry.path(), &path)?;
+                root_is_dir &= entry.depth() > 0 || node.kind() == EntryKind::Dir;
+                self.insert(path, node, entry.path())?;
+            } else if entry.file_type().is_dir() {
+                self.insert_below_dir(path, Node::DIR, entry.path())?;
+            } else {
+                let node = node_for(entry.path(), &path)?;
+                self.insert_below_dir(path, node, entry.path())?;
+            }
         }
         Ok(())
     }
@@ -310,6 +336,23 @@ mod tests {
         nix_mkfifo(&s.join("fifo"));
         let e = stage_tree(s, &s.join("manifest.yaml"), &def("version: 1.0.0\n")).unwrap_err().to_string();
         assert!(e.contains("fifo"), "{e}");
+    }
+
+    #[test]
+    fn a_source_that_links_to_a_folder_is_not_staged_through() {
+        let d = tempfile::tempdir().unwrap();
+        let s = d.path();
+        fs::write(s.join("manifest.yaml"), "x").unwrap();
+        fs::create_dir_all(s.join("real")).unwrap();
+        fs::write(s.join("real/x"), "x").unwrap();
+        symlink("real", s.join("alias")).unwrap();
+        let def = def("version: 1.0.0\nsources:\n  - from: alias\n    to: share\n");
+        let e = stage_tree(s, &s.join("manifest.yaml"), &def).unwrap_err().to_string();
+        assert!(e.contains("share/x would be staged below share, which is not a directory"), "{e}");
+        // The walk's own listing names the directories: staged as such, with their files.
+        let t = stage_tree(s, &s.join("manifest.yaml"), &self::def("version: 1.0.0\n")).unwrap();
+        let names: Vec<_> = t.nodes.iter().map(|(p, n)| format!("{p} {:?}", n.kind())).collect();
+        assert_eq!(names, ["alias Symlink", "real Dir", "real/x File"]);
     }
 
     fn nix_mkfifo(p: &Path) {

@@ -365,7 +365,7 @@ fn write_image(
     // chain out of the stage, ...), before anything is tagged or signed.
     config.validate().with_context(|| format!("the stage manifest of {reference}"))?;
     let config_bytes = config.to_bytes();
-    layout.write_blob(&config_bytes)?;
+    let config_desc = Descriptor::new(CONFIG_MEDIA_TYPE, layout.write_blob(&config_bytes)?, config_bytes.len() as u64);
 
     let mut layers = Vec::new();
     if let Some(p) = &parent {
@@ -381,7 +381,7 @@ fn write_image(
         (oci::ANNOTATION_VERSION.to_owned(), config.version.to_string()),
         (oci::ANNOTATION_CREATED.to_owned(), created.strftime("%Y-%m-%dT%H:%M:%SZ").to_string()),
     ]);
-    let manifest = ImageManifest::stage(Descriptor::of(CONFIG_MEDIA_TYPE, &config_bytes), layers, annotations);
+    let manifest = ImageManifest::stage(config_desc, layers, annotations);
     let manifest_bytes = manifest.to_bytes();
     let digest = layout.write_blob(&manifest_bytes)?;
     let mut desc = Descriptor::of(oci::MANIFEST_MEDIA_TYPE, &manifest_bytes);

@@ -726,7 +726,8 @@ fn finish_build(
             let reference: Reference = b.reference.parse()?;
             match (key, layout) {
                 (Some(key), Some(layout)) => {
-                    let s = crate::sign::sign(layout, &reference, key, expires)?;
+                    let built = crate::inspect::Tagged { reference, digest: b.digest };
+                    let s = crate::sign::sign_built(layout, &built, key, expires)?;
                     b.signed_by.push(s.key_id);
                 }
                 (None, _) if !g.common.quiet => eprintln!(

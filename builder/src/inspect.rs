@@ -51,16 +51,19 @@ impl StoredImage {
         Ok(StoredImage { reference: reference.clone(), digest: desc.digest, manifest, config })
     }
 
+    /// The tag and digest, all that finding its signatures takes.
+    pub fn tagged(&self) -> Tagged {
+        Tagged { reference: self.reference.clone(), digest: self.digest }
+    }
+
     /// The tag of this image's cosign signature manifest.
     pub fn signature_tag(&self) -> String {
-        format!("{}:{}", self.reference.name, self.digest.signature_tag())
+        self.tagged().signature_tag()
     }
 
     /// The signature manifest, if the image is signed.
     pub fn signature_manifest(&self, layout: &Layout) -> Result<Option<ImageManifest>> {
-        let Some(desc) = layout.resolve(&self.signature_tag())? else { return Ok(None) };
-        let bytes = layout.read_blob(&desc.digest, MAX_MANIFEST_BYTES)?;
-        Ok(Some(ImageManifest::from_bytes(&bytes).with_context(|| format!("signatures of {}", self.reference))?))
+        self.tagged().signature_manifest(layout)
     }
 
     pub fn signatures(&self, layout: &Layout) -> Result<Vec<SignatureInfo>> {
@@ -81,7 +84,42 @@ impl StoredImage {
 
     /// The image's descriptor as tagged in the index.
     pub fn descriptor(&self, layout: &Layout) -> Result<Descriptor> {
-        layout.resolve(&self.reference.to_string())?.context("the image's tag disappeared")
+        self.tagged().descriptor(layout)
+    }
+}
+
+/// An image of the store by its tag and manifest digest, its blobs not read: what signing
+/// an image takes (the builder signs what it has just stored without reading it back).
+#[derive(Debug, Clone)]
+pub struct Tagged {
+    pub reference: Reference,
+    pub digest: Digest,
+}
+
+impl Tagged {
+    /// The tag of this image's cosign signature manifest.
+    pub fn signature_tag(&self) -> String {
+        format!("{}:{}", self.reference.name, self.digest.signature_tag())
+    }
+
+    /// The signature manifest, if the image is signed.
+    pub fn signature_manifest(&self, layout: &Layout) -> Result<Option<ImageManifest>> {
+        let Some(desc) = layout.resolve(&self.signature_tag())? else { return Ok(None) };
+        let bytes = layout.read_blob(&desc.digest, MAX_MANIFEST_BYTES)?;
+        Ok(Some(ImageManifest::from_bytes(&bytes).with_context(|| format!("signatures of {}", self.reference))?))
+    }
+
+    /// The image's descriptor as the store's index tags it; it must still be `digest`.
+    pub fn descriptor(&self, layout: &Layout) -> Result<Descriptor> {
+        let desc = layout.resolve(&self.reference.to_string())?.context("the image's tag disappeared")?;
+        anyhow::ensure!(
+            desc.digest == self.digest,
+            "{} was tagged again while it was being signed ({} is now {}); sign it again",
+            self.reference,
+            self.digest,
+            desc.digest
+        );
+        Ok(desc)
     }
 }
 

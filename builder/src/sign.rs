@@ -17,7 +17,7 @@ use formats::{Digest, Reference};
 use keys::PrivateKey;
 use keys::simple_signing::{Expires, SimpleSigning};
 
-use crate::inspect::StoredImage;
+use crate::inspect::{StoredImage, Tagged};
 
 /// What `sign` prints.
 #[derive(Debug, Serialize)]
@@ -42,10 +42,15 @@ pub struct Planned {
 /// Plans adding (or, for a key that already signed, replacing) `key`'s signature of
 /// `reference`: reads the store, signs, and changes nothing (what `sign --dry-run` reports).
 pub fn plan(layout: &Layout, reference: &Reference, key: &PrivateKey, expires: Option<&Expires>) -> Result<Planned> {
+    // Loaded whole: its stage manifest must name what the tag does.
     let image = StoredImage::load(layout, reference)?;
-    let signature = signature_manifest(layout, &image, key, expires, reference.name.as_str())?;
+    plan_tagged(layout, &image.tagged(), key, expires)
+}
+
+fn plan_tagged(layout: &Layout, image: &Tagged, key: &PrivateKey, expires: Option<&Expires>) -> Result<Planned> {
+    let signature = signature_manifest(layout, image, key, expires, image.reference.name.as_str())?;
     Ok(Planned {
-        reference: reference.clone(),
+        reference: image.reference.clone(),
         digest: image.digest,
         key_id: key.key_id().to_string(),
         signature_tag: image.signature_tag(),
@@ -71,6 +76,12 @@ pub fn sign(layout: &Layout, reference: &Reference, key: &PrivateKey, expires: O
     apply(layout, &plan(layout, reference, key, expires)?)
 }
 
+/// Signs the image the builder has just stored and tagged as `image.reference`, without
+/// reading its manifests back (the builder wrote and checked them).
+pub fn sign_built(layout: &Layout, image: &Tagged, key: &PrivateKey, expires: Option<&Expires>) -> Result<Signed> {
+    apply(layout, &plan_tagged(layout, image, key, expires)?)
+}
+
 /// The signature manifest to push to `repository` (`HOST[:PORT]/REPO`): the store's
 /// signatures by other keys as they are, and `key`'s signature for `repository` in place
 /// of its own (keeping the expiry `key`'s stored signature had). Its blobs are written to
@@ -90,7 +101,7 @@ pub fn signatures_for_push(
             expires = payload.expires()?;
         }
     }
-    signature_manifest(layout, image, key, expires.as_ref(), repository)?.write(layout)
+    signature_manifest(layout, &image.tagged(), key, expires.as_ref(), repository)?.write(layout)
 }
 
 /// Whether a signature of `image` in the store names `repository`, or a bare stage name an
@@ -130,7 +141,7 @@ impl SignatureManifest {
 /// it and the store's signatures by other keys (read from the store; nothing written).
 fn signature_manifest(
     layout: &Layout,
-    image: &StoredImage,
+    image: &Tagged,
     key: &PrivateKey,
     expires: Option<&Expires>,
     docker_reference: &str,

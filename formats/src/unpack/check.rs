@@ -70,6 +70,15 @@ impl Node {
     fn of(e: &Entry) -> Node {
         Node { kind: e.kind, mode: e.mode, size: e.size, sha256: e.sha256, link: e.link.clone() }
     }
+
+    /// Whether this is what `e` says (`Node::of(e) == *self`, without the copy).
+    fn is(&self, e: &Entry) -> bool {
+        self.kind == e.kind
+            && self.mode == e.mode
+            && self.size == e.size
+            && self.sha256 == e.sha256
+            && self.link == e.link
+    }
 }
 
 /// What a checked layer held.
@@ -307,28 +316,31 @@ impl LayerCheck {
     /// the end: kind, mode, size, sha256, link text, nothing missing, nothing extra.
     /// Returns the manifest to sign and what the layer held.
     pub fn finish(mut self) -> Result<(StageConfig, LayerSummary), CheckError> {
-        for e in &mut self.config.entries {
-            if e.kind == EntryKind::File && e.sha256.is_none() {
-                e.sha256 = self.tree.get(e.path.as_str()).and_then(|n| n.sha256);
-            }
-        }
-        let config = &self.config;
-        let signed: BTreeMap<&str, &Entry> = config.entries.iter().map(|e| (e.path.as_str(), e)).collect();
+        // Both are in path order (the manifest's entries are sorted and unique, the tree
+        // is a map): one pass side by side pairs them. Entries out of order cannot pair
+        // up with the tree's and are reported, never passed.
         let mut problems = Vec::new();
-        for (path, node) in &self.tree {
-            match signed.get(path.as_str()) {
-                None => problems.push(CheckError::at(path, "is not in the signed manifest".into())),
-                Some(e) if Node::of(e) != *node => problems.push(CheckError::at(
-                    path,
+        let mut tree = self.tree.iter().peekable();
+        for e in &mut self.config.entries {
+            while let Some((path, _)) = tree.next_if(|(p, _)| p.as_str() < e.path.as_str()) {
+                problems.push(CheckError::at(path, "is not in the signed manifest".into()));
+            }
+            let Some((_, node)) = tree.next_if(|(p, _)| p.as_str() == e.path.as_str()) else {
+                problems.push(CheckError::at(e.path.as_str(), format!("{} is missing", super::kind_name(e.kind))));
+                continue;
+            };
+            if e.kind == EntryKind::File && e.sha256.is_none() {
+                e.sha256 = node.sha256;
+            }
+            if !node.is(e) {
+                problems.push(CheckError::at(
+                    e.path.as_str(),
                     format!("the layer makes {node:?}, the signed manifest says {:?}", Node::of(e)),
-                )),
-                Some(_) => {}
+                ));
             }
         }
-        for (path, e) in &signed {
-            if !self.tree.contains_key(*path) {
-                problems.push(CheckError::at(path, format!("{} is missing", super::kind_name(e.kind))));
-            }
+        for (path, _) in tree {
+            problems.push(CheckError::at(path, "is not in the signed manifest".into()));
         }
         let n = problems.len();
         match problems.into_iter().next() {
@@ -434,6 +446,23 @@ mod tests {
         let (signed, s) = lc.finish().unwrap();
         assert_eq!(signed, c, "the hashes filled in are the files' as the layer holds them");
         assert_eq!((s.entries, s.patches), (3, 0));
+    }
+
+    #[test]
+    fn a_manifest_whose_entries_are_out_of_order_is_refused_not_paired_by_luck() {
+        // The tree below is the manifest's own entries, so only the order differs.
+        let (c, _) = full();
+        let finish = |c: &StageConfig| LayerCheck::new(c.clone(), &c.entries, 2, false).finish();
+        assert!(finish(&c).is_ok());
+        let mut swapped = c.clone();
+        swapped.entries.swap(1, 2);
+        let e = finish(&swapped).unwrap_err().to_string();
+        assert!(e.contains("bin/") && e.contains("more differences"), "{e}");
+        // Every difference is counted: one extra path and one missing.
+        let mut other = c.clone();
+        other.entries[2].path = rel("bin/c");
+        let e = LayerCheck::new(other, &c.entries, 2, false).finish().unwrap_err().to_string();
+        assert_eq!(e, "entry \"bin/b\": is not in the signed manifest (and 1 more differences)");
     }
 
     #[test]
