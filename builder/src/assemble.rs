@@ -44,7 +44,7 @@ pub enum Node {
 }
 
 impl Node {
-    const DIR: Node = Node::Dir { mode: DIR_MODE };
+    pub(crate) const DIR: Node = Node::Dir { mode: DIR_MODE };
 
     pub fn kind(&self) -> EntryKind {
         match self {
@@ -99,93 +99,72 @@ impl Tree {
                 }
             }
         }
-        self.insert_below_dir(path, node, origin)
+        self.insert_below_dir(path, node, |_| origin.to_owned())
     }
 
     /// Inserts `path` whose parent is known to be a staged directory (one a walk has just
     /// inserted): its ancestors are not looked up again.
-    fn insert_below_dir(&mut self, path: RelPath, node: Node, origin: &Path) -> Result<(), InputError> {
+    /// `origin` names where it comes from, in an error.
+    fn insert_below_dir(
+        &mut self,
+        path: RelPath,
+        node: Node,
+        origin: impl Fn(&RelPath) -> PathBuf,
+    ) -> Result<(), InputError> {
         use std::collections::btree_map::Entry;
         let is_dir = node.kind() == EntryKind::Dir;
+        let full = self.nodes.len() >= MAX_ENTRIES;
         match self.nodes.entry(path) {
+            Entry::Vacant(v) if full => {
+                Err(InputError::Path { path: origin(v.key()), reason: format!("more than {MAX_ENTRIES} entries") })
+            }
             Entry::Vacant(v) => {
                 v.insert(node);
+                Ok(())
             }
-            Entry::Occupied(o) if (o.get().kind() == EntryKind::Dir) != is_dir => {
-                return Err(InputError::Path {
-                    path: origin.to_owned(),
-                    reason: format!("{} is staged twice, once as a directory and once not", o.key()),
-                });
-            }
+            Entry::Occupied(o) if (o.get().kind() == EntryKind::Dir) != is_dir => Err(InputError::Path {
+                path: origin(o.key()),
+                reason: format!("{} is staged twice, once as a directory and once not", o.key()),
+            }),
             Entry::Occupied(mut o) => {
                 o.insert(node);
+                Ok(())
             }
         }
-        if self.nodes.len() > MAX_ENTRIES {
-            return Err(InputError::Path {
-                path: origin.to_owned(),
-                reason: format!("more than {MAX_ENTRIES} entries"),
-            });
-        }
-        Ok(())
     }
 
     /// Adds `fs_path` (a file, link or directory tree) at `at`; with `at` = `None` the
     /// contents of the directory `fs_path` go to the top, skipping `skip_top` names.
+    ///
+    /// `fs_path` itself is staged as it is: a link is staged as a link (inside the stage),
+    /// never copied through. With `at` = `None` it is the stage folder, which may be a
+    /// link to one.
     pub fn add(
         &mut self,
         fs_path: &Path,
         at: Option<&RelPath>,
         skip_top: &dyn Fn(&str) -> bool,
     ) -> Result<(), InputError> {
-        let walker = walkdir::WalkDir::new(fs_path).follow_links(false).follow_root_links(true).sort_by_file_name();
-        let mut it = walker.into_iter();
-        let mut root_is_dir = true;
-        while let Some(entry) = it.next() {
-            let entry = entry.map_err(|e| InputError::Path {
-                path: e.path().unwrap_or(fs_path).to_owned(),
-                reason: e.to_string(),
-            })?;
-            let rel = entry.path().strip_prefix(fs_path).expect("walk stays below its root");
-            let rel_str = rel.to_str().ok_or_else(|| InputError::Path {
-                path: entry.path().to_owned(),
-                reason: "the name is not valid UTF-8".into(),
-            })?;
-            if entry.depth() == 1 && at.is_none() && skip_top(rel_str) {
-                if entry.file_type().is_dir() {
-                    it.skip_current_dir();
-                }
-                continue;
+        if let Some(at) = at {
+            check_reserved(at, fs_path)?;
+            let node = node_for(fs_path, at)?;
+            let is_dir = node.kind() == EntryKind::Dir;
+            self.insert(at.clone(), node, fs_path)?;
+            if !is_dir {
+                return Ok(());
             }
-            let path = match (at, rel_str.is_empty()) {
-                (None, true) => continue,
-                (None, false) => RelPath::parse(rel_str),
-                (Some(at), true) => Ok(at.clone()),
-                (Some(at), false) => RelPath::parse(&format!("{at}/{rel_str}")),
-            }
-            .map_err(|e| InputError::Path { path: entry.path().to_owned(), reason: e.to_string() })?;
-            if path.file_name().starts_with(formats::payload::WHITEOUT_PREFIX) || path.as_str() == "manifest.json" {
-                return Err(InputError::Path {
-                    path: entry.path().to_owned(),
-                    reason: format!(
-                        "{path}: names starting with {:?} (OCI whiteouts) and a top-level manifest.json are reserved; rename it",
-                        formats::payload::WHITEOUT_PREFIX
-                    ),
-                });
-            }
-            // Below the walk's root, the walk has yielded each directory before what it
-            // holds, and knows a directory from its listing: no lstat for it. A root that
-            // is a link (followed by the walk) is not a directory: below it, `insert` refuses.
-            if entry.depth() == 0 || !root_is_dir {
-                let node = node_for(entry.path(), &path)?;
-                root_is_dir &= entry.depth() > 0 || node.kind() == EntryKind::Dir;
-                self.insert(path, node, entry.path())?;
-            } else if entry.file_type().is_dir() {
-                self.insert_below_dir(path, Node::DIR, entry.path())?;
-            } else {
-                let node = node_for(entry.path(), &path)?;
-                self.insert_below_dir(path, node, entry.path())?;
-            }
+        }
+        // Sorted, each directory before what it holds: nothing below a directory of the
+        // walk looks its ancestors up again.
+        let origin = |path: &RelPath| {
+            let below = match at {
+                Some(at) => path.as_str().strip_prefix(at.as_str()).unwrap_or_default().trim_start_matches('/'),
+                None => path.as_str(),
+            };
+            fs_path.join(below)
+        };
+        for (path, node) in crate::walk::walk(fs_path, at, skip_top)? {
+            self.insert_below_dir(path, node, origin)?;
         }
         Ok(())
     }
@@ -224,9 +203,28 @@ impl Tree {
     }
 }
 
+/// Refuses the names the image format reserves.
+pub(crate) fn check_reserved(path: &RelPath, fs_path: &Path) -> Result<(), InputError> {
+    if path.file_name().starts_with(formats::payload::WHITEOUT_PREFIX) || path.as_str() == "manifest.json" {
+        return Err(InputError::Path {
+            path: fs_path.to_owned(),
+            reason: format!(
+                "{path}: names starting with {:?} (OCI whiteouts) and a top-level manifest.json are reserved; rename it",
+                formats::payload::WHITEOUT_PREFIX
+            ),
+        });
+    }
+    Ok(())
+}
+
 fn node_for(fs_path: &Path, path: &RelPath) -> Result<Node, InputError> {
     let meta = fs::symlink_metadata(fs_path)
         .map_err(|e| InputError::Path { path: fs_path.to_owned(), reason: e.to_string() })?;
+    node_of(fs_path, path, &meta)
+}
+
+/// The node of `fs_path`, staged at `path`, of metadata `meta` (not following a link).
+pub(crate) fn node_of(fs_path: &Path, path: &RelPath, meta: &fs::Metadata) -> Result<Node, InputError> {
     let ft = meta.file_type();
     let bad = |reason: String| InputError::Path { path: fs_path.to_owned(), reason };
     if ft.is_dir() {
@@ -339,20 +337,44 @@ mod tests {
     }
 
     #[test]
-    fn a_source_that_links_to_a_folder_is_not_staged_through() {
+    fn a_source_that_links_to_a_folder_is_staged_as_the_link() {
         let d = tempfile::tempdir().unwrap();
         let s = d.path();
         fs::write(s.join("manifest.yaml"), "x").unwrap();
-        fs::create_dir_all(s.join("real")).unwrap();
-        fs::write(s.join("real/x"), "x").unwrap();
+        fs::create_dir_all(s.join("real/sub")).unwrap();
+        fs::write(s.join("real/sub/x"), "x").unwrap();
         symlink("real", s.join("alias")).unwrap();
         let def = def("version: 1.0.0\nsources:\n  - from: alias\n    to: share\n");
-        let e = stage_tree(s, &s.join("manifest.yaml"), &def).unwrap_err().to_string();
-        assert!(e.contains("share/x would be staged below share, which is not a directory"), "{e}");
-        // The walk's own listing names the directories: staged as such, with their files.
-        let t = stage_tree(s, &s.join("manifest.yaml"), &self::def("version: 1.0.0\n")).unwrap();
+        let t = stage_tree(s, &s.join("manifest.yaml"), &def).unwrap();
         let names: Vec<_> = t.nodes.iter().map(|(p, n)| format!("{p} {:?}", n.kind())).collect();
-        assert_eq!(names, ["alias Symlink", "real Dir", "real/x File"]);
+        assert_eq!(names, ["alias Symlink", "real Dir", "real/sub Dir", "real/sub/x File", "share Symlink"]);
+        assert_eq!(t.nodes[&"share".parse().unwrap()], Node::Symlink { link: "real".into() });
+        // The stage folder itself may be a link to one.
+        symlink(s, d.path().with_extension("link")).unwrap();
+        let via = d.path().with_extension("link");
+        let t = stage_tree(&via, &via.join("manifest.yaml"), &self::def("version: 1.0.0\n")).unwrap();
+        assert_eq!(t.nodes.len(), 4);
+        fs::remove_file(&via).unwrap();
+    }
+
+    #[test]
+    fn reserved_names_and_names_that_are_not_utf8_are_refused_at_any_depth() {
+        use std::os::unix::ffi::OsStrExt;
+        let d = tempfile::tempdir().unwrap();
+        let s = d.path();
+        fs::write(s.join("manifest.yaml"), "x").unwrap();
+        fs::create_dir_all(s.join("a/b")).unwrap();
+        fs::write(s.join("a/b/.wh.x"), "").unwrap();
+        let e = stage_tree(s, &s.join("manifest.yaml"), &def("version: 1.0.0\n")).unwrap_err().to_string();
+        assert!(e.contains("a/b/.wh.x") && e.contains("reserved"), "{e}");
+        fs::remove_file(s.join("a/b/.wh.x")).unwrap();
+        fs::write(s.join("manifest.json"), "{}").unwrap();
+        let e = stage_tree(s, &s.join("manifest.yaml"), &def("version: 1.0.0\n")).unwrap_err().to_string();
+        assert!(e.contains("manifest.json") && e.contains("reserved"), "{e}");
+        fs::remove_file(s.join("manifest.json")).unwrap();
+        fs::write(s.join("a").join(std::ffi::OsStr::from_bytes(b"\xff")), "").unwrap();
+        let e = stage_tree(s, &s.join("manifest.yaml"), &def("version: 1.0.0\n")).unwrap_err().to_string();
+        assert!(e.contains("not valid UTF-8"), "{e}");
     }
 
     fn nix_mkfifo(p: &Path) {

@@ -26,3 +26,4 @@ pub mod progress;
 pub mod registry_cmd;
 pub mod secrets;
 pub mod sign;
+mod walk;

@@ -114,20 +114,35 @@ impl Layout {
     pub fn write_blob(&self, bytes: &[u8]) -> Result<Digest, LayoutError> {
         let digest = Digest::of(bytes);
         if !self.has_blob(&digest) {
-            let mut w = self.blob_writer()?;
-            w.write_all(bytes).map_err(io_err(&self.root))?;
-            w.finish()?;
+            // Hashed above: written as it is, not through a hashing BlobWriter.
+            let mut file = self.temp_blob()?;
+            file.write_all(bytes).map_err(io_err(&self.root))?;
+            self.persist_blob(file, &digest)?;
         }
         Ok(digest)
     }
 
     /// A writer for a blob of not yet known digest, hashed as it is written.
     pub fn blob_writer(&self) -> Result<BlobWriter, LayoutError> {
+        let file = self.temp_blob()?;
+        Ok(BlobWriter { layout: self.clone(), inner: HashingWriter::new(io::BufWriter::with_capacity(1 << 20, file)) })
+    }
+
+    /// A new file in `.tmp`, for a blob being written.
+    fn temp_blob(&self) -> Result<tempfile::NamedTempFile, LayoutError> {
         let tmp_dir = self.root.join(".tmp");
         fs::create_dir_all(&tmp_dir).map_err(io_err(&tmp_dir))?;
         let file = tempfile::NamedTempFile::new_in(&tmp_dir).map_err(io_err(&tmp_dir))?;
         file.as_file().set_permissions(fs::Permissions::from_mode(0o644)).map_err(io_err(&tmp_dir))?;
-        Ok(BlobWriter { layout: self.clone(), inner: HashingWriter::new(io::BufWriter::with_capacity(1 << 20, file)) })
+        Ok(file)
+    }
+
+    /// Syncs `file`, a blob of digest `digest`, and moves it to `blobs/sha256/<hex>`.
+    fn persist_blob(&self, file: tempfile::NamedTempFile, digest: &Digest) -> Result<(), LayoutError> {
+        let tmp_dir = self.root.join(".tmp");
+        let file = fsx::TempFile::from_written(file).map_err(io_err(&tmp_dir))?;
+        let dest = self.root.join("blobs/sha256").join(digest.hex());
+        file.replace(&dest).map_err(io_err(&dest))
     }
 
     /// Reads `index.json`.
@@ -190,15 +205,13 @@ impl BlobWriter {
 
     fn persist(self, expected: Option<&Digest>) -> Result<(Digest, u64), LayoutError> {
         let (digest, size, buf) = self.inner.finish();
-        let store = self.layout.root;
+        let store = &self.layout.root;
         if let Some(expected) = expected.filter(|e| **e != digest) {
-            return Err(LayoutError::DigestMismatch { store, expected: *expected, actual: digest });
+            return Err(LayoutError::DigestMismatch { store: store.clone(), expected: *expected, actual: digest });
         }
-        let tmp_dir = store.join(".tmp");
-        let file = buf.into_inner().map_err(|e| LayoutError::Io { path: tmp_dir.clone(), source: e.into_error() })?;
-        let file = fsx::TempFile::from_written(file).map_err(io_err(&tmp_dir))?;
-        let dest = store.join("blobs/sha256").join(digest.hex());
-        file.replace(&dest).map_err(io_err(&dest))?;
+        let file =
+            buf.into_inner().map_err(|e| LayoutError::Io { path: store.join(".tmp"), source: e.into_error() })?;
+        self.layout.persist_blob(file, &digest)?;
         Ok((digest, size))
     }
 }
