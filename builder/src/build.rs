@@ -15,7 +15,7 @@ use anyhow::{Context, Result, bail};
 use serde::Serialize;
 
 use formats::digest::sha256_reader;
-use formats::layout::Layout;
+use formats::layout::{Layout, SealedBlob};
 use formats::manifest::{CONFIG_MEDIA_TYPE, Entry, FileSpec, FileType, StageConfig, StageDefinition};
 use formats::oci::{self, Descriptor, ImageManifest};
 use formats::path::{RelPath, TargetPath};
@@ -347,25 +347,41 @@ fn write_image(
         );
     }
     let bar = crate::progress::bytes(tree.content_bytes(), &format!("building {reference}"), settings.quiet);
-    let (layer, entries) = match payload {
+    let (layer, entries, blob) = match payload {
         Payload::Tar => tar_layer(layout, &config, tree, parent.as_ref(), mtime, &bar)?,
-        Payload::Btrfs(work) => crate::btrfs::layer(
-            layout,
-            work,
-            &config,
-            tree,
-            parent.as_ref().map(|p| (&p.reference, &p.image.config, &p.image.digest, &p.image.manifest.layers[..])),
-            &bar,
-        )?,
+        Payload::Btrfs(work) => {
+            let (layer, entries) = crate::btrfs::layer(
+                layout,
+                work,
+                &config,
+                tree,
+                parent.as_ref().map(|p| (&p.reference, &p.image.config, &p.image.digest, &p.image.manifest.layers[..])),
+                &bar,
+            )?;
+            (layer, entries, None)
+        }
     };
     bar.finish_and_clear();
     let layer_size = layer.size;
     config.entries = entries;
-    // What the installer would refuse is refused here (a copy of a staged link, a link
-    // chain out of the stage, ...), before anything is tagged or signed.
-    config.validate().with_context(|| format!("the stage manifest of {reference}"))?;
-    let config_bytes = config.to_bytes();
-    let config_desc = Descriptor::new(CONFIG_MEDIA_TYPE, layout.write_blob(&config_bytes)?, config_bytes.len() as u64);
+    // Side by side: the layer's blob is synced into the store, the stage manifest checked,
+    // and written. What the installer would refuse is refused here (a copy of a staged
+    // link, a link chain out of the stage, ...), before anything is tagged or signed.
+    let config_desc = std::thread::scope(|scope| -> Result<Descriptor> {
+        let stored = blob.map(|b| scope.spawn(move || b.persist()));
+        let valid = scope.spawn(|| config.validate());
+        let config_bytes = config.to_bytes();
+        let joined = |what: &str| anyhow::anyhow!("{what} panicked");
+        valid
+            .join()
+            .map_err(|_| joined("checking the stage manifest"))?
+            .with_context(|| format!("the stage manifest of {reference}"))?;
+        if let Some(stored) = stored {
+            stored.join().map_err(|_| joined("storing the layer"))??;
+        }
+        let digest = layout.write_blob(&config_bytes)?;
+        Ok(Descriptor::new(CONFIG_MEDIA_TYPE, digest, config_bytes.len() as u64))
+    })?;
 
     let mut layers = Vec::new();
     if let Some(p) = &parent {
@@ -398,7 +414,8 @@ fn write_image(
     })
 }
 
-/// The tar+zstd layer of `tree` (a delta on `parent`'s when given) and the signed entries.
+/// The tar+zstd layer of `tree` (a delta on `parent`'s when given), the signed entries
+/// and the layer's blob, to be moved into the store.
 ///
 /// The tar stream is checked as the installer unpacks it, in a second thread as it is
 /// compressed (`LayerCheck`, through [`crate::check::pipe`]): a layer it would refuse is
@@ -411,7 +428,7 @@ fn tar_layer(
     parent: Option<&Parent>,
     mtime: u64,
     bar: &indicatif::ProgressBar,
-) -> Result<(Descriptor, Vec<Entry>)> {
+) -> Result<(Descriptor, Vec<Entry>, Option<SealedBlob>)> {
     let open = |from: &Path| File::open(from).with_context(|| format!("reading {}", from.display()));
     // What will be signed. A delta hashes the tree first (to find what changed); a full
     // image's files are hashed from the layer by the check.
@@ -454,14 +471,14 @@ fn tar_layer(
     if summary.patches != patched as u64 {
         bail!("{}: the layer holds {} patches, the builder wrote {patched}", refused(), summary.patches);
     }
-    let (layer_digest, layer_size) = blob.finish()?;
+    let blob = blob.seal()?;
     let media_type = if patched > 0 { oci::TAR_PATCH_MEDIA_TYPE } else { oci::TAR_ZSTD_MEDIA_TYPE };
-    let mut layer = Descriptor::new(media_type, layer_digest, layer_size);
+    let mut layer = Descriptor::new(media_type, blob.digest, blob.size);
     if let Some(p) = parent {
         layer.annotations.insert(oci::ANNOTATION_PARENT.into(), p.reference.to_string());
         layer.annotations.insert(oci::ANNOTATION_PARENT_DIGEST.into(), p.image.digest.to_string());
     }
-    Ok((layer, signed.entries))
+    Ok((layer, signed.entries, Some(blob)))
 }
 
 /// Writes the layer's tar stream through zstd into a new blob (not yet stored: it hashes

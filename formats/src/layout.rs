@@ -204,15 +204,43 @@ impl BlobWriter {
     }
 
     fn persist(self, expected: Option<&Digest>) -> Result<(Digest, u64), LayoutError> {
-        let (digest, size, buf) = self.inner.finish();
-        let store = &self.layout.root;
-        if let Some(expected) = expected.filter(|e| **e != digest) {
-            return Err(LayoutError::DigestMismatch { store: store.clone(), expected: *expected, actual: digest });
+        let sealed = self.seal()?;
+        if let Some(expected) = expected.filter(|e| **e != sealed.digest) {
+            return Err(LayoutError::DigestMismatch {
+                store: sealed.layout.root.clone(),
+                expected: *expected,
+                actual: sealed.digest,
+            });
         }
-        let file =
-            buf.into_inner().map_err(|e| LayoutError::Io { path: store.join(".tmp"), source: e.into_error() })?;
-        self.layout.persist_blob(file, &digest)?;
+        let (digest, size) = (sealed.digest, sealed.size);
+        sealed.persist()?;
         Ok((digest, size))
+    }
+
+    /// Ends the blob: its digest and size are known, it is not in the store yet (see
+    /// [`SealedBlob::persist`]). Dropped instead, it is discarded.
+    pub fn seal(self) -> Result<SealedBlob, LayoutError> {
+        let (digest, size, buf) = self.inner.finish();
+        let file = buf
+            .into_inner()
+            .map_err(|e| LayoutError::Io { path: self.layout.root.join(".tmp"), source: e.into_error() })?;
+        Ok(SealedBlob { layout: self.layout, file, digest, size })
+    }
+}
+
+/// A blob written whole and hashed, not yet in the store.
+#[derive(Debug)]
+pub struct SealedBlob {
+    layout: Layout,
+    file: tempfile::NamedTempFile,
+    pub digest: Digest,
+    pub size: u64,
+}
+
+impl SealedBlob {
+    /// Syncs the blob and moves it to `blobs/sha256/<hex>`.
+    pub fn persist(self) -> Result<(), LayoutError> {
+        self.layout.persist_blob(self.file, &self.digest)
     }
 }
 
