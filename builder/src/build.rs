@@ -168,6 +168,8 @@ pub fn build(stage_dir: &Path, settings: &Settings<'_>) -> Result<Outcome> {
     crate::secrets::check(&tree, &manifest, &def, settings.inventory)?;
     let config = StageConfig::from_definition(name, &def, Vec::new());
     let built = write_image(layout, config, &tree, settings, &payload)?;
+    // Nothing waits for a tree of many paths to be freed (here, when no thread starts).
+    let _ = std::thread::Builder::new().spawn(move || drop(tree));
     drop_old_signatures(layout, replaced, &built).map(|()| Outcome::Built(built))
 }
 
@@ -451,23 +453,24 @@ fn tar_layer(
 
     let (written, check) = std::thread::scope(|scope| {
         let (to_check, from_payload) = crate::check::pipe();
+        // The check ends (compares its tree with the manifest, frees it) on its own
+        // thread, while this one ends the zstd frame.
         let checker = scope.spawn(move || {
             let mut check = LayerCheck::new(expected, below, layers, parent.is_some());
-            check.read(from_payload).map(|()| check)
+            check.read(from_payload).and_then(|()| check.finish())
         });
         let written = write_tar(layout, tree, parent, &delta_entries, mtime, to_check, bar);
         let check = checker.join().map_err(|_| anyhow::anyhow!("the check of the layer panicked"));
         (written, check)
     });
     // A write refused because the check had stopped: the check says why.
-    let (check, (blob, patched)) = match (check?, written) {
+    // A full image signs the hashes of the files as the layer holds them.
+    let ((signed, summary), (blob, patched)) = match (check?, written) {
         (Err(e), Ok(_)) => return Err(anyhow::Error::new(e).context(refused())),
         (Err(e), Err(w)) if crate::check::is_stopped(&w) => return Err(anyhow::Error::new(e).context(refused())),
         (_, Err(w)) => return Err(w),
-        (Ok(check), Ok(w)) => (check, w),
+        (Ok(checked), Ok(w)) => (checked, w),
     };
-    // A full image signs the hashes of the files as the layer holds them.
-    let (signed, summary) = check.finish().with_context(refused)?;
     if summary.patches != patched as u64 {
         bail!("{}: the layer holds {} patches, the builder wrote {patched}", refused(), summary.patches);
     }

@@ -8,9 +8,25 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 
 /// A sha256 content digest, displayed as `sha256:<hex>`.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(try_from = "String", into = "String")]
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Deserialize)]
+#[serde(try_from = "String")]
 pub struct Digest([u8; 32]);
+
+/// Written as `sha256:<hex>`, formatted on the stack (a manifest holds one per file).
+impl Serialize for Digest {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.text().as_str())
+    }
+}
+
+/// `sha256:<hex>` in a buffer of its own.
+struct DigestText([u8; 71]);
+
+impl DigestText {
+    fn as_str(&self) -> &str {
+        std::str::from_utf8(&self.0).expect("ASCII")
+    }
+}
 
 /// A string that is not `sha256:` followed by 64 lowercase hex digits.
 #[derive(Debug, thiserror::Error)]
@@ -31,6 +47,17 @@ impl Digest {
     /// The 64 hex digits, without the algorithm.
     pub fn hex(&self) -> String {
         hex(&self.0)
+    }
+
+    fn text(&self) -> DigestText {
+        const DIGITS: &[u8; 16] = b"0123456789abcdef";
+        let mut t = [0u8; 71];
+        t[..7].copy_from_slice(b"sha256:");
+        for (i, b) in self.0.iter().enumerate() {
+            t[7 + 2 * i] = DIGITS[(b >> 4) as usize];
+            t[8 + 2 * i] = DIGITS[(b & 15) as usize];
+        }
+        DigestText(t)
     }
 
     /// Parses 64 lowercase hex digits (no algorithm prefix).
@@ -98,7 +125,7 @@ impl From<Digest> for String {
 
 impl fmt::Display for Digest {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "sha256:{}", hex(&self.0))
+        f.write_str(self.text().as_str())
     }
 }
 
@@ -227,6 +254,8 @@ mod tests {
     fn round_trip_and_strictness() {
         let d = Digest::of(b"abc");
         assert_eq!(d.to_string(), "sha256:ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
+        assert_eq!(serde_json::to_string(&d).unwrap(), format!("\"{d}\""));
+        assert_eq!(serde_json::from_str::<Digest>(&format!("\"{d}\"")).unwrap(), d);
         assert_eq!(d.to_string().parse::<Digest>().unwrap(), d);
         for bad in [
             "sha256:BA7816BF8F01CFEA414140DE5DAE2223B00361A396177A9CB410FF61F20015AD",

@@ -103,9 +103,18 @@ pub fn excerpt(message: &str) -> String {
 }
 
 /// A file mode, written in YAML as octal (`0755`, `755` or `0o755`), in JSON as `"0755"`.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(try_from = "String", into = "String")]
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
+#[serde(try_from = "String")]
 pub struct Mode(u32);
+
+/// Written as four octal digits (`"0755"`), formatted on the stack.
+impl Serialize for Mode {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let digit = |shift: u32| b'0' + ((self.0 >> shift) & 7) as u8;
+        let text = [digit(9), digit(6), digit(3), digit(0)];
+        s.serialize_str(std::str::from_utf8(&text).expect("ASCII"))
+    }
+}
 
 impl Mode {
     pub const fn new(bits: u32) -> Option<Mode> {
@@ -904,6 +913,15 @@ impl StageConfig {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn modes_are_written_as_four_octal_digits() {
+        for bits in [0, 0o7, 0o644, 0o755, 0o1777, 0o4755, 0o7777] {
+            let m = super::Mode::new(bits).unwrap();
+            assert_eq!(serde_json::to_string(&m).unwrap(), format!("\"{bits:04o}\""));
+            assert_eq!(serde_json::from_str::<super::Mode>(&serde_json::to_string(&m).unwrap()).unwrap(), m);
+        }
+    }
+
     use super::*;
 
     #[test]

@@ -61,9 +61,16 @@ fn check_components(whole: &str, rel: &str) -> Result<usize, UnsafePath> {
 }
 
 /// A normalised relative path inside a stage (`bin/op-dbus`).
-#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(try_from = "String", into = "String")]
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Deserialize)]
+#[serde(try_from = "String")]
 pub struct RelPath(String);
+
+/// Written as its text, without a copy of it.
+impl Serialize for RelPath {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.0)
+    }
+}
 
 impl RelPath {
     pub fn as_str(&self) -> &str {
@@ -145,9 +152,16 @@ impl fmt::Debug for RelPath {
 }
 
 /// A normalised absolute host path (`/usr/local/bin/op-dbus`); `/` itself is refused.
-#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(try_from = "String", into = "String")]
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Deserialize)]
+#[serde(try_from = "String")]
 pub struct TargetPath(String);
+
+/// Written as its text, without a copy of it.
+impl Serialize for TargetPath {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.0)
+    }
+}
 
 impl TargetPath {
     pub fn as_str(&self) -> &str {
