@@ -775,6 +775,17 @@ impl StageConfig {
         self.entries.binary_search_by(|e| e.path.cmp(path)).ok().map(|i| &self.entries[i])
     }
 
+    /// [`StageConfig::entry`] for paths that mostly come in the manifest's order (a full
+    /// layer's): `next`, the index after the entry found last, is looked at first.
+    pub fn entry_in_order(&self, path: &RelPath, next: &mut usize) -> Option<&Entry> {
+        let i = match self.entries.get(*next) {
+            Some(e) if e.path == *path => *next,
+            _ => self.entries.binary_search_by(|e| e.path.cmp(path)).ok()?,
+        };
+        *next = i + 1;
+        Some(&self.entries[i])
+    }
+
     /// Checks everything the types cannot: schema, entry order, uniqueness, parents, the
     /// promises of each entry, and that every `files:` path is staged.
     pub fn validate(&self) -> Result<(), ConfigError> {
@@ -913,6 +924,27 @@ impl StageConfig {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn entries_looked_up_in_order_or_not_are_found_alike() {
+        use super::*;
+        let def = StageDefinition::parse("version: 1.0.0\n", std::path::Path::new("manifest.yaml")).unwrap();
+        let e = |p: &str| Entry {
+            path: p.parse().unwrap(),
+            kind: EntryKind::Dir,
+            mode: Mode::new(0o755).unwrap(),
+            size: None,
+            sha256: None,
+            link: None,
+        };
+        let c = StageConfig::from_definition("s".parse().unwrap(), &def, vec![e("a"), e("a/b"), e("b"), e("c")]);
+        let mut next = 0;
+        for p in ["a", "a/b", "c", "b", "nope", "a", "a/b"] {
+            let path: RelPath = p.parse().unwrap();
+            assert_eq!(c.entry_in_order(&path, &mut next), c.entry(&path), "{p}");
+        }
+        assert_eq!(next, 2, "after a/b");
+    }
+
     #[test]
     fn modes_are_written_as_four_octal_digits() {
         for bits in [0, 0o7, 0o644, 0o755, 0o1777, 0o4755, 0o7777] {

@@ -393,6 +393,8 @@ struct LayerState {
     /// Content bytes and entries this layer wrote.
     bytes: u64,
     entries: u64,
+    /// Where the next entry of the signed manifest is (`StageConfig::entry_in_order`).
+    signed_next: usize,
 }
 
 /// The compressed bytes of a layer, hashed as they pass (unless the reader checks the
@@ -607,12 +609,13 @@ impl<'a> Unpacker<'a> {
             buf: vec![0; CHUNK],
             bytes: 0,
             entries: 0,
+            signed_next: 0,
         };
         // Decompressed by a second thread while the entries before are hashed and written.
         let (result, mut rest) = crate::decode::decompressed(source, |decoder| {
-            let mut archive = tar::Archive::new(decoder);
+            let mut archive = tar::Archive::new(Forward::new(decoder));
             let result = self.read_entries(&mut archive, &mut state);
-            let decoder = archive.into_inner();
+            let decoder = archive.into_inner().into_inner();
             match result {
                 // Tar padding after the end-of-archive marker, and the zstd checksum.
                 Ok(()) => match io::copy(&mut decoder.take(MAX_TRAILING + 1), &mut io::sink()) {
@@ -692,7 +695,11 @@ impl<'a> Unpacker<'a> {
         Ok(self.stats)
     }
 
-    fn read_entries<R: Read>(&mut self, archive: &mut tar::Archive<R>, state: &mut LayerState) -> Result<(), Fail> {
+    fn read_entries<R: Read>(
+        &mut self,
+        archive: &mut tar::Archive<Forward<R>>,
+        state: &mut LayerState,
+    ) -> Result<(), Fail> {
         read_entries(archive, state.digest, |entry, ext| self.apply_entry(entry, ext, state))?;
         self.settle()
     }
@@ -1219,7 +1226,7 @@ fn check_entry<'c, R: Read>(
         )));
     }
     state.bytes += size;
-    let signed = rules.config.entry(&path);
+    let signed = rules.config.entry_in_order(&path, &mut state.signed_next);
     if state.last {
         let Some(e) = signed else {
             return Err(refuse("is not in the signed manifest".into()));
@@ -1273,15 +1280,68 @@ fn whiteout_target(wh: &RelPath, state: &LayerState) -> Result<RelPath, Fail> {
     Ok(target)
 }
 
+/// A tar stream as [`read_entries`] reads it. What an entry leaves unread (its padding,
+/// data not opened) tar skips by seeking forward, which this does by reading into a
+/// buffer kept for it: on a stream it cannot seek, tar's own skip zeroes a 32 KiB buffer
+/// for every entry. Only forward seeks from the current position are possible.
+pub(crate) struct Forward<R> {
+    inner: R,
+    /// Bytes read and skipped: the position tar keeps track of.
+    pos: u64,
+    scratch: Vec<u8>,
+}
+
+impl<R: Read> Forward<R> {
+    pub(crate) fn new(inner: R) -> Self {
+        Forward { inner, pos: 0, scratch: Vec::new() }
+    }
+
+    pub(crate) fn into_inner(self) -> R {
+        self.inner
+    }
+}
+
+impl<R: Read> Read for Forward<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.pos += n as u64;
+        Ok(n)
+    }
+}
+
+impl<R: Read> io::Seek for Forward<R> {
+    fn seek(&mut self, to: io::SeekFrom) -> io::Result<u64> {
+        let backwards = || io::Error::new(io::ErrorKind::Unsupported, "a tar stream is only read forward");
+        let io::SeekFrom::Current(by) = to else { return Err(backwards()) };
+        let mut left = u64::try_from(by).map_err(|_| backwards())?;
+        while left > 0 {
+            if self.scratch.is_empty() {
+                self.scratch = vec![0; 32 * 1024];
+            }
+            let want = left.min(self.scratch.len() as u64) as usize;
+            match self.inner.read(&mut self.scratch[..want]) {
+                Ok(0) => return Err(io::Error::other("unexpected EOF during skip")),
+                Ok(n) => {
+                    left -= n as u64;
+                    self.pos += n as u64;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(self.pos)
+    }
+}
+
 /// Splits a layer's decompressed tar stream into entries: extension headers (GNU long
 /// names and links, pax records) are read here, bounded, and handed to `apply` with the
 /// entry they describe. The unpacker and [`check::LayerCheck`] share it.
 fn read_entries<R: Read>(
-    archive: &mut tar::Archive<R>,
+    archive: &mut tar::Archive<Forward<R>>,
     layer: Digest,
-    mut apply: impl FnMut(&mut tar::Entry<'_, R>, Extensions) -> Result<(), Fail>,
+    mut apply: impl FnMut(&mut tar::Entry<'_, Forward<R>>, Extensions) -> Result<(), Fail>,
 ) -> Result<(), Fail> {
-    let mut entries = archive.entries().map_err(Fail::Read)?.raw(true);
+    let mut entries = archive.entries_with_seek().map_err(Fail::Read)?.raw(true);
     let mut ext = Extensions::default();
     let mut index = 0u64;
     for entry in entries.by_ref() {
@@ -1291,7 +1351,7 @@ fn read_entries<R: Read>(
         let refuse = |what: &str, reason: String| {
             Fail::Content(UnpackError::Unsafe { layer, entry: format!("#{index} ({what})"), reason })
         };
-        let bounded = |entry: &mut tar::Entry<'_, R>, what: &str, max: u64| -> Result<Vec<u8>, Fail> {
+        let bounded = |entry: &mut tar::Entry<'_, Forward<R>>, what: &str, max: u64| -> Result<Vec<u8>, Fail> {
             let size = entry.size();
             if size > max {
                 return Err(refuse(what, format!("header of {size} bytes (at most {max})")));
@@ -1554,6 +1614,24 @@ mod tests {
 
     fn rel(s: &str) -> RelPath {
         s.parse().unwrap()
+    }
+
+    #[test]
+    fn a_forward_stream_skips_by_reading_and_only_forward() {
+        use std::io::{Seek, SeekFrom};
+        let data: Vec<u8> = (0..100_000u32).map(|i| i as u8).collect();
+        let mut f = Forward::new(&data[..]);
+        let mut two = [0u8; 2];
+        f.read_exact(&mut two).unwrap();
+        assert_eq!(f.stream_position().unwrap(), 2);
+        assert_eq!(f.seek(SeekFrom::Current(70_000)).unwrap(), 70_002, "skips more than its buffer");
+        f.read_exact(&mut two).unwrap();
+        assert_eq!(two, [(70_002u32 as u8), (70_003u32 as u8)]);
+        for back in [SeekFrom::Current(-1), SeekFrom::Start(0), SeekFrom::End(0)] {
+            assert_eq!(f.seek(back).unwrap_err().kind(), io::ErrorKind::Unsupported);
+        }
+        let e = f.seek(SeekFrom::Current(40_000)).unwrap_err();
+        assert!(e.to_string().contains("unexpected EOF"), "{e}");
     }
 
     fn m(bits: u32) -> Mode {

@@ -16,7 +16,7 @@ use std::collections::BTreeMap;
 use std::io::{self, Read};
 
 use super::{
-    Budget, CHUNK, Checked, Extensions, Fail, LayerState, MAX_TRAILING, Rules, Step, UnpackError, check_entry,
+    Budget, CHUNK, Checked, Extensions, Fail, Forward, LayerState, MAX_TRAILING, Rules, Step, UnpackError, check_entry,
     read_entries,
 };
 use crate::digest::{Digest, Hasher};
@@ -136,6 +136,7 @@ impl LayerCheck {
                 buf: vec![0; CHUNK],
                 bytes: 0,
                 entries: 0,
+                signed_next: 0,
             },
             tree: below.iter().map(|e| (e.path.as_str().to_owned(), Node::of(e))).collect(),
             below_entries: below.len() as u64,
@@ -149,11 +150,11 @@ impl LayerCheck {
     /// Reads the layer's tar stream (decompressed) to its end, checking every entry and
     /// hashing every file.
     pub fn read<R: Read>(&mut self, tar: R) -> Result<(), CheckError> {
-        let mut archive = tar::Archive::new(tar);
+        let mut archive = tar::Archive::new(Forward::new(tar));
         let digest = self.state.digest;
         read_entries(&mut archive, digest, |entry, ext| self.entry(entry, ext)).map_err(CheckError::fail)?;
         // Tar padding after the end-of-archive marker, as the installer bounds it.
-        let mut rest = archive.into_inner();
+        let mut rest = archive.into_inner().into_inner();
         match io::copy(&mut (&mut rest).take(MAX_TRAILING + 1), &mut io::sink()) {
             Ok(n) if n > MAX_TRAILING => Err(CheckError {
                 entry: None,
