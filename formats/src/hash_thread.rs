@@ -6,7 +6,9 @@
 //! The writer fills buffers it takes from [`HashThread::buffer`] (at most [`BUFFERS`] exist;
 //! the hashing thread hands each back once hashed), writes them, and passes them on with
 //! [`HashThread::data`]; [`HashThread::end`] closes a file. The digests come back in the
-//! order the files were closed ([`HashThread::next_digest`]).
+//! order the files were closed ([`HashThread::next_digest`]). Small files go in batches
+//! ([`HashThread::files`]): their contents back to back in one buffer, one hand-over for
+//! many files.
 
 use std::sync::mpsc::{Receiver, Sender, SyncSender, channel, sync_channel};
 use std::thread::JoinHandle;
@@ -21,6 +23,8 @@ enum Job {
     /// A buffer and how many of its bytes belong to the file.
     Data(Vec<u8>, usize),
     End,
+    /// Whole files back to back in a buffer, each this many bytes long.
+    Files(Vec<u8>, Vec<usize>),
 }
 
 /// A hashing thread and the buffers it shares with the writer.
@@ -79,6 +83,12 @@ impl HashThread {
         self.jobs.as_ref().is_some_and(|j| j.send(Job::End).is_ok())
     }
 
+    /// Hashes whole files, `lens` bytes each, back to back from the start of `buf` (a
+    /// buffer from [`HashThread::buffer`]); none may be open. Their digests come in order.
+    pub(crate) fn files(&mut self, buf: Vec<u8>, lens: Vec<usize>) -> bool {
+        self.jobs.as_ref().is_some_and(|j| j.send(Job::Files(buf, lens)).is_ok())
+    }
+
     /// The digest of the earliest closed file not yet asked for; `None` when the thread is
     /// gone.
     pub(crate) fn next_digest(&mut self) -> Option<Digest> {
@@ -109,6 +119,17 @@ fn hash_jobs(jobs: &Receiver<Job>, digests: &Sender<Digest>, spare: &Sender<Vec<
                     return;
                 }
             }
+            Job::Files(buf, lens) => {
+                let mut at = 0;
+                for len in lens {
+                    let end = (at + len).min(buf.len());
+                    if digests.send(Digest::of(&buf[at..end])).is_err() {
+                        return;
+                    }
+                    at = end;
+                }
+                let _ = spare.send(buf);
+            }
         }
     }
 }
@@ -133,6 +154,24 @@ mod tests {
             assert_eq!(h.next_digest(), Some(Digest::of(f)));
         }
         assert!(h.made <= BUFFERS, "{} buffers made", h.made);
+    }
+
+    #[test]
+    fn batches_of_whole_files_and_files_in_pieces_keep_their_order() {
+        let mut h = HashThread::start(16).expect("a thread");
+        let mut b = h.buffer();
+        b[..9].copy_from_slice(b"abcdefghi");
+        assert!(h.files(b, vec![3, 0, 6]));
+        let mut b = h.buffer();
+        b[..4].copy_from_slice(b"long");
+        assert!(h.data(b, 4));
+        assert!(h.end());
+        let mut b = h.buffer();
+        b[..1].copy_from_slice(b"z");
+        assert!(h.files(b, vec![1]));
+        for want in [&b"abc"[..], b"", b"defghi", b"long", b"z"] {
+            assert_eq!(h.next_digest(), Some(Digest::of(want)));
+        }
     }
 
     #[test]

@@ -103,9 +103,25 @@ pub fn excerpt(message: &str) -> String {
 }
 
 /// A file mode, written in YAML as octal (`0755`, `755` or `0o755`), in JSON as `"0755"`.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
-#[serde(try_from = "String")]
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Mode(u32);
+
+/// Read from its text as the document holds it (YAML's integers too), without a copy.
+impl<'de> Deserialize<'de> for Mode {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Text;
+        impl serde::de::Visitor<'_> for Text {
+            type Value = Mode;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a file mode in octal, such as \"0755\"")
+            }
+            fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<Mode, E> {
+                s.parse().map_err(E::custom)
+            }
+        }
+        d.deserialize_str(Text)
+    }
+}
 
 /// Written as four octal digits (`"0755"`), formatted on the stack.
 impl Serialize for Mode {
@@ -819,14 +835,20 @@ impl StageConfig {
         if self.entries.len() > MAX_ENTRIES {
             return Err(invalid("entries".into(), format!("more than {MAX_ENTRIES}")));
         }
+        // The parent found last: the entries of one directory mostly come together.
+        let mut last_parent: Option<&Entry> = None;
         for (i, e) in self.entries.iter().enumerate() {
             let field = || format!("entries[{i}] ({})", e.path);
             if i > 0 && self.entries[i - 1].path >= e.path {
                 return Err(invalid(field(), "entries are not sorted or not unique".into()));
             }
-            if let Some(parent) = e.path.parent() {
-                match self.entry(&parent) {
-                    Some(p) if p.kind == EntryKind::Dir => {}
+            if let Some((parent, _)) = e.path.as_str().rsplit_once('/') {
+                let found = match last_parent {
+                    Some(p) if p.path.as_str() == parent => Some(p),
+                    _ => self.entries.binary_search_by(|x| x.path.as_str().cmp(parent)).ok().map(|j| &self.entries[j]),
+                };
+                match found {
+                    Some(p) if p.kind == EntryKind::Dir => last_parent = Some(p),
                     _ => return Err(invalid(field(), format!("parent {parent} is not a staged directory"))),
                 }
             }
@@ -1001,6 +1023,19 @@ mod tests {
         for bad in ["", "0x1", "9", "77777", "0o", "-1", "000000644", "0o000000644"] {
             assert!(bad.parse::<Mode>().is_err(), "{bad}");
         }
+        // In YAML, plain or quoted.
+        for (yaml, bits) in [("0755", 0o755), ("755", 0o755), ("0o644", 0o644), ("\"0600\"", 0o600), ("'4755'", 0o4755)]
+        {
+            let text = format!("version: 1.0.0\nfiles:\n  - path: x\n    target: /etc/x\n    mode: {yaml}\n");
+            let def =
+                StageDefinition::parse(&text, Path::new("manifest.yaml")).unwrap_or_else(|e| panic!("{yaml}: {e}"));
+            assert_eq!(def.files[0].mode.map(Mode::bits), Some(bits), "{yaml}");
+        }
+        let e = StageDefinition::parse(
+            "version: 1.0.0\nfiles:\n  - path: x\n    target: /etc/x\n    mode: 9\n",
+            Path::new("m"),
+        );
+        assert!(e.is_err());
         // Shown with four octal digits, in messages and debug output alike.
         let m: Mode = "644".parse().unwrap();
         assert_eq!(format!("{m} {m:?} {}", String::from(m)), "0644 0644 0644");

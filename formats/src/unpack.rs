@@ -294,10 +294,20 @@ pub struct Unpacker<'a> {
     /// The tree `dest` was copied from, leaving out files the layers replace (see
     /// [`Unpacker::over_base`]): patches of those apply to its files.
     base: Option<OwnedFd>,
-    /// Hashes files larger than one read while they are written (started at the first).
+    /// Hashes files while they are written (started at the first): a file larger than one
+    /// read piece by piece, smaller ones in batches.
     hash_thread: Option<HashThread>,
+    /// Small files written and not yet handed to the hash thread.
+    batch: Option<Batch>,
     /// Files whose digest the hash thread has yet to give, in the order they were written.
     pending: VecDeque<Pending>,
+}
+
+/// Small files for the hash thread: their contents back to back in one of its buffers.
+struct Batch {
+    buf: Vec<u8>,
+    used: usize,
+    lens: Vec<usize>,
 }
 
 /// A file written whose digest is still being computed by the hash thread.
@@ -557,6 +567,7 @@ impl<'a> Unpacker<'a> {
             over,
             base: None,
             hash_thread: None,
+            batch: None,
             pending: VecDeque::new(),
         })
     }
@@ -708,6 +719,7 @@ impl<'a> Unpacker<'a> {
     /// checks them against the signed ones. Called at the end of a layer and before a path
     /// is forgotten (so that a digest never lands after its file was removed).
     fn settle(&mut self) -> Result<(), Fail> {
+        self.send_batch()?;
         while let Some(p) = self.pending.pop_front() {
             let digest = self.hash_thread.as_mut().and_then(HashThread::next_digest).ok_or_else(|| {
                 Fail::Disk(io_error(self.dest_path.join(&p.path), io::Error::other("the hashing thread stopped")))
@@ -716,6 +728,15 @@ impl<'a> Unpacker<'a> {
             check_digest(&p.path, digest, p.expected)?;
         }
         Ok(())
+    }
+
+    /// Hands the small files written since the last batch to the hash thread.
+    fn send_batch(&mut self) -> Result<(), Fail> {
+        let (Some(h), Some(b)) = (self.hash_thread.as_mut(), self.batch.take()) else { return Ok(()) };
+        if b.lens.is_empty() || h.files(b.buf, b.lens) {
+            return Ok(());
+        }
+        Err(Fail::Disk(io_error(self.dest_path.clone(), io::Error::other("the hashing thread stopped"))))
     }
 
     fn apply_entry<R: Read>(
@@ -818,12 +839,47 @@ impl<'a> Unpacker<'a> {
         )
         .map_err(|e| disk(e.into()))?;
         let mut file = File::from(fd);
-        // One read's worth or less: hashed here; larger: by the hash thread, as written.
-        if size > CHUNK as u64 && self.hash_thread.is_none() {
+        // Hashed by the hash thread (here only when it cannot start): one read's worth or
+        // less in a batch with other small files, a larger file as it is written.
+        if self.hash_thread.is_none() {
             self.hash_thread = HashThread::start(CHUNK);
         }
-        let mut thread = self.hash_thread.as_mut().filter(|_| size > CHUNK as u64);
         let stopped = || disk(io::Error::other("the hashing thread stopped"));
+        if size <= CHUNK as u64 && self.hash_thread.is_some() {
+            let size = size as usize;
+            if self.batch.as_ref().is_some_and(|b| b.buf.len() - b.used < size) {
+                self.send_batch()?;
+            }
+            let h = self.hash_thread.as_mut().ok_or_else(stopped)?;
+            let b = self.batch.get_or_insert_with(|| Batch { buf: h.buffer(), used: 0, lens: Vec::new() });
+            let mut done = 0;
+            while done < size {
+                let into = &mut b.buf[b.used + done..b.used + size];
+                match read_chunk(entry, into) {
+                    Ok(0) => {
+                        return Err(Fail::Content(UnpackError::Corrupt {
+                            layer: state.digest,
+                            reason: format!("the archive ends inside {path}: {done} of {size} bytes"),
+                        }));
+                    }
+                    Ok(n) => done += n,
+                    Err(e) => return Err(Fail::Read(e)),
+                }
+            }
+            file.write_all(&b.buf[b.used..b.used + size]).map_err(disk)?;
+            b.used += size;
+            b.lens.push(size);
+            file.set_permissions(std::fs::Permissions::from_mode(mode.bits())).map_err(disk)?;
+            self.stats.files += 1;
+            self.stats.bytes += size as u64;
+            // Its digest is settled with the others (see `settle`).
+            return Ok(None);
+        }
+        // A file in pieces: the small files before it are hashed first, in order.
+        if size > CHUNK as u64 {
+            self.send_batch()?;
+        }
+        let mut thread = self.hash_thread.as_mut().filter(|_| size > CHUNK as u64);
         let mut hasher = Hasher::new();
         let mut left = size;
         while left > 0 {
@@ -1464,7 +1520,7 @@ fn compare_tree(
     known: &BTreeMap<String, (Digest, u64)>,
 ) -> Result<Vec<Mismatch>, UnpackError> {
     let mut walk =
-        Walk { config, root_path, known, visits: vec![Visit::Unseen; config.entries.len()], out: Vec::new() };
+        Walk { config, root_path, known, visits: vec![Visit::Unseen; config.entries.len()], out: Vec::new(), next: 0 };
     walk.dir(root, None, ignore)?;
     for (i, e) in config.entries.iter().enumerate() {
         if walk.visits[i] != Visit::Unseen {
@@ -1488,9 +1544,24 @@ struct Walk<'w> {
     known: &'w BTreeMap<String, (Digest, u64)>,
     visits: Vec<Visit>,
     out: Vec<Mismatch>,
+    /// The entry after the one found last: the walk (names sorted, depth first) mostly
+    /// meets the entries in their order.
+    next: usize,
 }
 
 impl Walk<'_> {
+    /// The index of the signed entry at `path`.
+    fn find(&mut self, path: &str) -> Option<usize> {
+        let entries = &self.config.entries;
+        let i = match entries.get(self.next) {
+            Some(e) if e.path.as_str() == path => self.next,
+            // Entries are sorted as strings: a name that is no RelPath matches none.
+            _ => entries.binary_search_by(|e| e.path.as_str().cmp(path)).ok()?,
+        };
+        self.next = i + 1;
+        Some(i)
+    }
+
     fn dir(&mut self, dir: &OwnedFd, prefix: Option<&str>, ignore: &[&str]) -> Result<(), UnpackError> {
         let here = || prefix.map_or_else(|| self.root_path.to_owned(), |p| self.root_path.join(p));
         let names = list_dir(dir).map_err(|e| io_error(here(), e))?;
@@ -1505,13 +1576,10 @@ impl Walk<'_> {
                 continue;
             }
             let path = prefix.map_or_else(|| n.to_owned(), |p| format!("{p}/{n}"));
-            let full = self.root_path.join(&path);
-            let st =
-                rustix::fs::statat(dir, &name, AtFlags::SYMLINK_NOFOLLOW).map_err(|e| io_error(full.clone(), e))?;
+            let full = || self.root_path.join(&path);
+            let st = rustix::fs::statat(dir, &name, AtFlags::SYMLINK_NOFOLLOW).map_err(|e| io_error(full(), e))?;
             let ft = FileType::from_raw_mode(st.st_mode);
-            let found =
-                RelPath::parse(&path).ok().and_then(|p| self.config.entries.binary_search_by(|e| e.path.cmp(&p)).ok());
-            let Some(i) = found else {
+            let Some(i) = self.find(&path) else {
                 self.out.push(Mismatch { path, problem: "not in the signed manifest".into() });
                 continue;
             };
@@ -1542,11 +1610,11 @@ impl Walk<'_> {
                         OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
                         rustix::fs::Mode::empty(),
                     )
-                    .map_err(|e| io_error(full.clone(), e))?;
+                    .map_err(|e| io_error(full(), e))?;
                     self.dir(&sub, Some(&path), ignore)?;
                 }
                 EntryKind::Symlink => {
-                    let text = rustix::fs::readlinkat(dir, &name, Vec::new()).map_err(|e| io_error(full.clone(), e))?;
+                    let text = rustix::fs::readlinkat(dir, &name, Vec::new()).map_err(|e| io_error(full(), e))?;
                     if Some(text.as_bytes()) != e.link.as_deref().map(str::as_bytes) {
                         self.out.push(Mismatch {
                             path,
@@ -1576,9 +1644,9 @@ impl Walk<'_> {
                                 OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
                                 rustix::fs::Mode::empty(),
                             )
-                            .map_err(|e| io_error(full.clone(), e))?;
+                            .map_err(|e| io_error(full(), e))?;
                             sha256_reader(BufReader::with_capacity(CHUNK, File::from(fd)))
-                                .map_err(|e| io_error(full.clone(), e))?
+                                .map_err(|e| io_error(full(), e))?
                                 .0
                         }
                     };
