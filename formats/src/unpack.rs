@@ -85,7 +85,7 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::ffi::{CStr, CString};
 use std::fmt;
 use std::fs::File;
-use std::io::{self, BufReader, Read, Write};
+use std::io::{self, Read, Write};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -94,7 +94,7 @@ use std::rc::Rc;
 use rustix::fs::{AtFlags, FileType, OFlags};
 use serde::Serialize;
 
-use crate::digest::{Digest, Hasher, sha256_reader};
+use crate::digest::{Digest, Hasher};
 use crate::hash_thread::HashThread;
 use crate::layout::{Layout, LayoutError};
 use crate::manifest::{ConfigError, EntryKind, Mode, StageConfig};
@@ -103,6 +103,9 @@ use crate::path::{MAX_DEPTH, MAX_PATH, RelPath, confine_link};
 use crate::payload::WHITEOUT_PREFIX;
 
 pub mod check;
+mod compare;
+
+use compare::compare_tree;
 
 /// Largest accepted pax extension header (local or global).
 const MAX_PAX: u64 = 64 << 10;
@@ -1502,170 +1505,6 @@ fn remove_tree(parent: BorrowedFd<'_>, name: &CStr) -> io::Result<()> {
     fsx::remove_tree_at(parent, name, MAX_DEPTH + 2)
 }
 
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Visit {
-    Unseen,
-    Seen,
-    /// Present with another kind: its children are not looked for.
-    Pruned,
-}
-
-/// Walks the tree under `root` and compares it with `config`. Files whose digest is in
-/// `known` with the size found on disk are not re-read.
-fn compare_tree(
-    root: &OwnedFd,
-    root_path: &Path,
-    config: &StageConfig,
-    ignore: &[&str],
-    known: &BTreeMap<String, (Digest, u64)>,
-) -> Result<Vec<Mismatch>, UnpackError> {
-    let mut walk =
-        Walk { config, root_path, known, visits: vec![Visit::Unseen; config.entries.len()], out: Vec::new(), next: 0 };
-    walk.dir(root, None, ignore)?;
-    for (i, e) in config.entries.iter().enumerate() {
-        if walk.visits[i] != Visit::Unseen {
-            continue;
-        }
-        let parent_seen = match e.path.parent() {
-            None => true,
-            Some(p) => config.entries.binary_search_by(|x| x.path.cmp(&p)).is_ok_and(|j| walk.visits[j] == Visit::Seen),
-        };
-        if parent_seen {
-            walk.out.push(Mismatch { path: e.path.to_string(), problem: format!("{} is missing", kind_name(e.kind)) });
-        }
-    }
-    walk.out.sort_by(|a, b| a.path.cmp(&b.path));
-    Ok(walk.out)
-}
-
-struct Walk<'w> {
-    config: &'w StageConfig,
-    root_path: &'w Path,
-    known: &'w BTreeMap<String, (Digest, u64)>,
-    visits: Vec<Visit>,
-    out: Vec<Mismatch>,
-    /// The entry after the one found last: the walk (names sorted, depth first) mostly
-    /// meets the entries in their order.
-    next: usize,
-}
-
-impl Walk<'_> {
-    /// The index of the signed entry at `path`.
-    fn find(&mut self, path: &str) -> Option<usize> {
-        let entries = &self.config.entries;
-        let i = match entries.get(self.next) {
-            Some(e) if e.path.as_str() == path => self.next,
-            // Entries are sorted as strings: a name that is no RelPath matches none.
-            _ => entries.binary_search_by(|e| e.path.as_str().cmp(path)).ok()?,
-        };
-        self.next = i + 1;
-        Some(i)
-    }
-
-    fn dir(&mut self, dir: &OwnedFd, prefix: Option<&str>, ignore: &[&str]) -> Result<(), UnpackError> {
-        let here = || prefix.map_or_else(|| self.root_path.to_owned(), |p| self.root_path.join(p));
-        let names = list_dir(dir).map_err(|e| io_error(here(), e))?;
-        for name in names {
-            let Ok(n) = name.to_str() else {
-                let lossy = name.to_string_lossy();
-                let path = prefix.map_or_else(|| lossy.to_string(), |p| format!("{p}/{lossy}"));
-                self.out.push(Mismatch { path, problem: "not in the signed manifest (name is not UTF-8)".into() });
-                continue;
-            };
-            if prefix.is_none() && ignore.contains(&n) {
-                continue;
-            }
-            let path = prefix.map_or_else(|| n.to_owned(), |p| format!("{p}/{n}"));
-            let full = || self.root_path.join(&path);
-            let st = rustix::fs::statat(dir, &name, AtFlags::SYMLINK_NOFOLLOW).map_err(|e| io_error(full(), e))?;
-            let ft = FileType::from_raw_mode(st.st_mode);
-            let Some(i) = self.find(&path) else {
-                self.out.push(Mismatch { path, problem: "not in the signed manifest".into() });
-                continue;
-            };
-            let e = &self.config.entries[i];
-            let kind = match ft {
-                FileType::RegularFile => Some(EntryKind::File),
-                FileType::Directory => Some(EntryKind::Dir),
-                FileType::Symlink => Some(EntryKind::Symlink),
-                _ => None,
-            };
-            if kind != Some(e.kind) {
-                let what = kind.map_or_else(|| format!("{ft:?}"), |k| kind_name(k).to_owned());
-                self.visits[i] = Visit::Pruned;
-                self.out.push(Mismatch { path, problem: format!("is a {what}, expected a {}", kind_name(e.kind)) });
-                continue;
-            }
-            self.visits[i] = Visit::Seen;
-            let mode = st.st_mode & 0o7777;
-            if e.kind != EntryKind::Symlink && mode != e.mode.bits() {
-                self.out
-                    .push(Mismatch { path: path.clone(), problem: format!("mode is {mode:04o}, expected {}", e.mode) });
-            }
-            match e.kind {
-                EntryKind::Dir => {
-                    let sub = rustix::fs::openat(
-                        dir,
-                        &name,
-                        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-                        rustix::fs::Mode::empty(),
-                    )
-                    .map_err(|e| io_error(full(), e))?;
-                    self.dir(&sub, Some(&path), ignore)?;
-                }
-                EntryKind::Symlink => {
-                    let text = rustix::fs::readlinkat(dir, &name, Vec::new()).map_err(|e| io_error(full(), e))?;
-                    if Some(text.as_bytes()) != e.link.as_deref().map(str::as_bytes) {
-                        self.out.push(Mismatch {
-                            path,
-                            problem: format!(
-                                "links to {:?}, expected {:?}",
-                                text.to_string_lossy(),
-                                e.link.as_deref().unwrap_or_default()
-                            ),
-                        });
-                    }
-                }
-                EntryKind::File => {
-                    let size = st.st_size as u64;
-                    if Some(size) != e.size {
-                        self.out.push(Mismatch {
-                            path,
-                            problem: format!("is {size} bytes, expected {}", e.size.unwrap_or_default()),
-                        });
-                        continue;
-                    }
-                    let digest = match self.known.get(&path) {
-                        Some(&(d, s)) if s == size => d,
-                        _ => {
-                            let fd = rustix::fs::openat(
-                                dir,
-                                &name,
-                                OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-                                rustix::fs::Mode::empty(),
-                            )
-                            .map_err(|e| io_error(full(), e))?;
-                            sha256_reader(BufReader::with_capacity(CHUNK, File::from(fd)))
-                                .map_err(|e| io_error(full(), e))?
-                                .0
-                        }
-                    };
-                    if Some(digest) != e.sha256 {
-                        self.out.push(Mismatch {
-                            path,
-                            problem: format!(
-                                "content hashes to {digest}, expected {}",
-                                e.sha256.map_or_else(String::new, |d| d.to_string())
-                            ),
-                        });
-                    }
-                }
-            }
-        }
-        Ok(())
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use std::fs;
@@ -2413,6 +2252,48 @@ mod tests {
         assert!(e.to_string().contains("/gen/bin/x") && e.to_string().contains("full"), "{e}");
         assert!(matches!(io_error(PathBuf::new(), rustix::io::Errno::DQUOT), UnpackError::NoSpace { .. }));
         assert!(!e.is_malformed());
+    }
+
+    #[test]
+    fn check_tree_finds_differences_deep_in_a_wide_tree_whichever_thread_looks() {
+        let env = new_env();
+        let mut entries = Vec::new();
+        let mut ops = Vec::new();
+        let names: Vec<String> = (0..40).map(|i| format!("d{i:02}")).collect();
+        let subs: Vec<String> = names.iter().flat_map(|n| (0..3).map(move |j| format!("{n}/s{j}"))).collect();
+        let files: Vec<String> = subs.iter().map(|s| format!("{s}/f")).collect();
+        for n in &names {
+            entries.push(dir(n, 0o755));
+            ops.push(Op::Dir(n, 0o755));
+        }
+        for s in &subs {
+            entries.push(dir(s, 0o755));
+            ops.push(Op::Dir(s, 0o755));
+        }
+        for f in &files {
+            entries.push(file(f, 0o644, b"x"));
+            ops.push(Op::File(f, 0o644, b"x"));
+        }
+        let cfg = config(entries, "");
+        ops.sort_by_key(|o| match o {
+            Op::Dir(p, _) | Op::File(p, _, _) | Op::Link(p, _) => p.to_string(),
+            _ => String::new(),
+        });
+        env.unpack(&[&payload(&ops)], &cfg).unwrap();
+        let d = &env.dest;
+        for _ in 0..3 {
+            assert_eq!(check_tree(d, &cfg).unwrap(), []);
+        }
+        fs::write(d.join("d07/s1/f"), b"y").unwrap();
+        fs::remove_file(d.join("d33/s2/f")).unwrap();
+        fs::write(d.join("d21/s0/extra"), b"").unwrap();
+        fs::remove_dir_all(d.join("d12/s1")).unwrap();
+        for _ in 0..3 {
+            let found = check_tree(d, &cfg).unwrap();
+            let paths: Vec<_> = found.iter().map(|m| m.path.as_str()).collect();
+            // A directory gone is reported once, not its contents.
+            assert_eq!(paths, ["d07/s1/f", "d12/s1", "d21/s0/extra", "d33/s2/f"], "{found:?}");
+        }
     }
 
     #[test]

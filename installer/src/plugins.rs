@@ -57,12 +57,16 @@ pub fn of(config: &StageConfig) -> Vec<PluginReg> {
         }
         out
     }
+    if config.plugins.is_empty() {
+        return Vec::new();
+    }
     let linked = index(config.files.iter().map(|f| (f.path.as_str(), f.target.to_string())));
+    // Only files below plugins/ can be one: the others' staged paths are not formatted.
     let staged = index(
         config
             .entries
             .iter()
-            .filter(|e| e.kind == EntryKind::File)
+            .filter(|e| e.kind == EntryKind::File && e.path.as_str().starts_with("plugins/"))
             .map(|e| (e.path.as_str(), format!("{STAGING_ABS}/{}/{}", config.name, e.path))),
     );
     config

@@ -1,0 +1,288 @@
+//! Comparing a tree on disk with its signed manifest: every path is looked at (kind, mode,
+//! size, link text, content), nothing missing, nothing extra.
+//!
+//! It is the last step of every unpack and all of `verify`: a stat per path, and a read of
+//! every file whose digest is not known. The directories are shared out to a worker per
+//! core (at most [`MAX_WORKERS`]); each directory is opened beneath the one that listed it,
+//! never through a link.
+
+use std::collections::BTreeMap;
+use std::ffi::CString;
+use std::fs::File;
+use std::io::BufReader;
+use std::os::fd::OwnedFd;
+use std::path::Path;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+
+use rustix::fs::{AtFlags, FileType, OFlags};
+
+use super::{CHUNK, Mismatch, UnpackError, io_error, kind_name, list_dir};
+use crate::digest::{Digest, sha256_reader};
+use crate::manifest::{EntryKind, StageConfig};
+
+/// At most this many threads compare, the caller's included.
+const MAX_WORKERS: usize = 4;
+
+/// What the walk found at an entry's path.
+const UNSEEN: u8 = 0;
+const SEEN: u8 = 1;
+/// Present with another kind: its children are not looked for.
+const PRUNED: u8 = 2;
+
+/// A directory still to compare: its name in the directory that listed it.
+struct Dir {
+    parent: Arc<OwnedFd>,
+    name: CString,
+    path: String,
+}
+
+/// Directories not yet taken, how many are being compared, whether a worker failed.
+#[derive(Default)]
+struct Work {
+    todo: Vec<Dir>,
+    busy: usize,
+    failed: bool,
+}
+
+struct Shared<'w> {
+    config: &'w StageConfig,
+    root_path: &'w Path,
+    known: &'w BTreeMap<String, (Digest, u64)>,
+    /// By entry index: UNSEEN, SEEN or PRUNED.
+    visits: Vec<AtomicU8>,
+    work: Mutex<Work>,
+    ready: Condvar,
+}
+
+/// Walks the tree under `root` and compares it with `config`; `ignore` names at the top
+/// are passed over. Files whose digest is in `known` with the size found on disk are not
+/// read again. The differences come sorted by path.
+pub(super) fn compare_tree(
+    root: &OwnedFd,
+    root_path: &Path,
+    config: &StageConfig,
+    ignore: &[&str],
+    known: &BTreeMap<String, (Digest, u64)>,
+) -> Result<Vec<Mismatch>, UnpackError> {
+    let shared = Shared {
+        config,
+        root_path,
+        known,
+        visits: config.entries.iter().map(|_| AtomicU8::new(UNSEEN)).collect(),
+        work: Mutex::default(),
+        ready: Condvar::new(),
+    };
+    let root = Arc::new(root.try_clone().map_err(|e| io_error(root_path.to_owned(), e))?);
+    let mut top = Walker { shared: &shared, out: Vec::new(), next: 0 };
+    let mut dirs = Vec::new();
+    top.dir(&root, None, ignore, &mut dirs)?;
+    let mut out = top.out;
+    if !dirs.is_empty() {
+        shared.work.lock().expect("not poisoned").todo = dirs;
+        let workers = std::thread::available_parallelism().map_or(1, |n| n.get()).clamp(1, MAX_WORKERS);
+        let results = std::thread::scope(|scope| {
+            let helpers: Vec<_> = (1..workers).map(|_| scope.spawn(|| work(&shared))).collect();
+            let mut results = vec![work(&shared)];
+            for h in helpers {
+                results.push(h.join().unwrap_or_else(|_| {
+                    Err(io_error(root_path.to_owned(), std::io::Error::other("a comparing thread panicked")))
+                }));
+            }
+            results
+        });
+        for r in results {
+            out.append(&mut r?);
+        }
+    }
+    let visit = |i: usize| shared.visits[i].load(Ordering::Relaxed);
+    for (i, e) in config.entries.iter().enumerate() {
+        if visit(i) != UNSEEN {
+            continue;
+        }
+        let parent_seen = match e.path.as_str().rsplit_once('/') {
+            None => true,
+            Some((p, _)) => config.entries.binary_search_by(|x| x.path.as_str().cmp(p)).is_ok_and(|j| visit(j) == SEEN),
+        };
+        if parent_seen {
+            out.push(Mismatch { path: e.path.to_string(), problem: format!("{} is missing", kind_name(e.kind)) });
+        }
+    }
+    out.sort_by(|a, b| a.path.cmp(&b.path));
+    Ok(out)
+}
+
+/// Takes directories to compare until none are left and none are being compared.
+fn work(shared: &Shared<'_>) -> Result<Vec<Mismatch>, UnpackError> {
+    let mut walker = Walker { shared, out: Vec::new(), next: 0 };
+    let mut found = Vec::new();
+    loop {
+        let dir = {
+            let mut w = shared.work.lock().expect("not poisoned");
+            loop {
+                if w.failed {
+                    return Ok(walker.out);
+                }
+                if let Some(d) = w.todo.pop() {
+                    w.busy += 1;
+                    break d;
+                }
+                if w.busy == 0 {
+                    shared.ready.notify_all();
+                    return Ok(walker.out);
+                }
+                w = shared.ready.wait(w).expect("not poisoned");
+            }
+        };
+        let compared = walker.open(&dir).and_then(|fd| walker.dir(&Arc::new(fd), Some(&dir.path), &[], &mut found));
+        let mut w = shared.work.lock().expect("not poisoned");
+        w.busy -= 1;
+        if let Err(e) = compared {
+            w.failed = true;
+            shared.ready.notify_all();
+            return Err(e);
+        }
+        if !found.is_empty() {
+            w.todo.append(&mut found);
+            shared.ready.notify_all();
+        } else if w.busy == 0 && w.todo.is_empty() {
+            shared.ready.notify_all();
+        }
+    }
+}
+
+/// One thread's share of the comparison.
+struct Walker<'s, 'w> {
+    shared: &'s Shared<'w>,
+    out: Vec<Mismatch>,
+    /// The entry after the one found last: the names of a directory come sorted, and
+    /// mostly meet the entries in their order.
+    next: usize,
+}
+
+impl Walker<'_, '_> {
+    /// The index of the signed entry at `path`.
+    fn find(&mut self, path: &str) -> Option<usize> {
+        let entries = &self.shared.config.entries;
+        let i = match entries.get(self.next) {
+            Some(e) if e.path.as_str() == path => self.next,
+            // Entries are sorted as strings: a name that is no RelPath matches none.
+            _ => entries.binary_search_by(|e| e.path.as_str().cmp(path)).ok()?,
+        };
+        self.next = i + 1;
+        Some(i)
+    }
+
+    fn open(&self, d: &Dir) -> Result<OwnedFd, UnpackError> {
+        rustix::fs::openat(
+            &*d.parent,
+            &d.name,
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            rustix::fs::Mode::empty(),
+        )
+        .map_err(|e| io_error(self.shared.root_path.join(&d.path), e))
+    }
+
+    /// Compares what the directory `dir` (at `prefix`; the top with `None`, where `ignore`
+    /// names are passed over) holds; its subdirectories go to `dirs`.
+    fn dir(
+        &mut self,
+        dir: &Arc<OwnedFd>,
+        prefix: Option<&str>,
+        ignore: &[&str],
+        dirs: &mut Vec<Dir>,
+    ) -> Result<(), UnpackError> {
+        let root_path = self.shared.root_path;
+        let here = || prefix.map_or_else(|| root_path.to_owned(), |p| root_path.join(p));
+        let names = list_dir(&**dir).map_err(|e| io_error(here(), e))?;
+        for name in names {
+            let Ok(n) = name.to_str() else {
+                let lossy = name.to_string_lossy();
+                let path = prefix.map_or_else(|| lossy.to_string(), |p| format!("{p}/{lossy}"));
+                self.out.push(Mismatch { path, problem: "not in the signed manifest (name is not UTF-8)".into() });
+                continue;
+            };
+            if prefix.is_none() && ignore.contains(&n) {
+                continue;
+            }
+            let path = prefix.map_or_else(|| n.to_owned(), |p| format!("{p}/{n}"));
+            let full = || root_path.join(&path);
+            let st = rustix::fs::statat(&**dir, &name, AtFlags::SYMLINK_NOFOLLOW).map_err(|e| io_error(full(), e))?;
+            let ft = FileType::from_raw_mode(st.st_mode);
+            let Some(i) = self.find(&path) else {
+                self.out.push(Mismatch { path, problem: "not in the signed manifest".into() });
+                continue;
+            };
+            let e = &self.shared.config.entries[i];
+            let kind = match ft {
+                FileType::RegularFile => Some(EntryKind::File),
+                FileType::Directory => Some(EntryKind::Dir),
+                FileType::Symlink => Some(EntryKind::Symlink),
+                _ => None,
+            };
+            if kind != Some(e.kind) {
+                let what = kind.map_or_else(|| format!("{ft:?}"), |k| kind_name(k).to_owned());
+                self.shared.visits[i].store(PRUNED, Ordering::Relaxed);
+                self.out.push(Mismatch { path, problem: format!("is a {what}, expected a {}", kind_name(e.kind)) });
+                continue;
+            }
+            self.shared.visits[i].store(SEEN, Ordering::Relaxed);
+            let mode = st.st_mode & 0o7777;
+            if e.kind != EntryKind::Symlink && mode != e.mode.bits() {
+                self.out
+                    .push(Mismatch { path: path.clone(), problem: format!("mode is {mode:04o}, expected {}", e.mode) });
+            }
+            match e.kind {
+                EntryKind::Dir => dirs.push(Dir { parent: Arc::clone(dir), name, path }),
+                EntryKind::Symlink => {
+                    let text = rustix::fs::readlinkat(&**dir, &name, Vec::new()).map_err(|e| io_error(full(), e))?;
+                    if Some(text.as_bytes()) != e.link.as_deref().map(str::as_bytes) {
+                        self.out.push(Mismatch {
+                            path,
+                            problem: format!(
+                                "links to {:?}, expected {:?}",
+                                text.to_string_lossy(),
+                                e.link.as_deref().unwrap_or_default()
+                            ),
+                        });
+                    }
+                }
+                EntryKind::File => {
+                    let size = st.st_size as u64;
+                    if Some(size) != e.size {
+                        self.out.push(Mismatch {
+                            path,
+                            problem: format!("is {size} bytes, expected {}", e.size.unwrap_or_default()),
+                        });
+                        continue;
+                    }
+                    let digest = match self.shared.known.get(&path) {
+                        Some(&(d, s)) if s == size => d,
+                        _ => {
+                            let fd = rustix::fs::openat(
+                                &**dir,
+                                &name,
+                                OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                                rustix::fs::Mode::empty(),
+                            )
+                            .map_err(|e| io_error(full(), e))?;
+                            sha256_reader(BufReader::with_capacity(CHUNK, File::from(fd)))
+                                .map_err(|e| io_error(full(), e))?
+                                .0
+                        }
+                    };
+                    if Some(digest) != e.sha256 {
+                        self.out.push(Mismatch {
+                            path,
+                            problem: format!(
+                                "content hashes to {digest}, expected {}",
+                                e.sha256.map_or_else(String::new, |d| d.to_string())
+                            ),
+                        });
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
