@@ -3,12 +3,12 @@
 //! The walk of the stage folder is the builder's serial start: a directory listing per
 //! directory and a stat per file, before the payload can be written. On a folder of
 //! many small files that is a tenth of a build, so its directories are shared out to a
-//! worker per core. The nodes come back sorted by path, whatever thread found them.
+//! thread per core ([`fsx::share`]). The nodes come back sorted by path, whatever thread
+//! found them.
 
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Condvar, Mutex};
 
 use formats::manifest::MAX_ENTRIES;
 use formats::path::RelPath;
@@ -16,30 +16,10 @@ use formats::path::RelPath;
 use crate::assemble::{Node, check_reserved, node_of};
 use crate::error::InputError;
 
-/// At most this many listing threads, the caller's included.
-const MAX_WORKERS: usize = 4;
-
 /// A directory still to list: where it is, where it is staged.
 struct Dir {
     fs_path: PathBuf,
     at: RelPath,
-}
-
-/// The shared work: directories not yet taken, how many are being listed, whether a
-/// worker has failed (the others then stop).
-#[derive(Default)]
-struct Work {
-    todo: Vec<Dir>,
-    busy: usize,
-    failed: bool,
-}
-
-struct Shared {
-    work: Mutex<Work>,
-    ready: Condvar,
-    /// Paths found so far, by every worker: a folder of more than [`MAX_ENTRIES`] paths
-    /// is refused before it is all listed.
-    found: AtomicUsize,
 }
 
 /// Every path below the directory `root`, staged below `at` (at the top with `None`,
@@ -51,89 +31,19 @@ pub fn walk(
     at: Option<&RelPath>,
     skip_top: &dyn Fn(&str) -> bool,
 ) -> Result<Vec<(RelPath, Node)>, InputError> {
-    let shared = Shared { work: Mutex::default(), ready: Condvar::new(), found: AtomicUsize::new(0) };
+    // Paths found so far, by every thread: a folder of more than MAX_ENTRIES paths is
+    // refused before it is all listed.
+    let found = AtomicUsize::new(0);
     let mut nodes = Vec::new();
     let mut todo = Vec::new();
-    list(&shared, root, at, Some(skip_top), &mut nodes, &mut todo)?;
-    if todo.is_empty() {
-        return Ok(nodes);
-    }
-    shared.work.lock().expect("not poisoned").todo = todo;
-    let workers = std::thread::available_parallelism().map_or(1, |n| n.get()).clamp(1, MAX_WORKERS);
-    let results = std::thread::scope(|scope| {
-        let helpers: Vec<_> = (1..workers).map(|_| scope.spawn(|| work(&shared))).collect();
-        let mut results = vec![work(&shared)];
-        for h in helpers {
-            results.push(h.join().unwrap_or_else(|_| {
-                Err(InputError::Path { path: root.to_owned(), reason: "a listing thread panicked".into() })
-            }));
-        }
-        results
-    });
-    let mut first_error: Option<InputError> = None;
-    for r in results {
-        match r {
-            Ok(mut found) => nodes.append(&mut found),
-            Err(e) => {
-                // The same error whichever worker found it first, when only one is bad.
-                if first_error.as_ref().is_none_or(|f| error_path(&e) < error_path(f)) {
-                    first_error = Some(e);
-                }
-            }
-        }
-    }
-    if let Some(e) = first_error {
-        return Err(e);
-    }
+    list(&found, root, at, Some(skip_top), &mut nodes, &mut todo)?;
+    let listed = fsx::share::share_out(todo, Vec::new, |nodes, dir: Dir, todo| {
+        list(&found, &dir.fs_path, Some(&dir.at), None, nodes, todo)
+    })?;
+    nodes.extend(listed.into_iter().flatten());
     // Parents sort before their children: "a" < "a/b".
     nodes.sort_unstable_by(|a, b| a.0.cmp(&b.0));
     Ok(nodes)
-}
-
-fn error_path(e: &InputError) -> Option<&Path> {
-    match e {
-        InputError::Path { path, .. } => Some(path),
-        _ => None,
-    }
-}
-
-/// Takes directories to list until there are none left and none being listed.
-fn work(shared: &Shared) -> Result<Vec<(RelPath, Node)>, InputError> {
-    let mut nodes = Vec::new();
-    let mut found_dirs = Vec::new();
-    loop {
-        let dir = {
-            let mut w = shared.work.lock().expect("not poisoned");
-            loop {
-                if w.failed {
-                    return Ok(nodes);
-                }
-                if let Some(d) = w.todo.pop() {
-                    w.busy += 1;
-                    break d;
-                }
-                if w.busy == 0 {
-                    shared.ready.notify_all();
-                    return Ok(nodes);
-                }
-                w = shared.ready.wait(w).expect("not poisoned");
-            }
-        };
-        let listed = list(shared, &dir.fs_path, Some(&dir.at), None, &mut nodes, &mut found_dirs);
-        let mut w = shared.work.lock().expect("not poisoned");
-        w.busy -= 1;
-        if let Err(e) = listed {
-            w.failed = true;
-            shared.ready.notify_all();
-            return Err(e);
-        }
-        if !found_dirs.is_empty() {
-            w.todo.append(&mut found_dirs);
-            shared.ready.notify_all();
-        } else if w.busy == 0 && w.todo.is_empty() {
-            shared.ready.notify_all();
-        }
-    }
 }
 
 /// Lists the directory `dir` (staged at `at`): its entries go to `nodes`, its
@@ -141,7 +51,7 @@ fn work(shared: &Shared) -> Result<Vec<(RelPath, Node)>, InputError> {
 /// listing; anything else is looked at relative to its directory (fstatat), not by its
 /// whole path. The depth is bounded by [`RelPath`]'s.
 fn list(
-    shared: &Shared,
+    found: &AtomicUsize,
     dir: &Path,
     at: Option<&RelPath>,
     skip: Option<&dyn Fn(&str) -> bool>,
@@ -163,7 +73,7 @@ fn list(
             Some(at) => RelPath::parse(&format!("{at}/{name}")),
         }
         .map_err(|err| InputError::Path { path: e.path(), reason: err.to_string() })?;
-        if shared.found.fetch_add(1, Ordering::Relaxed) >= MAX_ENTRIES {
+        if found.fetch_add(1, Ordering::Relaxed) >= MAX_ENTRIES {
             return Err(InputError::Path { path: dir.to_owned(), reason: format!("more than {MAX_ENTRIES} entries") });
         }
         let fs_path = e.path();

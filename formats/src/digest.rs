@@ -14,18 +14,32 @@ pub struct Digest([u8; 32]);
 /// Read from its text as the document holds it, without a copy of it.
 impl<'de> Deserialize<'de> for Digest {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct Text;
-        impl serde::de::Visitor<'_> for Text {
-            type Value = Digest;
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("\"sha256:\" followed by 64 lowercase hex digits")
-            }
-            fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<Digest, E> {
-                s.parse().map_err(E::custom)
-            }
-        }
-        d.deserialize_str(Text)
+        from_text(d, "\"sha256:\" followed by 64 lowercase hex digits")
     }
+}
+
+/// Deserializes a `T` from the text `d` holds (as `T::from_str` reads it), borrowed from
+/// the document when the format allows: no copy of each digest or mode of a manifest.
+pub(crate) fn from_text<'de, D, T>(d: D, expecting: &'static str) -> Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: FromStr,
+    T::Err: fmt::Display,
+{
+    struct Text<T>(&'static str, std::marker::PhantomData<T>);
+    impl<T: FromStr> serde::de::Visitor<'_> for Text<T>
+    where
+        T::Err: fmt::Display,
+    {
+        type Value = T;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str(self.0)
+        }
+        fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<T, E> {
+            s.parse().map_err(E::custom)
+        }
+    }
+    d.deserialize_str(Text(expecting, std::marker::PhantomData))
 }
 
 /// Written as `sha256:<hex>`, formatted on the stack (a manifest holds one per file).

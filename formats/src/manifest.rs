@@ -106,20 +106,10 @@ pub fn excerpt(message: &str) -> String {
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Mode(u32);
 
-/// Read from its text as the document holds it (YAML's integers too), without a copy.
+/// Read from its text as the document holds it (YAML's plain `0755` too), without a copy.
 impl<'de> Deserialize<'de> for Mode {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct Text;
-        impl serde::de::Visitor<'_> for Text {
-            type Value = Mode;
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("a file mode in octal, such as \"0755\"")
-            }
-            fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<Mode, E> {
-                s.parse().map_err(E::custom)
-            }
-        }
-        d.deserialize_str(Text)
+        crate::digest::from_text(d, "a file mode in octal, such as \"0755\"")
     }
 }
 

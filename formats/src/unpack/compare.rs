@@ -2,9 +2,9 @@
 //! size, link text, content), nothing missing, nothing extra.
 //!
 //! It is the last step of every unpack and all of `verify`: a stat per path, and a read of
-//! every file whose digest is not known. The directories are shared out to a worker per
-//! core (at most [`MAX_WORKERS`]); each directory is opened beneath the one that listed it,
-//! never through a link.
+//! every file whose digest is not known. The directories are shared out to a thread per
+//! core ([`fsx::share`]); each is opened beneath the one that listed it, never through a
+//! link.
 
 use std::collections::BTreeMap;
 use std::ffi::CString;
@@ -12,17 +12,14 @@ use std::fs::File;
 use std::io::BufReader;
 use std::os::fd::OwnedFd;
 use std::path::Path;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
 
 use rustix::fs::{AtFlags, FileType, OFlags};
 
 use super::{CHUNK, Mismatch, UnpackError, io_error, kind_name, list_dir};
 use crate::digest::{Digest, sha256_reader};
 use crate::manifest::{EntryKind, StageConfig};
-
-/// At most this many threads compare, the caller's included.
-const MAX_WORKERS: usize = 4;
 
 /// What the walk found at an entry's path.
 const UNSEEN: u8 = 0;
@@ -37,22 +34,12 @@ struct Dir {
     path: String,
 }
 
-/// Directories not yet taken, how many are being compared, whether a worker failed.
-#[derive(Default)]
-struct Work {
-    todo: Vec<Dir>,
-    busy: usize,
-    failed: bool,
-}
-
 struct Shared<'w> {
     config: &'w StageConfig,
     root_path: &'w Path,
     known: &'w BTreeMap<String, (Digest, u64)>,
     /// By entry index: UNSEEN, SEEN or PRUNED.
     visits: Vec<AtomicU8>,
-    work: Mutex<Work>,
-    ready: Condvar,
 }
 
 /// Walks the tree under `root` and compares it with `config`; `ignore` names at the top
@@ -65,35 +52,23 @@ pub(super) fn compare_tree(
     ignore: &[&str],
     known: &BTreeMap<String, (Digest, u64)>,
 ) -> Result<Vec<Mismatch>, UnpackError> {
-    let shared = Shared {
-        config,
-        root_path,
-        known,
-        visits: config.entries.iter().map(|_| AtomicU8::new(UNSEEN)).collect(),
-        work: Mutex::default(),
-        ready: Condvar::new(),
-    };
+    let shared =
+        Shared { config, root_path, known, visits: config.entries.iter().map(|_| AtomicU8::new(UNSEEN)).collect() };
     let root = Arc::new(root.try_clone().map_err(|e| io_error(root_path.to_owned(), e))?);
     let mut top = Walker { shared: &shared, out: Vec::new(), next: 0 };
     let mut dirs = Vec::new();
     top.dir(&root, None, ignore, &mut dirs)?;
+    let walkers = fsx::share::share_out(
+        dirs,
+        || Walker { shared: &shared, out: Vec::new(), next: 0 },
+        |walker, d: Dir, dirs| {
+            let fd = walker.open(&d)?;
+            walker.dir(&Arc::new(fd), Some(&d.path), &[], dirs)
+        },
+    )?;
     let mut out = top.out;
-    if !dirs.is_empty() {
-        shared.work.lock().expect("not poisoned").todo = dirs;
-        let workers = std::thread::available_parallelism().map_or(1, |n| n.get()).clamp(1, MAX_WORKERS);
-        let results = std::thread::scope(|scope| {
-            let helpers: Vec<_> = (1..workers).map(|_| scope.spawn(|| work(&shared))).collect();
-            let mut results = vec![work(&shared)];
-            for h in helpers {
-                results.push(h.join().unwrap_or_else(|_| {
-                    Err(io_error(root_path.to_owned(), std::io::Error::other("a comparing thread panicked")))
-                }));
-            }
-            results
-        });
-        for r in results {
-            out.append(&mut r?);
-        }
+    for mut w in walkers {
+        out.append(&mut w.out);
     }
     let visit = |i: usize| shared.visits[i].load(Ordering::Relaxed);
     for (i, e) in config.entries.iter().enumerate() {
@@ -110,45 +85,6 @@ pub(super) fn compare_tree(
     }
     out.sort_by(|a, b| a.path.cmp(&b.path));
     Ok(out)
-}
-
-/// Takes directories to compare until none are left and none are being compared.
-fn work(shared: &Shared<'_>) -> Result<Vec<Mismatch>, UnpackError> {
-    let mut walker = Walker { shared, out: Vec::new(), next: 0 };
-    let mut found = Vec::new();
-    loop {
-        let dir = {
-            let mut w = shared.work.lock().expect("not poisoned");
-            loop {
-                if w.failed {
-                    return Ok(walker.out);
-                }
-                if let Some(d) = w.todo.pop() {
-                    w.busy += 1;
-                    break d;
-                }
-                if w.busy == 0 {
-                    shared.ready.notify_all();
-                    return Ok(walker.out);
-                }
-                w = shared.ready.wait(w).expect("not poisoned");
-            }
-        };
-        let compared = walker.open(&dir).and_then(|fd| walker.dir(&Arc::new(fd), Some(&dir.path), &[], &mut found));
-        let mut w = shared.work.lock().expect("not poisoned");
-        w.busy -= 1;
-        if let Err(e) = compared {
-            w.failed = true;
-            shared.ready.notify_all();
-            return Err(e);
-        }
-        if !found.is_empty() {
-            w.todo.append(&mut found);
-            shared.ready.notify_all();
-        } else if w.busy == 0 && w.todo.is_empty() {
-            shared.ready.notify_all();
-        }
-    }
 }
 
 /// One thread's share of the comparison.
