@@ -20,8 +20,10 @@ pub const WHITEOUT_PREFIX: &str = ".wh.";
 
 /// Streams tar entries through multi-threaded zstd into `W`, hashing the compressed bytes.
 pub struct TarZstdWriter<W: Write> {
-    /// The BufWriter makes `io::copy` read files in 1 MiB pieces straight into its
-    /// buffer (std's BufWriter specialisation) and feed zstd in 1 MiB pieces.
+    /// The BufWriter gathers tar's writes (8 KiB pieces: tar copies through `dyn Read`
+    /// and `dyn Write`, so no `io::copy` specialisation applies) and feeds zstd, and the
+    /// copy, in 1 MiB pieces. A file is read 8 KiB at a time; reading it through a 1 MiB
+    /// BufReader cost one more copy and saved nothing (measured on the 1 GiB corpus).
     tar: tar::Builder<io::BufWriter<Tee<zstd::stream::write::Encoder<'static, Output<W>>>>>,
     mtime: u64,
 }
