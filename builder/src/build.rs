@@ -168,8 +168,6 @@ pub fn build(stage_dir: &Path, settings: &Settings<'_>) -> Result<Outcome> {
     crate::secrets::check(&tree, &manifest, &def, settings.inventory)?;
     let config = StageConfig::from_definition(name, &def, Vec::new());
     let built = write_image(layout, config, &tree, settings, &payload)?;
-    // Nothing waits for a tree of many paths to be freed (here, when no thread starts).
-    let _ = std::thread::Builder::new().spawn(move || drop(tree));
     drop_old_signatures(layout, replaced, &built).map(|()| Outcome::Built(built))
 }
 

@@ -114,7 +114,7 @@ impl Tagged {
         let desc = layout.resolve(&self.reference.to_string())?.context("the image's tag disappeared")?;
         anyhow::ensure!(
             desc.digest == self.digest,
-            "{} was tagged again while it was being signed ({} is now {}); sign it again",
+            "{} was tagged again while this command ran ({} is now {}); run it again",
             self.reference,
             self.digest,
             desc.digest

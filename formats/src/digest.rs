@@ -80,12 +80,11 @@ impl Digest {
     }
 
     fn text(&self) -> DigestText {
-        const DIGITS: &[u8; 16] = b"0123456789abcdef";
         let mut t = [0u8; 71];
         t[..7].copy_from_slice(b"sha256:");
         for (i, b) in self.0.iter().enumerate() {
-            t[7 + 2 * i] = DIGITS[(b >> 4) as usize];
-            t[8 + 2 * i] = DIGITS[(b & 15) as usize];
+            t[7 + 2 * i] = HEX_DIGITS[(b >> 4) as usize];
+            t[8 + 2 * i] = HEX_DIGITS[(b & 15) as usize];
         }
         DigestText(t)
     }
@@ -113,13 +112,16 @@ impl Digest {
     }
 }
 
+/// The lowercase hex digits, by value.
+const HEX_DIGITS: &[u8; 16] = b"0123456789abcdef";
+
 /// The value of each lowercase hex digit; 0xff for every other byte. (A manifest holds a
 /// digest per file: they are parsed by the ten thousand.)
 const HEX_VALUES: [u8; 256] = {
     let mut t = [0xff; 256];
     let mut i = 0;
     while i < 16 {
-        t[b"0123456789abcdef"[i] as usize] = i as u8;
+        t[HEX_DIGITS[i] as usize] = i as u8;
         i += 1;
     }
     t
@@ -127,11 +129,10 @@ const HEX_VALUES: [u8; 256] = {
 
 /// Lowercase hex of `bytes`.
 pub fn hex(bytes: &[u8]) -> String {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
     let mut s = String::with_capacity(bytes.len() * 2);
     for b in bytes {
-        s.push(DIGITS[(b >> 4) as usize] as char);
-        s.push(DIGITS[(b & 15) as usize] as char);
+        s.push(HEX_DIGITS[(b >> 4) as usize] as char);
+        s.push(HEX_DIGITS[(b & 15) as usize] as char);
     }
     s
 }

@@ -782,14 +782,16 @@ impl StageConfig {
     }
 
     /// [`StageConfig::entry`] for paths that mostly come in the manifest's order (a full
-    /// layer's): `next`, the index after the entry found last, is looked at first.
-    pub fn entry_in_order(&self, path: &RelPath, next: &mut usize) -> Option<&Entry> {
+    /// layer's, a sorted walk's): `next`, the index after the entry found last, is looked
+    /// at first. Returns the entry's index. Entries sort as strings, so a `path` that is
+    /// no [`RelPath`] matches none.
+    pub fn index_in_order(&self, path: &str, next: &mut usize) -> Option<usize> {
         let i = match self.entries.get(*next) {
-            Some(e) if e.path == *path => *next,
-            _ => self.entries.binary_search_by(|e| e.path.cmp(path)).ok()?,
+            Some(e) if e.path.as_str() == path => *next,
+            _ => self.entries.binary_search_by(|e| e.path.as_str().cmp(path)).ok()?,
         };
         *next = i + 1;
-        Some(&self.entries[i])
+        Some(i)
     }
 
     /// Checks everything the types cannot: schema, entry order, uniqueness, parents, the
@@ -952,7 +954,7 @@ mod tests {
         let mut next = 0;
         for p in ["a", "a/b", "c", "b", "nope", "a", "a/b"] {
             let path: RelPath = p.parse().unwrap();
-            assert_eq!(c.entry_in_order(&path, &mut next), c.entry(&path), "{p}");
+            assert_eq!(c.index_in_order(p, &mut next).map(|i| &c.entries[i]), c.entry(&path), "{p}");
         }
         assert_eq!(next, 2, "after a/b");
     }

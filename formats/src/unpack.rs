@@ -406,7 +406,7 @@ struct LayerState {
     /// Content bytes and entries this layer wrote.
     bytes: u64,
     entries: u64,
-    /// Where the next entry of the signed manifest is (`StageConfig::entry_in_order`).
+    /// Where the next entry of the signed manifest is (`StageConfig::index_in_order`).
     signed_next: usize,
 }
 
@@ -832,101 +832,148 @@ impl<'a> Unpacker<'a> {
         entry: &mut tar::Entry<'_, R>,
         state: &mut LayerState,
     ) -> Result<Option<Digest>, Fail> {
-        let full = self.dest_path.join(path.as_str());
-        let disk = |e: io::Error| Fail::Disk(io_error(full.clone(), e));
         let fd = rustix::fs::openat(
             parent,
             name,
             OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
             rustix::fs::Mode::from_raw_mode(0o600),
         )
-        .map_err(|e| disk(e.into()))?;
+        .map_err(|e| self.disk(path, e.into()))?;
         let mut file = File::from(fd);
         // Hashed by the hash thread (here only when it cannot start): one read's worth or
-        // less in a batch with other small files, a larger file as it is written.
+        // less in a batch with other small files, a larger file as it is written. Either
+        // way its digest is settled with the others (see `settle`).
         if self.hash_thread.is_none() {
             self.hash_thread = HashThread::start(CHUNK);
         }
-        let stopped = || disk(io::Error::other("the hashing thread stopped"));
-        if size <= CHUNK as u64 && self.hash_thread.is_some() {
-            let size = size as usize;
-            if self.batch.as_ref().is_some_and(|b| b.buf.len() - b.used < size) {
-                self.send_batch()?;
-            }
-            let h = self.hash_thread.as_mut().ok_or_else(stopped)?;
-            let b = self.batch.get_or_insert_with(|| Batch { buf: h.buffer(), used: 0, lens: Vec::new() });
-            let mut done = 0;
-            while done < size {
-                let into = &mut b.buf[b.used + done..b.used + size];
-                match read_chunk(entry, into) {
-                    Ok(0) => {
-                        return Err(Fail::Content(UnpackError::Corrupt {
-                            layer: state.digest,
-                            reason: format!("the archive ends inside {path}: {done} of {size} bytes"),
-                        }));
-                    }
-                    Ok(n) => done += n,
-                    Err(e) => return Err(Fail::Read(e)),
-                }
-            }
-            file.write_all(&b.buf[b.used..b.used + size]).map_err(disk)?;
-            b.used += size;
-            b.lens.push(size);
-            file.set_permissions(std::fs::Permissions::from_mode(mode.bits())).map_err(disk)?;
-            self.stats.files += 1;
-            self.stats.bytes += size as u64;
-            // Its digest is settled with the others (see `settle`).
-            return Ok(None);
+        let digest = if self.hash_thread.is_none() {
+            Some(self.write_hashed(&mut file, path, size, entry, state)?)
+        } else if size <= CHUNK as u64 {
+            self.write_batched(&mut file, path, size as usize, entry, state)?;
+            None
+        } else {
+            self.write_pieces(&mut file, path, size, entry, state)?;
+            None
+        };
+        file.set_permissions(std::fs::Permissions::from_mode(mode.bits())).map_err(|e| self.disk(path, e))?;
+        self.stats.files += 1;
+        self.stats.bytes += size;
+        if let Some(d) = digest {
+            self.written.insert(path.as_str().to_owned(), (d, size));
         }
-        // A file in pieces: the small files before it are hashed first, in order.
-        if size > CHUNK as u64 {
+        Ok(digest)
+    }
+
+    fn disk(&self, path: &RelPath, e: io::Error) -> Fail {
+        Fail::Disk(io_error(self.dest_path.join(path.as_str()), e))
+    }
+
+    fn stopped(&self, path: &RelPath) -> Fail {
+        self.disk(path, io::Error::other("the hashing thread stopped"))
+    }
+
+    /// Reads the next piece of `path`'s data (`done` of `size` bytes so far) into `buf`.
+    fn read_piece(
+        entry: &mut impl Read,
+        buf: &mut [u8],
+        path: &RelPath,
+        done: u64,
+        size: u64,
+        state: &LayerState,
+    ) -> Result<usize, Fail> {
+        match read_chunk(entry, buf) {
+            Ok(0) => Err(Fail::Content(UnpackError::Corrupt {
+                layer: state.digest,
+                reason: format!("the archive ends inside {path}: {done} of {size} bytes"),
+            })),
+            Ok(n) => Ok(n),
+            Err(e) => Err(Fail::Read(e)),
+        }
+    }
+
+    /// Writes a file of one read's worth or less into `file` from the batch of small files
+    /// for the hash thread.
+    fn write_batched(
+        &mut self,
+        file: &mut File,
+        path: &RelPath,
+        size: usize,
+        entry: &mut impl Read,
+        state: &LayerState,
+    ) -> Result<(), Fail> {
+        if self.batch.as_ref().is_some_and(|b| b.buf.len() - b.used < size) {
             self.send_batch()?;
         }
-        let mut thread = self.hash_thread.as_mut().filter(|_| size > CHUNK as u64);
-        let mut hasher = Hasher::new();
+        let Some(h) = self.hash_thread.as_mut() else { return Err(self.stopped(path)) };
+        let b = self.batch.get_or_insert_with(|| Batch { buf: h.buffer(), used: 0, lens: Vec::new() });
+        let mut done = 0;
+        while done < size {
+            done += Self::read_piece(
+                entry,
+                &mut b.buf[b.used + done..b.used + size],
+                path,
+                done as u64,
+                size as u64,
+                state,
+            )?;
+        }
+        let written = file.write_all(&b.buf[b.used..b.used + size]);
+        b.used += size;
+        b.lens.push(size);
+        written.map_err(|e| self.disk(path, e))
+    }
+
+    /// Writes a larger file into `file` piece by piece, each handed to the hash thread as
+    /// written (after the small files before it, in order).
+    fn write_pieces(
+        &mut self,
+        file: &mut File,
+        path: &RelPath,
+        size: u64,
+        entry: &mut impl Read,
+        state: &LayerState,
+    ) -> Result<(), Fail> {
+        self.send_batch()?;
         let mut left = size;
         while left > 0 {
             let want = left.min(CHUNK as u64) as usize;
-            let mut buf = match &mut thread {
-                Some(h) => h.buffer(),
-                None => std::mem::take(&mut state.buf),
-            };
-            let n = match read_chunk(entry, &mut buf[..want]) {
-                Ok(0) => Err(Fail::Content(UnpackError::Corrupt {
-                    layer: state.digest,
-                    reason: format!("the archive ends inside {path}: {} of {size} bytes", size - left),
-                })),
-                Ok(n) => file.write_all(&buf[..n]).map(|()| n).map_err(disk),
-                Err(e) => Err(Fail::Read(e)),
+            let Some(mut buf) = self.hash_thread.as_mut().map(HashThread::buffer) else {
+                return Err(self.stopped(path));
             };
             // (After an error the unpacker is dropped: a buffer lost here is not missed.)
-            let n = match &mut thread {
-                Some(h) => {
-                    let n = n?;
-                    if !h.data(buf, n) {
-                        return Err(stopped());
-                    }
-                    n
-                }
-                None => {
-                    state.buf = buf;
-                    let n = n?;
-                    hasher.update(&state.buf[..n]);
-                    n
-                }
-            };
+            let n = Self::read_piece(entry, &mut buf[..want], path, size - left, size, state)?;
+            file.write_all(&buf[..n]).map_err(|e| self.disk(path, e))?;
+            if !self.hash_thread.as_mut().is_some_and(|h| h.data(buf, n)) {
+                return Err(self.stopped(path));
+            }
             left -= n as u64;
         }
-        file.set_permissions(std::fs::Permissions::from_mode(mode.bits())).map_err(disk)?;
-        self.stats.files += 1;
-        self.stats.bytes += size;
-        if let Some(h) = thread {
-            // Its digest is settled with the others (see `settle`).
-            return if h.end() { Ok(None) } else { Err(stopped()) };
+        let ended = self.hash_thread.as_mut().is_some_and(HashThread::end);
+        if ended { Ok(()) } else { Err(self.stopped(path)) }
+    }
+
+    /// Writes `path` into `file` and hashes it here (when no hash thread could start).
+    fn write_hashed(
+        &mut self,
+        file: &mut File,
+        path: &RelPath,
+        size: u64,
+        entry: &mut impl Read,
+        state: &mut LayerState,
+    ) -> Result<Digest, Fail> {
+        let mut hasher = Hasher::new();
+        // (After an error the unpacker is dropped: the buffer is not put back then.)
+        let mut buf = std::mem::take(&mut state.buf);
+        let mut left = size;
+        while left > 0 {
+            let want = left.min(buf.len() as u64) as usize;
+            let n = Self::read_piece(entry, &mut buf[..want], path, size - left, size, state)?;
+            file.write_all(&buf[..n]).map_err(|e| self.disk(path, e))?;
+            hasher.update(&buf[..n]);
+            left -= n as u64;
         }
-        let digest = hasher.finish();
-        self.written.insert(path.as_str().to_owned(), (digest, size));
-        Ok(Some(digest))
+        state.buf = buf;
+        Ok(hasher.finish())
     }
 
     /// The file a patch at `path` applies to: the one the tree below holds there, a
@@ -1285,7 +1332,7 @@ fn check_entry<'c, R: Read>(
         )));
     }
     state.bytes += size;
-    let signed = rules.config.entry_in_order(&path, &mut state.signed_next);
+    let signed = rules.config.index_in_order(path.as_str(), &mut state.signed_next).map(|i| &rules.config.entries[i]);
     if state.last {
         let Some(e) = signed else {
             return Err(refuse("is not in the signed manifest".into()));

@@ -97,18 +97,6 @@ struct Walker<'s, 'w> {
 }
 
 impl Walker<'_, '_> {
-    /// The index of the signed entry at `path`.
-    fn find(&mut self, path: &str) -> Option<usize> {
-        let entries = &self.shared.config.entries;
-        let i = match entries.get(self.next) {
-            Some(e) if e.path.as_str() == path => self.next,
-            // Entries are sorted as strings: a name that is no RelPath matches none.
-            _ => entries.binary_search_by(|e| e.path.as_str().cmp(path)).ok()?,
-        };
-        self.next = i + 1;
-        Some(i)
-    }
-
     fn open(&self, d: &Dir) -> Result<OwnedFd, UnpackError> {
         rustix::fs::openat(
             &*d.parent,
@@ -145,7 +133,7 @@ impl Walker<'_, '_> {
             let full = || root_path.join(&path);
             let st = rustix::fs::statat(&**dir, &name, AtFlags::SYMLINK_NOFOLLOW).map_err(|e| io_error(full(), e))?;
             let ft = FileType::from_raw_mode(st.st_mode);
-            let Some(i) = self.find(&path) else {
+            let Some(i) = self.shared.config.index_in_order(&path, &mut self.next) else {
                 self.out.push(Mismatch { path, problem: "not in the signed manifest".into() });
                 continue;
             };
