@@ -7,8 +7,11 @@ use std::sync::mpsc;
 
 /// Decompressed bytes handed over at a time.
 const PIECE: usize = 256 << 10;
-/// Pieces in flight: with [`PIECE`], the memory this costs (1 MiB).
-const IN_FLIGHT: usize = 4;
+/// Pieces in flight: with [`PIECE`], the memory this costs (4 MiB). Decompressing is the
+/// longest link of a deploy; with 1 MiB in flight it waited for the writer within each of
+/// the scheduler's slices when the threads shared 2 cores (the 1 GiB deploy of
+/// `bench/deploy.sh` took 1.69 s with 1 MiB, 1.60 s with 4 MiB).
+const IN_FLIGHT: usize = 16;
 
 /// Runs `consume` on the zstd-decompressed bytes of `source`, decompressed by a second
 /// thread as `consume` reads them. Once `consume` returns, the thread stops decompressing
