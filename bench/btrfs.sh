@@ -10,6 +10,8 @@
 #              btrfs and followed by sync -f
 #   incremental: the layer size for a 1% change against the full one
 #   and the builder's peak RSS (GNU time; apt-get install time)
+#   the CPU of each row: the whole machine's CPU time during each command, and the floor,
+#   the ratio no scheduling could beat on this machine's cores (see bench/cpu.sh)
 #
 # environment: OP_DBUS_BIN (default target/release), BENCH_MIB (corpus size, default 512),
 #              BENCH_STAGE (a stage folder to use instead of the generated corpus, e.g. the
@@ -19,6 +21,7 @@
 #              /var/tmp; a tmpfs such as /dev/shm takes the disk's writeback noise out)
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
+. "$repo/bench/cpu.sh"
 bin=${OP_DBUS_BIN:-$repo/target/release}
 mib=${BENCH_MIB:-512}
 runs=${BENCH_RUNS:-3}
@@ -75,24 +78,27 @@ build_fs() {
 	sync
 }
 
-build_base=() build_ours=() recv_base=() recv_ours=() build_peak=0
+build_base=() build_ours=() build_base_cpu=() build_ours_cpu=() recv_base=() recv_ours=() recv_base_cpu=()
+recv_ours_cpu=() build_peak=0
 for ((r = 1; r <= runs; r++)); do
 	# Baseline: the same tree into a subvolume, read-only snapshot, send | zstd.
 	build_fs
 	btrfs subvolume create "$mnt/base" >/dev/null
 	sync
-	t0=$(now_ns)
+	c0=$(busy_ticks) t0=$(now_ns)
 	cp -a "$src/." "$mnt/base/"
 	btrfs subvolume snapshot -r "$mnt/base" "$mnt/base.ro" >/dev/null
 	btrfs send -q --proto 2 "$mnt/base.ro" | zstd -T0 -3 -q >"$mnt/base.stream.zst"
 	sync -f "$mnt/base.stream.zst"
-	t1=$(now_ns)
+	t1=$(now_ns) c1=$(busy_ticks)
 	build_base+=("$(seconds "$t0" "$t1")")
+	build_base_cpu+=("$(cpu_seconds "$c0" "$c1")")
 	build_fs
-	t0=$(now_ns)
+	c0=$(busy_ticks) t0=$(now_ns)
 	/usr/bin/time -f %M -o "$work/rss" "$image" --json build --format btrfs "$src" >"$work/build.json"
-	t1=$(now_ns)
+	t1=$(now_ns) c1=$(busy_ticks)
 	build_ours+=("$(seconds "$t0" "$t1")")
+	build_ours_cpu+=("$(cpu_seconds "$c0" "$c1")")
 	rss=$(tail -n 1 "$work/rss")
 	if ((rss > build_peak)); then build_peak=$rss; fi
 	echo "bench: run $r: build ${build_base[-1]} vs ${build_ours[-1]}" >&2
@@ -129,22 +135,24 @@ for ((r = 1; r <= runs; r++)); do
 	fresh_fs
 	mkdir "$rmnt/recv"
 	sync
-	t0=$(now_ns)
+	c0=$(busy_ticks) t0=$(now_ns)
 	zstd -dc -q "$work/layer.zst" | btrfs receive -q -e "$rmnt/recv" >/dev/null
 	sync -f "$rmnt/recv"
-	t1=$(now_ns)
+	t1=$(now_ns) c1=$(busy_ticks)
 	recv_base+=("$(seconds "$t0" "$t1")")
+	recv_base_cpu+=("$(cpu_seconds "$c0" "$c1")")
 	fresh_fs
 	root=$rmnt/root
 	mkdir -p "$root"
 	"$stage" --root "$root" -q init >/dev/null
 	"$stage" --root "$root" -q trust add "$work/key.pub" >/dev/null
 	sync
-	t0=$(now_ns)
+	c0=$(busy_ticks) t0=$(now_ns)
 	"$stage" --root "$root" -q deploy "$work/app.oci.tar" >/dev/null
 	sync -f "$root"
-	t1=$(now_ns)
+	t1=$(now_ns) c1=$(busy_ticks)
 	recv_ours+=("$(seconds "$t0" "$t1")")
+	recv_ours_cpu+=("$(cpu_seconds "$c0" "$c1")")
 	echo "bench: run $r: receive ${recv_base[-1]} vs ${recv_ours[-1]}" >&2
 done
 umount "$rmnt"
@@ -152,11 +160,15 @@ rm -f "$work/recv.img"
 
 bb=$(median "${build_base[@]}") bo=$(median "${build_ours[@]}")
 rb=$(median "${recv_base[@]}") ro=$(median "${recv_ours[@]}")
+rbc=$(median "${recv_base_cpu[@]}") roc=$(median "${recv_ours_cpu[@]}")
+bbc=$(median "${build_base_cpu[@]}") boc=$(median "${build_ours_cpu[@]}")
 echo "btrfs images vs btrfs send / receive alone ($mib MiB corpus, median of $runs runs)"
 printf '%-40s %10s %10s %7s\n' measure baseline_s ours_s ratio
 printf '%-40s %10s %10s %7s\n' "build (cp+snapshot+send|zstd)" "$bb" "$bo" "$(awk -v a="$bb" -v b="$bo" 'BEGIN { printf "%.2f", b / a }')"
+echo "build CPU (the machine's, $cores cores): baseline ${bbc}s, ours ${boc}s; floor $(floor_ratio "$boc" "$bb")"
 echo "builder peak RSS: $((build_peak / 1024)) MiB"
 printf '%-40s %10s %10s %7s\n' "deploy (zstd -d | btrfs receive)" "$rb" "$ro" "$(awk -v a="$rb" -v b="$ro" 'BEGIN { printf "%.2f", b / a }')"
+echo "deploy CPU (the machine's, $cores cores): baseline ${rbc}s, ours ${roc}s; floor $(floor_ratio "$roc" "$rb")"
 if [[ -z ${BENCH_STAGE:-} ]]; then
 	echo "incremental layer for a 1% change: $incr bytes of $full ($(awk -v a="$full" -v b="$incr" 'BEGIN { printf "%.1f%%", 100 * b / a }')); file size $size"
 fi

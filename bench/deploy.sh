@@ -14,10 +14,13 @@
 #                      stage, e.g. the 1 GiB corpus of `bench/build.sh --corpus-only DIR`
 #                      (DIR/bench-mixed); the switch rows are then left out
 #   BENCH_SWITCH       0: leave out the switch rows (default 1)
-# The peak RSS of each deploy comes from /usr/bin/time -v (package `time`).
+# The peak RSS of each deploy comes from /usr/bin/time -v (package `time`). The CPU
+# columns are the whole machine's CPU time during each command, and the floor the ratio
+# no scheduling could beat on this machine's cores (see bench/cpu.sh).
 set -euo pipefail
 
 repo=$(cd "$(dirname "$0")/.." && pwd)
+. "$repo/bench/cpu.sh"
 bin=${OP_DBUS_BIN:-$repo/target/release}
 files=${BENCH_FILES:-40000}
 runs=${BENCH_RUNS:-3}
@@ -93,24 +96,26 @@ new_root() { # -> path of an initialised root trusting the key
 	echo "$r"
 }
 
-base_times=() deploy_times=() rss=()
+base_times=() deploy_times=() base_cpu=() deploy_cpu=() rss=()
 for ((i = 1; i <= runs; i++)); do
 	out=$(mktemp -d "$work/x.XXXXXX")
 	sync # start both from a clean page cache: no other dirty data in the timed syncs
-	t0=$(now_ns)
+	c0=$(busy_ticks) t0=$(now_ns)
 	zstd -dc -q "$OP_DBUS_STORE/blobs/sha256/$layer" | tar -x -C "$out"
 	sync -f "$out"
-	t1=$(now_ns)
+	t1=$(now_ns) c1=$(busy_ticks)
 	base_times+=("$(seconds "$t0" "$t1")")
+	base_cpu+=("$(cpu_seconds "$c0" "$c1")")
 	rm -rf "$out"
 	r=$(new_root)
 	sync
-	t0=$(now_ns)
+	c0=$(busy_ticks) t0=$(now_ns)
 	/usr/bin/time -v -o "$work/time.log" "$stage" --root "$r" -q deploy "$work/big-1.0.0.oci.tar" >/dev/null
-	t1=$(now_ns)
+	t1=$(now_ns) c1=$(busy_ticks)
 	deploy_times+=("$(seconds "$t0" "$t1")")
+	deploy_cpu+=("$(cpu_seconds "$c0" "$c1")")
 	rss+=("$(awk -F': ' '/Maximum resident set size/ { printf "%.1f", $2 / 1024 }' "$work/time.log")")
-	echo "bench: deploy run $i: baseline ${base_times[-1]}s, op-dbus-stage ${deploy_times[-1]}s, peak RSS ${rss[-1]} MiB" >&2
+	echo "bench: deploy run $i: baseline ${base_times[-1]}s (CPU ${base_cpu[-1]}s), op-dbus-stage ${deploy_times[-1]}s (CPU ${deploy_cpu[-1]}s), peak RSS ${rss[-1]} MiB" >&2
 	rm -rf "$r"
 done
 
@@ -144,9 +149,12 @@ fi
 
 b=$(median "${base_times[@]}")
 d=$(median "${deploy_times[@]}")
-echo "op-dbus-stage deploy vs zstd -d | tar -x; sync -f (median of $runs runs)"
-printf '%-28s %10s %10s %7s\n' measure baseline_s ours_s ratio
-printf '%-28s %10s %10s %7s\n' "$what" "$b" "$d" "$(awk -v a="$b" -v c="$d" 'BEGIN { printf "%.2f", c / a }')"
+bc=$(median "${base_cpu[@]}")
+dc=$(median "${deploy_cpu[@]}")
+echo "op-dbus-stage deploy vs zstd -d | tar -x; sync -f (median of $runs runs; CPU: the machine's, $cores cores)"
+printf '%-28s %10s %10s %7s %11s %11s %7s\n' measure baseline_s ours_s ratio base_cpu_s ours_cpu_s floor
+printf '%-28s %10s %10s %7s %11s %11s %7s\n' "$what" "$b" "$d" "$(awk -v a="$b" -v c="$d" 'BEGIN { printf "%.2f", c / a }')" \
+	"$bc" "$dc" "$(floor_ratio "$dc" "$b")"
 if ((switch)); then
 	printf '%-28s %10s %10s %7s\n' "switch: 10-file vs $files" "$small_switch" "$big_switch" "$(awk -v a="$small_switch" -v c="$big_switch" 'BEGIN { printf "%.2f", c / a }')"
 fi
