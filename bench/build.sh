@@ -14,6 +14,10 @@
 #   BENCH_FORMAT       passed as `build --format` (auto|tar|btrfs; default: none)
 #   BENCH_TMPDIR       parent of the temporary directory (default /var/tmp)
 #
+# The CPU columns are the whole machine's CPU time during each command; the floor is the
+# builder's spread over every core against the baseline's wall time, the ratio no overlap
+# of threads can beat on the machine (see bench/cpu.sh).
+#
 # Both corpora are deterministic: the same settings give byte-identical files
 # (AES-256-CTR keystream from openssl with fixed keys, text from a fixed LCG).
 set -euo pipefail
@@ -243,57 +247,67 @@ warm_up() { # DIR
 
 # The baseline writes its output to a file on the same disk and syncs it, as the
 # builder does with its blob: both produce a durable compressed archive.
+# Prints "SECONDS CPU_SECONDS".
 baseline_once() { # DIR
-	local t0 t1
+	local t0 t1 c0 c1
+	c0=$(busy_ticks)
 	t0=$(now_ns)
 	tar -cf - -C "$1" . | zstd -T0 -3 -q >"$WORK/baseline.tar.zst"
 	sync "$WORK/baseline.tar.zst"
 	t1=$(now_ns)
+	c1=$(busy_ticks)
 	rm -f "$WORK/baseline.tar.zst"
-	seconds "$t0" "$t1"
+	echo "$(seconds "$t0" "$t1") $(cpu_seconds "$c0" "$c1")"
 }
 
-# Prints "SECONDS RSS_KIB"; a fresh, empty store each time.
+# Prints "SECONDS RSS_KIB CPU_SECONDS"; a fresh, empty store each time.
 builder_once() { # DIR
-	local dir=$1 store out rss t0 t1 rc=0
+	local dir=$1 store out rss t0 t1 c0 c1 rc=0
 	local -a format_args=()
 	store=$(mktemp -d "$WORK/store.XXXXXX")
 	out=$WORK/build.out
 	[[ -z $BENCH_FORMAT ]] || format_args=(--format "$BENCH_FORMAT")
+	c0=$(busy_ticks)
 	t0=$(now_ns)
 	/usr/bin/time -f %M -o "$WORK/rss" \
 		"$BUILDER" --store "$store" --key "$KEY" build "$dir" "${format_args[@]}" --json \
 		>"$out" 2>"$WORK/build.err" || rc=$?
 	t1=$(now_ns)
+	c1=$(busy_ticks)
 	if ((rc != 0)) || ! grep -q '"digest"' "$out"; then
 		cat "$WORK/build.err" >&2
 		die "builder failed on $dir (exit $rc)"
 	fi
 	rss=$(tail -n 1 "$WORK/rss")
 	rm -rf "$store"
-	echo "$(seconds "$t0" "$t1") $rss"
+	echo "$(seconds "$t0" "$t1") $rss $(cpu_seconds "$c0" "$c1")"
 }
 
 bench_corpus() { # LABEL DIR
-	local label=$1 dir=$2 r peak=0 b bt rss res files mib
-	local -a base_times=() build_times=()
+	local label=$1 dir=$2 r peak=0 b bt bc btc rss res files mib
+	local -a base_times=() build_times=() base_cpu=() build_cpu=()
 	files=$(find "$dir" -type f | wc -l)
 	mib=$(du -sm --apparent-size "$dir" | cut -f1)
 	log "$label: warm-up read of $files files, $mib MiB"
 	warm_up "$dir"
 	for ((r = 1; r <= BENCH_RUNS; r++)); do
-		b=$(baseline_once "$dir")
+		read -r b bc <<<"$(baseline_once "$dir")"
 		res=$(builder_once "$dir")
-		read -r bt rss <<<"$res"
-		log "$label run $r/$BENCH_RUNS: baseline ${b}s, builder ${bt}s, builder peak RSS ${rss} KiB"
+		read -r bt rss btc <<<"$res"
+		log "$label run $r/$BENCH_RUNS: baseline ${b}s (CPU ${bc}s), builder ${bt}s (CPU ${btc}s), builder peak RSS ${rss} KiB"
 		base_times+=("$b")
 		build_times+=("$bt")
+		base_cpu+=("$bc")
+		build_cpu+=("$btc")
 		if ((rss > peak)); then peak=$rss; fi
 	done
 	b=$(median "${base_times[@]}")
 	bt=$(median "${build_times[@]}")
-	ROWS+=("$(awk -v l="$label" -v f="$files" -v m="$mib" -v b="$b" -v t="$bt" -v p="$peak" 'BEGIN {
-		printf "%-14s %8d %8d %11.3f %11.3f %7.2f %14.1f", l, f, m, b, t, (b > 0 ? t / b : 0), p / 1024
+	bc=$(median "${base_cpu[@]}")
+	btc=$(median "${build_cpu[@]}")
+	ROWS+=("$(awk -v l="$label" -v f="$files" -v m="$mib" -v b="$b" -v t="$bt" -v p="$peak" \
+		-v bc="$bc" -v tc="$btc" -v fl="$(floor_ratio "$btc" "$b")" 'BEGIN {
+		printf "%-14s %8d %8d %11.3f %11.3f %7.2f %14.1f %11.2f %11.2f %6.2f", l, f, m, b, t, (b > 0 ? t / b : 0), p / 1024, bc, tc, fl
 	}')")
 }
 
@@ -323,6 +337,7 @@ main() {
 
 	local repo
 	repo=$(cd "$(dirname "$0")/.." && pwd)
+	. "$repo/bench/cpu.sh"
 	BUILDER=${OP_DBUS_IMAGE:-${CARGO_TARGET_DIR:-$repo/target}/release/op-dbus-image}
 	if [[ ! -x $BUILDER ]]; then
 		[[ -z ${OP_DBUS_IMAGE:-} ]] || die "OP_DBUS_IMAGE=$OP_DBUS_IMAGE is not an executable"
@@ -355,7 +370,8 @@ main() {
 	echo "op-dbus-image build vs tar | zstd -T0 -3 (median of $BENCH_RUNS runs, warm cache)"
 	echo "builder: $BUILDER ($("$BUILDER" --version 2>/dev/null || echo 'version unknown'))"
 	echo "host: $(nproc) CPUs, $BENCH_TMPDIR on $(stat -f -c %T "$WORK"), $(zstd --version | sed "s/^[* ]*//; s/[* ]*$//")"
-	printf '%-14s %8s %8s %11s %11s %7s %14s\n' corpus files MiB baseline_s builder_s ratio builder_rss_MiB
+	printf '%-14s %8s %8s %11s %11s %7s %14s %11s %11s %6s\n' corpus files MiB baseline_s builder_s ratio builder_rss_MiB \
+		base_cpu_s build_cpu_s floor
 	printf '%s\n' "${ROWS[@]}"
 }
 
