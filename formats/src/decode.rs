@@ -9,8 +9,8 @@ use std::sync::mpsc;
 const PIECE: usize = 256 << 10;
 /// Pieces in flight: with [`PIECE`], the memory this costs (4 MiB). Decompressing is the
 /// longest link of a deploy; with 1 MiB in flight it waited for the writer within each of
-/// the scheduler's slices when the threads shared 2 cores (the 1 GiB deploy of
-/// `bench/deploy.sh` took 1.69 s with 1 MiB, 1.60 s with 4 MiB).
+/// the scheduler's slices when the threads shared 2 cores (a tmpfs deploy of the 1 GiB
+/// corpus of `bench/build.sh --corpus-only`, median of 5: 1.69 s with 1 MiB, 1.60 s with 4).
 const IN_FLIGHT: usize = 16;
 
 /// Runs `consume` on the zstd-decompressed bytes of `source`, decompressed by a second

@@ -18,7 +18,8 @@ use crate::digest::{Digest, Hasher};
 /// Buffers in existence at a time: the memory this costs is `BUFFERS` × the buffer size
 /// the writer asks for (8 MiB for the unpacker's 128 KiB). Enough that the writer does not
 /// wait for the hashing thread within a scheduler slice when they share a core: with 16,
-/// the 1 GiB deploy of `bench/deploy.sh` took 1.69 s, with 64, 1.63 s.
+/// a tmpfs deploy of the 1 GiB corpus of `bench/build.sh --corpus-only` took 1.69 s, with
+/// 64, 1.63 s (medians of 5).
 pub(crate) const BUFFERS: usize = 64;
 
 enum Job {

@@ -46,8 +46,9 @@ use crate::receive::Verified;
 /// Chunks in flight between the receiver and the unpack thread (at most 128 KiB each:
 /// what one read of the archive's tar entry gives, 16 MiB in all). With the deeper queues
 /// after it (`formats::decode`, the hash thread), the receiver runs ahead instead of
-/// waiting: the 1 GiB deploy of `bench/deploy.sh` took 1.69 s with 4 MiB here and the
-/// shallower queues after, 1.54 s with all three deeper, on 2 cores.
+/// waiting: a tmpfs deploy of the 1 GiB corpus of `bench/build.sh --corpus-only` took
+/// 1.69 s with 4 MiB here and the shallower queues after, 1.54 s with all three deeper, on
+/// 2 cores (medians of 5; `bench/deploy.sh` on it: 1.30x the baseline before, 1.19x after).
 const CHANNEL_CHUNKS: usize = 128;
 
 /// Most images of one source unpacked at the same time while they arrive (each has a
